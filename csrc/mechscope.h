@@ -1,0 +1,174 @@
+/* mechscope.h — the public C API of mechscope's compute core.
+ *
+ * The core runs GPT-2-family transformer forward passes on float32 buffers the
+ * caller owns, and at every named activation ("site") it can store the value
+ * (cache), change it (interventions) or hand it to a callback. Nothing here knows
+ * about Python; the binding (pymodule.c) includes only this header.
+ *
+ * Conventions: every function returns MS_OK or an error status and writes a
+ * message into an ms_error; nothing exits or aborts. All sizes come from the
+ * caller. Matrices are row-major float32.
+ */
+#ifndef MECHSCOPE_H
+#define MECHSCOPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { MS_OK = 0, MS_ERR_VALUE = 1, MS_ERR_MEMORY = 2, MS_ERR_CALLBACK = 3 } ms_status;
+
+typedef struct {
+    char message[512];
+} ms_error;
+
+/* Activation functions of the MLP, named as in HuggingFace's ACT2FN. */
+typedef enum {
+    MS_ACT_GELU_NEW = 0, /* tanh approximation (GPT-2's default) */
+    MS_ACT_GELU,         /* exact, with erf */
+    MS_ACT_RELU,
+    MS_ACT_SILU,
+    MS_ACT_GELU_FAST,    /* tanh approximation written as x*0.7978845608*(1+0.044715x^2) */
+    MS_ACT_QUICK_GELU,   /* x * sigmoid(1.702 x) */
+    MS_ACT_TANH,
+    MS_ACT_SIGMOID,
+    MS_N_ACTIVATIONS
+} ms_activation;
+
+typedef struct {
+    int n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx;
+    float ln_eps;
+    ms_activation activation;
+    int scale_attn_weights;          /* divide scores by sqrt(d_head) */
+    int scale_attn_by_inverse_layer; /* also divide scores by (layer + 1) */
+} ms_config;
+
+/* One transformer block. Linear weights are in [in, out] layout (HF Conv1D). */
+typedef struct {
+    const float *ln1_w, *ln1_b; /* [d_model] */
+    const float *w_qkv;         /* [d_model, 3*d_model]: q | k | v on the output axis */
+    const float *b_qkv;         /* [3*d_model] */
+    const float *w_o, *b_o;     /* [d_model, d_model], [d_model] */
+    const float *ln2_w, *ln2_b; /* [d_model] */
+    const float *w_in, *b_in;   /* [d_model, d_mlp], [d_mlp] */
+    const float *w_out, *b_out; /* [d_mlp, d_model], [d_model] */
+} ms_block;
+
+typedef struct {
+    ms_config cfg;
+    const float *wte;            /* [d_vocab, d_model] token embedding */
+    const float *wpe;            /* [n_ctx, d_model] position embedding */
+    const float *lnf_w, *lnf_b;  /* [d_model] */
+    const float *unembed;        /* [d_vocab, d_model]: logits = x @ unembed^T (== wte when tied) */
+    const ms_block *blocks;      /* [n_layers] */
+} ms_model;
+
+/* Sites, in the order a forward pass visits them (TransformerLens's hook order). */
+typedef enum {
+    MS_SITE_EMBED = 0,      /* hook_embed          [b, p, d_model] */
+    MS_SITE_POS_EMBED,      /* hook_pos_embed      [b, p, d_model] */
+    MS_SITE_RESID_PRE,      /* blocks.L.hook_resid_pre */
+    MS_SITE_LN1_SCALE,      /* ln1.hook_scale      [b, p, 1] */
+    MS_SITE_LN1_NORMALIZED, /* ln1.hook_normalized [b, p, d_model] */
+    MS_SITE_Q,              /* attn.hook_q         [b, p, head, d_head] */
+    MS_SITE_K,
+    MS_SITE_V,
+    MS_SITE_ATTN_SCORES,    /* attn.hook_attn_scores [b, head, q, k] */
+    MS_SITE_PATTERN,        /* attn.hook_pattern     [b, head, q, k] */
+    MS_SITE_Z,              /* attn.hook_z         [b, p, head, d_head] */
+    MS_SITE_ATTN_OUT,       /* hook_attn_out */
+    MS_SITE_RESID_MID,
+    MS_SITE_LN2_SCALE,
+    MS_SITE_LN2_NORMALIZED,
+    MS_SITE_MLP_PRE,        /* mlp.hook_pre        [b, p, d_mlp] */
+    MS_SITE_MLP_POST,
+    MS_SITE_MLP_OUT,
+    MS_SITE_RESID_POST,
+    MS_SITE_LNF_SCALE,      /* ln_final.hook_scale */
+    MS_SITE_LNF_NORMALIZED,
+    MS_N_SITES
+} ms_site;
+
+/* Width of one token's value at a token site (0 for the attention sites). */
+int ms_site_width(const ms_config *cfg, ms_site site);
+/* 1 for sites that exist once per block, 0 for the embedding and final sites. */
+int ms_site_per_layer(ms_site site);
+/* 1 for hook_attn_scores and hook_pattern, whose value per row is [head, q, k]. */
+int ms_site_is_attention(ms_site site);
+
+/* What a plan does at one site.
+ *
+ * A selection picks a box of the row's value: for token sites the value of row r
+ * is [pos, width] and the box is (positions a[] x columns b[]); for attention
+ * sites it is [head, q, k] and the box is (heads a[] x queries b[] x keys c[]).
+ * Positions are those of the caller's padded [batch, pos] layout. Values for SET
+ * and ADD are dense over the box: [n_a, n_b] or [n_a, n_b, n_c]. */
+typedef enum {
+    MS_DO_CACHE = 0,  /* copy the whole site, all rows, into out [batch, pos, width] / [batch, head, pos, pos] */
+    MS_DO_SET,        /* box <- value */
+    MS_DO_ADD,        /* box <- box + value */
+    MS_DO_SCALE,      /* box <- box * value[0] */
+    MS_DO_COPY_ROW,   /* box <- the same box of row src_row, at this same site */
+    MS_DO_PROJECT,    /* box rows b <- (I - Q Q^T) b + Q Q^T s, Q = value [width_sel, rank], s = value2 [n_a, n_b] */
+    MS_DO_CALLBACK,   /* call callback(ctx, id, site, layer, out) with the site's value gathered to out, then scatter back */
+} ms_action_kind;
+
+typedef struct {
+    ms_action_kind kind;
+    ms_site site;
+    int layer;          /* block index for per-layer sites, ignored otherwise */
+    int row;            /* batch row the action applies to; -1 for every row */
+    int src_row;        /* MS_DO_COPY_ROW only */
+    int n_a, n_b, n_c;  /* selection sizes (n_c only for attention sites) */
+    const int *a, *b, *c;
+    const float *value; /* SET / ADD / SCALE / PROJECT's basis */
+    const float *value2;/* PROJECT's source values */
+    int rank;           /* PROJECT's number of basis vectors */
+    float *out;         /* CACHE / CALLBACK: dense [batch, pos, width] or [batch, head, pos, pos] */
+    int id;             /* CALLBACK: passed back to the callback */
+} ms_action;
+
+/* A callback returns 0 to go on, nonzero to stop the run with MS_ERR_CALLBACK. */
+typedef int (*ms_callback)(void *ctx, int id, ms_site site, int layer, float *value);
+
+typedef struct {
+    int n_rows, n_pos;       /* the caller's padded layout [n_rows, n_pos] */
+    const int32_t *tokens;   /* [n_rows, n_pos] */
+    const int32_t *mask;     /* [n_rows, n_pos], 1 = real token; NULL = all real */
+    int n_actions;
+    const ms_action *actions;/* applied in this order at each site */
+    /* logits: for each row, n_logit_pos positions of the padded layout
+     * (logit_pos [n_rows, n_logit_pos]); written to logits [n_rows, n_logit_pos, d_vocab] */
+    int n_logit_pos;
+    const int32_t *logit_pos;
+    float *logits;
+    ms_callback callback;
+    void *callback_ctx;
+    int n_threads;
+} ms_plan;
+
+/* Check shapes, finiteness of all weights; fills err on failure. */
+ms_status ms_model_check(const ms_model *m, ms_error *err);
+
+/* Check a plan against a model without running it. */
+ms_status ms_plan_check(const ms_model *m, const ms_plan *plan, ms_error *err);
+
+/* Bytes of working memory ms_run would allocate for this plan. */
+size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan);
+
+/* Run the plan: one forward pass of all rows, applying the actions at their sites. */
+ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err);
+
+/* Threads for the BLAS and for mechscope's own loops. */
+void ms_set_num_threads(int n);
+int ms_get_num_threads(void);
+const char *ms_blas_config(void);
+const char *ms_blas_corename(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,330 @@
+/* plan.c — what one run does at its sites: cache, intervene, call back.
+ *
+ * Every action names a site (and a layer for per-block sites) and a box of the
+ * row's value in the caller's padded layout. The forward driver hands each site's
+ * packed value here right after computing it; the actions for that site run in
+ * the order the plan lists them. */
+#include "run.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int ms_site_width(const ms_config *c, ms_site s) {
+    switch (s) {
+    case MS_SITE_LN1_SCALE:
+    case MS_SITE_LN2_SCALE:
+    case MS_SITE_LNF_SCALE:
+        return 1;
+    case MS_SITE_MLP_PRE:
+    case MS_SITE_MLP_POST:
+        return c->d_mlp;
+    case MS_SITE_ATTN_SCORES:
+    case MS_SITE_PATTERN:
+        return 0;
+    default:
+        return c->d_model;
+    }
+}
+
+int ms_site_per_layer(ms_site s) {
+    return s != MS_SITE_EMBED && s != MS_SITE_POS_EMBED && s != MS_SITE_LNF_SCALE &&
+           s != MS_SITE_LNF_NORMALIZED;
+}
+
+int ms_site_is_attention(ms_site s) { return s == MS_SITE_ATTN_SCORES || s == MS_SITE_PATTERN; }
+
+static int action_at(const ms_action *a, ms_site site, int layer) {
+    return a->site == site && (!ms_site_per_layer(site) || a->layer == layer);
+}
+
+int ms_plan_touches(const ms_plan *p, ms_site site, int layer) {
+    for (int i = 0; i < p->n_actions; i++)
+        if (action_at(&p->actions[i], site, layer) && p->actions[i].kind != MS_DO_CACHE) return 1;
+    return 0;
+}
+
+/* ---- checks ------------------------------------------------------------------ */
+
+#define FAIL(...)                                                  \
+    do {                                                           \
+        snprintf(err->message, sizeof err->message, __VA_ARGS__);  \
+        return MS_ERR_VALUE;                                       \
+    } while (0)
+
+static ms_status check_indices(const int *idx, int n, int limit, const char *what, int ai,
+                               ms_error *err) {
+    if (n < 0 || (n > 0 && !idx)) FAIL("action %d: %s index list is missing", ai, what);
+    for (int i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= limit)
+            FAIL("action %d: %s index %d out of range [0, %d)", ai, what, idx[i], limit);
+    return MS_OK;
+}
+
+static int is_real(const ms_plan *p, int row, int pos) {
+    return !p->mask || p->mask[(size_t)row * p->n_pos + pos];
+}
+
+static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_error *err) {
+    const ms_action *a = &p->actions[ai];
+    const ms_config *c = &m->cfg;
+    ms_status st;
+    if ((int)a->site < 0 || a->site >= MS_N_SITES) FAIL("action %d: unknown site %d", ai, a->site);
+    if ((int)a->kind < 0 || a->kind > MS_DO_CALLBACK) FAIL("action %d: unknown kind %d", ai, a->kind);
+    if (ms_site_per_layer(a->site) && (a->layer < 0 || a->layer >= c->n_layers))
+        FAIL("action %d: layer %d out of range [0, %d)", ai, a->layer, c->n_layers);
+    if (a->row < -1 || a->row >= p->n_rows)
+        FAIL("action %d: row %d out of range [0, %d)", ai, a->row, p->n_rows);
+    if (a->kind == MS_DO_CACHE || a->kind == MS_DO_CALLBACK) {
+        if (!a->out) FAIL("action %d: no output buffer", ai);
+        if (a->kind == MS_DO_CALLBACK && !p->callback) FAIL("action %d: no callback given", ai);
+        return MS_OK;
+    }
+    if (a->kind == MS_DO_COPY_ROW) {
+        if (a->row < 0) FAIL("action %d: a row copy needs a target row", ai);
+        if (a->src_row < 0 || a->src_row >= p->n_rows)
+            FAIL("action %d: source row %d out of range [0, %d)", ai, a->src_row, p->n_rows);
+    } else if (!a->value) {
+        FAIL("action %d: no value given", ai);
+    }
+    if (a->kind == MS_DO_PROJECT && (a->rank < 1 || !a->value2))
+        FAIL("action %d: a subspace interchange needs a basis and source values", ai);
+    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? p->n_rows : a->row + 1;
+    if (ms_site_is_attention(a->site)) {
+        if ((st = check_indices(a->a, a->n_a, c->n_heads, "head", ai, err))) return st;
+        if ((st = check_indices(a->b, a->n_b, p->n_pos, "query position", ai, err))) return st;
+        if ((st = check_indices(a->c, a->n_c, p->n_pos, "key position", ai, err))) return st;
+        for (int r = first; r < last; r++) {
+            for (int i = 0; i < a->n_b; i++)
+                if (!is_real(p, r, a->b[i]) || (a->kind == MS_DO_COPY_ROW && !is_real(p, a->src_row, a->b[i])))
+                    FAIL("action %d: query position %d of row %d is padding", ai, a->b[i], r);
+            for (int i = 0; i < a->n_c; i++)
+                if (!is_real(p, r, a->c[i]) || (a->kind == MS_DO_COPY_ROW && !is_real(p, a->src_row, a->c[i])))
+                    FAIL("action %d: key position %d of row %d is padding", ai, a->c[i], r);
+        }
+    } else {
+        if ((st = check_indices(a->a, a->n_a, p->n_pos, "position", ai, err))) return st;
+        if ((st = check_indices(a->b, a->n_b, ms_site_width(c, a->site), "column", ai, err))) return st;
+        for (int r = first; r < last; r++)
+            for (int i = 0; i < a->n_a; i++)
+                if (!is_real(p, r, a->a[i]) || (a->kind == MS_DO_COPY_ROW && !is_real(p, a->src_row, a->a[i])))
+                    FAIL("action %d: position %d of row %d is padding", ai, a->a[i], r);
+    }
+    return MS_OK;
+}
+
+ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
+    const ms_config *c = &m->cfg;
+    if (p->n_rows < 1 || p->n_pos < 1) FAIL("tokens: need at least one row and one position");
+    if (!p->tokens) FAIL("tokens: missing");
+    for (int r = 0; r < p->n_rows; r++) {
+        int n = 0;
+        for (int t = 0; t < p->n_pos; t++) {
+            if (!is_real(p, r, t)) continue;
+            n++;
+            int tok = p->tokens[(size_t)r * p->n_pos + t];
+            if (tok < 0 || tok >= c->d_vocab)
+                FAIL("tokens: id %d at [%d, %d] out of range [0, %d)", tok, r, t, c->d_vocab);
+        }
+        if (n == 0) FAIL("attention_mask: row %d has no real token", r);
+        if (n > c->n_ctx) FAIL("tokens: row %d has %d tokens, more than n_ctx = %d", r, n, c->n_ctx);
+    }
+    if (p->n_logit_pos < 0 || (p->n_logit_pos > 0 && (!p->logit_pos || !p->logits)))
+        FAIL("logits: positions or output missing");
+    for (size_t i = 0; i < (size_t)p->n_rows * p->n_logit_pos; i++)
+        if (p->logit_pos[i] < 0 || p->logit_pos[i] >= p->n_pos)
+            FAIL("logits: position %d out of range [0, %d)", p->logit_pos[i], p->n_pos);
+    if (p->n_actions < 0 || (p->n_actions > 0 && !p->actions)) FAIL("actions: missing");
+    for (int i = 0; i < p->n_actions; i++) {
+        ms_status st = check_action(m, p, i, err);
+        if (st) return st;
+    }
+    return MS_OK;
+}
+
+/* ---- token sites -------------------------------------------------------------- */
+
+/* out[R, T, w] <- value (zeros at padding) */
+static void gather_tokens(const ms_layout *L, const float *value, int ld, int w, float *out) {
+    const ms_plan *p = L->plan;
+    for (int r = 0; r < p->n_rows; r++) {
+        for (int t = 0; t < p->n_pos; t++) {
+            size_t i = (size_t)r * p->n_pos + t;
+            int k = L->packed_of[i];
+            if (k < 0) memset(out + i * w, 0, sizeof(float) * (size_t)w);
+            else memcpy(out + i * w, value + (size_t)k * ld, sizeof(float) * (size_t)w);
+        }
+    }
+}
+
+/* value <- out[R, T, w] at the real positions */
+static void scatter_tokens(const ms_layout *L, float *value, int ld, int w, const float *out) {
+    for (int r = 0; r < L->plan->n_rows; r++) {
+        for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++) {
+            size_t i = (size_t)r * L->plan->n_pos + L->pos_of[k];
+            memcpy(value + (size_t)k * ld, out + i * w, sizeof(float) * (size_t)w);
+        }
+    }
+}
+
+/* Interchange inside a subspace: x[cols] <- x + Q Q^T (s - x), Q: [n, rank] with
+ * orthonormal columns. Basis vectors are taken one at a time; orthonormality makes
+ * that the same as the full projection. */
+static void project_interchange(float *x, const float *s, const float *Q, int n, int rank,
+                                const int *cols) {
+    for (int k = 0; k < rank; k++) {
+        float coef = 0.0f;
+        for (int i = 0; i < n; i++) coef += Q[(size_t)i * rank + k] * (s[i] - x[cols[i]]);
+        for (int i = 0; i < n; i++) x[cols[i]] += Q[(size_t)i * rank + k] * coef;
+    }
+}
+
+static void apply_token_action(const ms_layout *L, const ms_action *a, float *value, int ld) {
+    const ms_plan *p = L->plan;
+    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? p->n_rows : a->row + 1;
+    for (int r = first; r < last; r++) {
+        size_t vr = (size_t)(r - first) * a->n_a * a->n_b; /* this row's block of value */
+        for (int ia = 0; ia < a->n_a; ia++) {
+            float *x = value + (size_t)L->packed_of[(size_t)r * p->n_pos + a->a[ia]] * ld;
+            const float *v = a->value ? a->value + vr + (size_t)ia * a->n_b : NULL;
+            switch (a->kind) {
+            case MS_DO_SET:
+                for (int ib = 0; ib < a->n_b; ib++) x[a->b[ib]] = v[ib];
+                break;
+            case MS_DO_ADD:
+                for (int ib = 0; ib < a->n_b; ib++) x[a->b[ib]] += v[ib];
+                break;
+            case MS_DO_SCALE:
+                for (int ib = 0; ib < a->n_b; ib++) x[a->b[ib]] *= a->value[0];
+                break;
+            case MS_DO_COPY_ROW: {
+                const float *src =
+                    value + (size_t)L->packed_of[(size_t)a->src_row * p->n_pos + a->a[ia]] * ld;
+                for (int ib = 0; ib < a->n_b; ib++) x[a->b[ib]] = src[a->b[ib]];
+                break;
+            }
+            case MS_DO_PROJECT:
+                project_interchange(x, a->value2 + vr + (size_t)ia * a->n_b, a->value, a->n_b,
+                                    a->rank, a->b);
+                break;
+            default:
+                break;
+            }
+        }
+    }
+}
+
+ms_status ms_visit_tokens(const ms_layout *L, ms_site site, int layer, float *value, int ld,
+                          ms_error *err) {
+    const ms_plan *p = L->plan;
+    int w = ms_site_width(&L->m->cfg, site);
+    for (int i = 0; i < p->n_actions; i++) {
+        const ms_action *a = &p->actions[i];
+        if (!action_at(a, site, layer)) continue;
+        if (a->kind == MS_DO_CACHE) {
+            gather_tokens(L, value, ld, w, a->out);
+        } else if (a->kind == MS_DO_CALLBACK) {
+            gather_tokens(L, value, ld, w, a->out);
+            if (p->callback(p->callback_ctx, a->id, site, layer, a->out)) {
+                snprintf(err->message, sizeof err->message, "a hook raised an exception");
+                return MS_ERR_CALLBACK;
+            }
+            scatter_tokens(L, value, ld, w, a->out);
+        } else {
+            apply_token_action(L, a, value, ld);
+        }
+    }
+    return MS_OK;
+}
+
+/* ---- attention sites ------------------------------------------------------------ */
+
+/* out[R, H, T, T] <- att; masked entries: fill (-inf for scores, 0 for the pattern) */
+static void gather_attention(const ms_layout *L, const float *att, float *out, float fill) {
+    const ms_plan *p = L->plan;
+    int H = L->m->cfg.n_heads, T = p->n_pos;
+    size_t total = (size_t)p->n_rows * H * T * T;
+    for (size_t i = 0; i < total; i++) out[i] = fill;
+    for (int r = 0; r < p->n_rows; r++) {
+        int n = L->row_off[r + 1] - L->row_off[r];
+        const int *pos = L->pos_of + L->row_off[r];
+        for (int h = 0; h < H; h++) {
+            const float *src = att + L->att_off[r] + (size_t)h * n * n;
+            float *dst = out + ((size_t)r * H + h) * T * T;
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < n; j++) dst[(size_t)pos[i] * T + pos[j]] = src[(size_t)i * n + j];
+        }
+    }
+}
+
+static void scatter_attention(const ms_layout *L, float *att, const float *out) {
+    const ms_plan *p = L->plan;
+    int H = L->m->cfg.n_heads, T = p->n_pos;
+    for (int r = 0; r < p->n_rows; r++) {
+        int n = L->row_off[r + 1] - L->row_off[r];
+        const int *pos = L->pos_of + L->row_off[r];
+        for (int h = 0; h < H; h++) {
+            float *dst = att + L->att_off[r] + (size_t)h * n * n;
+            const float *src = out + ((size_t)r * H + h) * T * T;
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < n; j++) dst[(size_t)i * n + j] = src[(size_t)pos[i] * T + pos[j]];
+        }
+    }
+}
+
+static void apply_attention_action(const ms_layout *L, const ms_action *a, float *att) {
+    const ms_plan *p = L->plan;
+    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? p->n_rows : a->row + 1;
+    size_t box = (size_t)a->n_a * a->n_b * a->n_c;
+    for (int r = first; r < last; r++) {
+        int n = L->row_off[r + 1] - L->row_off[r];
+        float *row_att = att + L->att_off[r];
+        for (int ia = 0; ia < a->n_a; ia++) {
+            for (int ib = 0; ib < a->n_b; ib++) {
+                int qi = L->packed_of[(size_t)r * p->n_pos + a->b[ib]] - L->row_off[r];
+                for (int ic = 0; ic < a->n_c; ic++) {
+                    int kj = L->packed_of[(size_t)r * p->n_pos + a->c[ic]] - L->row_off[r];
+                    float *x = row_att + ((size_t)a->a[ia] * n + qi) * n + kj;
+                    size_t vi = (size_t)(r - first) * box + ((size_t)ia * a->n_b + ib) * a->n_c + ic;
+                    switch (a->kind) {
+                    case MS_DO_SET: *x = a->value[vi]; break;
+                    case MS_DO_ADD: *x += a->value[vi]; break;
+                    case MS_DO_SCALE: *x *= a->value[0]; break;
+                    case MS_DO_COPY_ROW: {
+                        int s = a->src_row, ns = L->row_off[s + 1] - L->row_off[s];
+                        int sq = L->packed_of[(size_t)s * p->n_pos + a->b[ib]] - L->row_off[s];
+                        int sk = L->packed_of[(size_t)s * p->n_pos + a->c[ic]] - L->row_off[s];
+                        *x = att[L->att_off[s] + ((size_t)a->a[ia] * ns + sq) * ns + sk];
+                        break;
+                    }
+                    default: break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+ms_status ms_visit_attention(const ms_layout *L, ms_site site, int layer, float *att,
+                             ms_error *err) {
+    const ms_plan *p = L->plan;
+    float fill = site == MS_SITE_ATTN_SCORES ? -INFINITY : 0.0f;
+    for (int i = 0; i < p->n_actions; i++) {
+        const ms_action *a = &p->actions[i];
+        if (!action_at(a, site, layer)) continue;
+        if (a->kind == MS_DO_CACHE) {
+            gather_attention(L, att, a->out, fill);
+        } else if (a->kind == MS_DO_CALLBACK) {
+            gather_attention(L, att, a->out, fill);
+            if (p->callback(p->callback_ctx, a->id, site, layer, a->out)) {
+                snprintf(err->message, sizeof err->message, "a hook raised an exception");
+                return MS_ERR_CALLBACK;
+            }
+            scatter_attention(L, att, a->out);
+        } else {
+            apply_attention_action(L, a, att);
+        }
+    }
+    return MS_OK;
+}

@@ -1,0 +1,412 @@
+/* pymodule.c — the CPython/NumPy binding of the core, kept thin.
+ *
+ * It converts arguments with PyArray_FROM_OTF, checks that every buffer is as
+ * large as the core will read or write, releases the GIL and calls the core.
+ * Friendlier checks (names, messages about the user's intent) live in Python. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "mechscope.h"
+
+/* ---- the Model type: a config plus references to the weight arrays ---------- */
+
+typedef struct {
+    PyObject_HEAD
+    ms_model model;
+    ms_block *blocks;
+    PyObject *arrays; /* list holding a reference to every weight array */
+} ModelObject;
+
+static void Model_dealloc(ModelObject *self) {
+    free(self->blocks);
+    Py_XDECREF(self->arrays);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Take weights[name] as a C-contiguous float32 array of exactly n elements;
+ * returns its data, keeps a reference in self->arrays. NULL with an exception set. */
+static const float *take_weight(ModelObject *self, PyObject *weights, const char *name, size_t n) {
+    PyObject *obj = PyDict_GetItemString(weights, name); /* borrowed */
+    if (!obj) {
+        PyErr_Format(PyExc_ValueError, "weights: %s is missing", name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!arr) return NULL;
+    if ((size_t)PyArray_SIZE(arr) != n) {
+        PyErr_Format(PyExc_ValueError, "weights: %s has %zd elements, the config needs %zu", name,
+                     PyArray_SIZE(arr), n);
+        Py_DECREF(arr);
+        return NULL;
+    }
+    int rc = PyList_Append(self->arrays, (PyObject *)arr); /* the list now owns a reference */
+    Py_DECREF(arr);
+    if (rc < 0) return NULL;
+    return (const float *)PyArray_DATA(arr);
+}
+
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"n_layers", "d_model", "n_heads", "d_mlp", "d_vocab", "n_ctx",
+                             "ln_eps", "activation", "scale_attn_weights",
+                             "scale_attn_by_inverse_layer", "weights", NULL};
+    ms_config c = {0};
+    int act = 0;
+    PyObject *weights = NULL;
+    char name[128];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiifiiiO!", kwlist, &c.n_layers, &c.d_model,
+                                     &c.n_heads, &c.d_mlp, &c.d_vocab, &c.n_ctx, &c.ln_eps, &act,
+                                     &c.scale_attn_weights, &c.scale_attn_by_inverse_layer,
+                                     &PyDict_Type, &weights))
+        return -1;
+    if (c.n_layers < 1 || c.n_heads < 1 || c.d_model < 1 || c.n_layers > 100000) {
+        PyErr_SetString(PyExc_ValueError, "config: sizes must be positive");
+        return -1;
+    }
+    c.d_head = c.d_model / c.n_heads;
+    c.activation = (ms_activation)act;
+    free(self->blocks);
+    self->blocks = NULL;
+    Py_XSETREF(self->arrays, PyList_New(0));
+    if (!self->arrays) return -1;
+    self->blocks = calloc((size_t)c.n_layers, sizeof(ms_block));
+    if (!self->blocks) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t C = (size_t)c.d_model, F = (size_t)c.d_mlp, V = (size_t)c.d_vocab;
+    ms_model *m = &self->model;
+    m->cfg = c;
+    m->blocks = self->blocks;
+#define TAKE(dst, key, n) \
+    if (!((dst) = take_weight(self, weights, key, n))) return -1
+    TAKE(m->wte, "wte.weight", V * C);
+    TAKE(m->wpe, "wpe.weight", (size_t)c.n_ctx * C);
+    TAKE(m->lnf_w, "ln_f.weight", C);
+    TAKE(m->lnf_b, "ln_f.bias", C);
+    if (PyDict_GetItemString(weights, "lm_head.weight")) {
+        TAKE(m->unembed, "lm_head.weight", V * C);
+    } else {
+        m->unembed = m->wte;
+    }
+    for (int l = 0; l < c.n_layers; l++) {
+        ms_block *b = &self->blocks[l];
+#define TAKE_L(dst, suffix, n)                                    \
+    snprintf(name, sizeof name, "h.%d.%s", l, suffix);            \
+    TAKE(dst, name, n)
+        TAKE_L(b->ln1_w, "ln_1.weight", C);
+        TAKE_L(b->ln1_b, "ln_1.bias", C);
+        TAKE_L(b->w_qkv, "attn.c_attn.weight", C * 3 * C);
+        TAKE_L(b->b_qkv, "attn.c_attn.bias", 3 * C);
+        TAKE_L(b->w_o, "attn.c_proj.weight", C * C);
+        TAKE_L(b->b_o, "attn.c_proj.bias", C);
+        TAKE_L(b->ln2_w, "ln_2.weight", C);
+        TAKE_L(b->ln2_b, "ln_2.bias", C);
+        TAKE_L(b->w_in, "mlp.c_fc.weight", C * F);
+        TAKE_L(b->b_in, "mlp.c_fc.bias", F);
+        TAKE_L(b->w_out, "mlp.c_proj.weight", F * C);
+        TAKE_L(b->b_out, "mlp.c_proj.bias", C);
+#undef TAKE_L
+    }
+#undef TAKE
+    ms_error err = {{0}};
+    ms_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ms_model_check(m, &err);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        PyErr_SetString(PyExc_ValueError, err.message);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- running a plan --------------------------------------------------------- */
+
+/* Everything a run borrows from Python, released at the single cleanup label. */
+typedef struct {
+    PyObject *keep;       /* list of converted arrays kept alive during the run */
+    ms_action *actions;
+    PyObject *callback;   /* borrowed */
+} RunArgs;
+
+/* Convert obj to an array of the given type and contiguity with at least min_size
+ * elements; the reference goes into keep. Returns the data pointer, or NULL. */
+static void *as_array(PyObject *keep, PyObject *obj, int type, int flags, npy_intp min_size,
+                      const char *what, npy_intp *size_out) {
+    if (obj == Py_None) {
+        if (size_out) *size_out = 0;
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(obj, type, flags);
+    if (!arr) return NULL;
+    if (PyArray_SIZE(arr) < min_size) {
+        PyErr_Format(PyExc_ValueError, "%s: has %zd elements, needs %zd", what, PyArray_SIZE(arr),
+                     min_size);
+        Py_DECREF(arr);
+        return NULL;
+    }
+    if (size_out) *size_out = PyArray_SIZE(arr);
+    int rc = PyList_Append(keep, (PyObject *)arr);
+    Py_DECREF(arr);
+    if (rc < 0) return NULL;
+    /* an empty selection still needs a non-NULL pointer */
+    return PyArray_SIZE(arr) ? PyArray_DATA(arr) : (void *)"";
+}
+
+static int call_python_hook(void *ctx, int id, ms_site site, int layer, float *value) {
+    (void)site, (void)layer, (void)value; /* Python holds the arrays and knows the site by id */
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *res = PyObject_CallFunction((PyObject *)ctx, "i", id);
+    int failed = res == NULL;
+    Py_XDECREF(res);
+    PyGILState_Release(g); /* an exception stays set on this thread for the caller */
+    return failed;
+}
+
+/* One action from the tuple
+ * (kind, site, layer, row, src_row, a, b, c, value, value2, rank, out, id). */
+static int parse_action(PyObject *keep, PyObject *t, ms_action *a, const ms_model *m, int R, int T) {
+    PyObject *oa, *ob, *oc, *ov, *ov2, *oout;
+    int kind, site;
+    if (!PyArg_ParseTuple(t, "iiiiiOOOOOiOi", &kind, &site, &a->layer, &a->row, &a->src_row, &oa,
+                          &ob, &oc, &ov, &ov2, &a->rank, &oout, &a->id))
+        return -1;
+    if (site < 0 || site >= MS_N_SITES || kind < 0 || kind > MS_DO_CALLBACK) {
+        PyErr_SetString(PyExc_ValueError, "action: unknown site or kind");
+        return -1;
+    }
+    a->kind = (ms_action_kind)kind;
+    a->site = (ms_site)site;
+    npy_intp na, nb, nc, nv, nv2;
+    int fl = NPY_ARRAY_IN_ARRAY;
+    if (!(a->a = as_array(keep, oa, NPY_INT32, fl, 0, "action index a", &na)) && PyErr_Occurred()) return -1;
+    if (!(a->b = as_array(keep, ob, NPY_INT32, fl, 0, "action index b", &nb)) && PyErr_Occurred()) return -1;
+    if (!(a->c = as_array(keep, oc, NPY_INT32, fl, 0, "action index c", &nc)) && PyErr_Occurred()) return -1;
+    a->n_a = (int)na, a->n_b = (int)nb, a->n_c = (int)nc;
+    if (!(a->value = as_array(keep, ov, NPY_FLOAT32, fl, 0, "action value", &nv)) && PyErr_Occurred()) return -1;
+    if (!(a->value2 = as_array(keep, ov2, NPY_FLOAT32, fl, 0, "action value2", &nv2)) && PyErr_Occurred()) return -1;
+    /* sizes the core will read */
+    npy_intp rows = a->row < 0 ? R : 1;
+    npy_intp box = ms_site_is_attention(a->site) ? na * nb * nc : na * nb;
+    npy_intp need = 0, need2 = 0;
+    if (a->kind == MS_DO_SET || a->kind == MS_DO_ADD) need = rows * box;
+    if (a->kind == MS_DO_SCALE) need = 1;
+    if (a->kind == MS_DO_PROJECT) need = nb * (npy_intp)(a->rank > 0 ? a->rank : 1), need2 = rows * box;
+    if (nv < need || nv2 < need2) {
+        PyErr_Format(PyExc_ValueError, "action value: has %zd (and %zd) elements, needs %zd (and %zd)",
+                     nv, nv2, need, need2);
+        return -1;
+    }
+    npy_intp out_need = 0;
+    if (a->kind == MS_DO_CACHE || a->kind == MS_DO_CALLBACK)
+        out_need = ms_site_is_attention(a->site)
+                       ? (npy_intp)R * m->cfg.n_heads * T * T
+                       : (npy_intp)R * T * ms_site_width(&m->cfg, a->site);
+    if (oout != Py_None) {
+        if (!PyArray_Check(oout) || PyArray_TYPE((PyArrayObject *)oout) != NPY_FLOAT32 ||
+            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)oout) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)oout) || PyArray_SIZE((PyArrayObject *)oout) < out_need) {
+            PyErr_Format(PyExc_ValueError, "action out: needs a writeable C-contiguous float32 array of %zd elements", out_need);
+            return -1;
+        }
+        if (PyList_Append(keep, oout) < 0) return -1;
+        a->out = (float *)PyArray_DATA((PyArrayObject *)oout);
+    } else {
+        a->out = NULL;
+    }
+    return 0;
+}
+
+static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "mask", "actions", "logit_pos", "logits", "hook", NULL};
+    PyObject *otok, *omask = Py_None, *oactions = Py_None, *olpos = Py_None, *ologits = Py_None,
+                    *hook = Py_None;
+    PyObject *result = NULL;
+    RunArgs ra = {0};
+    ms_plan plan = {0};
+    ms_error err = {{0}};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOO", kwlist, &otok, &omask, &oactions,
+                                     &olpos, &ologits, &hook))
+        return NULL;
+    if (!(ra.keep = PyList_New(0))) goto fail;
+
+    PyArrayObject *tok = (PyArrayObject *)PyArray_FROM_OTF(otok, NPY_INT32, NPY_ARRAY_IN_ARRAY);
+    if (!tok) goto fail;
+    if (PyList_Append(ra.keep, (PyObject *)tok) < 0) { Py_DECREF(tok); goto fail; }
+    Py_DECREF(tok); /* the keep list holds it */
+    if (PyArray_NDIM(tok) != 2) {
+        PyErr_SetString(PyExc_ValueError, "tokens: expected a 2-D array [batch, pos]");
+        goto fail;
+    }
+    plan.n_rows = (int)PyArray_DIM(tok, 0);
+    plan.n_pos = (int)PyArray_DIM(tok, 1);
+    plan.tokens = PyArray_DATA(tok);
+    npy_intp RT = (npy_intp)plan.n_rows * plan.n_pos;
+    plan.mask = as_array(ra.keep, omask, NPY_INT32, NPY_ARRAY_IN_ARRAY, RT, "attention_mask", NULL);
+    if (!plan.mask && PyErr_Occurred()) goto fail;
+
+    if (oactions != Py_None) {
+        PyObject *seq = PySequence_Fast(oactions, "actions: expected a list");
+        if (!seq) goto fail;
+        if (PyList_Append(ra.keep, seq) < 0) { Py_DECREF(seq); goto fail; }
+        Py_DECREF(seq);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        ra.actions = calloc((size_t)n + 1, sizeof(ms_action));
+        if (!ra.actions) { PyErr_NoMemory(); goto fail; }
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (parse_action(ra.keep, PySequence_Fast_GET_ITEM(seq, i), &ra.actions[i],
+                             &self->model, plan.n_rows, plan.n_pos) < 0)
+                goto fail;
+        plan.n_actions = (int)n;
+        plan.actions = ra.actions;
+    }
+    if (olpos != Py_None) {
+        npy_intp nl = 0;
+        plan.logit_pos = as_array(ra.keep, olpos, NPY_INT32, NPY_ARRAY_IN_ARRAY, 0, "logit_pos", &nl);
+        if (!plan.logit_pos) goto fail;
+        if (plan.n_rows <= 0 || nl % plan.n_rows) {
+            PyErr_SetString(PyExc_ValueError, "logit_pos: expected [batch, n] positions");
+            goto fail;
+        }
+        plan.n_logit_pos = (int)(nl / plan.n_rows);
+        npy_intp need = nl * self->model.cfg.d_vocab;
+        if (!PyArray_Check(ologits) || PyArray_TYPE((PyArrayObject *)ologits) != NPY_FLOAT32 ||
+            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)ologits) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)ologits) || PyArray_SIZE((PyArrayObject *)ologits) < need) {
+            PyErr_Format(PyExc_ValueError, "logits: needs a writeable C-contiguous float32 array of %zd elements", need);
+            goto fail;
+        }
+        plan.logits = PyArray_DATA((PyArrayObject *)ologits);
+    }
+    if (hook != Py_None) {
+        plan.callback = call_python_hook;
+        plan.callback_ctx = hook;
+    }
+    plan.n_threads = ms_get_num_threads();
+
+    ms_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ms_run(&self->model, &plan, &err);
+    Py_END_ALLOW_THREADS
+    if (st == MS_ERR_CALLBACK && PyErr_Occurred()) goto fail; /* the hook's own exception */
+    if (st == MS_ERR_MEMORY) { PyErr_SetString(PyExc_MemoryError, err.message); goto fail; }
+    if (st) { PyErr_SetString(PyExc_ValueError, err.message); goto fail; }
+    Py_INCREF(Py_None);
+    result = Py_None;
+fail:
+    free(ra.actions);
+    Py_XDECREF(ra.keep);
+    return result;
+}
+
+static PyObject *Model_workspace_bytes(ModelObject *self, PyObject *args) {
+    PyObject *ormask;
+    int n_logit_pos;
+    if (!PyArg_ParseTuple(args, "Oi", &ormask, &n_logit_pos)) return NULL;
+    PyArrayObject *mask = (PyArrayObject *)PyArray_FROM_OTF(ormask, NPY_INT32, NPY_ARRAY_IN_ARRAY);
+    if (!mask) return NULL;
+    if (PyArray_NDIM(mask) != 2) {
+        Py_DECREF(mask);
+        PyErr_SetString(PyExc_ValueError, "attention_mask: expected [batch, pos]");
+        return NULL;
+    }
+    ms_plan plan = {0};
+    plan.n_rows = (int)PyArray_DIM(mask, 0);
+    plan.n_pos = (int)PyArray_DIM(mask, 1);
+    plan.mask = PyArray_DATA(mask);
+    plan.n_logit_pos = n_logit_pos;
+    size_t bytes = ms_run_workspace_bytes(&self->model, &plan);
+    Py_DECREF(mask);
+    return PyLong_FromSize_t(bytes);
+}
+
+static PyMethodDef Model_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))Model_run, METH_VARARGS | METH_KEYWORDS,
+     "run(tokens, mask=None, actions=None, logit_pos=None, logits=None, hook=None)\n"
+     "Execute one plan; results are written into the arrays passed in."},
+    {"workspace_bytes", (PyCFunction)Model_workspace_bytes, METH_VARARGS,
+     "workspace_bytes(mask, n_logit_pos) -> bytes of working memory a run needs"},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mechscope._core.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A GPT-2-family model over float32 weight arrays (see mechscope.Model).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Model_init,
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_methods = Model_methods,
+};
+
+/* ---- module functions --------------------------------------------------------- */
+
+static PyObject *py_set_num_threads(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 1024) {
+        PyErr_SetString(PyExc_ValueError, "n: expected a thread count from 1 to 1024");
+        return NULL;
+    }
+    ms_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *mod, PyObject *unused) {
+    (void)mod, (void)unused;
+    return PyLong_FromLong(ms_get_num_threads());
+}
+
+static PyObject *py_blas_info(PyObject *mod, PyObject *unused) {
+    (void)mod, (void)unused;
+    return Py_BuildValue("(ss)", ms_blas_config(), ms_blas_corename());
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n)"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"blas_info", py_blas_info, METH_NOARGS, "blas_info() -> (config, corename)"},
+    {NULL, NULL, 0, NULL}};
+
+static int module_exec(PyObject *m) {
+    if (_import_array() < 0) return -1;
+    if (PyType_Ready(&ModelType) < 0) return -1;
+    Py_INCREF(&ModelType);
+    if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
+        Py_DECREF(&ModelType);
+        return -1;
+    }
+    static const char *site_names[MS_N_SITES] = {
+        "hook_embed", "hook_pos_embed", "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
+        "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern",
+        "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
+        "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale",
+        "ln_final.hook_normalized"};
+    PyObject *names = PyTuple_New(MS_N_SITES);
+    if (!names) return -1;
+    for (int i = 0; i < MS_N_SITES; i++) {
+        PyObject *s = PyUnicode_FromString(site_names[i]);
+        if (!s) { Py_DECREF(names); return -1; }
+        PyTuple_SET_ITEM(names, i, s); /* steals s */
+    }
+    if (PyModule_AddObject(m, "SITES", names) < 0) {
+        Py_DECREF(names);
+        return -1;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, .m_name = "mechscope._core",
+    .m_doc = "mechscope's compute core: GPT-2-family forward passes with cached and intervened sites.",
+    .m_size = 0, .m_methods = module_methods, .m_slots = module_slots};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&moduledef); }

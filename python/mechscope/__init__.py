@@ -1,0 +1,29 @@
+"""mechscope: causal interpretability of transformer language models on the CPU.
+
+The forward pass runs in C on OpenBLAS; activations come back as NumPy arrays,
+named and shaped as in TransformerLens.
+
+    import mechscope as ms
+    model = ms.Model.from_pretrained("path/to/gpt2")
+    out = model.run(tokens, cache="blocks.*.hook_resid_post", logits="last")
+"""
+from ._runtime import (
+    get_memory_budget,
+    get_num_threads,
+    set_memory_budget,
+    set_num_threads,
+    show_config,
+)
+from .model import Model, RunResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model",
+    "RunResult",
+    "get_memory_budget",
+    "get_num_threads",
+    "set_memory_budget",
+    "set_num_threads",
+    "show_config",
+]

@@ -1,0 +1,97 @@
+"""Loading the compute core and the process-wide settings: threads, memory budget."""
+import ctypes
+import os
+import platform
+
+import scipy_openblas32
+
+# The extension is linked against the OpenBLAS of the scipy-openblas32 wheel. Loading
+# that library first, by its full path, makes the extension find it wherever pip put
+# the two packages (the run-time search path in the extension covers the usual case).
+_blas_path = os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so")
+if os.path.exists(_blas_path):
+    ctypes.CDLL(_blas_path, mode=ctypes.RTLD_GLOBAL)
+
+from . import _core  # noqa: E402
+
+_memory_budget = None
+
+
+def set_num_threads(n):
+    """Use ``n`` threads for the BLAS and for mechscope's own loops (all later runs)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads runs use."""
+    return _core.get_num_threads()
+
+
+def _default_memory_budget():
+    # half of the machine's physical memory: a run that needs more is almost
+    # certainly a mistake (a cache of every site of a long batch), not an intent
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def set_memory_budget(nbytes):
+    """Refuse, before any work, runs whose outputs and working memory exceed ``nbytes``.
+
+    ``None`` restores the default (half of the physical memory)."""
+    global _memory_budget
+    if nbytes is None:
+        _memory_budget = None
+        return
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"nbytes: expected a positive int number of bytes, got {nbytes!r}")
+    _memory_budget = nbytes
+
+
+def get_memory_budget():
+    """The memory budget in bytes."""
+    return _memory_budget if _memory_budget is not None else _default_memory_budget()
+
+
+def _cpu_features():
+    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+              "avx512_bf16", "avx512_vnni", "amx_tile", "neon", "asimd", "sve")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def show_config():
+    """Print the BLAS mechscope uses, the kernels it picked for this CPU, and the threads."""
+    config, corename = _core.blas_info()
+    features = _cpu_features()
+    print(f"mechscope {__import__('mechscope').__version__}")
+    print(f"BLAS:         {config}")
+    print(f"BLAS library: {_blas_path}")
+    print(f"BLAS kernels: {corename} (chosen at run time for this CPU)")
+    print(f"threads:      {get_num_threads()} (os.cpu_count() = {os.cpu_count()})")
+    print(f"CPU:          {_cpu_name()}")
+    print(f"CPU features: {' '.join(features) if features else 'unknown'}")
+    if not any(f.startswith("avx512") for f in features) and platform.machine() == "x86_64":
+        print("              (this CPU reports no AVX-512: AVX2 kernels are the fastest available)")
+    print(f"memory budget: {get_memory_budget() / 2**30:.1f} GiB per run")

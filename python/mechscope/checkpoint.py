@@ -1,0 +1,137 @@
+"""Reading HuggingFace checkpoints: safetensors files, memory-mapped.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+({name: {dtype, shape, data_offsets [begin, end)}} plus an optional
+__metadata__), then the raw little-endian data. Tensors already in float32 are
+views of the mapped file, not copies; float16 and bfloat16 are widened to float32.
+"""
+import json
+import os
+
+import numpy as np
+
+_DTYPES = {
+    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_FLOAT = ("F32", "F16", "BF16", "F64")
+
+
+def _to_float32(raw, dtype):
+    if dtype == "F32":
+        return raw
+    if dtype == "BF16":
+        # bfloat16 is the top half of a float32
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def read_safetensors(path, wanted=None):
+    """{name: float32 array} for the floating-point tensors of one file.
+
+    wanted: a predicate on names; other tensors are skipped. Raises ValueError
+    naming the file for anything truncated or inconsistent."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"checkpoint {path}: file is truncated (no header)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"checkpoint {path}: header length {n} does not fit in the file "
+                             f"({size} bytes): truncated or not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"checkpoint {path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"checkpoint {path}: header is not a JSON object")
+    data_size = size - 8 - n
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__" or (wanted is not None and not wanted(name)):
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"checkpoint {path}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in _DTYPES:
+            raise ValueError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
+        if dtype not in _FLOAT:
+            continue
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        if not (0 <= begin <= end) or end - begin != nbytes:
+            raise ValueError(f"checkpoint {path}: tensor {name!r} has {end - begin} bytes for shape "
+                             f"{list(shape)} of {dtype} ({nbytes} bytes expected)")
+        if end > data_size:
+            raise ValueError(f"checkpoint {path}: tensor {name!r} ends at byte {end} of the data but "
+                             f"the file holds only {data_size}: the file is truncated")
+        raw = mapped[begin:end].view(_DTYPES[dtype]).reshape(shape) if nbytes else np.zeros(shape, _DTYPES[dtype])
+        out[name] = _to_float32(raw, dtype)
+    return out
+
+
+def read_folder(folder, wanted=None):
+    """All tensors of a checkpoint folder: model.safetensors, or shards listed in
+    model.safetensors.index.json."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"checkpoint {index}: not a valid index (no weight_map)") from None
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(folder, shard)
+            if not os.path.exists(path):
+                raise ValueError(f"checkpoint {folder}: shard {shard} listed in the index is missing")
+            tensors.update(read_safetensors(path, wanted))
+        missing = [k for k in weight_map if k not in tensors and (wanted is None or wanted(k))]
+        if missing:
+            raise ValueError(f"checkpoint {folder}: tensors listed in the index are missing from their shards: {missing[:5]}")
+        return tensors
+    if os.path.exists(single):
+        return read_safetensors(single, wanted)
+    if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+        raise ValueError(f"checkpoint {folder}: only pytorch_model.bin found; mechscope reads safetensors "
+                         "(convert with transformers: model.save_pretrained(folder, safe_serialization=True))")
+    raise ValueError(f"checkpoint {folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def hub_cache_dirs():
+    """Where a local HuggingFace hub cache may be, most specific first."""
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        dirs.append(os.environ["HUGGINGFACE_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        dirs.append(os.path.join(os.environ["HF_HOME"], "hub"))
+    xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    dirs.append(os.path.join(xdg, "huggingface", "hub"))
+    return dirs
+
+
+def find_in_hub_cache(name, revision="main"):
+    """The snapshot folder of model `name` ('gpt2', 'org/model') in a local hub cache, or None."""
+    for cache in hub_cache_dirs():
+        repo = os.path.join(cache, "models--" + name.replace("/", "--"))
+        snapshots = os.path.join(repo, "snapshots")
+        if not os.path.isdir(snapshots):
+            continue
+        ref = os.path.join(repo, "refs", revision)
+        if os.path.exists(ref):
+            with open(ref) as f:
+                candidate = os.path.join(snapshots, f.read().strip())
+            if os.path.isdir(candidate):
+                return candidate
+        if os.path.isdir(os.path.join(snapshots, revision)):
+            return os.path.join(snapshots, revision)
+        found = sorted((os.path.getmtime(os.path.join(snapshots, d)), d) for d in os.listdir(snapshots))
+        if found:
+            return os.path.join(snapshots, found[-1][1])
+    return None

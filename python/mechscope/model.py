@@ -1,0 +1,415 @@
+"""The Model: a GPT-2-family transformer whose forward pass runs in mechscope's C core."""
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import sites
+from ._runtime import _core, get_memory_budget
+from .checkpoint import find_in_hub_cache, read_folder
+
+# activation_function values of GPT2Config -> the core's codes
+_ACTIVATIONS = {
+    "gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu": 1, "relu": 2, "silu": 3, "swish": 3,
+    "gelu_fast": 4, "quick_gelu": 5, "tanh": 6, "sigmoid": 7,
+}
+
+# GPT2Config fields that would change the computation if set away from these values
+_REFUSED = {
+    "add_cross_attention": (False, "cross-attention layers are not supported"),
+    "is_encoder_decoder": (False, "encoder-decoder models are not supported"),
+}
+
+_CONFIG_DEFAULTS = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+    "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
+}
+
+
+def _normalize_config(config):
+    """A GPT2Config, its dict, or a dict of some fields -> a complete dict. Refuses
+    anything that would change the computation in a way mechscope does not run."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise TypeError(f"config: expected a dict or a GPT2Config, got {type(config).__name__}")
+    cfg = dict(_CONFIG_DEFAULTS)
+    cfg.update(config)
+    model_type = cfg.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"config: model_type {model_type!r} is not supported (GPT-2 family only)")
+    for key, (ok, why) in _REFUSED.items():
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"config: {key}={cfg[key]!r}: {why}")
+    act = cfg["activation_function"]
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"config: activation_function {act!r} is not supported "
+                         f"(supported: {sorted(_ACTIVATIONS)})")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config: {key} must be a positive int, got {v!r}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ValueError(f"config: n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
+    if cfg["n_inner"] is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
+        raise ValueError(f"config: n_inner must be None or a positive int, got {cfg['n_inner']!r}")
+    eps = cfg["layer_norm_epsilon"]
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"config: layer_norm_epsilon must be a number >= 0, got {eps!r}")
+    # reorder_and_upcast_attn only changes how half-precision models compute the
+    # scores; mechscope computes everything in float32, where it changes nothing.
+    return cfg
+
+
+def _weight_shapes(cfg):
+    C, V, P = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
+    F = cfg["n_inner"] or 4 * C
+    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    per_block = {
+        "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
+        "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
+        "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
+    }
+    for layer in range(cfg["n_layer"]):
+        for k, s in per_block.items():
+            shapes[f"h.{layer}.{k}"] = s
+    return shapes
+
+
+def _strip_prefix(name):
+    return name[len("transformer."):] if name.startswith("transformer.") else name
+
+
+def _wanted(name):
+    # the causal-mask buffers of old checkpoints are not weights
+    return not name.endswith((".attn.bias", ".attn.masked_bias")) or name.endswith("c_attn.bias")
+
+
+@dataclass
+class RunResult:
+    """What a run returns: logits (if asked for) and the cached sites."""
+    logits: np.ndarray = None
+    cache: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        lg = None if self.logits is None else list(self.logits.shape)
+        return f"RunResult(logits={lg}, cache=[{len(self.cache)} sites])"
+
+
+class Model:
+    """A GPT-2-family model. Build one with from_pretrained, from_config or from_arrays."""
+
+    def __init__(self, config, arrays, tokenizer=None):
+        cfg = _normalize_config(config)
+        shapes = _weight_shapes(cfg)
+        arrays = {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)}
+        tied = cfg.get("tie_word_embeddings", True)
+        weights = {}
+        for name, shape in shapes.items():
+            if name not in arrays:
+                raise ValueError(f"weights: {name} is missing")
+            a = arrays[name]
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a)
+            if tuple(a.shape) != shape:
+                raise ValueError(f"weights: {name} has shape {list(a.shape)}, the config needs {list(shape)}")
+            weights[name] = a
+        if not tied:
+            head = arrays.get("lm_head.weight")
+            if head is None:
+                raise ValueError("weights: lm_head.weight is missing (tie_word_embeddings is False)")
+            if tuple(head.shape) != shapes["wte.weight"]:
+                raise ValueError(f"weights: lm_head.weight has shape {list(head.shape)}, "
+                                 f"the config needs {list(shapes['wte.weight'])}")
+            weights["lm_head.weight"] = head
+        for name, a in weights.items():
+            if a.dtype != np.float32:
+                if not np.issubdtype(a.dtype, np.floating):
+                    raise TypeError(f"weights: {name} has dtype {a.dtype}, expected floating point")
+                weights[name] = a.astype(np.float32)
+        self.config = cfg
+        self.n_layers = cfg["n_layer"]
+        self.n_heads = cfg["n_head"]
+        self.d_model = cfg["n_embd"]
+        self.d_head = self.d_model // self.n_heads
+        self.d_mlp = cfg["n_inner"] or 4 * self.d_model
+        self.d_vocab = cfg["vocab_size"]
+        self.n_ctx = cfg["n_positions"]
+        self.tokenizer = tokenizer
+        self._shape_cfg = {"n_heads": self.n_heads, "d_head": self.d_head, "d_mlp": self.d_mlp,
+                           "d_model": self.d_model}
+        self._core = _core.Model(
+            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_mlp=self.d_mlp,
+            d_vocab=self.d_vocab, n_ctx=self.n_ctx, ln_eps=float(cfg["layer_norm_epsilon"]),
+            activation=_ACTIVATIONS[cfg["activation_function"]],
+            scale_attn_weights=int(bool(cfg["scale_attn_weights"])),
+            scale_attn_by_inverse_layer=int(bool(cfg["scale_attn_by_inverse_layer_idx"])),
+            weights=weights)
+        self.site_names = sites.all_site_names(self.n_layers)
+
+    # ---- construction --------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, tokenizer=None):
+        """Load a HuggingFace GPT-2 folder (config.json + model.safetensors, or shards
+        with model.safetensors.index.json), or a model name found in the local
+        HuggingFace cache. Float32 weights are memory-mapped, not copied."""
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            raise TypeError(f"name_or_path: expected a path or a model name, got {type(name_or_path).__name__}")
+        folder = os.fspath(name_or_path)
+        if not os.path.isdir(folder):
+            found = find_in_hub_cache(folder) if not os.path.isabs(folder) else None
+            if found is None:
+                raise ValueError(f"name_or_path: {folder!r} is neither a folder nor a model in the "
+                                 "local HuggingFace cache (mechscope never downloads)")
+            folder = found
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.exists(config_path):
+            raise ValueError(f"name_or_path: {folder} has no config.json")
+        with open(config_path) as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"checkpoint {config_path}: not valid JSON ({e})") from None
+        arrays = read_folder(folder, _wanted)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(folder)
+        return cls(config, arrays, tokenizer=tokenizer)
+
+    @classmethod
+    def from_config(cls, config, seed=0, tokenizer=None):
+        """Random weights for any configuration, initialised as HuggingFace does
+        (normal with std 0.02, layer norms at 1 and 0, biases at 0)."""
+        cfg = _normalize_config(config)
+        rng = np.random.default_rng(seed)
+        std = float(cfg.get("initializer_range", 0.02))
+        arrays = {}
+        for name, shape in _weight_shapes(cfg).items():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                arrays[name] = np.ones(shape, np.float32)
+            elif name.endswith(".bias"):
+                arrays[name] = np.zeros(shape, np.float32)
+            else:
+                arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
+        if not cfg.get("tie_word_embeddings", True):
+            arrays["lm_head.weight"] = rng.normal(0.0, std, (cfg["vocab_size"], cfg["n_embd"])).astype(np.float32)
+        return cls(cfg, arrays, tokenizer=tokenizer)
+
+    @classmethod
+    def from_arrays(cls, config, arrays, tokenizer=None):
+        """A model from a dict of arrays named as in HuggingFace's GPT-2 state dict
+        (with or without the 'transformer.' prefix)."""
+        if not isinstance(arrays, dict):
+            raise TypeError(f"arrays: expected a dict of name -> array, got {type(arrays).__name__}")
+        return cls(config, dict(arrays), tokenizer=tokenizer)
+
+    def __repr__(self):
+        return (f"Model(n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
+                f"d_mlp={self.d_mlp}, d_vocab={self.d_vocab}, n_ctx={self.n_ctx})")
+
+    # ---- tokens ----------------------------------------------------------------
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("tokenizer: this model has none; pass tokenizer= to from_pretrained "
+                             "(any object with HuggingFace's encode/decode)")
+        return self.tokenizer
+
+    def _bos(self):
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        return bos if bos is not None else self.config.get("bos_token_id", 0)
+
+    def _encode(self, text):
+        ids = self._need_tokenizer().encode(text)
+        if hasattr(ids, "ids"):  # a `tokenizers` Encoding
+            ids = ids.ids
+        return [int(i) for i in ids]
+
+    def to_tokens(self, text, prepend_bos=True):
+        """Text (or a list of texts) -> int64 tokens [batch, pos], right-padded with
+        the padding token when texts differ in length."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("text: expected a string or a non-empty list of strings")
+        rows = [([self._bos()] if prepend_bos else []) + self._encode(t) for t in texts]
+        return self._pad(rows)[0]
+
+    def _pad(self, rows):
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else self._bos()
+        width = max(len(r) for r in rows)
+        tokens = np.full((len(rows), width), pad, np.int64)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        return tokens, mask
+
+    def to_str_tokens(self, tokens, prepend_bos=True):
+        """Tokens (1-D) or a text -> the list of token strings."""
+        tok = self._need_tokenizer()
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens, prepend_bos=prepend_bos)[0]
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens: expected one sequence, got shape {list(tokens.shape)}")
+        return [tok.decode([int(t)]) for t in tokens]
+
+    # ---- running -----------------------------------------------------------------
+
+    def _check_tokens(self, tokens, attention_mask):
+        """-> (int32 tokens [B, T], int32 mask [B, T] or None)"""
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            if attention_mask is not None:
+                raise ValueError("attention_mask: not accepted with text input (it is built from the text)")
+            texts = [tokens] if isinstance(tokens, str) else list(tokens)
+            rows = [[self._bos()] + self._encode(t) for t in texts]
+            tokens, attention_mask = self._pad(rows)
+            if attention_mask.all():
+                attention_mask = None
+        tokens = np.asarray(tokens)
+        if tokens.dtype == bool or not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens: expected integer token ids, got dtype {tokens.dtype}")
+        if tokens.ndim == 1:
+            tokens = tokens[None, :]
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens: expected shape [batch, pos] or [pos], got {list(tokens.shape)}")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens: empty (shape {list(tokens.shape)})")
+        mask = None
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1 and tokens.shape[0] == 1:
+                mask = mask[None, :]
+            if mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask: shape {list(mask.shape)} does not match tokens {list(tokens.shape)}")
+            if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+                raise TypeError(f"attention_mask: expected 0/1 integers or booleans, got dtype {mask.dtype}")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError("attention_mask: values must be 0 (padding) or 1 (real token)")
+            mask = mask.astype(np.int32)
+            empty = np.flatnonzero(mask.sum(1) == 0)
+            if empty.size:
+                raise ValueError(f"attention_mask: row {int(empty[0])} is all zeros (no real token)")
+        real = tokens if mask is None else np.where(mask == 1, tokens, 0)
+        if real.min() < 0 or real.max() >= self.d_vocab:
+            bad = real[(real < 0) | (real >= self.d_vocab)][0]
+            raise ValueError(f"tokens: id {int(bad)} out of range [0, {self.d_vocab})")
+        lengths = tokens.shape[1] if mask is None else int(mask.sum(1).max())
+        if lengths > self.n_ctx:
+            raise ValueError(f"tokens: a sequence of {lengths} tokens is longer than n_ctx = {self.n_ctx}")
+        return np.ascontiguousarray(tokens, dtype=np.int32), mask
+
+    def _logit_positions(self, logits, B, T, mask):
+        """-> (int32 positions [B, n] or None, output shape)"""
+        if logits is None:
+            return None, None
+        if isinstance(logits, str):
+            if logits == "all":
+                return np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(), (B, T, self.d_vocab)
+            if logits == "last":
+                if mask is None:
+                    last = np.full((B, 1), T - 1, np.int32)
+                else:
+                    last = (T - 1 - np.argmax(mask[:, ::-1], axis=1)).astype(np.int32)[:, None]
+                return last, (B, self.d_vocab)
+            raise ValueError(f"logits: expected 'all', 'last', None or a list of positions, got {logits!r}")
+        pos = np.asarray(logits)
+        if pos.ndim == 0:
+            pos = pos[None]
+        if pos.ndim != 1 or pos.size == 0 or not np.issubdtype(pos.dtype, np.integer):
+            raise ValueError("logits: positions must be a non-empty 1-D list of ints")
+        pos = np.where(pos < 0, pos + T, pos)
+        if pos.min() < 0 or pos.max() >= T:
+            raise ValueError(f"logits: position out of range for {T} positions")
+        return np.broadcast_to(pos.astype(np.int32), (B, pos.size)).copy(), (B, pos.size, self.d_vocab)
+
+    def run(self, tokens, attention_mask=None, cache=None, logits="all"):
+        """One forward pass.
+
+        tokens: int array [batch, pos] (or [pos]), or text when a tokenizer is set.
+        attention_mask: [batch, pos], 1 for real tokens and 0 for padding (left or
+            right); each row's real tokens give what they give run alone.
+        cache: site names or glob patterns ("blocks.*.hook_resid_post").
+        logits: "all" [batch, pos, vocab], "last" [batch, vocab] (each row's last
+            real token), a list of positions [batch, n, vocab], or None.
+        """
+        tokens, mask = self._check_tokens(tokens, attention_mask)
+        B, T = tokens.shape
+        names = sites.resolve(cache, self.n_layers, "cache")
+        logit_pos, logit_shape = self._logit_positions(logits, B, T, mask)
+
+        shapes = {}
+        for name in names:
+            _, _, suffix = sites.parse(name, self.n_layers)
+            shapes[name] = sites.shape(suffix, self._shape_cfg, B, T)
+        out_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+        if logit_shape is not None:
+            out_bytes += 4 * int(np.prod(logit_shape))
+        work = self._core.workspace_bytes(mask if mask is not None else np.ones((B, T), np.int32),
+                                          0 if logit_pos is None else logit_pos.shape[1])
+        budget = get_memory_budget()
+        if out_bytes + work > budget:
+            raise ValueError(f"cache: this run needs {(out_bytes + work) / 2**20:.1f} MiB (outputs "
+                             f"{out_bytes / 2**20:.1f} MiB), over the memory budget of "
+                             f"{budget / 2**20:.1f} MiB; cache fewer sites or raise it with "
+                             "mechscope.set_memory_budget")
+
+        result = RunResult()
+        actions = []
+        for name in names:
+            code, layer, _ = sites.parse(name, self.n_layers)
+            out = np.empty(shapes[name], np.float32)
+            result.cache[name] = out
+            actions.append((0, code, layer, -1, 0, None, None, None, None, None, 0, out, 0))
+        logits_out = None
+        if logit_pos is not None:
+            logits_out = np.empty(logit_shape, np.float32)
+        self._core.run(tokens, mask, actions, logit_pos, logits_out, None)
+        result.logits = logits_out
+        return result
+
+
+class _TokenizersAdapter:
+    """Gives a `tokenizers.Tokenizer` HuggingFace's encode/decode interface."""
+
+    def __init__(self, tok, folder):
+        self._tok = tok
+        self.bos_token_id = None
+        self.pad_token_id = None
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        special = {}
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                special = json.load(f)
+        for attr, key in (("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")):
+            value = special.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                setattr(self, attr, tok.token_to_id(value))
+
+    def encode(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _load_tokenizer(folder):
+    """The folder's tokenizer.json through the optional `tokenizers` package, or None."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return _TokenizersAdapter(Tokenizer.from_file(path), folder)
