@@ -78,79 +78,79 @@ void ms_add(float *out, const float *a, const float *b, size_t n, int n_threads)
     for (long long i = 0; i < nn; i++) out[i] = a[i] + b[i];
 }
 
-void ms_attention_scores(float *scores, const float *qkv, int ld_qkv, int n, int H, int d_head,
-                         float scale, int use_blas) {
-    int C = H * d_head;
+void ms_attention_scores(float *scores, const float *q, int ldq, const float *k, int ldk, int nq,
+                         int nk, int q0, int H, int d_head, float scale, int use_blas) {
     for (int h = 0; h < H; h++) {
-        const float *q = qkv + h * d_head;
-        const float *k = qkv + C + h * d_head;
-        float *s = scores + (size_t)h * n * n;
+        const float *qh = q + h * d_head;
+        const float *kh = k + h * d_head;
+        float *s = scores + (size_t)h * nq * nk;
         if (use_blas) {
-            /* the full square, then the upper triangle is masked below */
-            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, d_head, scale, q, ld_qkv, k,
-                     ld_qkv, 0.0f, s, n);
+            /* the full rectangle, then the keys a query cannot see are masked below */
+            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, d_head, scale, qh, ldq, kh,
+                     ldk, 0.0f, s, nk);
         } else {
-            for (int i = 0; i < n; i++) {
-                const float *qi = q + (size_t)i * ld_qkv;
-                for (int j = 0; j <= i; j++) {
-                    const float *kj = k + (size_t)j * ld_qkv;
+            for (int i = 0; i < nq; i++) {
+                const float *qi = qh + (size_t)i * ldq;
+                int visible = q0 + i + 1 < nk ? q0 + i + 1 : nk;
+                for (int j = 0; j < visible; j++) {
+                    const float *kj = kh + (size_t)j * ldk;
                     float dot = 0.0f;
                     for (int d = 0; d < d_head; d++) dot += qi[d] * kj[d];
-                    s[(size_t)i * n + j] = dot * scale;
+                    s[(size_t)i * nk + j] = dot * scale;
                 }
             }
         }
-        for (int i = 0; i < n; i++)
-            for (int j = i + 1; j < n; j++) s[(size_t)i * n + j] = -INFINITY;
+        for (int i = 0; i < nq; i++)
+            for (int j = q0 + i + 1; j < nk; j++) s[(size_t)i * nk + j] = -INFINITY;
     }
 }
 
-void ms_causal_softmax(float *att, int H, int n, int n_threads) {
-    long long rows = (long long)H * n;
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows * n >= 16384)
+void ms_causal_softmax(float *att, int H, int nq, int nk, int q0, int n_threads) {
+    long long rows = (long long)H * nq;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows * nk >= 16384)
     for (long long r = 0; r < rows; r++) {
-        int i = (int)(r % n); /* query index: keys 0..i are visible */
-        float *p = att + (size_t)r * n;
+        int i = (int)(r % nq);
+        int visible = q0 + i + 1 < nk ? q0 + i + 1 : nk;
+        float *p = att + (size_t)r * nk;
         float mx = -INFINITY;
-        for (int j = 0; j <= i; j++)
+        for (int j = 0; j < visible; j++)
             if (p[j] > mx) mx = p[j];
-        float sum = 0.0f;
         if (mx == -INFINITY) {
-            /* every visible key masked (only by an intervention): the row attends nowhere */
-            for (int j = 0; j < n; j++) p[j] = 0.0f;
+            /* every visible key masked (only an intervention does that): attend nowhere */
+            for (int j = 0; j < nk; j++) p[j] = 0.0f;
             continue;
         }
-        for (int j = 0; j <= i; j++) {
+        float sum = 0.0f;
+        for (int j = 0; j < visible; j++) {
             p[j] = expf(p[j] - mx);
             sum += p[j];
         }
         float inv = 1.0f / sum;
-        for (int j = 0; j <= i; j++) p[j] *= inv;
-        for (int j = i + 1; j < n; j++) p[j] = 0.0f;
+        for (int j = 0; j < visible; j++) p[j] *= inv;
+        for (int j = visible; j < nk; j++) p[j] = 0.0f;
     }
 }
 
-void ms_attention_mix(float *z, int ld_z, const float *pattern, const float *qkv, int ld_qkv,
-                      int n, int H, int d_head, int use_blas) {
-    int C = H * d_head;
+void ms_attention_mix(float *z, int ld_z, const float *pattern, const float *v, int ldv, int nq,
+                      int nk, int H, int d_head, int use_blas) {
     for (int h = 0; h < H; h++) {
-        const float *v = qkv + 2 * C + h * d_head;
-        const float *p = pattern + (size_t)h * n * n;
+        const float *vh = v + h * d_head;
+        const float *p = pattern + (size_t)h * nq * nk;
         float *zh = z + h * d_head;
         if (use_blas) {
-            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d_head, n, 1.0f, p, n, v,
-                     ld_qkv, 0.0f, zh, ld_z);
-        } else {
-            for (int i = 0; i < n; i++) {
-                float *zi = zh + (size_t)i * ld_z;
-                for (int d = 0; d < d_head; d++) zi[d] = 0.0f;
-                /* all keys, not only j <= i: an intervention may have written above the diagonal */
-                for (int j = 0; j < n; j++) {
-                    float w = p[(size_t)i * n + j];
-                    if (w == 0.0f) continue;
-                    const float *vj = v + (size_t)j * ld_qkv;
-                    for (int d = 0; d < d_head; d++) zi[d] += w * vj[d];
-                }
+            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, d_head, nk, 1.0f, p, nk, vh,
+                     ldv, 0.0f, zh, ld_z);
+            continue;
+        }
+        for (int i = 0; i < nq; i++) {
+            float *zi = zh + (size_t)i * ld_z;
+            for (int d = 0; d < d_head; d++) zi[d] = 0.0f;
+            /* every key, not only the visible ones: an intervention may have written any entry */
+            for (int j = 0; j < nk; j++) {
+                float w = p[(size_t)i * nk + j];
+                if (w == 0.0f) continue;
+                const float *vj = vh + (size_t)j * ldv;
+                for (int d = 0; d < d_head; d++) zi[d] += w * vj[d];
             }
         }
     }

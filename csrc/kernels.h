@@ -19,19 +19,21 @@ void ms_activation_inplace(float *x, size_t n, ms_activation act, int n_threads)
 /* out[n] = a[n] + b[n] */
 void ms_add(float *out, const float *a, const float *b, size_t n, int n_threads);
 
-/* One sequence's causal self-attention, all heads.
- * qkv: [n, 3C] rows (q | k | v, heads of d_head inside each), row stride ld_qkv.
- * scores: [H, n, n] written: scale * q.k for k <= q, -inf above the diagonal. */
-void ms_attention_scores(float *scores, const float *qkv, int ld_qkv, int n, int H, int d_head,
-                         float scale, int use_blas);
+/* One sequence's causal self-attention, all heads. Query i is at position q0 + i
+ * and sees keys 0 .. q0 + i. q: [nq, C] (row stride ldq), k and v: [nk, C] (row
+ * strides ldk, ldv), heads of d_head side by side in each row. */
 
-/* In place over [rows, n]: row i of each [n, n] block becomes softmax over keys 0..i;
- * keys above i become 0. rows = H * n. */
-void ms_causal_softmax(float *att, int H, int n, int n_threads);
+/* scores[H, nq, nk] = scale * q.k for visible keys, -inf for the others */
+void ms_attention_scores(float *scores, const float *q, int ldq, const float *k, int ldk, int nq,
+                         int nk, int q0, int H, int d_head, float scale, int use_blas);
 
-/* z[n, C] (row stride ld_z) = pattern[H, n, n] @ v, with v inside qkv as above. */
-void ms_attention_mix(float *z, int ld_z, const float *pattern, const float *qkv, int ld_qkv,
-                      int n, int H, int d_head, int use_blas);
+/* In place: each row of scores becomes the softmax over its visible keys; the
+ * others become 0. A row with no finite score becomes all 0. */
+void ms_causal_softmax(float *att, int H, int nq, int nk, int q0, int n_threads);
+
+/* z[nq, C] (row stride ld_z) = pattern[H, nq, nk] @ v */
+void ms_attention_mix(float *z, int ld_z, const float *pattern, const float *v, int ldv, int nq,
+                      int nk, int H, int d_head, int use_blas);
 
 /* out[M, V] = x[M, C] @ unembed[V, C]^T */
 void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V);

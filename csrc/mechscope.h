@@ -134,6 +134,35 @@ typedef struct {
 /* A callback returns 0 to go on, nonzero to stop the run with MS_ERR_CALLBACK. */
 typedef int (*ms_callback)(void *ctx, int id, ms_site site, int layer, float *value);
 
+/* The state of a finished run that patched rows resume from: each layer's
+ * residual stream before the block, and its keys and values, for every real token. */
+typedef struct {
+    int n_layers, d_model;
+    int n_rows, n_pos, N;   /* the base run's layout: N real tokens */
+    int *row_off;           /* [n_rows + 1] first packed token of each row */
+    float *resid;           /* [n_layers, N, d_model] hook_resid_pre */
+    float *k, *v;           /* [n_layers, N, d_model] keys and values (heads side by side) */
+} ms_state;
+
+void ms_state_free(ms_state *s);
+
+/* Metrics a run reduces its logits to, one value per row, in C. */
+typedef enum {
+    MS_METRIC_NONE = 0,
+    MS_METRIC_LOGIT_DIFF, /* logit[correct] - logit[wrong] */
+    MS_METRIC_LOGPROB,    /* log softmax[correct] */
+    MS_METRIC_PROB,       /* softmax[correct] */
+    MS_METRIC_KL,         /* KL(reference || this run) over the vocabulary */
+} ms_metric_kind;
+
+typedef struct {
+    ms_metric_kind kind;
+    const int32_t *pos;       /* [n_rows] padded position each row's metric reads */
+    const int32_t *correct;   /* [n_rows] */
+    const int32_t *wrong;     /* [n_rows] (logit difference) */
+    const float *ref_logprob; /* [n_rows, d_vocab] (KL): the reference's log-probabilities */
+} ms_metric;
+
 typedef struct {
     int n_rows, n_pos;       /* the caller's padded layout [n_rows, n_pos] */
     const int32_t *tokens;   /* [n_rows, n_pos] */
@@ -148,6 +177,15 @@ typedef struct {
     ms_callback callback;
     void *callback_ctx;
     int n_threads;
+    /* Rows that resume a base run (patching sweeps); all NULL for an ordinary run.
+     * Row r copies row base_row[r] of the base run, is computed from block
+     * start_layer[r] (non-decreasing over rows) at positions >= start_pos[r]
+     * (padded position of a real token), and reads everything before from base. */
+    const ms_state *base;
+    const int32_t *base_row, *start_layer, *start_pos;
+    ms_state *record;        /* if set, the run records its state here (allocated by ms_run) */
+    ms_metric metric;        /* if kind != NONE: metric_out[n_rows] */
+    float *metric_out;
 } ms_plan;
 
 /* Check shapes, finiteness of all weights; fills err on failure. */
@@ -161,6 +199,31 @@ size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan);
 
 /* Run the plan: one forward pass of all rows, applying the actions at their sites. */
 ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err);
+
+/* A patching sweep: every patch is one intervened run of all base rows, of which
+ * only what the patch can change is recomputed (layers >= its layer, positions >=
+ * its first position), many patches together through each matrix product. */
+typedef struct {
+    ms_site site;
+    int layer;
+    int a0, na, b0, nb, c0, nc; /* the box, as contiguous ranges (see ms_action) */
+} ms_patch;
+
+typedef struct {
+    int n_rows, n_pos;           /* the base run [n_rows, n_pos] */
+    const int32_t *tokens, *mask;
+    int n_patches;
+    const ms_patch *patches;
+    const float *values;         /* concatenated per patch: [n_rows, box] values to write */
+    ms_metric metric;            /* per base row */
+    size_t chunk_bytes;          /* working memory per chunk of patches */
+    int (*progress)(void *ctx, int done, int total); /* nonzero return stops the sweep */
+    void *progress_ctx;
+    int n_threads;
+} ms_sweep_plan;
+
+/* out[n_patches, n_rows]: the metric of every base row under every patch. */
+ms_status ms_sweep(const ms_model *m, const ms_sweep_plan *s, float *out, ms_error *err);
 
 /* Threads for the BLAS and for mechscope's own loops. */
 void ms_set_num_threads(int n);

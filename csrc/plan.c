@@ -66,6 +66,11 @@ static int is_real(const ms_plan *p, int row, int pos) {
     return !p->mask || p->mask[(size_t)row * p->n_pos + pos];
 }
 
+/* a real token that the row computes (resuming rows compute from start_pos on) */
+static int is_computed(const ms_plan *p, int row, int pos) {
+    return is_real(p, row, pos) && (!p->start_pos || pos >= p->start_pos[row]);
+}
+
 static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_error *err) {
     const ms_action *a = &p->actions[ai];
     const ms_config *c = &m->cfg;
@@ -76,6 +81,12 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
         FAIL("action %d: layer %d out of range [0, %d)", ai, a->layer, c->n_layers);
     if (a->row < -1 || a->row >= p->n_rows)
         FAIL("action %d: row %d out of range [0, %d)", ai, a->row, p->n_rows);
+    if (p->start_layer && a->kind != MS_DO_CACHE && a->kind != MS_DO_CALLBACK) {
+        int layer = ms_site_per_layer(a->site) ? a->layer : (a->site <= MS_SITE_POS_EMBED ? 0 : c->n_layers);
+        for (int r = a->row < 0 ? 0 : a->row; r < (a->row < 0 ? p->n_rows : a->row + 1); r++)
+            if (p->start_layer[r] > layer || (a->kind == MS_DO_COPY_ROW && p->start_layer[a->src_row] > layer))
+                FAIL("action %d: row %d is not computed at layer %d", ai, r, a->layer);
+    }
     if (a->kind == MS_DO_CACHE || a->kind == MS_DO_CALLBACK) {
         if (!a->out) FAIL("action %d: no output buffer", ai);
         if (a->kind == MS_DO_CALLBACK && !p->callback) FAIL("action %d: no callback given", ai);
@@ -97,7 +108,7 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
         if ((st = check_indices(a->c, a->n_c, p->n_pos, "key position", ai, err))) return st;
         for (int r = first; r < last; r++) {
             for (int i = 0; i < a->n_b; i++)
-                if (!is_real(p, r, a->b[i]) || (a->kind == MS_DO_COPY_ROW && !is_real(p, a->src_row, a->b[i])))
+                if (!is_computed(p, r, a->b[i]) || (a->kind == MS_DO_COPY_ROW && !is_computed(p, a->src_row, a->b[i])))
                     FAIL("action %d: query position %d of row %d is padding", ai, a->b[i], r);
             for (int i = 0; i < a->n_c; i++)
                 if (!is_real(p, r, a->c[i]) || (a->kind == MS_DO_COPY_ROW && !is_real(p, a->src_row, a->c[i])))
@@ -108,7 +119,7 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
         if ((st = check_indices(a->b, a->n_b, ms_site_width(c, a->site), "column", ai, err))) return st;
         for (int r = first; r < last; r++)
             for (int i = 0; i < a->n_a; i++)
-                if (!is_real(p, r, a->a[i]) || (a->kind == MS_DO_COPY_ROW && !is_real(p, a->src_row, a->a[i])))
+                if (!is_computed(p, r, a->a[i]) || (a->kind == MS_DO_COPY_ROW && !is_computed(p, a->src_row, a->a[i])))
                     FAIL("action %d: position %d of row %d is padding", ai, a->a[i], r);
     }
     return MS_OK;
@@ -135,6 +146,35 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
     for (size_t i = 0; i < (size_t)p->n_rows * p->n_logit_pos; i++)
         if (p->logit_pos[i] < 0 || p->logit_pos[i] >= p->n_pos)
             FAIL("logits: position %d out of range [0, %d)", p->logit_pos[i], p->n_pos);
+    if (p->base || p->start_layer || p->start_pos || p->base_row) {
+        if (!p->base || !p->start_layer || !p->start_pos || !p->base_row)
+            FAIL("base: resuming rows need base, base_row, start_layer and start_pos");
+        for (int r = 0; r < p->n_rows; r++) {
+            if (p->base_row[r] < 0 || p->base_row[r] >= p->base->n_rows)
+                FAIL("base_row: %d out of range [0, %d)", p->base_row[r], p->base->n_rows);
+            if (p->start_layer[r] < 0 || p->start_layer[r] >= c->n_layers ||
+                (r > 0 && p->start_layer[r] < p->start_layer[r - 1]))
+                FAIL("start_layer: must be in [0, %d) and non-decreasing over rows", c->n_layers);
+            if (p->start_pos[r] < 0 || p->start_pos[r] >= p->n_pos || !is_real(p, r, p->start_pos[r]))
+                FAIL("start_pos: row %d starts at position %d, which is not a real token", r, p->start_pos[r]);
+        }
+        if (p->record) FAIL("record: a run that resumes a base cannot record its state");
+    }
+    if (p->metric.kind != MS_METRIC_NONE) {
+        if (!p->metric_out || !p->metric.pos) FAIL("metric: positions or output missing");
+        for (int r = 0; r < p->n_rows; r++) {
+            int pos = p->metric.pos[r];
+            if (pos < 0 || pos >= p->n_pos || !is_computed(p, r, pos))
+                FAIL("metric: row %d reads position %d, which is padding or not recomputed", r, pos);
+            int need_wrong = p->metric.kind == MS_METRIC_LOGIT_DIFF;
+            int need_correct = p->metric.kind != MS_METRIC_KL;
+            if (need_correct && (!p->metric.correct || p->metric.correct[r] < 0 || p->metric.correct[r] >= c->d_vocab))
+                FAIL("metric: answer token of row %d out of range [0, %d)", r, c->d_vocab);
+            if (need_wrong && (!p->metric.wrong || p->metric.wrong[r] < 0 || p->metric.wrong[r] >= c->d_vocab))
+                FAIL("metric: wrong-answer token of row %d out of range [0, %d)", r, c->d_vocab);
+        }
+        if (p->metric.kind == MS_METRIC_KL && !p->metric.ref_logprob) FAIL("metric: KL needs reference log-probabilities");
+    }
     if (p->n_actions < 0 || (p->n_actions > 0 && !p->actions)) FAIL("actions: missing");
     for (int i = 0; i < p->n_actions; i++) {
         ms_status st = check_action(m, p, i, err);
@@ -151,7 +191,7 @@ static void gather_tokens(const ms_layout *L, const float *value, int ld, int w,
     for (int r = 0; r < p->n_rows; r++) {
         for (int t = 0; t < p->n_pos; t++) {
             size_t i = (size_t)r * p->n_pos + t;
-            int k = L->packed_of[i];
+            int k = r < L->active_rows ? L->packed_of[i] : -1;
             if (k < 0) memset(out + i * w, 0, sizeof(float) * (size_t)w);
             else memcpy(out + i * w, value + (size_t)k * ld, sizeof(float) * (size_t)w);
         }
@@ -160,7 +200,7 @@ static void gather_tokens(const ms_layout *L, const float *value, int ld, int w,
 
 /* value <- out[R, T, w] at the real positions */
 static void scatter_tokens(const ms_layout *L, float *value, int ld, int w, const float *out) {
-    for (int r = 0; r < L->plan->n_rows; r++) {
+    for (int r = 0; r < L->active_rows; r++) {
         for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++) {
             size_t i = (size_t)r * L->plan->n_pos + L->pos_of[k];
             memcpy(value + (size_t)k * ld, out + i * w, sizeof(float) * (size_t)w);
@@ -182,7 +222,7 @@ static void project_interchange(float *x, const float *s, const float *Q, int n,
 
 static void apply_token_action(const ms_layout *L, const ms_action *a, float *value, int ld) {
     const ms_plan *p = L->plan;
-    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? p->n_rows : a->row + 1;
+    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? L->active_rows : a->row + 1;
     for (int r = first; r < last; r++) {
         size_t vr = (size_t)(r - first) * a->n_a * a->n_b; /* this row's block of value */
         for (int ia = 0; ia < a->n_a; ia++) {
@@ -240,20 +280,23 @@ ms_status ms_visit_tokens(const ms_layout *L, ms_site site, int layer, float *va
 
 /* ---- attention sites ------------------------------------------------------------ */
 
-/* out[R, H, T, T] <- att; masked entries: fill (-inf for scores, 0 for the pattern) */
+/* out[R, H, T, T] <- att; entries not computed: fill (-inf for scores, 0 for the pattern) */
 static void gather_attention(const ms_layout *L, const float *att, float *out, float fill) {
     const ms_plan *p = L->plan;
     int H = L->m->cfg.n_heads, T = p->n_pos;
     size_t total = (size_t)p->n_rows * H * T * T;
     for (size_t i = 0; i < total; i++) out[i] = fill;
-    for (int r = 0; r < p->n_rows; r++) {
-        int n = L->row_off[r + 1] - L->row_off[r];
-        const int *pos = L->pos_of + L->row_off[r];
+    for (int r = 0; r < L->active_rows; r++) {
+        int nq = L->row_off[r + 1] - L->row_off[r], nk = L->n_real[r];
+        const int *qpos = L->pos_of + L->row_off[r];
         for (int h = 0; h < H; h++) {
-            const float *src = att + L->att_off[r] + (size_t)h * n * n;
+            const float *src = att + L->att_off[r] + (size_t)h * nq * nk;
             float *dst = out + ((size_t)r * H + h) * T * T;
-            for (int i = 0; i < n; i++)
-                for (int j = 0; j < n; j++) dst[(size_t)pos[i] * T + pos[j]] = src[(size_t)i * n + j];
+            for (int i = 0; i < nq; i++)
+                for (int j = 0, t = 0; t < T; t++) {
+                    if (p->mask && !p->mask[(size_t)r * T + t]) continue;
+                    dst[(size_t)qpos[i] * T + t] = src[(size_t)i * nk + j++];
+                }
         }
     }
 }
@@ -261,41 +304,53 @@ static void gather_attention(const ms_layout *L, const float *att, float *out, f
 static void scatter_attention(const ms_layout *L, float *att, const float *out) {
     const ms_plan *p = L->plan;
     int H = L->m->cfg.n_heads, T = p->n_pos;
-    for (int r = 0; r < p->n_rows; r++) {
-        int n = L->row_off[r + 1] - L->row_off[r];
-        const int *pos = L->pos_of + L->row_off[r];
+    for (int r = 0; r < L->active_rows; r++) {
+        int nq = L->row_off[r + 1] - L->row_off[r], nk = L->n_real[r];
+        const int *qpos = L->pos_of + L->row_off[r];
         for (int h = 0; h < H; h++) {
-            float *dst = att + L->att_off[r] + (size_t)h * n * n;
+            float *dst = att + L->att_off[r] + (size_t)h * nq * nk;
             const float *src = out + ((size_t)r * H + h) * T * T;
-            for (int i = 0; i < n; i++)
-                for (int j = 0; j < n; j++) dst[(size_t)i * n + j] = src[(size_t)pos[i] * T + pos[j]];
+            for (int i = 0; i < nq; i++)
+                for (int j = 0, t = 0; t < T; t++) {
+                    if (p->mask && !p->mask[(size_t)r * T + t]) continue;
+                    dst[(size_t)i * nk + j++] = src[(size_t)qpos[i] * T + t];
+                }
         }
     }
 }
 
+/* index of padded position t among row r's real tokens */
+static int key_index(const ms_plan *p, int r, int t) {
+    if (!p->mask) return t;
+    int n = 0;
+    for (int u = 0; u < t; u++) n += p->mask[(size_t)r * p->n_pos + u] != 0;
+    return n;
+}
+
 static void apply_attention_action(const ms_layout *L, const ms_action *a, float *att) {
     const ms_plan *p = L->plan;
-    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? p->n_rows : a->row + 1;
+    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? L->active_rows : a->row + 1;
     size_t box = (size_t)a->n_a * a->n_b * a->n_c;
     for (int r = first; r < last; r++) {
-        int n = L->row_off[r + 1] - L->row_off[r];
+        int nq = L->row_off[r + 1] - L->row_off[r], nk = L->n_real[r];
         float *row_att = att + L->att_off[r];
         for (int ia = 0; ia < a->n_a; ia++) {
             for (int ib = 0; ib < a->n_b; ib++) {
                 int qi = L->packed_of[(size_t)r * p->n_pos + a->b[ib]] - L->row_off[r];
                 for (int ic = 0; ic < a->n_c; ic++) {
-                    int kj = L->packed_of[(size_t)r * p->n_pos + a->c[ic]] - L->row_off[r];
-                    float *x = row_att + ((size_t)a->a[ia] * n + qi) * n + kj;
+                    int kj = key_index(p, r, a->c[ic]);
+                    float *x = row_att + ((size_t)a->a[ia] * nq + qi) * nk + kj;
                     size_t vi = (size_t)(r - first) * box + ((size_t)ia * a->n_b + ib) * a->n_c + ic;
                     switch (a->kind) {
                     case MS_DO_SET: *x = a->value[vi]; break;
                     case MS_DO_ADD: *x += a->value[vi]; break;
                     case MS_DO_SCALE: *x *= a->value[0]; break;
                     case MS_DO_COPY_ROW: {
-                        int s = a->src_row, ns = L->row_off[s + 1] - L->row_off[s];
+                        int s = a->src_row;
+                        int sq_n = L->row_off[s + 1] - L->row_off[s], sk_n = L->n_real[s];
                         int sq = L->packed_of[(size_t)s * p->n_pos + a->b[ib]] - L->row_off[s];
-                        int sk = L->packed_of[(size_t)s * p->n_pos + a->c[ic]] - L->row_off[s];
-                        *x = att[L->att_off[s] + ((size_t)a->a[ia] * ns + sq) * ns + sk];
+                        int sk = key_index(p, s, a->c[ic]);
+                        *x = att[L->att_off[s] + ((size_t)a->a[ia] * sq_n + sq) * sk_n + sk];
                         break;
                     }
                     default: break;

@@ -304,6 +304,114 @@ fail:
     return result;
 }
 
+/* progress of a sweep, reported to a Python callable between chunks */
+static int call_python_progress(void *ctx, int done, int total) {
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *res = PyObject_CallFunction((PyObject *)ctx, "ii", done, total);
+    int failed = res == NULL;
+    Py_XDECREF(res);
+    if (!failed && PyErr_CheckSignals() < 0) failed = 1; /* Ctrl-C stops a long sweep */
+    PyGILState_Release(g);
+    return failed;
+}
+
+static PyObject *Model_sweep(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "mask", "patches", "values", "metric", "pos", "correct",
+                             "wrong", "ref_logprob", "chunk_bytes", "progress", NULL};
+    PyObject *otok, *omask, *opatch, *ovals, *opos, *ocorrect, *owrong, *oref, *progress;
+    int metric;
+    Py_ssize_t chunk_bytes;
+    PyObject *keep = NULL, *result = NULL;
+    ms_patch *patches = NULL;
+    ms_sweep_plan s = {0};
+    ms_error err = {{0}};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOiOOOOnO", kwlist, &otok, &omask, &opatch,
+                                     &ovals, &metric, &opos, &ocorrect, &owrong, &oref,
+                                     &chunk_bytes, &progress))
+        return NULL;
+    if (!(keep = PyList_New(0))) return NULL;
+    PyArrayObject *tok = (PyArrayObject *)PyArray_FROM_OTF(otok, NPY_INT32, NPY_ARRAY_IN_ARRAY);
+    if (!tok) goto fail;
+    if (PyList_Append(keep, (PyObject *)tok) < 0) { Py_DECREF(tok); goto fail; }
+    Py_DECREF(tok);
+    if (PyArray_NDIM(tok) != 2) {
+        PyErr_SetString(PyExc_ValueError, "tokens: expected [batch, pos]");
+        goto fail;
+    }
+    s.n_rows = (int)PyArray_DIM(tok, 0);
+    s.n_pos = (int)PyArray_DIM(tok, 1);
+    s.tokens = PyArray_DATA(tok);
+    npy_intp B = s.n_rows, RT = (npy_intp)s.n_rows * s.n_pos, V = self->model.cfg.d_vocab;
+    s.mask = as_array(keep, omask, NPY_INT32, NPY_ARRAY_IN_ARRAY, RT, "attention_mask", NULL);
+    if (!s.mask && PyErr_Occurred()) goto fail;
+    npy_intp np8 = 0;
+    const int32_t *pd = as_array(keep, opatch, NPY_INT32, NPY_ARRAY_IN_ARRAY, 0, "patches", &np8);
+    if (!pd || np8 % 8) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patches: expected [n, 8] ints");
+        goto fail;
+    }
+    s.n_patches = (int)(np8 / 8);
+    patches = calloc((size_t)s.n_patches + 1, sizeof(ms_patch));
+    if (!patches) { PyErr_NoMemory(); goto fail; }
+    npy_intp need_vals = 0;
+    for (int i = 0; i < s.n_patches; i++) {
+        const int32_t *q = pd + (size_t)i * 8;
+        if (q[0] < 0 || q[0] >= MS_N_SITES) {
+            PyErr_SetString(PyExc_ValueError, "patches: unknown site");
+            goto fail;
+        }
+        patches[i] = (ms_patch){(ms_site)q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
+        npy_intp box = (npy_intp)q[3] * q[5] * (ms_site_is_attention((ms_site)q[0]) ? q[7] : 1);
+        if (q[3] < 0 || q[5] < 0 || q[7] < 0) {
+            PyErr_SetString(PyExc_ValueError, "patches: negative range");
+            goto fail;
+        }
+        need_vals += B * box;
+    }
+    s.patches = patches;
+    s.values = as_array(keep, ovals, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, need_vals, "values", NULL);
+    if (!s.values) goto fail;
+    s.metric.kind = (ms_metric_kind)metric;
+    if (metric < MS_METRIC_LOGIT_DIFF || metric > MS_METRIC_KL) {
+        PyErr_SetString(PyExc_ValueError, "metric: unknown kind");
+        goto fail;
+    }
+    if (!(s.metric.pos = as_array(keep, opos, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "metric positions", NULL))) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "metric positions: missing");
+        goto fail;
+    }
+    s.metric.correct = as_array(keep, ocorrect, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "answer tokens", NULL);
+    if (!s.metric.correct && PyErr_Occurred()) goto fail;
+    s.metric.wrong = as_array(keep, owrong, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "wrong tokens", NULL);
+    if (!s.metric.wrong && PyErr_Occurred()) goto fail;
+    s.metric.ref_logprob = as_array(keep, oref, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, B * V, "reference log-probabilities", NULL);
+    if (!s.metric.ref_logprob && PyErr_Occurred()) goto fail;
+    s.chunk_bytes = chunk_bytes > 0 ? (size_t)chunk_bytes : 1;
+    if (progress != Py_None) {
+        s.progress = call_python_progress;
+        s.progress_ctx = progress;
+    }
+    s.n_threads = ms_get_num_threads();
+    npy_intp dims[2] = {s.n_patches, B};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!out) goto fail;
+    ms_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ms_sweep(&self->model, &s, PyArray_DATA(out), &err);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        Py_DECREF(out);
+        if (st == MS_ERR_CALLBACK && PyErr_Occurred()) goto fail;
+        PyErr_SetString(st == MS_ERR_MEMORY ? PyExc_MemoryError : PyExc_ValueError, err.message);
+        goto fail;
+    }
+    result = (PyObject *)out;
+fail:
+    free(patches);
+    Py_XDECREF(keep);
+    return result;
+}
+
 static PyObject *Model_workspace_bytes(ModelObject *self, PyObject *args) {
     PyObject *ormask;
     int n_logit_pos;
@@ -329,6 +437,9 @@ static PyMethodDef Model_methods[] = {
     {"run", (PyCFunction)(void (*)(void))Model_run, METH_VARARGS | METH_KEYWORDS,
      "run(tokens, mask=None, actions=None, logit_pos=None, logits=None, hook=None)\n"
      "Execute one plan; results are written into the arrays passed in."},
+    {"sweep", (PyCFunction)(void (*)(void))Model_sweep, METH_VARARGS | METH_KEYWORDS,
+     "sweep(tokens, mask, patches, values, metric, pos, correct, wrong, ref_logprob, chunk_bytes, progress)\n"
+     "-> float32 [n_patches, batch]: the metric of every row under every patch."},
     {"workspace_bytes", (PyCFunction)Model_workspace_bytes, METH_VARARGS,
      "workspace_bytes(mask, n_logit_pos) -> bytes of working memory a run needs"},
     {NULL, NULL, 0, NULL}};

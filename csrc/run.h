@@ -1,8 +1,11 @@
 /* run.h — what forward.c and plan.c share about one run in progress.
  *
- * Rows are packed: every real (unmasked) token of every row is one row of the
- * activation matrices, row r's tokens at [row_off[r], row_off[r+1]). Padding is
- * never computed: a padded row gives exactly what its real tokens give alone. */
+ * Rows are packed: every computed token of every row is one row of the activation
+ * matrices, row r's tokens at [row_off[r], row_off[r+1]). Padding is never
+ * computed, so a padded row gives exactly what its real tokens give alone. A row
+ * that resumes a base run computes only its tokens from start_pos on, and joins
+ * the batch at its start layer; rows are ordered by start layer, so the rows being
+ * computed at any layer are a prefix of the batch. */
 #ifndef MS_RUN_H
 #define MS_RUN_H
 
@@ -12,11 +15,17 @@ typedef struct {
     const ms_model *m;
     const ms_plan *plan;
     int n_threads;
-    int N;           /* packed token rows */
-    int *row_off;    /* [n_rows + 1] */
-    int *packed_of;  /* [n_rows * n_pos]: padded position -> packed row, -1 for padding */
-    int *pos_of;     /* [N]: packed row -> padded position */
-    size_t *att_off; /* [n_rows + 1]: offsets into the attention buffer ([H, n, n] per row) */
+    int N;            /* packed token rows, all rows */
+    int active_rows;  /* rows computed at the current layer (a prefix) */
+    int active_N;     /* their packed tokens (a prefix) */
+    int *row_off;     /* [n_rows + 1] */
+    int *n_real;      /* [n_rows] real tokens of the row */
+    int *first;       /* [n_rows] index among the row's real tokens of its first computed token */
+    int *layer0;      /* [n_rows] first block the row computes */
+    int *packed_of;   /* [n_rows * n_pos]: padded position -> packed row, -1 if not computed */
+    int *pos_of;      /* [N]: packed row -> padded position */
+    size_t *att_off;  /* [n_rows + 1]: offsets into the attention buffer ([H, n_q, n_k] per row) */
+    size_t *kv_off;   /* [n_rows + 1]: offsets into the key/value scratch of resuming rows */
 } ms_layout;
 
 /* Apply the plan's actions for a token site. value: [N, width] with row stride ld. */
@@ -27,7 +36,7 @@ ms_status ms_visit_tokens(const ms_layout *L, ms_site site, int layer, float *va
 ms_status ms_visit_attention(const ms_layout *L, ms_site site, int layer, float *value,
                              ms_error *err);
 
-/* 1 when some action of the plan touches (site, layer). */
+/* 1 when some action of the plan other than a cache touches (site, layer). */
 int ms_plan_touches(const ms_plan *plan, ms_site site, int layer);
 
 #endif
