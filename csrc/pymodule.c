@@ -223,15 +223,19 @@ static int parse_action(PyObject *keep, PyObject *t, ms_action *a, const ms_mode
 }
 
 static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"tokens", "mask", "actions", "logit_pos", "logits", "hook", NULL};
+    static char *kwlist[] = {"tokens", "mask", "actions", "logit_pos", "logits", "hook",
+                             "metric", "metric_pos", "correct", "wrong", "ref_logprob", NULL};
     PyObject *otok, *omask = Py_None, *oactions = Py_None, *olpos = Py_None, *ologits = Py_None,
-                    *hook = Py_None;
+                    *hook = Py_None, *opos = Py_None, *ocorrect = Py_None, *owrong = Py_None,
+                    *oref = Py_None;
+    int metric = 0;
     PyObject *result = NULL;
     RunArgs ra = {0};
     ms_plan plan = {0};
     ms_error err = {{0}};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOO", kwlist, &otok, &omask, &oactions,
-                                     &olpos, &ologits, &hook))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOiOOOO", kwlist, &otok, &omask, &oactions,
+                                     &olpos, &ologits, &hook, &metric, &opos, &ocorrect, &owrong,
+                                     &oref))
         return NULL;
     if (!(ra.keep = PyList_New(0))) goto fail;
 
@@ -288,6 +292,30 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
         plan.callback_ctx = hook;
     }
     plan.n_threads = ms_get_num_threads();
+    PyArrayObject *metric_out = NULL;
+    if (metric != MS_METRIC_NONE) {
+        npy_intp B = plan.n_rows, V = self->model.cfg.d_vocab;
+        if (metric < MS_METRIC_LOGIT_DIFF || metric > MS_METRIC_KL) {
+            PyErr_SetString(PyExc_ValueError, "metric: unknown kind");
+            goto fail;
+        }
+        plan.metric.kind = (ms_metric_kind)metric;
+        if (!(plan.metric.pos = as_array(ra.keep, opos, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "metric positions", NULL))) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "metric positions: missing");
+            goto fail;
+        }
+        plan.metric.correct = as_array(ra.keep, ocorrect, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "answer tokens", NULL);
+        if (!plan.metric.correct && PyErr_Occurred()) goto fail;
+        plan.metric.wrong = as_array(ra.keep, owrong, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "wrong tokens", NULL);
+        if (!plan.metric.wrong && PyErr_Occurred()) goto fail;
+        plan.metric.ref_logprob = as_array(ra.keep, oref, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, B * V, "reference log-probabilities", NULL);
+        if (!plan.metric.ref_logprob && PyErr_Occurred()) goto fail;
+        metric_out = (PyArrayObject *)PyArray_SimpleNew(1, &B, NPY_FLOAT32);
+        if (!metric_out) goto fail;
+        if (PyList_Append(ra.keep, (PyObject *)metric_out) < 0) { Py_DECREF(metric_out); goto fail; }
+        Py_DECREF(metric_out); /* kept alive by ra.keep until returned */
+        plan.metric_out = PyArray_DATA(metric_out);
+    }
 
     ms_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -296,8 +324,8 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     if (st == MS_ERR_CALLBACK && PyErr_Occurred()) goto fail; /* the hook's own exception */
     if (st == MS_ERR_MEMORY) { PyErr_SetString(PyExc_MemoryError, err.message); goto fail; }
     if (st) { PyErr_SetString(PyExc_ValueError, err.message); goto fail; }
-    Py_INCREF(Py_None);
-    result = Py_None;
+    result = metric_out ? (PyObject *)metric_out : Py_None;
+    Py_INCREF(result);
 fail:
     free(ra.actions);
     Py_XDECREF(ra.keep);

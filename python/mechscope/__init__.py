@@ -14,12 +14,32 @@ from ._runtime import (
     set_num_threads,
     show_config,
 )
+from .interventions import (
+    Add,
+    MeanAblate,
+    Noise,
+    Patch,
+    Scale,
+    Set,
+    Source,
+    SubspacePatch,
+    Zero,
+)
 from .model import Model, RunResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Add",
+    "MeanAblate",
     "Model",
+    "Noise",
+    "Patch",
+    "Scale",
+    "Set",
+    "Source",
+    "SubspacePatch",
+    "Zero",
     "RunResult",
     "get_memory_budget",
     "get_num_threads",

@@ -8,6 +8,7 @@ import numpy as np
 from . import sites
 from ._runtime import _core, get_memory_budget
 from .checkpoint import find_in_hub_cache, read_folder
+from .interventions import _CACHE, _CALLBACK, Intervention, Source, expand_rows
 
 # activation_function values of GPT2Config -> the core's codes
 _ACTIVATIONS = {
@@ -331,7 +332,8 @@ class Model:
             raise ValueError(f"logits: position out of range for {T} positions")
         return np.broadcast_to(pos.astype(np.int32), (B, pos.size)).copy(), (B, pos.size, self.d_vocab)
 
-    def run(self, tokens, attention_mask=None, cache=None, logits="all"):
+    def run(self, tokens, attention_mask=None, cache=None, logits="all", interventions=None,
+            hooks=None):
         """One forward pass.
 
         tokens: int array [batch, pos] (or [pos]), or text when a tokenizer is set.
@@ -340,21 +342,101 @@ class Model:
         cache: site names or glob patterns ("blocks.*.hook_resid_post").
         logits: "all" [batch, pos, vocab], "last" [batch, vocab] (each row's last
             real token), a list of positions [batch, n, vocab], or None.
+        interventions: a list of mechscope.Patch, Set, Add, Zero, Scale, MeanAblate,
+            Noise, SubspacePatch, applied in C in the order given.
+        hooks: {site name or pattern: fn}; fn(activation, site) gets the site's value
+            as a NumPy array and may change it in place or return a new one. Hooks
+            call back into Python at every matching site, so they are slower than
+            interventions; use them for what interventions cannot say.
         """
         tokens, mask = self._check_tokens(tokens, attention_mask)
         B, T = tokens.shape
         names = sites.resolve(cache, self.n_layers, "cache")
+        hook_fns = self._resolve_hooks(hooks)
         logit_pos, logit_shape = self._logit_positions(logits, B, T, mask)
+        interventions = self._check_interventions(interventions)
+
+        # sources of interchanges computed in the same pass become extra rows
+        all_tokens, all_masks, context = [tokens], [mask], {}
+        sources = []
+        for iv in interventions:
+            src = getattr(iv, "source", None)
+            if isinstance(src, Source) and id(src) not in context:
+                st, sm = self._check_tokens(src.tokens, src.attention_mask)
+                if st.shape[1] != T or st.shape[0] not in (1, B):
+                    raise ValueError(f"source: tokens of shape {list(st.shape)} do not match the run's "
+                                     f"[{B}, {T}] (or [1, {T}])")
+                context[id(src)] = (B + sum(len(t) for t in all_tokens[1:]), st.shape[0])
+                sources.append(src)
+                all_tokens.append(st)
+                all_masks.append(sm)
+        R = sum(len(t) for t in all_tokens)
+        full_tokens = np.concatenate(all_tokens) if len(all_tokens) > 1 else tokens
+        if all(m is None for m in all_masks):
+            full_mask = None
+        else:
+            full_mask = np.concatenate([np.ones(t.shape, np.int32) if m is None else m
+                                        for t, m in zip(all_tokens, all_masks)])
+        actions = []
+        for src in sources:
+            offset, count = context[id(src)]
+            src_actions = []
+            for iv in self._check_interventions(src.interventions):
+                src_actions += iv.compile(self, count, T, context)
+            actions += expand_rows(src_actions, offset, count)
+        target_actions = []
+        for iv in interventions:
+            target_actions += iv.compile(self, B, T, context)
+        actions += expand_rows(target_actions, 0, B) if sources else target_actions
 
         shapes = {}
-        for name in names:
+        for name in list(names) + [n for n, _ in hook_fns]:
             _, _, suffix = sites.parse(name, self.n_layers)
-            shapes[name] = sites.shape(suffix, self._shape_cfg, B, T)
-        out_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+            shapes[name] = sites.shape(suffix, self._shape_cfg, R, T)
+        out_bytes = 4 * sum(int(np.prod(shapes[n])) for n in names)
+        out_bytes += 4 * sum(int(np.prod(shapes[n])) for n, _ in hook_fns)
         if logit_shape is not None:
-            out_bytes += 4 * int(np.prod(logit_shape))
-        work = self._core.workspace_bytes(mask if mask is not None else np.ones((B, T), np.int32),
-                                          0 if logit_pos is None else logit_pos.shape[1])
+            out_bytes += 4 * R * int(np.prod(logit_shape[1:]))
+        self._check_budget(out_bytes, full_mask, R, T, 0 if logit_pos is None else logit_pos.shape[1])
+
+        result = RunResult()
+        for name in names:
+            code, layer, _ = sites.parse(name, self.n_layers)
+            out = np.empty(shapes[name], np.float32)
+            result.cache[name] = out[:B]
+            actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, out, 0))
+        callbacks = []
+        for ident, (name, fn) in enumerate(hook_fns):
+            code, layer, _ = sites.parse(name, self.n_layers)
+            buf = np.empty(shapes[name], np.float32)
+            callbacks.append((name, fn, buf))
+            actions.append((_CALLBACK, code, layer, -1, 0, None, None, None, None, None, 0, buf, ident))
+        # at one site: interventions first, then hooks, then caches see the final value
+        actions.sort(key=lambda a: {_CALLBACK: 1, _CACHE: 2}.get(a[0], 0))
+
+        def call_hook(ident):
+            name, fn, buf = callbacks[ident]
+            view = buf[:B]
+            new = fn(view, name)
+            if new is not None and new is not view:
+                new = np.asarray(new, np.float32)
+                if new.shape != view.shape:
+                    raise ValueError(f"hook for {name!r} returned shape {list(new.shape)}, expected {list(view.shape)}")
+                view[...] = new
+
+        logits_out = None
+        if logit_pos is not None:
+            logits_out = np.empty((R, logit_pos.shape[1], self.d_vocab), np.float32)
+            if R > B:
+                logit_pos = np.concatenate([logit_pos, np.broadcast_to(logit_pos[:1], (R - B, logit_pos.shape[1]))])
+        self._core.run(full_tokens, full_mask, actions, logit_pos, logits_out,
+                       call_hook if callbacks else None)
+        if logits_out is not None:
+            result.logits = logits_out[:B].reshape(logit_shape)
+        return result
+
+    def _check_budget(self, out_bytes, mask, R, T, n_logit_pos):
+        work = self._core.workspace_bytes(mask if mask is not None else np.ones((R, T), np.int32), n_logit_pos)
         budget = get_memory_budget()
         if out_bytes + work > budget:
             raise ValueError(f"cache: this run needs {(out_bytes + work) / 2**20:.1f} MiB (outputs "
@@ -362,19 +444,31 @@ class Model:
                              f"{budget / 2**20:.1f} MiB; cache fewer sites or raise it with "
                              "mechscope.set_memory_budget")
 
-        result = RunResult()
-        actions = []
-        for name in names:
-            code, layer, _ = sites.parse(name, self.n_layers)
-            out = np.empty(shapes[name], np.float32)
-            result.cache[name] = out
-            actions.append((0, code, layer, -1, 0, None, None, None, None, None, 0, out, 0))
-        logits_out = None
-        if logit_pos is not None:
-            logits_out = np.empty(logit_shape, np.float32)
-        self._core.run(tokens, mask, actions, logit_pos, logits_out, None)
-        result.logits = logits_out
-        return result
+    def _resolve_hooks(self, hooks):
+        if hooks is None:
+            return []
+        if not isinstance(hooks, dict):
+            raise TypeError("hooks: expected a dict {site name or pattern: function}")
+        out = []
+        for pattern, fn in hooks.items():
+            if not callable(fn):
+                raise TypeError(f"hooks: the value for {pattern!r} is not callable")
+            for name in sites.resolve(pattern, self.n_layers, "hooks"):
+                out.append((name, fn))
+        return out
+
+    @staticmethod
+    def _check_interventions(interventions):
+        if interventions is None:
+            return []
+        if isinstance(interventions, Intervention):
+            interventions = [interventions]
+        interventions = list(interventions)
+        for iv in interventions:
+            if not isinstance(iv, Intervention):
+                raise TypeError(f"interventions: expected mechscope interventions (Patch, Set, ...), "
+                                f"got {type(iv).__name__}")
+        return interventions
 
 
 class _TokenizersAdapter:

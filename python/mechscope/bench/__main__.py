@@ -1,0 +1,40 @@
+"""``python -m mechscope.bench [NAME] [options]``: list the benchmarks or run one.
+
+Adding a benchmark is one entry in BENCHMARKS: a module of this package with a
+``main(argv)``. Modules are imported only when run, so listing stays instant and one
+benchmark's heavy imports (torch, transformers) do not burden another.
+"""
+import importlib
+import sys
+
+# name -> (module defining main(argv), one-line description)
+BENCHMARKS = {
+    "forward": ("mechscope.bench.forward",
+                "GPT-2-small forward pass vs HuggingFace, FLOP rate vs sgemm peak, load memory"),
+}
+
+
+def list_benchmarks():
+    print("usage: python -m mechscope.bench NAME [options]   (NAME --help for its options)")
+    print("benchmarks:")
+    width = max(len(name) for name in BENCHMARKS)
+    for name, (_, description) in BENCHMARKS.items():
+        print(f"  {name:<{width}}  {description}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "list"):
+        list_benchmarks()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"unknown benchmark {name!r}", file=sys.stderr)
+        list_benchmarks()
+        return 2
+    module = importlib.import_module(BENCHMARKS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

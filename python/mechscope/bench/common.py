@@ -1,0 +1,181 @@
+"""Helpers shared by the benchmarks: the header, timing, the machine's sgemm peak,
+the GPT-2 FLOP count and the memory cost of loading a checkpoint."""
+import ctypes
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import scipy_openblas32
+
+import mechscope as ms
+
+
+def default_threads():
+    """All cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def print_header(title, extra_lines=()):
+    """What a reader needs to judge the figures: when, which BLAS and kernels, threads."""
+    print(f"== mechscope benchmark: {title}")
+    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    ms.show_config()
+    for line in extra_lines:
+        print(line)
+    print()
+
+
+def time_median(fn, budget_s=2.0, min_repeats=3, max_repeats=25):
+    """Median wall time of ``fn()`` in seconds, and the list of timings.
+
+    One warm-up call first (first-touch page faults, BLAS buffers, lazy init), and its
+    time sets the number of repeats: as many as fit in ``budget_s``, so small shapes
+    get many repeats (their timings are noisy) and big ones few (they are steady and
+    slow)."""
+    start = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - start
+    repeats = max(min_repeats, min(max_repeats, int(budget_s / max(warm, 1e-9))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+# ---------------------------------------------------------------- sgemm peak
+
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
+
+
+def _openblas():
+    """The very OpenBLAS library mechscope's core is linked to (the scipy-openblas32
+    wheel), so the peak is that of the BLAS mechscope runs on, with its thread setting."""
+    path = os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so")
+    lib = ctypes.CDLL(path)
+    # scipy-openblas32 prefixes every symbol with "scipy_"
+    sgemm = lib.scipy_cblas_sgemm
+    sgemm.restype = None
+    sgemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                      ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    get_threads = lib.scipy_openblas_get_num_threads
+    get_threads.restype = ctypes.c_int
+    return sgemm, get_threads
+
+
+def sgemm_gflops(m, k, n, repeats=3):
+    """Best GFLOP/s of C[m,n] = A[m,k] @ B[k,n] in float32, row-major, over ``repeats``
+    timed calls after one warm-up. Best, not median: the peak is what the hardware
+    and BLAS can do, and the slower calls only add noise from the rest of the machine."""
+    sgemm, _ = _openblas()
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    c = np.empty((m, n), dtype=np.float32)
+
+    def call():
+        sgemm(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_NO_TRANS, m, n, k, 1.0,
+              a.ctypes.data, k, b.ctypes.data, n, 0.0, c.ctypes.data, n)
+
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def measure_sgemm_peak(shapes=((2048, 768, 3072), (4096, 4096, 4096))):
+    """Print sgemm GFLOP/s on large shapes and return the best: the peak that FLOP
+    rates are compared with. The thread count is the BLAS's current one, which
+    ms.set_num_threads set."""
+    _, get_threads = _openblas()
+    print(f"sgemm peak (scipy_cblas_sgemm of the BLAS above, {get_threads()} threads, best of 3):")
+    rates = []
+    for m, k, n in shapes:
+        rate = sgemm_gflops(m, k, n)
+        rates.append(rate)
+        print(f"  M={m:5d} K={k:5d} N={n:5d}: {rate:7.1f} GFLOP/s")
+    peak = max(rates)
+    print(f"  peak: {peak:.1f} GFLOP/s")
+    print()
+    return peak
+
+
+# ---------------------------------------------------------------- FLOP count
+
+GPT2_FLOP_FORMULA = (
+    "matmul FLOPs per forward = tokens * n_layer * (2*(4*d*d + 2*d*d_mlp) + 2*2*pos*d)"
+    " + logit_rows * 2*d*vocab\n"
+    "  (tokens = batch*pos; the attention term counts the full pos x pos square of QK^T and"
+    " pattern@V, masked half included;\n"
+    "   logit_rows = batch*pos for logits='all', batch for 'last'; layer norms, softmax,"
+    " GELU and biases not counted)")
+
+
+def gpt2_flops(cfg, batch, pos, logit_rows):
+    """Matmul FLOPs of one GPT-2 forward pass, by GPT2_FLOP_FORMULA."""
+    d, vocab = cfg["n_embd"], cfg["vocab_size"]
+    d_mlp = cfg.get("n_inner") or 4 * d
+    per_token_layer = 2 * (4 * d * d + 2 * d * d_mlp) + 2 * 2 * pos * d
+    return batch * pos * cfg["n_layer"] * per_token_layer + logit_rows * 2 * d * vocab
+
+
+# ---------------------------------------------------------------- load memory
+
+# Runs in a fresh interpreter so that nothing but mechscope and NumPy has been loaded
+# and no earlier allocation has already raised the peak. ru_maxrss is a high-water
+# mark, so its rise during the load is the load's peak cost, temporaries included.
+_LOAD_PROBE = r"""
+import json, resource, sys
+import mechscope as ms
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+peak0, rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
+model = ms.Model.from_pretrained(sys.argv[1])
+peak1, rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
+print(json.dumps({"peak_before": peak0 * 1024, "peak_after": peak1 * 1024,
+                  "rss_before": rss0 * 1024, "rss_after": rss1 * 1024}))
+"""
+
+
+def measure_load_memory(folder):
+    """Peak and resident memory (bytes) before and after ms.Model.from_pretrained(folder),
+    measured in a fresh subprocess."""
+    result = subprocess.run([sys.executable, "-c", _LOAD_PROBE, folder],
+                            check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_load_memory(folder, target=1.3):
+    """Print the memory cost of loading ``folder`` as a multiple of its weights file."""
+    weights = os.path.join(folder, "model.safetensors")
+    size = os.path.getsize(weights)
+    mem = measure_load_memory(folder)
+    peak = mem["peak_after"] - mem["peak_before"]
+    resident = mem["rss_after"] - mem["rss_before"]
+    mib = 2.0 ** 20
+    print("memory of ms.Model.from_pretrained (fresh process, ru_maxrss and VmRSS):")
+    print(f"  model.safetensors:      {size / mib:8.1f} MiB")
+    print(f"  peak RSS before/after:  {mem['peak_before'] / mib:8.1f} / {mem['peak_after'] / mib:.1f} MiB")
+    print(f"  peak RSS increase:      {peak / mib:8.1f} MiB = {peak / size:.3f} x file size"
+          f" (target <= {target} x)")
+    print(f"  resident RSS increase:  {resident / mib:8.1f} MiB = {resident / size:.3f} x file size")
+    print()
+    return mem
