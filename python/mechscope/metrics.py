@@ -1,0 +1,161 @@
+"""Metrics that the C core computes from a run's final states: one value per row,
+averaged over the batch. Any Python function of the logits [batch, pos, vocab] that
+returns a scalar also works where a metric is taken (on a slower path)."""
+import numpy as np
+
+# the core's metric codes
+_LOGIT_DIFF, _LOGPROB, _PROB, _KL = 1, 2, 3, 4
+
+
+def _per_row(value, batch, vocab, argument):
+    arr = np.asarray(value)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{argument}: expected token ids (int or [batch] ints)")
+    arr = np.broadcast_to(arr, (batch,)) if arr.ndim == 0 else arr
+    if arr.shape != (batch,):
+        raise ValueError(f"{argument}: expected one token per row ({batch}), got shape {list(arr.shape)}")
+    if arr.min() < 0 or arr.max() >= vocab:
+        raise ValueError(f"{argument}: token id out of range [0, {vocab})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def last_positions(mask, batch, n_pos):
+    """Each row's last real position."""
+    if mask is None:
+        return np.full(batch, n_pos - 1, np.int32)
+    return (n_pos - 1 - np.argmax(np.asarray(mask)[:, ::-1], axis=1)).astype(np.int32)
+
+
+class Metric:
+    """Base class. pos: the position each row's metric reads (default: each row's
+    last real token); an int or one per row."""
+    kind = 0
+
+    def __init__(self, pos=None):
+        self.pos = pos
+
+    def _positions(self, mask, batch, n_pos):
+        if self.pos is None:
+            return last_positions(mask, batch, n_pos)
+        pos = np.asarray(self.pos)
+        if pos.dtype == bool or not np.issubdtype(pos.dtype, np.integer):
+            raise TypeError("pos: expected an int or one int per row")
+        pos = np.broadcast_to(pos, (batch,)) if pos.ndim == 0 else pos
+        if pos.shape != (batch,):
+            raise ValueError(f"pos: expected one position per row ({batch}), got shape {list(pos.shape)}")
+        pos = np.where(pos < 0, pos + n_pos, pos)
+        if pos.min() < 0 or pos.max() >= n_pos:
+            raise ValueError(f"pos: position out of range [0, {n_pos})")
+        if mask is not None and not np.asarray(mask)[np.arange(batch), pos].all():
+            raise ValueError("pos: the metric reads a padding position")
+        return np.ascontiguousarray(pos, dtype=np.int32)
+
+    def core_args(self, model, batch, n_pos, mask):
+        """-> dict of the core's metric arguments for a [batch, n_pos] run."""
+        return {"metric": self.kind, "pos": self._positions(mask, batch, n_pos), "correct": None,
+                "wrong": None, "ref_logprob": None}
+
+    def reduce(self, per_row):
+        """Per-row values [..., batch] -> the metric's value (the batch mean)."""
+        return np.asarray(per_row, np.float64).mean(axis=-1).astype(np.float32)
+
+    def per_row(self, model, tokens, attention_mask=None, interventions=None):
+        """The metric's value for each row of one (optionally intervened) run."""
+        tokens, mask = model._check_tokens(tokens, attention_mask)
+        args = self.core_args(model, tokens.shape[0], tokens.shape[1], mask)
+        actions = []
+        for iv in model._check_interventions(interventions):
+            actions += iv.compile(model, tokens.shape[0], tokens.shape[1], {})
+        return model._core.run(tokens, mask, actions, None, None, None, metric=args["metric"],
+                               metric_pos=args["pos"], correct=args["correct"],
+                               wrong=args["wrong"], ref_logprob=args["ref_logprob"])
+
+    def evaluate(self, model, tokens, attention_mask=None, interventions=None):
+        """The metric's value (batch mean) on one run."""
+        return float(self.reduce(self.per_row(model, tokens, attention_mask, interventions)))
+
+
+class LogitDiff(Metric):
+    """logit[correct] - logit[wrong] at each row's position; answers per row or shared."""
+    kind = _LOGIT_DIFF
+
+    def __init__(self, correct, wrong, pos=None):
+        super().__init__(pos)
+        self.correct, self.wrong = correct, wrong
+
+    def core_args(self, model, batch, n_pos, mask):
+        args = super().core_args(model, batch, n_pos, mask)
+        args["correct"] = _per_row(self.correct, batch, model.d_vocab, "correct")
+        args["wrong"] = _per_row(self.wrong, batch, model.d_vocab, "wrong")
+        return args
+
+
+class LogProb(Metric):
+    """log softmax(logits)[correct] at each row's position."""
+    kind = _LOGPROB
+
+    def __init__(self, correct, pos=None):
+        super().__init__(pos)
+        self.correct = correct
+
+    def core_args(self, model, batch, n_pos, mask):
+        args = super().core_args(model, batch, n_pos, mask)
+        args["correct"] = _per_row(self.correct, batch, model.d_vocab, "correct")
+        return args
+
+
+class Prob(LogProb):
+    """softmax(logits)[correct] at each row's position."""
+    kind = _PROB
+
+
+class KL(Metric):
+    """KL(reference || run) of the next-token distributions at each row's position.
+
+    reference_logits: [batch, vocab], e.g. the clean run's logits="last"."""
+    kind = _KL
+
+    def __init__(self, reference_logits, pos=None):
+        super().__init__(pos)
+        ref = np.asarray(reference_logits, np.float64)
+        if ref.ndim != 2:
+            raise ValueError(f"reference_logits: expected [batch, vocab], got shape {list(ref.shape)}")
+        shifted = ref - ref.max(axis=1, keepdims=True)
+        self.ref_logprob = (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
+
+    def core_args(self, model, batch, n_pos, mask):
+        args = super().core_args(model, batch, n_pos, mask)
+        if self.ref_logprob.shape != (batch, model.d_vocab):
+            raise ValueError(f"reference_logits: expected shape [{batch}, {model.d_vocab}], "
+                             f"got {list(self.ref_logprob.shape)}")
+        args["ref_logprob"] = np.ascontiguousarray(self.ref_logprob)
+        return args
+
+
+class Recovery(Metric):
+    """The normalised recovery (patched - corrupted) / (clean - corrupted) of a metric:
+    0 where a patch changes nothing, 1 where it restores the clean value.
+
+    clean, corrupted: the metric's values on the clean and the corrupted run (see
+    Recovery.from_runs to compute them)."""
+
+    def __init__(self, metric, clean, corrupted):
+        if not isinstance(metric, Metric) or isinstance(metric, Recovery):
+            raise TypeError("metric: expected a mechscope metric (LogitDiff, LogProb, Prob, KL)")
+        super().__init__(metric.pos)
+        self.metric, self.clean, self.corrupted = metric, float(clean), float(corrupted)
+        if self.clean == self.corrupted:
+            raise ValueError("clean, corrupted: equal values leave the recovery undefined")
+        self.kind = metric.kind
+
+    @classmethod
+    def from_runs(cls, metric, model, clean_tokens, corrupted_tokens, attention_mask=None):
+        return cls(metric, metric.evaluate(model, clean_tokens, attention_mask),
+                   metric.evaluate(model, corrupted_tokens, attention_mask))
+
+    def core_args(self, model, batch, n_pos, mask):
+        return self.metric.core_args(model, batch, n_pos, mask)
+
+    def reduce(self, per_row):
+        value = self.metric.reduce(per_row)
+        return ((value - self.corrupted) / (self.clean - self.corrupted)).astype(np.float32)

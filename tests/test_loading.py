@@ -1,0 +1,211 @@
+"""Constructors, the local HF cache lookup, show_config, tokenizer helpers."""
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+
+from conftest import CONFIGS, assert_close, hf_run, make_hf_model, random_tokens, save_hf
+
+CFG = CONFIGS["odd30_gelu_new"]  # vocab 97, n_ctx 40, bos/eos = 96
+
+
+# ------------------------------------------------------------ from_config
+
+def test_from_config_seeded(ms, rng):
+    tokens = random_tokens(rng, 97, 2, 10)
+    run = lambda m: m.run(tokens).logits
+    a = run(ms.Model.from_config(CFG, seed=3))
+    assert_close(run(ms.Model.from_config(CFG, seed=3)), a, atol=0)
+    assert np.abs(run(ms.Model.from_config(CFG, seed=4)) - a).max() > 1e-3
+    # the default seed is 0, and a GPT2Config object works like its dict
+    assert_close(run(ms.Model.from_config(CFG)), run(ms.Model.from_config(CFG, seed=0)), atol=0)
+    gpt2_config = transformers.GPT2Config(**CFG)
+    assert_close(run(ms.Model.from_config(gpt2_config, seed=3)), a, atol=0)
+
+
+def test_from_config_hf_style_init(ms, rng):
+    """N(0, 0.02) embeddings; LayerNorm weight 1 and bias 0."""
+    model = ms.Model.from_config(dict(CFG, vocab_size=400, n_positions=64), seed=1)
+    assert (model.d_vocab, model.n_ctx) == (400, 64)
+    tokens = np.arange(400).reshape(8, 50) % 400
+    c = model.run(tokens, cache=["hook_embed", "hook_pos_embed", "blocks.0.*"], logits=None).cache
+    assert 0.017 < c["hook_embed"].std() < 0.023
+    assert abs(c["hook_embed"].mean()) < 0.002
+    assert 0.017 < c["hook_pos_embed"].std() < 0.023
+    x = c["blocks.0.hook_resid_pre"]
+    centred = x - x.mean(-1, keepdims=True)
+    assert_close(c["blocks.0.ln1.hook_normalized"], centred / c["blocks.0.ln1.hook_scale"], atol=1e-4)
+
+
+# ------------------------------------------------------------ from_arrays
+
+def state_arrays(hf):
+    return {k: v.numpy().copy() for k, v in hf.state_dict().items()}
+
+
+@pytest.mark.parametrize("name, variant", [
+    ("odd30_gelu_new", "as_is"), ("odd30_gelu_new", "no_prefix"), ("odd30_gelu_new", "fortran_order"),
+    ("odd30_gelu_new", "no_lm_head"),  # tied: lm_head.weight is wte, files omit it
+    ("relu_inner_untied", "as_is"), ("relu_inner_untied", "no_prefix"),
+])
+def test_from_arrays_roundtrip(ms, hf_models, ms_models, rng, name, variant):
+    hf = hf_models[name]
+    arrays = state_arrays(hf)
+    if variant == "no_prefix":
+        arrays = {k.removeprefix("transformer."): v for k, v in arrays.items()}
+    elif variant == "no_lm_head":
+        del arrays["lm_head.weight"]
+    elif variant == "fortran_order":
+        arrays = {k: np.asfortranarray(v) for k, v in arrays.items()}
+    model = ms.Model.from_arrays(hf.config.to_dict(), arrays)
+    tokens = random_tokens(rng, CONFIGS[name]["vocab_size"], 2, 15)
+    assert_close(model.run(tokens).logits, hf_run(hf, tokens)["logits"])
+    assert_close(model.run(tokens).logits, ms_models[name].run(tokens).logits, atol=1e-5)
+
+
+def test_from_arrays_untied_requires_lm_head(ms, hf_models):
+    hf = hf_models["relu_inner_untied"]
+    arrays = state_arrays(hf)
+    del arrays["lm_head.weight"]
+    with pytest.raises((ValueError, TypeError), match="lm_head"):
+        ms.Model.from_arrays(hf.config.to_dict(), arrays)
+
+
+def test_from_arrays_float64(ms, hf_models, rng):
+    """float64 arrays (numpy's default) are accepted and rounded to fp32."""
+    hf = hf_models["odd30_gelu_new"]
+    tokens = random_tokens(rng, 97, 1, 8)
+    arrays = {k: v.astype(np.float64) for k, v in state_arrays(hf).items()}
+    assert_close(ms.Model.from_arrays(hf.config.to_dict(), arrays).run(tokens).logits,
+                 hf_run(hf, tokens)["logits"])
+
+
+# ---------------------------------------------------- local HF hub cache
+
+def fake_hub_cache(hub, repo_id, folder, revision="0123456789abcdef0123456789abcdef01234567"):
+    """Lay `folder` out like huggingface_hub does: blobs/, snapshots/<rev>/ symlinks, refs/main."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True)
+    for i, fname in enumerate(sorted(os.listdir(folder))):
+        blob = repo / "blobs" / f"{revision[:8]}{i:032x}"
+        shutil.copy(os.path.join(folder, fname), blob)
+        os.symlink(os.path.relpath(blob, snap), snap / fname)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return repo
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("repo_id", ["toyorg/toy-gpt2", "toy-gpt2"])
+def test_name_found_via_hf_home(ms, hf_models, hf_dirs, hub_env, rng, repo_id):
+    fake_hub_cache(hub_env / "home" / "hub", repo_id, hf_dirs["odd21_gelu_invscale"])
+    model = ms.Model.from_pretrained(repo_id)
+    tokens = random_tokens(rng, 211, 2, 9)
+    assert_close(model.run(tokens).logits, hf_run(hf_models["odd21_gelu_invscale"], tokens)["logits"])
+
+
+def test_name_found_via_hf_hub_cache_and_refs_main(ms, hf_models, hf_dirs, hub_env, monkeypatch, rng):
+    hub = hub_env / "elsewhere"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    # an older snapshot of a different model must be ignored: refs/main decides
+    fake_hub_cache(hub, "toyorg/toy", hf_dirs["odd30_gelu_new"], revision="a" * 40)
+    fake_hub_cache(hub, "toyorg/toy", hf_dirs["deep4_eps"], revision="b" * 40)
+    (hub / "models--toyorg--toy" / "refs" / "main").write_text("b" * 40)
+    model = ms.Model.from_pretrained("toyorg/toy")
+    assert model.n_layers == 4
+    tokens = random_tokens(rng, 300, 1, 9)
+    assert_close(model.run(tokens).logits, hf_run(hf_models["deep4_eps"], tokens)["logits"])
+
+
+def test_path_wins_over_name(ms, hf_dirs, hub_env, monkeypatch):
+    """An existing folder is loaded as a folder even if it could be a repo id."""
+    monkeypatch.chdir(hub_env)
+    shutil.copytree(hf_dirs["relu_inner_untied"], hub_env / "org" / "model")
+    model = ms.Model.from_pretrained("org/model")
+    assert model.n_layers == 1
+
+
+# ------------------------------------------------------------ show_config
+
+def test_show_config(ms, capsys):
+    """Printed through Python (so notebooks show it): the BLAS and the thread count."""
+    saved = ms.get_num_threads()
+    try:
+        for n in (1, 2):
+            ms.set_num_threads(n)
+            ms.show_config()
+            text = capsys.readouterr().out.lower()
+            assert "blas" in text and "openblas" in text
+            counts = re.findall(r"(?<![\w])threads?\s*[:=]\s*(\d+)", text)  # not max_threads=64
+            assert counts and int(counts[0]) == n, text
+    finally:
+        ms.set_num_threads(saved)
+
+
+# --------------------------------------------------------------- tokenizer
+
+class CharTokenizer:
+    """Character-level toy with the HF encode/decode API: ' '..'~' -> 0..94."""
+
+    def __init__(self, bos_token_id=95):
+        self.bos_token_id = bos_token_id
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(ch) - 32 for ch in text]
+
+    def decode(self, ids, **kwargs):
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        return "".join("<bos>" if i == self.bos_token_id else "<eos>" if i == 96 else chr(i + 32)
+                       for i in ids)
+
+
+@pytest.fixture
+def tok_model(ms, hf_dirs):
+    return ms.Model.from_pretrained(hf_dirs["odd30_gelu_new"], tokenizer=CharTokenizer())
+
+
+def ids(text):
+    return [ord(ch) - 32 for ch in text]
+
+
+def test_to_tokens(tok_model):
+    t = tok_model.to_tokens("Hi!")
+    assert t.dtype == np.int64
+    assert t.tolist() == [[95] + ids("Hi!")]
+    assert tok_model.to_tokens("Hi!", prepend_bos=False).tolist() == [ids("Hi!")]
+    assert tok_model.to_tokens(["ab", "cd"]).tolist() == [[95] + ids("ab"), [95] + ids("cd")]
+
+
+def test_bos_falls_back_to_config(ms, hf_dirs):
+    model = ms.Model.from_pretrained(hf_dirs["odd30_gelu_new"], tokenizer=CharTokenizer(bos_token_id=None))
+    assert model.config["bos_token_id"] == 96
+    assert model.to_tokens("ab").tolist() == [[96] + ids("ab")]
+
+
+def test_to_str_tokens(tok_model):
+    assert tok_model.to_str_tokens(np.array([95] + ids("ok"))) == ["<bos>", "o", "k"]
+    assert tok_model.to_str_tokens(ids("a b")) == ["a", " ", "b"]
+    assert tok_model.to_str_tokens("ok") == ["<bos>", "o", "k"]  # like TL: bos prepended
+
+
+def test_run_text(tok_model, hf_models):
+    assert tok_model.tokenizer is not None
+    want = tok_model.run(tok_model.to_tokens("Hello")).logits
+    assert_close(tok_model.run("Hello").logits, want, atol=0)
+    assert_close(want, hf_run(hf_models["odd30_gelu_new"], tok_model.to_tokens("Hello"))["logits"])
+    batch = tok_model.run(["abc", "xyz"], logits="last").logits
+    assert batch.shape == (2, 97)
+    assert_close(batch[1], tok_model.run("xyz").logits[0, -1], atol=1e-5)
