@@ -12,9 +12,9 @@ from setuptools import Extension, setup
 
 sanitize = os.environ.get("MECHSCOPE_SANITIZE") == "1"
 
-compile_args = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-Werror",
+compile_args = ["-std=c11", "-O3", "-pthread", "-Wall", "-Wextra", "-Werror",
                 "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
-link_args = ["-fopenmp",
+link_args = ["-pthread",
              # find the OpenBLAS of the installed scipy-openblas32 wheel, which sits
              # next to the mechscope package in site-packages
              "-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib"]

@@ -124,7 +124,7 @@ static ms_status layout_build(ms_layout *L, const ms_model *m, const ms_plan *p,
         int first = p->start_pos ? real_index(p, r, p->start_pos[r]) : 0;
         L->n_real[r] = n;
         L->first[r] = first;
-        L->layer0[r] = p->start_layer ? p->start_layer[r] : 0;
+        L->layer0[r] = p->start_layer ? p->start_layer[r] : -1;
         L->row_off[r + 1] = L->row_off[r] + (n - first);
         L->att_off[r + 1] = L->att_off[r] + (size_t)H * (n - first) * n;
         L->kv_off[r + 1] = L->kv_off[r] + (first > 0 ? 2 * (size_t)n * C : 0);
@@ -152,7 +152,8 @@ oom:
     return MS_ERR_MEMORY;
 }
 
-/* Rows computed at block l: a prefix, since start layers do not decrease. */
+/* Rows computed at block `layer` (-1: the embedding): a prefix, since start layers
+ * do not decrease. */
 static void set_active(ms_layout *L, int layer) {
     int R = L->plan->n_rows, r = 0;
     while (r < R && L->layer0[r] <= layer) r++;
@@ -199,12 +200,12 @@ static void embed_tokens(const ms_layout *L, float *embed, float *pos_embed) {
     }
 }
 
-/* Rows whose start layer is `layer` (> 0) join with the base run's residual stream. */
+/* Rows whose start layer is `layer` join with the base run's residual stream. */
 static void join_rows(const ms_layout *L, float *resid, int layer) {
     const ms_state *st = L->plan->base;
     size_t C = (size_t)L->m->cfg.d_model;
     for (int r = 0; r < L->active_rows; r++) {
-        if (L->layer0[r] != layer || layer == 0) continue;
+        if (L->layer0[r] != layer) continue;
         const float *src = st->resid + ((size_t)layer * st->N + base_token(L, r, L->first[r])) * C;
         memcpy(resid + (size_t)L->row_off[r] * C, src,
                sizeof(float) * C * (size_t)(L->row_off[r + 1] - L->row_off[r]));
@@ -222,14 +223,7 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
     if (ms_plan_touches(L->plan, scale_site, layer)) {
         if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) return st;
         /* recompute the normalized value from the (possibly changed) divisor */
-        for (int i = 0; i < N; i++) {
-            const float *x = b->resid + (size_t)i * C;
-            float *y = b->ln + (size_t)i * C;
-            double mean = 0.0;
-            for (int d = 0; d < C; d++) mean += x[d];
-            float mu = (float)(mean / C), inv = 1.0f / b->scale[i];
-            for (int d = 0; d < C; d++) y[d] = (x[d] - mu) * inv * w[d] + bias[d];
-        }
+        ms_layernorm_apply(b->ln, b->scale, b->resid, w, bias, N, C);
     } else if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) {
         return st;
     }
@@ -268,51 +262,80 @@ static int use_blas(const ms_layout *L, int r) {
     return nq * L->n_real[r] >= MS_ATTENTION_BLAS_MIN;
 }
 
+/* The attention of rows [lo, hi) that are small enough for plain loops: each row
+ * on one thread, all its heads, from scores to z. Only when no action reads or
+ * changes the scores or the pattern. */
+typedef struct {
+    const ms_layout *L;
+    ms_buffers *b;
+    int layer;
+    float scale;
+} attention_job;
+
+static void attention_row(const attention_job *j, int r, int phase) {
+    const ms_layout *L = j->L;
+    const ms_config *c = &L->m->cfg;
+    int C = c->d_model, nq = L->row_off[r + 1] - L->row_off[r];
+    int blas = use_blas(L, r);
+    const float *k, *v;
+    int ld;
+    float *att = j->b->att + L->att_off[r];
+    if (phase == 0) {
+        row_keys(L, j->b, r, j->layer, &k, &v, &ld);
+        ms_attention_scores(att, j->b->qkv + (size_t)L->row_off[r] * 3 * C, 3 * C, k, ld, nq,
+                            L->n_real[r], L->first[r], c->n_heads, c->d_head, j->scale, blas);
+    } else if (phase == 1) {
+        ms_causal_softmax(att, c->n_heads, nq, L->n_real[r], L->first[r]);
+    } else {
+        /* the keys and values are where row_keys put them in phase 0 */
+        if (L->first[r] == 0) row_keys(L, j->b, r, j->layer, &k, &v, &ld);
+        else k = j->b->kv + L->kv_off[r], v = k + (size_t)L->n_real[r] * C, ld = C;
+        ms_attention_mix(j->b->z + (size_t)L->row_off[r] * C, C, att, v, ld, nq, L->n_real[r],
+                         c->n_heads, c->d_head, blas);
+    }
+}
+
+typedef struct {
+    const attention_job *job;
+    int phase_lo, phase_hi;
+} small_rows_job;
+
+static void small_rows(void *ctx, long long lo, long long hi) {
+    const small_rows_job *s = ctx;
+    for (long long r = lo; r < hi; r++) {
+        if (use_blas(s->job->L, (int)r)) continue;
+        for (int phase = s->phase_lo; phase < s->phase_hi; phase++) attention_row(s->job, (int)r, phase);
+    }
+}
+
+/* phases [lo, hi) of every active row: big rows one after the other, each with all
+ * threads in the BLAS; small rows side by side on the threads */
+static void attention_phases(const attention_job *job, int lo, int hi) {
+    const ms_layout *L = job->L;
+    for (int r = 0; r < L->active_rows; r++)
+        if (use_blas(L, r))
+            for (int phase = lo; phase < hi; phase++) attention_row(job, r, phase);
+    small_rows_job s = {job, lo, hi};
+    ms_parallel_for(L->active_rows, 8, L->n_threads, small_rows, &s);
+}
+
 /* scores -> visit -> softmax -> visit -> z, for every active row */
 static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, ms_error *err) {
     const ms_config *c = &L->m->cfg;
-    int H = c->n_heads, Dh = c->d_head, C = c->d_model, R = L->active_rows;
-    float scale = 1.0f;
-    if (c->scale_attn_weights) scale /= sqrtf((float)Dh);
-    if (c->scale_attn_by_inverse_layer) scale /= (float)(layer + 1);
+    attention_job job = {L, b, layer, 1.0f};
+    if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
+    if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
     ms_status st;
-
-    /* large rows one after the other, each using all threads in the BLAS; small
-     * rows side by side on the threads, with plain loops */
-    for (int pass = 0; pass < 2; pass++) {
-#pragma omp parallel for num_threads(L->n_threads) schedule(dynamic) if (pass == 1)
-        for (int r = 0; r < R; r++) {
-            if (use_blas(L, r) != (pass == 0)) continue;
-            const float *k, *v;
-            int ld;
-            row_keys(L, b, r, layer, &k, &v, &ld);
-            int nq = L->row_off[r + 1] - L->row_off[r];
-            ms_attention_scores(b->att + L->att_off[r], b->qkv + (size_t)L->row_off[r] * 3 * C, 3 * C,
-                                k, ld, nq, L->n_real[r], L->first[r], H, Dh, scale, pass == 0);
-        }
+    if (ms_plan_visits(L->plan, MS_SITE_ATTN_SCORES, layer) || ms_plan_visits(L->plan, MS_SITE_PATTERN, layer)) {
+        attention_phases(&job, 0, 1);
+        if ((st = ms_visit_attention(L, MS_SITE_ATTN_SCORES, layer, b->att, err))) return st;
+        attention_phases(&job, 1, 2);
+        if ((st = ms_visit_attention(L, MS_SITE_PATTERN, layer, b->att, err))) return st;
+        attention_phases(&job, 2, 3);
+    } else {
+        attention_phases(&job, 0, 3);
     }
-    if ((st = ms_visit_attention(L, MS_SITE_ATTN_SCORES, layer, b->att, err))) return st;
-    for (int r = 0; r < R; r++) {
-        int nq = L->row_off[r + 1] - L->row_off[r];
-        ms_causal_softmax(b->att + L->att_off[r], H, nq, L->n_real[r], L->first[r],
-                          use_blas(L, r) ? L->n_threads : 1);
-    }
-    if ((st = ms_visit_attention(L, MS_SITE_PATTERN, layer, b->att, err))) return st;
-    for (int pass = 0; pass < 2; pass++) {
-#pragma omp parallel for num_threads(L->n_threads) schedule(dynamic) if (pass == 1)
-        for (int r = 0; r < R; r++) {
-            if (use_blas(L, r) != (pass == 0)) continue;
-            const float *k, *v;
-            int ld;
-            /* the scratch of resuming rows still holds this layer's keys and values */
-            if (L->first[r] == 0) row_keys(L, b, r, layer, &k, &v, &ld);
-            else k = b->kv + L->kv_off[r], v = k + (size_t)L->n_real[r] * C, ld = C;
-            int nq = L->row_off[r + 1] - L->row_off[r];
-            ms_attention_mix(b->z + (size_t)L->row_off[r] * C, C, b->att + L->att_off[r], v, ld, nq,
-                             L->n_real[r], H, Dh, pass == 0);
-        }
-    }
-    return ms_visit_tokens(L, MS_SITE_Z, layer, b->z, C, err);
+    return ms_visit_tokens(L, MS_SITE_Z, layer, b->z, c->d_model, err);
 }
 
 static void record_state(const ms_layout *L, const float *src, int ld, float *dst_layer) {
@@ -334,7 +357,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C);
     if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, err))) return st;
-    ms_linear(b->qkv, b->ln, C, w->w_qkv, w->b_qkv, N, C, 3 * C, nt);
+    ms_linear(b->qkv, b->ln, C, w->w_qkv, w->b_qkv, N, C, 3 * C);
     if ((st = ms_visit_tokens(L, MS_SITE_Q, l, b->qkv, 3 * C, err))) return st;
     if ((st = ms_visit_tokens(L, MS_SITE_K, l, b->qkv + C, 3 * C, err))) return st;
     if ((st = ms_visit_tokens(L, MS_SITE_V, l, b->qkv + 2 * C, 3 * C, err))) return st;
@@ -343,18 +366,18 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         record_state(L, b->qkv + 2 * C, 3 * C, rec->v + (size_t)l * rec->N * C);
     }
     if ((st = attention_sites(L, b, l, err))) return st;
-    ms_linear(b->tmp_a, b->z, C, w->w_o, w->b_o, N, C, C, nt);
+    ms_linear(b->tmp_a, b->z, C, w->w_o, w->b_o, N, C, C);
     if ((st = ms_visit_tokens(L, MS_SITE_ATTN_OUT, l, b->tmp_a, C, err))) return st;
-    ms_add(b->resid, b->resid, b->tmp_a, NC, nt);
+    ms_add(b->resid, b->resid, b->tmp_a, NC);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_MID, l, b->resid, C, err))) return st;
     if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, err))) return st;
-    ms_linear(b->mlp, b->ln, C, w->w_in, w->b_in, N, C, F, nt);
+    ms_linear(b->mlp, b->ln, C, w->w_in, w->b_in, N, C, F);
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, F, err))) return st;
     ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, nt);
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, F, err))) return st;
-    ms_linear(b->tmp_b, b->mlp, F, w->w_out, w->b_out, N, F, C, nt);
+    ms_linear(b->tmp_b, b->mlp, F, w->w_out, w->b_out, N, F, C);
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err))) return st;
-    ms_add(b->resid, b->resid, b->tmp_b, NC, nt);
+    ms_add(b->resid, b->resid, b->tmp_b, NC);
     return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
 }
 
@@ -379,14 +402,29 @@ static void compute_logits(const ms_layout *L, ms_buffers *b) {
     ms_unembed(p->logits, b->out_x, L->m->unembed, p->n_rows * p->n_logit_pos, c->d_model, c->d_vocab);
 }
 
-/* log softmax of y[V] at index i, and the log normaliser */
-static double log_normaliser(const float *y, int V) {
-    float mx = -INFINITY;
-    for (int v = 0; v < V; v++)
-        if (y[v] > mx) mx = y[v];
-    double sum = 0.0;
-    for (int v = 0; v < V; v++) sum += exp((double)(y[v] - mx));
-    return (double)mx + log(sum);
+/* metric_out[r] for rows [lo, hi) from their logits in out_y (not the logit difference) */
+typedef struct {
+    const ms_layout *L;
+    const float *logits;
+} metric_job;
+
+static void metric_rows(void *ctx, long long lo, long long hi) {
+    const metric_job *j = ctx;
+    const ms_plan *p = j->L->plan;
+    const ms_metric *mt = &p->metric;
+    int V = j->L->m->cfg.d_vocab;
+    for (long long r = lo; r < hi; r++) {
+        const float *y = j->logits + (size_t)r * V;
+        double lz = ms_log_sum_exp(y, V);
+        if (mt->kind == MS_METRIC_KL) {
+            /* resuming rows share their base row's reference */
+            const float *ref = mt->ref_logprob + (size_t)(p->base_row ? p->base_row[r] : r) * V;
+            p->metric_out[r] = (float)ms_kl_divergence(ref, y, lz, V);
+        } else {
+            double lp = (double)y[mt->correct[r]] - lz;
+            p->metric_out[r] = (float)(mt->kind == MS_METRIC_PROB ? exp(lp) : lp);
+        }
+    }
 }
 
 static void compute_metric(const ms_layout *L, ms_buffers *b) {
@@ -409,22 +447,8 @@ static void compute_metric(const ms_layout *L, ms_buffers *b) {
         return;
     }
     ms_unembed(b->out_y, x, L->m->unembed, R, C, V);
-#pragma omp parallel for num_threads(L->n_threads) schedule(static)
-    for (int r = 0; r < R; r++) {
-        const float *y = b->out_y + (size_t)r * V;
-        double lz = log_normaliser(y, V);
-        if (mt->kind == MS_METRIC_KL) {
-            /* resuming rows share their base row's reference */
-            const float *ref = mt->ref_logprob + (size_t)(p->base_row ? p->base_row[r] : r) * V;
-            double kl = 0.0;
-            for (int v = 0; v < V; v++)
-                if (ref[v] > -INFINITY) kl += exp((double)ref[v]) * ((double)ref[v] - ((double)y[v] - lz));
-            p->metric_out[r] = (float)kl;
-        } else {
-            double lp = (double)y[mt->correct[r]] - lz;
-            p->metric_out[r] = (float)(mt->kind == MS_METRIC_PROB ? exp(lp) : lp);
-        }
-    }
+    metric_job job = {L, b->out_y};
+    ms_parallel_for(R, 4, L->n_threads, metric_rows, &job);
 }
 
 /* ---- entry points ------------------------------------------------------------------------- */
@@ -479,11 +503,11 @@ ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     carve_buffers(&b, base, c, sizes);
     if (plan->record && (st = record_alloc(plan->record, &L, err))) goto done;
 
-    set_active(&L, 0);
+    set_active(&L, -1);
     embed_tokens(&L, b.tmp_a, b.tmp_b);
     if ((st = ms_visit_tokens(&L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
     if ((st = ms_visit_tokens(&L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
-    ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L.active_N * c->d_model, L.n_threads);
+    ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L.active_N * c->d_model);
     for (int l = 0; l < c->n_layers; l++)
         if ((st = block_forward(&L, &b, l, err))) goto done;
     L.active_rows = plan->n_rows;

@@ -1,81 +1,231 @@
 /* kernels.c — one short function per operation of a GPT-2 block.
  *
  * Matrix products go to the BLAS (blas.h); the element-wise work is plain loops,
- * split over rows with OpenMP. The BLAS keeps its own threads, so the two never
- * run at the same time: a loop here starts only after the BLAS call returned. */
+ * split over rows by ms_parallel_for. The BLAS keeps its own threads, so the two
+ * never run at the same time: a loop here starts only after the BLAS call returned. */
 #include "kernels.h"
 #include "blas.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <string.h>
 
+/* ---- threads ------------------------------------------------------------------- */
+
+typedef struct {
+    ms_range_fn fn;
+    void *ctx;
+    long long lo, hi;
+} range_job;
+
+static void *run_range(void *arg) {
+    range_job *j = arg;
+    j->fn(j->ctx, j->lo, j->hi);
+    return NULL;
+}
+
+/* Threads are started for the loop and joined at its end: nothing spins between
+ * loops, so the BLAS's own threads get the cores back at once. Loops are split
+ * only when each thread gets at least min_per_thread items, which keeps the cost
+ * of starting a thread (tens of microseconds) small against the work. */
+void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_range_fn fn,
+                     void *ctx) {
+    enum { MAX_THREADS = 64 };
+    long long t = n_threads < MAX_THREADS ? n_threads : MAX_THREADS;
+    if (min_per_thread < 1) min_per_thread = 1;
+    if (t > n / min_per_thread) t = n / min_per_thread;
+    if (t <= 1) {
+        if (n > 0) fn(ctx, 0, n);
+        return;
+    }
+    range_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (long long i = 0; i < t; i++)
+        jobs[i] = (range_job){fn, ctx, n * i / t, n * (i + 1) / t};
+    for (long long i = 1; i < t; i++) started[i] = pthread_create(&ids[i], NULL, run_range, &jobs[i]) == 0;
+    run_range(&jobs[0]);
+    /* a thread that could not start has its share done here instead */
+    for (long long i = 1; i < t; i++) {
+        if (started[i]) pthread_join(ids[i], NULL);
+        else run_range(&jobs[i]);
+    }
+}
+
+/* ---- matrix products --------------------------------------------------------------- */
+
 void ms_linear(float *out, const float *in, int ld_in, const float *w, const float *bias,
-               int N, int IC, int OC, int n_threads) {
+               int N, int IC, int OC) {
     if (N <= 0) return;
     /* start from the bias in every row, then accumulate the product onto it */
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (N >= 64)
     for (int i = 0; i < N; i++) memcpy(out + (size_t)i * OC, bias, sizeof(float) * (size_t)OC);
     ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, OC, IC, 1.0f, in, ld_in, w, OC, 1.0f,
              out, OC);
 }
 
+/* Element-wise functions are written as plain loops over float arrays that the
+ * compiler vectorizes; on x86-64 each is compiled for AVX-512, AVX2 and the
+ * baseline, and the best one for the CPU is chosen when the library loads. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MS_NO_CLONES)
+#define MS_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MS_VECTOR_CLONES
+#endif
+
+/* Partial sums in this many lanes let the compiler vectorize a reduction without
+ * reordering it behind our back (C forbids that for floats). */
+#define MS_LANES 16
+
+/* e^x in float, relative error below 2e-7; 0 for x < -87 (so e^-inf is exactly 0),
+ * saturating at e^88. Range reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6
+ * polynomial for e^r (the classic Cephes expf coefficients) and 2^n put into the
+ * exponent bits. Branch-free, so loops over it vectorize. */
+static inline float exp_approx(float x) {
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float t = xc * 1.44269504088896341f + shifter;
+    float n = t - shifter;
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t ti, scale_bits;
+    memcpy(&ti, &t, sizeof ti);
+    scale_bits = (ti - 0x4B400000 + 127) * (1 << 23); /* (n + 127) << 23 */
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+/* 1 / (1 + e^-x) */
+static inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+/* erf(x), absolute error below 2e-7: Abramowitz & Stegun 7.1.26 on |x|, sign restored */
+static inline float erf_approx(float x) {
+    float a = x < 0.0f ? -x : x;
+    float t = 1.0f / (1.0f + 0.3275911f * a);
+    float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
+                 t * (-1.453152027f + t * 1.061405429f))));
+    float y = 1.0f - poly * exp_approx(-a * a);
+    return x < 0.0f ? -y : y;
+}
+
+MS_VECTOR_CLONES
+static void layernorm_row(float *y, float *scale, const float *x, const float *w, const float *b,
+                          int C, float eps) {
+    float acc[MS_LANES] = {0};
+    int c = 0;
+    for (; c + MS_LANES <= C; c += MS_LANES)
+        for (int j = 0; j < MS_LANES; j++) acc[j] += x[c + j];
+    double sum = 0.0;
+    for (int j = 0; j < MS_LANES; j++) sum += acc[j];
+    for (; c < C; c++) sum += x[c];
+    float mean = (float)(sum / C);
+    /* second pass on the centred values, as the reference computes the variance */
+    float acc2[MS_LANES] = {0};
+    c = 0;
+    for (; c + MS_LANES <= C; c += MS_LANES)
+        for (int j = 0; j < MS_LANES; j++) {
+            float d = x[c + j] - mean;
+            acc2[j] += d * d;
+        }
+    double var = 0.0;
+    for (int j = 0; j < MS_LANES; j++) var += acc2[j];
+    for (; c < C; c++) var += (double)(x[c] - mean) * (x[c] - mean);
+    float s = (float)sqrt(var / C + (double)eps);
+    float inv = 1.0f / s;
+    for (c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + b[c];
+    *scale = s;
+}
+
+typedef struct {
+    float *out, *scale;
+    const float *in, *w, *b;
+    int C;
+    float eps;
+} layernorm_job;
+
+static void layernorm_rows(void *ctx, long long lo, long long hi) {
+    const layernorm_job *j = ctx;
+    size_t C = (size_t)j->C;
+    for (long long i = lo; i < hi; i++)
+        layernorm_row(j->out + i * C, j->scale + i, j->in + i * C, j->w, j->b, j->C, j->eps);
+}
+
 void ms_layernorm(float *out, float *scale, const float *in, const float *w, const float *b,
                   int N, int C, float eps, int n_threads) {
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (N >= 64)
+    layernorm_job job = {out, scale, in, w, b, C, eps};
+    ms_parallel_for(N, 65536 / (C + 1) + 1, n_threads, layernorm_rows, &job);
+}
+
+void ms_layernorm_apply(float *out, const float *scale, const float *in, const float *w,
+                        const float *b, int N, int C) {
     for (int i = 0; i < N; i++) {
         const float *x = in + (size_t)i * C;
         float *y = out + (size_t)i * C;
-        /* two passes, as the reference does: the mean, then the centred variance */
-        double mean = 0.0;
-        for (int c = 0; c < C; c++) mean += x[c];
-        mean /= C;
-        double var = 0.0;
-        for (int c = 0; c < C; c++) {
-            double d = x[c] - mean;
-            var += d * d;
-        }
-        var /= C;
-        float s = (float)sqrt(var + (double)eps);
-        float m = (float)mean;
-        float inv = 1.0f / s;
-        for (int c = 0; c < C; c++) y[c] = (x[c] - m) * inv * w[c] + b[c];
-        scale[i] = s;
+        double sum = 0.0;
+        for (int c = 0; c < C; c++) sum += x[c];
+        float mean = (float)(sum / C), inv = 1.0f / scale[i];
+        for (int c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + b[c];
     }
 }
 
-static float act_one(float x, ms_activation act) {
+MS_VECTOR_CLONES
+static void activation_span(float *x, long long n, ms_activation act) {
     switch (act) {
-    case MS_ACT_GELU_NEW:
-        return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-    case MS_ACT_GELU:
-        return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-    case MS_ACT_RELU:
-        return x > 0.0f ? x : 0.0f;
-    case MS_ACT_SILU:
-        return x / (1.0f + expf(-x));
+    case MS_ACT_GELU_NEW: /* 0.5 x (1 + tanh u) == x * sigmoid(2u) */
     case MS_ACT_GELU_FAST:
-        return 0.5f * x * (1.0f + tanhf(x * 0.7978845608028654f * (1.0f + 0.044715f * x * x)));
+        for (long long i = 0; i < n; i++) {
+            float v = x[i];
+            float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+            x[i] = v / (1.0f + exp_approx(-2.0f * u));
+        }
+        break;
+    case MS_ACT_GELU:
+        for (long long i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erf_approx(x[i] * 0.7071067811865476f));
+        break;
+    case MS_ACT_RELU:
+        for (long long i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        break;
+    case MS_ACT_SILU:
+        for (long long i = 0; i < n; i++) x[i] = x[i] * sigmoid_approx(x[i]);
+        break;
     case MS_ACT_QUICK_GELU:
-        return x / (1.0f + expf(-1.702f * x));
+        for (long long i = 0; i < n; i++) x[i] = x[i] * sigmoid_approx(1.702f * x[i]);
+        break;
     case MS_ACT_TANH:
-        return tanhf(x);
+        for (long long i = 0; i < n; i++) x[i] = 2.0f * sigmoid_approx(2.0f * x[i]) - 1.0f;
+        break;
     case MS_ACT_SIGMOID:
-        return 1.0f / (1.0f + expf(-x));
+        for (long long i = 0; i < n; i++) x[i] = sigmoid_approx(x[i]);
+        break;
     default:
-        return x;
+        break;
     }
+}
+
+typedef struct {
+    float *x;
+    ms_activation act;
+} activation_job;
+
+static void activation_range(void *ctx, long long lo, long long hi) {
+    const activation_job *j = ctx;
+    activation_span(j->x + lo, hi - lo, j->act);
 }
 
 void ms_activation_inplace(float *x, size_t n, ms_activation act, int n_threads) {
-    long long nn = (long long)n;
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (nn >= 16384)
-    for (long long i = 0; i < nn; i++) x[i] = act_one(x[i], act);
+    activation_job job = {x, act};
+    ms_parallel_for((long long)n, 65536, n_threads, activation_range, &job);
 }
 
-void ms_add(float *out, const float *a, const float *b, size_t n, int n_threads) {
-    long long nn = (long long)n;
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (nn >= 65536)
-    for (long long i = 0; i < nn; i++) out[i] = a[i] + b[i];
+void ms_add(float *out, const float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 void ms_attention_scores(float *scores, const float *q, int ldq, const float *k, int ldk, int nq,
@@ -105,28 +255,39 @@ void ms_attention_scores(float *scores, const float *q, int ldq, const float *k,
     }
 }
 
-void ms_causal_softmax(float *att, int H, int nq, int nk, int q0, int n_threads) {
-    long long rows = (long long)H * nq;
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows * nk >= 16384)
-    for (long long r = 0; r < rows; r++) {
+/* p[n] <- softmax(p[n]); a row whose entries are all -inf becomes all 0 */
+MS_VECTOR_CLONES
+static void softmax_row(float *p, int n) {
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) mx = p[j] > mx ? p[j] : mx;
+    if (mx == -INFINITY) {
+        /* every visible key masked (only an intervention does that): attend nowhere */
+        for (int j = 0; j < n; j++) p[j] = 0.0f;
+        return;
+    }
+    float acc[MS_LANES] = {0};
+    int j = 0;
+    for (; j + MS_LANES <= n; j += MS_LANES)
+        for (int k = 0; k < MS_LANES; k++) {
+            p[j + k] = exp_approx(p[j + k] - mx);
+            acc[k] += p[j + k];
+        }
+    float sum = 0.0f;
+    for (; j < n; j++) {
+        p[j] = exp_approx(p[j] - mx);
+        sum += p[j];
+    }
+    for (int k = 0; k < MS_LANES; k++) sum += acc[k];
+    float inv = 1.0f / sum;
+    for (j = 0; j < n; j++) p[j] *= inv;
+}
+
+void ms_causal_softmax(float *att, int H, int nq, int nk, int q0) {
+    for (long long r = 0; r < (long long)H * nq; r++) {
         int i = (int)(r % nq);
         int visible = q0 + i + 1 < nk ? q0 + i + 1 : nk;
         float *p = att + (size_t)r * nk;
-        float mx = -INFINITY;
-        for (int j = 0; j < visible; j++)
-            if (p[j] > mx) mx = p[j];
-        if (mx == -INFINITY) {
-            /* every visible key masked (only an intervention does that): attend nowhere */
-            for (int j = 0; j < nk; j++) p[j] = 0.0f;
-            continue;
-        }
-        float sum = 0.0f;
-        for (int j = 0; j < visible; j++) {
-            p[j] = expf(p[j] - mx);
-            sum += p[j];
-        }
-        float inv = 1.0f / sum;
-        for (int j = 0; j < visible; j++) p[j] *= inv;
+        softmax_row(p, visible);
         for (int j = visible; j < nk; j++) p[j] = 0.0f;
     }
 }
@@ -154,6 +315,42 @@ void ms_attention_mix(float *z, int ld_z, const float *pattern, const float *v, 
             }
         }
     }
+}
+
+MS_VECTOR_CLONES
+double ms_log_sum_exp(const float *y, int n) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = y[i] > mx ? y[i] : mx;
+    if (mx == -INFINITY || mx == INFINITY || mx != mx) return (double)mx;
+    float acc[MS_LANES] = {0};
+    int i = 0;
+    for (; i + MS_LANES <= n; i += MS_LANES)
+        for (int j = 0; j < MS_LANES; j++) acc[j] += exp_approx(y[i + j] - mx);
+    double sum = 0.0;
+    for (int j = 0; j < MS_LANES; j++) sum += acc[j];
+    for (; i < n; i++) sum += exp_approx(y[i] - mx);
+    return (double)mx + log(sum);
+}
+
+MS_VECTOR_CLONES
+double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, int n) {
+    float acc[MS_LANES] = {0};
+    float lz = (float)log_z;
+    int i = 0;
+    for (; i + MS_LANES <= n; i += MS_LANES)
+        for (int j = 0; j < MS_LANES; j++) {
+            float r = ref_logprob[i + j];
+            /* terms with zero reference probability are 0 (not 0 * inf) */
+            float term = exp_approx(r) * (r - (y[i + j] - lz));
+            acc[j] += r > -87.0f ? term : 0.0f;
+        }
+    double kl = 0.0;
+    for (int j = 0; j < MS_LANES; j++) kl += acc[j];
+    for (; i < n; i++) {
+        float r = ref_logprob[i];
+        if (r > -87.0f) kl += exp_approx(r) * (r - (y[i] - lz));
+    }
+    return kl;
 }
 
 void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V) {

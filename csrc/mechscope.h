@@ -179,8 +179,9 @@ typedef struct {
     int n_threads;
     /* Rows that resume a base run (patching sweeps); all NULL for an ordinary run.
      * Row r copies row base_row[r] of the base run, is computed from block
-     * start_layer[r] (non-decreasing over rows) at positions >= start_pos[r]
-     * (padded position of a real token), and reads everything before from base. */
+     * start_layer[r] (-1: from the embedding; non-decreasing over rows) at positions
+     * >= start_pos[r] (padded position of a real token), and reads everything
+     * before from the base. */
     const ms_state *base;
     const int32_t *base_row, *start_layer, *start_pos;
     ms_state *record;        /* if set, the run records its state here (allocated by ms_run) */
@@ -201,29 +202,50 @@ size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan);
 ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err);
 
 /* A patching sweep: every patch is one intervened run of all base rows, of which
- * only what the patch can change is recomputed (layers >= its layer, positions >=
- * its first position), many patches together through each matrix product. */
+ * only what the patch can change is recomputed (layers >= its first layer,
+ * positions >= its first position), many patches together through each matrix
+ * product.
+ *
+ * A patch is one or more writes; a write sets a box of one site's value to the
+ * same box of a source value (the clean run's cache, say). Rows for which every
+ * write would leave the value as it is, or which only touch positions after the
+ * one their metric reads, cannot change and are not recomputed. */
 typedef struct {
     ms_site site;
     int layer;
     int a0, na, b0, nb, c0, nc; /* the box, as contiguous ranges (see ms_action) */
+    const float *source;        /* the site's full value in the padded layout, for
+                                   source_rows rows: [rows, n_pos, width] or [rows, head, n_pos, n_pos] */
+    int source_rows;            /* n_rows (row b reads source row b) or 1 (all read row 0) */
+} ms_write;
+
+typedef struct {
+    int first_write, n_writes;  /* writes[first_write .. first_write + n_writes) */
 } ms_patch;
 
 typedef struct {
     int n_rows, n_pos;           /* the base run [n_rows, n_pos] */
     const int32_t *tokens, *mask;
+    int n_base_actions;          /* interventions of the base run (SET, ADD, SCALE, PROJECT), */
+    const ms_action *base_actions; /* which hold under every patch too */
+    int n_writes;
+    const ms_write *writes;
     int n_patches;
     const ms_patch *patches;
-    const float *values;         /* concatenated per patch: [n_rows, box] values to write */
     ms_metric metric;            /* per base row */
-    size_t chunk_bytes;          /* working memory per chunk of patches */
+    size_t chunk_bytes;          /* working memory per chunk of rows */
     int (*progress)(void *ctx, int done, int total); /* nonzero return stops the sweep */
     void *progress_ctx;
     int n_threads;
 } ms_sweep_plan;
 
-/* out[n_patches, n_rows]: the metric of every base row under every patch. */
-ms_status ms_sweep(const ms_model *m, const ms_sweep_plan *s, float *out, ms_error *err);
+/* Check a sweep against a model without running it. */
+ms_status ms_sweep_check(const ms_model *m, const ms_sweep_plan *s, ms_error *err);
+
+/* out[n_patches, n_rows]: the metric of every base row under every patch; if
+ * base_out is not NULL, base_out[n_rows]: the metric of the unpatched base run. */
+ms_status ms_sweep(const ms_model *m, const ms_sweep_plan *s, float *out, float *base_out,
+                   ms_error *err);
 
 /* Threads for the BLAS and for mechscope's own loops. */
 void ms_set_num_threads(int n);

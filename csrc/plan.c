@@ -45,6 +45,12 @@ int ms_plan_touches(const ms_plan *p, ms_site site, int layer) {
     return 0;
 }
 
+int ms_plan_visits(const ms_plan *p, ms_site site, int layer) {
+    for (int i = 0; i < p->n_actions; i++)
+        if (action_at(&p->actions[i], site, layer)) return 1;
+    return 0;
+}
+
 /* ---- checks ------------------------------------------------------------------ */
 
 #define FAIL(...)                                                  \
@@ -82,10 +88,12 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
     if (a->row < -1 || a->row >= p->n_rows)
         FAIL("action %d: row %d out of range [0, %d)", ai, a->row, p->n_rows);
     if (p->start_layer && a->kind != MS_DO_CACHE && a->kind != MS_DO_CALLBACK) {
-        int layer = ms_site_per_layer(a->site) ? a->layer : (a->site <= MS_SITE_POS_EMBED ? 0 : c->n_layers);
+        /* a resuming row computes the embedding only if it starts there (-1), and
+         * a block only from its start layer on */
+        int layer = ms_site_per_layer(a->site) ? a->layer : (a->site <= MS_SITE_POS_EMBED ? -1 : c->n_layers);
         for (int r = a->row < 0 ? 0 : a->row; r < (a->row < 0 ? p->n_rows : a->row + 1); r++)
             if (p->start_layer[r] > layer || (a->kind == MS_DO_COPY_ROW && p->start_layer[a->src_row] > layer))
-                FAIL("action %d: row %d is not computed at layer %d", ai, r, a->layer);
+                FAIL("action %d: row %d does not compute layer %d", ai, r, layer);
     }
     if (a->kind == MS_DO_CACHE || a->kind == MS_DO_CALLBACK) {
         if (!a->out) FAIL("action %d: no output buffer", ai);
@@ -101,26 +109,15 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
     }
     if (a->kind == MS_DO_PROJECT && (a->rank < 1 || !a->value2))
         FAIL("action %d: a subspace interchange needs a basis and source values", ai);
-    int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? p->n_rows : a->row + 1;
+    /* entries at padding (or, in resuming rows, before the first recomputed position)
+     * are left alone: the apply functions skip them */
     if (ms_site_is_attention(a->site)) {
         if ((st = check_indices(a->a, a->n_a, c->n_heads, "head", ai, err))) return st;
         if ((st = check_indices(a->b, a->n_b, p->n_pos, "query position", ai, err))) return st;
         if ((st = check_indices(a->c, a->n_c, p->n_pos, "key position", ai, err))) return st;
-        for (int r = first; r < last; r++) {
-            for (int i = 0; i < a->n_b; i++)
-                if (!is_computed(p, r, a->b[i]) || (a->kind == MS_DO_COPY_ROW && !is_computed(p, a->src_row, a->b[i])))
-                    FAIL("action %d: query position %d of row %d is padding", ai, a->b[i], r);
-            for (int i = 0; i < a->n_c; i++)
-                if (!is_real(p, r, a->c[i]) || (a->kind == MS_DO_COPY_ROW && !is_real(p, a->src_row, a->c[i])))
-                    FAIL("action %d: key position %d of row %d is padding", ai, a->c[i], r);
-        }
     } else {
         if ((st = check_indices(a->a, a->n_a, p->n_pos, "position", ai, err))) return st;
         if ((st = check_indices(a->b, a->n_b, ms_site_width(c, a->site), "column", ai, err))) return st;
-        for (int r = first; r < last; r++)
-            for (int i = 0; i < a->n_a; i++)
-                if (!is_computed(p, r, a->a[i]) || (a->kind == MS_DO_COPY_ROW && !is_computed(p, a->src_row, a->a[i])))
-                    FAIL("action %d: position %d of row %d is padding", ai, a->a[i], r);
     }
     return MS_OK;
 }
@@ -152,9 +149,9 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
         for (int r = 0; r < p->n_rows; r++) {
             if (p->base_row[r] < 0 || p->base_row[r] >= p->base->n_rows)
                 FAIL("base_row: %d out of range [0, %d)", p->base_row[r], p->base->n_rows);
-            if (p->start_layer[r] < 0 || p->start_layer[r] >= c->n_layers ||
+            if (p->start_layer[r] < -1 || p->start_layer[r] >= c->n_layers ||
                 (r > 0 && p->start_layer[r] < p->start_layer[r - 1]))
-                FAIL("start_layer: must be in [0, %d) and non-decreasing over rows", c->n_layers);
+                FAIL("start_layer: must be in [-1, %d) and non-decreasing over rows", c->n_layers);
             if (p->start_pos[r] < 0 || p->start_pos[r] >= p->n_pos || !is_real(p, r, p->start_pos[r]))
                 FAIL("start_pos: row %d starts at position %d, which is not a real token", r, p->start_pos[r]);
         }
@@ -223,10 +220,12 @@ static void project_interchange(float *x, const float *s, const float *Q, int n,
 static void apply_token_action(const ms_layout *L, const ms_action *a, float *value, int ld) {
     const ms_plan *p = L->plan;
     int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? L->active_rows : a->row + 1;
-    for (int r = first; r < last; r++) {
+    for (int r = first; r < last && r < L->active_rows; r++) {
         size_t vr = (size_t)(r - first) * a->n_a * a->n_b; /* this row's block of value */
         for (int ia = 0; ia < a->n_a; ia++) {
-            float *x = value + (size_t)L->packed_of[(size_t)r * p->n_pos + a->a[ia]] * ld;
+            int k = L->packed_of[(size_t)r * p->n_pos + a->a[ia]];
+            if (k < 0) continue; /* padding, or not recomputed */
+            float *x = value + (size_t)k * ld;
             const float *v = a->value ? a->value + vr + (size_t)ia * a->n_b : NULL;
             switch (a->kind) {
             case MS_DO_SET:
@@ -239,8 +238,9 @@ static void apply_token_action(const ms_layout *L, const ms_action *a, float *va
                 for (int ib = 0; ib < a->n_b; ib++) x[a->b[ib]] *= a->value[0];
                 break;
             case MS_DO_COPY_ROW: {
-                const float *src =
-                    value + (size_t)L->packed_of[(size_t)a->src_row * p->n_pos + a->a[ia]] * ld;
+                int ks = a->src_row < L->active_rows ? L->packed_of[(size_t)a->src_row * p->n_pos + a->a[ia]] : -1;
+                if (ks < 0) break; /* nothing to copy from at the source row's padding */
+                const float *src = value + (size_t)ks * ld;
                 for (int ib = 0; ib < a->n_b; ib++) x[a->b[ib]] = src[a->b[ib]];
                 break;
             }
@@ -331,28 +331,33 @@ static void apply_attention_action(const ms_layout *L, const ms_action *a, float
     const ms_plan *p = L->plan;
     int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? L->active_rows : a->row + 1;
     size_t box = (size_t)a->n_a * a->n_b * a->n_c;
-    for (int r = first; r < last; r++) {
+    for (int r = first; r < last && r < L->active_rows; r++) {
         int nq = L->row_off[r + 1] - L->row_off[r], nk = L->n_real[r];
         float *row_att = att + L->att_off[r];
-        for (int ia = 0; ia < a->n_a; ia++) {
-            for (int ib = 0; ib < a->n_b; ib++) {
-                int qi = L->packed_of[(size_t)r * p->n_pos + a->b[ib]] - L->row_off[r];
-                for (int ic = 0; ic < a->n_c; ic++) {
-                    int kj = key_index(p, r, a->c[ic]);
+        for (int ib = 0; ib < a->n_b; ib++) {
+            int qk = L->packed_of[(size_t)r * p->n_pos + a->b[ib]];
+            if (qk < 0) continue; /* padding, or not recomputed */
+            int qi = qk - L->row_off[r];
+            int s = a->src_row, sq = -1, sq_n = 0, sk_n = 0;
+            if (a->kind == MS_DO_COPY_ROW) {
+                int sk = s < L->active_rows ? L->packed_of[(size_t)s * p->n_pos + a->b[ib]] : -1;
+                if (sk < 0) continue;
+                sq = sk - L->row_off[s], sq_n = L->row_off[s + 1] - L->row_off[s], sk_n = L->n_real[s];
+            }
+            for (int ic = 0; ic < a->n_c; ic++) {
+                if (!is_real(p, r, a->c[ic])) continue;
+                int kj = key_index(p, r, a->c[ic]);
+                for (int ia = 0; ia < a->n_a; ia++) {
                     float *x = row_att + ((size_t)a->a[ia] * nq + qi) * nk + kj;
                     size_t vi = (size_t)(r - first) * box + ((size_t)ia * a->n_b + ib) * a->n_c + ic;
                     switch (a->kind) {
                     case MS_DO_SET: *x = a->value[vi]; break;
                     case MS_DO_ADD: *x += a->value[vi]; break;
                     case MS_DO_SCALE: *x *= a->value[0]; break;
-                    case MS_DO_COPY_ROW: {
-                        int s = a->src_row;
-                        int sq_n = L->row_off[s + 1] - L->row_off[s], sk_n = L->n_real[s];
-                        int sq = L->packed_of[(size_t)s * p->n_pos + a->b[ib]] - L->row_off[s];
-                        int sk = key_index(p, s, a->c[ic]);
-                        *x = att[L->att_off[s] + ((size_t)a->a[ia] * sq_n + sq) * sk_n + sk];
+                    case MS_DO_COPY_ROW:
+                        if (!is_real(p, s, a->c[ic])) break;
+                        *x = att[L->att_off[s] + ((size_t)a->a[ia] * sq_n + sq) * sk_n + key_index(p, s, a->c[ic])];
                         break;
-                    }
                     default: break;
                     }
                 }

@@ -8,6 +8,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,13 +128,6 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
 
 /* ---- running a plan --------------------------------------------------------- */
 
-/* Everything a run borrows from Python, released at the single cleanup label. */
-typedef struct {
-    PyObject *keep;       /* list of converted arrays kept alive during the run */
-    ms_action *actions;
-    PyObject *callback;   /* borrowed */
-} RunArgs;
-
 /* Convert obj to an array of the given type and contiguity with at least min_size
  * elements; the reference goes into keep. Returns the data pointer, or NULL. */
 static void *as_array(PyObject *keep, PyObject *obj, int type, int flags, npy_intp min_size,
@@ -222,6 +216,92 @@ static int parse_action(PyObject *keep, PyObject *t, ms_action *a, const ms_mode
     return 0;
 }
 
+/* tokens [rows, pos] as int32 and the mask (or NULL), both kept alive by keep */
+static int parse_tokens(PyObject *keep, PyObject *otok, PyObject *omask, int *n_rows, int *n_pos,
+                        const int32_t **tokens, const int32_t **mask) {
+    PyArrayObject *tok = (PyArrayObject *)PyArray_FROM_OTF(otok, NPY_INT32, NPY_ARRAY_IN_ARRAY);
+    if (!tok) return -1;
+    int rc = PyList_Append(keep, (PyObject *)tok);
+    Py_DECREF(tok); /* the keep list holds it */
+    if (rc < 0) return -1;
+    if (PyArray_NDIM(tok) != 2 || PyArray_DIM(tok, 0) < 1 || PyArray_DIM(tok, 1) < 1 ||
+        PyArray_DIM(tok, 0) > INT32_MAX / 2 || PyArray_DIM(tok, 1) > INT32_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "tokens: expected a non-empty 2-D array [batch, pos]");
+        return -1;
+    }
+    *n_rows = (int)PyArray_DIM(tok, 0);
+    *n_pos = (int)PyArray_DIM(tok, 1);
+    *tokens = PyArray_DATA(tok);
+    *mask = as_array(keep, omask, NPY_INT32, NPY_ARRAY_IN_ARRAY, PyArray_SIZE(tok), "attention_mask", NULL);
+    if (!*mask && PyErr_Occurred()) return -1;
+    return 0;
+}
+
+/* A list of action tuples -> a calloc'ed array (freed by the caller), *n its length. */
+static ms_action *parse_actions(PyObject *keep, PyObject *oactions, const ms_model *m, int R, int T,
+                                int *n) {
+    *n = 0;
+    PyObject *seq = PySequence_Fast(oactions, "actions: expected a list");
+    if (!seq) return NULL;
+    int rc = PyList_Append(keep, seq);
+    Py_DECREF(seq);
+    if (rc < 0) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "actions: too many");
+        return NULL;
+    }
+    ms_action *actions = calloc((size_t)count + 1, sizeof(ms_action));
+    if (!actions) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (parse_action(keep, PySequence_Fast_GET_ITEM(seq, i), &actions[i], m, R, T) < 0) {
+            free(actions);
+            return NULL;
+        }
+    *n = (int)count;
+    return actions;
+}
+
+/* The metric's arguments for B rows. */
+static int parse_metric(PyObject *keep, int kind, PyObject *opos, PyObject *ocorrect, PyObject *owrong,
+                        PyObject *oref, npy_intp B, npy_intp V, ms_metric *mt) {
+    if (kind < MS_METRIC_LOGIT_DIFF || kind > MS_METRIC_KL) {
+        PyErr_SetString(PyExc_ValueError, "metric: unknown kind");
+        return -1;
+    }
+    mt->kind = (ms_metric_kind)kind;
+    if (!(mt->pos = as_array(keep, opos, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "metric positions", NULL))) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "metric positions: missing");
+        return -1;
+    }
+    mt->correct = as_array(keep, ocorrect, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "answer tokens", NULL);
+    if (!mt->correct && PyErr_Occurred()) return -1;
+    mt->wrong = as_array(keep, owrong, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "wrong tokens", NULL);
+    if (!mt->wrong && PyErr_Occurred()) return -1;
+    mt->ref_logprob = as_array(keep, oref, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, B * V,
+                               "reference log-probabilities", NULL);
+    if (!mt->ref_logprob && PyErr_Occurred()) return -1;
+    return 0;
+}
+
+/* A new float32 array of the given shape, also kept alive by keep. Borrowed. */
+static PyArrayObject *new_output(PyObject *keep, int nd, npy_intp *dims) {
+    PyArrayObject *arr = (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+    if (!arr) return NULL;
+    int rc = PyList_Append(keep, (PyObject *)arr);
+    Py_DECREF(arr);
+    return rc < 0 ? NULL : arr;
+}
+
+/* The Python exception for a failed run: the hook's own, or one from the message. */
+static void raise_status(ms_status st, const ms_error *err) {
+    if (st == MS_ERR_CALLBACK && PyErr_Occurred()) return;
+    PyErr_SetString(st == MS_ERR_MEMORY ? PyExc_MemoryError : PyExc_ValueError, err->message);
+}
+
 static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "mask", "actions", "logit_pos", "logits", "hook",
                              "metric", "metric_pos", "correct", "wrong", "ref_logprob", NULL};
@@ -229,51 +309,28 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
                     *hook = Py_None, *opos = Py_None, *ocorrect = Py_None, *owrong = Py_None,
                     *oref = Py_None;
     int metric = 0;
-    PyObject *result = NULL;
-    RunArgs ra = {0};
+    PyObject *keep = NULL, *result = NULL;
+    ms_action *actions = NULL;
+    PyArrayObject *metric_out = NULL;
     ms_plan plan = {0};
     ms_error err = {{0}};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOiOOOO", kwlist, &otok, &omask, &oactions,
                                      &olpos, &ologits, &hook, &metric, &opos, &ocorrect, &owrong,
                                      &oref))
         return NULL;
-    if (!(ra.keep = PyList_New(0))) goto fail;
-
-    PyArrayObject *tok = (PyArrayObject *)PyArray_FROM_OTF(otok, NPY_INT32, NPY_ARRAY_IN_ARRAY);
-    if (!tok) goto fail;
-    if (PyList_Append(ra.keep, (PyObject *)tok) < 0) { Py_DECREF(tok); goto fail; }
-    Py_DECREF(tok); /* the keep list holds it */
-    if (PyArray_NDIM(tok) != 2) {
-        PyErr_SetString(PyExc_ValueError, "tokens: expected a 2-D array [batch, pos]");
+    if (!(keep = PyList_New(0))) goto fail; /* every converted array, alive until the end */
+    if (parse_tokens(keep, otok, omask, &plan.n_rows, &plan.n_pos, &plan.tokens, &plan.mask) < 0)
         goto fail;
-    }
-    plan.n_rows = (int)PyArray_DIM(tok, 0);
-    plan.n_pos = (int)PyArray_DIM(tok, 1);
-    plan.tokens = PyArray_DATA(tok);
-    npy_intp RT = (npy_intp)plan.n_rows * plan.n_pos;
-    plan.mask = as_array(ra.keep, omask, NPY_INT32, NPY_ARRAY_IN_ARRAY, RT, "attention_mask", NULL);
-    if (!plan.mask && PyErr_Occurred()) goto fail;
-
     if (oactions != Py_None) {
-        PyObject *seq = PySequence_Fast(oactions, "actions: expected a list");
-        if (!seq) goto fail;
-        if (PyList_Append(ra.keep, seq) < 0) { Py_DECREF(seq); goto fail; }
-        Py_DECREF(seq);
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-        ra.actions = calloc((size_t)n + 1, sizeof(ms_action));
-        if (!ra.actions) { PyErr_NoMemory(); goto fail; }
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (parse_action(ra.keep, PySequence_Fast_GET_ITEM(seq, i), &ra.actions[i],
-                             &self->model, plan.n_rows, plan.n_pos) < 0)
-                goto fail;
-        plan.n_actions = (int)n;
-        plan.actions = ra.actions;
+        if (!(actions = parse_actions(keep, oactions, &self->model, plan.n_rows, plan.n_pos, &plan.n_actions)))
+            goto fail;
+        plan.actions = actions;
     }
     if (olpos != Py_None) {
         npy_intp nl = 0;
-        plan.logit_pos = as_array(ra.keep, olpos, NPY_INT32, NPY_ARRAY_IN_ARRAY, 0, "logit_pos", &nl);
+        plan.logit_pos = as_array(keep, olpos, NPY_INT32, NPY_ARRAY_IN_ARRAY, 0, "logit_pos", &nl);
         if (!plan.logit_pos) goto fail;
-        if (plan.n_rows <= 0 || nl % plan.n_rows) {
+        if (nl % plan.n_rows) {
             PyErr_SetString(PyExc_ValueError, "logit_pos: expected [batch, n] positions");
             goto fail;
         }
@@ -292,28 +349,11 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
         plan.callback_ctx = hook;
     }
     plan.n_threads = ms_get_num_threads();
-    PyArrayObject *metric_out = NULL;
     if (metric != MS_METRIC_NONE) {
-        npy_intp B = plan.n_rows, V = self->model.cfg.d_vocab;
-        if (metric < MS_METRIC_LOGIT_DIFF || metric > MS_METRIC_KL) {
-            PyErr_SetString(PyExc_ValueError, "metric: unknown kind");
+        npy_intp B = plan.n_rows;
+        if (parse_metric(keep, metric, opos, ocorrect, owrong, oref, B, self->model.cfg.d_vocab, &plan.metric) < 0)
             goto fail;
-        }
-        plan.metric.kind = (ms_metric_kind)metric;
-        if (!(plan.metric.pos = as_array(ra.keep, opos, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "metric positions", NULL))) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "metric positions: missing");
-            goto fail;
-        }
-        plan.metric.correct = as_array(ra.keep, ocorrect, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "answer tokens", NULL);
-        if (!plan.metric.correct && PyErr_Occurred()) goto fail;
-        plan.metric.wrong = as_array(ra.keep, owrong, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "wrong tokens", NULL);
-        if (!plan.metric.wrong && PyErr_Occurred()) goto fail;
-        plan.metric.ref_logprob = as_array(ra.keep, oref, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, B * V, "reference log-probabilities", NULL);
-        if (!plan.metric.ref_logprob && PyErr_Occurred()) goto fail;
-        metric_out = (PyArrayObject *)PyArray_SimpleNew(1, &B, NPY_FLOAT32);
-        if (!metric_out) goto fail;
-        if (PyList_Append(ra.keep, (PyObject *)metric_out) < 0) { Py_DECREF(metric_out); goto fail; }
-        Py_DECREF(metric_out); /* kept alive by ra.keep until returned */
+        if (!(metric_out = new_output(keep, 1, &B))) goto fail;
         plan.metric_out = PyArray_DATA(metric_out);
     }
 
@@ -321,14 +361,15 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     Py_BEGIN_ALLOW_THREADS
     st = ms_run(&self->model, &plan, &err);
     Py_END_ALLOW_THREADS
-    if (st == MS_ERR_CALLBACK && PyErr_Occurred()) goto fail; /* the hook's own exception */
-    if (st == MS_ERR_MEMORY) { PyErr_SetString(PyExc_MemoryError, err.message); goto fail; }
-    if (st) { PyErr_SetString(PyExc_ValueError, err.message); goto fail; }
+    if (st) {
+        raise_status(st, &err);
+        goto fail;
+    }
     result = metric_out ? (PyObject *)metric_out : Py_None;
     Py_INCREF(result);
 fail:
-    free(ra.actions);
-    Py_XDECREF(ra.keep);
+    free(actions);
+    Py_XDECREF(keep);
     return result;
 }
 
@@ -343,98 +384,107 @@ static int call_python_progress(void *ctx, int done, int total) {
     return failed;
 }
 
+/* One write from the tuple (site, layer, a0, na, b0, nb, c0, nc, source): the source
+ * is the site's full value [rows, ...] in the padded layout. */
+static int parse_write(PyObject *keep, PyObject *t, ms_write *w, const ms_model *m, int B, int T) {
+    PyObject *osrc;
+    int site;
+    if (!PyArg_ParseTuple(t, "iiiiiiiiO", &site, &w->layer, &w->a0, &w->na, &w->b0, &w->nb, &w->c0,
+                          &w->nc, &osrc))
+        return -1;
+    if (site < 0 || site >= MS_N_SITES) {
+        PyErr_SetString(PyExc_ValueError, "write: unknown site");
+        return -1;
+    }
+    w->site = (ms_site)site;
+    npy_intp size = 0;
+    w->source = as_array(keep, osrc, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, 0, "write source", &size);
+    if (!w->source) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "write: no source");
+        return -1;
+    }
+    npy_intp row = ms_site_is_attention(w->site) ? (npy_intp)m->cfg.n_heads * T * T
+                                                 : (npy_intp)T * ms_site_width(&m->cfg, w->site);
+    if (size == row * B) w->source_rows = B;
+    else if (size == row) w->source_rows = 1;
+    else {
+        PyErr_Format(PyExc_ValueError, "write source: has %zd elements, expected %zd (all rows) or %zd (one row)",
+                     size, row * B, row);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *Model_sweep(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"tokens", "mask", "patches", "values", "metric", "pos", "correct",
-                             "wrong", "ref_logprob", "chunk_bytes", "progress", NULL};
-    PyObject *otok, *omask, *opatch, *ovals, *opos, *ocorrect, *owrong, *oref, *progress;
+    static char *kwlist[] = {"tokens", "mask", "base_actions", "writes", "patches", "metric", "pos",
+                             "correct", "wrong", "ref_logprob", "chunk_bytes", "progress", NULL};
+    PyObject *otok, *omask, *obase, *owrites, *opatch, *opos, *ocorrect, *owrong, *oref, *progress;
     int metric;
     Py_ssize_t chunk_bytes;
     PyObject *keep = NULL, *result = NULL;
+    ms_action *base_actions = NULL;
+    ms_write *writes = NULL;
     ms_patch *patches = NULL;
     ms_sweep_plan s = {0};
     ms_error err = {{0}};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOiOOOOnO", kwlist, &otok, &omask, &opatch,
-                                     &ovals, &metric, &opos, &ocorrect, &owrong, &oref,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOiOOOOnO", kwlist, &otok, &omask, &obase,
+                                     &owrites, &opatch, &metric, &opos, &ocorrect, &owrong, &oref,
                                      &chunk_bytes, &progress))
         return NULL;
     if (!(keep = PyList_New(0))) return NULL;
-    PyArrayObject *tok = (PyArrayObject *)PyArray_FROM_OTF(otok, NPY_INT32, NPY_ARRAY_IN_ARRAY);
-    if (!tok) goto fail;
-    if (PyList_Append(keep, (PyObject *)tok) < 0) { Py_DECREF(tok); goto fail; }
-    Py_DECREF(tok);
-    if (PyArray_NDIM(tok) != 2) {
-        PyErr_SetString(PyExc_ValueError, "tokens: expected [batch, pos]");
+    if (parse_tokens(keep, otok, omask, &s.n_rows, &s.n_pos, &s.tokens, &s.mask) < 0) goto fail;
+    if (!(base_actions = parse_actions(keep, obase, &self->model, s.n_rows, s.n_pos, &s.n_base_actions)))
+        goto fail;
+    s.base_actions = base_actions;
+
+    PyObject *seq = PySequence_Fast(owrites, "writes: expected a list");
+    if (!seq) goto fail;
+    if (PyList_Append(keep, seq) < 0) { Py_DECREF(seq); goto fail; }
+    Py_DECREF(seq);
+    Py_ssize_t n_writes = PySequence_Fast_GET_SIZE(seq);
+    if (n_writes > INT32_MAX) { PyErr_SetString(PyExc_ValueError, "writes: too many"); goto fail; }
+    if (!(writes = calloc((size_t)n_writes + 1, sizeof(ms_write)))) { PyErr_NoMemory(); goto fail; }
+    for (Py_ssize_t i = 0; i < n_writes; i++)
+        if (parse_write(keep, PySequence_Fast_GET_ITEM(seq, i), &writes[i], &self->model, s.n_rows, s.n_pos) < 0)
+            goto fail;
+    s.n_writes = (int)n_writes;
+    s.writes = writes;
+
+    /* patches: [n, 2] int32 (first write, number of writes) */
+    npy_intp np2 = 0;
+    const int32_t *pd = as_array(keep, opatch, NPY_INT32, NPY_ARRAY_IN_ARRAY, 0, "patches", &np2);
+    if (!pd || np2 % 2) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patches: expected [n, 2] ints");
         goto fail;
     }
-    s.n_rows = (int)PyArray_DIM(tok, 0);
-    s.n_pos = (int)PyArray_DIM(tok, 1);
-    s.tokens = PyArray_DATA(tok);
-    npy_intp B = s.n_rows, RT = (npy_intp)s.n_rows * s.n_pos, V = self->model.cfg.d_vocab;
-    s.mask = as_array(keep, omask, NPY_INT32, NPY_ARRAY_IN_ARRAY, RT, "attention_mask", NULL);
-    if (!s.mask && PyErr_Occurred()) goto fail;
-    npy_intp np8 = 0;
-    const int32_t *pd = as_array(keep, opatch, NPY_INT32, NPY_ARRAY_IN_ARRAY, 0, "patches", &np8);
-    if (!pd || np8 % 8) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "patches: expected [n, 8] ints");
-        goto fail;
-    }
-    s.n_patches = (int)(np8 / 8);
-    patches = calloc((size_t)s.n_patches + 1, sizeof(ms_patch));
-    if (!patches) { PyErr_NoMemory(); goto fail; }
-    npy_intp need_vals = 0;
-    for (int i = 0; i < s.n_patches; i++) {
-        const int32_t *q = pd + (size_t)i * 8;
-        if (q[0] < 0 || q[0] >= MS_N_SITES) {
-            PyErr_SetString(PyExc_ValueError, "patches: unknown site");
-            goto fail;
-        }
-        patches[i] = (ms_patch){(ms_site)q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
-        npy_intp box = (npy_intp)q[3] * q[5] * (ms_site_is_attention((ms_site)q[0]) ? q[7] : 1);
-        if (q[3] < 0 || q[5] < 0 || q[7] < 0) {
-            PyErr_SetString(PyExc_ValueError, "patches: negative range");
-            goto fail;
-        }
-        need_vals += B * box;
-    }
+    s.n_patches = (int)(np2 / 2);
+    if (!(patches = calloc((size_t)s.n_patches + 1, sizeof(ms_patch)))) { PyErr_NoMemory(); goto fail; }
+    for (int i = 0; i < s.n_patches; i++) patches[i] = (ms_patch){pd[2 * i], pd[2 * i + 1]};
     s.patches = patches;
-    s.values = as_array(keep, ovals, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, need_vals, "values", NULL);
-    if (!s.values) goto fail;
-    s.metric.kind = (ms_metric_kind)metric;
-    if (metric < MS_METRIC_LOGIT_DIFF || metric > MS_METRIC_KL) {
-        PyErr_SetString(PyExc_ValueError, "metric: unknown kind");
+
+    if (parse_metric(keep, metric, opos, ocorrect, owrong, oref, s.n_rows, self->model.cfg.d_vocab, &s.metric) < 0)
         goto fail;
-    }
-    if (!(s.metric.pos = as_array(keep, opos, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "metric positions", NULL))) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "metric positions: missing");
-        goto fail;
-    }
-    s.metric.correct = as_array(keep, ocorrect, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "answer tokens", NULL);
-    if (!s.metric.correct && PyErr_Occurred()) goto fail;
-    s.metric.wrong = as_array(keep, owrong, NPY_INT32, NPY_ARRAY_IN_ARRAY, B, "wrong tokens", NULL);
-    if (!s.metric.wrong && PyErr_Occurred()) goto fail;
-    s.metric.ref_logprob = as_array(keep, oref, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, B * V, "reference log-probabilities", NULL);
-    if (!s.metric.ref_logprob && PyErr_Occurred()) goto fail;
     s.chunk_bytes = chunk_bytes > 0 ? (size_t)chunk_bytes : 1;
     if (progress != Py_None) {
         s.progress = call_python_progress;
         s.progress_ctx = progress;
     }
     s.n_threads = ms_get_num_threads();
-    npy_intp dims[2] = {s.n_patches, B};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-    if (!out) goto fail;
+    npy_intp dims[2] = {s.n_patches, s.n_rows};
+    PyArrayObject *out = new_output(keep, 2, dims), *base = new_output(keep, 1, &dims[1]);
+    if (!out || !base) goto fail;
     ms_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = ms_sweep(&self->model, &s, PyArray_DATA(out), &err);
+    st = ms_sweep(&self->model, &s, PyArray_DATA(out), PyArray_DATA(base), &err);
     Py_END_ALLOW_THREADS
     if (st) {
-        Py_DECREF(out);
-        if (st == MS_ERR_CALLBACK && PyErr_Occurred()) goto fail;
-        PyErr_SetString(st == MS_ERR_MEMORY ? PyExc_MemoryError : PyExc_ValueError, err.message);
+        raise_status(st, &err);
         goto fail;
     }
-    result = (PyObject *)out;
+    result = Py_BuildValue("(OO)", out, base); /* new references to both */
 fail:
+    free(base_actions);
+    free(writes);
     free(patches);
     Py_XDECREF(keep);
     return result;
@@ -466,8 +516,10 @@ static PyMethodDef Model_methods[] = {
      "run(tokens, mask=None, actions=None, logit_pos=None, logits=None, hook=None)\n"
      "Execute one plan; results are written into the arrays passed in."},
     {"sweep", (PyCFunction)(void (*)(void))Model_sweep, METH_VARARGS | METH_KEYWORDS,
-     "sweep(tokens, mask, patches, values, metric, pos, correct, wrong, ref_logprob, chunk_bytes, progress)\n"
-     "-> float32 [n_patches, batch]: the metric of every row under every patch."},
+     "sweep(tokens, mask, base_actions, writes, patches, metric, pos, correct, wrong, ref_logprob,\n"
+     "      chunk_bytes, progress)\n"
+     "-> (float32 [n_patches, batch], float32 [batch]): the metric of every row under every\n"
+     "patch, and of the unpatched base run."},
     {"workspace_bytes", (PyCFunction)Model_workspace_bytes, METH_VARARGS,
      "workspace_bytes(mask, n_logit_pos) -> bytes of working memory a run needs"},
     {NULL, NULL, 0, NULL}};

@@ -39,4 +39,7 @@ ms_status ms_visit_attention(const ms_layout *L, ms_site site, int layer, float 
 /* 1 when some action of the plan other than a cache touches (site, layer). */
 int ms_plan_touches(const ms_plan *plan, ms_site site, int layer);
 
+/* 1 when some action of the plan (a cache included) is at (site, layer). */
+int ms_plan_visits(const ms_plan *plan, ms_site site, int layer);
+
 #endif

@@ -26,6 +26,7 @@ from .interventions import (
     Zero,
 )
 from .model import Model, RunResult
+from . import metrics, patching  # noqa: E402  (submodules: ms.metrics.LogitDiff, ms.patching.resid_pre)
 
 __version__ = "0.1.0"
 

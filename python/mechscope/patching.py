@@ -1,0 +1,333 @@
+"""Activation patching: sweeps of patches over layers, positions and heads.
+
+Every function here has the signature of TransformerLens's ``patching`` function of
+the same name (without ``get_act_patch_``) and returns the same array::
+
+    clean = model.run(clean_tokens, cache=model.site_names)
+    grid = ms.patching.resid_pre(model, corrupted_tokens, clean.cache,
+                                 ms.metrics.LogitDiff(correct, wrong))   # [n_layers, pos]
+
+For each index (layer, position, head, ...) the clean run's value is written into
+the corrupted run at that index, for every prompt of the batch, and the metric of
+the patched run is recorded (the batch mean for the built-in metrics). The whole
+sweep is one plan executed in C: a patch at layer L and position p recomputes only
+layers >= L at positions >= p, many patches share each matrix product, and patches
+that cannot change anything (they write the value that is already there) are not
+run at all.
+
+Noising, the reverse direction, is the same call with the roles swapped: the clean
+tokens and the corrupted run's cache, ``resid_pre(model, clean_tokens,
+corrupted.cache, metric)``.
+
+The metric is one of ``mechscope.metrics`` (computed in C) or any Python function of
+the logits [batch, pos, vocab] that returns a number; the latter runs one forward
+pass per patch and is much slower.
+"""
+import numpy as np
+
+from . import metrics as _metrics
+from . import sites
+from ._progress import progress_bar
+from ._runtime import get_memory_budget
+from .interventions import _SET, Intervention, Patch, Source
+
+__all__ = [
+    "sweep",
+    "resid_pre", "resid_mid", "attn_out", "mlp_out", "block_every",
+    "attn_head_out_all_pos", "attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_v_all_pos",
+    "attn_head_pattern_all_pos", "attn_head_all_pos_every",
+    "attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos",
+    "attn_head_pattern_by_pos", "attn_head_pattern_dest_src_pos", "attn_head_by_pos_every",
+]
+
+
+# ---------------------------------------------------------------- the engine
+
+class _Write(Intervention):
+    """One box of a site set to the same box of a full source value, as the core's
+    sweep takes it: ranges (a0, na), (b0, nb), (c0, nc) over positions x columns for
+    token sites, heads x queries x keys for attention sites."""
+
+    def __init__(self, name, code, layer, a, b, c, source):
+        super().__init__(name)
+        self.code, self.layer, self.a, self.b, self.c, self.source = code, layer, a, b, c, source
+
+    def core_tuple(self):
+        (a0, na), (b0, nb), (c0, nc) = self.a, self.b, self.c
+        return (self.code, self.layer, a0, na, b0, nb, c0, nc, self.source)
+
+    def compile(self, model, batch, n_pos, context):
+        """As an ordinary intervention (the slow path): a SET of the box, every row."""
+        a, b, c = (np.arange(s, s + n, dtype=np.int32) for s, n in (self.a, self.b, self.c))
+        src = self.source if self.source.shape[0] == batch else np.broadcast_to(self.source, (batch,) + self.source.shape[1:])
+        if self.code in _ATTENTION_CODES:
+            value = src[:, a][:, :, b][:, :, :, c]
+        else:
+            value = src.reshape(batch, n_pos, -1)[:, a][:, :, b]
+            c = None
+        return [(_SET, self.code, self.layer, -1, 0, a, b, c, np.ascontiguousarray(value), None, 0, None, 0)]
+
+
+_ATTENTION_CODES = {sites.SITE_CODES[s] for s in sites.ATTENTION}
+
+
+def _runs(indices):
+    """Sorted unique indices -> contiguous (start, length) runs."""
+    idx = np.unique(np.asarray(indices))
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    return [(int(r[0]), int(r.size)) for r in np.split(idx, breaks)]
+
+
+def _writes_of_patch(model, patch, batch, n_pos):
+    """A mechscope.Patch -> writes covering the same entries (one per contiguous box)."""
+    if not isinstance(patch, Patch):
+        raise TypeError(f"patches: expected mechscope.Patch interventions, got {type(patch).__name__}")
+    if isinstance(patch.source, Source):
+        raise ValueError("patches: a sweep patches from a cache or an array, not from a Source run")
+    if patch.row is not None:
+        raise ValueError("patches: a sweep patches every row of the batch; row= is not supported here")
+    code, layer, suffix, a, b, c, _ = patch._box(model, batch, n_pos)
+    source = _source_array(model, patch.source, patch.site, suffix, batch, n_pos)
+    writes = []
+    for ra in _runs(a):
+        for rb in _runs(b):
+            for rc in (_runs(c) if c is not None else [(0, 0)]):
+                writes.append(_Write(patch.site, code, layer, ra, rb, rc, source))
+    return writes
+
+
+def _source_array(model, source, name, suffix, batch, n_pos, argument="source"):
+    """The full value of site `name` in a cache (dict, RunResult, TransformerLens
+    ActivationCache) or an array, checked against the run's shape, as C-contiguous
+    float32 [rows, ...] with rows = batch (or 1: the same for every row)."""
+    cache = getattr(source, "cache", source)
+    if isinstance(cache, np.ndarray):
+        value = cache
+    else:
+        try:
+            value = cache[name]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"{argument}: the cache has no {name!r}; cache it in the clean run "
+                             f"(e.g. model.run(tokens, cache={name!r}))") from None
+    value = np.asarray(value, dtype=np.float32)
+    expected = sites.shape(suffix, model._shape_cfg, batch, n_pos)
+    if value.shape != expected and value.shape != (1,) + expected[1:]:
+        raise ValueError(f"{argument}: {name!r} has shape {list(value.shape)}, the patched run needs "
+                         f"{list(expected)} (same batch and positions as its tokens)")
+    return np.ascontiguousarray(value)
+
+
+def _base_actions(model, interventions, batch, n_pos):
+    actions = []
+    for iv in model._check_interventions(interventions):
+        if isinstance(getattr(iv, "source", None), Source):
+            raise ValueError("interventions: a sweep's base run cannot patch from a Source run")
+        actions += iv.compile(model, batch, n_pos, {})
+    for act in actions:
+        if act[0] not in (_SET, 2, 3, 5):  # set, add, scale, subspace
+            raise ValueError("interventions: a sweep's base run takes Set, Zero, Add, Scale, "
+                             "MeanAblate, Noise and SubspacePatch interventions")
+    return actions
+
+
+def _run_sweep(model, tokens, mask, patches, metric, interventions, per_row, progress):
+    """patches: list of lists of _Write. Returns the metric per patch ([n] or [n, batch])."""
+    B, T = tokens.shape
+    if isinstance(metric, _metrics.Metric):
+        args = metric.core_args(model, B, T, mask)
+        writes, ranges = [], []
+        for patch in patches:
+            if not patch:
+                raise ValueError("patches: a patch with nothing to write")
+            ranges.append((len(writes), len(patch)))
+            writes += [w.core_tuple() for w in patch]
+        base = _base_actions(model, interventions, B, T)
+        chunk = max(1 << 24, min(get_memory_budget() // 4, 1 << 30))
+        with progress_bar(progress, "patching", unit="row") as bar:
+            values, base_values = model._core.sweep(
+                tokens, mask, base, writes, np.asarray(ranges, np.int32).reshape(-1, 2),
+                args["metric"], args["pos"], args["correct"], args["wrong"], args["ref_logprob"],
+                chunk, bar.callback)
+        return values if per_row else metric.reduce(values)
+    if not callable(metric):
+        raise TypeError("metric: expected a mechscope.metrics metric or a function of the logits")
+    if per_row:
+        raise ValueError("per_row: only the built-in metrics give values per row")
+    base = model._check_interventions(interventions)
+    out = np.empty(len(patches), np.float32)
+    with progress_bar(progress, "patching (Python metric)", unit="patch", total=len(patches)) as bar:
+        for i, patch in enumerate(patches):
+            logits = model.run(tokens, attention_mask=mask, interventions=base + list(patch)).logits
+            out[i] = float(metric(logits))
+            bar.update(1)
+    return out
+
+
+def sweep(model, tokens, patches, metric, *, attention_mask=None, interventions=None,
+          per_row=False, progress=None):
+    """Run many patches, each one intervened run of the whole batch, in one plan.
+
+    patches: a list whose entries are a mechscope.Patch or a list of Patches applied
+        together (e.g. one head's output at several layers); sources are caches or
+        arrays of the run's shape.
+    metric: a mechscope.metrics metric, or a function of the logits [batch, pos, vocab].
+    interventions: applied in every run (the base run and every patched one), e.g.
+        noise on the subject tokens; a patch at the same site overrides them.
+    per_row: return [n_patches, batch] values instead of the batch mean (built-in
+        metrics only).
+    Returns a float32 array [n_patches] (or [n_patches, batch]).
+    """
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    B, T = tokens.shape
+    if isinstance(patches, Intervention):
+        patches = [patches]
+    compiled = []
+    for patch in patches:
+        group = patch if isinstance(patch, (list, tuple)) else [patch]
+        compiled.append([w for p in group for w in _writes_of_patch(model, p, B, T)])
+    return _run_sweep(model, tokens, mask, compiled, metric, interventions, per_row, progress)
+
+
+# ------------------------------------------------- TransformerLens's patching functions
+
+def _grid(model, corrupted_tokens, clean_cache, metric, suffix, axes, box, attention_mask,
+          interventions, progress):
+    """One write per index of the grid `axes` (a list of sizes, the layer first), the
+    box given by box(*index) -> (a, b, c) ranges; returns the metric in the grid's shape."""
+    tokens, mask = model._check_tokens(corrupted_tokens, attention_mask)
+    B, T = tokens.shape
+    code = sites.SITE_CODES[suffix]
+    sources = [_source_array(model, clean_cache, f"blocks.{layer}.{suffix}", suffix, B, T, "clean_cache")
+               for layer in range(model.n_layers)]
+    shape = [model.n_layers] + [n(T) if callable(n) else n for n in axes]
+    patches = []
+    for index in np.ndindex(*shape):
+        layer = index[0]
+        a, b, c = box(*index[1:])
+        patches.append([_Write(f"blocks.{layer}.{suffix}", code, layer, a, b, c, sources[layer])])
+    values = _run_sweep(model, tokens, mask, patches, metric, interventions, False, progress)
+    return np.asarray(values, np.float32).reshape(shape)
+
+
+def _positions(T):
+    return T
+
+
+def _layer_pos(suffix):
+    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
+           progress=None):
+        width = sites.shape(suffix, model._shape_cfg, 1, 1)[-1]
+        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, [_positions],
+                     lambda p: ((p, 1), (0, width), (0, 0)), attention_mask, interventions, progress)
+    fn.__name__ = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid",
+                   "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}[suffix]
+    fn.__doc__ = (f"Patch blocks.L.{suffix} at each (layer, position): [n_layers, pos].\n\n"
+                  "Arguments as TransformerLens's get_act_patch_" + fn.__name__ + "; also\n"
+                  "attention_mask, interventions (applied in every run) and progress.")
+    return fn
+
+
+resid_pre = _layer_pos("hook_resid_pre")
+resid_mid = _layer_pos("hook_resid_mid")
+attn_out = _layer_pos("hook_attn_out")
+mlp_out = _layer_pos("hook_mlp_out")
+
+_HEAD_SITES = {"out": "attn.hook_z", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
+
+
+def _head_by_pos(kind):
+    suffix = _HEAD_SITES[kind]
+
+    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
+           progress=None):
+        dh = model.d_head
+        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, [_positions, model.n_heads],
+                     lambda p, h: ((p, 1), (h * dh, dh), (0, 0)), attention_mask, interventions, progress)
+    fn.__name__ = f"attn_head_{kind}_by_pos"
+    fn.__doc__ = (f"Patch one head's {suffix} at one position, each (layer, position, head):\n"
+                  "[n_layers, pos, n_heads]. Arguments as TransformerLens's get_act_patch_" + fn.__name__ + ".")
+    return fn
+
+
+def _head_all_pos(kind):
+    suffix = _HEAD_SITES[kind]
+
+    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
+           progress=None):
+        dh = model.d_head
+        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, [model.n_heads],
+                     lambda h: ((0, _T(corrupted_tokens)), (h * dh, dh), (0, 0)), attention_mask,
+                     interventions, progress)
+    fn.__name__ = f"attn_head_{kind}_all_pos"
+    fn.__doc__ = (f"Patch one head's {suffix} at every position, each (layer, head): [n_layers, n_heads].\n"
+                  "Arguments as TransformerLens's get_act_patch_" + fn.__name__ + ".")
+    return fn
+
+
+def _T(tokens):
+    tokens = np.asarray(tokens)
+    return tokens.shape[-1]
+
+
+attn_head_out_by_pos = _head_by_pos("out")
+attn_head_q_by_pos = _head_by_pos("q")
+attn_head_k_by_pos = _head_by_pos("k")
+attn_head_v_by_pos = _head_by_pos("v")
+attn_head_out_all_pos = _head_all_pos("out")
+attn_head_q_all_pos = _head_all_pos("q")
+attn_head_k_all_pos = _head_all_pos("k")
+attn_head_v_all_pos = _head_all_pos("v")
+
+
+def attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
+                              interventions=None, progress=None):
+    """Patch one head's whole attention pattern, each (layer, head): [n_layers, n_heads]."""
+    T = _T(corrupted_tokens)
+    return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern", [model.n_heads],
+                 lambda h: ((h, 1), (0, T), (0, T)), attention_mask, interventions, progress)
+
+
+def attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
+                             interventions=None, progress=None):
+    """Patch one head's attention from one destination position (a row of its pattern),
+    each (layer, head, dest): [n_layers, n_heads, pos]."""
+    T = _T(corrupted_tokens)
+    return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern",
+                 [model.n_heads, _positions], lambda h, d: ((h, 1), (d, 1), (0, T)), attention_mask,
+                 interventions, progress)
+
+
+def attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
+                                   interventions=None, progress=None):
+    """Patch one entry of one head's pattern, each (layer, head, dest, src):
+    [n_layers, n_heads, pos, pos]. Entries no query can see (src > dest) leave the
+    run unchanged and are not run."""
+    return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern",
+                 [model.n_heads, _positions, _positions], lambda h, d, s: ((h, 1), (d, 1), (s, 1)),
+                 attention_mask, interventions, progress)
+
+
+def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """out, q, k, v and pattern patched at all positions: [5, n_layers, n_heads]."""
+    return np.stack([attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)])
+
+
+def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """out, q, k, v and pattern (by destination) per position: [5, n_layers, pos, n_heads]."""
+    pattern = attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)
+    return np.stack([attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     pattern.transpose(0, 2, 1)])
+
+
+def block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
+    """resid_pre, attn_out and mlp_out per (layer, position): [3, n_layers, pos]."""
+    return np.stack([resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
+                     mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs)])
