@@ -133,6 +133,7 @@ class Model:
                     raise TypeError(f"weights: {name} has dtype {a.dtype}, expected floating point")
                 weights[name] = a.astype(np.float32)
         self.config = cfg
+        self._weights = weights  # float32 arrays (views of the mapped checkpoint where possible)
         self.n_layers = cfg["n_layer"]
         self.n_heads = cfg["n_head"]
         self.d_model = cfg["n_embd"]

@@ -130,8 +130,9 @@ def _base_actions(model, interventions, batch, n_pos):
     return actions
 
 
-def _run_sweep(model, tokens, mask, patches, metric, interventions, per_row, progress):
-    """patches: list of lists of _Write. Returns the metric per patch ([n] or [n, batch])."""
+def _run_sweep(model, tokens, mask, patches, metric, interventions, progress):
+    """patches: list of lists of _Write. Returns (values [n_patches, batch], base
+    [batch]) for the built-in metrics, (values [n_patches], None) for a Python one."""
     B, T = tokens.shape
     if isinstance(metric, _metrics.Metric):
         args = metric.core_args(model, B, T, mask)
@@ -144,15 +145,12 @@ def _run_sweep(model, tokens, mask, patches, metric, interventions, per_row, pro
         base = _base_actions(model, interventions, B, T)
         chunk = max(1 << 24, min(get_memory_budget() // 4, 1 << 30))
         with progress_bar(progress, "patching", unit="row") as bar:
-            values, base_values = model._core.sweep(
+            return model._core.sweep(
                 tokens, mask, base, writes, np.asarray(ranges, np.int32).reshape(-1, 2),
                 args["metric"], args["pos"], args["correct"], args["wrong"], args["ref_logprob"],
                 chunk, bar.callback)
-        return values if per_row else metric.reduce(values)
     if not callable(metric):
         raise TypeError("metric: expected a mechscope.metrics metric or a function of the logits")
-    if per_row:
-        raise ValueError("per_row: only the built-in metrics give values per row")
     base = model._check_interventions(interventions)
     out = np.empty(len(patches), np.float32)
     with progress_bar(progress, "patching (Python metric)", unit="patch", total=len(patches)) as bar:
@@ -160,7 +158,13 @@ def _run_sweep(model, tokens, mask, patches, metric, interventions, per_row, pro
             logits = model.run(tokens, attention_mask=mask, interventions=base + list(patch)).logits
             out[i] = float(metric(logits))
             bar.update(1)
-    return out
+    return out, None
+
+
+def _reduce(metric, values):
+    """The metric per patch: the batch mean of the built-in metrics (normalised for
+    Recovery); a Python metric's values are already one per patch."""
+    return metric.reduce(values) if isinstance(metric, _metrics.Metric) else values
 
 
 def sweep(model, tokens, patches, metric, *, attention_mask=None, interventions=None,
@@ -181,11 +185,14 @@ def sweep(model, tokens, patches, metric, *, attention_mask=None, interventions=
     B, T = tokens.shape
     if isinstance(patches, Intervention):
         patches = [patches]
+    if per_row and not isinstance(metric, _metrics.Metric):
+        raise ValueError("per_row: only the built-in metrics give values per row")
     compiled = []
     for patch in patches:
         group = patch if isinstance(patch, (list, tuple)) else [patch]
         compiled.append([w for p in group for w in _writes_of_patch(model, p, B, T)])
-    return _run_sweep(model, tokens, mask, compiled, metric, interventions, per_row, progress)
+    values, _ = _run_sweep(model, tokens, mask, compiled, metric, interventions, progress)
+    return values if per_row else _reduce(metric, values)
 
 
 # ------------------------------------------------- TransformerLens's patching functions
@@ -205,8 +212,8 @@ def _grid(model, corrupted_tokens, clean_cache, metric, suffix, axes, box, atten
         layer = index[0]
         a, b, c = box(*index[1:])
         patches.append([_Write(f"blocks.{layer}.{suffix}", code, layer, a, b, c, sources[layer])])
-    values = _run_sweep(model, tokens, mask, patches, metric, interventions, False, progress)
-    return np.asarray(values, np.float32).reshape(shape)
+    values, _ = _run_sweep(model, tokens, mask, patches, metric, interventions, progress)
+    return np.asarray(_reduce(metric, values), np.float32).reshape(shape)
 
 
 def _positions(T):

@@ -1,0 +1,179 @@
+"""Causal tracing as in ROME (Meng et al. 2022, "Locating and Editing Factual
+Associations in GPT").
+
+The subject's token embeddings are corrupted with Gaussian noise in several copies
+of the prompt; then, one (layer, token) at a time, a state of the clean run is
+restored in the corrupted copies, and the probability of the clean answer is
+measured. States whose restoration brings the answer back carry the fact.
+
+    result = ms.tracing.trace(model, "Tom Baker lives in", subject="Tom Baker")
+    result.scores              # [tokens, layers]: P(answer) with that state restored
+    result.indirect_effect     # scores - low_score
+    ms.plot.trace(result)
+
+The whole map (every token x every layer) is one sweep executed in C.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import metrics as _metrics
+from .interventions import Noise
+from .patching import _run_sweep, _source_array, _Write
+from . import sites
+
+__all__ = ["TraceResult", "embedding_std", "trace"]
+
+_KIND_SITES = {None: "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+
+
+@dataclass
+class TraceResult:
+    """The outcome of one causal trace, with the fields of ROME's saved results.
+
+    scores: [tokens, layers] mean probability of the answer over the noised copies
+        with the state at (token, layer) restored (for kind "mlp"/"attn": the module
+        outputs at that token over the window of layers around the layer).
+    low_score: the same probability with nothing restored (the corrupted run).
+    high_score: the clean run's probability of the answer.
+    """
+    scores: np.ndarray
+    low_score: float
+    high_score: float
+    subject_range: tuple
+    answer: int
+    kind: str
+    window: int
+    noise: float
+    tokens: np.ndarray
+    str_tokens: list = field(default=None)
+    answer_str: str = None
+
+    @property
+    def indirect_effect(self):
+        """scores - low_score: what restoring each state recovers."""
+        return self.scores - self.low_score
+
+    @property
+    def total_effect(self):
+        """high_score - low_score: what the noise took away."""
+        return self.high_score - self.low_score
+
+    def __repr__(self):
+        return (f"TraceResult(kind={self.kind or 'hidden'}, scores={list(self.scores.shape)}, "
+                f"high_score={self.high_score:.4f}, low_score={self.low_score:.4f}, "
+                f"subject_range={self.subject_range}, answer={self.answer_str or self.answer!r})")
+
+
+def embedding_std(model, subjects):
+    """The standard deviation of the token embeddings (before position embeddings)
+    over all tokens of the given subjects (strings, or token lists), as ROME computes
+    the scale of its noise: noise = 3 * embedding_std(model, subjects)."""
+    rows = []
+    for s in subjects:
+        ids = model._encode(s) if isinstance(s, str) else [int(t) for t in np.asarray(s).ravel()]
+        if not ids:
+            continue
+        if min(ids) < 0 or max(ids) >= model.d_vocab:
+            raise ValueError(f"subjects: token id out of range [0, {model.d_vocab})")
+        rows.append(np.asarray(ids))
+    if not rows:
+        raise ValueError("subjects: expected at least one non-empty subject")
+    wte = model._weights["wte.weight"]
+    return float(np.asarray(wte[np.concatenate(rows)], np.float64).std(ddof=1))
+
+
+def _find_subject(model, tokens, subject):
+    """The token range [b, e) of `subject` in the prompt, by decoding the tokens."""
+    pieces = [model._need_tokenizer().decode([int(t)]) for t in tokens]
+    text = "".join(pieces)
+    at = text.find(subject)
+    if at < 0:
+        raise ValueError(f"subject: {subject!r} not found in the prompt {text!r}")
+    starts = np.cumsum([0] + [len(p) for p in pieces])
+    b = int(np.searchsorted(starts, at, side="right") - 1)
+    e = int(np.searchsorted(starts, at + len(subject), side="left"))
+    return b, e
+
+
+def trace(model, prompt, subject, answer=None, *, kind=None, window=10, noise=None, samples=10,
+          seed=1, progress=None):
+    """Trace which states of the model carry the prediction (ROME's causal tracing).
+
+    prompt: one prompt, as text (with the model's tokenizer) or tokens [pos].
+    subject: the token range (b, e) to corrupt, or the subject's text.
+    answer: the token whose probability is measured; default: the clean run's top
+        prediction, as in ROME.
+    kind: None restores the residual stream after each block (ROME's hidden states);
+        "mlp" or "attn" restores that module's outputs at the token over `window`
+        layers around each layer, [L - window // 2, L + window - window // 2).
+    noise: the standard deviation of the noise; default 3 * the standard deviation of
+        all token embeddings. ROME uses 3 * embedding_std(model, all_subjects).
+    samples, seed: noised copies, drawn as numpy.random.RandomState(seed).randn(
+        samples, e - b, d_model) (seed 1 gives ROME's draws).
+    """
+    if kind not in _KIND_SITES:
+        raise ValueError(f"kind: expected None, 'mlp' or 'attn', got {kind!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected a positive int, got {window!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples: expected a positive int, got {samples!r}")
+    tokens, _ = model._check_tokens(prompt, None)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"prompt: trace takes one prompt, got a batch of {tokens.shape[0]}")
+    tokens = tokens[0]
+    T = tokens.shape[0]
+    if isinstance(subject, str):
+        b, e = _find_subject(model, tokens, subject)
+    else:
+        try:
+            b, e = (int(x) for x in subject)
+        except (TypeError, ValueError):
+            raise TypeError("subject: expected the subject's text or a token range (b, e)") from None
+        if not 0 <= b < e <= T:
+            raise ValueError(f"subject: range ({b}, {e}) is not inside the prompt's {T} tokens")
+    if noise is None:
+        noise = 3.0 * float(np.asarray(model._weights["wte.weight"], np.float64).std(ddof=1))
+    noise = float(noise)
+    if not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise: expected a finite standard deviation >= 0, got {noise!r}")
+
+    site = _KIND_SITES[kind]
+    clean = model.run(tokens[None], cache=f"blocks.*.{site}", logits="last")
+    clean_logits = clean.logits[0].astype(np.float64)
+    probs = np.exp(clean_logits - clean_logits.max())
+    probs /= probs.sum()
+    if answer is None:
+        answer = int(np.argmax(probs))
+    answer = int(answer)
+    if not 0 <= answer < model.d_vocab:
+        raise ValueError(f"answer: token id {answer} out of range [0, {model.d_vocab})")
+
+    # the clean states, one row broadcast to every noised copy
+    L = model.n_layers
+    code = sites.SITE_CODES[site]
+    sources = [_source_array(model, clean.cache, f"blocks.{layer}.{site}", site, 1, T)
+               for layer in range(L)]
+    width = model.d_model
+    patches = []
+    for t in range(T):
+        for layer in range(L):
+            if kind is None:
+                layers = [layer]
+            else:
+                layers = range(max(0, layer - window // 2), min(L, layer + window - window // 2))
+            patches.append([_Write(f"blocks.{l}.{site}", code, l, (t, 1), (0, width), (0, 0), sources[l])
+                            for l in layers])
+    noised = np.broadcast_to(tokens, (samples, T))
+    corrupt = [Noise("hook_embed", std=noise, seed=seed, pos=list(range(b, e)))]
+    metric = _metrics.Prob(answer)
+    values, base = _run_sweep(model, noised, None, patches, metric, corrupt, progress)
+    scores = values.astype(np.float64).mean(axis=1).reshape(T, L)
+    str_tokens = answer_str = None
+    if model.tokenizer is not None:
+        str_tokens = model.to_str_tokens(tokens)
+        answer_str = model.tokenizer.decode([answer])
+    return TraceResult(scores=scores.astype(np.float32), low_score=float(np.mean(base, dtype=np.float64)),
+                       high_score=float(probs[answer]), subject_range=(b, e), answer=answer,
+                       kind=kind or "", window=window, noise=noise, tokens=tokens.astype(np.int64),
+                       str_tokens=str_tokens, answer_str=answer_str)

@@ -1,0 +1,59 @@
+"""Plot helpers: every sweep layout and a causal trace render to PNG."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TOKENS = ["<bos>", "When", "Mary", "and", "John"]
+
+
+@pytest.mark.parametrize("shape, layout, panels", [
+    ((3, 5), "layer pos", 1),
+    ((3, 4), "layer head", 1),
+    ((3, 5, 4), "layer pos head", 4),
+    ((3, 4, 5), "layer head pos", 4),  # could be "type layer pos" too: needs layout=
+    ((2, 2, 5, 5), "layer head dest src", 4),
+    ((3, 3, 5), "type layer pos", 3),  # could be "layer head pos" too
+    ((5, 3, 4), "type layer head", 5),
+    ((5, 3, 5, 4), "type layer pos head", 20),
+])
+def test_heatmap_layouts(ms, tmp_path, shape, layout, panels):
+    values = np.random.default_rng(0).normal(size=shape)
+    tokens = TOKENS if layout != "layer head" and layout != "type layer head" else None
+    ambiguous = shape in ((3, 4, 5), (3, 3, 5))
+    if ambiguous:
+        with pytest.raises(ValueError, match="layout"):
+            ms.plot.heatmap(values, tokens=tokens)
+    fig = ms.plot.heatmap(values, tokens=tokens, layout=layout if ambiguous else None)
+    images = [ax for ax in fig.axes if ax.images]
+    assert len(images) == panels
+    # the colour scale is centred on 0 and covers every value
+    lo, hi = images[0].images[0].get_clim()
+    assert lo == pytest.approx(-hi) and hi >= np.abs(values).max() - 1e-12
+    if tokens is not None and "dest" not in layout:
+        assert [t.get_text() for t in images[0].get_xticklabels()] == [f"{t}|{i}" for i, t in enumerate(TOKENS)]
+    fig.savefig(tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 1000
+    # explicit layout gives the same
+    assert len([ax for ax in ms.plot.heatmap(values, tokens=tokens, layout=layout).axes if ax.images]) == panels
+
+
+def test_heatmap_ambiguous_layout(ms):
+    with pytest.raises(ValueError, match="layout"):
+        ms.plot.heatmap(np.zeros((3, 4, 5, 4)))  # positions, but no tokens to tell them
+    with pytest.raises(ValueError, match="layout"):
+        ms.plot.heatmap(np.zeros(7))
+
+
+def test_trace_plot(ms, tmp_path):
+    result = ms.tracing.TraceResult(
+        scores=np.random.default_rng(1).uniform(size=(5, 3)).astype(np.float32), low_score=0.1,
+        high_score=0.9, subject_range=(2, 4), answer=7, kind="mlp", window=10, noise=0.3,
+        tokens=np.arange(5), str_tokens=TOKENS, answer_str=" Paris")
+    fig = ms.plot.trace(result)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["<bos>", "When", "Mary*", "and*", "John"]
+    fig.savefig(tmp_path / "trace.png")
+    assert (tmp_path / "trace.png").stat().st_size > 1000
