@@ -26,7 +26,7 @@ from .interventions import (
     Zero,
 )
 from .model import Model, RunResult
-from . import metrics, patching, plot, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
+from . import demo, metrics, patching, plot, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
 
 __version__ = "0.1.0"
 

@@ -82,8 +82,24 @@ def _panels(values, layout, tokens):
     raise ValueError(f"layout: unknown {layout!r}; expected one of {sorted(LAYOUTS)}")
 
 
+def _draw(ax, panel, vmin, vmax, cmap):
+    title, v, row_label, col_label, ticks = panel
+    image = ax.imshow(v, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    ax.set_ylabel(row_label)
+    ax.set_xlabel(col_label)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_yticks(range(v.shape[0]))
+    if ticks is not None and len(ticks) == v.shape[1]:
+        ax.set_xticks(range(v.shape[1]))
+        ax.set_xticklabels(ticks, rotation=90, fontsize=7)
+    if row_label == "destination" and ticks is not None and len(ticks) == v.shape[0]:
+        ax.set_yticklabels(ticks, fontsize=7)
+    return image
+
+
 def heatmap(values, tokens=None, layout=None, title=None, cmap="RdBu", center=0.0, ncols=None,
-            colorbar_label="metric"):
+            colorbar_label="metric", ax=None):
     """Heatmap of a sweep's result: layers down, positions (labelled with the tokens)
     or heads across; one panel per head or per patch type where the result has them.
 
@@ -91,6 +107,7 @@ def heatmap(values, tokens=None, layout=None, title=None, cmap="RdBu", center=0.
     tokens: the token strings of the corrupted prompt (model.to_str_tokens(tokens[0])).
     layout: the names of the axes (see mechscope.plot.LAYOUTS), inferred if None.
     center: the value the diverging colour map puts at white (None: no centring).
+    ax: a matplotlib Axes to draw into (results with one panel only).
     Returns the matplotlib Figure.
     """
     values = np.asarray(values, dtype=np.float64)
@@ -98,37 +115,34 @@ def heatmap(values, tokens=None, layout=None, title=None, cmap="RdBu", center=0.
         tokens = [str(t) for t in tokens]
     layout = layout or _infer_layout(values, tokens)
     panels = _panels(values, layout, tokens)
-    plt = _pyplot()
-    n = len(panels)
-    ncols = ncols or min(n, 4)
-    nrows = (n + ncols - 1) // ncols
-    cols = panels[0][1].shape[1]
-    width = max(4.0, min(16.0, 1.0 + 0.45 * cols * ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(width, 0.5 + 2.6 * nrows + 0.12 * panels[0][1].shape[0] * nrows),
-                            squeeze=False, constrained_layout=True)
     finite = values[np.isfinite(values)]
     if center is None or finite.size == 0:
         vmin, vmax = (finite.min(), finite.max()) if finite.size else (0, 1)
     else:
         span = max(np.abs(finite - center).max(), 1e-12)
         vmin, vmax = center - span, center + span
+    plt = _pyplot()
+    if ax is not None:
+        if len(panels) != 1:
+            raise ValueError(f"ax: a {layout!r} result has {len(panels)} panels; leave ax=None")
+        image = _draw(ax, panels[0], vmin, vmax, cmap)
+        if title:
+            ax.set_title(title, fontsize=10)
+        ax.figure.colorbar(image, ax=ax, shrink=0.8, label=colorbar_label)
+        return ax.figure
+    n = len(panels)
+    ncols = ncols or min(n, 4)
+    nrows = (n + ncols - 1) // ncols
+    cols = panels[0][1].shape[1]
+    width = max(4.0, min(16.0, 1.0 + 0.45 * cols * ncols))
+    height = 0.5 + 2.6 * nrows + 0.12 * panels[0][1].shape[0] * nrows
+    fig, axs = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, constrained_layout=True)
     image = None
-    for ax, (ptitle, v, row_label, col_label, ticks) in zip(axs.flat, panels):
-        image = ax.imshow(v, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_ylabel(row_label)
-        ax.set_xlabel(col_label)
-        if ptitle:
-            ax.set_title(ptitle, fontsize=9)
-        ax.set_yticks(range(v.shape[0]))
-        if ticks is not None and len(ticks) == v.shape[1]:
-            ax.set_xticks(range(v.shape[1]))
-            ax.set_xticklabels(ticks, rotation=90, fontsize=7)
-        if row_label == "destination" and ticks is not None and len(ticks) == v.shape[0]:
-            ax.set_yticklabels(ticks, fontsize=7)
-    for ax in list(axs.flat)[n:]:
-        ax.axis("off")
-    if image is not None:
-        fig.colorbar(image, ax=axs, shrink=0.8, label=colorbar_label)
+    for panel_ax, panel in zip(axs.flat, panels):
+        image = _draw(panel_ax, panel, vmin, vmax, cmap)
+    for panel_ax in list(axs.flat)[n:]:
+        panel_ax.axis("off")
+    fig.colorbar(image, ax=axs, shrink=0.8, label=colorbar_label)
     if title:
         fig.suptitle(title)
     return fig

@@ -84,15 +84,17 @@ def embedding_std(model, subjects):
 
 
 def _find_subject(model, tokens, subject):
-    """The token range [b, e) of `subject` in the prompt, by decoding the tokens."""
-    pieces = [model._need_tokenizer().decode([int(t)]) for t in tokens]
-    text = "".join(pieces)
+    """The token range [b, e) covering `subject` in the prompt's decoded text. Token k
+    starts where the decoding of the first k tokens ends (this holds for byte-level
+    BPE and for word-level tokenizers that join words with spaces alike)."""
+    tok = model._need_tokenizer()
+    text = tok.decode([int(t) for t in tokens])
     at = text.find(subject)
     if at < 0:
         raise ValueError(f"subject: {subject!r} not found in the prompt {text!r}")
-    starts = np.cumsum([0] + [len(p) for p in pieces])
-    b = int(np.searchsorted(starts, at, side="right") - 1)
-    e = int(np.searchsorted(starts, at + len(subject), side="left"))
+    starts = [len(tok.decode([int(t) for t in tokens[:k]])) for k in range(len(tokens) + 1)]
+    b = max(k for k in range(len(tokens)) if starts[k] <= at)
+    e = min(k for k in range(b + 1, len(tokens) + 1) if starts[k] >= at + len(subject))
     return b, e
 
 
