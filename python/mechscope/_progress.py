@@ -26,7 +26,11 @@ def progress_bar(progress, description, unit, total=None):
     if progress is False:
         yield _Bar(None)
         return
-    from tqdm.auto import tqdm
+    try:
+        import ipywidgets  # noqa: F401  (tqdm's notebook bar needs it)
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
 
     bar = tqdm(total=total, desc=description, unit=unit, delay=0 if progress else 1.0, leave=False)
     try:
