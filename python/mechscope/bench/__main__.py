@@ -11,6 +11,8 @@ import sys
 BENCHMARKS = {
     "forward": ("mechscope.bench.forward",
                 "GPT-2-small forward pass vs HuggingFace, FLOP rate vs sgemm peak, load memory"),
+    "patch": ("mechscope.bench.patch",
+              "patching sweeps on GPT-2 small vs TransformerLens's patching functions, sweep memory"),
 }
 
 

@@ -52,6 +52,23 @@ def time_median(fn, budget_s=2.0, min_repeats=3, max_repeats=25):
     return statistics.median(times), times
 
 
+# ---------------------------------------------------------------- the model
+
+GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+
+
+def save_random_gpt2(folder, seed, config=GPT2_SMALL):
+    """Write a GPT-2-small-sized checkpoint with random (HF-initialised) weights.
+
+    Random weights cost the same to run as trained ones and need no download."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**config))
+    model.save_pretrained(folder)  # config.json + model.safetensors (tied unembedding stored once)
+
+
 # ---------------------------------------------------------------- sgemm peak
 
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
@@ -134,22 +151,23 @@ def gpt2_flops(cfg, batch, pos, logit_rows):
 
 # ---------------------------------------------------------------- load memory
 
-# Runs in a fresh interpreter so that nothing but mechscope and NumPy has been loaded
-# and no earlier allocation has already raised the peak. ru_maxrss is a high-water
-# mark, so its rise during the load is the load's peak cost, temporaries included.
+# Runs in a fresh interpreter so that nothing but mechscope and NumPy has been loaded.
+# VmHWM is the peak resident memory of this process's address space, which starts
+# afresh at exec (unlike ru_maxrss, which Linux carries over from the parent), so
+# its rise during the load is the load's peak cost, temporaries included.
 _LOAD_PROBE = r"""
-import json, resource, sys
+import json, sys
 import mechscope as ms
 
-def rss_kib():
+def status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
 
-peak0, rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
+peak0, rss0 = status_kib("VmHWM"), status_kib("VmRSS")
 model = ms.Model.from_pretrained(sys.argv[1])
-peak1, rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
+peak1, rss1 = status_kib("VmHWM"), status_kib("VmRSS")
 print(json.dumps({"peak_before": peak0 * 1024, "peak_after": peak1 * 1024,
                   "rss_before": rss0 * 1024, "rss_after": rss1 * 1024}))
 """
@@ -171,7 +189,7 @@ def print_load_memory(folder, target=1.3):
     peak = mem["peak_after"] - mem["peak_before"]
     resident = mem["rss_after"] - mem["rss_before"]
     mib = 2.0 ** 20
-    print("memory of ms.Model.from_pretrained (fresh process, ru_maxrss and VmRSS):")
+    print("memory of ms.Model.from_pretrained (fresh process, VmHWM and VmRSS):")
     print(f"  model.safetensors:      {size / mib:8.1f} MiB")
     print(f"  peak RSS before/after:  {mem['peak_before'] / mib:8.1f} / {mem['peak_after'] / mib:.1f} MiB")
     print(f"  peak RSS increase:      {peak / mib:8.1f} MiB = {peak / size:.3f} x file size"

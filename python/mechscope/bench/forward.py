@@ -17,7 +17,6 @@ import mechscope as ms
 
 from . import common
 
-GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
 DEFAULT_SHAPES = "1x16,1x128,8x128,1x1024"
 
 
@@ -32,18 +31,6 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     return args
-
-
-def save_random_gpt2(folder, seed):
-    """Write a GPT-2-small-sized checkpoint with random (HF-initialised) weights.
-
-    Random weights cost the same to run as trained ones and need no download."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**GPT2_SMALL))
-    model.save_pretrained(folder)  # config.json + model.safetensors (tied unembedding stored once)
 
 
 def load_hf(folder):
@@ -119,12 +106,12 @@ def main(argv=()):
     common.print_header("forward", [
         f"torch {torch.__version__} ({torch.get_num_threads()} threads, MKL: {torch.backends.mkl.is_available()}), "
         f"transformers {transformers.__version__}",
-        f"model: GPT-2 small shape {GPT2_SMALL}, random weights (seed {args.seed}), fp32",
+        f"model: GPT-2 small shape {common.GPT2_SMALL}, random weights (seed {args.seed}), fp32",
     ])
     peak = common.measure_sgemm_peak()
 
     with tempfile.TemporaryDirectory(prefix="mechscope-bench-") as folder:
-        save_random_gpt2(folder, args.seed)
+        common.save_random_gpt2(folder, args.seed)
         common.print_load_memory(folder)
         model = ms.Model.from_pretrained(folder)
         hf = load_hf(folder)
