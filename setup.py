@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 
 sanitize = os.environ.get("MECHSCOPE_SANITIZE") == "1"
 
-compile_args = ["-std=c11", "-O3", "-pthread", "-Wall", "-Wextra", "-Werror",
+compile_args = ["-std=c11", "-O3", "-ffp-contract=fast", "-pthread", "-Wall", "-Wextra", "-Werror",
                 "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 link_args = ["-pthread",
              # find the OpenBLAS of the installed scipy-openblas32 wheel, which sits

@@ -10,21 +10,19 @@
 #include "blas.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Attention over at least this many queries x keys uses the BLAS; smaller ones use
- * plain loops, many sequences at once on different threads. */
-#define MS_ATTENTION_BLAS_MIN (48 * 48)
 
 typedef struct {
     float *resid;   /* [N, C]   the residual stream */
     float *ln;      /* [N, C]   a layer norm's output */
     float *scale;   /* [N]      a layer norm's divisor */
     float *qkv;     /* [N, 3C] */
-    float *att;     /* [sum over rows of H * n_q * n_k] scores, then pattern */
-    float *kv;      /* [sum over resuming rows of 2 * n_k * C] their keys | values */
+    float *att;     /* [sum over rows of H * n_q * n_k] scores, then pattern (only when visited) */
+    float *scratch; /* [n_threads, scratch_floats] each thread's keys of one head, four rows of scores */
     float *z;       /* [N, C] */
     float *tmp_a;   /* [N, C]   embed, then attn_out */
     float *tmp_b;   /* [N, C]   pos_embed, then mlp_out */
@@ -56,18 +54,31 @@ static int metric_needs_logits(const ms_plan *p) {
 }
 
 typedef struct {
-    size_t N, att, kv, out_rows, out_full;
+    size_t N, att, scratch, out_rows, out_full;
 } ms_sizes;
+
+/* 1 when some action is at the scores or the pattern, of any layer: the run then
+ * stores them */
+static int stores_attention(const ms_plan *p) {
+    for (int i = 0; i < p->n_actions; i++)
+        if (ms_site_is_attention(p->actions[i].site)) return 1;
+    return 0;
+}
+
+static int run_threads(const ms_plan *p) { return p->n_threads > 0 ? p->n_threads : ms_get_num_threads(); }
 
 static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
     ms_sizes s = {0};
+    int att = stores_attention(p);
+    size_t max_keys = 0;
     for (int r = 0; r < p->n_rows; r++) {
         size_t n = (size_t)real_count(p, r);
         size_t first = p->start_pos ? (size_t)real_index(p, r, p->start_pos[r]) : 0;
         s.N += n - first;
-        s.att += (size_t)m->cfg.n_heads * (n - first) * n;
-        if (first > 0) s.kv += 2 * n * (size_t)m->cfg.d_model;
+        if (att) s.att += (size_t)m->cfg.n_heads * (n - first) * n;
+        if (n > max_keys) max_keys = n;
     }
+    s.scratch = (size_t)run_threads(p) * ((size_t)m->cfg.d_head + 4) * (max_keys > 0 ? max_keys : 1);
     s.out_rows = (size_t)p->n_rows * p->n_logit_pos;
     if (p->metric.kind != MS_METRIC_NONE) {
         s.out_rows += (size_t)p->n_rows;
@@ -78,13 +89,14 @@ static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
 
 static size_t buffer_floats(const ms_config *c, ms_sizes s) {
     size_t C = (size_t)c->d_model;
-    return s.N * (C * 6 + 1 + 3 * C + (size_t)c->d_mlp) + s.att + s.kv + s.out_rows * C + s.out_full;
+    return s.N * (C * 6 + 1 + 3 * C + (size_t)c->d_mlp) + s.att + s.scratch + s.out_rows * C + s.out_full;
 }
 
 size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan) {
     ms_sizes s = plan_sizes(m, plan);
-    size_t index_bytes = sizeof(int) * ((size_t)plan->n_rows * (5 + plan->n_pos) + s.N) +
-                         2 * sizeof(size_t) * (plan->n_rows + 1);
+    size_t items = (size_t)m->cfg.n_heads * (size_t)plan->n_rows;
+    size_t index_bytes = sizeof(int) * ((size_t)plan->n_rows * (6 + plan->n_pos) + s.N + items) +
+                         sizeof(size_t) * (plan->n_rows + 1);
     size_t record = plan->record ? 3 * sizeof(float) * (size_t)m->cfg.n_layers * s.N * m->cfg.d_model : 0;
     return buffer_floats(&m->cfg, s) * sizeof(float) + index_bytes + record;
 }
@@ -97,13 +109,13 @@ static void layout_free(ms_layout *L) {
     free(L->packed_of);
     free(L->pos_of);
     free(L->att_off);
-    free(L->kv_off);
+    free(L->item_off);
+    free(L->item_row);
 }
 
 /* Build the packed layout; allocates L's index arrays (freed by layout_free). */
 static ms_status layout_build(ms_layout *L, const ms_model *m, const ms_plan *p, ms_error *err) {
     int R = p->n_rows, T = p->n_pos, H = m->cfg.n_heads;
-    size_t C = (size_t)m->cfg.d_model;
     L->m = m;
     L->plan = p;
     L->row_off = malloc(sizeof(int) * (size_t)(R + 1));
@@ -112,13 +124,14 @@ static ms_status layout_build(ms_layout *L, const ms_model *m, const ms_plan *p,
     L->layer0 = malloc(sizeof(int) * (size_t)R);
     L->packed_of = malloc(sizeof(int) * (size_t)R * (size_t)T);
     L->att_off = malloc(sizeof(size_t) * (size_t)(R + 1));
-    L->kv_off = malloc(sizeof(size_t) * (size_t)(R + 1));
+    L->item_off = malloc(sizeof(int) * (size_t)(R + 1));
     if (!L->row_off || !L->n_real || !L->first || !L->layer0 || !L->packed_of || !L->att_off ||
-        !L->kv_off)
+        !L->item_off)
         goto oom;
     L->row_off[0] = 0;
     L->att_off[0] = 0;
-    L->kv_off[0] = 0;
+    L->item_off[0] = 0;
+    L->max_keys = 1;
     for (int r = 0; r < R; r++) {
         int n = real_count(p, r);
         int first = p->start_pos ? real_index(p, r, p->start_pos[r]) : 0;
@@ -127,11 +140,16 @@ static ms_status layout_build(ms_layout *L, const ms_model *m, const ms_plan *p,
         L->layer0[r] = p->start_layer ? p->start_layer[r] : -1;
         L->row_off[r + 1] = L->row_off[r] + (n - first);
         L->att_off[r + 1] = L->att_off[r] + (size_t)H * (n - first) * n;
-        L->kv_off[r + 1] = L->kv_off[r] + (first > 0 ? 2 * (size_t)n * C : 0);
+        L->item_off[r + 1] = L->item_off[r] + H;
+        if (n > L->max_keys) L->max_keys = n;
     }
     L->N = L->row_off[R];
+    L->scratch_floats = ((size_t)m->cfg.d_head + 4) * (size_t)L->max_keys;
     L->pos_of = malloc(sizeof(int) * (size_t)L->N + 1);
-    if (!L->pos_of) goto oom;
+    L->item_row = malloc(sizeof(int) * (size_t)L->item_off[R] + 1);
+    if (!L->pos_of || !L->item_row) goto oom;
+    for (int r = 0; r < R; r++)
+        for (int k = L->item_off[r]; k < L->item_off[r + 1]; k++) L->item_row[k] = r;
     for (int r = 0; r < R; r++) {
         int k = L->row_off[r], idx = 0;
         for (int t = 0; t < T; t++) {
@@ -167,9 +185,10 @@ static void carve_buffers(ms_buffers *b, float *base, const ms_config *c, ms_siz
     b->ln = b->resid + n * C;
     b->scale = b->ln + n * C;
     b->qkv = b->scale + n;
-    b->att = b->qkv + n * 3 * C;
-    b->kv = b->att + s.att;
-    b->z = b->kv + s.kv;
+    float *att = b->qkv + n * 3 * C;
+    b->att = s.att ? att : NULL; /* not stored when nothing visits it */
+    b->scratch = att + s.att;
+    b->z = b->scratch + s.scratch;
     b->tmp_a = b->z + n * C;
     b->tmp_b = b->tmp_a + n * C;
     b->mlp = b->tmp_b + n * C;
@@ -230,110 +249,169 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
     return ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err);
 }
 
-/* Where row r's keys and values are: in qkv itself, or (resuming rows) in the
- * scratch, base prefix first. */
-static void row_keys(const ms_layout *L, ms_buffers *b, int r, int layer, const float **k,
-                     const float **v, int *ld) {
-    int C = L->m->cfg.d_model;
-    const float *own = b->qkv + (size_t)L->row_off[r] * 3 * C;
-    if (L->first[r] == 0) {
-        *k = own + C;
-        *v = own + 2 * C;
-        *ld = 3 * C;
-        return;
+/* ---- attention ------------------------------------------------------------------- */
+
+/* Where the keys (or values) of row r and head h are: the base run's for the row's
+ * first `n_base` real tokens (resuming rows), then the row's own, in qkv. */
+typedef struct {
+    const float *base, *own;
+    int ld_base, ld_own, n_base;
+} kv_source;
+
+static kv_source row_kv(const ms_layout *L, const ms_buffers *b, int r, int layer, int h, int which) {
+    size_t C = (size_t)L->m->cfg.d_model, dh = (size_t)L->m->cfg.d_head;
+    kv_source src = {0};
+    src.own = b->qkv + (size_t)L->row_off[r] * 3 * C + (size_t)which * C + (size_t)h * dh;
+    src.ld_own = (int)(3 * C);
+    src.n_base = L->first[r];
+    if (src.n_base > 0) {
+        const ms_state *st = L->plan->base;
+        const float *all = which == 1 ? st->k : st->v;
+        src.base = all + ((size_t)layer * st->N + base_token(L, r, 0)) * C + (size_t)h * dh;
+        src.ld_base = (int)C;
     }
-    const ms_state *st = L->plan->base;
-    float *kk = b->kv + L->kv_off[r], *vv = kk + (size_t)L->n_real[r] * C;
-    int f = L->first[r];
-    size_t base0 = (size_t)layer * st->N + base_token(L, r, 0);
-    memcpy(kk, st->k + base0 * C, sizeof(float) * (size_t)f * C);
-    memcpy(vv, st->v + base0 * C, sizeof(float) * (size_t)f * C);
-    for (int j = f; j < L->n_real[r]; j++) {
-        memcpy(kk + (size_t)j * C, own + (size_t)(j - f) * 3 * C + C, sizeof(float) * C);
-        memcpy(vv + (size_t)j * C, own + (size_t)(j - f) * 3 * C + 2 * C, sizeof(float) * C);
-    }
-    *k = kk;
-    *v = vv;
-    *ld = C;
+    return src;
 }
 
-static int use_blas(const ms_layout *L, int r) {
-    long long nq = L->row_off[r + 1] - L->row_off[r];
-    return nq * L->n_real[r] >= MS_ATTENTION_BLAS_MIN;
+/* kt[c, j] = key j, dimension c, for keys j < n */
+static void keys_transposed(float *kt, int ldkt, kv_source k, int n, int d) {
+    int nb = n < k.n_base ? n : k.n_base;
+    if (nb > 0) ms_transpose_keys(kt, ldkt, k.base, k.ld_base, nb, d);
+    if (n > nb) ms_transpose_keys(kt + nb, ldkt, k.own, k.ld_own, n - nb, d);
 }
 
-/* The attention of rows [lo, hi) that are small enough for plain loops: each row
- * on one thread, all its heads, from scores to z. Only when no action reads or
- * changes the scores or the pattern. */
+/* z[d] = sum over keys j < n of p[j] * value j */
+static void mix(float *z, const float *p, kv_source v, int n, int d) {
+    memset(z, 0, sizeof(float) * (size_t)d);
+    int nb = n < v.n_base ? n : v.n_base;
+    if (nb > 0) ms_mix_values(z, p, v.base, v.ld_base, nb, d);
+    if (n > nb) ms_mix_values(z, p + nb, v.own, v.ld_own, n - nb, d);
+}
+
+/* the same for four queries: rows of z (stride ldz) and of p (stride ldp) */
+static void mix4(float *z, int ldz, const float *p, int ldp, kv_source v, int n, int d) {
+    for (int i = 0; i < 4; i++) memset(z + (size_t)i * ldz, 0, sizeof(float) * (size_t)d);
+    int nb = n < v.n_base ? n : v.n_base;
+    if (nb > 0) ms_mix_values4(z, ldz, p, ldp, v.base, v.ld_base, nb, d);
+    if (n > nb) ms_mix_values4(z, ldz, p + nb, ldp, v.own, v.ld_own, n - nb, d);
+}
+
+/* Phases of the attention of one layer. When no action visits the scores or the
+ * pattern, each query goes from scores to z in one go and nothing is stored (ALL);
+ * otherwise the scores and the pattern are stored for the visits, between phases. */
+enum { PHASE_ALL, PHASE_SCORES, PHASE_SOFTMAX, PHASE_MIX };
+
 typedef struct {
     const ms_layout *L;
     ms_buffers *b;
-    int layer;
+    int layer, phase, n_slots, n_items;
     float scale;
 } attention_job;
 
-static void attention_row(const attention_job *j, int r, int phase) {
+/* One work item: one head of one row, its queries taken four at a time (so that
+ * each key and value loaded serves four queries). The keys are transposed as the
+ * queries come to see them, once per item. */
+static void attention_item(const attention_job *j, int item, float *scratch) {
     const ms_layout *L = j->L;
     const ms_config *c = &L->m->cfg;
-    int C = c->d_model, nq = L->row_off[r + 1] - L->row_off[r];
-    int blas = use_blas(L, r);
-    const float *k, *v;
-    int ld;
-    float *att = j->b->att + L->att_off[r];
-    if (phase == 0) {
-        row_keys(L, j->b, r, j->layer, &k, &v, &ld);
-        ms_attention_scores(att, j->b->qkv + (size_t)L->row_off[r] * 3 * C, 3 * C, k, ld, nq,
-                            L->n_real[r], L->first[r], c->n_heads, c->d_head, j->scale, blas);
-    } else if (phase == 1) {
-        ms_causal_softmax(att, c->n_heads, nq, L->n_real[r], L->first[r]);
-    } else {
-        /* the keys and values are where row_keys put them in phase 0 */
-        if (L->first[r] == 0) row_keys(L, j->b, r, j->layer, &k, &v, &ld);
-        else k = j->b->kv + L->kv_off[r], v = k + (size_t)L->n_real[r] * C, ld = C;
-        ms_attention_mix(j->b->z + (size_t)L->row_off[r] * C, C, att, v, ld, nq, L->n_real[r],
-                         c->n_heads, c->d_head, blas);
+    int C = c->d_model, d = c->d_head;
+    int r = L->item_row[item], h = item - L->item_off[r];
+    int nq = L->row_off[r + 1] - L->row_off[r];
+    int nk = L->n_real[r], q0 = L->first[r]; /* query i is the row's real token q0 + i */
+    const float *q = j->b->qkv + (size_t)L->row_off[r] * 3 * C + (size_t)h * d;
+    float *z = j->b->z + (size_t)L->row_off[r] * C + (size_t)h * d;
+    float *slab = j->b->att ? j->b->att + L->att_off[r] + (size_t)h * nq * nk : NULL;
+    float *kt = scratch, *s = scratch + (size_t)d * L->max_keys; /* kt: [d, nk]; s: four rows of nk */
+    kv_source keys = row_kv(L, j->b, r, j->layer, h, 1), values = row_kv(L, j->b, r, j->layer, h, 2);
+    int transposed = 0;
+    for (int i = 0; i < nq; i += 4) {
+        int g = nq - i < 4 ? nq - i : 4;
+        int seen = q0 + i + g < nk ? q0 + i + g : nk; /* keys the group's last query sees */
+        const float *qi = q + (size_t)i * 3 * C;
+        float *zi = z + (size_t)i * C;
+        float *rows = j->phase == PHASE_ALL ? s : slab + (size_t)i * nk;
+        if (j->phase == PHASE_ALL || j->phase == PHASE_SCORES) {
+            if (seen > transposed) {
+                kv_source more = keys; /* keys [transposed, seen) */
+                if (transposed < more.n_base) {
+                    more.base += (size_t)transposed * more.ld_base;
+                    more.n_base -= transposed;
+                } else {
+                    more.own += (size_t)(transposed - more.n_base) * more.ld_own;
+                    more.n_base = 0;
+                }
+                keys_transposed(kt + transposed, nk, more, seen - transposed, d);
+                transposed = seen;
+            }
+            if (g == 4) ms_query_scores4(rows, nk, qi, 3 * C, kt, nk, seen, d, j->scale);
+            else
+                for (int k = 0; k < g; k++)
+                    ms_query_scores(rows + (size_t)k * nk, qi + (size_t)k * 3 * C, kt, nk, seen, d, j->scale);
+        }
+        for (int k = 0; k < g; k++) {
+            int visible = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
+            float *row = rows + (size_t)k * nk;
+            if (j->phase == PHASE_SCORES) {
+                for (int x = visible; x < nk; x++) row[x] = -INFINITY;
+            } else if (j->phase == PHASE_SOFTMAX) {
+                ms_softmax(row, visible);
+                for (int x = visible; x < nk; x++) row[x] = 0.0f;
+            } else if (j->phase == PHASE_ALL) {
+                ms_softmax(row, visible);
+                for (int x = visible; x < seen; x++) row[x] = 0.0f; /* the group's common length */
+            }
+        }
+        if (j->phase == PHASE_ALL || j->phase == PHASE_MIX) {
+            /* stored patterns: every key, as an intervention may have written any entry */
+            int n = j->phase == PHASE_ALL ? seen : nk;
+            if (g == 4) mix4(zi, C, rows, nk, values, n, d);
+            else
+                for (int k = 0; k < g; k++) mix(zi + (size_t)k * C, rows + (size_t)k * nk, values, n, d);
+        }
     }
 }
 
-typedef struct {
-    const attention_job *job;
-    int phase_lo, phase_hi;
-} small_rows_job;
-
-static void small_rows(void *ctx, long long lo, long long hi) {
-    const small_rows_job *s = ctx;
-    for (long long r = lo; r < hi; r++) {
-        if (use_blas(s->job->L, (int)r)) continue;
-        for (int phase = s->phase_lo; phase < s->phase_hi; phase++) attention_row(s->job, (int)r, phase);
+/* slots [lo, hi): slot t takes items t, t + n_slots, ... (interleaved, so that
+ * long and short rows, late and early query blocks are shared out evenly) */
+static void attention_slots(void *ctx, long long lo, long long hi) {
+    const attention_job *j = ctx;
+    for (long long t = lo; t < hi; t++) {
+        float *scratch = j->b->scratch + (size_t)t * j->L->scratch_floats;
+        for (long long item = t; item < j->n_items; item += j->n_slots) attention_item(j, (int)item, scratch);
     }
 }
 
-/* phases [lo, hi) of every active row: big rows one after the other, each with all
- * threads in the BLAS; small rows side by side on the threads */
-static void attention_phases(const attention_job *job, int lo, int hi) {
+static void attention_phase(attention_job *job, int phase) {
     const ms_layout *L = job->L;
+    job->phase = phase;
+    job->n_items = L->item_off[L->active_rows];
+    /* threads only when each gets enough work to outweigh starting it */
+    double work = 0.0;
     for (int r = 0; r < L->active_rows; r++)
-        if (use_blas(L, r))
-            for (int phase = lo; phase < hi; phase++) attention_row(job, r, phase);
-    small_rows_job s = {job, lo, hi};
-    ms_parallel_for(L->active_rows, 8, L->n_threads, small_rows, &s);
+        work += (double)(L->row_off[r + 1] - L->row_off[r]) * L->n_real[r];
+    work *= (double)L->m->cfg.d_model;
+    int slots = (int)(work / (1 << 18)) + 1;
+    if (slots > L->n_threads) slots = L->n_threads;
+    if (slots > job->n_items) slots = job->n_items > 0 ? job->n_items : 1;
+    job->n_slots = slots;
+    ms_parallel_for(slots, 1, L->n_threads, attention_slots, job);
 }
 
 /* scores -> visit -> softmax -> visit -> z, for every active row */
 static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, ms_error *err) {
     const ms_config *c = &L->m->cfg;
-    attention_job job = {L, b, layer, 1.0f};
+    attention_job job = {L, b, layer, 0, 0, 0, 1.0f};
     if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
     if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
     ms_status st;
     if (ms_plan_visits(L->plan, MS_SITE_ATTN_SCORES, layer) || ms_plan_visits(L->plan, MS_SITE_PATTERN, layer)) {
-        attention_phases(&job, 0, 1);
+        attention_phase(&job, PHASE_SCORES);
         if ((st = ms_visit_attention(L, MS_SITE_ATTN_SCORES, layer, b->att, err))) return st;
-        attention_phases(&job, 1, 2);
+        attention_phase(&job, PHASE_SOFTMAX);
         if ((st = ms_visit_attention(L, MS_SITE_PATTERN, layer, b->att, err))) return st;
-        attention_phases(&job, 2, 3);
+        attention_phase(&job, PHASE_MIX);
     } else {
-        attention_phases(&job, 0, 3);
+        attention_phase(&job, PHASE_ALL);
     }
     return ms_visit_tokens(L, MS_SITE_Z, layer, b->z, c->d_model, err);
 }
@@ -451,6 +529,67 @@ static void compute_metric(const ms_layout *L, ms_buffers *b) {
     ms_parallel_for(R, 4, L->n_threads, metric_rows, &job);
 }
 
+/* ---- working memory ------------------------------------------------------------------ */
+
+struct ms_workspace {
+    pthread_mutex_t lock;
+    float *buf;
+    size_t floats;
+    int busy;
+};
+
+ms_workspace *ms_workspace_new(void) {
+    ms_workspace *w = calloc(1, sizeof *w);
+    if (w && pthread_mutex_init(&w->lock, NULL) != 0) {
+        free(w);
+        return NULL;
+    }
+    return w;
+}
+
+void ms_workspace_free(ms_workspace *w) {
+    if (!w) return;
+    pthread_mutex_destroy(&w->lock);
+    free(w->buf);
+    free(w);
+}
+
+/* A buffer of at least n floats: the kept one if it is free and not more than twice
+ * too big, else a new one. */
+static float *workspace_take(ms_workspace *w, size_t n) {
+    float *buf = NULL;
+    if (w) {
+        pthread_mutex_lock(&w->lock);
+        if (!w->busy && w->buf && w->floats >= n && w->floats / 2 <= n) {
+            buf = w->buf;
+            w->busy = 1;
+        }
+        pthread_mutex_unlock(&w->lock);
+        if (buf) return buf;
+    }
+    return malloc(sizeof(float) * n);
+}
+
+/* Give the buffer back: it becomes the kept one unless another run holds that. */
+static void workspace_give(ms_workspace *w, float *buf, size_t n) {
+    if (!w) {
+        free(buf);
+        return;
+    }
+    float *drop = buf;
+    pthread_mutex_lock(&w->lock);
+    if (buf == w->buf) {
+        w->busy = 0;
+        drop = NULL;
+    } else if (!w->busy) {
+        drop = w->buf;
+        w->buf = buf;
+        w->floats = n;
+    }
+    pthread_mutex_unlock(&w->lock);
+    free(drop);
+}
+
 /* ---- entry points ------------------------------------------------------------------------- */
 
 void ms_state_free(ms_state *s) {
@@ -490,11 +629,13 @@ ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     const ms_config *c = &m->cfg;
     ms_layout L = {0};
     float *base = NULL;
+    size_t floats = 0;
     ms_buffers b;
-    L.n_threads = plan->n_threads > 0 ? plan->n_threads : ms_get_num_threads();
+    L.n_threads = run_threads(plan);
     if ((st = layout_build(&L, m, plan, err))) goto done;
     ms_sizes sizes = plan_sizes(m, plan);
-    base = malloc(sizeof(float) * (buffer_floats(c, sizes) + 1));
+    floats = buffer_floats(c, sizes) + 1;
+    base = workspace_take(m->workspace, floats);
     if (!base) {
         snprintf(err->message, sizeof err->message, "out of memory allocating the run's activations");
         st = MS_ERR_MEMORY;
@@ -518,7 +659,7 @@ ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
 
 done:
     if (st && plan->record) ms_state_free(plan->record);
-    free(base);
+    if (base) workspace_give(m->workspace, base, floats);
     layout_free(&L);
     return st;
 }

@@ -102,6 +102,19 @@ static inline float exp_approx(float x) {
     return x < -87.0f ? 0.0f : p * scale;
 }
 
+/* max(x[n]), -inf for n == 0; in lanes, so that it vectorizes */
+static inline float max_of(const float *x, int n) {
+    float m[MS_LANES];
+    for (int k = 0; k < MS_LANES; k++) m[k] = -INFINITY;
+    int j = 0;
+    for (; j + MS_LANES <= n; j += MS_LANES)
+        for (int k = 0; k < MS_LANES; k++) m[k] = x[j + k] > m[k] ? x[j + k] : m[k];
+    float mx = -INFINITY;
+    for (int k = 0; k < MS_LANES; k++) mx = m[k] > mx ? m[k] : mx;
+    for (; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    return mx;
+}
+
 /* 1 / (1 + e^-x) */
 static inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
@@ -228,38 +241,62 @@ void ms_add(float *out, const float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-void ms_attention_scores(float *scores, const float *q, int ldq, const float *k, int ldk, int nq,
-                         int nk, int q0, int H, int d_head, float scale, int use_blas) {
-    for (int h = 0; h < H; h++) {
-        const float *qh = q + h * d_head;
-        const float *kh = k + h * d_head;
-        float *s = scores + (size_t)h * nq * nk;
-        if (use_blas) {
-            /* the full rectangle, then the keys a query cannot see are masked below */
-            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, d_head, scale, qh, ldq, kh,
-                     ldk, 0.0f, s, nk);
-        } else {
-            for (int i = 0; i < nq; i++) {
-                const float *qi = qh + (size_t)i * ldq;
-                int visible = q0 + i + 1 < nk ? q0 + i + 1 : nk;
-                for (int j = 0; j < visible; j++) {
-                    const float *kj = kh + (size_t)j * ldk;
-                    float dot = 0.0f;
-                    for (int d = 0; d < d_head; d++) dot += qi[d] * kj[d];
-                    s[(size_t)i * nk + j] = dot * scale;
-                }
+/* ---- attention, one head and one query at a time ------------------------------------ */
+
+void ms_transpose_keys(float *kt, int ldkt, const float *k, int ldk, int n, int d) {
+    for (int j = 0; j < n; j++)
+        for (int c = 0; c < d; c++) kt[(size_t)c * ldkt + j] = k[(size_t)j * ldk + c];
+}
+
+/* Keys in blocks of this many: the partial scores of four queries stay in
+ * registers while the loop runs over the dimensions, and each key value loaded
+ * serves the four of them. */
+#define MS_KEY_BLOCK 32
+
+MS_VECTOR_CLONES
+void ms_query_scores4(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
+                      int d, float scale) {
+    int j0 = 0;
+    for (; j0 + MS_KEY_BLOCK <= n; j0 += MS_KEY_BLOCK) {
+        float a0[MS_KEY_BLOCK] = {0}, a1[MS_KEY_BLOCK] = {0}, a2[MS_KEY_BLOCK] = {0}, a3[MS_KEY_BLOCK] = {0};
+        for (int c = 0; c < d; c++) {
+            const float *row = kt + (size_t)c * ldkt + j0;
+            float q0 = q[c], q1 = q[ldq + c], q2 = q[2 * (size_t)ldq + c], q3 = q[3 * (size_t)ldq + c];
+            for (int j = 0; j < MS_KEY_BLOCK; j++) {
+                float k = row[j];
+                a0[j] += q0 * k;
+                a1[j] += q1 * k;
+                a2[j] += q2 * k;
+                a3[j] += q3 * k;
             }
         }
-        for (int i = 0; i < nq; i++)
-            for (int j = q0 + i + 1; j < nk; j++) s[(size_t)i * nk + j] = -INFINITY;
+        for (int j = 0; j < MS_KEY_BLOCK; j++) {
+            s[j0 + j] = a0[j] * scale;
+            s[lds + j0 + j] = a1[j] * scale;
+            s[2 * (size_t)lds + j0 + j] = a2[j] * scale;
+            s[3 * (size_t)lds + j0 + j] = a3[j] * scale;
+        }
     }
+    for (int i = 0; i < 4 && j0 < n; i++)
+        ms_query_scores(s + (size_t)i * lds + j0, q + (size_t)i * ldq, kt + j0, ldkt, n - j0, d, scale);
+}
+
+MS_VECTOR_CLONES
+void ms_query_scores(float *s, const float *q, const float *kt, int ldkt, int n, int d, float scale) {
+    for (int j = 0; j < n; j++) s[j] = 0.0f;
+    /* one key dimension at a time: contiguous in kt, so the loop over keys vectorizes */
+    for (int c = 0; c < d; c++) {
+        float qc = q[c];
+        const float *row = kt + (size_t)c * ldkt;
+        for (int j = 0; j < n; j++) s[j] += qc * row[j];
+    }
+    for (int j = 0; j < n; j++) s[j] *= scale;
 }
 
 /* p[n] <- softmax(p[n]); a row whose entries are all -inf becomes all 0 */
 MS_VECTOR_CLONES
-static void softmax_row(float *p, int n) {
-    float mx = -INFINITY;
-    for (int j = 0; j < n; j++) mx = p[j] > mx ? p[j] : mx;
+void ms_softmax(float *p, int n) {
+    float mx = max_of(p, n);
     if (mx == -INFINITY) {
         /* every visible key masked (only an intervention does that): attend nowhere */
         for (int j = 0; j < n; j++) p[j] = 0.0f;
@@ -282,45 +319,61 @@ static void softmax_row(float *p, int n) {
     for (j = 0; j < n; j++) p[j] *= inv;
 }
 
-void ms_causal_softmax(float *att, int H, int nq, int nk, int q0) {
-    for (long long r = 0; r < (long long)H * nq; r++) {
-        int i = (int)(r % nq);
-        int visible = q0 + i + 1 < nk ? q0 + i + 1 : nk;
-        float *p = att + (size_t)r * nk;
-        softmax_row(p, visible);
-        for (int j = visible; j < nk; j++) p[j] = 0.0f;
-    }
-}
+/* Dimensions of z in blocks of this many: four queries' sums stay in registers
+ * over the keys, and each value loaded serves the four of them. */
+#define MS_VALUE_BLOCK 32
 
-void ms_attention_mix(float *z, int ld_z, const float *pattern, const float *v, int ldv, int nq,
-                      int nk, int H, int d_head, int use_blas) {
-    for (int h = 0; h < H; h++) {
-        const float *vh = v + h * d_head;
-        const float *p = pattern + (size_t)h * nq * nk;
-        float *zh = z + h * d_head;
-        if (use_blas) {
-            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, d_head, nk, 1.0f, p, nk, vh,
-                     ldv, 0.0f, zh, ld_z);
-            continue;
+MS_VECTOR_CLONES
+void ms_mix_values4(float *z, int ldz, const float *p, int ldp, const float *v, int ldv, int n, int d) {
+    int c0 = 0;
+    for (; c0 + MS_VALUE_BLOCK <= d; c0 += MS_VALUE_BLOCK) {
+        float a0[MS_VALUE_BLOCK], a1[MS_VALUE_BLOCK], a2[MS_VALUE_BLOCK], a3[MS_VALUE_BLOCK];
+        for (int c = 0; c < MS_VALUE_BLOCK; c++) {
+            a0[c] = z[c0 + c];
+            a1[c] = z[ldz + c0 + c];
+            a2[c] = z[2 * (size_t)ldz + c0 + c];
+            a3[c] = z[3 * (size_t)ldz + c0 + c];
         }
-        for (int i = 0; i < nq; i++) {
-            float *zi = zh + (size_t)i * ld_z;
-            for (int d = 0; d < d_head; d++) zi[d] = 0.0f;
-            /* every key, not only the visible ones: an intervention may have written any entry */
-            for (int j = 0; j < nk; j++) {
-                float w = p[(size_t)i * nk + j];
-                if (w == 0.0f) continue;
-                const float *vj = vh + (size_t)j * ldv;
-                for (int d = 0; d < d_head; d++) zi[d] += w * vj[d];
+        for (int j = 0; j < n; j++) {
+            const float *vj = v + (size_t)j * ldv + c0;
+            float w0 = p[j], w1 = p[ldp + j], w2 = p[2 * (size_t)ldp + j], w3 = p[3 * (size_t)ldp + j];
+            for (int c = 0; c < MS_VALUE_BLOCK; c++) {
+                float x = vj[c];
+                a0[c] += w0 * x;
+                a1[c] += w1 * x;
+                a2[c] += w2 * x;
+                a3[c] += w3 * x;
             }
         }
+        for (int c = 0; c < MS_VALUE_BLOCK; c++) {
+            z[c0 + c] = a0[c];
+            z[ldz + c0 + c] = a1[c];
+            z[2 * (size_t)ldz + c0 + c] = a2[c];
+            z[3 * (size_t)ldz + c0 + c] = a3[c];
+        }
+    }
+    if (c0 < d)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < n; j++) {
+                float w = p[(size_t)i * ldp + j];
+                const float *vj = v + (size_t)j * ldv;
+                for (int c = c0; c < d; c++) z[(size_t)i * ldz + c] += w * vj[c];
+            }
+}
+
+MS_VECTOR_CLONES
+void ms_mix_values(float *z, const float *p, const float *v, int ldv, int n, int d) {
+    for (int j = 0; j < n; j++) {
+        float w = p[j];
+        if (w == 0.0f) continue; /* masked keys, and much of a sharp pattern */
+        const float *vj = v + (size_t)j * ldv;
+        for (int c = 0; c < d; c++) z[c] += w * vj[c];
     }
 }
 
 MS_VECTOR_CLONES
 double ms_log_sum_exp(const float *y, int n) {
-    float mx = -INFINITY;
-    for (int i = 0; i < n; i++) mx = y[i] > mx ? y[i] : mx;
+    float mx = max_of(y, n);
     if (mx == -INFINITY || mx == INFINITY || mx != mx) return (double)mx;
     float acc[MS_LANES] = {0};
     int i = 0;

@@ -29,21 +29,28 @@ void ms_activation_inplace(float *x, size_t n, ms_activation act, int n_threads)
 /* out[n] = a[n] + b[n] */
 void ms_add(float *out, const float *a, const float *b, size_t n);
 
-/* One sequence's causal self-attention, all heads. Query i is at position q0 + i
- * and sees keys 0 .. q0 + i. q: [nq, C] (row stride ldq), k and v: [nk, C] (row
- * strides ldk, ldv), heads of d_head side by side in each row. */
+/* Attention is computed one head and one query at a time, so that the rows of a
+ * batch, their heads and blocks of their queries can share the threads.
+ * d is d_head; keys and values of a head are rows of stride ld (heads side by side). */
 
-/* scores[H, nq, nk] = scale * q.k for visible keys, -inf for the others */
-void ms_attention_scores(float *scores, const float *q, int ldq, const float *k, int ldk, int nq,
-                         int nk, int q0, int H, int d_head, float scale, int use_blas);
+/* kt[c, j] = k[j, c] for j < n, c < d (kt row stride ldkt): the keys by dimension */
+void ms_transpose_keys(float *kt, int ldkt, const float *k, int ldk, int n, int d);
 
-/* In place: each row of scores becomes the softmax over its visible keys; the
- * others become 0. A row with no finite score becomes all 0. */
-void ms_causal_softmax(float *att, int H, int nq, int nk, int q0);
+/* s[j] = scale * (q . key j) for j < n, the keys given transposed (ms_transpose_keys) */
+void ms_query_scores(float *s, const float *q, const float *kt, int ldkt, int n, int d, float scale);
 
-/* z[nq, C] (row stride ld_z) = pattern[H, nq, nk] @ v */
-void ms_attention_mix(float *z, int ld_z, const float *pattern, const float *v, int ldv, int nq,
-                      int nk, int H, int d_head, int use_blas);
+/* the same for four queries at once: rows of q (stride ldq) and of s (stride lds) */
+void ms_query_scores4(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
+                      int d, float scale);
+
+/* p[n] <- softmax(p); a row of only -inf becomes 0 */
+void ms_softmax(float *p, int n);
+
+/* z[d] += sum over j < n of p[j] * v[j, :] (v row stride ldv) */
+void ms_mix_values(float *z, const float *p, const float *v, int ldv, int n, int d);
+
+/* the same for four queries at once: rows of z (stride ldz) and of p (stride ldp) */
+void ms_mix_values4(float *z, int ldz, const float *p, int ldp, const float *v, int ldv, int n, int d);
 
 /* log(sum(exp(y[n]))), computed stably */
 double ms_log_sum_exp(const float *y, int n);

@@ -57,8 +57,16 @@ typedef struct {
     const float *w_out, *b_out; /* [d_mlp, d_model], [d_model] */
 } ms_block;
 
+/* A run's working memory kept for the next run of the same model: large runs
+ * would otherwise pay for fresh pages (page faults) every time. Thread-safe; a
+ * run that finds it in use allocates its own. */
+typedef struct ms_workspace ms_workspace;
+ms_workspace *ms_workspace_new(void);
+void ms_workspace_free(ms_workspace *w);
+
 typedef struct {
     ms_config cfg;
+    ms_workspace *workspace;     /* may be NULL: every run allocates afresh */
     const float *wte;            /* [d_vocab, d_model] token embedding */
     const float *wpe;            /* [n_ctx, d_model] position embedding */
     const float *lnf_w, *lnf_b;  /* [d_model] */

@@ -24,6 +24,7 @@ typedef struct {
 } ModelObject;
 
 static void Model_dealloc(ModelObject *self) {
+    ms_workspace_free(self->model.workspace);
     free(self->blocks);
     Py_XDECREF(self->arrays);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -81,6 +82,12 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     }
     size_t C = (size_t)c.d_model, F = (size_t)c.d_mlp, V = (size_t)c.d_vocab;
     ms_model *m = &self->model;
+    ms_workspace_free(m->workspace); /* __init__ may run twice */
+    m->workspace = ms_workspace_new();
+    if (!m->workspace) {
+        PyErr_NoMemory();
+        return -1;
+    }
     m->cfg = c;
     m->blocks = self->blocks;
 #define TAKE(dst, key, n) \

@@ -25,7 +25,11 @@ typedef struct {
     int *packed_of;   /* [n_rows * n_pos]: padded position -> packed row, -1 if not computed */
     int *pos_of;      /* [N]: packed row -> padded position */
     size_t *att_off;  /* [n_rows + 1]: offsets into the attention buffer ([H, n_q, n_k] per row) */
-    size_t *kv_off;   /* [n_rows + 1]: offsets into the key/value scratch of resuming rows */
+    int *item_off;    /* [n_rows + 1]: first attention work item of each row (items of the
+                         active rows are a prefix) */
+    int *item_row;    /* [n_items]: the row of each item (one head of the row) */
+    int max_keys;     /* the longest row's real tokens */
+    size_t scratch_floats; /* per thread: one head's keys of the longest row, four rows of scores */
 } ms_layout;
 
 /* Apply the plan's actions for a token site. value: [N, width] with row stride ld. */

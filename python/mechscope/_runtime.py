@@ -3,14 +3,35 @@ import ctypes
 import os
 import platform
 
-import scipy_openblas32
 
-# The extension is linked against the OpenBLAS of the scipy-openblas32 wheel. Loading
-# that library first, by its full path, makes the extension find it wherever pip put
-# the two packages (the run-time search path in the extension covers the usual case).
-_blas_path = os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so")
-if os.path.exists(_blas_path):
-    ctypes.CDLL(_blas_path, mode=ctypes.RTLD_GLOBAL)
+def _load_blas():
+    """Load the OpenBLAS of the scipy-openblas32 wheel, which the extension is linked
+    against; returns the path of the library.
+
+    OpenBLAS's worker threads spin for up to 2^28 cycles after each call before they
+    sleep. Between mechscope's matrix products its own threads need those cores, so
+    the workers are told to sleep at once (2^4 cycles). OpenBLAS reads the setting
+    when the library loads (importing scipy_openblas32 loads it); the environment is
+    restored afterwards, so that child processes and other BLAS libraries are not
+    affected. A value the user set is kept."""
+    own = "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+    if own:
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+    try:
+        import scipy_openblas32
+
+        path = os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so")
+        # loading it by its full path makes the extension find it wherever pip put the
+        # two packages (the extension's run-time search path covers the usual case)
+        if os.path.exists(path):
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if own:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+    return path
+
+
+_blas_path = _load_blas()
 
 from . import _core  # noqa: E402
 

@@ -52,6 +52,25 @@ def time_median(fn, budget_s=2.0, min_repeats=3, max_repeats=25):
     return statistics.median(times), times
 
 
+def time_interleaved(fns, budget_s=6.0, min_rounds=3, max_rounds=25):
+    """Median wall time in seconds of each of ``fns`` ({name: fn}), and the number of
+    timed calls each. One warm-up call each, then rounds in which every function runs
+    once in turn, so that a slow spell of the machine falls on all of them alike."""
+    warm = 0.0
+    for fn in fns.values():
+        start = time.perf_counter()
+        fn()
+        warm += time.perf_counter() - start
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(warm, 1e-9))))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, {name: len(t) for name, t in times.items()}
+
+
 # ---------------------------------------------------------------- the model
 
 GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
