@@ -143,7 +143,8 @@ def _run_sweep(model, tokens, mask, patches, metric, interventions, progress):
             ranges.append((len(writes), len(patch)))
             writes += [w.core_tuple() for w in patch]
         base = _base_actions(model, interventions, B, T)
-        chunk = max(1 << 24, min(get_memory_budget() // 4, 1 << 30))
+        # rows enough for tall matrix products (thousands of tokens), within the budget
+        chunk = max(1 << 24, min(get_memory_budget() // 4, 256 << 20))
         with progress_bar(progress, "patching", unit="row") as bar:
             return model._core.sweep(
                 tokens, mask, base, writes, np.asarray(ranges, np.int32).reshape(-1, 2),
@@ -197,83 +198,90 @@ def sweep(model, tokens, patches, metric, *, attention_mask=None, interventions=
 
 # ------------------------------------------------- TransformerLens's patching functions
 
-def _grid(model, corrupted_tokens, clean_cache, metric, suffix, axes, box, attention_mask,
-          interventions, progress):
-    """One write per index of the grid `axes` (a list of sizes, the layer first), the
-    box given by box(*index) -> (a, b, c) ranges; returns the metric in the grid's shape."""
+def _grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask, interventions, progress):
+    """Several grids of patches run as one sweep. Each grid is (site suffix, axes, box):
+    the first axis is the layer, the others sizes or "pos" (the prompts' length), and
+    box(T, *index without the layer) gives the patched box as ranges (a, b, c).
+    Returns the metric of each grid, in its shape."""
     tokens, mask = model._check_tokens(corrupted_tokens, attention_mask)
     B, T = tokens.shape
-    code = sites.SITE_CODES[suffix]
-    sources = [_source_array(model, clean_cache, f"blocks.{layer}.{suffix}", suffix, B, T, "clean_cache")
-               for layer in range(model.n_layers)]
-    shape = [model.n_layers] + [n(T) if callable(n) else n for n in axes]
-    patches = []
-    for index in np.ndindex(*shape):
-        layer = index[0]
-        a, b, c = box(*index[1:])
-        patches.append([_Write(f"blocks.{layer}.{suffix}", code, layer, a, b, c, sources[layer])])
+    patches, shapes = [], []
+    for suffix, axes, box in grids:
+        code = sites.SITE_CODES[suffix]
+        sources = [_source_array(model, clean_cache, f"blocks.{layer}.{suffix}", suffix, B, T, "clean_cache")
+                   for layer in range(model.n_layers)]
+        shape = [model.n_layers] + [T if n == "pos" else n for n in axes]
+        for index in np.ndindex(*shape):
+            layer = index[0]
+            a, b, c = box(T, *index[1:])
+            patches.append([_Write(f"blocks.{layer}.{suffix}", code, layer, a, b, c, sources[layer])])
+        shapes.append(shape)
     values, _ = _run_sweep(model, tokens, mask, patches, metric, interventions, progress)
-    return np.asarray(_reduce(metric, values), np.float32).reshape(shape)
+    values = np.asarray(_reduce(metric, values), np.float32)
+    out, at = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(values[at:at + n].reshape(shape))
+        at += n
+    return out
 
 
-def _positions(T):
-    return T
+def _grid(model, corrupted_tokens, clean_cache, metric, suffix, axes, box, attention_mask,
+          interventions, progress):
+    return _grids(model, corrupted_tokens, clean_cache, metric, [(suffix, axes, box)], attention_mask,
+                  interventions, progress)[0]
 
 
-def _layer_pos(suffix):
+_DOC = ("\n\nArguments as TransformerLens's get_act_patch_{name}; also attention_mask, "
+        "interventions (applied in every run, e.g. noise) and progress (True, False, or None: "
+        "a bar once the sweep takes more than a second).")
+
+
+def _layer_pos(suffix, name):
     def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
            progress=None):
         width = sites.shape(suffix, model._shape_cfg, 1, 1)[-1]
-        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, [_positions],
-                     lambda p: ((p, 1), (0, width), (0, 0)), attention_mask, interventions, progress)
-    fn.__name__ = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid",
-                   "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}[suffix]
-    fn.__doc__ = (f"Patch blocks.L.{suffix} at each (layer, position): [n_layers, pos].\n\n"
-                  "Arguments as TransformerLens's get_act_patch_" + fn.__name__ + "; also\n"
-                  "attention_mask, interventions (applied in every run) and progress.")
+        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, ["pos"],
+                     lambda T, p: ((p, 1), (0, width), (0, 0)), attention_mask, interventions, progress)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"Patch blocks.L.{suffix} at each (layer, position): [n_layers, pos]." + _DOC.format(name=name)
     return fn
 
 
-resid_pre = _layer_pos("hook_resid_pre")
-resid_mid = _layer_pos("hook_resid_mid")
-attn_out = _layer_pos("hook_attn_out")
-mlp_out = _layer_pos("hook_mlp_out")
+resid_pre = _layer_pos("hook_resid_pre", "resid_pre")
+resid_mid = _layer_pos("hook_resid_mid", "resid_mid")
+attn_out = _layer_pos("hook_attn_out", "attn_out")
+mlp_out = _layer_pos("hook_mlp_out", "mlp_out")
 
 _HEAD_SITES = {"out": "attn.hook_z", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
 
 def _head_by_pos(kind):
-    suffix = _HEAD_SITES[kind]
+    suffix, name = _HEAD_SITES[kind], f"attn_head_{kind}_by_pos"
 
     def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
            progress=None):
         dh = model.d_head
-        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, [_positions, model.n_heads],
-                     lambda p, h: ((p, 1), (h * dh, dh), (0, 0)), attention_mask, interventions, progress)
-    fn.__name__ = f"attn_head_{kind}_by_pos"
-    fn.__doc__ = (f"Patch one head's {suffix} at one position, each (layer, position, head):\n"
-                  "[n_layers, pos, n_heads]. Arguments as TransformerLens's get_act_patch_" + fn.__name__ + ".")
+        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, ["pos", model.n_heads],
+                     lambda T, p, h: ((p, 1), (h * dh, dh), (0, 0)), attention_mask, interventions, progress)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = (f"Patch one head's {suffix} at one position, each (layer, position, head): "
+                  "[n_layers, pos, n_heads]." + _DOC.format(name=name))
     return fn
 
 
 def _head_all_pos(kind):
-    suffix = _HEAD_SITES[kind]
+    suffix, name = _HEAD_SITES[kind], f"attn_head_{kind}_all_pos"
 
     def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
            progress=None):
         dh = model.d_head
         return _grid(model, corrupted_tokens, clean_cache, metric, suffix, [model.n_heads],
-                     lambda h: ((0, _T(corrupted_tokens)), (h * dh, dh), (0, 0)), attention_mask,
-                     interventions, progress)
-    fn.__name__ = f"attn_head_{kind}_all_pos"
-    fn.__doc__ = (f"Patch one head's {suffix} at every position, each (layer, head): [n_layers, n_heads].\n"
-                  "Arguments as TransformerLens's get_act_patch_" + fn.__name__ + ".")
+                     lambda T, h: ((0, T), (h * dh, dh), (0, 0)), attention_mask, interventions, progress)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = (f"Patch one head's {suffix} at every position, each (layer, head): [n_layers, n_heads]."
+                  + _DOC.format(name=name))
     return fn
-
-
-def _T(tokens):
-    tokens = np.asarray(tokens)
-    return tokens.shape[-1]
 
 
 attn_head_out_by_pos = _head_by_pos("out")
@@ -289,18 +297,16 @@ attn_head_v_all_pos = _head_all_pos("v")
 def attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
                               interventions=None, progress=None):
     """Patch one head's whole attention pattern, each (layer, head): [n_layers, n_heads]."""
-    T = _T(corrupted_tokens)
     return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern", [model.n_heads],
-                 lambda h: ((h, 1), (0, T), (0, T)), attention_mask, interventions, progress)
+                 lambda T, h: ((h, 1), (0, T), (0, T)), attention_mask, interventions, progress)
 
 
 def attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
                              interventions=None, progress=None):
     """Patch one head's attention from one destination position (a row of its pattern),
     each (layer, head, dest): [n_layers, n_heads, pos]."""
-    T = _T(corrupted_tokens)
     return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern",
-                 [model.n_heads, _positions], lambda h, d: ((h, 1), (d, 1), (0, T)), attention_mask,
+                 [model.n_heads, "pos"], lambda T, h, d: ((h, 1), (d, 1), (0, T)), attention_mask,
                  interventions, progress)
 
 
@@ -310,31 +316,44 @@ def attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, metric,
     [n_layers, n_heads, pos, pos]. Entries no query can see (src > dest) leave the
     run unchanged and are not run."""
     return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern",
-                 [model.n_heads, _positions, _positions], lambda h, d, s: ((h, 1), (d, 1), (s, 1)),
+                 [model.n_heads, "pos", "pos"], lambda T, h, d, s: ((h, 1), (d, 1), (s, 1)),
                  attention_mask, interventions, progress)
 
 
-def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """out, q, k, v and pattern patched at all positions: [5, n_layers, n_heads]."""
-    return np.stack([attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)])
+def _head_boxes(model):
+    dh = model.d_head
+    return {
+        "all_pos": lambda T, h: ((0, T), (h * dh, dh), (0, 0)),
+        "by_pos": lambda T, p, h: ((p, 1), (h * dh, dh), (0, 0)),
+    }
 
 
-def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """out, q, k, v and pattern (by destination) per position: [5, n_layers, pos, n_heads]."""
-    pattern = attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs)
-    return np.stack([attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     pattern.transpose(0, 2, 1)])
+def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
+                            interventions=None, progress=None):
+    """out, q, k, v and pattern of each head patched at all positions: [5, n_layers, n_heads].
+    One sweep."""
+    box = _head_boxes(model)["all_pos"]
+    grids = [(_HEAD_SITES[k], [model.n_heads], box) for k in ("out", "q", "k", "v")]
+    grids.append(("attn.hook_pattern", [model.n_heads], lambda T, h: ((h, 1), (0, T), (0, T))))
+    return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
+                           interventions, progress))
 
 
-def block_every(model, corrupted_tokens, clean_cache, metric, **kwargs):
-    """resid_pre, attn_out and mlp_out per (layer, position): [3, n_layers, pos]."""
-    return np.stack([resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
-                     mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs)])
+def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
+                           interventions=None, progress=None):
+    """out, q, k, v and pattern (by destination) of each head at each position:
+    [5, n_layers, pos, n_heads]. One sweep."""
+    box = _head_boxes(model)["by_pos"]
+    grids = [(_HEAD_SITES[k], ["pos", model.n_heads], box) for k in ("out", "q", "k", "v")]
+    grids.append(("attn.hook_pattern", ["pos", model.n_heads], lambda T, d, h: ((h, 1), (d, 1), (0, T))))
+    return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
+                           interventions, progress))
+
+
+def block_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
+                progress=None):
+    """resid_pre, attn_out and mlp_out per (layer, position): [3, n_layers, pos]. One sweep."""
+    grids = [(suffix, ["pos"], (lambda w: lambda T, p: ((p, 1), (0, w), (0, 0)))(model.d_model))
+             for suffix in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
+    return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
+                           interventions, progress))

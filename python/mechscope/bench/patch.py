@@ -16,6 +16,7 @@ sweep, each in a fresh process.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -133,14 +134,17 @@ print(json.dumps({"before": before, "after": after, "patches": int(out.size),
 
 def main(argv=()):
     args = parse_args(list(argv))
+    # TransformerLens's own progress bars would drown the table
+    os.environ["TQDM_DISABLE"] = "1"
     started = time.perf_counter()
+    from importlib.metadata import version
+
     import torch
-    import transformer_lens
 
     ms.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     common.print_header("patch", [
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformer_lens {transformer_lens.__version__}",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformer_lens {version('transformer_lens')}",
         f"model: GPT-2 small shape {common.GPT2_SMALL}, random weights (seed {args.seed}), fp32; "
         f"batch of {BATCH} prompts",
         "metric: logit difference at the last position, batch mean (mechscope: in C; TransformerLens: torch)",
