@@ -145,24 +145,26 @@ def _causal_trace(model, n_facts):
     start = time.perf_counter()
     results = [tracing.trace(model, prompt, subject, noise=noise) for prompt, subject, _ in facts]
     seconds = time.perf_counter() - start
+    # as in ROME, only the facts the model gets right are averaged
+    correct = [r for r, (_, _, city) in zip(results, facts) if r.answer == model.tokenizer.ids[city]]
     # ROME's summary: indirect effects by kind of token, averaged over the facts
     groups = {"first subject token": [], "last subject token": [], "last token": []}
-    for r in results:
+    for r in correct:
         b, e = r.subject_range
         groups["first subject token"].append(r.indirect_effect[b])
         groups["last subject token"].append(r.indirect_effect[e - 1])
         groups["last token"].append(r.indirect_effect[-1])
-    one = results[0]
-    prompt, subject, city = facts[0]
-    print(f"2. Causal tracing (ROME) over {n_facts} facts, noise 3 sigma = {noise:.2f} on the subject")
-    print(f'   e.g. "{prompt}" -> {one.answer_str}: p = {one.high_score:.2f} clean, {one.low_score:.2f} '
-          "with the subject noised")
-    print(f"   average total effect (clean - noised) {np.mean([r.total_effect for r in results]):.2f}; "
-          "average indirect effect of restoring one state, by layer:")
+    one = correct[0]
+    total = np.mean([r.total_effect for r in correct])
+    print(f"2. Causal tracing (ROME) over {n_facts} facts ({len(correct)} predicted correctly), "
+          f"noise 3 sigma = {noise:.2f} on the subject")
+    print(f'   e.g. "{model.tokenizer.decode(one.tokens[1:])}" -> {one.answer_str}: p = {one.high_score:.2f} '
+          f"clean, {one.low_score:.2f} with the subject noised")
+    print(f"   average total effect (clean - noised) {total:.2f}; average indirect effect of restoring "
+          "one state, by layer:")
     for name, rows in groups.items():
         mean = np.mean(rows, axis=0)
         print(f"     {name:<20} " + "  ".join(f"L{l} {v:.2f}" for l, v in enumerate(mean)))
-    total = np.mean([r.total_effect for r in results])
     subject_best = max(np.mean(groups["first subject token"], axis=0).max(),
                        np.mean(groups["last subject token"], axis=0).max())
     last = np.mean(groups["last token"], axis=0)

@@ -29,7 +29,7 @@ from . import metrics as _metrics
 from . import sites
 from ._progress import progress_bar
 from ._runtime import get_memory_budget
-from .interventions import _SET, Intervention, Patch, Source
+from .interventions import _ADD, _PROJECT, _SCALE, _SET, Intervention, Patch, Source
 
 __all__ = [
     "sweep",
@@ -124,7 +124,7 @@ def _base_actions(model, interventions, batch, n_pos):
             raise ValueError("interventions: a sweep's base run cannot patch from a Source run")
         actions += iv.compile(model, batch, n_pos, {})
     for act in actions:
-        if act[0] not in (_SET, 2, 3, 5):  # set, add, scale, subspace
+        if act[0] not in (_SET, _ADD, _SCALE, _PROJECT):
             raise ValueError("interventions: a sweep's base run takes Set, Zero, Add, Scale, "
                              "MeanAblate, Noise and SubspacePatch interventions")
     return actions
