@@ -555,16 +555,24 @@ void ms_workspace_free(ms_workspace *w) {
 }
 
 /* A buffer of at least n floats: the kept one if it is free and not more than twice
- * too big, else a new one. */
+ * too big, else a new one (a kept buffer that does not fit is freed first, so that
+ * the two never add up). */
 static float *workspace_take(ms_workspace *w, size_t n) {
-    float *buf = NULL;
+    float *buf = NULL, *drop = NULL;
     if (w) {
         pthread_mutex_lock(&w->lock);
-        if (!w->busy && w->buf && w->floats >= n && w->floats / 2 <= n) {
-            buf = w->buf;
-            w->busy = 1;
+        if (!w->busy && w->buf) {
+            if (w->floats >= n && w->floats / 2 <= n) {
+                buf = w->buf;
+                w->busy = 1;
+            } else {
+                drop = w->buf;
+                w->buf = NULL;
+                w->floats = 0;
+            }
         }
         pthread_mutex_unlock(&w->lock);
+        free(drop);
         if (buf) return buf;
     }
     return malloc(sizeof(float) * n);
