@@ -78,7 +78,8 @@ static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
         if (att) s.att += (size_t)m->cfg.n_heads * (n - first) * n;
         if (n > max_keys) max_keys = n;
     }
-    s.scratch = (size_t)run_threads(p) * ((size_t)m->cfg.d_head + 4) * (max_keys > 0 ? max_keys : 1);
+    size_t padded = (max_keys + 31) / 32 * 32 + 32;
+    s.scratch = (size_t)run_threads(p) * ((size_t)m->cfg.d_head + 4) * padded;
     s.out_rows = (size_t)p->n_rows * p->n_logit_pos;
     if (p->metric.kind != MS_METRIC_NONE) {
         s.out_rows += (size_t)p->n_rows;
@@ -144,7 +145,8 @@ static ms_status layout_build(ms_layout *L, const ms_model *m, const ms_plan *p,
         if (n > L->max_keys) L->max_keys = n;
     }
     L->N = L->row_off[R];
-    L->scratch_floats = ((size_t)m->cfg.d_head + 4) * (size_t)L->max_keys;
+    L->max_keys_padded = (L->max_keys + 31) / 32 * 32;
+    L->scratch_floats = (size_t)m->cfg.d_head * L->max_keys_padded + 4 * (size_t)L->max_keys;
     L->pos_of = malloc(sizeof(int) * (size_t)L->N + 1);
     L->item_row = malloc(sizeof(int) * (size_t)L->item_off[R] + 1);
     if (!L->pos_of || !L->item_row) goto oom;
@@ -309,8 +311,7 @@ typedef struct {
 } attention_job;
 
 /* One work item: one head of one row, its queries taken four at a time (so that
- * each key and value loaded serves four queries). The keys are transposed as the
- * queries come to see them, once per item. */
+ * each key and value loaded serves four queries); its keys transposed once. */
 static void attention_item(const attention_job *j, int item, float *scratch) {
     const ms_layout *L = j->L;
     const ms_config *c = &L->m->cfg;
@@ -321,9 +322,15 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
     const float *q = j->b->qkv + (size_t)L->row_off[r] * 3 * C + (size_t)h * d;
     float *z = j->b->z + (size_t)L->row_off[r] * C + (size_t)h * d;
     float *slab = j->b->att ? j->b->att + L->att_off[r] + (size_t)h * nq * nk : NULL;
-    float *kt = scratch, *s = scratch + (size_t)d * L->max_keys; /* kt: [d, nk]; s: four rows of nk */
+    /* kt: [d, ldkt], keys padded to a multiple of 32 for ms_query_scores4; s: four rows of nk */
+    int ldkt = (nk + 31) / 32 * 32;
+    float *kt = scratch, *s = scratch + (size_t)d * L->max_keys_padded;
     kv_source keys = row_kv(L, j->b, r, j->layer, h, 1), values = row_kv(L, j->b, r, j->layer, h, 2);
-    int transposed = 0;
+    if (j->phase == PHASE_ALL || j->phase == PHASE_SCORES) {
+        keys_transposed(kt, ldkt, keys, nk, d);
+        for (int dim = 0; dim < d; dim++) /* the padding: zeros, so that it stays harmless */
+            for (int x = nk; x < ldkt; x++) kt[(size_t)dim * ldkt + x] = 0.0f;
+    }
     for (int i = 0; i < nq; i += 4) {
         int g = nq - i < 4 ? nq - i : 4;
         int seen = q0 + i + g < nk ? q0 + i + g : nk; /* keys the group's last query sees */
@@ -331,22 +338,10 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
         float *zi = z + (size_t)i * C;
         float *rows = j->phase == PHASE_ALL ? s : slab + (size_t)i * nk;
         if (j->phase == PHASE_ALL || j->phase == PHASE_SCORES) {
-            if (seen > transposed) {
-                kv_source more = keys; /* keys [transposed, seen) */
-                if (transposed < more.n_base) {
-                    more.base += (size_t)transposed * more.ld_base;
-                    more.n_base -= transposed;
-                } else {
-                    more.own += (size_t)(transposed - more.n_base) * more.ld_own;
-                    more.n_base = 0;
-                }
-                keys_transposed(kt + transposed, nk, more, seen - transposed, d);
-                transposed = seen;
-            }
-            if (g == 4) ms_query_scores4(rows, nk, qi, 3 * C, kt, nk, seen, d, j->scale);
+            if (g == 4) ms_query_scores4(rows, nk, qi, 3 * C, kt, ldkt, seen, d, j->scale);
             else
                 for (int k = 0; k < g; k++)
-                    ms_query_scores(rows + (size_t)k * nk, qi + (size_t)k * 3 * C, kt, nk, seen, d, j->scale);
+                    ms_query_scores(rows + (size_t)k * nk, qi + (size_t)k * 3 * C, kt, ldkt, seen, d, j->scale);
         }
         for (int k = 0; k < g; k++) {
             int visible = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;

@@ -9,6 +9,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- threads ------------------------------------------------------------------- */
@@ -113,6 +114,18 @@ static inline float max_of(const float *x, int n) {
     for (int k = 0; k < MS_LANES; k++) mx = m[k] > mx ? m[k] : mx;
     for (; j < n; j++) mx = x[j] > mx ? x[j] : mx;
     return mx;
+}
+
+/* sum(x[n]) in lanes, so that it vectorizes (the lanes are added in a fixed order) */
+static inline float sum_of(const float *x, int n) {
+    float acc[MS_LANES] = {0};
+    int j = 0;
+    for (; j + MS_LANES <= n; j += MS_LANES)
+        for (int k = 0; k < MS_LANES; k++) acc[k] += x[j + k];
+    float sum = 0.0f;
+    for (int k = 0; k < MS_LANES; k++) sum += acc[k];
+    for (; j < n; j++) sum += x[j];
+    return sum;
 }
 
 /* 1 / (1 + e^-x) */
@@ -254,8 +267,8 @@ void ms_transpose_keys(float *kt, int ldkt, const float *k, int ldk, int n, int 
 #define MS_KEY_BLOCK 32
 
 MS_VECTOR_CLONES
-void ms_query_scores4(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
-                      int d, float scale) {
+static void scores4_loops(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
+                          int d, float scale) {
     int j0 = 0;
     for (; j0 + MS_KEY_BLOCK <= n; j0 += MS_KEY_BLOCK) {
         float a0[MS_KEY_BLOCK] = {0}, a1[MS_KEY_BLOCK] = {0}, a2[MS_KEY_BLOCK] = {0}, a3[MS_KEY_BLOCK] = {0};
@@ -302,21 +315,10 @@ void ms_softmax(float *p, int n) {
         for (int j = 0; j < n; j++) p[j] = 0.0f;
         return;
     }
-    float acc[MS_LANES] = {0};
-    int j = 0;
-    for (; j + MS_LANES <= n; j += MS_LANES)
-        for (int k = 0; k < MS_LANES; k++) {
-            p[j + k] = exp_approx(p[j + k] - mx);
-            acc[k] += p[j + k];
-        }
-    float sum = 0.0f;
-    for (; j < n; j++) {
-        p[j] = exp_approx(p[j] - mx);
-        sum += p[j];
-    }
-    for (int k = 0; k < MS_LANES; k++) sum += acc[k];
-    float inv = 1.0f / sum;
-    for (j = 0; j < n; j++) p[j] *= inv;
+    /* the exponentials, then their sum: two loops that each vectorize */
+    for (int j = 0; j < n; j++) p[j] = exp_approx(p[j] - mx);
+    float inv = 1.0f / sum_of(p, n);
+    for (int j = 0; j < n; j++) p[j] *= inv;
 }
 
 /* Dimensions of z in blocks of this many: four queries' sums stay in registers
@@ -324,7 +326,7 @@ void ms_softmax(float *p, int n) {
 #define MS_VALUE_BLOCK 32
 
 MS_VECTOR_CLONES
-void ms_mix_values4(float *z, int ldz, const float *p, int ldp, const float *v, int ldv, int n, int d) {
+static void mix4_loops(float *z, int ldz, const float *p, int ldp, const float *v, int ldv, int n, int d) {
     int c0 = 0;
     for (; c0 + MS_VALUE_BLOCK <= d; c0 += MS_VALUE_BLOCK) {
         float a0[MS_VALUE_BLOCK], a1[MS_VALUE_BLOCK], a2[MS_VALUE_BLOCK], a3[MS_VALUE_BLOCK];
@@ -369,6 +371,111 @@ void ms_mix_values(float *z, const float *p, const float *v, int ldv, int n, int
         const float *vj = v + (size_t)j * ldv;
         for (int c = 0; c < d; c++) z[c] += w * vj[c];
     }
+}
+
+/* On CPUs with AVX-512 the two four-query kernels are written with 16-float
+ * vectors (GCC's vector extension): the compiler then keeps the 4 x 32 partial
+ * results in registers, which it does not do for the plain loops above. The
+ * arithmetic is the same. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MS_NO_CLONES)
+#define MS_AVX512_KERNELS 1
+typedef float ms_v16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+/* as scores4_loops; reads keys up to n rounded up to 32 (kt padded by the caller) */
+__attribute__((target("arch=x86-64-v4")))
+static void scores4_avx512(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
+                           int d, float scale) {
+    for (int j0 = 0; j0 < n; j0 += 32) {
+        ms_v16 acc[4][2] = {{{0}}};
+        for (int c = 0; c < d; c++) {
+            const ms_v16 *k = (const ms_v16 *)(kt + (size_t)c * ldkt + j0);
+            ms_v16 k0 = k[0], k1 = k[1];
+            for (int i = 0; i < 4; i++) {
+                float qi = q[(size_t)i * ldq + c];
+                acc[i][0] += qi * k0;
+                acc[i][1] += qi * k1;
+            }
+        }
+        int m = n - j0 < 32 ? n - j0 : 32;
+        for (int i = 0; i < 4; i++) {
+            float out[32];
+            *(ms_v16 *)out = acc[i][0] * scale;
+            *(ms_v16 *)(out + 16) = acc[i][1] * scale;
+            memcpy(s + (size_t)i * lds + j0, out, sizeof(float) * (size_t)m);
+        }
+    }
+}
+
+/* as mix4_loops */
+__attribute__((target("arch=x86-64-v4")))
+static void mix4_avx512(float *z, int ldz, const float *p, int ldp, const float *v, int ldv, int n, int d) {
+    int c0 = 0;
+    for (; c0 + 32 <= d; c0 += 32) {
+        ms_v16 acc[4][2];
+        for (int i = 0; i < 4; i++) {
+            acc[i][0] = *(const ms_v16 *)(z + (size_t)i * ldz + c0);
+            acc[i][1] = *(const ms_v16 *)(z + (size_t)i * ldz + c0 + 16);
+        }
+        for (int j = 0; j < n; j++) {
+            const ms_v16 *vj = (const ms_v16 *)(v + (size_t)j * ldv + c0);
+            ms_v16 v0 = vj[0], v1 = vj[1];
+            for (int i = 0; i < 4; i++) {
+                float w = p[(size_t)i * ldp + j];
+                acc[i][0] += w * v0;
+                acc[i][1] += w * v1;
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            *(ms_v16 *)(z + (size_t)i * ldz + c0) = acc[i][0];
+            *(ms_v16 *)(z + (size_t)i * ldz + c0 + 16) = acc[i][1];
+        }
+    }
+    for (int i = 0; i < 4 && c0 < d; i++)
+        for (int j = 0; j < n; j++) {
+            float w = p[(size_t)i * ldp + j];
+            const float *vj = v + (size_t)j * ldv;
+            for (int c = c0; c < d; c++) z[(size_t)i * ldz + c] += w * vj[c];
+        }
+}
+
+/* MECHSCOPE_GENERIC_KERNELS=1 in the environment selects the plain loops even on
+ * AVX-512 CPUs (the tests use it to check both). */
+static int has_avx512(void) {
+    static int known = -1; /* the same answer from every thread: no lock needed */
+    if (known < 0) {
+        const char *generic = getenv("MECHSCOPE_GENERIC_KERNELS");
+        known = __builtin_cpu_supports("avx512f") && !(generic && generic[0] == '1');
+    }
+    return known;
+}
+#endif
+
+const char *ms_kernels_name(void) {
+#ifdef MS_AVX512_KERNELS
+    if (has_avx512()) return "AVX-512 attention kernels";
+#endif
+    return "generic attention kernels (loops compiled for AVX-512, AVX2 and the baseline)";
+}
+
+void ms_query_scores4(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
+                      int d, float scale) {
+#ifdef MS_AVX512_KERNELS
+    if (has_avx512()) {
+        scores4_avx512(s, lds, q, ldq, kt, ldkt, n, d, scale);
+        return;
+    }
+#endif
+    scores4_loops(s, lds, q, ldq, kt, ldkt, n, d, scale);
+}
+
+void ms_mix_values4(float *z, int ldz, const float *p, int ldp, const float *v, int ldv, int n, int d) {
+#ifdef MS_AVX512_KERNELS
+    if (has_avx512()) {
+        mix4_avx512(z, ldz, p, ldp, v, ldv, n, d);
+        return;
+    }
+#endif
+    mix4_loops(z, ldz, p, ldp, v, ldv, n, d);
 }
 
 MS_VECTOR_CLONES

@@ -39,7 +39,9 @@ void ms_transpose_keys(float *kt, int ldkt, const float *k, int ldk, int n, int 
 /* s[j] = scale * (q . key j) for j < n, the keys given transposed (ms_transpose_keys) */
 void ms_query_scores(float *s, const float *q, const float *kt, int ldkt, int n, int d, float scale);
 
-/* the same for four queries at once: rows of q (stride ldq) and of s (stride lds) */
+/* the same for four queries at once: rows of q (stride ldq) and of s (stride lds);
+ * may read the keys up to n rounded up to a multiple of 32, so kt must have room
+ * for them (their values do not matter) */
 void ms_query_scores4(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
                       int d, float scale);
 

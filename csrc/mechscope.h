@@ -260,6 +260,8 @@ void ms_set_num_threads(int n);
 int ms_get_num_threads(void);
 const char *ms_blas_config(void);
 const char *ms_blas_corename(void);
+/* which of mechscope's own attention kernels this CPU runs */
+const char *ms_kernels_name(void);
 
 #ifdef __cplusplus
 }

@@ -563,13 +563,13 @@ static PyObject *py_get_num_threads(PyObject *mod, PyObject *unused) {
 
 static PyObject *py_blas_info(PyObject *mod, PyObject *unused) {
     (void)mod, (void)unused;
-    return Py_BuildValue("(ss)", ms_blas_config(), ms_blas_corename());
+    return Py_BuildValue("(sss)", ms_blas_config(), ms_blas_corename(), ms_kernels_name());
 }
 
 static PyMethodDef module_methods[] = {
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
-    {"blas_info", py_blas_info, METH_NOARGS, "blas_info() -> (config, corename)"},
+    {"blas_info", py_blas_info, METH_NOARGS, "blas_info() -> (BLAS config, BLAS kernels, mechscope's attention kernels)"},
     {NULL, NULL, 0, NULL}};
 
 static int module_exec(PyObject *m) {

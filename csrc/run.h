@@ -29,6 +29,7 @@ typedef struct {
                          active rows are a prefix) */
     int *item_row;    /* [n_items]: the row of each item (one head of the row) */
     int max_keys;     /* the longest row's real tokens */
+    int max_keys_padded; /* rounded up to a multiple of 32 */
     size_t scratch_floats; /* per thread: one head's keys of the longest row, four rows of scores */
 } ms_layout;
 

@@ -111,3 +111,24 @@ def test_threads_on_different_models_and_errors(ms, big, ms_models, rng):
             other.run([[211]])
 
     assert run_concurrently([job_big, job_other, job_big], repeats=20) == []
+
+
+def test_generic_kernels_match_hf(tmp_path):
+    """The plain-loop attention kernels (used where the CPU has no AVX-512) give the
+    same values as the AVX-512 ones and as HF: run in a process that asks for them."""
+    import subprocess
+    import sys
+    hf = make_hf_model(dict(n_embd=64, n_head=2, n_layer=2, vocab_size=90, n_positions=80), seed=12)
+    folder = save_hf(hf, tmp_path / "m")
+    tokens = np.random.default_rng(2).integers(0, 90, (3, 70))
+    np.save(tmp_path / "tokens.npy", tokens)
+    script = ("import sys, numpy as np, mechscope as ms\n"
+              "m = ms.Model.from_pretrained(sys.argv[1])\n"
+              "np.save(sys.argv[2], m.run(np.load(sys.argv[3]), logits='all').logits)\n"
+              "ms.show_config()\n")
+    env = dict(__import__("os").environ, MECHSCOPE_GENERIC_KERNELS="1")
+    done = subprocess.run([sys.executable, "-c", script, folder, str(tmp_path / "out.npy"), str(tmp_path / "tokens.npy")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "generic attention kernels" in done.stdout
+    assert_close(np.load(tmp_path / "out.npy"), hf_run(hf, tokens)["logits"])

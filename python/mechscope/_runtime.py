@@ -104,12 +104,13 @@ def _cpu_name():
 
 def show_config():
     """Print the BLAS mechscope uses, the kernels it picked for this CPU, and the threads."""
-    config, corename = _core.blas_info()
+    config, corename, kernels = _core.blas_info()
     features = _cpu_features()
     print(f"mechscope {__import__('mechscope').__version__}")
     print(f"BLAS:         {config}")
     print(f"BLAS library: {_blas_path}")
     print(f"BLAS kernels: {corename} (chosen at run time for this CPU)")
+    print(f"mechscope:    {kernels}; element-wise loops chosen at load for this CPU")
     print(f"threads:      {get_num_threads()} (os.cpu_count() = {os.cpu_count()})")
     print(f"CPU:          {_cpu_name()}")
     print(f"CPU features: {' '.join(features) if features else 'unknown'}")
