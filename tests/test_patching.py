@@ -256,7 +256,7 @@ def test_small_chunks_same_values(ms, models, prompts, caches):
     ms_cache, _ = caches
     metric = ms.metrics.LogitDiff(CORRECT, WRONG)
     want = ms.patching.attn_head_out_by_pos(model, corrupted, ms_cache, metric)
-    ms.set_memory_budget(1 << 16)
+    ms.set_memory_budget(1 << 18)  # chunks of 64 KiB: a few rows each
     try:
         got = ms.patching.attn_head_out_by_pos(model, corrupted, ms_cache, metric)
     finally:
@@ -291,5 +291,11 @@ def test_bad_input(ms, models, prompts, caches):
         ms.patching.resid_pre(model, corrupted, ms_cache, "logit_diff")
     with pytest.raises(ValueError, match="Source"):
         ms.patching.sweep(model, corrupted, [ms.Patch("blocks.0.hook_resid_pre", ms.Source(clean))], metric)
+    ms.set_memory_budget(1 << 16)
+    try:
+        with pytest.raises(ValueError, match="memory budget"):
+            ms.patching.attn_head_out_by_pos(model, corrupted, ms_cache, metric)
+    finally:
+        ms.set_memory_budget(None)
     # and the model still works
     assert np.isfinite(metric.evaluate(model, corrupted))

@@ -144,7 +144,8 @@ def _run_sweep(model, tokens, mask, patches, metric, interventions, progress):
             writes += [w.core_tuple() for w in patch]
         base = _base_actions(model, interventions, B, T)
         # rows enough for tall matrix products (thousands of tokens), within the budget
-        chunk = max(1 << 24, min(get_memory_budget() // 4, 256 << 20))
+        chunk = max(1 << 16, min(get_memory_budget() // 4, 256 << 20))
+        _check_sweep_memory(model, tokens, mask, patches, chunk)
         with progress_bar(progress, "patching", unit="row") as bar:
             return model._core.sweep(
                 tokens, mask, base, writes, np.asarray(ranges, np.int32).reshape(-1, 2),
@@ -160,6 +161,24 @@ def _run_sweep(model, tokens, mask, patches, metric, interventions, progress):
             out[i] = float(metric(logits))
             bar.update(1)
     return out, None
+
+
+def _check_sweep_memory(model, tokens, mask, patches, chunk):
+    """Refuse, before any work, a sweep whose fixed memory does not fit the budget: the
+    base run's recorded state (residual stream, keys and values of every layer), its
+    values at every patched site, and one chunk of patched rows."""
+    B, T = tokens.shape
+    n_tokens = B * T if mask is None else int(mask.sum())
+    recorded = 3 * 4 * model.n_layers * n_tokens * model.d_model
+    sites_seen = {(w.code, w.layer): w.source[0].nbytes * B for patch in patches for w in patch}
+    base_run = model._core.workspace_bytes(mask if mask is not None else np.ones((B, T), np.int32), 0)
+    need = recorded + sum(sites_seen.values()) + base_run + chunk
+    budget = get_memory_budget()
+    if need > budget:
+        raise ValueError(f"tokens: this sweep needs about {need / 2**20:.0f} MiB (the base run's state for "
+                         f"{n_tokens} tokens and its values at the patched sites), over the memory budget of "
+                         f"{budget / 2**20:.0f} MiB; patch fewer prompts at once or raise it with "
+                         "mechscope.set_memory_budget")
 
 
 def _reduce(metric, values):
