@@ -299,3 +299,49 @@ def test_bad_input(ms, models, prompts, caches):
         ms.set_memory_budget(None)
     # and the model still works
     assert np.isfinite(metric.evaluate(model, corrupted))
+
+
+def test_random_sweeps_against_slow_path(ms, models):
+    """Random patches (any site, ranges, several writes, layers in any order) on random
+    padded batches, under random base interventions: each equals its explicit run."""
+    model, _ = models
+    rng = np.random.default_rng(99)
+    token_sites = ["hook_embed", "hook_pos_embed", "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q",
+                   "attn.hook_k", "attn.hook_v", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+                   "ln2.hook_scale", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+                   "ln_final.hook_normalized"]
+    attention_sites = ["attn.hook_attn_scores", "attn.hook_pattern"]
+    for trial in range(12):
+        batch, length = int(rng.integers(1, 4)), int(rng.integers(2, 9))
+        clean = rng.integers(0, CONFIG["vocab_size"], (batch, length))
+        corrupted = clean.copy()
+        flip = rng.random((batch, length)) < 0.4
+        corrupted[flip] = (clean[flip] + 5) % CONFIG["vocab_size"]
+        mask = np.ones((batch, length), np.int64)
+        for b in range(batch):  # left or right padding, at least one real token
+            pad = int(rng.integers(0, length))
+            if rng.random() < 0.5:
+                mask[b, :pad] = 0
+            else:
+                mask[b, length - pad:] = 0
+        cache = model.run(clean, attention_mask=mask, cache=model.site_names).cache
+        base = [ms.Add("blocks.1.hook_resid_pre", rng.normal(size=28).astype(np.float32) * 0.3,
+                       pos=int(rng.integers(0, length)))] if rng.random() < 0.5 else []
+
+        def random_patch():
+            layer = int(rng.integers(0, 3))
+            if rng.random() < 0.25:
+                site = f"blocks.{layer}.{rng.choice(attention_sites)}"
+                return ms.Patch(site, cache, head=sorted(set(rng.integers(0, 4, 2).tolist())),
+                                pos=sorted(set(rng.integers(0, length, 2).tolist())),
+                                key_pos=sorted(set(rng.integers(0, length, 3).tolist())))
+            name = str(rng.choice(token_sites))
+            site = name if name.startswith(("hook_embed", "hook_pos", "ln_final")) else f"blocks.{layer}.{name}"
+            return ms.Patch(site, cache, pos=sorted(set(rng.integers(0, length, 2).tolist())))
+        patches = [[random_patch() for _ in range(int(rng.integers(1, 4)))] for _ in range(6)]
+        metric = ms.metrics.LogProb(rng.integers(0, CONFIG["vocab_size"], batch))
+        got = ms.patching.sweep(model, corrupted, patches, metric, attention_mask=mask, interventions=base,
+                                per_row=True)
+        for i, group in enumerate(patches):
+            want = metric.per_row(model, corrupted, mask, interventions=base + group)
+            assert_close(got[i], want, what=f"trial {trial} patch {i}: {group}")
