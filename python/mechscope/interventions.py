@@ -118,13 +118,16 @@ class Intervention:
 
 
 def _full_site_value(source, site, argument="source"):
-    """A cache dict / RunResult / array -> the full value of `site` as an array."""
+    """A cache (dict, RunResult, TransformerLens ActivationCache) or an array -> the
+    full value of `site`."""
     cache = getattr(source, "cache", source)
-    if isinstance(cache, dict):
-        if site not in cache:
-            raise ValueError(f"{argument}: the cache has no {site!r} (cache it in the source run)")
+    if isinstance(cache, np.ndarray) or not hasattr(cache, "__getitem__"):
+        return np.asarray(cache)
+    try:
         return cache[site]
-    return np.asarray(source)
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"{argument}: the cache has no {site!r}; cache it in the source run "
+                         f"(e.g. model.run(tokens, cache={site!r}))") from None
 
 
 class Patch(Intervention):

@@ -29,7 +29,7 @@ from . import metrics as _metrics
 from . import sites
 from ._progress import progress_bar
 from ._runtime import get_memory_budget
-from .interventions import _ADD, _PROJECT, _SCALE, _SET, Intervention, Patch, Source
+from .interventions import _ADD, _PROJECT, _SCALE, _SET, Intervention, Patch, Source, _full_site_value
 
 __all__ = [
     "sweep",
@@ -100,16 +100,7 @@ def _source_array(model, source, name, suffix, batch, n_pos, argument="source"):
     """The full value of site `name` in a cache (dict, RunResult, TransformerLens
     ActivationCache) or an array, checked against the run's shape, as C-contiguous
     float32 [rows, ...] with rows = batch (or 1: the same for every row)."""
-    cache = getattr(source, "cache", source)
-    if isinstance(cache, np.ndarray):
-        value = cache
-    else:
-        try:
-            value = cache[name]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"{argument}: the cache has no {name!r}; cache it in the clean run "
-                             f"(e.g. model.run(tokens, cache={name!r}))") from None
-    value = np.asarray(value, dtype=np.float32)
+    value = np.asarray(_full_site_value(source, name, argument), dtype=np.float32)
     expected = sites.shape(suffix, model._shape_cfg, batch, n_pos)
     if value.shape != expected and value.shape != (1,) + expected[1:]:
         raise ValueError(f"{argument}: {name!r} has shape {list(value.shape)}, the patched run needs "
@@ -245,115 +236,89 @@ def _grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask, 
     return out
 
 
-def _grid(model, corrupted_tokens, clean_cache, metric, suffix, axes, box, attention_mask,
-          interventions, progress):
-    return _grids(model, corrupted_tokens, clean_cache, metric, [(suffix, axes, box)], attention_mask,
-                  interventions, progress)[0]
-
-
 _DOC = ("\n\nArguments as TransformerLens's get_act_patch_{name}; also attention_mask, "
         "interventions (applied in every run, e.g. noise) and progress (True, False, or None: "
         "a bar once the sweep takes more than a second).")
 
-
-def _layer_pos(suffix, name):
-    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
-           progress=None):
-        width = sites.shape(suffix, model._shape_cfg, 1, 1)[-1]
-        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, ["pos"],
-                     lambda T, p: ((p, 1), (0, width), (0, 0)), attention_mask, interventions, progress)
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"Patch blocks.L.{suffix} at each (layer, position): [n_layers, pos]." + _DOC.format(name=name)
-    return fn
-
-
-resid_pre = _layer_pos("hook_resid_pre", "resid_pre")
-resid_mid = _layer_pos("hook_resid_mid", "resid_mid")
-attn_out = _layer_pos("hook_attn_out", "attn_out")
-mlp_out = _layer_pos("hook_mlp_out", "mlp_out")
-
 _HEAD_SITES = {"out": "attn.hook_z", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
 
-def _head_by_pos(kind):
-    suffix, name = _HEAD_SITES[kind], f"attn_head_{kind}_by_pos"
-
-    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
-           progress=None):
-        dh = model.d_head
-        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, ["pos", model.n_heads],
-                     lambda T, p, h: ((p, 1), (h * dh, dh), (0, 0)), attention_mask, interventions, progress)
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = (f"Patch one head's {suffix} at one position, each (layer, position, head): "
-                  "[n_layers, pos, n_heads]." + _DOC.format(name=name))
-    return fn
+# Each grid of patches, as _grids takes it: (site suffix, axes after the layer, box).
+def _layer_pos_grid(model, suffix):
+    width = sites.shape(suffix, model._shape_cfg, 1, 1)[-1]
+    return suffix, ["pos"], lambda T, p: ((p, 1), (0, width), (0, 0))
 
 
-def _head_all_pos(kind):
-    suffix, name = _HEAD_SITES[kind], f"attn_head_{kind}_all_pos"
-
-    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
-           progress=None):
-        dh = model.d_head
-        return _grid(model, corrupted_tokens, clean_cache, metric, suffix, [model.n_heads],
-                     lambda T, h: ((0, T), (h * dh, dh), (0, 0)), attention_mask, interventions, progress)
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = (f"Patch one head's {suffix} at every position, each (layer, head): [n_layers, n_heads]."
-                  + _DOC.format(name=name))
-    return fn
-
-
-attn_head_out_by_pos = _head_by_pos("out")
-attn_head_q_by_pos = _head_by_pos("q")
-attn_head_k_by_pos = _head_by_pos("k")
-attn_head_v_by_pos = _head_by_pos("v")
-attn_head_out_all_pos = _head_all_pos("out")
-attn_head_q_all_pos = _head_all_pos("q")
-attn_head_k_all_pos = _head_all_pos("k")
-attn_head_v_all_pos = _head_all_pos("v")
-
-
-def attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
-                              interventions=None, progress=None):
-    """Patch one head's whole attention pattern, each (layer, head): [n_layers, n_heads]."""
-    return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern", [model.n_heads],
-                 lambda T, h: ((h, 1), (0, T), (0, T)), attention_mask, interventions, progress)
-
-
-def attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
-                             interventions=None, progress=None):
-    """Patch one head's attention from one destination position (a row of its pattern),
-    each (layer, head, dest): [n_layers, n_heads, pos]."""
-    return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern",
-                 [model.n_heads, "pos"], lambda T, h, d: ((h, 1), (d, 1), (0, T)), attention_mask,
-                 interventions, progress)
-
-
-def attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
-                                   interventions=None, progress=None):
-    """Patch one entry of one head's pattern, each (layer, head, dest, src):
-    [n_layers, n_heads, pos, pos]. Entries no query can see (src > dest) leave the
-    run unchanged and are not run."""
-    return _grid(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern",
-                 [model.n_heads, "pos", "pos"], lambda T, h, d, s: ((h, 1), (d, 1), (s, 1)),
-                 attention_mask, interventions, progress)
-
-
-def _head_boxes(model):
+def _head_by_pos_grid(model, kind):
     dh = model.d_head
-    return {
-        "all_pos": lambda T, h: ((0, T), (h * dh, dh), (0, 0)),
-        "by_pos": lambda T, p, h: ((p, 1), (h * dh, dh), (0, 0)),
-    }
+    return _HEAD_SITES[kind], ["pos", model.n_heads], lambda T, p, h: ((p, 1), (h * dh, dh), (0, 0))
+
+
+def _head_all_pos_grid(model, kind):
+    dh = model.d_head
+    return _HEAD_SITES[kind], [model.n_heads], lambda T, h: ((0, T), (h * dh, dh), (0, 0))
+
+
+def _pattern_all_pos_grid(model):
+    return "attn.hook_pattern", [model.n_heads], lambda T, h: ((h, 1), (0, T), (0, T))
+
+
+def _pattern_by_pos_grid(model):
+    return "attn.hook_pattern", [model.n_heads, "pos"], lambda T, h, d: ((h, 1), (d, 1), (0, T))
+
+
+def _one_grid(make_grid, name, doc):
+    """A public sweep function over the grid make_grid(model, ...) builds."""
+    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
+           progress=None):
+        return _grids(model, corrupted_tokens, clean_cache, metric, [make_grid(model)], attention_mask,
+                      interventions, progress)[0]
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc + _DOC.format(name=name)
+    return fn
+
+
+resid_pre, resid_mid, attn_out, mlp_out = (
+    _one_grid(lambda model, s=suffix: _layer_pos_grid(model, s), name,
+              f"Patch blocks.L.{suffix} at each (layer, position): [n_layers, pos].")
+    for name, suffix in (("resid_pre", "hook_resid_pre"), ("resid_mid", "hook_resid_mid"),
+                         ("attn_out", "hook_attn_out"), ("mlp_out", "hook_mlp_out")))
+
+attn_head_out_by_pos, attn_head_q_by_pos, attn_head_k_by_pos, attn_head_v_by_pos = (
+    _one_grid(lambda model, k=kind: _head_by_pos_grid(model, k), f"attn_head_{kind}_by_pos",
+              f"Patch one head's {_HEAD_SITES[kind]} at one position, each (layer, position, head): "
+              "[n_layers, pos, n_heads].")
+    for kind in ("out", "q", "k", "v"))
+
+attn_head_out_all_pos, attn_head_q_all_pos, attn_head_k_all_pos, attn_head_v_all_pos = (
+    _one_grid(lambda model, k=kind: _head_all_pos_grid(model, k), f"attn_head_{kind}_all_pos",
+              f"Patch one head's {_HEAD_SITES[kind]} at every position, each (layer, head): "
+              "[n_layers, n_heads].")
+    for kind in ("out", "q", "k", "v"))
+
+attn_head_pattern_all_pos = _one_grid(
+    _pattern_all_pos_grid, "attn_head_pattern_all_pos",
+    "Patch one head's whole attention pattern, each (layer, head): [n_layers, n_heads].")
+
+attn_head_pattern_by_pos = _one_grid(
+    _pattern_by_pos_grid, "attn_head_pattern_by_pos",
+    "Patch one head's attention from one destination position (a row of its pattern), "
+    "each (layer, head, dest): [n_layers, n_heads, pos].")
+
+attn_head_pattern_dest_src_pos = _one_grid(
+    lambda model: ("attn.hook_pattern", [model.n_heads, "pos", "pos"],
+                   lambda T, h, d, s: ((h, 1), (d, 1), (s, 1))),
+    "attn_head_pattern_dest_src_pos",
+    "Patch one entry of one head's pattern, each (layer, head, dest, src): "
+    "[n_layers, n_heads, pos, pos]. Entries no query can see (src > dest) leave the run "
+    "unchanged and are not run.")
 
 
 def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
                             interventions=None, progress=None):
     """out, q, k, v and pattern of each head patched at all positions: [5, n_layers, n_heads].
     One sweep."""
-    box = _head_boxes(model)["all_pos"]
-    grids = [(_HEAD_SITES[k], [model.n_heads], box) for k in ("out", "q", "k", "v")]
-    grids.append(("attn.hook_pattern", [model.n_heads], lambda T, h: ((h, 1), (0, T), (0, T))))
+    grids = [_head_all_pos_grid(model, k) for k in ("out", "q", "k", "v")] + [_pattern_all_pos_grid(model)]
     return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
                            interventions, progress))
 
@@ -362,17 +327,15 @@ def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, *, atte
                            interventions=None, progress=None):
     """out, q, k, v and pattern (by destination) of each head at each position:
     [5, n_layers, pos, n_heads]. One sweep."""
-    box = _head_boxes(model)["by_pos"]
-    grids = [(_HEAD_SITES[k], ["pos", model.n_heads], box) for k in ("out", "q", "k", "v")]
-    grids.append(("attn.hook_pattern", ["pos", model.n_heads], lambda T, d, h: ((h, 1), (d, 1), (0, T))))
-    return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
-                           interventions, progress))
+    grids = [_head_by_pos_grid(model, k) for k in ("out", "q", "k", "v")] + [_pattern_by_pos_grid(model)]
+    *heads, pattern = _grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
+                             interventions, progress)
+    return np.stack(heads + [pattern.transpose(0, 2, 1)])
 
 
 def block_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
                 progress=None):
     """resid_pre, attn_out and mlp_out per (layer, position): [3, n_layers, pos]. One sweep."""
-    grids = [(suffix, ["pos"], (lambda w: lambda T, p: ((p, 1), (0, w), (0, 0)))(model.d_model))
-             for suffix in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
+    grids = [_layer_pos_grid(model, suffix) for suffix in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
     return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
                            interventions, progress))
