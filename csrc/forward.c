@@ -372,7 +372,8 @@ static void attention_slots(void *ctx, long long lo, long long hi) {
     const attention_job *j = ctx;
     for (long long t = lo; t < hi; t++) {
         float *scratch = j->b->scratch + (size_t)t * j->L->scratch_floats;
-        for (long long item = t; item < j->n_items; item += j->n_slots) attention_item(j, (int)item, scratch);
+        for (long long item = t; item < j->n_items && !ms_interrupted(); item += j->n_slots)
+            attention_item(j, (int)item, scratch);
     }
 }
 
@@ -430,7 +431,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C);
     if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, err))) return st;
-    ms_linear(b->qkv, b->ln, C, w->w_qkv, w->b_qkv, N, C, 3 * C);
+    ms_linear(b->qkv, b->ln, C, w->w_qkv, w->b_qkv, N, C, 3 * C, nt);
     if ((st = ms_visit_tokens(L, MS_SITE_Q, l, b->qkv, 3 * C, err))) return st;
     if ((st = ms_visit_tokens(L, MS_SITE_K, l, b->qkv + C, 3 * C, err))) return st;
     if ((st = ms_visit_tokens(L, MS_SITE_V, l, b->qkv + 2 * C, 3 * C, err))) return st;
@@ -439,16 +440,16 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         record_state(L, b->qkv + 2 * C, 3 * C, rec->v + (size_t)l * rec->N * C);
     }
     if ((st = attention_sites(L, b, l, err))) return st;
-    ms_linear(b->tmp_a, b->z, C, w->w_o, w->b_o, N, C, C);
+    ms_linear(b->tmp_a, b->z, C, w->w_o, w->b_o, N, C, C, nt);
     if ((st = ms_visit_tokens(L, MS_SITE_ATTN_OUT, l, b->tmp_a, C, err))) return st;
     ms_add(b->resid, b->resid, b->tmp_a, NC);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_MID, l, b->resid, C, err))) return st;
     if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, err))) return st;
-    ms_linear(b->mlp, b->ln, C, w->w_in, w->b_in, N, C, F);
+    ms_linear(b->mlp, b->ln, C, w->w_in, w->b_in, N, C, F, nt);
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, F, err))) return st;
     ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, nt);
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, F, err))) return st;
-    ms_linear(b->tmp_b, b->mlp, F, w->w_out, w->b_out, N, F, C);
+    ms_linear(b->tmp_b, b->mlp, F, w->w_out, w->b_out, N, F, C, nt);
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err))) return st;
     ms_add(b->resid, b->resid, b->tmp_b, NC);
     return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
@@ -472,7 +473,8 @@ static void compute_logits(const ms_layout *L, ms_buffers *b) {
         for (int j = 0; j < p->n_logit_pos; j++)
             take_row(L, b, r, p->logit_pos[(size_t)r * p->n_logit_pos + j],
                      b->out_x + ((size_t)r * p->n_logit_pos + j) * c->d_model);
-    ms_unembed(p->logits, b->out_x, L->m->unembed, p->n_rows * p->n_logit_pos, c->d_model, c->d_vocab);
+    ms_unembed(p->logits, b->out_x, L->m->unembed, p->n_rows * p->n_logit_pos, c->d_model, c->d_vocab,
+               L->n_threads);
 }
 
 /* metric_out[r] for rows [lo, hi) from their logits in out_y (not the logit difference) */
@@ -519,7 +521,7 @@ static void compute_metric(const ms_layout *L, ms_buffers *b) {
         }
         return;
     }
-    ms_unembed(b->out_y, x, L->m->unembed, R, C, V);
+    ms_unembed(b->out_y, x, L->m->unembed, R, C, V, L->n_threads);
     metric_job job = {L, b->out_y};
     ms_parallel_for(R, 4, L->n_threads, metric_rows, &job);
 }
@@ -626,9 +628,18 @@ static ms_status record_alloc(ms_state *rec, const ms_layout *L, ms_error *err) 
     return MS_OK;
 }
 
+/* MS_ERR_INTERRUPTED once the run's interrupt flag is set: buffers written after
+ * it may be incomplete, so nothing computed since is used */
+static ms_status check_stop(ms_error *err) {
+    if (!ms_interrupted()) return MS_OK;
+    snprintf(err->message, sizeof err->message, "interrupted");
+    return MS_ERR_INTERRUPTED;
+}
+
 ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     ms_status st = ms_plan_check(m, plan, err);
     if (st) return st;
+    const volatile int *outer_stop = ms_stop_flag_swap(plan->stop);
     const ms_config *c = &m->cfg;
     ms_layout L = {0};
     float *base = NULL;
@@ -653,30 +664,42 @@ ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     if ((st = ms_visit_tokens(&L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
     ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L.active_N * c->d_model);
     for (int l = 0; l < c->n_layers; l++)
-        if ((st = block_forward(&L, &b, l, err))) goto done;
+        if ((st = block_forward(&L, &b, l, err)) || (st = check_stop(err))) goto done;
     L.active_rows = plan->n_rows;
     L.active_N = L.N;
     if ((st = layernorm_sites(&L, &b, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, err))) goto done;
     if (plan->n_logit_pos > 0) compute_logits(&L, &b);
     if (plan->metric.kind != MS_METRIC_NONE) compute_metric(&L, &b);
+    st = check_stop(err);
 
 done:
+    ms_stop_flag_swap(outer_stop);
     if (st && plan->record) ms_state_free(plan->record);
     if (base) workspace_give(m->workspace, base, floats);
     layout_free(&L);
     return st;
 }
 
+/* The BLAS always runs single-threaded: products are cut into panels that
+ * mechscope's own threads share (kernels.c says why). The default thread count is
+ * the one the BLAS picked for this machine when it loaded. */
 static int g_threads = 0;
+static pthread_once_t threads_once = PTHREAD_ONCE_INIT;
+
+static void threads_init(void) {
+    g_threads = ms_blas_get_threads();
+    if (g_threads < 1) g_threads = 1;
+    ms_blas_set_threads(1);
+}
 
 void ms_set_num_threads(int n) {
-    if (n < 1) n = 1;
-    g_threads = n;
-    ms_blas_set_threads(n);
+    pthread_once(&threads_once, threads_init);
+    g_threads = n < 1 ? 1 : n;
 }
 
 int ms_get_num_threads(void) {
-    return g_threads > 0 ? g_threads : ms_blas_get_threads();
+    pthread_once(&threads_once, threads_init);
+    return g_threads;
 }
 
 const char *ms_blas_config(void) { return ms_blas_get_config(); }
