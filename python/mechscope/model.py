@@ -1,13 +1,14 @@
 """The Model: a GPT-2-family transformer whose forward pass runs in mechscope's C core."""
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import sites
 from ._runtime import _core, get_memory_budget
-from .checkpoint import find_in_hub_cache, read_folder
+from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder
 from .interventions import _CACHE, _CALLBACK, Intervention, Source, expand_rows
 
 # activation_function values of GPT2Config -> the core's codes
@@ -22,6 +23,32 @@ _REFUSED = {
     "is_encoder_decoder": (False, "encoder-decoder models are not supported"),
 }
 
+# Every other key HuggingFace writes into a GPT-2 config.json (PretrainedConfig's
+# fields, generation settings of older versions, training-time settings such as
+# dropout): none changes the forward pass of the unprocessed model in eval mode.
+_KNOWN_KEYS = {
+    "_name_or_path", "architectures", "attn_pdrop", "bad_words_ids", "begin_suppress_tokens",
+    "bos_token_id", "chunk_size_feed_forward", "cross_attention_hidden_size",
+    "decoder_start_token_id", "diversity_penalty", "do_sample", "dtype", "early_stopping",
+    "embd_pdrop", "encoder_no_repeat_ngram_size", "eos_token_id",
+    "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id",
+    "forced_eos_token_id", "id2label", "initializer_range", "is_decoder", "label2id",
+    "length_penalty", "max_length", "min_length", "model_type", "n_ctx", "no_repeat_ngram_size",
+    "num_beam_groups", "num_beams", "num_return_sequences", "output_attentions",
+    "output_hidden_states", "output_scores", "pad_token_id", "prefix", "problem_type",
+    "pruned_heads", "remove_invalid_values", "repetition_penalty", "resid_pdrop", "return_dict",
+    "return_dict_in_generate", "sep_token_id", "summary_activation", "summary_first_dropout",
+    "summary_proj_to_labels", "summary_type", "summary_use_proj", "suppress_tokens",
+    "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder",
+    "tokenizer_class", "top_k", "top_p", "torchscript", "torch_dtype", "transformers_version",
+    "typical_p", "use_bfloat16", "use_cache", "gradient_checkpointing", "output_past",
+    "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+    "use_return_dict",
+}
+
+# the C core's limit; far more layers than any model has
+_MAX_LAYERS = 100000
+
 _CONFIG_DEFAULTS = {
     "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
     "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
@@ -30,13 +57,30 @@ _CONFIG_DEFAULTS = {
 }
 
 
-def _normalize_config(config):
+def _unknown_keys(config):
+    return sorted(k for k in config if k not in _CONFIG_DEFAULTS and k not in _KNOWN_KEYS
+                  and k not in _REFUSED)
+
+
+def _normalize_config(config, unknown="refuse"):
     """A GPT2Config, its dict, or a dict of some fields -> a complete dict. Refuses
-    anything that would change the computation in a way mechscope does not run."""
+    anything that would change the computation in a way mechscope does not run.
+
+    unknown: what to do with keys mechscope does not know ("n_layers", "hidden_size":
+    a typo or another architecture's name, which would otherwise be ignored):
+    "refuse" (a config written by hand) or "warn" (a config.json, whose stray keys
+    HuggingFace ignores too)."""
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     if not isinstance(config, dict):
         raise TypeError(f"config: expected a dict or a GPT2Config, got {type(config).__name__}")
+    extra = _unknown_keys(config)
+    if extra and unknown == "refuse":
+        raise ValueError(f"config: unknown key{'s' * (len(extra) > 1)} {', '.join(map(repr, extra))} "
+                         "(GPT2Config names: n_layer, n_embd, n_head, n_inner, n_positions, vocab_size, ...)")
+    if extra and unknown == "warn":
+        warnings.warn(f"config: key{'s' * (len(extra) > 1)} {', '.join(map(repr, extra))} unknown to "
+                      "mechscope (and to GPT2Config): ignored", stacklevel=4)
     cfg = dict(_CONFIG_DEFAULTS)
     cfg.update(config)
     model_type = cfg.get("model_type", "gpt2")
@@ -53,6 +97,10 @@ def _normalize_config(config):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"config: {key} must be a positive int, got {v!r}")
+    if cfg["n_layer"] > _MAX_LAYERS:
+        raise ValueError(f"config: n_layer={cfg['n_layer']} is more than mechscope runs ({_MAX_LAYERS})")
+    if cfg.get("pruned_heads"):
+        raise ValueError("config: pruned_heads is not supported (heads removed from the weights)")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ValueError(f"config: n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
     if cfg["n_inner"] is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
@@ -63,6 +111,43 @@ def _normalize_config(config):
     # reorder_and_upcast_attn only changes how half-precision models compute the
     # scores; mechscope computes everything in float32, where it changes nothing.
     return cfg
+
+
+def _weight_count(cfg):
+    """float32 numbers of the weights a config needs (computed, not enumerated)."""
+    C, V, P, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"], cfg["n_layer"]
+    F = cfg["n_inner"] or 4 * C
+    per_block = 4 * C + 3 * C * C + 3 * C + C * C + C + 2 * C * F + F + C
+    untied = 0 if cfg.get("tie_word_embeddings", True) else V * C
+    return V * C + P * C + 2 * C + L * per_block + untied
+
+
+def _check_sizes(cfg):
+    """Refuse, before any work, sizes whose weights cannot fit in this machine's memory."""
+    need = 4 * _weight_count(cfg)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ValueError(f"config: these sizes need {need / 2**30:.1f} GiB of float32 weights (n_layer="
+                         f"{cfg['n_layer']}, n_embd={cfg['n_embd']}, vocab_size={cfg['vocab_size']}, "
+                         f"n_positions={cfg['n_positions']}), more than this machine's "
+                         f"{have / 2**30:.1f} GiB of memory")
+
+
+def _check_blocks_present(cfg, names):
+    """Before building n_layer blocks' worth of names: the checkpoint has them all."""
+    blocks = set()
+    for name in names:
+        if name.startswith("h."):
+            head = name.split(".", 2)[1]
+            if head.isdigit():
+                blocks.add(int(head))
+    if len(blocks) < cfg["n_layer"]:
+        missing = next(i for i in range(cfg["n_layer"]) if i not in blocks)
+        raise ValueError(f"weights: the config has n_layer={cfg['n_layer']} but the weights hold "
+                         f"{len(blocks)} blocks (h.{missing} is missing)")
 
 
 def _weight_shapes(cfg):
@@ -104,11 +189,18 @@ class RunResult:
 class Model:
     """A GPT-2-family model. Build one with from_pretrained, from_config or from_arrays."""
 
-    def __init__(self, config, arrays, tokenizer=None):
-        cfg = _normalize_config(config)
-        shapes = _weight_shapes(cfg)
+    def __init__(self, config, arrays, tokenizer=None, _unknown="refuse"):
+        cfg = _normalize_config(config, _unknown)
         arrays = {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)}
+        _check_blocks_present(cfg, arrays)
+        shapes = _weight_shapes(cfg)
         tied = cfg.get("tie_word_embeddings", True)
+        # lm_head.weight is the unembedding when untied; when tied, HF uses wte and so do we
+        unused = sorted(k for k in arrays if k not in shapes and k != "lm_head.weight")
+        if unused:
+            shown = ", ".join(unused[:5]) + (f", ... ({len(unused)} in all)" if len(unused) > 5 else "")
+            raise ValueError(f"weights: tensors the model does not use: {shown} (a checkpoint of another "
+                             "architecture or head, or a config with too few layers?)")
         weights = {}
         for name, shape in shapes.items():
             if name not in arrays:
@@ -170,23 +262,27 @@ class Model:
                                  "local HuggingFace cache (mechscope never downloads)")
             folder = found
         config_path = os.path.join(folder, "config.json")
-        if not os.path.exists(config_path):
+        if not is_present(config_path):
             raise ValueError(f"name_or_path: {folder} has no config.json")
-        with open(config_path) as f:
+        with open_regular(config_path) as f:
             try:
                 config = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"checkpoint {config_path}: not valid JSON ({e})") from None
+        # the sizes first: an absurd config is refused before any weight is read
+        cfg = _normalize_config(config, unknown="warn")
+        _check_sizes(cfg)
         arrays = read_folder(folder, _wanted)
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)
-        return cls(config, arrays, tokenizer=tokenizer)
+        return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
 
     @classmethod
     def from_config(cls, config, seed=0, tokenizer=None):
         """Random weights for any configuration, initialised as HuggingFace does
         (normal with std 0.02, layer norms at 1 and 0, biases at 0)."""
         cfg = _normalize_config(config)
+        _check_sizes(cfg)
         rng = np.random.default_rng(seed)
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
@@ -199,7 +295,7 @@ class Model:
                 arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
         if not cfg.get("tie_word_embeddings", True):
             arrays["lm_head.weight"] = rng.normal(0.0, std, (cfg["vocab_size"], cfg["n_embd"])).astype(np.float32)
-        return cls(cfg, arrays, tokenizer=tokenizer)
+        return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
 
     @classmethod
     def from_arrays(cls, config, arrays, tokenizer=None):
@@ -292,10 +388,13 @@ class Model:
                 mask = mask[None, :]
             if mask.shape != tokens.shape:
                 raise ValueError(f"attention_mask: shape {list(mask.shape)} does not match tokens {list(tokens.shape)}")
-            if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-                raise TypeError(f"attention_mask: expected 0/1 integers or booleans, got dtype {mask.dtype}")
+            # any real dtype (HuggingFace code passes float masks as often as integer ones)
+            if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)
+                    or mask.dtype == bool):
+                raise TypeError(f"attention_mask: expected 0/1 values of a real dtype (integers, floats "
+                                f"or booleans), got dtype {mask.dtype}")
             if not np.isin(mask, (0, 1)).all():
-                raise ValueError("attention_mask: values must be 0 (padding) or 1 (real token)")
+                raise ValueError("attention_mask: values must be exactly 0 (padding) or 1 (real token)")
             mask = mask.astype(np.int32)
             empty = np.flatnonzero(mask.sum(1) == 0)
             if empty.size:
@@ -481,8 +580,8 @@ class _TokenizersAdapter:
         self.pad_token_id = None
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         special = {}
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
+        if is_present(cfg_path, "tokenizer"):
+            with open_regular(cfg_path, "tokenizer") as f:
                 special = json.load(f)
         for attr, key in (("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")):
             value = special.get(key)
@@ -501,7 +600,7 @@ class _TokenizersAdapter:
 def _load_tokenizer(folder):
     """The folder's tokenizer.json through the optional `tokenizers` package, or None."""
     path = os.path.join(folder, "tokenizer.json")
-    if not os.path.exists(path):
+    if not is_present(path, "tokenizer"):
         return None
     try:
         from tokenizers import Tokenizer
