@@ -251,7 +251,8 @@ class Model:
     def from_pretrained(cls, name_or_path, tokenizer=None):
         """Load a HuggingFace GPT-2 folder (config.json + model.safetensors, or shards
         with model.safetensors.index.json), or a model name found in the local
-        HuggingFace cache. Float32 weights are memory-mapped, not copied."""
+        HuggingFace cache. The weights are read into memory, not mapped: the model
+        keeps them if the files are rewritten while it is loaded."""
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path: expected a path or a model name, got {type(name_or_path).__name__}")
         folder = os.fspath(name_or_path)
