@@ -11,9 +11,13 @@ import time
 import pytest
 
 CHILD = r"""
-import sys
+import signal, sys, time
 import numpy as np
 import mechscope as ms
+
+# a shell that starts the tests in the background leaves SIGINT ignored; the child
+# is what an interactive Python is: Ctrl-C raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 kind = sys.argv[1]
 model = ms.Model.from_config(dict(n_layer=8, n_embd=256, n_head=4, vocab_size=2000, n_positions=128), seed=0)
@@ -34,7 +38,7 @@ try:
                          progress=False)
     print("finished", flush=True)
 except KeyboardInterrupt:
-    print("interrupted", flush=True)
+    print("interrupted", time.monotonic(), flush=True)
     print("usable", bool(np.array_equal(model.run(small, logits="last").logits, want)), flush=True)
 """
 
@@ -47,15 +51,14 @@ def test_ctrl_c_stops_a_long_call(kind):
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
         time.sleep(1.5)  # well inside the call
-        sent = time.monotonic()
+        sent = time.monotonic()  # the same clock as the child's (CLOCK_MONOTONIC)
         child.send_signal(signal.SIGINT)
-        first = child.stdout.readline().strip()
-        latency = time.monotonic() - sent
-        rest, err = child.communicate(timeout=120)
+        out, err = child.communicate(timeout=300)
     finally:
         if child.poll() is None:
             child.kill()
-    print(f"Ctrl-C latency ({kind}): {latency:.3f} s")
-    assert first == "interrupted", f"{first!r} {err}"
-    assert rest.split() == ["usable", "True"], err
+    words = out.split()
+    assert words[:1] == ["interrupted"], f"{out!r} {err}"
+    print(f"Ctrl-C latency ({kind}): {float(words[1]) - sent:.3f} s")
+    assert words[2:] == ["usable", "True"], err
     assert child.returncode == 0, err
