@@ -448,7 +448,9 @@ class Model:
         hooks: {site name or pattern: fn}; fn(activation, site) gets the site's value
             as a NumPy array and may change it in place or return a new one. Hooks
             call back into Python at every matching site, so they are slower than
-            interventions; use them for what interventions cannot say.
+            interventions; use them for what interventions cannot say. In a long
+            run they are called from the thread computing it (while the calling
+            thread waits, so that Ctrl-C can stop the run), one at a time, with the GIL.
         """
         tokens, mask = self._check_tokens(tokens, attention_mask)
         B, T = tokens.shape
