@@ -15,6 +15,11 @@ layers >= L at positions >= p, many patches share each matrix product, and patch
 that cannot change anything (they write the value that is already there) are not
 run at all.
 
+Base interventions (``interventions=``) hold in every patched run. At the attention
+sites the causal mask holds whatever they write (entries whose key comes after its
+query stay -inf / 0), which is what lets a sweep skip positions before a patch and
+still equal one explicit run per patch.
+
 Noising, the reverse direction, is the same call with the roles swapped: the clean
 tokens and the corrupted run's cache, ``resid_pre(model, clean_tokens,
 corrupted.cache, metric)``.
