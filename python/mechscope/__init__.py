@@ -26,11 +26,14 @@ from .interventions import (
     Zero,
 )
 from .model import Model, RunResult
-from . import demo, metrics, patching, plot, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
+from .extract import extract
+from .store import Activations
+from . import demo, metrics, patching, plot, probing, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activations",
     "Add",
     "MeanAblate",
     "Model",
@@ -41,6 +44,7 @@ __all__ = [
     "Source",
     "SubspacePatch",
     "Zero",
+    "extract",
     "RunResult",
     "get_memory_budget",
     "get_num_threads",

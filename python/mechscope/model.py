@@ -1,6 +1,7 @@
 """The Model: a GPT-2-family transformer whose forward pass runs in mechscope's C core."""
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -178,9 +179,13 @@ class Model:
             except json.JSONDecodeError as e:
                 raise ValueError(f"checkpoint {config_path}: not valid JSON ({e})") from None
         arrays = read_folder(folder, _wanted)
+        given = tokenizer
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)
-        return cls(config, arrays, tokenizer=tokenizer)
+        model = cls(config, arrays, tokenizer=tokenizer)
+        model.path = os.path.abspath(folder)
+        model._given_tokenizer = given
+        return model
 
     @classmethod
     def from_config(cls, config, seed=0, tokenizer=None):
@@ -208,6 +213,23 @@ class Model:
         if not isinstance(arrays, dict):
             raise TypeError(f"arrays: expected a dict of name -> array, got {type(arrays).__name__}")
         return cls(config, dict(arrays), tokenizer=tokenizer)
+
+    path = None  # the folder the model was loaded from (from_pretrained), else None
+    _given_tokenizer = None
+
+    def __reduce__(self):
+        # pickled as its folder (and a tokenizer passed by hand), so that a model sent
+        # to another process (a Dask worker, a pickled scikit-learn pipeline) is loaded
+        # there from its memory-mapped checkpoint, once per process
+        if self.path is None:
+            raise TypeError("Model: only a model loaded from a folder (Model.from_pretrained) can be "
+                            "pickled; it is pickled as its path")
+        return _load_shared, (self.path, self._given_tokenizer)
+
+    def __deepcopy__(self, memo):
+        # nothing in a Model changes after it is built: copies share it (scikit-learn's
+        # clone deep-copies the parameters of an estimator)
+        return self
 
     def __repr__(self):
         return (f"Model(n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
@@ -472,6 +494,19 @@ class Model:
         return interventions
 
 
+# models unpickled in this process, by folder: a worker loads each model once
+_SHARED = weakref.WeakValueDictionary()
+
+
+def _load_shared(path, tokenizer=None):
+    key = (path, os.path.getmtime(os.path.join(path, "config.json")))
+    model = _SHARED.get(key)
+    if model is None or (tokenizer is not None and model._given_tokenizer is None):
+        model = Model.from_pretrained(path, tokenizer=tokenizer)
+        _SHARED[key] = model
+    return model
+
+
 class _TokenizersAdapter:
     """Gives a `tokenizers.Tokenizer` HuggingFace's encode/decode interface."""
 
@@ -499,9 +534,20 @@ class _TokenizersAdapter:
 
 
 def _load_tokenizer(folder):
-    """The folder's tokenizer.json through the optional `tokenizers` package, or None."""
+    """The folder's tokenizer.json through the optional `tokenizers` package, a
+    word-level vocabulary (vocab.json holding a list of words, as the demo model's), or None."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(path):
+        words = os.path.join(folder, "vocab.json")
+        if os.path.exists(words):
+            with open(words) as f:
+                try:
+                    vocab = json.load(f)
+                except json.JSONDecodeError:
+                    return None
+            if isinstance(vocab, list) and all(isinstance(w, str) for w in vocab):
+                from .demo import WordTokenizer  # noqa: PLC0415  (demo imports this module)
+                return WordTokenizer(vocab)
         return None
     try:
         from tokenizers import Tokenizer
