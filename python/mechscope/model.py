@@ -1,7 +1,6 @@
 """The Model: a GPT-2-family transformer whose forward pass runs in mechscope's C core."""
 import json
 import os
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -494,8 +493,11 @@ class Model:
         return interventions
 
 
-# models unpickled in this process, by folder: a worker loads each model once
-_SHARED = weakref.WeakValueDictionary()
+# models unpickled in this process, by folder (and the checkpoint's time): a process
+# (a Dask worker running many tasks) loads each model once and keeps it; the weights
+# are memory-mapped, so a kept model costs address space, not memory
+_SHARED = {}
+_SHARED_LOADS = [0]
 
 
 def _load_shared(path, tokenizer=None):
@@ -504,6 +506,7 @@ def _load_shared(path, tokenizer=None):
     if model is None or (tokenizer is not None and model._given_tokenizer is None):
         model = Model.from_pretrained(path, tokenizer=tokenizer)
         _SHARED[key] = model
+        _SHARED_LOADS[0] += 1
     return model
 
 
