@@ -137,16 +137,20 @@ class Store:
         shapes = {"index": (2,)}
         shapes.update({s: tuple(v) for s, v in site_shapes.items()})
         for name in names:
+            # plain writes of one shard after another: a memory map of the whole output
+            # would count its written pages as resident memory until it is closed
+            dtype = np.dtype(np.int64 if name == "index" else np.float32)
             tmp = _site_file(self.folder, name) + ".tmp"
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64 if name == "index" else np.float32,
-                                            shape=(total,) + shapes[name])
-            at = 0
-            for c, n in zip(chunks, rows):
-                if n:
-                    out[at:at + n] = np.load(_site_file(_shard_dir(self.folder, c), name), mmap_mode="r")
-                at += n
-            out.flush()
-            del out
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                         "fortran_order": False, "shape": (total,) + shapes[name]})
+                for c, n in zip(chunks, rows):
+                    part = np.load(_site_file(_shard_dir(self.folder, c), name))
+                    if part.shape != (n,) + shapes[name] or part.dtype != dtype:
+                        raise RuntimeError(f"out: shard {c} of {name} in {self.folder} is damaged; "
+                                           "remove the folder and extract again")
+                    f.write(np.ascontiguousarray(part).data)
+                    del part
             os.replace(tmp, _site_file(self.folder, name))
         self.manifest.update(complete=True, n_prompts=int(n_prompts), n_rows=total,
                              sites={s: list(v) for s, v in site_shapes.items()})
