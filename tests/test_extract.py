@@ -161,6 +161,54 @@ def test_resumed_equals_uninterrupted(demo, prompts, tmp_path):
     np.testing.assert_array_equal(np.asarray(resumed.index), np.asarray(whole.index))
 
 
+def test_interrupted_inside_a_chunk_resumes_after_its_last_batch(demo, prompts, tmp_path):
+    kw = dict(batch_size=4, chunk_size=16, positions="all")
+    whole = ms.extract(demo, prompts, RESID, out=tmp_path / "whole", **kw)
+    batches = []
+    orig = demo.run
+
+    def run_until_ctrl_c(tokens, **k):  # Ctrl-C during the 7th batch (3rd of chunk 1)
+        if len(batches) == 6:
+            raise KeyboardInterrupt
+        batches.append(len(tokens))
+        return orig(tokens, **k)
+    demo.run = run_until_ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ms.extract(demo, prompts, RESID, out=tmp_path / "resumed", **kw)
+    finally:
+        del demo.run
+    manifest = json.load(open(tmp_path / "resumed" / "manifest.json"))
+    assert list(manifest["chunks"]) == ["0"] and manifest["partial"]["1"]["batches"] == [0, 1]
+    batches.clear()
+    demo.run = lambda tokens, **k: batches.append(len(tokens)) or orig(tokens, **k)
+    try:
+        resumed = ms.extract(demo, prompts, RESID, out=tmp_path / "resumed", **kw)
+    finally:
+        del demo.run
+    # chunk 1 has 14 prompts (batches of 4, 4, 4, 2): its first two batches are not redone
+    assert batches == [4, 2]
+    for site in whole:
+        np.testing.assert_array_equal(np.asarray(resumed[site]), np.asarray(whole[site]))
+    # another batch size is another batching: the unfinished chunk is redone whole
+    demo.run = run_until_ctrl_c
+    batches.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ms.extract(demo, prompts, RESID, out=tmp_path / "other", **kw)
+    finally:
+        del demo.run
+    batches.clear()
+    demo.run = lambda tokens, **k: batches.append(len(tokens)) or orig(tokens, **k)
+    try:
+        other = ms.extract(demo, prompts, RESID, out=tmp_path / "other", **dict(kw, batch_size=7))
+    finally:
+        del demo.run
+    assert batches == [7, 7]
+    for site in whole:
+        np.testing.assert_allclose(np.asarray(other[site]), np.asarray(whole[site]), rtol=0, atol=1e-6 * 32)
+
+
 def test_bad_input_before_work(demo, prompts, tmp_path):
     calls = []
     orig = demo.run

@@ -86,13 +86,21 @@ def extract(model, data, sites, positions="last", batch_size=32, out=None, *, bu
                 if store and _skip_done(store, chunk, digest, first_prompt, len(tokens)):
                     bar.update(len(tokens))
                     continue
-                alloc = _shard_alloc(store.folder, chunk) if store else _memory_alloc
-                index, values = run_chunk(model, tokens, pos, first_prompt, alloc=alloc, on_batch=bar.update, **run)
-                if store:
-                    _flush(index, values)
-                    store.mark_done(chunk, len(index), digest)
-                else:
-                    parts.append((index, values))
+                if store is None:
+                    parts.append(run_chunk(model, tokens, pos, first_prompt, on_batch=bar.update, **run))
+                    continue
+                layout = [run["batch_size"], run["bucket"]]
+                skip = store.batches_done(chunk, digest, layout)
+                if skip and not _shards_intact(store.folder, chunk, shapes, sum(len(p) for p in pos)):
+                    skip = set()  # the files do not hold what the manifest says: redo the chunk
+
+                def after_batch(k, index, values, chunk=chunk, digest=digest, layout=layout):
+                    _flush(index, values)  # on disk before the manifest says so
+                    store.mark_batch(chunk, digest, layout, k)
+                index, values = run_chunk(model, tokens, pos, first_prompt, alloc=_shard_alloc(store.folder, chunk, bool(skip)),
+                                          on_batch=bar.update, skip=skip, after_batch=after_batch, **run)
+                store.mark_done(chunk, len(index), digest)
+                del index, values
     if store:
         store.finish(n_prompts, shapes)
         return Activations.open(store.folder)
@@ -233,9 +241,11 @@ def _skip_done(store, chunk, digest, first_prompt, n):
 # ---- running one chunk ------------------------------------------------------------------------
 
 def run_chunk(model, tokens, positions, first_prompt, names, batch_size, bucket, alloc=None,
-              on_batch=None):
+              on_batch=None, skip=(), after_batch=None):
     """The rows of one chunk: index [rows, 2] (prompt, position) and {site: [rows, ...]},
-    in input order, computed in batches of similar length."""
+    in input order, computed in batches of similar length. Batches whose number is in
+    skip are already in the arrays (a resumed chunk); after_batch(k, index, values) is
+    called when batch k is written."""
     alloc = alloc or _memory_alloc
     n = len(tokens)
     counts = np.array([len(p) for p in positions], np.int64)
@@ -248,20 +258,26 @@ def run_chunk(model, tokens, positions, first_prompt, names, batch_size, bucket,
     lengths = np.array([len(t) for t in tokens])
     order = np.argsort(lengths, kind="stable") if bucket else np.arange(n)
     order = order[counts[order] > 0]  # a prompt without positions is not run
-    for s in range(0, len(order), batch_size):
+    for k, s in enumerate(range(0, len(order), batch_size)):
         idx = order[s:s + batch_size]
+        if k in skip:
+            if on_batch is not None:
+                on_batch(len(idx))
+            continue
         T = int(lengths[idx].max())
         batch = np.zeros((len(idx), T), np.int32)
         mask = np.zeros((len(idx), T), np.int32)
-        for k, i in enumerate(idx):
-            batch[k, :lengths[i]] = tokens[i]
-            mask[k, :lengths[i]] = 1
+        for row, i in enumerate(idx):
+            batch[row, :lengths[i]] = tokens[i]
+            mask[row, :lengths[i]] = 1
         result = model.run(batch, attention_mask=None if mask.all() else mask, cache=names, logits=None)
         b = np.repeat(np.arange(len(idx)), counts[idx])
         p = np.concatenate([positions[i] for i in idx])
         dest = np.concatenate([np.arange(row_start[i], row_start[i + 1]) for i in idx])
         for name in names:
             values[name][dest] = result.cache[name][b, p]
+        if after_batch is not None:
+            after_batch(k, index, values)
         if on_batch is not None:
             on_batch(len(idx))
     if on_batch is not None:
@@ -273,16 +289,41 @@ def _memory_alloc(name, shape, dtype):
     return np.empty(shape, dtype)
 
 
-def _shard_alloc(folder, chunk):
-    """Arrays of a chunk as memory-mapped files in its shard directory."""
+def _shard_alloc(folder, chunk, resume=False):
+    """Arrays of a chunk as memory-mapped files in its shard directory; resume: reopen
+    the files of a partly written chunk (checked by _shards_intact)."""
     from .store import _shard_dir, _site_file
 
     d = _shard_dir(folder, chunk)
     os.makedirs(d, exist_ok=True)
 
     def alloc(name, shape, dtype):
-        return np.lib.format.open_memmap(_site_file(d, name), mode="w+", dtype=dtype, shape=shape)
+        path = _site_file(d, name)
+        if resume:
+            try:
+                a = np.lib.format.open_memmap(path, mode="r+")
+            except (OSError, ValueError):
+                a = None
+            if a is not None and a.shape == shape and a.dtype == dtype:
+                return a
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     return alloc
+
+
+def _shards_intact(folder, chunk, shapes, rows):
+    """1 when every shard file of the chunk exists with its expected shape."""
+    from .store import _shard_dir, _site_file
+
+    expected = {"index": ((rows, 2), np.int64)}
+    expected.update({n: ((rows,) + s, np.float32) for n, s in shapes.items()})
+    for name, (shape, dtype) in expected.items():
+        try:
+            a = np.load(_site_file(_shard_dir(folder, chunk), name), mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        if a.shape != shape or a.dtype != dtype:
+            return False
+    return True
 
 
 def _flush(index, values):

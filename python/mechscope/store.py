@@ -10,10 +10,10 @@ A folder holds one extraction:
     index.npy, <site>.npy     once every chunk is done: all rows in input order,
                               opened memory-mapped
 
-Chunks are written whole (shard files first, then the manifest entry, the manifest
-replaced atomically), so an interrupted extraction resumes at the first chunk the
-manifest does not list, and a worker of a cluster writes its own shard directories
-while only the driver writes the manifest.
+Shard files are written first, then the manifest (replaced atomically) records the
+batch or the chunk as done, so an interrupted extraction resumes with the first batch
+the manifest does not list. A worker of a cluster writes its own shard directories and
+only the driver writes the manifest (there a chunk is the unit that is redone).
 """
 import hashlib
 import json
@@ -123,6 +123,24 @@ class Store:
 
     def mark_done(self, chunk, rows, digest):
         self.manifest["chunks"][str(chunk)] = {"rows": int(rows), "digest": digest}
+        self.manifest.setdefault("partial", {}).pop(str(chunk), None)
+        _write_json(self.path, self.manifest)
+
+    def batches_done(self, chunk, digest, layout):
+        """The batches of an unfinished chunk already written (the same prompts batched
+        the same way), an empty set if none."""
+        entry = self.manifest.get("partial", {}).get(str(chunk))
+        if entry is None or entry["digest"] != digest or entry["layout"] != layout:
+            return set()
+        return set(entry["batches"])
+
+    def mark_batch(self, chunk, digest, layout, batch):
+        """Record that a batch of an unfinished chunk is in its shard files (flushed)."""
+        partial = self.manifest.setdefault("partial", {})
+        entry = partial.get(str(chunk))
+        if entry is None or entry["digest"] != digest or entry["layout"] != layout:
+            entry = partial[str(chunk)] = {"digest": digest, "layout": layout, "batches": []}
+        entry["batches"].append(int(batch))
         _write_json(self.path, self.manifest)
 
     def finish(self, n_prompts, site_shapes):
