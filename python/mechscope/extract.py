@@ -88,19 +88,8 @@ def extract(model, data, sites, positions="last", batch_size=32, out=None, *, bu
                     continue
                 if store is None:
                     parts.append(run_chunk(model, tokens, pos, first_prompt, on_batch=bar.update, **run))
-                    continue
-                layout = [run["batch_size"], run["bucket"]]
-                skip = store.batches_done(chunk, digest, layout)
-                if skip and not _shards_intact(store.folder, chunk, shapes, sum(len(p) for p in pos)):
-                    skip = set()  # the files do not hold what the manifest says: redo the chunk
-
-                def after_batch(k, index, values, chunk=chunk, digest=digest, layout=layout):
-                    _flush(index, values)  # on disk before the manifest says so
-                    store.mark_batch(chunk, digest, layout, k)
-                index, values = run_chunk(model, tokens, pos, first_prompt, alloc=_shard_alloc(store.folder, chunk, bool(skip)),
-                                          on_batch=bar.update, skip=skip, after_batch=after_batch, **run)
-                store.mark_done(chunk, len(index), digest)
-                del index, values
+                else:
+                    _chunk_to_store(model, store, chunk, digest, tokens, pos, first_prompt, shapes, run, bar)
     if store:
         store.finish(n_prompts, shapes)
         return Activations.open(store.folder)
@@ -283,6 +272,22 @@ def run_chunk(model, tokens, positions, first_prompt, names, batch_size, bucket,
     if on_batch is not None:
         on_batch(n - len(order))
     return index, values
+
+
+def _chunk_to_store(model, store, chunk, digest, tokens, pos, first_prompt, shapes, run, bar):
+    """Run one chunk into its shard files, each batch recorded in the manifest once it
+    is on disk, so that an interruption loses at most the batch being computed."""
+    layout = [run["batch_size"], run["bucket"]]
+    skip = store.batches_done(chunk, digest, layout)
+    if skip and not _shards_intact(store.folder, chunk, shapes, sum(len(p) for p in pos)):
+        skip = set()  # the files do not hold what the manifest says: redo the chunk
+
+    def after_batch(k, index, values):
+        _flush(index, values)  # on disk before the manifest says so
+        store.mark_batch(chunk, digest, layout, k)
+    index, values = run_chunk(model, tokens, pos, first_prompt, alloc=_shard_alloc(store.folder, chunk, bool(skip)),
+                              on_batch=bar.update, skip=skip, after_batch=after_batch, **run)
+    store.mark_done(chunk, len(index), digest)
 
 
 def _memory_alloc(name, shape, dtype):
