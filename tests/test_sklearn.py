@@ -28,12 +28,41 @@ NOT_APPLICABLE = {
 }
 
 
+# Checks that compare a batch's transform with its parts' to 1e-7. A forward pass in
+# float32 gives the same values for any batch composition only up to rounding: the BLAS
+# chooses its kernel by matrix size (1-ulp differences, seen in the -O1 sanitizer build
+# of CI). Where the exact comparison fails, the same comparison is made at float32's
+# tolerance instead.
+FLOAT32_BATCHING = ("check_methods_subset_invariance", "check_methods_sample_order_invariance")
+
+
+def _batching_invariance_at_float32_tolerance(estimator):
+    from sklearn.base import clone
+
+    rnd = np.random.RandomState(0)
+    X = 3 * rnd.uniform(size=(20, 3))
+    X = np.round(X - X.min()).astype(np.int32)  # scikit-learn's own categorical input
+    est = clone(estimator).fit(X)
+    full = est.transform(X)
+    by_one = np.concatenate([est.transform(X[i:i + 1]) for i in range(len(X))])
+    np.testing.assert_allclose(by_one, full, rtol=1e-5, atol=1e-5)
+    order = np.random.RandomState(1).permutation(len(X))
+    np.testing.assert_allclose(est.transform(X[order]), full[order], rtol=1e-5, atol=1e-5)
+
+
 @parametrize_with_checks([ActivationFeatures(DEMO, "blocks.1.hook_resid_post"),
                           ActivationFeatures(ms.Model.from_pretrained(DEMO), "blocks.0.attn.hook_z",
                                              positions=[0, -1])],
                          expected_failed_checks=lambda est: NOT_APPLICABLE)
 def test_scikit_learn_checks(estimator, check, tmp_path):
-    if getattr(check, "func", None) is not None and check.func.__name__ == "check_array_api_input":
+    name = getattr(check, "func", check).__name__
+    if name in FLOAT32_BATCHING:
+        try:
+            check(estimator)
+        except AssertionError:
+            _batching_invariance_at_float32_tolerance(estimator)
+        return
+    if name == "check_array_api_input":
         # scikit-learn runs this check only in a process whose SciPy was imported with
         # SCIPY_ARRAY_API=1 (it skips otherwise): run it in such a process
         assert check.keywords == {"array_namespace": "numpy", "expect_only_array_outputs": False}
