@@ -55,6 +55,8 @@ def test_known_answer_and_control_task(sweep):
     assert "selectivity" in repr(sweep)
     fig = sweep.plot()
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) >= 2
+    fig.clf()
+    __import__("matplotlib.pyplot").pyplot.close(fig)
 
 
 def test_control_types_share_labels(task):
@@ -178,6 +180,7 @@ def test_causal_effect_matches_explicit_runs_and_beats_random(task, sweep):
     assert eff.z[2] > 3
     fig = eff.plot()
     assert len(fig.axes) == 1
+    __import__("matplotlib.pyplot").pyplot.close(fig)
     with pytest.raises(ValueError, match="dimensions"):
         ms.probing.causal_effect(model, tokens, probe, "blocks.2.mlp.hook_post", metric)
     with pytest.raises(TypeError, match="metric"):
