@@ -21,6 +21,14 @@ def test_readme_set_up_is_two_commands_that_ci_runs():
     assert "README.md" in ci and 'bash -c "${setup[0]}"' in ci and 'bash -c "${setup[1]}"' in ci
 
 
+def test_readme_says_what_the_install_downloads():
+    # the torch pin of the test extra is the one the README tells users how to take as a CPU build
+    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
+    pin = re.search(r'"(torch==[0-9.]+)"', pyproject).group(1)
+    assert f"pip install {pin} --index-url https://download.pytorch.org/whl/cpu" in README
+    assert "CUDA build" in README
+
+
 def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     monkeypatch.chdir(tmp_path)
