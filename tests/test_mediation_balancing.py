@@ -119,3 +119,18 @@ def test_localization_summaries():
     assert loc["top_share"] == {2: 0.125, 8: 0.5}
     loc = med.localization([1.0, -3.0, 2.0])
     assert list(loc["order"]) == [1, 2, 0]
+
+
+@pytest.mark.parametrize("estimand", ["ATT", "ATE"])
+def test_rebalancing_inside_the_bootstrap(estimand):
+    """The batched re-solve used on bootstrap resamples gives the same weights as a
+    solve of each resample on its own."""
+    from mechscope.mediation.balancing import rebalance
+    Z, A = problem(0, n=300)
+    bal = med.entropy_balance(Z, A, estimand, moments=2)
+    np.testing.assert_allclose(rebalance(bal, np.full((1, A.size), 1.0 / A.size))[0], bal.weights, atol=1e-8)
+    counts = np.random.default_rng(0).multinomial(A.size, np.full(A.size, 1 / A.size), size=3).astype(float)
+    W = rebalance(bal, counts)
+    for b in range(3):
+        alone = med.entropy_balance(Z, A, estimand, moments=2, base_weights=counts[b]).weights
+        np.testing.assert_allclose(W[b], alone, atol=1e-7)

@@ -72,10 +72,12 @@ def test_adjusted_intervals_cover_the_truth(scm):
         # the interaction model's intervals need more examples to reach their level
         A, M, Y, Z = simulate(p, 300 if scm == "linear" else 600, 1000 + seed)
         cov = np.column_stack([Z, np.tanh(2 * Z)]) if scm == "nonlinear" else Z
-        w = med.entropy_balance(Z, A, "ATE", moments=2).weights
+        bal = med.entropy_balance(Z, A, "ATE", moments=2)
         runs = {"adjusted": med.product_of_coefficients(A, M, Y, cov, interaction=interaction, n_boot=400,
                                                         seed=seed, method="bca"),
-                "balanced": med.product_of_coefficients(A, M, Y, cov, weights=w, interaction=interaction,
+                # the balancing weights held fixed over the resamples (weights=bal re-solves them
+                # on every resample: slower, and measured to cover in >= 90 of 100 here too)
+                "balanced": med.product_of_coefficients(A, M, Y, cov, weights=bal.weights, interaction=interaction,
                                                         n_boot=400, seed=seed, method="percentile"),
                 "unadjusted": med.product_of_coefficients(A, M, Y, interaction=interaction, n_boot=400,
                                                           seed=seed, method="percentile")}
@@ -84,9 +86,8 @@ def test_adjusted_intervals_cover_the_truth(scm):
                 covered[est, k] += res[k].low[0] <= true[k] <= res[k].high[0]
     for k in kinds:
         assert covered["adjusted", k] >= 90, (k, covered)
-        # the weighted bootstrap keeps the balancing weights fixed (it does not re-solve
-        # them per resample), which makes its intervals somewhat too narrow
-        assert covered["balanced", k] >= 80, (k, covered)
+        # fixed weights leave the balancing's own uncertainty out: slightly narrow intervals
+        assert covered["balanced", k] >= 85, (k, covered)
     print(covered)
     # the unadjusted NIE is biased far beyond its interval; its NDE by less (0.27 at n = 300)
     assert covered["unadjusted", "nie"] < 30 and covered["unadjusted", "nde"] < 80, covered

@@ -74,8 +74,8 @@ class Balance:
     table(): standardised mean difference of each moment before and after, and each
     group's effective sample size."""
 
-    def __init__(self, weights, treatment, features, names, estimand, method, iterations=0):
-        self.weights, self.treatment = weights, treatment
+    def __init__(self, weights, treatment, features, names, estimand, method, iterations=0, base=None):
+        self.weights, self.treatment, self.base = weights, treatment, base
         self.features, self.names = features, names
         self.estimand, self.method, self.iterations = estimand, method, iterations
 
@@ -205,7 +205,85 @@ def entropy_balance(Z, treatment, estimand="ATT", moments=1, base_weights=None, 
             raise ValueError("base_weights: a group's base weights sum to 0")
         w[grp], _, it = solve_entropy_weights(C[grp], target, base[grp], max_iter, tol, cnames)
         iterations = max(iterations, it)
-    return Balance(w, a, C, cnames, estimand, "entropy balancing", iterations)
+    return Balance(w, a, C, cnames, estimand, "entropy balancing", iterations, base)
+
+
+def _solve_batch(C, target, Q, max_iter=100, tol=1e-9):
+    """solve_entropy_weights for many base-weight rows at once: Q [k, m] base weights
+    over the rows of C [m, d], targets [k, d]. -> weights [k, m] (each row sums to 1).
+    Used to re-solve the balance inside the bootstrap; Newton steps with a
+    backtracking line search, on the rows not yet converged only. A resample whose
+    moments cannot be met keeps its last weights (rare; still counted)."""
+    scale = C.std(0)
+    scale[scale == 0] = 1.0
+    Cs = C / scale
+    tg = target / scale
+    k, d = Q.shape[0], C.shape[1]
+    logq = np.where(Q > 0, np.log(np.where(Q > 0, Q, 1.0)), -np.inf)
+
+    def evaluate(lam, rows):
+        # the dual log sum q exp(C lam) - lam . target, its gradient and Hessian
+        s = Cs @ lam.T                                               # [m, r]
+        s = s.T + logq[rows]
+        top = s.max(1, keepdims=True)
+        e = np.exp(s - top)
+        tot = e.sum(1, keepdims=True)
+        w = e / tot
+        mean = w @ Cs                                                # [r, d]
+        g = mean - tg[rows]
+        H = np.einsum("rm,md,me->rde", w, Cs, Cs) - mean[:, :, None] * mean[:, None, :]
+        f = (np.log(tot) + top)[:, 0] - (lam * tg[rows]).sum(1)
+        return f, g, H, w
+
+    lam = np.zeros((k, d))
+    rows = np.arange(k)
+    f, g, H, w = evaluate(lam, rows)
+    out = w.copy()
+    for _ in range(max_iter):
+        live = np.abs(g).max(1) >= tol
+        rows, f, g, H = rows[live], f[live], g[live], H[live]
+        if rows.size == 0:
+            break
+        step = -np.einsum("rde,re->rd", np.linalg.pinv(H), g)
+        t = np.ones(rows.size)
+        new = evaluate(lam[rows] + step, rows)
+        for _ in range(40):
+            ok = new[0] <= f + 1e-4 * t * (g * step).sum(1)
+            if ok.all():
+                break
+            t = np.where(ok, t, t * 0.5)
+            retry = evaluate(lam[rows[~ok]] + t[~ok, None] * step[~ok], rows[~ok])
+            for part, value in zip(new, retry):
+                part[~ok] = value
+        lam[rows] += t[:, None] * step
+        f, g, H, w = new
+        out[rows] = w
+    return out
+
+
+def rebalance(balance, W):
+    """The balance's weights re-solved under example weights W [k, n] (resampling
+    counts times the original base weights): [k, n], each group of each row summing
+    to 1. Entropy balancing is re-solved; other methods' weights are carried along."""
+    if balance.method != "entropy balancing":
+        w = balance.weights[None] * W
+    else:
+        a, C = balance.treatment, balance.features
+        base = W / W.sum(1, keepdims=True)
+        w = np.zeros_like(W)
+        if balance.estimand == "ATT":
+            ta = base[:, a]
+            target = ta @ C[a] / ta.sum(1, keepdims=True)
+            w[:, a] = ta
+            groups = [~a]
+        else:
+            target = base @ C / base.sum(1, keepdims=True)
+            groups = [a, ~a]
+        for grp in groups:
+            w[:, grp] = _solve_batch(C[grp], target, base[:, grp])
+    for grp in (balance.treatment, ~balance.treatment):
+        w[:, grp] /= np.maximum(w[:, grp].sum(1, keepdims=True), 1e-300)
+    return w
 
 
 # ---------------------------------------------------------------- propensity weights

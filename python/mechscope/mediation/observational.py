@@ -19,7 +19,7 @@ quasi-Bayesian simulation, as statsmodels' Mediation does.
 """
 import numpy as np
 
-from .balancing import check_covariates, check_treatment
+from .balancing import Balance, check_covariates, check_treatment, rebalance
 from .bootstrap import bootstrap, check_weights
 
 __all__ = ["product_of_coefficients", "imai_keele_tingley", "observe", "OBS_KINDS"]
@@ -102,7 +102,9 @@ def product_of_coefficients(A, M, Y, Z=None, weights=None, interaction=False, n_
     with a seeded bootstrap over examples (the weights carried along).
 
     A: 0/1 treatment [n]; M: [n] or [n, units]; Y: [n]; Z: covariates [n, k] or None
-    (unadjusted); weights: example weights [n] (e.g. Balance.weights), or None.
+    (unadjusted); weights: example weights [n], or None, or a Balance (from
+    entropy_balance and the like): its weights, re-solved on every bootstrap resample
+    so that the intervals include the balancing's own uncertainty.
     Returns a report.Estimates per effect kind: a dict kind -> Estimates."""
     from .report import Estimates
     A, M, Y, Z = _check_data(A, M, Y, Z)
@@ -110,11 +112,19 @@ def product_of_coefficients(A, M, Y, Z=None, weights=None, interaction=False, n_
     labels = list(units) if units is not None else [f"M[{u}]" for u in range(U)]
     if len(labels) != U:
         raise ValueError(f"units: {len(labels)} labels for {U} mediator columns")
+    stat = _poc_statistic(A, M, Y, Z, interaction)
+    if isinstance(weights, Balance):
+        balance = weights
+        if balance.weights.shape != (n,) or not np.array_equal(balance.treatment, A.astype(bool)):
+            raise ValueError("weights: the Balance was computed for another treatment vector")
+        weights = balance.base
+
+        def stat(W, inner=stat):
+            return inner(rebalance(balance, W))
     check_weights(weights, n)
     # many units: bootstrap chunks sized to keep [chunk, units, p, p] small
     chunk = max(1, int(4e6 // max(U * (4 + Z.shape[1]) ** 2 + n * 8, 1)))
-    res = bootstrap(_poc_statistic(A, M, Y, Z, interaction), n, weights, n_boot=n_boot, seed=seed,
-                    level=level, method=method, chunk=chunk)
+    res = bootstrap(stat, n, weights, n_boot=n_boot, seed=seed, level=level, method=method, chunk=chunk)
     return {kind: Estimates(labels, kind, label=label, **{key: (v[:, j] if key == "replicates" else v[j])
                                                           for key, v in res.items()})
             for j, kind in enumerate(OBS_KINDS)}

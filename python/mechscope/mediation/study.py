@@ -38,7 +38,8 @@ def study(model, treated, control, treatment, units, metric, Z=None, *, attentio
     The truth is the interventional effect `kind` averaged over all pairs (the
     population the pairs stand for). Estimators: "unadjusted" (regression on A),
     and with Z: "adjusted" (Z in both regressions) and "balanced" (Z in both
-    regressions and entropy-balancing ATE weights on Z's moments up to `moments`).
+    regressions and entropy-balancing ATE weights on Z's moments up to `moments`,
+    re-solved on every bootstrap resample).
     """
     t, c, mask = check_pairs(model, treated, control, attention_mask)
     a = check_treatment(treatment, t.shape[0])
@@ -53,7 +54,7 @@ def study(model, treated, control, treatment, units, metric, Z=None, *, attentio
     estimates = {"unadjusted": product_of_coefficients(a, M, Y, **kw, label="unadjusted")[kind]}
     if Z is not None:
         estimates["adjusted"] = product_of_coefficients(a, M, Y, Z, **kw, label="adjusted")[kind]
-        estimates["balanced"] = product_of_coefficients(a, M, Y, Z, weights=balance.weights, **kw,
+        estimates["balanced"] = product_of_coefficients(a, M, Y, Z, weights=balance, **kw,
                                                         label="balanced")[kind]
     table, summary = compare(truth, estimates, kind)
     return Study(eff, truth, estimates, balance, table, summary, M, Y)
