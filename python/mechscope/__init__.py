@@ -28,6 +28,7 @@ from .interventions import (
 from .model import Model, RunResult
 from .tokens import Tokens
 from . import demo, metrics, patching, plot, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
+from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
 
 __version__ = "0.1.0"
 
