@@ -26,9 +26,11 @@ from .interventions import (
     Zero,
 )
 from .model import Model, RunResult
+from .tokens import Tokens
 from .extract import extract
 from .store import Activations
 from . import demo, metrics, patching, plot, probing, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
+from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,7 @@ __all__ = [
     "Zero",
     "extract",
     "RunResult",
+    "Tokens",
     "get_memory_budget",
     "get_num_threads",
     "set_memory_budget",

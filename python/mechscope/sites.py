@@ -24,9 +24,15 @@ def parse(name, n_layers):
     """'blocks.3.attn.hook_z' -> (site code, layer, suffix). ValueError if unknown."""
     if name in GLOBAL_BEFORE or name in GLOBAL_AFTER:
         return SITE_CODES[name], 0, name
+    if not isinstance(name, str):
+        raise TypeError(f"site: expected a site name, got {type(name).__name__}")
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in PER_BLOCK:
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isascii() and parts[1].isdigit() \
+            and parts[2] in PER_BLOCK:
         layer = int(parts[1])
+        if parts[1] != str(layer):
+            # one spelling per site, so that caches, hooks and interventions agree on names
+            raise ValueError(f"site {name!r}: write the layer as {layer} ('blocks.{layer}.{parts[2]}')")
         if layer < n_layers:
             return SITE_CODES[parts[2]], layer, parts[2]
         raise ValueError(f"site {name!r}: layer {layer} out of range, the model has {n_layers} layers")
