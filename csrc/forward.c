@@ -67,6 +67,22 @@ static int stores_attention(const ms_plan *p) {
 
 static int run_threads(const ms_plan *p) { return p->n_threads > 0 ? p->n_threads : ms_get_num_threads(); }
 
+/* Blocks the run must compute: all of them when logits, a metric or a recorded
+ * state are asked for (or an action is at ln_final); otherwise only up to the
+ * deepest block an action is at, so that a run that reads layer 3 of 12 stops
+ * there (the early exit of extraction). */
+static int blocks_needed(const ms_model *m, const ms_plan *p) {
+    int n_layers = m->cfg.n_layers;
+    if (p->n_logit_pos > 0 || p->metric.kind != MS_METRIC_NONE || p->record) return n_layers;
+    int n = 0;
+    for (int i = 0; i < p->n_actions; i++) {
+        ms_site site = p->actions[i].site;
+        if (site == MS_SITE_LNF_SCALE || site == MS_SITE_LNF_NORMALIZED) return n_layers;
+        if (ms_site_per_layer(site) && p->actions[i].layer + 1 > n) n = p->actions[i].layer + 1;
+    }
+    return n;
+}
+
 static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
     ms_sizes s = {0};
     int att = stores_attention(p);
@@ -680,8 +696,10 @@ ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     if ((st = ms_visit_tokens(&L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
     if ((st = ms_visit_tokens(&L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
     ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L.active_N * c->d_model);
-    for (int l = 0; l < c->n_layers; l++)
+    int n_blocks = blocks_needed(m, plan);
+    for (int l = 0; l < n_blocks; l++)
         if ((st = block_forward(&L, &b, l, err)) || (st = check_stop(err))) goto done;
+    if (n_blocks < c->n_layers) goto done; /* nothing after this block is asked for */
     L.active_rows = plan->n_rows;
     L.active_N = L.N;
     if ((st = layernorm_sites(&L, &b, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, err))) goto done;

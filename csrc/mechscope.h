@@ -217,7 +217,9 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *plan, ms_error *err);
 /* Bytes of working memory ms_run would allocate for this plan. */
 size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan);
 
-/* Run the plan: one forward pass of all rows, applying the actions at their sites. */
+/* Run the plan: one forward pass of all rows, applying the actions at their sites.
+ * A plan without logits, metric or record stops after the deepest block one of
+ * its actions is at: later blocks and the unembedding are not computed. */
 ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err);
 
 /* A patching sweep: every patch is one intervened run of all base rows, of which

@@ -226,7 +226,7 @@ class Model:
                     raise TypeError(f"weights: {name} has dtype {a.dtype}, expected floating point")
                 weights[name] = a.astype(np.float32)
         self.config = cfg
-        self._weights = weights  # float32 arrays (views of the mapped checkpoint where possible)
+        self._weights = weights  # float32 arrays (read from the checkpoint, or the arrays given)
         self.n_layers = cfg["n_layer"]
         self.n_heads = cfg["n_head"]
         self.d_model = cfg["n_embd"]
@@ -275,9 +275,13 @@ class Model:
         cfg = _normalize_config(config, unknown="warn")
         _check_sizes(cfg)
         arrays = read_folder(folder, _wanted)
+        given = tokenizer
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)
-        return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
+        model = cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
+        model.path = os.path.abspath(folder)
+        model._given_tokenizer = given
+        return model
 
     @classmethod
     def from_config(cls, config, seed=0, tokenizer=None):
@@ -306,6 +310,23 @@ class Model:
         if not isinstance(arrays, dict):
             raise TypeError(f"arrays: expected a dict of name -> array, got {type(arrays).__name__}")
         return cls(config, dict(arrays), tokenizer=tokenizer)
+
+    path = None  # the folder the model was loaded from (from_pretrained), else None
+    _given_tokenizer = None
+
+    def __reduce__(self):
+        # pickled as its folder (and a tokenizer passed by hand), so that a model sent
+        # to another process (a Dask worker, a pickled scikit-learn pipeline) is loaded
+        # there from its memory-mapped checkpoint, once per process
+        if self.path is None:
+            raise TypeError("Model: only a model loaded from a folder (Model.from_pretrained) can be "
+                            "pickled; it is pickled as its path")
+        return _load_shared, (self.path, self._given_tokenizer)
+
+    def __deepcopy__(self, memo):
+        # nothing in a Model changes after it is built: copies share it (scikit-learn's
+        # clone deep-copies the parameters of an estimator)
+        return self
 
     def __repr__(self):
         return (f"Model(n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
@@ -634,6 +655,23 @@ class Model:
         return interventions
 
 
+# models unpickled in this process, by folder (and the checkpoint's time): a process
+# (a Dask worker running many tasks) loads each model once and keeps it; the weights
+# are memory-mapped, so a kept model costs address space, not memory
+_SHARED = {}
+_SHARED_LOADS = [0]
+
+
+def _load_shared(path, tokenizer=None):
+    key = (path, os.path.getmtime(os.path.join(path, "config.json")))
+    model = _SHARED.get(key)
+    if model is None or (tokenizer is not None and model._given_tokenizer is None):
+        model = Model.from_pretrained(path, tokenizer=tokenizer)
+        _SHARED[key] = model
+        _SHARED_LOADS[0] += 1
+    return model
+
+
 class _TokenizersAdapter:
     """Gives a `tokenizers.Tokenizer` HuggingFace's encode/decode interface."""
 
@@ -661,9 +699,20 @@ class _TokenizersAdapter:
 
 
 def _load_tokenizer(folder):
-    """The folder's tokenizer.json through the optional `tokenizers` package, or None."""
+    """The folder's tokenizer.json through the optional `tokenizers` package, a
+    word-level vocabulary (vocab.json holding a list of words, as the demo model's), or None."""
     path = os.path.join(folder, "tokenizer.json")
     if not is_present(path, "tokenizer"):
+        words = os.path.join(folder, "vocab.json")
+        if is_present(words, "tokenizer"):
+            with open_regular(words, "tokenizer") as f:
+                try:
+                    vocab = json.load(f)
+                except json.JSONDecodeError:
+                    return None
+            if isinstance(vocab, list) and all(isinstance(w, str) for w in vocab):
+                from .demo import WordTokenizer  # noqa: PLC0415  (demo imports this module)
+                return WordTokenizer(vocab)
         return None
     try:
         from tokenizers import Tokenizer
