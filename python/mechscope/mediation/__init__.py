@@ -19,13 +19,14 @@ from .observational import imai_keele_tingley, observe, product_of_coefficients
 from .plot import effects as plot_effects
 from .report import Estimates, Table, compare, localization
 from .study import Study, study
+from .weighting import ipw_mediation
 from .units import Unit, group, heads, layer_outputs, neurons
 
 __all__ = [
     "Unit", "group", "neurons", "heads", "layer_outputs",
     "natural_effects", "controlled_direct_effect", "Effects", "KINDS",
     "entropy_balance", "inverse_propensity_weights", "stratified_weights", "one_hot", "Balance",
-    "product_of_coefficients", "imai_keele_tingley", "observe",
+    "product_of_coefficients", "imai_keele_tingley", "ipw_mediation", "observe",
     "bootstrap", "weighted_mean_ci",
     "Estimates", "Table", "compare", "localization", "plot_effects",
     "study", "Study",
