@@ -238,6 +238,23 @@ def test_ipw_equals_its_formula_computed_the_slow_way():
                 np.testing.assert_allclose(res[kind].replicates[b, u], slow_b[u][kind], rtol=0, atol=1e-10)
 
 
+def test_bootstrap_leaves_out_replicates_it_cannot_compute():
+    """A statistic that is NaN on some resamples: intervals from the finite ones."""
+    x = np.random.default_rng(0).exponential(1.0, 50)
+
+    def mean_or_nan(W):
+        m = (W @ x) / W.sum(1)
+        return np.where(W[:, 0] > 0, m, np.nan)[:, None]           # NaN when example 0 is left out
+
+    from mechscope.mediation.bootstrap import _counts
+    r = med.bootstrap(mean_or_nan, 50, n_boot=400, seed=2, method="percentile")
+    counts = _counts(50, 400, 2)
+    finite = ((counts * np.full(50, 1 / 50)) @ x / (counts / 50).sum(1))[counts[:, 0] > 0]
+    assert 0 < finite.size < 400
+    np.testing.assert_allclose([r["low"][0], r["high"][0]], np.quantile(finite, [0.025, 0.975]), rtol=1e-12)
+    np.testing.assert_allclose(r["se"][0], finite.std(ddof=1), rtol=1e-12)
+
+
 def test_ipw_bad_input():
     A, M, Y, Z = simulate(LIN, 200, 0)
     with pytest.raises(ValueError, match="treatment"):

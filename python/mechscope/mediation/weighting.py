@@ -54,9 +54,10 @@ def _propensities(dz, dm, A, W):
     """p(Z) [k, n] and p(M, Z) [k, U, n] fitted under example weights W [k, n], with
     their linear predictors (for the separation check)."""
     bz = logistic_fit(dz, A, W)                                      # [k, 1 + z]
-    eta_z = bz @ dz.T                                                # [k, n]
+    # clipped as in the fit: a resample that separates saturates at p ~ 1e-13 instead of 0
+    eta_z = np.clip(bz @ dz.T, -30, 30)                              # [k, n]
     bm = logistic_fit(dm[None], A, W[:, None, :])                    # [k, U, 2 + z]
-    eta_m = np.einsum("unp,kup->kun", dm, bm)
+    eta_m = np.clip(np.einsum("unp,kup->kun", dm, bm), -30, 30)
     return 1 / (1 + np.exp(-eta_z)), 1 / (1 + np.exp(-eta_m)), eta_z, eta_m
 
 
@@ -97,7 +98,9 @@ def ipw_mediation(A, M, Y, Z=None, weights=None, trim=0.05, n_boot=1000, seed=0,
     A: 0/1 treatment [n]; M: [n] or [n, units]; Y: [n]; Z: covariates [n, k] or None
     (unadjusted); weights: example (sampling) weights [n] or None; trim: drop the
     examples whose P(A=1 | M, Z) is below trim or above 1 - trim (0 keeps all).
-    Returns a dict kind -> report.Estimates, as product_of_coefficients does.
+    Returns a dict kind -> report.Estimates, as product_of_coefficients does. A
+    resample in which trimming leaves a group without examples gives NaN for that
+    column; the bootstrap leaves such replicates out of its intervals.
     A propensity of 0 or 1 (perfect separation) raises a ValueError naming the model."""
     from .report import Estimates
     A, M, Y, Z = _check_data(A, M, Y, Z)
