@@ -7,6 +7,7 @@ estimators adjusted for confounders, and the truth beside every estimate.
     eff.summary("nie")           # mean over pairs, bootstrap intervals, per unit
     w = ms.mediation.entropy_balance(Z, treatment, "ATE", moments=2).weights
     ms.mediation.product_of_coefficients(A, M, Y, Z, weights=w)["nie"]
+    ms.mediation.ipw_mediation(A, M, Y, Z)["nie"]   # Huber's weighting, no outcome model
     ms.mediation.study(model, treated, control, treatment, units, metric, Z)  # side by side
 
 Every unit of a study runs in one patching sweep in C per direction (see effects.py).
