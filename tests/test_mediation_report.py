@@ -54,3 +54,11 @@ def test_study_puts_the_truth_beside_the_estimates(model):
     fig = st.plot(top=4)
     assert len(fig.axes[0].patches) == 4 * 4  # 4 units x (truth + 3 estimators)
     assert "Study" in repr(st) and "L0H1" in repr(st.truth)
+    # Huber's weighting estimator as one more column, the same as called directly
+    st = med.study(model, treated, control, A, units, metric, Z, n_boot=100, ipw=True, trim=0.05)
+    direct = med.ipw_mediation(A, M, Y, Z, trim=0.05, n_boot=100, units=eff.units)["nie"]
+    np.testing.assert_allclose(st.estimates["ipw"].estimate, direct.estimate, atol=1e-9)
+    np.testing.assert_allclose(st.estimates["ipw"].low, direct.low, atol=1e-9)
+    assert np.isfinite(direct.low).all() and np.isfinite(direct.high).all()
+    assert list(st.summary.to_pandas()["estimator"]) == ["intervention", "unadjusted", "adjusted", "balanced",
+                                                         "ipw"]

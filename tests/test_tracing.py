@@ -117,3 +117,91 @@ def test_bad_arguments(ms, models, kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         ms.tracing.trace(model, PROMPT, **args)
+
+
+def _slow_class_means(ie, b, e):
+    """ROME's token classes of one trace, written out: [6, layers], NaN for a class
+    the prompt lacks."""
+    T, L = ie.shape
+    nan = np.full(L, np.nan)
+    middle = [ie[t] for t in range(b + 1, e - 1)]
+    further = [ie[t] for t in range(e + 1, T - 1)]
+    return np.stack([ie[b], np.mean(middle, 0) if middle else nan, ie[e - 1], ie[e] if e < T - 1 else nan,
+                     np.mean(further, 0) if further else nan, ie[T - 1]])
+
+
+def test_average_indirect_effect_is_the_mean_of_traces(ms, models):
+    _, model = models
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 53, T) for T in (7, 8, 6, 9, 7)]
+    subjects = [(1, 4), (0, 1), (2, 4), (3, 7), (1, 3)]
+    top = [int(np.argmax(model.run(p[None], logits="last").logits[0])) for p in prompts]
+    answers = list(top)
+    answers[2] = (top[2] + 1) % 53  # not what the model predicts: left out, as ROME does
+    avg = ms.tracing.average_indirect_effect(model, prompts, subjects, answers, samples=4, n_boot=200)
+    assert list(avg.kept) == [0, 1, 3, 4] and avg.rows == list(ms.tracing.TOKEN_CLASSES)
+    # the slow way: one trace per fact (ROME's noise scale over the subjects), then means
+    noise = 3 * ms.tracing.embedding_std(model, [p[b:e] for p, (b, e) in zip(prompts, subjects)])
+    total, count, lows = np.zeros((6, 4)), np.zeros(6), []
+    for i in avg.kept:
+        r = ms.tracing.trace(model, prompts[i], subjects[i], answers[i], noise=noise, samples=4)
+        per = _slow_class_means(r.scores.astype(np.float64) - r.low_score, *subjects[i])
+        for c in range(6):
+            if np.isfinite(per[c]).all():
+                total[c] += per[c]
+                count[c] += 1
+        lows.append(r.low_score)
+    assert_close(avg.aie, total / count[:, None], atol=1e-6, what="aie")
+    # one-token and two-token subjects have no middle; prompt 3 has no further tokens
+    assert list(avg.counts) == list(count) and count[1] == 2 and count[4] == 3
+    assert avg.low_score == pytest.approx(np.mean(lows), abs=1e-7)
+    # the AIE is not flat, and the interval brackets it
+    assert np.ptp(avg.aie) > 1e-3
+    assert (avg.low <= avg.aie + 1e-12).all() and (avg.aie <= avg.high + 1e-12).all()
+    assert "AverageTrace" in repr(avg)
+    import matplotlib
+    matplotlib.use("Agg")
+    fig = avg.plot()
+    assert len(fig.axes) == 2
+    matplotlib.pyplot.close(fig)
+
+
+def test_average_indirect_effect_by_position_and_its_bootstrap(ms, models):
+    from mechscope import mediation as med
+    _, model = models
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 53, 6) for _ in range(5)]
+    subjects = [(1, 3)] * 5
+    for method in ("percentile", "bca"):
+        avg = ms.tracing.average_indirect_effect(model, prompts, subjects, by="position", samples=3, noise=1.0,
+                                                 kind="mlp", window=3, n_boot=300, boot_seed=7, method=method)
+        per = np.stack([ms.tracing.trace(model, p, s, kind="mlp", window=3, noise=1.0, samples=3).indirect_effect
+                        for p, s in zip(prompts, subjects)]).astype(np.float64)
+        assert_close(avg.aie, per.mean(0), atol=1e-6, what="aie")
+        ref = med.weighted_mean_ci(avg.per_prompt.reshape(5, -1).T, n_boot=300, seed=7, method=method)
+        assert_close(avg.low, ref["low"].reshape(6, 4), atol=1e-12, what="low")
+        assert_close(avg.high, ref["high"].reshape(6, 4), atol=1e-12, what="high")
+        assert avg.rows == list(range(6)) and list(avg.kept) == list(range(5))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(subjects=[(1, 3)]), "subjects"),
+    (dict(by="token"), "by"),
+    (dict(by="position", prompts=[PROMPT, PROMPT[:6]]), "position"),
+    (dict(answers=[0]), "answers"),
+    (dict(answers=[99, 99]), "answers"),
+    (dict(correct_only="yes"), "correct_only"),
+])
+def test_average_indirect_effect_bad_arguments(ms, models, kwargs, match):
+    _, model = models
+    args = dict(prompts=[PROMPT, PROMPT], subjects=[SUBJECT, SUBJECT])
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ms.tracing.average_indirect_effect(model, **args)
+
+
+def test_average_indirect_effect_needs_a_correct_fact(ms, models):
+    _, model = models
+    top = int(np.argmax(model.run(PROMPT[None], logits="last").logits[0]))
+    with pytest.raises(ValueError, match="predicts none"):
+        ms.tracing.average_indirect_effect(model, [PROMPT], [SUBJECT], [(top + 1) % 53])

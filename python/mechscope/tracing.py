@@ -22,7 +22,7 @@ from .interventions import Noise
 from .patching import _run_sweep, _source_array, _Write
 from . import sites
 
-__all__ = ["TraceResult", "embedding_std", "trace"]
+__all__ = ["TraceResult", "embedding_std", "trace", "AverageTrace", "average_indirect_effect", "TOKEN_CLASSES"]
 
 _KIND_SITES = {None: "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 
@@ -179,3 +179,165 @@ def trace(model, prompt, subject, answer=None, *, kind=None, window=10, noise=No
                        high_score=float(probs[answer]), subject_range=(b, e), answer=answer,
                        kind=kind or "", window=window, noise=noise, tokens=tokens.astype(np.int64),
                        str_tokens=str_tokens, answer_str=answer_str)
+
+
+# ---------------------------------------------------------------- many facts
+
+TOKEN_CLASSES = ("first subject token", "middle subject tokens", "last subject token",
+                 "first subsequent token", "further tokens", "last token")
+
+
+def _class_rows(b, e, T):
+    """The token positions of each of ROME's token classes in a prompt of T tokens with
+    the subject at [b, e). A class the prompt lacks is empty (a one-token subject has
+    no middle; a subject just before the last token has no first subsequent token
+    apart from the last token, which is counted there only)."""
+    return [[b], list(range(b + 1, e - 1)), [e - 1], [e] if e < T - 1 else [], list(range(e + 1, T - 1)),
+            [T - 1]]
+
+
+@dataclass
+class AverageTrace:
+    """ROME's average indirect effect over many facts.
+
+    aie: [rows, layers] mean over the kept prompts of (score with the state restored)
+        - (corrupted score); rows are ROME's token classes (TOKEN_CLASSES) or positions.
+    low, high, se: the bootstrap interval and standard error over prompts [rows, layers].
+    counts: [rows] prompts that have the row (a class may be empty in a prompt).
+    per_prompt: [kept prompts, rows, layers] each prompt's indirect effect (NaN: row absent).
+    kept: indices of the prompts traced (correctly predicted, when checked).
+    results: their TraceResults. low_score, high_score: means over the kept prompts.
+    """
+    aie: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    se: np.ndarray
+    rows: list
+    counts: np.ndarray
+    per_prompt: np.ndarray
+    kept: np.ndarray
+    results: list
+    low_score: float
+    high_score: float
+    kind: str
+
+    @property
+    def total_effect(self):
+        """Mean over the kept prompts of high_score - low_score."""
+        return self.high_score - self.low_score
+
+    def __repr__(self):
+        return (f"AverageTrace(kind={self.kind or 'hidden'}, aie={list(self.aie.shape)}, prompts={self.kept.size}, "
+                f"total_effect={self.total_effect:.4f}, max aie={np.nanmax(self.aie):.4f})")
+
+    def plot(self, title=None, ax=None):
+        """The AIE map as in ROME's figures: rows down, layers across."""
+        from .plot import _pyplot
+        plt = _pyplot()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(4 + 0.2 * self.aie.shape[1], 1.0 + 0.35 * self.aie.shape[0]),
+                                   constrained_layout=True)
+        else:
+            fig = ax.figure
+        image = ax.pcolor(self.aie, cmap={"": "Purples", "mlp": "Greens", "attn": "Reds"}.get(self.kind, "Purples"))
+        ax.invert_yaxis()
+        ax.set_yticks(np.arange(self.aie.shape[0]) + 0.5)
+        ax.set_yticklabels([str(r) for r in self.rows])
+        ax.set_xticks(np.arange(self.aie.shape[1]) + 0.5)
+        ax.set_xticklabels(range(self.aie.shape[1]))
+        ax.set_xlabel("layer")
+        ax.set_title(title or f"Average indirect effect over {self.kept.size} prompts")
+        fig.colorbar(image, ax=ax, label="AIE")
+        return fig
+
+
+def average_indirect_effect(model, prompts, subjects, answers=None, *, by="class", correct_only=True, kind=None,
+                            window=10, noise=None, samples=10, seed=1, n_boot=1000, boot_seed=0, level=0.95,
+                            method="percentile", progress=None):
+    """ROME's average indirect effect (AIE): trace() every fact and average each
+    state's indirect effect, scores - low_score, over the prompts.
+
+    prompts, subjects: one subject (text or token range) per prompt; answers: the
+    token (id, or text whose first token is used) each fact should predict, or None
+    (each prompt's own top prediction, as trace() does). correct_only: trace only
+    the prompts whose clean top prediction is their answer, as ROME does (needs
+    answers). by: "class" averages each prompt's tokens within ROME's six token
+    classes (TOKEN_CLASSES) first; "position" keeps positions (prompts of one length).
+    noise: default 3 * embedding_std(model, subjects), ROME's choice. kind, window,
+    samples, seed: as trace(). The interval is a seeded bootstrap over prompts
+    (n_boot, boot_seed, level, method "percentile" or "bca"). Returns an AverageTrace.
+    """
+    from .mediation.bootstrap import bootstrap
+    if by not in ("class", "position"):
+        raise ValueError(f"by: expected 'class' or 'position', got {by!r}")
+    if isinstance(prompts, (str, np.ndarray)) and np.ndim(prompts) < 2:
+        raise TypeError("prompts: expected a list of prompts (for one prompt, use trace)")
+    prompts, subjects = list(prompts), list(subjects)
+    if not prompts or len(subjects) != len(prompts):
+        raise ValueError(f"subjects: expected one subject per prompt ({len(prompts)}), got {len(subjects)}")
+    if answers is not None:
+        answers = list(answers)
+        if len(answers) != len(prompts):
+            raise ValueError(f"answers: expected one answer per prompt ({len(prompts)}), got {len(answers)}")
+        ids = []
+        for i, ans in enumerate(answers):
+            if isinstance(ans, str):
+                enc = model._encode(ans)
+                if not enc:
+                    raise ValueError(f"answers[{i}]: {ans!r} has no tokens")
+                ans = enc[0]
+            ans = int(ans)
+            if not 0 <= ans < model.d_vocab:
+                raise ValueError(f"answers[{i}]: token id {ans} out of range [0, {model.d_vocab})")
+            ids.append(ans)
+        answers = ids
+    if not isinstance(correct_only, (bool, np.bool_)):
+        raise TypeError(f"correct_only: expected a bool, got {correct_only!r}")
+    tokens = []
+    for i, p in enumerate(prompts):
+        t, _ = model._check_tokens(p, None)
+        if t.shape[0] != 1:
+            raise ValueError(f"prompts[{i}]: expected one prompt, got a batch of {t.shape[0]}")
+        tokens.append(t[0])
+    if by == "position" and len({t.size for t in tokens}) > 1:
+        raise ValueError("by: 'position' needs prompts of one length; use by='class'")
+    if noise is None:
+        parts = [s if isinstance(s, str) else tokens[i][int(s[0]):int(s[1])] for i, s in enumerate(subjects)]
+        noise = 3.0 * embedding_std(model, parts)
+    keep = list(range(len(prompts)))
+    if answers is not None and correct_only:
+        top = [int(np.argmax(model.run(t[None], logits="last").logits[0])) for t in tokens]
+        keep = [i for i in keep if top[i] == answers[i]]
+        if not keep:
+            raise ValueError("answers: the model predicts none of the facts correctly (correct_only=True)")
+    results = []
+    for i in keep:
+        results.append(trace(model, tokens[i], subjects[i], None if answers is None else answers[i], kind=kind,
+                             window=window, noise=noise, samples=samples, seed=seed, progress=progress))
+    L = model.n_layers
+    if by == "class":
+        rows = list(TOKEN_CLASSES)
+        per = np.full((len(results), len(rows), L), np.nan)
+        for j, r in enumerate(results):
+            ie = r.indirect_effect.astype(np.float64)
+            for c, pos in enumerate(_class_rows(*r.subject_range, ie.shape[0])):
+                if pos:
+                    per[j, c] = ie[pos].mean(0)
+    else:
+        rows = list(range(tokens[0].size))
+        per = np.stack([r.indirect_effect.astype(np.float64) for r in results])
+    present = np.isfinite(per).reshape(len(results), -1).astype(np.float64)
+    values = np.nan_to_num(per).reshape(len(results), -1)
+
+    def mean(W):  # W [k, prompts]: each row's weighted mean over the prompts that have it
+        total = W @ present
+        return np.divide(W @ values, total, out=np.full(total.shape, np.nan), where=total > 0)
+
+    res = bootstrap(mean, len(results), None, n_boot=n_boot, seed=boot_seed, level=level, method=method)
+    shape = (len(rows), L)
+    return AverageTrace(aie=res["estimate"].reshape(shape), low=res["low"].reshape(shape),
+                        high=res["high"].reshape(shape), se=res["se"].reshape(shape), rows=rows,
+                        counts=present.reshape(len(results), *shape)[:, :, 0].sum(0).astype(int),
+                        per_prompt=per, kept=np.asarray(keep), results=results,
+                        low_score=float(np.mean([r.low_score for r in results])),
+                        high_score=float(np.mean([r.high_score for r in results])), kind=kind or "")

@@ -7,6 +7,7 @@ estimators adjusted for confounders, and the truth beside every estimate.
     eff.summary("nie")           # mean over pairs, bootstrap intervals, per unit
     w = ms.mediation.entropy_balance(Z, treatment, "ATE", moments=2).weights
     ms.mediation.product_of_coefficients(A, M, Y, Z, weights=w)["nie"]
+    ms.mediation.ipw_mediation(A, M, Y, Z)["nie"]   # Huber's weighting, no outcome model
     ms.mediation.study(model, treated, control, treatment, units, metric, Z)  # side by side
 
 Every unit of a study runs in one patching sweep in C per direction (see effects.py).
@@ -19,13 +20,14 @@ from .observational import imai_keele_tingley, observe, product_of_coefficients
 from .plot import effects as plot_effects
 from .report import Estimates, Table, compare, localization
 from .study import Study, study
+from .weighting import ipw_mediation
 from .units import Unit, group, heads, layer_outputs, neurons
 
 __all__ = [
     "Unit", "group", "neurons", "heads", "layer_outputs",
     "natural_effects", "controlled_direct_effect", "Effects", "KINDS",
     "entropy_balance", "inverse_propensity_weights", "stratified_weights", "one_hot", "Balance",
-    "product_of_coefficients", "imai_keele_tingley", "observe",
+    "product_of_coefficients", "imai_keele_tingley", "ipw_mediation", "observe",
     "bootstrap", "weighted_mean_ci",
     "Estimates", "Table", "compare", "localization", "plot_effects",
     "study", "Study",

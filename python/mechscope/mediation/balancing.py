@@ -288,19 +288,36 @@ def rebalance(balance, W):
 
 # ---------------------------------------------------------------- propensity weights
 
-def _logistic(X, y, max_iter=100, tol=1e-10):
-    """Logistic regression by Newton's method (IRLS): coefficients of [1, X]."""
-    D = np.column_stack([np.ones(len(X)), X])
-    beta = np.zeros(D.shape[1])
+def logistic_fit(D, y, W=None, max_iter=100, tol=1e-10):
+    """Weighted logistic regressions by Newton's method (IRLS), many at once.
+
+    D: designs [..., n, p] (the intercept column included); y: 0/1 [n]; W: example
+    weights [..., n] broadcasting against D's batch (None: 1). -> coefficients
+    [..., p]. The linear predictor is clipped to +-30, so that a separated design
+    stops at saturated probabilities instead of overflowing (callers check for it)."""
+    D = np.asarray(D, np.float64)
+    W = np.ones(D.shape[-2]) if W is None else np.asarray(W, np.float64)
+    batch = np.broadcast_shapes(D.shape[:-2], W.shape[:-1])
+    beta = np.zeros(batch + D.shape[-1:])
     for _ in range(max_iter):
-        p = 1 / (1 + np.exp(-np.clip(D @ beta, -30, 30)))
-        g = D.T @ (y - p)
-        H = (D * (p * (1 - p))[:, None]).T @ D
-        step = np.linalg.lstsq(H, g, rcond=None)[0]
+        eta = np.clip(np.einsum("...np,...p->...n", D, beta), -30, 30)
+        p = 1 / (1 + np.exp(-eta))
+        g = np.einsum("...np,...n->...p", D, W * (y - p))
+        H = np.swapaxes(D, -1, -2) @ (D * (W * p * (1 - p))[..., None])
+        try:
+            step = np.linalg.solve(H, g[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = np.einsum("...ij,...j->...i", np.linalg.pinv(H), g)
         beta += step
         if np.abs(step).max() < tol:
             break
-    return beta, D
+    return beta
+
+
+def _logistic(X, y, max_iter=100, tol=1e-10):
+    """Logistic regression by Newton's method (IRLS): coefficients of [1, X]."""
+    D = np.column_stack([np.ones(len(X)), X])
+    return logistic_fit(D, y, None, max_iter, tol), D
 
 
 def inverse_propensity_weights(Z, treatment, estimand="ATE", names=None, clip=1e-3):

@@ -51,15 +51,16 @@ def _jackknife_weights(w):
     return W
 
 
-def _quantile(sorted_reps, q):
-    """Per-column quantile q (array per column) of sorted replicates [B, m]."""
-    B = sorted_reps.shape[0]
-    pos = np.clip(q, 0, 1) * (B - 1)
+def _quantile(sorted_reps, q, counts):
+    """Per-column quantile q (array per column) of sorted replicates [B, m], of which
+    the first counts[j] of column j are finite (NaN sorts last)."""
+    pos = np.clip(q, 0, 1) * np.maximum(counts - 1, 0)
     lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, B - 1)
+    hi = np.minimum(lo + 1, np.maximum(counts - 1, 0))
     frac = pos - lo
     cols = np.arange(sorted_reps.shape[1])
-    return sorted_reps[lo, cols] * (1 - frac) + sorted_reps[hi, cols] * frac
+    out = sorted_reps[lo, cols] * (1 - frac) + sorted_reps[hi, cols] * frac
+    return np.where(counts > 0, out, np.nan)
 
 
 def bootstrap(statistic, n, weights=None, n_boot=1000, seed=0, level=0.95, method="bca", chunk=None):
@@ -67,7 +68,9 @@ def bootstrap(statistic, n, weights=None, n_boot=1000, seed=0, level=0.95, metho
 
     Returns a dict of arrays in the statistic's shape: estimate, se (the replicates'
     standard deviation), low, high (the interval at `level`), and replicates [n_boot, ...].
-    method: "percentile" or "bca" (bias-corrected and accelerated, Efron 1987)."""
+    method: "percentile" or "bca" (bias-corrected and accelerated, Efron 1987).
+    A replicate the statistic cannot compute (NaN: e.g. a resample that leaves a
+    group empty) is left out of the intervals and the standard error of its column."""
     if method not in ("percentile", "bca"):
         raise ValueError(f"method: expected 'percentile' or 'bca', got {method!r}")
     if not 0 < level < 1:
@@ -84,15 +87,16 @@ def bootstrap(statistic, n, weights=None, n_boot=1000, seed=0, level=0.95, metho
     flat = reps.reshape(n_boot, -1)
     est = estimate.reshape(-1)
     srt = np.sort(flat, axis=0)
+    counts = np.isfinite(flat).sum(0)
     alpha = (1 - level) / 2
     if method == "percentile":
         q_lo, q_hi = np.full(est.size, alpha), np.full(est.size, 1 - alpha)
     else:
         # bias correction: how far the replicates' median is from the estimate
-        below = (flat < est).mean(0) + 0.5 * (flat == est).mean(0)
+        below = ((flat < est).sum(0) + 0.5 * (flat == est).sum(0)) / np.maximum(counts, 1)
         z0 = np.array([_NORMAL.inv_cdf(min(max(p, 1e-10), 1 - 1e-10)) for p in below])
         jack = np.asarray(statistic(_jackknife_weights(w)), np.float64).reshape(-1, est.size)
-        d = jack.mean(0) - jack
+        d = np.nan_to_num(np.nanmean(jack, 0) - jack) if np.isnan(jack).any() else jack.mean(0) - jack
         den = 6.0 * (d ** 2).sum(0) ** 1.5
         acc = np.divide((d ** 3).sum(0), den, out=np.zeros(est.size), where=den > 0)
         qs = []
@@ -100,8 +104,10 @@ def bootstrap(statistic, n, weights=None, n_boot=1000, seed=0, level=0.95, metho
             z = z0 + (z0 + z_a) / (1 - acc * (z0 + z_a))
             qs.append(np.array([_NORMAL.cdf(v) for v in z]))
         q_lo, q_hi = qs
-    low, high = _quantile(srt, q_lo), _quantile(srt, q_hi)
-    return {"estimate": estimate, "se": flat.std(0, ddof=1).reshape(shape),
+    low, high = _quantile(srt, q_lo, counts), _quantile(srt, q_hi, counts)
+    se = flat.std(0, ddof=1) if counts.min() == n_boot else np.array(
+        [np.std(c[np.isfinite(c)], ddof=1) if np.isfinite(c).sum() > 1 else np.nan for c in flat.T])
+    return {"estimate": estimate, "se": se.reshape(shape),
             "low": low.reshape(shape), "high": high.reshape(shape), "replicates": reps}
 
 

@@ -7,6 +7,7 @@ from .balancing import check_covariates, check_treatment, entropy_balance
 from .effects import check_pairs, natural_effects
 from .observational import observe, product_of_coefficients
 from .report import compare
+from .weighting import ipw_mediation
 
 __all__ = ["study", "Study"]
 
@@ -29,7 +30,7 @@ class Study:
 
 
 def study(model, treated, control, treatment, units, metric, Z=None, *, attention_mask=None, kind="nie",
-          moments=1, interaction=False, n_boot=500, seed=0, level=0.95, progress=None):
+          moments=1, interaction=False, ipw=False, trim=0.05, n_boot=500, seed=0, level=0.95, progress=None):
     """Truth beside estimate for every unit.
 
     treated, control: the n pairs (tokens of one shape); treatment [n] 0/1: which side
@@ -39,7 +40,9 @@ def study(model, treated, control, treatment, units, metric, Z=None, *, attentio
     population the pairs stand for). Estimators: "unadjusted" (regression on A),
     and with Z: "adjusted" (Z in both regressions) and "balanced" (Z in both
     regressions and entropy-balancing ATE weights on Z's moments up to `moments`,
-    re-solved on every bootstrap resample).
+    re-solved on every bootstrap resample); with ipw=True also "ipw" (Huber's
+    weighting estimator, weighting.ipw_mediation, with trim): it refuses units whose
+    values separate treated from control, which patched activations often do.
     """
     t, c, mask = check_pairs(model, treated, control, attention_mask)
     a = check_treatment(treatment, t.shape[0])
@@ -56,6 +59,9 @@ def study(model, treated, control, treatment, units, metric, Z=None, *, attentio
         estimates["adjusted"] = product_of_coefficients(a, M, Y, Z, **kw, label="adjusted")[kind]
         estimates["balanced"] = product_of_coefficients(a, M, Y, Z, weights=balance, **kw,
                                                         label="balanced")[kind]
+        if ipw:
+            estimates["ipw"] = ipw_mediation(a, M, Y, Z, trim=trim, n_boot=n_boot, seed=seed, level=level,
+                                             units=eff.units, label="ipw")[kind]
     table, summary = compare(truth, estimates, kind)
     return Study(eff, truth, estimates, balance, table, summary, M, Y)
 
