@@ -1,93 +1,20 @@
-"""The Model: a GPT-2-family transformer whose forward pass runs in mechscope's C core."""
+"""The Model: a transformer (GPT-2, Llama, Qwen2, GPT-NeoX) whose forward pass runs in mechscope's C core."""
 import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import sites
+from . import architectures, sites
 from ._runtime import _core, get_memory_budget
 from .checkpoint import find_in_hub_cache, read_folder
 from .interventions import _CACHE, _CALLBACK, Intervention, Source, expand_rows
 
-# activation_function values of GPT2Config -> the core's codes
-_ACTIVATIONS = {
-    "gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu": 1, "relu": 2, "silu": 3, "swish": 3,
-    "gelu_fast": 4, "quick_gelu": 5, "tanh": 6, "sigmoid": 7,
-}
-
-# GPT2Config fields that would change the computation if set away from these values
-_REFUSED = {
-    "add_cross_attention": (False, "cross-attention layers are not supported"),
-    "is_encoder_decoder": (False, "encoder-decoder models are not supported"),
-}
-
-_CONFIG_DEFAULTS = {
-    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
-    "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-    "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
-}
-
-
-def _normalize_config(config):
-    """A GPT2Config, its dict, or a dict of some fields -> a complete dict. Refuses
-    anything that would change the computation in a way mechscope does not run."""
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    if not isinstance(config, dict):
-        raise TypeError(f"config: expected a dict or a GPT2Config, got {type(config).__name__}")
-    cfg = dict(_CONFIG_DEFAULTS)
-    cfg.update(config)
-    model_type = cfg.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"config: model_type {model_type!r} is not supported (GPT-2 family only)")
-    for key, (ok, why) in _REFUSED.items():
-        if cfg.get(key, ok) != ok:
-            raise ValueError(f"config: {key}={cfg[key]!r}: {why}")
-    act = cfg["activation_function"]
-    if act not in _ACTIVATIONS:
-        raise ValueError(f"config: activation_function {act!r} is not supported "
-                         f"(supported: {sorted(_ACTIVATIONS)})")
-    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"config: {key} must be a positive int, got {v!r}")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise ValueError(f"config: n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
-    if cfg["n_inner"] is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
-        raise ValueError(f"config: n_inner must be None or a positive int, got {cfg['n_inner']!r}")
-    eps = cfg["layer_norm_epsilon"]
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"config: layer_norm_epsilon must be a number >= 0, got {eps!r}")
-    # reorder_and_upcast_attn only changes how half-precision models compute the
-    # scores; mechscope computes everything in float32, where it changes nothing.
-    return cfg
-
-
-def _weight_shapes(cfg):
-    C, V, P = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
-    F = cfg["n_inner"] or 4 * C
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    per_block = {
-        "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
-        "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-        "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
-        "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
-    }
-    for layer in range(cfg["n_layer"]):
-        for k, s in per_block.items():
-            shapes[f"h.{layer}.{k}"] = s
-    return shapes
-
-
-def _strip_prefix(name):
-    return name[len("transformer."):] if name.startswith("transformer.") else name
-
-
 def _wanted(name):
-    # the causal-mask buffers of old checkpoints are not weights
-    return not name.endswith((".attn.bias", ".attn.masked_bias")) or name.endswith("c_attn.bias")
+    # the causal-mask buffers of old GPT-2 checkpoints and rotary caches are not weights
+    if name.endswith((".attn.bias", ".attn.masked_bias")) and not name.endswith("c_attn.bias"):
+        return False
+    return not name.endswith(("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"))
 
 
 @dataclass
@@ -102,56 +29,51 @@ class RunResult:
 
 
 class Model:
-    """A GPT-2-family model. Build one with from_pretrained, from_config or from_arrays."""
+    """A transformer language model (GPT-2, Llama / Mistral / SmolLM, Qwen2, GPT-NeoX /
+    Pythia) whose forward pass runs in mechscope's C core. Build one with
+    from_pretrained, from_config or from_arrays."""
 
     def __init__(self, config, arrays, tokenizer=None):
-        cfg = _normalize_config(config)
-        shapes = _weight_shapes(cfg)
-        arrays = {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)}
-        tied = cfg.get("tie_word_embeddings", True)
+        cfg, arch = architectures.normalize(config)
+        shapes = architectures.hf_shapes(arch)
+        family = arch["family"]
+        arrays = {architectures.strip_prefix(k, family): v for k, v in arrays.items() if _wanted(k)}
         weights = {}
         for name, shape in shapes.items():
             if name not in arrays:
-                raise ValueError(f"weights: {name} is missing")
+                why = " (tie_word_embeddings is False)" if name in ("lm_head.weight", "embed_out.weight") else ""
+                raise ValueError(f"weights: {name} is missing{why}")
             a = arrays[name]
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a)
             if tuple(a.shape) != shape:
                 raise ValueError(f"weights: {name} has shape {list(a.shape)}, the config needs {list(shape)}")
-            weights[name] = a
-        if not tied:
-            head = arrays.get("lm_head.weight")
-            if head is None:
-                raise ValueError("weights: lm_head.weight is missing (tie_word_embeddings is False)")
-            if tuple(head.shape) != shapes["wte.weight"]:
-                raise ValueError(f"weights: lm_head.weight has shape {list(head.shape)}, "
-                                 f"the config needs {list(shapes['wte.weight'])}")
-            weights["lm_head.weight"] = head
-        for name, a in weights.items():
             if a.dtype != np.float32:
                 if not np.issubdtype(a.dtype, np.floating):
                     raise TypeError(f"weights: {name} has dtype {a.dtype}, expected floating point")
-                weights[name] = a.astype(np.float32)
+                a = a.astype(np.float32)
+            weights[name] = a
         self.config = cfg
-        self._weights = weights  # float32 arrays (views of the mapped checkpoint where possible)
-        self.n_layers = cfg["n_layer"]
-        self.n_heads = cfg["n_head"]
-        self.d_model = cfg["n_embd"]
-        self.d_head = self.d_model // self.n_heads
-        self.d_mlp = cfg["n_inner"] or 4 * self.d_model
-        self.d_vocab = cfg["vocab_size"]
-        self.n_ctx = cfg["n_positions"]
+        self.arch = arch
+        self.family = family
+        self._weights = architectures.core_weights(arch, weights)  # float32, views where possible
+        self.n_layers = arch["n_layers"]
+        self.n_heads = arch["n_heads"]
+        self.n_kv_heads = arch["n_kv_heads"]
+        self.d_model = arch["d_model"]
+        self.d_head = arch["d_head"]
+        self.d_mlp = arch["d_mlp"]
+        self.d_vocab = arch["d_vocab"]
+        self.n_ctx = arch["n_ctx"]
         self.tokenizer = tokenizer
-        self._shape_cfg = {"n_heads": self.n_heads, "d_head": self.d_head, "d_mlp": self.d_mlp,
-                           "d_model": self.d_model}
-        self._core = _core.Model(
-            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_mlp=self.d_mlp,
-            d_vocab=self.d_vocab, n_ctx=self.n_ctx, ln_eps=float(cfg["layer_norm_epsilon"]),
-            activation=_ACTIVATIONS[cfg["activation_function"]],
-            scale_attn_weights=int(bool(cfg["scale_attn_weights"])),
-            scale_attn_by_inverse_layer=int(bool(cfg["scale_attn_by_inverse_layer_idx"])),
-            weights=weights)
-        self.site_names = sites.all_site_names(self.n_layers)
+        self._shape_cfg = {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head,
+                           "d_mlp": self.d_mlp, "d_model": self.d_model}
+        try:
+            self._core = _core.Model(architectures.core_config(arch), self._weights)
+        except ValueError as e:
+            raise ValueError(architectures.hf_message(arch, str(e))) from None
+        self._absent_sites = sites.absent_sites(arch)
+        self.site_names = sites.all_site_names(self)
 
     # ---- construction --------------------------------------------------------
 
@@ -185,33 +107,31 @@ class Model:
     @classmethod
     def from_config(cls, config, seed=0, tokenizer=None):
         """Random weights for any configuration, initialised as HuggingFace does
-        (normal with std 0.02, layer norms at 1 and 0, biases at 0)."""
-        cfg = _normalize_config(config)
+        (normal with std initializer_range, norms at 1, biases at 0)."""
+        cfg, arch = architectures.normalize(config)
         rng = np.random.default_rng(seed)
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
-        for name, shape in _weight_shapes(cfg).items():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        for name, shape in architectures.hf_shapes(arch).items():
+            if architectures.is_norm_weight(name):
                 arrays[name] = np.ones(shape, np.float32)
             elif name.endswith(".bias"):
                 arrays[name] = np.zeros(shape, np.float32)
             else:
                 arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
-        if not cfg.get("tie_word_embeddings", True):
-            arrays["lm_head.weight"] = rng.normal(0.0, std, (cfg["vocab_size"], cfg["n_embd"])).astype(np.float32)
         return cls(cfg, arrays, tokenizer=tokenizer)
 
     @classmethod
     def from_arrays(cls, config, arrays, tokenizer=None):
-        """A model from a dict of arrays named as in HuggingFace's GPT-2 state dict
-        (with or without the 'transformer.' prefix)."""
+        """A model from a dict of arrays named as in the HuggingFace state dict of the
+        config's family (with or without its 'transformer.' / 'model.' / 'gpt_neox.' prefix)."""
         if not isinstance(arrays, dict):
             raise TypeError(f"arrays: expected a dict of name -> array, got {type(arrays).__name__}")
         return cls(config, dict(arrays), tokenizer=tokenizer)
 
     def __repr__(self):
-        return (f"Model(n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
-                f"d_mlp={self.d_mlp}, d_vocab={self.d_vocab}, n_ctx={self.n_ctx})")
+        return (f"Model(family={self.family!r}, n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
+                f"n_kv_heads={self.n_kv_heads}, d_mlp={self.d_mlp}, d_vocab={self.d_vocab}, n_ctx={self.n_ctx})")
 
     # ---- tokens ----------------------------------------------------------------
 
@@ -352,7 +272,7 @@ class Model:
         """
         tokens, mask = self._check_tokens(tokens, attention_mask)
         B, T = tokens.shape
-        names = sites.resolve(cache, self.n_layers, "cache")
+        names = sites.resolve(cache, self, "cache")
         hook_fns = self._resolve_hooks(hooks)
         logit_pos, logit_shape = self._logit_positions(logits, B, T, mask)
         interventions = self._check_interventions(interventions)
@@ -392,7 +312,7 @@ class Model:
 
         shapes = {}
         for name in list(names) + [n for n, _ in hook_fns]:
-            _, _, suffix = sites.parse(name, self.n_layers)
+            _, _, suffix = sites.parse(name, self)
             shapes[name] = sites.shape(suffix, self._shape_cfg, R, T)
         out_bytes = 4 * sum(int(np.prod(shapes[n])) for n in names)
         out_bytes += 4 * sum(int(np.prod(shapes[n])) for n, _ in hook_fns)
@@ -402,13 +322,13 @@ class Model:
 
         result = RunResult()
         for name in names:
-            code, layer, _ = sites.parse(name, self.n_layers)
+            code, layer, _ = sites.parse(name, self)
             out = np.empty(shapes[name], np.float32)
             result.cache[name] = out[:B]
             actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, out, 0))
         callbacks = []
         for ident, (name, fn) in enumerate(hook_fns):
-            code, layer, _ = sites.parse(name, self.n_layers)
+            code, layer, _ = sites.parse(name, self)
             buf = np.empty(shapes[name], np.float32)
             callbacks.append((name, fn, buf))
             actions.append((_CALLBACK, code, layer, -1, 0, None, None, None, None, None, 0, buf, ident))
@@ -454,7 +374,7 @@ class Model:
         for pattern, fn in hooks.items():
             if not callable(fn):
                 raise TypeError(f"hooks: the value for {pattern!r} is not callable")
-            for name in sites.resolve(pattern, self.n_layers, "hooks"):
+            for name in sites.resolve(pattern, self, "hooks"):
                 out.append((name, fn))
         return out
 
