@@ -245,7 +245,8 @@ static void join_rows(const ms_layout *L, float *resid, int layer) {
 }
 
 /* LayerNorm with its two sites: the divisor is visited (and may be changed) before
- * it is applied, as in TransformerLens. */
+ * it is applied, as in TransformerLens. RMSNorm's hook_normalized is x / scale, its
+ * weight applied after the visit (TransformerLens's RMSNorm). */
 static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float *w, const float *bias,
                                  ms_site scale_site, int layer, ms_error *err) {
     const ms_config *c = &L->m->cfg;
@@ -259,7 +260,9 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
     } else if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) {
         return st;
     }
-    return ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err);
+    if ((st = ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err))) return st;
+    if (c->norm == MS_NORM_RMS) ms_norm_weight(b->ln, w, bias, N, C);
+    return MS_OK;
 }
 
 /* ---- attention ------------------------------------------------------------------- */

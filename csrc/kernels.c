@@ -145,7 +145,8 @@ static inline float erf_approx(float x) {
     return x < 0.0f ? -y : y;
 }
 
-/* RMSNorm: scale = sqrt(mean(x^2) + eps), y = x / scale * w (+ b) */
+/* RMSNorm: scale = sqrt(mean(x^2) + eps), y = x / scale; the weight is applied
+ * after hook_normalized, as TransformerLens does (ms_norm_weight) */
 MS_VECTOR_CLONES
 static void rmsnorm_row(float *y, float *scale, const float *x, const float *w, const float *b,
                         int C, float eps) {
@@ -157,11 +158,8 @@ static void rmsnorm_row(float *y, float *scale, const float *x, const float *w, 
     for (int j = 0; j < MS_LANES; j++) ss += acc[j];
     for (; c < C; c++) ss += (double)x[c] * x[c];
     float s = (float)sqrt(ss / C + (double)eps);
-    float inv = 1.0f / s;
-    if (b)
-        for (c = 0; c < C; c++) y[c] = x[c] * inv * w[c] + b[c];
-    else
-        for (c = 0; c < C; c++) y[c] = x[c] * inv * w[c];
+    (void)w, (void)b;
+    for (c = 0; c < C; c++) y[c] = x[c] / s;
     *scale = s;
 }
 
@@ -228,7 +226,20 @@ void ms_layernorm_apply(float *out, const float *scale, const float *in, const f
         if (kind == MS_NORM_LAYER)
             for (int c = 0; c < C; c++) sum += x[c];
         float mean = (float)(sum / C), inv = 1.0f / scale[i];
-        for (int c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + (b ? b[c] : 0.0f);
+        if (kind == MS_NORM_RMS)
+            for (int c = 0; c < C; c++) y[c] = x[c] / scale[i];
+        else
+            for (int c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + (b ? b[c] : 0.0f);
+    }
+}
+
+void ms_norm_weight(float *y, const float *w, const float *b, int N, int C) {
+    for (int i = 0; i < N; i++) {
+        float *row = y + (size_t)i * C;
+        if (b)
+            for (int c = 0; c < C; c++) row[c] = row[c] * w[c] + b[c];
+        else
+            for (int c = 0; c < C; c++) row[c] *= w[c];
     }
 }
 

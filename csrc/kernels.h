@@ -16,13 +16,17 @@ void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_line
                int N, int IC, int OC);
 
 /* LayerNorm: scale[N] = sqrt(var(x) + eps); out[N, C] = (x - mean) / scale * w + b.
- * RMSNorm: scale[N] = sqrt(mean(x^2) + eps); out = x / scale * w (+ b). b may be NULL. */
+ * RMSNorm: scale[N] = sqrt(mean(x^2) + eps); out = x / scale (w and b are applied by
+ * ms_norm_weight after hook_normalized, as in TransformerLens). b may be NULL. */
 void ms_layernorm(float *out, float *scale, const float *in, const float *w, const float *b,
                   int N, int C, float eps, ms_norm_kind kind, int n_threads);
 
 /* the same with a given divisor scale[N] */
 void ms_layernorm_apply(float *out, const float *scale, const float *in, const float *w,
                         const float *b, int N, int C, ms_norm_kind kind);
+
+/* y[N, C] = y * w + b (b may be NULL): RMSNorm's weight */
+void ms_norm_weight(float *y, const float *w, const float *b, int N, int C);
 
 /* gated MLP: x[i, :F] = act(x[i, :F]) * x[i, F:2F] for the N rows of stride ld */
 void ms_gated_activation(float *x, int ld, int N, int F, ms_activation act, int n_threads);

@@ -405,6 +405,6 @@ def hf_message(arch, message):
         layer, name = m.group(1), m.group(2)
         hf = names.get(name)
         if hf is None:
-            return m.group(0)
+            return (f"blocks.{layer}." if layer is not None else "") + name
         return f"{layer_word}.{layer}.{hf}" if layer is not None else hf
     return re.sub(r"weights: (?:blocks\.(\d+)\.)?([a-z_.]+?) (?=has|is)", lambda m: "weights: " + sub(m) + " ", message)
