@@ -208,3 +208,45 @@ def test_unsupported_config_is_refused_by_name(change, match):
     cfg.update(change)
     with pytest.raises(ValueError, match=match):
         ms.Model.from_config(cfg)
+
+
+# ---- patching, one model per family, against TransformerLens's patching functions ------------
+
+# TransformerLens runs one forward per patch: the per-head grids by position are
+# kept to the key/value heads, the others are over all positions
+PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "attn_head_out_all_pos",
+                   "attn_head_q_all_pos", "attn_head_v_all_pos", "attn_head_pattern_all_pos"]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "neox_parallel"])
+def test_patching_matches_transformer_lens(name, tmp_path):
+    from transformer_lens import patching as tl_patching
+    hf = make_hf(name, seed=3)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    tl = tl_from_hf(hf, CONFIGS[name][0])
+    rng = np.random.default_rng(11)
+    B, T = 2, 6
+    clean = rng.integers(0, model.d_vocab, (B, T))
+    corrupted = clean.copy()
+    corrupted[:, 1] = (clean[:, 1] + 13) % model.d_vocab
+    corrupted[:, 3] = (clean[:, 3] + 29) % model.d_vocab
+    correct, wrong = np.array([4, 9]), np.array([7, 2])
+    ours_cache = model.run(clean, cache="*").cache
+    _, tl_cache = tl.run_with_cache(torch.as_tensor(clean))
+
+    def tl_metric(logits):
+        rows = torch.arange(B)
+        return (logits[rows, -1, correct] - logits[rows, -1, wrong]).mean()
+
+    for fn in PATCH_FUNCTIONS:
+        if fn == "resid_mid" and model.arch["parallel"]:
+            with pytest.raises(ValueError, match="hook_resid_mid"):
+                ms.patching.resid_mid(model, corrupted, ours_cache, ms.metrics.LogitDiff(correct, wrong))
+            continue
+        ours = getattr(ms.patching, fn)(model, corrupted, ours_cache, ms.metrics.LogitDiff(correct, wrong))
+        theirs = getattr(tl_patching, "get_act_patch_" + fn)(tl, torch.as_tensor(corrupted), tl_cache,
+                                                              tl_metric).numpy()
+        assert ours.shape == theirs.shape, fn
+        np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0, err_msg=fn)
+        assert np.ptp(ours) > 1e-3, fn
