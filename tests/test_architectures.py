@@ -43,10 +43,11 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
 
 
-def make_hf(name, seed=0):
+def make_hf(name, seed=0, spec=None):
     """An fp32 eager HF model with O(1)-scale random weights (HF's std 0.02 would
-    make attention nearly uniform and hide bugs)."""
-    family, kw = CONFIGS[name]
+    make attention nearly uniform and hide bugs); spec: (family, config) instead of
+    a name of CONFIGS."""
+    family, kw = spec or CONFIGS[name]
     conf_cls, model_cls = (getattr(transformers, c) for c in _CLASSES[family])
     torch.manual_seed(seed)
     model = model_cls(conf_cls(attn_implementation="eager", **kw)).eval()

