@@ -298,20 +298,39 @@ static void keys_transposed(float *kt, int ldkt, kv_source k, int n, int d) {
     if (n > nb) ms_transpose_keys(kt + nb, ldkt, k.own, k.ld_own, n - nb, d);
 }
 
-/* z[d] = sum over keys j < n of p[j] * value j */
-static void mix(float *z, const float *p, kv_source v, int n, int d) {
-    memset(z, 0, sizeof(float) * (size_t)d);
-    int nb = n < v.n_base ? n : v.n_base;
-    if (nb > 0) ms_mix_values(z, p, v.base, v.ld_base, nb, d);
-    if (n > nb) ms_mix_values(z, p + nb, v.own, v.ld_own, n - nb, d);
+/* z[d] += sum over keys lo <= j < hi of p[j] * value j */
+static void mix_range(float *z, const float *p, kv_source v, int lo, int hi, int d) {
+    if (lo < v.n_base) {
+        int end = hi < v.n_base ? hi : v.n_base;
+        ms_mix_values(z, p + lo, v.base + (size_t)lo * v.ld_base, v.ld_base, end - lo, d);
+        lo = end;
+    }
+    if (lo < hi) ms_mix_values(z, p + lo, v.own + (size_t)(lo - v.n_base) * v.ld_own, v.ld_own, hi - lo, d);
 }
 
-/* the same for four queries: rows of z (stride ldz) and of p (stride ldp) */
+/* z[d] = sum over keys j < n of p[j] * value j, for four queries at once: rows of z
+ * (stride ldz) and of p (stride ldp) */
 static void mix4(float *z, int ldz, const float *p, int ldp, kv_source v, int n, int d) {
     for (int i = 0; i < 4; i++) memset(z + (size_t)i * ldz, 0, sizeof(float) * (size_t)d);
     int nb = n < v.n_base ? n : v.n_base;
     if (nb > 0) ms_mix_values4(z, ldz, p, ldp, v.base, v.ld_base, nb, d);
     if (n > nb) ms_mix_values4(z, ldz, p + nb, ldp, v.own, v.ld_own, n - nb, d);
+}
+
+/* z of g <= 4 consecutive queries, query k seeing keys [0, visible[k]): the keys all
+ * of them see go through the four-query kernel, the few more each later one sees
+ * one query at a time. A key a query does not see never enters its arithmetic
+ * (0 * an inf or NaN value would be NaN). */
+static void mix_group(float *z, int ldz, const float *p, int ldp, kv_source v, const int *visible, int g,
+                      int d) {
+    int common = visible[0];
+    if (g == 4) {
+        mix4(z, ldz, p, ldp, v, common, d);
+    } else {
+        common = 0;
+        for (int k = 0; k < g; k++) memset(z + (size_t)k * ldz, 0, sizeof(float) * (size_t)d);
+    }
+    for (int k = 0; k < g; k++) mix_range(z + (size_t)k * ldz, p + (size_t)k * ldp, v, common, visible[k], d);
 }
 
 /* Phases of the attention of one layer. When no action visits the scores or the
@@ -374,11 +393,9 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
             }
         }
         if (j->phase == PHASE_ALL || j->phase == PHASE_MIX) {
-            /* stored patterns: every key, as an intervention may have written any entry */
-            int n = j->phase == PHASE_ALL ? seen : nk;
-            if (n4 == 4) mix4(zi, ZW, rows, nk, values, n, d);
-            else
-                for (int k = 0; k < n4; k++) mix(zi + (size_t)k * ZW, rows + (size_t)k * nk, values, n, d);
+            int visible[4];
+            for (int k = 0; k < n4; k++) visible[k] = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
+            mix_group(zi, ZW, rows, nk, values, visible, n4, d);
         }
     }
 }

@@ -437,9 +437,10 @@ static void mix4_loops(float *z, int ldz, const float *p, int ldp, const float *
 
 MS_VECTOR_CLONES
 void ms_mix_values(float *z, const float *p, const float *v, int ldv, int n, int d) {
+    /* every key given is one the query sees, so a zero weight is not skipped: it
+     * multiplies the value as in the four-query kernel (0 * NaN is NaN in both) */
     for (int j = 0; j < n; j++) {
         float w = p[j];
-        if (w == 0.0f) continue; /* masked keys, and much of a sharp pattern */
         const float *vj = v + (size_t)j * ldv;
         for (int c = 0; c < d; c++) z[c] += w * vj[c];
     }

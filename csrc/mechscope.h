@@ -145,7 +145,11 @@ int ms_site_is_attention(ms_site site);
  * is [pos, width] and the box is (positions a[] x columns b[]); for attention
  * sites it is [head, q, k] and the box is (heads a[] x queries b[] x keys c[]).
  * Positions are those of the caller's padded [batch, pos] layout. Values for SET
- * and ADD are dense over the box: [n_a, n_b] or [n_a, n_b, n_c]. */
+ * and ADD are dense over the box: [n_a, n_b] or [n_a, n_b, n_c].
+ *
+ * At attention sites the causal mask holds whatever a plan does: entries whose key
+ * comes after its query (and padding) are never written, by actions or callbacks;
+ * they stay -inf in the scores and 0 in the pattern. */
 typedef enum {
     MS_DO_CACHE = 0,  /* copy the whole site, all rows, into out [batch, pos, width] / [batch, head, pos, pos] */
     MS_DO_SET,        /* box <- value */
@@ -154,6 +158,7 @@ typedef enum {
     MS_DO_COPY_ROW,   /* box <- the same box of row src_row, at this same site */
     MS_DO_PROJECT,    /* box rows b <- (I - Q Q^T) b + Q Q^T s, Q = value [width_sel, rank], s = value2 [n_a, n_b] */
     MS_DO_CALLBACK,   /* call callback(ctx, id, site, layer, out) with the site's value gathered to out, then scatter back */
+    MS_DO_PROJECT_ROW,/* as PROJECT, with s the same box of row src_row at this same site */
 } ms_action_kind;
 
 typedef struct {
@@ -161,7 +166,7 @@ typedef struct {
     ms_site site;
     int layer;          /* block index for per-layer sites, ignored otherwise */
     int row;            /* batch row the action applies to; -1 for every row */
-    int src_row;        /* MS_DO_COPY_ROW only */
+    int src_row;        /* MS_DO_COPY_ROW and MS_DO_PROJECT_ROW only */
     int n_a, n_b, n_c;  /* selection sizes (n_c only for attention sites) */
     const int *a, *b, *c;
     const float *value; /* SET / ADD / SCALE / PROJECT's basis */

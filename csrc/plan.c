@@ -107,7 +107,7 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
     const ms_config *c = &m->cfg;
     ms_status st;
     if ((int)a->site < 0 || a->site >= MS_N_SITES) FAIL("action %d: unknown site %d", ai, a->site);
-    if ((int)a->kind < 0 || a->kind > MS_DO_CALLBACK) FAIL("action %d: unknown kind %d", ai, a->kind);
+    if ((int)a->kind < 0 || a->kind > MS_DO_PROJECT_ROW) FAIL("action %d: unknown kind %d", ai, a->kind);
     if (!ms_site_exists(c, a->site)) FAIL("action %d: this model's architecture has no site %d", ai, a->site);
     if (ms_site_per_layer(a->site) && (a->layer < 0 || a->layer >= c->n_layers))
         FAIL("action %d: layer %d out of range [0, %d)", ai, a->layer, c->n_layers);
@@ -118,7 +118,8 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
          * a block only from its start layer on */
         int layer = ms_site_per_layer(a->site) ? a->layer : (a->site <= MS_SITE_POS_EMBED ? -1 : c->n_layers);
         for (int r = a->row < 0 ? 0 : a->row; r < (a->row < 0 ? p->n_rows : a->row + 1); r++)
-            if (p->start_layer[r] > layer || (a->kind == MS_DO_COPY_ROW && p->start_layer[a->src_row] > layer))
+            if (p->start_layer[r] > layer ||
+                ((a->kind == MS_DO_COPY_ROW || a->kind == MS_DO_PROJECT_ROW) && p->start_layer[a->src_row] > layer))
                 FAIL("action %d: row %d does not compute layer %d", ai, r, layer);
     }
     if (a->kind == MS_DO_CACHE || a->kind == MS_DO_CALLBACK) {
@@ -126,7 +127,7 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
         if (a->kind == MS_DO_CALLBACK && !p->callback) FAIL("action %d: no callback given", ai);
         return MS_OK;
     }
-    if (a->kind == MS_DO_COPY_ROW) {
+    if (a->kind == MS_DO_COPY_ROW || a->kind == MS_DO_PROJECT_ROW) {
         if (a->row < 0) FAIL("action %d: a row copy needs a target row", ai);
         if (a->src_row < 0 || a->src_row >= p->n_rows)
             FAIL("action %d: source row %d out of range [0, %d)", ai, a->src_row, p->n_rows);
@@ -135,6 +136,8 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
     }
     if (a->kind == MS_DO_PROJECT && (a->rank < 1 || !a->value2))
         FAIL("action %d: a subspace interchange needs a basis and source values", ai);
+    if (a->kind == MS_DO_PROJECT_ROW && (a->rank < 1 || !a->value || ms_site_is_attention(a->site)))
+        FAIL("action %d: a subspace interchange needs a basis and a token site", ai);
     /* entries at padding (or, in resuming rows, before the first recomputed position)
      * are left alone: the apply functions skip them */
     if (ms_site_is_attention(a->site)) {
@@ -232,13 +235,14 @@ static void scatter_tokens(const ms_layout *L, float *value, int ld, int w, cons
 }
 
 /* Interchange inside a subspace: x[cols] <- x + Q Q^T (s - x), Q: [n, rank] with
- * orthonormal columns. Basis vectors are taken one at a time; orthonormality makes
- * that the same as the full projection. */
-static void project_interchange(float *x, const float *s, const float *Q, int n, int rank,
-                                const int *cols) {
+ * orthonormal columns; s is dense [n] (s_cols NULL) or s[s_cols[i]] (another row's
+ * value, never x itself). Basis vectors are taken one at a time; orthonormality
+ * makes that the same as the full projection. */
+static void project_interchange(float *x, const float *s, const int *s_cols, const float *Q, int n,
+                                int rank, const int *cols) {
     for (int k = 0; k < rank; k++) {
         float coef = 0.0f;
-        for (int i = 0; i < n; i++) coef += Q[(size_t)i * rank + k] * (s[i] - x[cols[i]]);
+        for (int i = 0; i < n; i++) coef += Q[(size_t)i * rank + k] * (s[s_cols ? s_cols[i] : i] - x[cols[i]]);
         for (int i = 0; i < n; i++) x[cols[i]] += Q[(size_t)i * rank + k] * coef;
     }
 }
@@ -271,9 +275,15 @@ static void apply_token_action(const ms_layout *L, const ms_action *a, float *va
                 break;
             }
             case MS_DO_PROJECT:
-                project_interchange(x, a->value2 + vr + (size_t)ia * a->n_b, a->value, a->n_b,
+                project_interchange(x, a->value2 + vr + (size_t)ia * a->n_b, NULL, a->value, a->n_b,
                                     a->rank, a->b);
                 break;
+            case MS_DO_PROJECT_ROW: {
+                int ks = a->src_row < L->active_rows ? L->packed_of[(size_t)a->src_row * p->n_pos + a->a[ia]] : -1;
+                if (ks < 0 || ks == k) break; /* the source row's padding, or the row itself: no change */
+                project_interchange(x, value + (size_t)ks * ld, a->b, a->value, a->n_b, a->rank, a->b);
+                break;
+            }
             default:
                 break;
             }
@@ -337,7 +347,7 @@ static void scatter_attention(const ms_layout *L, float *att, const float *out) 
             float *dst = att + L->att_off[r] + (size_t)h * nq * nk;
             const float *src = out + ((size_t)r * H + h) * T * T;
             for (int i = 0; i < nq; i++)
-                for (int j = 0, t = 0; t < T; t++) {
+                for (int j = 0, t = 0; t <= qpos[i]; t++) { /* keys after the query stay masked */
                     if (p->mask && !p->mask[(size_t)r * T + t]) continue;
                     dst[(size_t)i * nk + j++] = src[(size_t)qpos[i] * T + t];
                 }
@@ -371,7 +381,8 @@ static void apply_attention_action(const ms_layout *L, const ms_action *a, float
                 sq = sk - L->row_off[s], sq_n = L->row_off[s + 1] - L->row_off[s], sk_n = L->n_real[s];
             }
             for (int ic = 0; ic < a->n_c; ic++) {
-                if (!is_real(p, r, a->c[ic])) continue;
+                /* padding, and keys after the query: the causal mask holds */
+                if (!is_real(p, r, a->c[ic]) || a->c[ic] > a->b[ib]) continue;
                 int kj = key_index(p, r, a->c[ic]);
                 for (int ia = 0; ia < a->n_a; ia++) {
                     float *x = row_att + ((size_t)a->a[ia] * nq + qi) * nk + kj;

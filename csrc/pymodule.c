@@ -211,6 +211,9 @@ static void *as_array(PyObject *keep, PyObject *obj, int type, int flags, npy_in
         if (size_out) *size_out = 0;
         return NULL;
     }
+    /* index arrays are copied: the core checks them, then reads them without the GIL,
+     * and another thread must not be able to change them in between */
+    if (type == NPY_INT32) flags |= NPY_ARRAY_ENSURECOPY;
     PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(obj, type, flags);
     if (!arr) return NULL;
     if (PyArray_SIZE(arr) < min_size) {
@@ -245,7 +248,7 @@ static int parse_action(PyObject *keep, PyObject *t, ms_action *a, const ms_mode
     if (!PyArg_ParseTuple(t, "iiiiiOOOOOiOi", &kind, &site, &a->layer, &a->row, &a->src_row, &oa,
                           &ob, &oc, &ov, &ov2, &a->rank, &oout, &a->id))
         return -1;
-    if (site < 0 || site >= MS_N_SITES || kind < 0 || kind > MS_DO_CALLBACK) {
+    if (site < 0 || site >= MS_N_SITES || kind < 0 || kind > MS_DO_PROJECT_ROW) {
         PyErr_SetString(PyExc_ValueError, "action: unknown site or kind");
         return -1;
     }
@@ -266,6 +269,7 @@ static int parse_action(PyObject *keep, PyObject *t, ms_action *a, const ms_mode
     if (a->kind == MS_DO_SET || a->kind == MS_DO_ADD) need = rows * box;
     if (a->kind == MS_DO_SCALE) need = 1;
     if (a->kind == MS_DO_PROJECT) need = nb * (npy_intp)(a->rank > 0 ? a->rank : 1), need2 = rows * box;
+    if (a->kind == MS_DO_PROJECT_ROW) need = nb * (npy_intp)(a->rank > 0 ? a->rank : 1);
     if (nv < need || nv2 < need2) {
         PyErr_Format(PyExc_ValueError, "action value: has %zd (and %zd) elements, needs %zd (and %zd)",
                      nv, nv2, need, need2);
@@ -294,7 +298,8 @@ static int parse_action(PyObject *keep, PyObject *t, ms_action *a, const ms_mode
 /* tokens [rows, pos] as int32 and the mask (or NULL), both kept alive by keep */
 static int parse_tokens(PyObject *keep, PyObject *otok, PyObject *omask, int *n_rows, int *n_pos,
                         const int32_t **tokens, const int32_t **mask) {
-    PyArrayObject *tok = (PyArrayObject *)PyArray_FROM_OTF(otok, NPY_INT32, NPY_ARRAY_IN_ARRAY);
+    /* a copy, as for every index array (see as_array) */
+    PyArrayObject *tok = (PyArrayObject *)PyArray_FROM_OTF(otok, NPY_INT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY);
     if (!tok) return -1;
     int rc = PyList_Append(keep, (PyObject *)tok);
     Py_DECREF(tok); /* the keep list holds it */

@@ -26,6 +26,7 @@ from .interventions import (
     Zero,
 )
 from .model import Model, RunResult
+from .tokens import Tokens
 from . import demo, metrics, patching, plot, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "SubspacePatch",
     "Zero",
     "RunResult",
+    "Tokens",
     "get_memory_budget",
     "get_num_threads",
     "set_memory_budget",

@@ -1,5 +1,6 @@
 """Loading the compute core and the process-wide settings: threads, memory budget."""
 import ctypes
+import numbers
 import os
 import platform
 
@@ -40,9 +41,9 @@ _memory_budget = None
 
 def set_num_threads(n):
     """Use ``n`` threads for the BLAS and for mechscope's own loops (all later runs)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
-    _core.set_num_threads(n)
+    _core.set_num_threads(int(n))
 
 
 def get_num_threads():
@@ -67,9 +68,24 @@ def set_memory_budget(nbytes):
     if nbytes is None:
         _memory_budget = None
         return
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-        raise ValueError(f"nbytes: expected a positive int number of bytes, got {nbytes!r}")
-    _memory_budget = nbytes
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"nbytes: expected an int number of bytes (or None), got {type(nbytes).__name__}")
+    if nbytes <= 0:
+        raise ValueError(f"nbytes: expected a positive number of bytes, got {nbytes!r}")
+    _memory_budget = int(nbytes)
+
+
+def format_bytes(n):
+    """A byte count for people: '512 bytes', '3.2 KiB', '1.5 MiB', '2.0 GiB'."""
+    n = int(n)
+    if abs(n) < 1024:
+        return f"{n} byte" + ("" if n == 1 else "s")
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n_unit = n / 1024
+        if abs(n_unit) < 1024 or unit == "TiB":
+            return f"{n_unit:.1f} {unit}" if abs(n_unit) < 100 else f"{n_unit:.0f} {unit}"
+        n = n_unit
+    return f"{n} bytes"
 
 
 def get_memory_budget():
@@ -116,4 +132,4 @@ def show_config():
     print(f"CPU features: {' '.join(features) if features else 'unknown'}")
     if not any(f.startswith("avx512") for f in features) and platform.machine() == "x86_64":
         print("              (this CPU reports no AVX-512: AVX2 kernels are the fastest available)")
-    print(f"memory budget: {get_memory_budget() / 2**30:.1f} GiB per run")
+    print(f"memory budget: {format_bytes(get_memory_budget())} per run")

@@ -6,6 +6,7 @@ __metadata__), then the raw little-endian data. Tensors already in float32 are
 views of the mapped file, not copies; float16 and bfloat16 are widened to float32.
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -27,6 +28,25 @@ def _to_float32(raw, dtype):
     return raw.astype(np.float32)
 
 
+def _is_count(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _header_entry(path, name, info):
+    """(dtype, shape, begin, end) of one tensor's header entry, checked for types."""
+    where = f"checkpoint {path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: its header entry is not a JSON object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ValueError(f"{where}: dtype is missing or not a string ({dtype!r})")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
+        raise ValueError(f"{where}: data_offsets must be [begin, end] non-negative integers, got {offsets!r}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
 def read_safetensors(path, wanted=None):
     """{name: float32 array} for the floating-point tensors of one file.
 
@@ -43,8 +63,8 @@ def read_safetensors(path, wanted=None):
                              f"({size} bytes): truncated or not a safetensors file")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"checkpoint {path}: header is not valid JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"checkpoint {path}: header is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"checkpoint {path}: header is not a JSON object")
     data_size = size - 8 - n
@@ -53,15 +73,12 @@ def read_safetensors(path, wanted=None):
     for name, info in header.items():
         if name == "__metadata__" or (wanted is not None and not wanted(name)):
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"checkpoint {path}: tensor {name!r} has a malformed header entry") from None
+        dtype, shape, begin, end = _header_entry(path, name, info)
         if dtype not in _DTYPES:
             raise ValueError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
         if dtype not in _FLOAT:
             continue
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize  # exact: no int64 overflow
         if not (0 <= begin <= end) or end - begin != nbytes:
             raise ValueError(f"checkpoint {path}: tensor {name!r} has {end - begin} bytes for shape "
                              f"{list(shape)} of {dtype} ({nbytes} bytes expected)")
@@ -79,11 +96,18 @@ def read_folder(folder, wanted=None):
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
+        with open(index, "rb") as f:
             try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                weight_map = json.loads(f.read())["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
                 raise ValueError(f"checkpoint {index}: not a valid index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise ValueError(f"checkpoint {index}: weight_map must map tensor names to shard file names")
+        for shard in set(weight_map.values()):
+            parts = shard.replace("\\", "/").split("/")
+            if not shard or os.path.isabs(shard) or ".." in parts or "\0" in shard:
+                raise ValueError(f"checkpoint {index}: shard {shard!r} is not a file name inside the folder")
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             path = os.path.join(folder, shard)

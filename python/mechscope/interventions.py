@@ -9,16 +9,23 @@ Each intervention names a site and, optionally, which part of its value to touch
     key_pos key positions (attention sites only)
     row    one row of the batch (default: every row)
 
-Each of these is None (everything), an int, or a list of ints. Values given for the
-touched part broadcast to its shape [rows, positions, (heads,) dims] or, for
-attention sites, [rows, heads, queries, keys].
+Each of these is None (everything), an int, or a list of distinct ints (a repeated
+index is refused: NumPy's x[[2, 2]] *= 2 scales once, a loop would scale twice, and
+neither is what a repeated index usually means). Values given for the touched part
+broadcast to its shape [rows, positions, (heads,) dims] or, for attention sites,
+[rows, heads, queries, keys].
+
+At hook_attn_scores and hook_pattern the causal mask holds whatever is written:
+entries whose key comes after its query (key_pos > pos), and padding, are left as
+they are (-inf in the scores, 0 in the pattern) by every intervention and hook, so
+a run never reads the future and sweeps stay exact.
 """
 import numpy as np
 
 from . import sites
 
 # the core's action kinds
-_CACHE, _SET, _ADD, _SCALE, _COPY_ROW, _PROJECT, _CALLBACK = range(7)
+_CACHE, _SET, _ADD, _SCALE, _COPY_ROW, _PROJECT, _CALLBACK, _PROJECT_ROW = range(8)
 
 
 def _as_index(value, limit, argument):
@@ -31,6 +38,10 @@ def _as_index(value, limit, argument):
     arr = np.where(arr < 0, arr + limit, arr)
     if arr.size == 0 or arr.min() < 0 or arr.max() >= limit:
         raise ValueError(f"{argument}: index out of range [0, {limit}) ({value!r})")
+    if np.unique(arr).size != arr.size:
+        values, counts = np.unique(arr, return_counts=True)
+        raise ValueError(f"{argument}: index {int(values[counts > 1][0])} is repeated ({value!r}); "
+                         "give each index once")
     return arr.astype(np.int32)
 
 
@@ -131,6 +142,24 @@ def _full_site_value(source, site, argument="source"):
                          f"(e.g. model.run(tokens, cache={site!r}))") from None
 
 
+def _checked_source(source, site, suffix, model, batch, n_pos):
+    """The full value of `site` in a cache or array, which must have this run's shape."""
+    full = np.asarray(_full_site_value(source, site), dtype=np.float32)
+    expected = sites.shape(suffix, model._shape_cfg, batch, n_pos)
+    if tuple(full.shape) != expected:
+        raise ValueError(f"source: {site!r} has shape {list(full.shape)}, this run needs {list(expected)}")
+    return full
+
+
+def _row_copies(kind, code, layer, rows, a, b, c, batch, context, source, basis=None, rank=0):
+    """Actions copying (or projecting) the box from a Source's rows, computed in the
+    same pass: row r reads the source's row r (or its only row)."""
+    offset, count = context[id(source)]
+    targets = range(batch) if rows is None else [rows]
+    return [(kind, code, layer, r, offset + (r if count > 1 else 0), a, b, c, basis, None, rank, None, 0)
+            for r in targets]
+
+
 class Patch(Intervention):
     """Replace the value with the same part of another run's value (an interchange).
 
@@ -145,14 +174,8 @@ class Patch(Intervention):
         code, layer, suffix, a, b, c, rows = self._box(model, batch, n_pos)
         if isinstance(self.source, Source):
             # rows feed rows: copy from the source's rows, computed in the same pass
-            offset, count = context[id(self.source)]
-            targets = range(batch) if rows is None else [rows]
-            return [(_COPY_ROW, code, layer, r, offset + (r if count > 1 else 0), a, b, c,
-                     None, None, 0, None, 0) for r in targets]
-        full = _full_site_value(self.source, self.site)
-        expected = sites.shape(suffix, model._shape_cfg, batch, n_pos)
-        if tuple(full.shape) != expected:
-            raise ValueError(f"source: {self.site!r} has shape {list(full.shape)}, this run needs {list(expected)}")
+            return _row_copies(_COPY_ROW, code, layer, rows, a, b, c, batch, context, self.source)
+        full = _checked_source(self.source, self.site, suffix, model, batch, n_pos)
         value = np.ascontiguousarray(self._gather(full, a, b, c, suffix, model, rows))
         return [self._action(_SET, code, layer, rows, a, b, c, value)]
 
@@ -244,7 +267,7 @@ class SubspacePatch(Intervention):
     """Interchange inside a linear subspace: b <- (I - Q Q^T) b + Q Q^T s.
 
     basis: Q [dims, k] with orthonormal columns, over the touched dimensions (index);
-    source: as for Patch."""
+    source: as for Patch (a cache, an array of the run's shape, or a Source)."""
 
     def __init__(self, site, basis, source, pos=None, head=None, index=None, row=None):
         super().__init__(site, pos, head, index, None, row)
@@ -259,34 +282,58 @@ class SubspacePatch(Intervention):
             Q = Q[:, None]
         if Q.ndim != 2 or Q.shape[0] != b.size:
             raise ValueError(f"basis: expected shape [{b.size}, k] (one row per touched dimension), got {list(Q.shape)}")
+        if Q.shape[1] == 0:
+            raise ValueError("basis: has no columns (rank 0); a subspace interchange needs at least one "
+                             "basis vector")
         if not np.allclose(Q.T @ Q, np.eye(Q.shape[1]), atol=1e-4):
             raise ValueError("basis: columns must be orthonormal (use numpy.linalg.qr)")
-        full = _full_site_value(self.source, self.site)
+        Q = np.ascontiguousarray(Q)
+        if isinstance(self.source, Source):
+            return _row_copies(_PROJECT_ROW, code, layer, rows, a, b, None, batch, context, self.source,
+                               basis=Q, rank=Q.shape[1])
+        full = _checked_source(self.source, self.site, suffix, model, batch, n_pos)
         s = np.ascontiguousarray(self._gather(full, a, b, None, suffix, model, rows))
-        return [self._action(_PROJECT, code, layer, rows, a, b, None, np.ascontiguousarray(Q), s, rank=Q.shape[1])]
+        return [self._action(_PROJECT, code, layer, rows, a, b, None, Q, s, rank=Q.shape[1])]
 
 
 class Source:
     """Another run computed in the same forward pass, to patch from: its rows run in
     lockstep with the patched rows, so Y(a, M(a')) with M(a') itself intervened is
-    one call. tokens must have the patched run's shape [batch, pos] (or batch 1)."""
+    one call. tokens must have the patched run's shape [batch, pos] (or batch 1).
+
+    A Source's interventions may themselves patch from Sources, to any depth
+    (Y(a, M(a', N(a'')))); each Source is one set of rows however often it is used,
+    and a Source may not patch, directly or through others, from itself."""
 
     def __init__(self, tokens, attention_mask=None, interventions=()):
         self.tokens, self.attention_mask = tokens, attention_mask
+        if isinstance(interventions, Intervention):
+            interventions = [interventions]
         self.interventions = list(interventions)
 
+    def __repr__(self):
+        return f"Source(tokens of shape {list(np.shape(self.tokens))}, {len(self.interventions)} interventions)"
 
-def expand_rows(actions, offset, count):
-    """Actions compiled for a batch of `count` rows -> the same actions on rows
-    offset .. offset + count - 1 of a larger batch (one action per row)."""
+
+def place_rows(actions, offset, own, count, per_row_sources):
+    """Actions compiled for a run of `own` rows -> the same actions on rows offset ..
+    offset + count - 1 of a larger batch, one action per row.
+
+    own is count, or 1 for a batch-1 Source that runs once per row because a Source
+    it patches from has a row per prompt: then each of its actions applies to every
+    row, and row i reads row i of such a Source (per_row_sources: their first rows).
+    Row copies name their source row in the large batch already."""
     out = []
     for act in actions:
         kind, code, layer, row, src_row, a, b, c, value, value2, rank, outbuf, ident = act
-        if row >= 0:
-            out.append((kind, code, layer, row + offset, src_row + offset, a, b, c, value, value2, rank, outbuf, ident))
-            continue
-        for i in range(count):
-            v = value[i:i + 1] if kind in (_SET, _ADD) else value
-            v2 = value2[i:i + 1] if kind == _PROJECT else value2
-            out.append((kind, code, layer, offset + i, src_row, a, b, c, v, v2, rank, outbuf, ident))
+        copies = kind in (_COPY_ROW, _PROJECT_ROW)
+        for i in (range(count) if row < 0 or own != count else [row]):
+            v, v2 = value, value2
+            if row < 0 and own == count:  # per-row values of an action on every row
+                v = value[i:i + 1] if kind in (_SET, _ADD) else value
+                v2 = value2[i:i + 1] if kind == _PROJECT else value2
+            src = src_row
+            if copies and own != count and src_row in per_row_sources:
+                src = src_row + i
+            out.append((kind, code, layer, offset + i, src, a, b, c, v, v2, rank, outbuf, ident))
     return out

@@ -59,20 +59,37 @@ class Metric:
         """Per-row values [..., batch] -> the metric's value (the batch mean)."""
         return np.asarray(per_row, np.float64).mean(axis=-1).astype(np.float32)
 
+    def rows(self, per_row):
+        """Raw per-row values [..., batch] -> the metric's value for each row (the
+        identity here; Recovery normalises each row)."""
+        return np.asarray(per_row, np.float32)
+
+    def _raw_rows(self, model, tokens, attention_mask=None, interventions=None):
+        """The core's per-row values of one (optionally intervened) run; interventions
+        may patch from Sources, which add rows whose values are dropped."""
+        tokens, mask = model._check_tokens(tokens, attention_mask)
+        B, T = tokens.shape
+        args = self.core_args(model, B, T, mask)
+        full_tokens, full_mask, actions = model._plan(tokens, mask, interventions)
+        R = full_tokens.shape[0]
+        if R > B:  # the Sources' rows: read their own last real token, answers of row 0
+            args["pos"] = np.concatenate([args["pos"], last_positions(None if full_mask is None else full_mask[B:],
+                                                                      R - B, T)])
+            for key in ("correct", "wrong", "ref_logprob"):
+                if args[key] is not None:
+                    args[key] = np.concatenate([args[key], np.repeat(args[key][:1], R - B, axis=0)])
+        out = model._core.run(full_tokens, full_mask, actions, None, None, None, metric=args["metric"],
+                              metric_pos=args["pos"], correct=args["correct"],
+                              wrong=args["wrong"], ref_logprob=args["ref_logprob"])
+        return out[:B]
+
     def per_row(self, model, tokens, attention_mask=None, interventions=None):
         """The metric's value for each row of one (optionally intervened) run."""
-        tokens, mask = model._check_tokens(tokens, attention_mask)
-        args = self.core_args(model, tokens.shape[0], tokens.shape[1], mask)
-        actions = []
-        for iv in model._check_interventions(interventions):
-            actions += iv.compile(model, tokens.shape[0], tokens.shape[1], {})
-        return model._core.run(tokens, mask, actions, None, None, None, metric=args["metric"],
-                               metric_pos=args["pos"], correct=args["correct"],
-                               wrong=args["wrong"], ref_logprob=args["ref_logprob"])
+        return self.rows(self._raw_rows(model, tokens, attention_mask, interventions))
 
     def evaluate(self, model, tokens, attention_mask=None, interventions=None):
         """The metric's value (batch mean) on one run."""
-        return float(self.reduce(self.per_row(model, tokens, attention_mask, interventions)))
+        return float(self.reduce(self._raw_rows(model, tokens, attention_mask, interventions)))
 
 
 class LogitDiff(Metric):
@@ -120,6 +137,13 @@ class KL(Metric):
         ref = np.asarray(reference_logits, np.float64)
         if ref.ndim != 2:
             raise ValueError(f"reference_logits: expected [batch, vocab], got shape {list(ref.shape)}")
+        # NaN or +inf has no distribution to compare with (and would read as a KL of 0);
+        # -inf is a token of probability 0, as long as some token of the row is finite
+        bad = np.isnan(ref) | (ref == np.inf)
+        if bad.any() or not np.isfinite(ref).any(axis=1).all():
+            r = int(np.flatnonzero(bad.any(axis=1) | ~np.isfinite(ref).any(axis=1))[0])
+            raise ValueError(f"reference_logits: row {r} is not a distribution (NaN, +inf, or no finite "
+                             "logit); the reference run's logits must be finite")
         shifted = ref - ref.max(axis=1, keepdims=True)
         self.ref_logprob = (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
 
@@ -136,22 +160,30 @@ class Recovery(Metric):
     """The normalised recovery (patched - corrupted) / (clean - corrupted) of a metric:
     0 where a patch changes nothing, 1 where it restores the clean value.
 
-    clean, corrupted: the metric's values on the clean and the corrupted run (see
-    Recovery.from_runs to compute them)."""
+    clean, corrupted: the metric's values on the clean and the corrupted run, as
+    numbers (batch means) or one per row (Recovery.from_runs computes both). The batch
+    value normalises the batch means; values per row (per_row=True) normalise each
+    row by its own clean and corrupted values (NaN for a row where the two are equal)."""
 
     def __init__(self, metric, clean, corrupted):
         if not isinstance(metric, Metric) or isinstance(metric, Recovery):
             raise TypeError("metric: expected a mechscope metric (LogitDiff, LogProb, Prob, KL)")
         super().__init__(metric.pos)
-        self.metric, self.clean, self.corrupted = metric, float(clean), float(corrupted)
+        self.metric = metric
+        self.clean_rows = np.asarray(clean, np.float64)
+        self.corrupted_rows = np.asarray(corrupted, np.float64)
+        for name, v in (("clean", self.clean_rows), ("corrupted", self.corrupted_rows)):
+            if v.ndim > 1 or v.size == 0 or not np.isfinite(v).all():
+                raise ValueError(f"{name}: expected a finite number or one per row, got {v!r}")
+        self.clean, self.corrupted = float(self.clean_rows.mean()), float(self.corrupted_rows.mean())
         if self.clean == self.corrupted:
             raise ValueError("clean, corrupted: equal values leave the recovery undefined")
         self.kind = metric.kind
 
     @classmethod
     def from_runs(cls, metric, model, clean_tokens, corrupted_tokens, attention_mask=None):
-        return cls(metric, metric.evaluate(model, clean_tokens, attention_mask),
-                   metric.evaluate(model, corrupted_tokens, attention_mask))
+        return cls(metric, metric.per_row(model, clean_tokens, attention_mask),
+                   metric.per_row(model, corrupted_tokens, attention_mask))
 
     def core_args(self, model, batch, n_pos, mask):
         return self.metric.core_args(model, batch, n_pos, mask)
@@ -159,3 +191,14 @@ class Recovery(Metric):
     def reduce(self, per_row):
         value = self.metric.reduce(per_row)
         return ((value - self.corrupted) / (self.clean - self.corrupted)).astype(np.float32)
+
+    def rows(self, per_row):
+        per_row = self.metric.rows(per_row).astype(np.float64)
+        for name, v in (("clean", self.clean_rows), ("corrupted", self.corrupted_rows)):
+            if v.ndim == 1 and v.shape != per_row.shape[-1:]:
+                raise ValueError(f"{name}: {v.size} values per row, the run has {per_row.shape[-1]} rows "
+                                 "(Recovery.from_runs on the same prompts gives one per row)")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            den = self.clean_rows - self.corrupted_rows
+            out = (per_row - self.corrupted_rows) / np.where(den == 0, np.nan, den)
+        return out.astype(np.float32)

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import architectures, gguf_file, sites
-from ._runtime import _core, get_memory_budget
+from ._runtime import _core, format_bytes, get_memory_budget
 from .checkpoint import find_in_hub_cache, read_folder
-from .interventions import _CACHE, _CALLBACK, Intervention, Source, expand_rows
+from .tokens import Tokens
+from .interventions import _CACHE, _CALLBACK, Intervention, Source, place_rows
 
 def _wanted(name):
     # the causal-mask buffers of old GPT-2 checkpoints and rotary caches are not weights
@@ -175,13 +176,19 @@ class Model:
     def to_tokens(self, text, prepend_bos=None):
         """Text (or a list of texts) -> int64 tokens [batch, pos], right-padded with
         the padding token when texts differ in length. prepend_bos: None follows the
-        tokenizer (a GGUF file's add_bos_token), else True as TransformerLens."""
+        tokenizer (a GGUF file's add_bos_token), else True as TransformerLens.
+
+        The result is a mechscope.Tokens array whose ``attention_mask`` marks the
+        padding (None when there is none); run, metrics, sweeps and patching use it
+        when they are not given an attention_mask, so ``run(tokens, logits="last")``
+        reads each row's own last token."""
         prepend_bos = self._prepend_bos(prepend_bos)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text: expected a string or a non-empty list of strings")
         rows = [([self._bos()] if prepend_bos else []) + self._encode(t) for t in texts]
-        return self._pad(rows)[0]
+        tokens, mask = self._pad(rows)
+        return Tokens(tokens, None if mask.all() else mask)
 
     def _pad(self, rows):
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -219,6 +226,8 @@ class Model:
             tokens, attention_mask = self._pad(rows)
             if attention_mask.all():
                 attention_mask = None
+        if attention_mask is None:  # tokens from to_tokens carry their padding
+            attention_mask = getattr(tokens, "attention_mask", None)
         tokens = np.asarray(tokens)
         if tokens.dtype == bool or not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"tokens: expected integer token ids, got dtype {tokens.dtype}")
@@ -274,6 +283,12 @@ class Model:
         pos = np.where(pos < 0, pos + T, pos)
         if pos.min() < 0 or pos.max() >= T:
             raise ValueError(f"logits: position out of range for {T} positions")
+        if mask is not None:
+            padded = np.argwhere(mask[:, pos] == 0)
+            if padded.size:
+                r, j = padded[0]
+                raise ValueError(f"logits: position {int(pos[j])} is padding in row {int(r)}; ask for "
+                                 "real positions (or 'last' for each row's last real token)")
         return np.broadcast_to(pos.astype(np.int32), (B, pos.size)).copy(), (B, pos.size, self.d_vocab)
 
     def run(self, tokens, attention_mask=None, cache=None, logits="all", interventions=None,
@@ -282,7 +297,8 @@ class Model:
 
         tokens: int array [batch, pos] (or [pos]), or text when a tokenizer is set.
         attention_mask: [batch, pos], 1 for real tokens and 0 for padding (left or
-            right); each row's real tokens give what they give run alone.
+            right); each row's real tokens give what they give run alone. None: the
+            mask tokens from to_tokens carry (tokens.attention_mask), if any.
         cache: site names or glob patterns ("blocks.*.hook_resid_post").
         logits: "all" [batch, pos, vocab], "last" [batch, vocab] (each row's last
             real token), a list of positions [batch, n, vocab], or None.
@@ -300,38 +316,8 @@ class Model:
         logit_pos, logit_shape = self._logit_positions(logits, B, T, mask)
         interventions = self._check_interventions(interventions)
 
-        # sources of interchanges computed in the same pass become extra rows
-        all_tokens, all_masks, context = [tokens], [mask], {}
-        sources = []
-        for iv in interventions:
-            src = getattr(iv, "source", None)
-            if isinstance(src, Source) and id(src) not in context:
-                st, sm = self._check_tokens(src.tokens, src.attention_mask)
-                if st.shape[1] != T or st.shape[0] not in (1, B):
-                    raise ValueError(f"source: tokens of shape {list(st.shape)} do not match the run's "
-                                     f"[{B}, {T}] (or [1, {T}])")
-                context[id(src)] = (B + sum(len(t) for t in all_tokens[1:]), st.shape[0])
-                sources.append(src)
-                all_tokens.append(st)
-                all_masks.append(sm)
-        R = sum(len(t) for t in all_tokens)
-        full_tokens = np.concatenate(all_tokens) if len(all_tokens) > 1 else tokens
-        if all(m is None for m in all_masks):
-            full_mask = None
-        else:
-            full_mask = np.concatenate([np.ones(t.shape, np.int32) if m is None else m
-                                        for t, m in zip(all_tokens, all_masks)])
-        actions = []
-        for src in sources:
-            offset, count = context[id(src)]
-            src_actions = []
-            for iv in self._check_interventions(src.interventions):
-                src_actions += iv.compile(self, count, T, context)
-            actions += expand_rows(src_actions, offset, count)
-        target_actions = []
-        for iv in interventions:
-            target_actions += iv.compile(self, B, T, context)
-        actions += expand_rows(target_actions, 0, B) if sources else target_actions
+        full_tokens, full_mask, actions = self._plan(tokens, mask, interventions)
+        R = full_tokens.shape[0]
 
         shapes = {}
         for name in list(names) + [n for n, _ in hook_fns]:
@@ -379,13 +365,87 @@ class Model:
             result.logits = logits_out[:B].reshape(logit_shape)
         return result
 
+    def _plan(self, tokens, mask, interventions):
+        """The rows and actions of one run: (tokens [R, T], mask or None, actions).
+
+        Rows 0..B-1 are the run's own; every Source patched from, at any depth, adds
+        its rows after them (once, however often it is used). A Source's actions come
+        before those of the Sources and the run that read it, so that at any site a
+        row is copied only once its own interventions there are done."""
+        B, T = tokens.shape
+        interventions = self._check_interventions(interventions)
+        order, state = [], {}
+
+        def visit(src):
+            if state.get(id(src)) == "done":
+                return
+            if state.get(id(src)) == "open":
+                raise ValueError("interventions: a Source patches from itself (directly or through "
+                                 "other Sources); a nested counterfactual must end")
+            state[id(src)] = "open"
+            for iv in self._check_interventions(src.interventions):
+                inner = getattr(iv, "source", None)
+                if isinstance(inner, Source):
+                    visit(inner)
+            state[id(src)] = "done"
+            order.append(src)
+
+        for iv in interventions:
+            if isinstance(getattr(iv, "source", None), Source):
+                visit(iv.source)
+        if not order:
+            actions = []
+            for iv in interventions:
+                actions += iv.compile(self, B, T, {})
+            return tokens, mask, actions
+
+        # rows: a Source of batch 1 runs once per row when one it patches from does
+        context, own, blocks = {}, {}, []
+        offset = B
+        for src in order:
+            st, sm = self._check_tokens(src.tokens, src.attention_mask)
+            if st.shape[1] != T or st.shape[0] not in (1, B):
+                raise ValueError(f"source: tokens of shape {list(st.shape)} do not match the run's "
+                                 f"[{B}, {T}] (or [1, {T}])")
+            count = st.shape[0]
+            for iv in src.interventions:
+                inner = getattr(iv, "source", None)
+                if isinstance(inner, Source) and context[id(inner)][1] == B:
+                    count = B
+            own[id(src)] = st.shape[0]
+            context[id(src)] = (offset, count)
+            if count != st.shape[0]:
+                st = np.repeat(st, count, axis=0)
+                sm = None if sm is None else np.repeat(sm, count, axis=0)
+            blocks.append((st, sm))
+            offset += count
+        per_row = {off for off, count in context.values() if count > 1}
+        actions = []
+        for src in order:
+            off, count = context[id(src)]
+            compiled = []
+            for iv in self._check_interventions(src.interventions):
+                compiled += iv.compile(self, own[id(src)], T, context)
+            actions += place_rows(compiled, off, own[id(src)], count, per_row)
+        compiled = []
+        for iv in interventions:
+            compiled += iv.compile(self, B, T, context)
+        actions += place_rows(compiled, 0, B, B, per_row)
+        full_tokens = np.concatenate([tokens] + [st for st, _ in blocks])
+        masks = [mask] + [sm for _, sm in blocks]
+        full_mask = None
+        if any(m is not None for m in masks):
+            full_mask = np.concatenate([np.ones((len(t), T), np.int32) if m is None else m
+                                        for t, m in zip([tokens] + [st for st, _ in blocks], masks)])
+        return full_tokens, full_mask, actions
+
     def _check_budget(self, out_bytes, mask, R, T, n_logit_pos):
         work = self._core.workspace_bytes(mask if mask is not None else np.ones((R, T), np.int32), n_logit_pos)
         budget = get_memory_budget()
         if out_bytes + work > budget:
-            raise ValueError(f"cache: this run needs {(out_bytes + work) / 2**20:.1f} MiB (outputs "
-                             f"{out_bytes / 2**20:.1f} MiB), over the memory budget of "
-                             f"{budget / 2**20:.1f} MiB; cache fewer sites or raise it with "
+            raise ValueError(f"cache: this run needs {format_bytes(out_bytes + work)} (outputs "
+                             f"{format_bytes(out_bytes)}), over the memory budget of "
+                             f"{format_bytes(budget)}; cache fewer sites or raise it with "
                              "mechscope.set_memory_budget")
 
     def _resolve_hooks(self, hooks):

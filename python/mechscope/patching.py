@@ -15,6 +15,11 @@ layers >= L at positions >= p, many patches share each matrix product, and patch
 that cannot change anything (they write the value that is already there) are not
 run at all.
 
+Base interventions (``interventions=``) hold in every patched run. At the attention
+sites the causal mask holds whatever they write (entries whose key comes after its
+query stay -inf / 0), which is what lets a sweep skip positions before a patch and
+still equal one explicit run per patch.
+
 Noising, the reverse direction, is the same call with the roles swapped: the clean
 tokens and the corrupted run's cache, ``resid_pre(model, clean_tokens,
 corrupted.cache, metric)``.
@@ -28,7 +33,7 @@ import numpy as np
 from . import metrics as _metrics
 from . import sites
 from ._progress import progress_bar
-from ._runtime import get_memory_budget
+from ._runtime import format_bytes, get_memory_budget
 from .interventions import _ADD, _PROJECT, _SCALE, _SET, Intervention, Patch, Source, _full_site_value
 
 __all__ = [
@@ -149,9 +154,21 @@ def _run_sweep(model, tokens, mask, patches, metric, interventions, progress):
     with progress_bar(progress, "patching (Python metric)", unit="patch", total=len(patches)) as bar:
         for i, patch in enumerate(patches):
             logits = model.run(tokens, attention_mask=mask, interventions=base + list(patch)).logits
-            out[i] = float(metric(logits))
+            out[i] = _one_number(metric(logits))
             bar.update(1)
     return out, None
+
+
+def _one_number(value):
+    """A Python metric's value for one patched run, which must be one number."""
+    arr = np.asarray(value)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"metric: a Python metric must return a number, got {type(value).__name__}")
+    if arr.size != 1:
+        raise TypeError(f"metric: a Python metric must return one number per patched run (e.g. the batch "
+                        f"mean), got an array of shape {list(arr.shape)}; for values per row use a "
+                        "mechscope.metrics metric with per_row=True")
+    return float(arr.reshape(()))
 
 
 def _check_sweep_memory(model, tokens, mask, patches, chunk):
@@ -166,9 +183,9 @@ def _check_sweep_memory(model, tokens, mask, patches, chunk):
     need = recorded + sum(sites_seen.values()) + base_run + chunk
     budget = get_memory_budget()
     if need > budget:
-        raise ValueError(f"tokens: this sweep needs about {need / 2**20:.0f} MiB (the base run's state for "
+        raise ValueError(f"tokens: this sweep needs about {format_bytes(need)} (the base run's state for "
                          f"{n_tokens} tokens and its values at the patched sites), over the memory budget of "
-                         f"{budget / 2**20:.0f} MiB; patch fewer prompts at once or raise it with "
+                         f"{format_bytes(budget)}; patch fewer prompts at once or raise it with "
                          "mechscope.set_memory_budget")
 
 
@@ -189,7 +206,7 @@ def sweep(model, tokens, patches, metric, *, attention_mask=None, interventions=
     interventions: applied in every run (the base run and every patched one), e.g.
         noise on the subject tokens; a patch at the same site overrides them.
     per_row: return [n_patches, batch] values instead of the batch mean (built-in
-        metrics only).
+        metrics only; Recovery normalises each row).
     Returns a float32 array [n_patches] (or [n_patches, batch]).
     """
     tokens, mask = model._check_tokens(tokens, attention_mask)
@@ -203,7 +220,7 @@ def sweep(model, tokens, patches, metric, *, attention_mask=None, interventions=
         group = patch if isinstance(patch, (list, tuple)) else [patch]
         compiled.append([w for p in group for w in _writes_of_patch(model, p, B, T)])
     values, _ = _run_sweep(model, tokens, mask, compiled, metric, interventions, progress)
-    return values if per_row else _reduce(metric, values)
+    return metric.rows(values) if per_row else _reduce(metric, values)
 
 
 # ------------------------------------------------- TransformerLens's patching functions

@@ -54,6 +54,8 @@ def all_site_names(model):
 def parse(name, model):
     """'blocks.3.attn.hook_z' -> (site code, layer, suffix). ValueError if unknown or
     absent from the model's architecture."""
+    if not isinstance(name, str):
+        raise TypeError(f"site: expected a site name, got {type(name).__name__}")
     n_layers, absent = _layers_and_absent(model)
     suffix = name if name in GLOBAL_BEFORE else name.split(".", 2)[-1]
     if suffix in absent:
@@ -61,8 +63,12 @@ def parse(name, model):
     if name in GLOBAL_BEFORE or name in GLOBAL_AFTER:
         return SITE_CODES[name], 0, name
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in PER_BLOCK:
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isascii() and parts[1].isdigit() \
+            and parts[2] in PER_BLOCK:
         layer = int(parts[1])
+        if parts[1] != str(layer):
+            # one spelling per site, so that caches, hooks and interventions agree on names
+            raise ValueError(f"site {name!r}: write the layer as {layer} ('blocks.{layer}.{parts[2]}')")
         if layer < n_layers:
             return SITE_CODES[parts[2]], layer, parts[2]
         raise ValueError(f"site {name!r}: layer {layer} out of range, the model has {n_layers} layers")
