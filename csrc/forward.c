@@ -74,6 +74,22 @@ static int stores_attention(const ms_plan *p) {
 
 static int run_threads(const ms_plan *p) { return p->n_threads > 0 ? p->n_threads : ms_get_num_threads(); }
 
+/* Blocks the run must compute: all of them when logits, a metric or a recorded
+ * state are asked for (or an action is at ln_final); otherwise only up to the
+ * deepest block an action is at, so that a run that reads layer 3 of 12 stops
+ * there (the early exit of extraction). */
+static int blocks_needed(const ms_model *m, const ms_plan *p) {
+    int n_layers = m->cfg.n_layers;
+    if (p->n_logit_pos > 0 || p->metric.kind != MS_METRIC_NONE || p->record) return n_layers;
+    int n = 0;
+    for (int i = 0; i < p->n_actions; i++) {
+        ms_site site = p->actions[i].site;
+        if (site == MS_SITE_LNF_SCALE || site == MS_SITE_LNF_NORMALIZED) return n_layers;
+        if (ms_site_per_layer(site) && p->actions[i].layer + 1 > n) n = p->actions[i].layer + 1;
+    }
+    return n;
+}
+
 static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
     ms_sizes s = {0};
     int att = stores_attention(p);
@@ -406,7 +422,8 @@ static void attention_slots(void *ctx, long long lo, long long hi) {
     const attention_job *j = ctx;
     for (long long t = lo; t < hi; t++) {
         float *scratch = j->b->scratch + (size_t)t * j->L->scratch_floats;
-        for (long long item = t; item < j->n_items; item += j->n_slots) attention_item(j, (int)item, scratch);
+        for (long long item = t; item < j->n_items && !ms_interrupted(); item += j->n_slots)
+            attention_item(j, (int)item, scratch);
     }
 }
 
@@ -486,12 +503,12 @@ static void qkv_forward(const ms_layout *L, ms_buffers *b, const ms_block *w, in
     const ms_config *c = &L->m->cfg;
     int C = c->d_model, QD = (int)q_width(c), KD = (int)kv_width(c), QW = (int)qkv_width(c);
     if (fused(&w->q, &w->k, (size_t)QD) && fused(&w->k, &w->v, (size_t)KD)) {
-        ms_linear(b->qkv, QW, b->ln, C, &w->q, N, C, QW);
+        ms_linear(b->qkv, QW, b->ln, C, &w->q, N, C, QW, L->n_threads);
         return;
     }
-    ms_linear(b->qkv, QW, b->ln, C, &w->q, N, C, QD);
-    ms_linear(b->qkv + QD, QW, b->ln, C, &w->k, N, C, KD);
-    ms_linear(b->qkv + QD + KD, QW, b->ln, C, &w->v, N, C, KD);
+    ms_linear(b->qkv, QW, b->ln, C, &w->q, N, C, QD, L->n_threads);
+    ms_linear(b->qkv + QD, QW, b->ln, C, &w->k, N, C, KD, L->n_threads);
+    ms_linear(b->qkv + QD + KD, QW, b->ln, C, &w->v, N, C, KD, L->n_threads);
 }
 
 /* the MLP on ln's rows, from hook_pre to hook_mlp_out (in tmp_b) */
@@ -502,21 +519,21 @@ static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
     ms_status st;
     if (c->gated_mlp) {
         if (fused(&w->mlp_gate, &w->mlp_in, (size_t)F)) {
-            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, 2 * F);
+            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, 2 * F, L->n_threads);
         } else {
-            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, F);
-            ms_linear(b->mlp + F, MW, b->ln, C, &w->mlp_in, N, C, F);
+            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, F, L->n_threads);
+            ms_linear(b->mlp + F, MW, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
         }
         if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, MW, err))) return st;
         if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE_LINEAR, l, b->mlp + F, MW, err))) return st;
         ms_gated_activation(b->mlp, MW, N, F, c->activation, L->n_threads);
     } else {
-        ms_linear(b->mlp, F, b->ln, C, &w->mlp_in, N, C, F);
+        ms_linear(b->mlp, F, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
         if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, F, err))) return st;
         ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, L->n_threads);
     }
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, MW, err))) return st;
-    ms_linear(b->tmp_b, C, b->mlp, MW, &w->mlp_out, N, F, C);
+    ms_linear(b->tmp_b, C, b->mlp, MW, &w->mlp_out, N, F, C, L->n_threads);
     return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
 }
 
@@ -550,7 +567,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         record_state(L, b->qkv + QD + KD, QW, rec->v + off, (size_t)KD);
     }
     if ((st = attention_sites(L, b, l, err))) return st;
-    ms_linear(b->tmp_a, C, b->z, QD, &w->o, N, QD, C);
+    ms_linear(b->tmp_a, C, b->z, QD, &w->o, N, QD, C, L->n_threads);
     if ((st = ms_visit_tokens(L, MS_SITE_ATTN_OUT, l, b->tmp_a, C, err))) return st;
     if (c->parallel) {
         /* attention and MLP both read resid_pre; their outputs are added together */
@@ -586,7 +603,8 @@ static void compute_logits(const ms_layout *L, ms_buffers *b) {
         for (int j = 0; j < p->n_logit_pos; j++)
             take_row(L, b, r, p->logit_pos[(size_t)r * p->n_logit_pos + j],
                      b->out_x + ((size_t)r * p->n_logit_pos + j) * c->d_model);
-    ms_unembed(p->logits, b->out_x, L->m->unembed, p->n_rows * p->n_logit_pos, c->d_model, c->d_vocab);
+    ms_unembed(p->logits, b->out_x, L->m->unembed, p->n_rows * p->n_logit_pos, c->d_model, c->d_vocab,
+               L->n_threads);
 }
 
 /* metric_out[r] for rows [lo, hi) from their logits in out_y (not the logit difference) */
@@ -633,7 +651,7 @@ static void compute_metric(const ms_layout *L, ms_buffers *b) {
         }
         return;
     }
-    ms_unembed(b->out_y, x, L->m->unembed, R, C, V);
+    ms_unembed(b->out_y, x, L->m->unembed, R, C, V, L->n_threads);
     metric_job job = {L, b->out_y};
     ms_parallel_for(R, 4, L->n_threads, metric_rows, &job);
 }
@@ -742,9 +760,18 @@ static ms_status record_alloc(ms_state *rec, const ms_layout *L, ms_error *err) 
     return MS_OK;
 }
 
+/* MS_ERR_INTERRUPTED once the run's interrupt flag is set: buffers written after
+ * it may be incomplete, so nothing computed since is used */
+static ms_status check_stop(ms_error *err) {
+    if (!ms_interrupted()) return MS_OK;
+    snprintf(err->message, sizeof err->message, "interrupted");
+    return MS_ERR_INTERRUPTED;
+}
+
 ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     ms_status st = ms_plan_check(m, plan, err);
     if (st) return st;
+    const volatile int *outer_stop = ms_stop_flag_swap(plan->stop);
     const ms_config *c = &m->cfg;
     ms_layout L = {0};
     float *base = NULL;
@@ -773,31 +800,45 @@ ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     } else {
         memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L.active_N * c->d_model);
     }
-    for (int l = 0; l < c->n_layers; l++)
-        if ((st = block_forward(&L, &b, l, err))) goto done;
+    int n_blocks = blocks_needed(m, plan);
+    for (int l = 0; l < n_blocks; l++)
+        if ((st = block_forward(&L, &b, l, err)) || (st = check_stop(err))) goto done;
+    if (n_blocks < c->n_layers) goto done; /* nothing after this block is asked for */
     L.active_rows = plan->n_rows;
     L.active_N = L.N;
     if ((st = layernorm_sites(&L, &b, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, err))) goto done;
     if (plan->n_logit_pos > 0) compute_logits(&L, &b);
     if (plan->metric.kind != MS_METRIC_NONE) compute_metric(&L, &b);
+    st = check_stop(err);
 
 done:
+    ms_stop_flag_swap(outer_stop);
     if (st && plan->record) ms_state_free(plan->record);
     if (base) workspace_give(m->workspace, base, floats);
     layout_free(&L);
     return st;
 }
 
+/* The BLAS always runs single-threaded: products are cut into panels that
+ * mechscope's own threads share (kernels.c says why). The default thread count is
+ * the one the BLAS picked for this machine when it loaded. */
 static int g_threads = 0;
+static pthread_once_t threads_once = PTHREAD_ONCE_INIT;
+
+static void threads_init(void) {
+    g_threads = ms_blas_get_threads();
+    if (g_threads < 1) g_threads = 1;
+    ms_blas_set_threads(1);
+}
 
 void ms_set_num_threads(int n) {
-    if (n < 1) n = 1;
-    g_threads = n;
-    ms_blas_set_threads(n);
+    pthread_once(&threads_once, threads_init);
+    g_threads = n < 1 ? 1 : n;
 }
 
 int ms_get_num_threads(void) {
-    return g_threads > 0 ? g_threads : ms_blas_get_threads();
+    pthread_once(&threads_once, threads_init);
+    return g_threads;
 }
 
 const char *ms_blas_config(void) { return ms_blas_get_config(); }

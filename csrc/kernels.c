@@ -1,8 +1,8 @@
 /* kernels.c — one short function per operation of a GPT-2 block.
  *
  * Matrix products go to the BLAS (blas.h); the element-wise work is plain loops,
- * split over rows by ms_parallel_for. The BLAS keeps its own threads, so the two
- * never run at the same time: a loop here starts only after the BLAS call returned. */
+ * split over rows by ms_parallel_for; matrix products are cut into panels that the
+ * same threads share, each panel one single-threaded BLAS call. */
 #include "kernels.h"
 #include "blas.h"
 
@@ -14,59 +14,214 @@
 
 /* ---- threads ------------------------------------------------------------------- */
 
-typedef struct {
+/* A loop is cut into chunks that threads claim one at a time: the caller claims
+ * chunks itself and helpers from a pool of waiting threads join in when they get
+ * a core. The caller never waits for a helper that has not started: if the
+ * machine is busy and no helper gets scheduled, the caller does every chunk
+ * alone, as fast as one thread does. It waits only for chunks a helper is
+ * computing. (OpenBLAS's own threads split a product statically and wait for
+ * each other, which on a loaded machine costs a time slice per product; so the
+ * BLAS runs single-threaded and products are cut into panels here.) */
+typedef struct loop_job {
     ms_range_fn fn;
     void *ctx;
-    long long lo, hi;
-} range_job;
+    long long n, chunk;       /* items, items per claim */
+    long long next;           /* first unclaimed item (atomic) */
+    int max_helpers, helpers; /* helpers allowed to join / joined (under the pool lock) */
+    int active;               /* helpers computing a chunk of it (under the pool lock) */
+    const volatile int *stop; /* the caller's run's interrupt flag, or NULL */
+    struct loop_job *next_job;
+} loop_job;
 
-static void *run_range(void *arg) {
-    range_job *j = arg;
-    j->fn(j->ctx, j->lo, j->hi);
+enum { MAX_HELPERS = 63 };
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t work; /* helpers wait here for jobs */
+    pthread_cond_t idle; /* callers wait here for helpers to leave their job */
+    loop_job *jobs;      /* jobs that may still have unclaimed chunks */
+    int n_helpers;       /* threads started */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0};
+
+/* the interrupt flag of the run this thread is computing (NULL: none) */
+static _Thread_local const volatile int *current_stop = NULL;
+
+const volatile int *ms_stop_flag_swap(const volatile int *stop) {
+    const volatile int *old = current_stop;
+    current_stop = stop;
+    return old;
+}
+
+int ms_interrupted(void) { return current_stop && *current_stop; }
+
+/* claim [lo, hi) of j, or return 0 when nothing is left (or the run was stopped) */
+static int claim(loop_job *j, long long *lo, long long *hi) {
+    if (j->stop && *j->stop) return 0;
+    *lo = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
+    if (*lo >= j->n) return 0;
+    *hi = *lo + j->chunk < j->n ? *lo + j->chunk : j->n;
+    return 1;
+}
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        loop_job *j = pool.jobs;
+        while (j && j->helpers >= j->max_helpers) j = j->next_job;
+        long long lo, hi;
+        /* the first chunk is claimed under the lock: a helper the caller waits
+         * for is always one that is computing */
+        if (!j || !claim(j, &lo, &hi)) {
+            if (j) j->helpers = j->max_helpers; /* nothing left: no more helpers for it */
+            else pthread_cond_wait(&pool.work, &pool.lock);
+            continue;
+        }
+        j->helpers++;
+        j->active++;
+        pthread_mutex_unlock(&pool.lock);
+        const volatile int *saved = ms_stop_flag_swap(j->stop);
+        do j->fn(j->ctx, lo, hi);
+        while (claim(j, &lo, &hi));
+        ms_stop_flag_swap(saved);
+        pthread_mutex_lock(&pool.lock);
+        if (--j->active == 0) pthread_cond_broadcast(&pool.idle);
+    }
     return NULL;
 }
 
-/* Threads are started for the loop and joined at its end: nothing spins between
- * loops, so the BLAS's own threads get the cores back at once. Loops are split
- * only when each thread gets at least min_per_thread items, which keeps the cost
- * of starting a thread (tens of microseconds) small against the work. */
+/* at least n helpers, as far as threads can be started; the number there is */
+static int start_helpers(int n) {
+    if (n > MAX_HELPERS) n = MAX_HELPERS;
+    while (pool.n_helpers < n) {
+        pthread_t id;
+        pthread_attr_t attr;
+        if (pthread_attr_init(&attr) != 0) break;
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&id, &attr, helper_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break; /* fewer helpers: the caller does more itself */
+        pool.n_helpers++;
+    }
+    return pool.n_helpers;
+}
+
+/* a forked child has none of the parent's helpers, and maybe a lock held */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.work, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pool.jobs = NULL;
+    pool.n_helpers = 0;
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
 void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_range_fn fn,
                      void *ctx) {
-    enum { MAX_THREADS = 64 };
-    long long t = n_threads < MAX_THREADS ? n_threads : MAX_THREADS;
+    if (n <= 0) return;
+    long long t = n_threads < MAX_HELPERS + 1 ? n_threads : MAX_HELPERS + 1;
     if (min_per_thread < 1) min_per_thread = 1;
     if (t > n / min_per_thread) t = n / min_per_thread;
     if (t <= 1) {
-        if (n > 0) fn(ctx, 0, n);
+        fn(ctx, 0, n);
         return;
     }
-    range_job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (long long i = 0; i < t; i++)
-        jobs[i] = (range_job){fn, ctx, n * i / t, n * (i + 1) / t};
-    for (long long i = 1; i < t; i++) started[i] = pthread_create(&ids[i], NULL, run_range, &jobs[i]) == 0;
-    run_range(&jobs[0]);
-    /* a thread that could not start has its share done here instead */
-    for (long long i = 1; i < t; i++) {
-        if (started[i]) pthread_join(ids[i], NULL);
-        else run_range(&jobs[i]);
+    pthread_once(&pool_once, pool_init);
+    /* chunks of about a quarter of a thread's share, so that a late helper still
+     * finds work and a slow one delays the end by little */
+    long long chunk = n / (4 * t);
+    if (chunk < min_per_thread) chunk = min_per_thread;
+    loop_job j = {fn, ctx, n, chunk, 0, (int)t - 1, 0, 0, current_stop, NULL};
+    pthread_mutex_lock(&pool.lock);
+    int helpers = start_helpers((int)t - 1);
+    if (helpers > 0) {
+        j.next_job = pool.jobs;
+        pool.jobs = &j;
+        for (int i = 0; i < j.max_helpers && i < helpers; i++) pthread_cond_signal(&pool.work);
     }
+    pthread_mutex_unlock(&pool.lock);
+    long long lo, hi;
+    while (claim(&j, &lo, &hi)) fn(ctx, lo, hi);
+    if (helpers == 0) return;
+    pthread_mutex_lock(&pool.lock);
+    loop_job **at = &pool.jobs;
+    while (*at != &j) at = &(*at)->next_job;
+    *at = j.next_job;
+    while (j.active > 0) pthread_cond_wait(&pool.idle, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
 }
 
 /* ---- matrix products --------------------------------------------------------------- */
 
-void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
-               int N, int IC, int OC) {
-    if (N <= 0) return;
-    /* start from the bias in every row, then accumulate the product onto it */
-    float beta = 0.0f;
-    if (w->b) {
-        for (int i = 0; i < N; i++) memcpy(out + (size_t)i * ld_out, w->b, sizeof(float) * (size_t)OC);
-        beta = 1.0f;
+/* A product is cut into panels of output columns (or rows, when there are many
+ * rows), each one single-threaded BLAS call: enough panels to share among the
+ * threads, each big enough to run near the BLAS's full speed, and none above
+ * about 2^32 FLOP, so that an interrupted run stops within a fraction of a second. */
+typedef struct {
+    float *out;
+    const float *in, *w, *bias;
+    int ld_in, N, IC, OC;
+    int ld_out, ld_w;
+    int by_rows;     /* panels are rows of out (else columns) */
+    int panel;       /* rows or columns per panel */
+    int transpose_w; /* w is [OC, IC] (the unembedding) rather than [IC, OC] */
+} gemm_job;
+
+static void gemm_panels(void *ctx, long long lo, long long hi) {
+    const gemm_job *g = ctx;
+    for (long long p = lo; p < hi && !ms_interrupted(); p++) {
+        int r0 = 0, r1 = g->N, c0 = 0, c1 = g->OC;
+        if (g->by_rows) {
+            r0 = (int)(p * g->panel), r1 = r0 + g->panel < g->N ? r0 + g->panel : g->N;
+        } else {
+            c0 = (int)(p * g->panel), c1 = c0 + g->panel < g->OC ? c0 + g->panel : g->OC;
+        }
+        int rows = r1 - r0, cols = c1 - c0;
+        float *out = g->out + (size_t)r0 * g->ld_out + c0;
+        const float *in = g->in + (size_t)r0 * g->ld_in;
+        float beta = 0.0f;
+        if (g->bias) {
+            /* start from the bias in every row, then accumulate the product onto it */
+            for (int i = 0; i < rows; i++) memcpy(out + (size_t)i * g->ld_out, g->bias + c0, sizeof(float) * (size_t)cols);
+            beta = 1.0f;
+        }
+        if (g->transpose_w)
+            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, g->IC, 1.0f, in, g->ld_in,
+                     g->w + (size_t)c0 * g->ld_w, g->ld_w, beta, out, g->ld_out);
+        else
+            ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols, g->IC, 1.0f, in, g->ld_in,
+                     g->w + c0, g->ld_w, beta, out, g->ld_out);
     }
-    ms_sgemm(CblasRowMajor, CblasNoTrans, w->trans ? CblasTrans : CblasNoTrans, N, OC, IC, 1.0f, in,
-             ld_in, w->w, w->ld, beta, out, ld_out);
+}
+
+static void gemm(gemm_job *g, int n_threads) {
+    if (g->N <= 0 || g->OC <= 0) return;
+    double flops = 2.0 * g->N * g->IC * g->OC;
+    const double min_panel = 1 << 22, max_panel = 4.0 * (1 << 30); /* FLOP */
+    long long want = n_threads > 1 ? 4LL * n_threads : 1;   /* panels to share out */
+    if (want > flops / min_panel) want = (long long)(flops / min_panel);
+    if (want < flops / max_panel) want = (long long)(flops / max_panel) + 1;
+    if (want <= 1) {
+        g->by_rows = 0, g->panel = g->OC;
+        gemm_panels(g, 0, 1);
+        return;
+    }
+    /* columns in multiples of 64 (whole BLAS kernel blocks); rows when there are many */
+    g->by_rows = g->N >= 64 * want;
+    int extent = g->by_rows ? g->N : g->OC;
+    int panel = (int)((extent + want - 1) / want);
+    if (!g->by_rows) panel = (panel + 63) / 64 * 64;
+    g->panel = panel;
+    long long n_panels = (extent + panel - 1) / panel;
+    ms_parallel_for(n_panels, 1, n_threads, gemm_panels, g);
+}
+
+void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
+               int N, int IC, int OC, int n_threads) {
+    gemm_job g = {out, in, w->w, w->b, ld_in, N, IC, OC, ld_out, w->ld, 0, 0, w->trans};
+    gemm(&g, n_threads);
 }
 
 /* Element-wise functions are written as plain loops over float arrays that the
@@ -586,8 +741,7 @@ double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, 
     return kl;
 }
 
-void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V) {
-    if (M <= 0) return;
-    ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, V, C, 1.0f, x, C, unembed, C, 0.0f, out,
-             V);
+void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V, int n_threads) {
+    gemm_job g = {out, x, unembed, NULL, C, M, C, V, V, C, 0, 0, 1};
+    gemm(&g, n_threads);
 }

@@ -11,9 +11,15 @@ typedef void (*ms_range_fn)(void *ctx, long long lo, long long hi);
 void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_range_fn fn,
                      void *ctx);
 
+/* The interrupt flag of the run the calling thread computes: set (returning the
+ * previous one) by ms_run, handed on to the threads of every ms_parallel_for, which
+ * stops handing out work once *stop is nonzero. ms_interrupted() tells whether it is. */
+const volatile int *ms_stop_flag_swap(const volatile int *stop);
+int ms_interrupted(void);
+
 /* out[N, OC] (row stride ld_out) = in[N, IC] (row stride ld_in) @ W + b */
 void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
-               int N, int IC, int OC);
+               int N, int IC, int OC, int n_threads);
 
 /* LayerNorm: scale[N] = sqrt(var(x) + eps); out[N, C] = (x - mean) / scale * w + b.
  * RMSNorm: scale[N] = sqrt(mean(x^2) + eps); out = x / scale (w and b are applied by
@@ -74,6 +80,6 @@ double ms_log_sum_exp(const float *y, int n);
 double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, int n);
 
 /* out[M, V] = x[M, C] @ unembed[V, C]^T */
-void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V);
+void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V, int n_threads);
 
 #endif

@@ -19,7 +19,10 @@
 extern "C" {
 #endif
 
-typedef enum { MS_OK = 0, MS_ERR_VALUE = 1, MS_ERR_MEMORY = 2, MS_ERR_CALLBACK = 3 } ms_status;
+typedef enum {
+    MS_OK = 0, MS_ERR_VALUE = 1, MS_ERR_MEMORY = 2, MS_ERR_CALLBACK = 3,
+    MS_ERR_INTERRUPTED = 4 /* the caller's interrupt flag was set (see ms_plan.stop) */
+} ms_status;
 
 typedef struct {
     char message[512];
@@ -232,6 +235,9 @@ typedef struct {
     ms_state *record;        /* if set, the run records its state here (allocated by ms_run) */
     ms_metric metric;        /* if kind != NONE: metric_out[n_rows] */
     float *metric_out;
+    /* If not NULL, the run polls *stop between layers, matrix panels and attention
+     * heads, and returns MS_ERR_INTERRUPTED soon after another thread sets it. */
+    const volatile int *stop;
 } ms_plan;
 
 /* Check shapes, finiteness of all weights; fills err on failure. */
@@ -243,7 +249,9 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *plan, ms_error *err);
 /* Bytes of working memory ms_run would allocate for this plan. */
 size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan);
 
-/* Run the plan: one forward pass of all rows, applying the actions at their sites. */
+/* Run the plan: one forward pass of all rows, applying the actions at their sites.
+ * A plan without logits, metric or record stops after the deepest block one of
+ * its actions is at: later blocks and the unembedding are not computed. */
 ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err);
 
 /* A patching sweep: every patch is one intervened run of all base rows, of which
@@ -282,6 +290,7 @@ typedef struct {
     int (*progress)(void *ctx, int done, int total); /* nonzero return stops the sweep */
     void *progress_ctx;
     int n_threads;
+    const volatile int *stop;    /* as ms_plan's: polled throughout, MS_ERR_INTERRUPTED */
 } ms_sweep_plan;
 
 /* Check a sweep against a model without running it. */
@@ -292,7 +301,7 @@ ms_status ms_sweep_check(const ms_model *m, const ms_sweep_plan *s, ms_error *er
 ms_status ms_sweep(const ms_model *m, const ms_sweep_plan *s, float *out, float *base_out,
                    ms_error *err);
 
-/* Threads for the BLAS and for mechscope's own loops. */
+/* Threads of mechscope's loops and matrix products (the BLAS itself runs single-threaded). */
 void ms_set_num_threads(int n);
 int ms_get_num_threads(void);
 const char *ms_blas_config(void);

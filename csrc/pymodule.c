@@ -8,9 +8,11 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "mechscope.h"
 
@@ -230,13 +232,120 @@ static void *as_array(PyObject *keep, PyObject *obj, int type, int flags, npy_in
     return PyArray_SIZE(arr) ? PyArray_DATA(arr) : (void *)"";
 }
 
+/* ---- calls into the core that may take long -------------------------------------
+ *
+ * Ctrl-C must stop a long run or sweep within a second, but Python handles signals
+ * only in its main thread, with the GIL. So a call that may take long runs on a
+ * thread of its own while the calling thread waits, waking every 20 ms to run the
+ * signal handlers (PyErr_CheckSignals); if one raises (KeyboardInterrupt), the
+ * run's stop flag is set, the core returns MS_ERR_INTERRUPTED at its next check
+ * (between layers, matrix panels, attention heads, sweep chunks), and the
+ * exception propagates. The model is left as it was. Short calls run inline. */
+
+/* A Python callable the core calls back (hooks, sweep progress), possibly from the
+ * compute thread: the exception it raises is kept here for the calling thread. */
+typedef struct {
+    PyObject *fn;
+    PyObject *exc_type, *exc_value, *exc_tb;
+} py_callback;
+
+/* with the GIL held: fn's exception, if any, into cb (it then is no longer set) */
+static void keep_exception(py_callback *cb) {
+    Py_CLEAR(cb->exc_type);
+    Py_CLEAR(cb->exc_value);
+    Py_CLEAR(cb->exc_tb);
+    PyErr_Fetch(&cb->exc_type, &cb->exc_value, &cb->exc_tb);
+}
+
+/* with the GIL held: raise the kept exception (returns 1), or return 0 */
+static int restore_exception(py_callback *cb) {
+    if (!cb->exc_type) return 0;
+    PyErr_Restore(cb->exc_type, cb->exc_value, cb->exc_tb); /* steals the references */
+    cb->exc_type = cb->exc_value = cb->exc_tb = NULL;
+    return 1;
+}
+
+static void drop_exception(py_callback *cb) {
+    Py_CLEAR(cb->exc_type);
+    Py_CLEAR(cb->exc_value);
+    Py_CLEAR(cb->exc_tb);
+}
+
+typedef struct {
+    ms_status (*fn)(void *arg, ms_error *err);
+    void *arg;
+    ms_error *err;
+    volatile int stop; /* the plan's stop flag */
+    ms_status st;
+    int done;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+} core_call;
+
+static void *core_call_main(void *p) {
+    core_call *c = p;
+    ms_status st = c->fn(c->arg, c->err);
+    pthread_mutex_lock(&c->lock);
+    c->st = st;
+    c->done = 1;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+/* Call c->fn(c->arg) without the GIL; on its own thread if it may take long. Returns
+ * its status; c->stop is nonzero if a signal handler raised (the exception is set). */
+static ms_status call_core(core_call *c, int may_take_long) {
+    ms_status st;
+    pthread_t id;
+    int threaded = may_take_long && pthread_mutex_init(&c->lock, NULL) == 0;
+    if (threaded && pthread_cond_init(&c->cond, NULL) != 0) {
+        pthread_mutex_destroy(&c->lock);
+        threaded = 0;
+    }
+    if (threaded && pthread_create(&id, NULL, core_call_main, c) != 0) {
+        pthread_cond_destroy(&c->cond);
+        pthread_mutex_destroy(&c->lock);
+        threaded = 0;
+    }
+    if (!threaded) {
+        Py_BEGIN_ALLOW_THREADS
+        st = c->fn(c->arg, c->err);
+        Py_END_ALLOW_THREADS
+        return st;
+    }
+    PyThreadState *ts = PyEval_SaveThread();
+    pthread_mutex_lock(&c->lock);
+    while (!c->done) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 20 * 1000 * 1000;
+        if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&c->cond, &c->lock, &until);
+        if (c->done || c->stop) continue;
+        pthread_mutex_unlock(&c->lock);
+        PyEval_RestoreThread(ts);
+        if (PyErr_CheckSignals() < 0) c->stop = 1; /* the handler's exception stays set */
+        ts = PyEval_SaveThread();
+        pthread_mutex_lock(&c->lock);
+    }
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(id, NULL);
+    PyEval_RestoreThread(ts);
+    pthread_cond_destroy(&c->cond);
+    pthread_mutex_destroy(&c->lock);
+    return c->st;
+}
+
 static int call_python_hook(void *ctx, int id, ms_site site, int layer, float *value) {
     (void)site, (void)layer, (void)value; /* Python holds the arrays and knows the site by id */
+    py_callback *cb = ctx;
     PyGILState_STATE g = PyGILState_Ensure();
-    PyObject *res = PyObject_CallFunction((PyObject *)ctx, "i", id);
+    PyObject *res = PyObject_CallFunction(cb->fn, "i", id);
     int failed = res == NULL;
     Py_XDECREF(res);
-    PyGILState_Release(g); /* an exception stays set on this thread for the caller */
+    if (failed) keep_exception(cb);
+    PyGILState_Release(g);
     return failed;
 }
 
@@ -376,10 +485,31 @@ static PyArrayObject *new_output(PyObject *keep, int nd, npy_intp *dims) {
     return rc < 0 ? NULL : arr;
 }
 
-/* The Python exception for a failed run: the hook's own, or one from the message. */
-static void raise_status(ms_status st, const ms_error *err) {
-    if (st == MS_ERR_CALLBACK && PyErr_Occurred()) return;
-    PyErr_SetString(st == MS_ERR_MEMORY ? PyExc_MemoryError : PyExc_ValueError, err->message);
+/* The Python exception for a failed run: the one a signal handler raised (c->stop),
+ * else the hook's own, else one from the message. */
+static void raise_status(ms_status st, const ms_error *err, core_call *c, py_callback *cb) {
+    if (c->stop) { /* KeyboardInterrupt (or whatever the handler raised) is set */
+        drop_exception(cb);
+        return;
+    }
+    if (restore_exception(cb) && st == MS_ERR_CALLBACK) return;
+    PyErr_Clear();
+    if (st == MS_ERR_INTERRUPTED) PyErr_SetNone(PyExc_KeyboardInterrupt);
+    else PyErr_SetString(st == MS_ERR_MEMORY ? PyExc_MemoryError : PyExc_ValueError, err->message);
+}
+
+static ms_status run_plan(void *arg, ms_error *err) {
+    void **a = arg; /* {model, plan} */
+    return ms_run(a[0], a[1], err);
+}
+
+/* matmul FLOPs of a plan, roughly: to tell whether it may take long */
+static double plan_flops(const ms_model *m, const ms_plan *p) {
+    const ms_config *c = &m->cfg;
+    double tokens = (double)p->n_rows * p->n_pos, C = c->d_model, F = c->d_mlp;
+    double per_token = c->n_layers * (2.0 * (4.0 * C * C + 2.0 * C * F) + 4.0 * p->n_pos * C);
+    double logit_rows = (double)p->n_rows * p->n_logit_pos + (p->metric.kind ? p->n_rows : 0);
+    return tokens * per_token + logit_rows * 2.0 * C * c->d_vocab;
 }
 
 static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
@@ -394,6 +524,9 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     PyArrayObject *metric_out = NULL;
     ms_plan plan = {0};
     ms_error err = {{0}};
+    py_callback hook_cb = {0};
+    void *run_args[2] = {&self->model, &plan};
+    core_call call = {run_plan, run_args, &err, 0, MS_OK, 0};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOiOOOO", kwlist, &otok, &omask, &oactions,
                                      &olpos, &ologits, &hook, &metric, &opos, &ocorrect, &owrong,
                                      &oref))
@@ -426,7 +559,8 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     }
     if (hook != Py_None) {
         plan.callback = call_python_hook;
-        plan.callback_ctx = hook;
+        plan.callback_ctx = &hook_cb;
+        hook_cb.fn = hook;
     }
     plan.n_threads = ms_get_num_threads();
     if (metric != MS_METRIC_NONE) {
@@ -437,12 +571,11 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
         plan.metric_out = PyArray_DATA(metric_out);
     }
 
-    ms_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = ms_run(&self->model, &plan, &err);
-    Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, &err);
+    plan.stop = &call.stop;
+    /* about a second of work on one slow core at 2^30 FLOP/s */
+    ms_status st = call_core(&call, plan_flops(&self->model, &plan) > (double)(1 << 28));
+    if (st || call.stop) {
+        raise_status(st, &err, &call, &hook_cb);
         goto fail;
     }
     result = metric_out ? (PyObject *)metric_out : Py_None;
@@ -455,13 +588,19 @@ fail:
 
 /* progress of a sweep, reported to a Python callable between chunks */
 static int call_python_progress(void *ctx, int done, int total) {
+    py_callback *cb = ctx;
     PyGILState_STATE g = PyGILState_Ensure();
-    PyObject *res = PyObject_CallFunction((PyObject *)ctx, "ii", done, total);
+    PyObject *res = PyObject_CallFunction(cb->fn, "ii", done, total);
     int failed = res == NULL;
     Py_XDECREF(res);
-    if (!failed && PyErr_CheckSignals() < 0) failed = 1; /* Ctrl-C stops a long sweep */
+    if (failed) keep_exception(cb);
     PyGILState_Release(g);
     return failed;
+}
+
+static ms_status run_sweep(void *arg, ms_error *err) {
+    void **a = arg; /* {model, sweep plan, out, base_out} */
+    return ms_sweep(a[0], a[1], a[2], a[3], err);
 }
 
 /* One write from the tuple (site, layer, a0, na, b0, nb, c0, nc, source): the source
@@ -507,6 +646,9 @@ static PyObject *Model_sweep(ModelObject *self, PyObject *args, PyObject *kwds) 
     ms_patch *patches = NULL;
     ms_sweep_plan s = {0};
     ms_error err = {{0}};
+    py_callback progress_cb = {0};
+    void *sweep_args[4] = {&self->model, &s, NULL, NULL};
+    core_call call = {run_sweep, sweep_args, &err, 0, MS_OK, 0};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOiOOOOnO", kwlist, &otok, &omask, &obase,
                                      &owrites, &opatch, &metric, &opos, &ocorrect, &owrong, &oref,
                                      &chunk_bytes, &progress))
@@ -547,18 +689,19 @@ static PyObject *Model_sweep(ModelObject *self, PyObject *args, PyObject *kwds) 
     s.chunk_bytes = chunk_bytes > 0 ? (size_t)chunk_bytes : 1;
     if (progress != Py_None) {
         s.progress = call_python_progress;
-        s.progress_ctx = progress;
+        s.progress_ctx = &progress_cb;
+        progress_cb.fn = progress;
     }
     s.n_threads = ms_get_num_threads();
     npy_intp dims[2] = {s.n_patches, s.n_rows};
     PyArrayObject *out = new_output(keep, 2, dims), *base = new_output(keep, 1, &dims[1]);
     if (!out || !base) goto fail;
-    ms_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = ms_sweep(&self->model, &s, PyArray_DATA(out), PyArray_DATA(base), &err);
-    Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, &err);
+    sweep_args[2] = PyArray_DATA(out);
+    sweep_args[3] = PyArray_DATA(base);
+    s.stop = &call.stop;
+    ms_status st = call_core(&call, 1); /* sweeps are long, as a rule */
+    if (st || call.stop) {
+        raise_status(st, &err, &call, &progress_cb);
         goto fail;
     }
     result = Py_BuildValue("(OO)", out, base); /* new references to both */

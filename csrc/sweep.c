@@ -430,6 +430,7 @@ static ms_status run_chunk(const ms_model *m, const ms_sweep_plan *s, const ms_s
     plan.metric.correct = cb.correct;
     plan.metric.wrong = cb.wrong;
     plan.metric_out = cb.metric;
+    plan.stop = s->stop;
     ms_status st = ms_run(m, &plan, err);
     if (st == MS_OK)
         for (int r = 0; r < n_rows; r++) out[(size_t)rows[r].patch * s->n_rows + rows[r].base_row] = cb.metric[r];
@@ -513,9 +514,15 @@ static ms_status run_base(const ms_model *m, const ms_sweep_plan *s, base_cache 
     bp.record = state;
     bp.metric = s->metric;
     bp.metric_out = base_metric;
+    bp.stop = s->stop;
     ms_status st = ms_run(m, &bp, err);
     free(actions);
     return st;
+}
+
+static ms_status interrupted(ms_error *err) {
+    snprintf(err->message, sizeof err->message, "the sweep was interrupted");
+    return MS_ERR_INTERRUPTED;
 }
 
 ms_status ms_sweep(const ms_model *m, const ms_sweep_plan *s, float *out, float *base_out,
@@ -546,11 +553,16 @@ ms_status ms_sweep(const ms_model *m, const ms_sweep_plan *s, float *out, float 
 
     /* every pair gets the base's value; the pairs that can change are run below */
     size_t n_run = 0;
-    for (int i = 0; i < s->n_patches; i++)
+    for (int i = 0; i < s->n_patches; i++) {
+        if (s->stop && *s->stop) {
+            st = interrupted(err);
+            goto done;
+        }
         for (int b = 0; b < s->n_rows; b++) {
             out[(size_t)i * s->n_rows + b] = base_metric[b];
             if (plan_row(m, s, &bc, i, b, &rows[n_run])) n_run++;
         }
+    }
     /* ordered by start layer (a stable counting sort), as ms_run needs */
     size_t k = 0;
     for (int layer = -1; layer < c->n_layers; layer++)

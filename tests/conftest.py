@@ -179,3 +179,32 @@ def tl_run(tl, tokens):
     """(logits, ordered cache dict of numpy arrays)."""
     logits, cache = tl.run_with_cache(torch.as_tensor(np.asarray(tokens), dtype=torch.long))
     return logits.numpy(), {k: v.numpy() for k, v in cache.items()}
+
+
+# ------------------------------------------------------- hypothesis
+
+# Property-based tests (test_properties.py). "ci" (the default): a bounded number
+# of examples per test, so the suite's time is predictable (derandomize would turn
+# off the example database, which replays failures first); "campaign"
+# (HYPOTHESIS_PROFILE=campaign): a long random search. Both keep failing examples
+# in tests/hypothesis-db, committed, so that a bug once found is replayed first.
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
+
+_DB = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(__file__), "hypothesis-db"))
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=100, deadline=None, database=_DB,
+                          suppress_health_check=_QUIET, print_blob=True)
+settings.register_profile("campaign", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "8000")),
+                          derandomize=False, deadline=None, database=_DB, suppress_health_check=_QUIET,
+                          print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The number of engine calls the property-based tests made (for campaigns)."""
+    import sys
+    props = sys.modules.get("test_properties")
+    if props is not None and any(props.CALLS.values()):
+        terminalreporter.write_line(f"property-based tests: {props.CALLS['runs']} runs, "
+                                    f"{props.CALLS['sweeps']} sweeps")

@@ -76,6 +76,10 @@ def test_command_line_help():
     assert done.returncode == 2
 
 
+# the plots each notebook draws (heatmaps and traces; effects by unit)
+MIN_IMAGES = {"activation_patching.ipynb": 5, "mediation.ipynb": 3}
+
+
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "notebooks")) if n.endswith(".ipynb")))
 def test_notebook_executes(name, tmp_path):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
@@ -85,4 +89,4 @@ def test_notebook_executes(name, tmp_path):
     assert not errors
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # the heatmaps and traces were drawn
+    assert len(images) >= MIN_IMAGES.get(name, 1)  # the plots were drawn

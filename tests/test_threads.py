@@ -132,3 +132,49 @@ def test_generic_kernels_match_hf(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "generic attention kernels" in done.stdout
     assert_close(np.load(tmp_path / "out.npy"), hf_run(hf, tokens)["logits"])
+
+
+def test_blas_single_threaded_and_thread_counts_agree_exactly(ms, big, restore_threads, rng):
+    """The fix for runs under load (issue: 2 threads 11-19x slower than 1 on a busy
+    machine): OpenBLAS's own threads wait for each other inside every product, so
+    the BLAS is kept single-threaded and mechscope shares the panels of a product
+    among its own threads, which never wait for a thread that has not started (the
+    forward benchmark prints the loaded case). Each panel is the same BLAS call
+    whatever the thread count, so 1, 2 and 3 threads give identical values."""
+    import ctypes
+    import os
+    import scipy_openblas32
+    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so"))
+    _, model = big
+    tokens = random_tokens(rng, 500, 8, 64)
+    results = []
+    for n in (1, 2, 3):
+        ms.set_num_threads(n)
+        assert lib.scipy_openblas_get_num_threads() == 1
+        results.append(model.run(tokens, cache="blocks.1.hook_resid_post"))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.logits, results[0].logits)
+        np.testing.assert_array_equal(r.cache["blocks.1.hook_resid_post"], results[0].cache["blocks.1.hook_resid_post"])
+
+
+def test_two_threads_pinned_to_one_core(tmp_path):
+    """Two threads on one core (what a busy machine amounts to) give the one-thread
+    values; the pinned child also runs concurrent Python threads."""
+    import os
+    import subprocess
+    import sys
+    script = ("import os, threading, numpy as np, mechscope as ms\n"
+              "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+              "m = ms.Model.from_config(dict(n_layer=2, n_embd=128, n_head=4, vocab_size=300, n_positions=64))\n"
+              "t = np.random.default_rng(0).integers(0, 300, (4, 64))\n"
+              "ms.set_num_threads(1); want = m.run(t).logits\n"
+              "ms.set_num_threads(2)\n"
+              "got = [None] * 3\n"
+              "def job(i): got[i] = [m.run(t).logits for _ in range(5)]\n"
+              "ts = [threading.Thread(target=job, args=(i,)) for i in range(3)]\n"
+              "[x.start() for x in ts]; [x.join() for x in ts]\n"
+              "print(all(np.array_equal(g, want) for r in got for g in r))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]

@@ -27,11 +27,15 @@ from .interventions import (
 )
 from .model import Model, RunResult
 from .tokens import Tokens
-from . import demo, metrics, patching, plot, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
+from .extract import extract
+from .store import Activations
+from . import demo, metrics, patching, plot, probing, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
+from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activations",
     "Add",
     "MeanAblate",
     "Model",
@@ -42,6 +46,7 @@ __all__ = [
     "Source",
     "SubspacePatch",
     "Zero",
+    "extract",
     "RunResult",
     "Tokens",
     "get_memory_budget",

@@ -1,13 +1,19 @@
-"""Reading HuggingFace checkpoints: safetensors files, memory-mapped.
+"""Reading HuggingFace checkpoints: safetensors files, read into memory.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 ({name: {dtype, shape, data_offsets [begin, end)}} plus an optional
-__metadata__), then the raw little-endian data. Tensors already in float32 are
-views of the mapped file, not copies; float16 and bfloat16 are widened to float32.
+__metadata__), then the raw little-endian data. Each tensor is read into memory of
+its own (float16 and bfloat16 are then widened to float32); nothing stays mapped.
+A mapped file that is truncated or rewritten while a model uses it (save_pretrained
+into the same folder does exactly that) kills the process with SIGBUS on the next
+run, or silently changes the weights; a model holding its own copy keeps the
+weights it loaded. The cost is memory equal to the weights, not shared with other
+processes that load the same file.
 """
 import json
 import math
 import os
+import stat
 
 import numpy as np
 
@@ -26,6 +32,53 @@ def _to_float32(raw, dtype):
         # bfloat16 is the top half of a float32
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32)
+
+
+def open_regular(path, what="checkpoint"):
+    """Open a regular file for reading; ValueError for anything else. Opening does
+    not block (a FIFO would wait for a writer forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot be opened ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{what} {path}: not a regular file (a FIFO, device or directory); "
+                             "mechscope reads checkpoints from regular files")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_present(path, what="checkpoint"):
+    """True for a regular file, False if nothing is there, ValueError for anything else."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path}: not a regular file (a FIFO, device or directory); "
+                         "mechscope reads checkpoints from regular files")
+    return True
+
+
+def _read_exactly(f, offset, nbytes, path, name):
+    """nbytes from offset, into new memory of their own (uint8)."""
+    out = np.empty(nbytes, np.uint8)
+    f.seek(offset)
+    view, got = memoryview(out), 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise ValueError(f"checkpoint {path}: tensor {name!r} is cut short (the file is truncated "
+                             "or was rewritten while being read)")
+        got += n
+    return out
 
 
 def _is_count(x):
@@ -48,12 +101,13 @@ def _header_entry(path, name, info):
 
 
 def read_safetensors(path, wanted=None):
-    """{name: float32 array} for the floating-point tensors of one file.
+    """{name: float32 array} for the floating-point tensors of one file (other
+    tensors: an empty array of their dtype, so that they can be reported unused).
 
     wanted: a predicate on names; other tensors are skipped. Raises ValueError
     naming the file for anything truncated or inconsistent."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"checkpoint {path}: file is truncated (no header)")
@@ -65,28 +119,29 @@ def read_safetensors(path, wanted=None):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"checkpoint {path}: header is not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"checkpoint {path}: header is not a JSON object")
-    data_size = size - 8 - n
-    mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__" or (wanted is not None and not wanted(name)):
-            continue
-        dtype, shape, begin, end = _header_entry(path, name, info)
-        if dtype not in _DTYPES:
-            raise ValueError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
-        if dtype not in _FLOAT:
-            continue
-        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize  # exact: no int64 overflow
-        if not (0 <= begin <= end) or end - begin != nbytes:
-            raise ValueError(f"checkpoint {path}: tensor {name!r} has {end - begin} bytes for shape "
-                             f"{list(shape)} of {dtype} ({nbytes} bytes expected)")
-        if end > data_size:
-            raise ValueError(f"checkpoint {path}: tensor {name!r} ends at byte {end} of the data but "
-                             f"the file holds only {data_size}: the file is truncated")
-        raw = mapped[begin:end].view(_DTYPES[dtype]).reshape(shape) if nbytes else np.zeros(shape, _DTYPES[dtype])
-        out[name] = _to_float32(raw, dtype)
+        if not isinstance(header, dict):
+            raise ValueError(f"checkpoint {path}: header is not a JSON object")
+        data_size = size - 8 - n
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__" or (wanted is not None and not wanted(name)):
+                continue
+            dtype, shape, begin, end = _header_entry(path, name, info)
+            if dtype not in _DTYPES:
+                raise ValueError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dtype}")
+            nbytes = math.prod(shape) * _DTYPES[dtype].itemsize  # exact: no int64 overflow
+            if not (0 <= begin <= end) or end - begin != nbytes:
+                raise ValueError(f"checkpoint {path}: tensor {name!r} has {end - begin} bytes for shape "
+                                 f"{list(shape)} of {dtype} ({nbytes} bytes expected)")
+            if end > data_size:
+                raise ValueError(f"checkpoint {path}: tensor {name!r} ends at byte {end} of the data but "
+                                 f"the file holds only {data_size}: the file is truncated")
+            if dtype not in _FLOAT:
+                # not a weight: kept (unread) so that the model can name it as unused
+                out[name] = np.zeros(0, _DTYPES[dtype])
+                continue
+            raw = _read_exactly(f, 8 + n + begin, nbytes, path, name).view(_DTYPES[dtype]).reshape(shape)
+            out[name] = _to_float32(raw, dtype)
     return out
 
 
@@ -95,8 +150,8 @@ def read_folder(folder, wanted=None):
     model.safetensors.index.json."""
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
-    if os.path.exists(index):
-        with open(index, "rb") as f:
+    if is_present(index):
+        with open_regular(index) as f:
             try:
                 weight_map = json.loads(f.read())["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
@@ -111,14 +166,14 @@ def read_folder(folder, wanted=None):
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             path = os.path.join(folder, shard)
-            if not os.path.exists(path):
+            if not is_present(path):
                 raise ValueError(f"checkpoint {folder}: shard {shard} listed in the index is missing")
             tensors.update(read_safetensors(path, wanted))
         missing = [k for k in weight_map if k not in tensors and (wanted is None or wanted(k))]
         if missing:
             raise ValueError(f"checkpoint {folder}: tensors listed in the index are missing from their shards: {missing[:5]}")
         return tensors
-    if os.path.exists(single):
+    if is_present(single):
         return read_safetensors(single, wanted)
     if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
         raise ValueError(f"checkpoint {folder}: only pytorch_model.bin found; mechscope reads safetensors "

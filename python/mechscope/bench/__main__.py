@@ -13,6 +13,10 @@ BENCHMARKS = {
                 "GPT-2-small forward pass vs HuggingFace, FLOP rate vs sgemm peak, load memory"),
     "patch": ("mechscope.bench.patch",
               "patching sweeps on GPT-2 small vs TransformerLens's patching functions, sweep memory"),
+    "mediation": ("mechscope.bench.mediation",
+                  "NIE and NDE of 3,072 MLP neurons on GPT-2 small vs TransformerLens hooks, memory vs unit count"),
+    "extract": ("mechscope.bench.extract",
+                "activation extraction vs model.run and TransformerLens loops, early exit, memory"),
 }
 
 

@@ -109,6 +109,13 @@ def _openblas():
     return sgemm, get_threads
 
 
+def _openblas_set_threads():
+    path = os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so")
+    fn = ctypes.CDLL(path).scipy_openblas_set_num_threads
+    fn.restype, fn.argtypes = None, [ctypes.c_int]
+    return fn
+
+
 def sgemm_gflops(m, k, n, repeats=3):
     """Best GFLOP/s of C[m,n] = A[m,k] @ B[k,n] in float32, row-major, over ``repeats``
     timed calls after one warm-up. Best, not median: the peak is what the hardware
@@ -134,15 +141,22 @@ def sgemm_gflops(m, k, n, repeats=3):
 
 def measure_sgemm_peak(shapes=((2048, 768, 3072), (4096, 4096, 4096))):
     """Print sgemm GFLOP/s on large shapes and return the best: the peak that FLOP
-    rates are compared with. The thread count is the BLAS's current one, which
-    ms.set_num_threads set."""
+    rates are compared with, with OpenBLAS's own threads (as many as
+    ms.get_num_threads()). mechscope itself calls the BLAS single-threaded and
+    shares the panels of a product among its own threads; the BLAS is set back to
+    one thread afterwards."""
     _, get_threads = _openblas()
-    print(f"sgemm peak (scipy_cblas_sgemm of the BLAS above, {get_threads()} threads, best of 3):")
-    rates = []
-    for m, k, n in shapes:
-        rate = sgemm_gflops(m, k, n)
-        rates.append(rate)
-        print(f"  M={m:5d} K={k:5d} N={n:5d}: {rate:7.1f} GFLOP/s")
+    set_threads = _openblas_set_threads()
+    set_threads(ms.get_num_threads())
+    try:
+        print(f"sgemm peak (scipy_cblas_sgemm of the BLAS above, {get_threads()} threads, best of 3):")
+        rates = []
+        for m, k, n in shapes:
+            rate = sgemm_gflops(m, k, n)
+            rates.append(rate)
+            print(f"  M={m:5d} K={k:5d} N={n:5d}: {rate:7.1f} GFLOP/s")
+    finally:
+        set_threads(1)
     peak = max(rates)
     print(f"  peak: {peak:.1f} GFLOP/s")
     print()
@@ -216,3 +230,50 @@ def print_load_memory(folder, target=1.3):
     print(f"  resident RSS increase:  {resident / mib:8.1f} MiB = {resident / size:.3f} x file size")
     print()
     return mem
+
+
+# ---------------------------------------------------------------- a loaded machine
+
+_BUSY = "while True: pass"
+
+
+def time_under_load(fn, n_busy, threads, repeats=15):
+    """Median time (s) of fn() with mechscope on each of ``threads`` while ``n_busy``
+    other processes keep the cores busy (as on a shared machine). {threads: time}."""
+    busy = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(n_busy)]
+    saved = ms.get_num_threads()
+    try:
+        time.sleep(0.5)  # let them take the cores
+        out = {}
+        for n in threads:
+            ms.set_num_threads(n)
+            fn()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            out[n] = statistics.median(times)
+        return out
+    finally:
+        ms.set_num_threads(saved)
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+def print_loaded(model, threads, shapes=((1, 16), (1, 128))):
+    """Small runs with 1 thread and with ``threads`` while as many busy processes as
+    cores compete for the machine: more threads must not make them slower by more
+    than the competition itself does."""
+    cores = default_threads()
+    rng = np.random.default_rng(0)
+    print(f"under load ({cores} busy processes on {cores} cores), logits='last', median of 15:")
+    for batch, pos in shapes:
+        tokens = rng.integers(0, model.d_vocab, (batch, pos))
+        t = time_under_load(lambda: model.run(tokens, logits="last"), cores, sorted({1, threads}))
+        line = f"  {batch} x {pos}: " + ", ".join(f"{n} thread{'s' * (n > 1)} {t[n] * 1e3:.1f} ms" for n in sorted(t))
+        if threads > 1:
+            line += f"  ({threads} threads / 1 thread = {t[threads] / t[1]:.2f}x)"
+        print(line)
+    print()

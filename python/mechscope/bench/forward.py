@@ -3,7 +3,8 @@
 Both run the same random-weight GPT-2-small checkpoint (fp32) on the same tokens with
 the same thread count. Prints, per input shape, the median times, the speedups
 (HF time / mechscope time) and mechscope's matmul FLOP rate against the sgemm peak of
-the BLAS it runs on; then the memory cost of loading the checkpoint.
+the BLAS it runs on; the memory cost of loading the checkpoint; and small runs with 1
+and N threads while busy processes compete for every core (a shared machine).
 
     python -m mechscope.bench forward [--threads N] [--shapes 1x16,1x128,8x128,1x1024]
 
@@ -236,6 +237,7 @@ def main(argv=()):
             times, reps, diff = bench_shape(hf, model, tokens)
             rows.append(((batch, pos), times, reps, diff))
         print_table(rows, model.config, peak)
+        common.print_loaded(model, args.threads)
 
     print(f"total benchmark time: {time.perf_counter() - started:.0f} s")
     return 0
