@@ -230,7 +230,8 @@ class Model:
         self.config = cfg
         self.arch = arch
         self.family = family
-        self._weights = architectures.core_weights(arch, weights)  # float32, views where possible
+        self._weights = weights  # float32 arrays under their HF names (read from the checkpoint, or given)
+        self._core_weights = architectures.core_weights(arch, weights)  # under the core's names
         self.n_layers = arch["n_layers"]
         self.n_heads = arch["n_heads"]
         self.n_kv_heads = arch["n_kv_heads"]
@@ -243,7 +244,7 @@ class Model:
         self._shape_cfg = {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head,
                            "d_mlp": self.d_mlp, "d_model": self.d_model}
         try:
-            self._core = _core.Model(architectures.core_config(arch), self._weights)
+            self._core = _core.Model(architectures.core_config(arch), self._core_weights)
         except ValueError as e:
             raise ValueError(architectures.hf_message(arch, str(e))) from None
         self._absent_sites = sites.absent_sites(arch)
@@ -311,7 +312,7 @@ class Model:
         (normal with std initializer_range, norms at 1, biases at 0)."""
         cfg, arch = architectures.normalize(config)
         if arch["family"] == "gpt2":
-            _check_sizes(_normalize_config(config, "ignore"))
+            _check_sizes(_normalize_config(config))  # unknown keys refused by name
         rng = np.random.default_rng(seed)
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
