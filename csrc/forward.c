@@ -20,13 +20,14 @@ typedef struct {
     float *resid;   /* [N, C]   the residual stream */
     float *ln;      /* [N, C]   a layer norm's output */
     float *scale;   /* [N]      a layer norm's divisor */
-    float *qkv;     /* [N, 3C] */
+    float *qkv;     /* [N, QW]   q | k | v, QW = (n_heads + 2 n_kv_heads) d_head */
     float *att;     /* [sum over rows of H * n_q * n_k] scores, then pattern (only when visited) */
     float *scratch; /* [n_threads, scratch_floats] each thread's keys of one head, four rows of scores */
-    float *z;       /* [N, C] */
+    float *z;       /* [N, H*d_head] */
     float *tmp_a;   /* [N, C]   embed, then attn_out */
     float *tmp_b;   /* [N, C]   pos_embed, then mlp_out */
-    float *mlp;     /* [N, F]   mlp pre, then post */
+    float *mlp;     /* [N, F] mlp pre, then post; gated: [N, 2F] gate (then post) | up */
+    float *rope;    /* [max_keys, rotary_dim] cos | sin of each position, rotary models */
     float *out_x;   /* [n_out_rows, C] final-normed rows whose logits are needed */
     float *out_y;   /* [n_out_rows, V] their logits, when a metric needs the whole row */
 } ms_buffers;
@@ -54,8 +55,14 @@ static int metric_needs_logits(const ms_plan *p) {
 }
 
 typedef struct {
-    size_t N, att, scratch, out_rows, out_full;
+    size_t N, att, scratch, out_rows, out_full, rope;
 } ms_sizes;
+
+/* widths of the packed buffers */
+static size_t q_width(const ms_config *c) { return (size_t)c->n_heads * c->d_head; }
+static size_t kv_width(const ms_config *c) { return (size_t)c->n_kv_heads * c->d_head; }
+static size_t qkv_width(const ms_config *c) { return q_width(c) + 2 * kv_width(c); }
+static size_t mlp_width(const ms_config *c) { return (size_t)c->d_mlp * (c->gated_mlp ? 2 : 1); }
 
 /* 1 when some action is at the scores or the pattern, of any layer: the run then
  * stores them */
@@ -96,6 +103,7 @@ static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
     }
     size_t padded = (max_keys + 31) / 32 * 32 + 32;
     s.scratch = (size_t)run_threads(p) * ((size_t)m->cfg.d_head + 4) * padded;
+    s.rope = m->cfg.rotary_dim ? max_keys * (size_t)m->cfg.rotary_dim : 0;
     s.out_rows = (size_t)p->n_rows * p->n_logit_pos;
     if (p->metric.kind != MS_METRIC_NONE) {
         s.out_rows += (size_t)p->n_rows;
@@ -106,7 +114,8 @@ static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
 
 static size_t buffer_floats(const ms_config *c, ms_sizes s) {
     size_t C = (size_t)c->d_model;
-    return s.N * (C * 6 + 1 + 3 * C + (size_t)c->d_mlp) + s.att + s.scratch + s.out_rows * C + s.out_full;
+    return s.N * (C * 4 + 1 + qkv_width(c) + q_width(c) + mlp_width(c)) + s.att + s.scratch + s.rope +
+           s.out_rows * C + s.out_full;
 }
 
 size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan) {
@@ -114,7 +123,8 @@ size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan) {
     size_t items = (size_t)m->cfg.n_heads * (size_t)plan->n_rows;
     size_t index_bytes = sizeof(int) * ((size_t)plan->n_rows * (6 + plan->n_pos) + s.N + items) +
                          sizeof(size_t) * (plan->n_rows + 1);
-    size_t record = plan->record ? 3 * sizeof(float) * (size_t)m->cfg.n_layers * s.N * m->cfg.d_model : 0;
+    size_t record = plan->record ? sizeof(float) * (size_t)m->cfg.n_layers * s.N *
+                                       ((size_t)m->cfg.d_model + 2 * kv_width(&m->cfg)) : 0;
     return buffer_floats(&m->cfg, s) * sizeof(float) + index_bytes + record;
 }
 
@@ -203,14 +213,15 @@ static void carve_buffers(ms_buffers *b, float *base, const ms_config *c, ms_siz
     b->ln = b->resid + n * C;
     b->scale = b->ln + n * C;
     b->qkv = b->scale + n;
-    float *att = b->qkv + n * 3 * C;
+    float *att = b->qkv + n * qkv_width(c);
     b->att = s.att ? att : NULL; /* not stored when nothing visits it */
     b->scratch = att + s.att;
     b->z = b->scratch + s.scratch;
-    b->tmp_a = b->z + n * C;
+    b->tmp_a = b->z + n * q_width(c);
     b->tmp_b = b->tmp_a + n * C;
     b->mlp = b->tmp_b + n * C;
-    b->out_x = b->mlp + n * (size_t)c->d_mlp;
+    b->rope = b->mlp + n * mlp_width(c);
+    b->out_x = b->rope + s.rope;
     b->out_y = b->out_x + s.out_rows * C;
 }
 
@@ -232,7 +243,7 @@ static void embed_tokens(const ms_layout *L, float *embed, float *pos_embed) {
             int tok = p->tokens[(size_t)r * p->n_pos + L->pos_of[k]];
             int pos = L->first[r] + (k - L->row_off[r]);
             memcpy(embed + k * C, m->wte + (size_t)tok * C, sizeof(float) * C);
-            memcpy(pos_embed + k * C, m->wpe + (size_t)pos * C, sizeof(float) * C);
+            if (m->wpe) memcpy(pos_embed + k * C, m->wpe + (size_t)pos * C, sizeof(float) * C);
         }
     }
 }
@@ -250,21 +261,24 @@ static void join_rows(const ms_layout *L, float *resid, int layer) {
 }
 
 /* LayerNorm with its two sites: the divisor is visited (and may be changed) before
- * it is applied, as in TransformerLens. */
+ * it is applied, as in TransformerLens. RMSNorm's hook_normalized is x / scale, its
+ * weight applied after the visit (TransformerLens's RMSNorm). */
 static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float *w, const float *bias,
                                  ms_site scale_site, int layer, ms_error *err) {
     const ms_config *c = &L->m->cfg;
     int N = L->active_N, C = c->d_model;
     ms_status st;
-    ms_layernorm(b->ln, b->scale, b->resid, w, bias, N, C, c->ln_eps, L->n_threads);
+    ms_layernorm(b->ln, b->scale, b->resid, w, bias, N, C, c->ln_eps, c->norm, L->n_threads);
     if (ms_plan_touches(L->plan, scale_site, layer)) {
         if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) return st;
         /* recompute the normalized value from the (possibly changed) divisor */
-        ms_layernorm_apply(b->ln, b->scale, b->resid, w, bias, N, C);
+        ms_layernorm_apply(b->ln, b->scale, b->resid, w, bias, N, C, c->norm);
     } else if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) {
         return st;
     }
-    return ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err);
+    if ((st = ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err))) return st;
+    if (c->norm == MS_NORM_RMS) ms_norm_weight(b->ln, w, bias, N, C);
+    return MS_OK;
 }
 
 /* ---- attention ------------------------------------------------------------------- */
@@ -276,17 +290,19 @@ typedef struct {
     int ld_base, ld_own, n_base;
 } kv_source;
 
-static kv_source row_kv(const ms_layout *L, const ms_buffers *b, int r, int layer, int h, int which) {
-    size_t C = (size_t)L->m->cfg.d_model, dh = (size_t)L->m->cfg.d_head;
+/* which: 1 keys, 2 values; g: the key/value head */
+static kv_source row_kv(const ms_layout *L, const ms_buffers *b, int r, int layer, int g, int which) {
+    const ms_config *c = &L->m->cfg;
+    size_t QW = qkv_width(c), KW = kv_width(c), dh = (size_t)c->d_head;
     kv_source src = {0};
-    src.own = b->qkv + (size_t)L->row_off[r] * 3 * C + (size_t)which * C + (size_t)h * dh;
-    src.ld_own = (int)(3 * C);
+    src.own = b->qkv + (size_t)L->row_off[r] * QW + q_width(c) + (size_t)(which - 1) * KW + (size_t)g * dh;
+    src.ld_own = (int)QW;
     src.n_base = L->first[r];
     if (src.n_base > 0) {
         const ms_state *st = L->plan->base;
         const float *all = which == 1 ? st->k : st->v;
-        src.base = all + ((size_t)layer * st->N + base_token(L, r, 0)) * C + (size_t)h * dh;
-        src.ld_base = (int)C;
+        src.base = all + ((size_t)layer * st->N + base_token(L, r, 0)) * KW + (size_t)g * dh;
+        src.ld_base = (int)KW;
     }
     return src;
 }
@@ -350,35 +366,36 @@ typedef struct {
 static void attention_item(const attention_job *j, int item, float *scratch) {
     const ms_layout *L = j->L;
     const ms_config *c = &L->m->cfg;
-    int C = c->d_model, d = c->d_head;
+    int QW = (int)qkv_width(c), ZW = (int)q_width(c), d = c->d_head;
     int r = L->item_row[item], h = item - L->item_off[r];
+    int g = h / (c->n_heads / c->n_kv_heads); /* the head's key/value head */
     int nq = L->row_off[r + 1] - L->row_off[r];
     int nk = L->n_real[r], q0 = L->first[r]; /* query i is the row's real token q0 + i */
-    const float *q = j->b->qkv + (size_t)L->row_off[r] * 3 * C + (size_t)h * d;
-    float *z = j->b->z + (size_t)L->row_off[r] * C + (size_t)h * d;
+    const float *q = j->b->qkv + (size_t)L->row_off[r] * QW + (size_t)h * d;
+    float *z = j->b->z + (size_t)L->row_off[r] * ZW + (size_t)h * d;
     float *slab = j->b->att ? j->b->att + L->att_off[r] + (size_t)h * nq * nk : NULL;
     /* kt: [d, ldkt], keys padded to a multiple of 32 for ms_query_scores4; s: four rows of nk */
     int ldkt = (nk + 31) / 32 * 32;
     float *kt = scratch, *s = scratch + (size_t)d * L->max_keys_padded;
-    kv_source keys = row_kv(L, j->b, r, j->layer, h, 1), values = row_kv(L, j->b, r, j->layer, h, 2);
+    kv_source keys = row_kv(L, j->b, r, j->layer, g, 1), values = row_kv(L, j->b, r, j->layer, g, 2);
     if (j->phase == PHASE_ALL || j->phase == PHASE_SCORES) {
         keys_transposed(kt, ldkt, keys, nk, d);
         for (int dim = 0; dim < d; dim++) /* the padding: zeros, so that it stays harmless */
             for (int x = nk; x < ldkt; x++) kt[(size_t)dim * ldkt + x] = 0.0f;
     }
     for (int i = 0; i < nq; i += 4) {
-        int g = nq - i < 4 ? nq - i : 4;
-        int seen = q0 + i + g < nk ? q0 + i + g : nk; /* keys the group's last query sees */
-        const float *qi = q + (size_t)i * 3 * C;
-        float *zi = z + (size_t)i * C;
+        int n4 = nq - i < 4 ? nq - i : 4;
+        int seen = q0 + i + n4 < nk ? q0 + i + n4 : nk; /* keys the group's last query sees */
+        const float *qi = q + (size_t)i * QW;
+        float *zi = z + (size_t)i * ZW;
         float *rows = j->phase == PHASE_ALL ? s : slab + (size_t)i * nk;
         if (j->phase == PHASE_ALL || j->phase == PHASE_SCORES) {
-            if (g == 4) ms_query_scores4(rows, nk, qi, 3 * C, kt, ldkt, seen, d, j->scale);
+            if (n4 == 4) ms_query_scores4(rows, nk, qi, QW, kt, ldkt, seen, d, j->scale);
             else
-                for (int k = 0; k < g; k++)
-                    ms_query_scores(rows + (size_t)k * nk, qi + (size_t)k * 3 * C, kt, ldkt, seen, d, j->scale);
+                for (int k = 0; k < n4; k++)
+                    ms_query_scores(rows + (size_t)k * nk, qi + (size_t)k * QW, kt, ldkt, seen, d, j->scale);
         }
-        for (int k = 0; k < g; k++) {
+        for (int k = 0; k < n4; k++) {
             int visible = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
             float *row = rows + (size_t)k * nk;
             if (j->phase == PHASE_SCORES) {
@@ -393,8 +410,8 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
         }
         if (j->phase == PHASE_ALL || j->phase == PHASE_MIX) {
             int visible[4];
-            for (int k = 0; k < g; k++) visible[k] = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
-            mix_group(zi, C, rows, nk, values, visible, g, d);
+            for (int k = 0; k < n4; k++) visible[k] = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
+            mix_group(zi, ZW, rows, nk, values, visible, n4, d);
         }
     }
 }
@@ -442,19 +459,89 @@ static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, m
     } else {
         attention_phase(&job, PHASE_ALL);
     }
-    return ms_visit_tokens(L, MS_SITE_Z, layer, b->z, c->d_model, err);
+    return ms_visit_tokens(L, MS_SITE_Z, layer, b->z, (int)q_width(c), err);
 }
 
-static void record_state(const ms_layout *L, const float *src, int ld, float *dst_layer) {
-    size_t C = (size_t)L->m->cfg.d_model;
-    for (int k = 0; k < L->N; k++) memcpy(dst_layer + (size_t)k * C, src + (size_t)k * ld, sizeof(float) * C);
+static void record_state(const ms_layout *L, const float *src, int ld, float *dst_layer, size_t width) {
+    for (int k = 0; k < L->N; k++) memcpy(dst_layer + (size_t)k * width, src + (size_t)k * ld, sizeof(float) * width);
+}
+
+/* rope[t, :] = cos | sin of the angles of position t (t < n): HF's half-split
+ * tables, angle_i = t * inv_freq_i in float as HF computes them */
+static void rope_table(float *rope, const ms_model *m, int n) {
+    int half = m->cfg.rotary_dim / 2;
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < half; i++) {
+            float angle = (float)t * m->rope_inv_freq[i];
+            rope[(size_t)t * 2 * half + i] = (float)cos((double)angle) * m->rope_scale;
+            rope[(size_t)t * 2 * half + half + i] = (float)sin((double)angle) * m->rope_scale;
+        }
+}
+
+/* x[N, heads of d] (row stride ld) rotated in place, token k at its position
+ * among its row's real tokens */
+static void rotate(const ms_layout *L, const float *rope, float *x, int ld, int heads) {
+    const ms_config *c = &L->m->cfg;
+    for (int r = 0; r < L->active_rows; r++)
+        for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++) {
+            int pos = L->first[r] + (k - L->row_off[r]);
+            for (int h = 0; h < heads; h++)
+                ms_rotary(x + (size_t)k * ld + (size_t)h * c->d_head, rope + (size_t)pos * c->rotary_dim,
+                          c->rotary_dim);
+        }
+}
+
+/* q | k | v of the active rows: one product when the three matrices are column
+ * blocks of one (GPT-2's c_attn, or a fused copy), else three */
+static int fused(const ms_linear_weight *a, const ms_linear_weight *b, size_t a_out) {
+    size_t step = a->trans ? a_out * (size_t)a->ld : a_out;
+    int biases = (!a->b && !b->b) || (a->b && b->b && b->b == a->b + a_out);
+    return a->trans == b->trans && a->ld == b->ld && b->w == a->w + step && biases;
+}
+
+static void qkv_forward(const ms_layout *L, ms_buffers *b, const ms_block *w, int N) {
+    const ms_config *c = &L->m->cfg;
+    int C = c->d_model, QD = (int)q_width(c), KD = (int)kv_width(c), QW = (int)qkv_width(c);
+    if (fused(&w->q, &w->k, (size_t)QD) && fused(&w->k, &w->v, (size_t)KD)) {
+        ms_linear(b->qkv, QW, b->ln, C, &w->q, N, C, QW, L->n_threads);
+        return;
+    }
+    ms_linear(b->qkv, QW, b->ln, C, &w->q, N, C, QD, L->n_threads);
+    ms_linear(b->qkv + QD, QW, b->ln, C, &w->k, N, C, KD, L->n_threads);
+    ms_linear(b->qkv + QD + KD, QW, b->ln, C, &w->v, N, C, KD, L->n_threads);
+}
+
+/* the MLP on ln's rows, from hook_pre to hook_mlp_out (in tmp_b) */
+static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w, int l, int N,
+                           ms_error *err) {
+    const ms_config *c = &L->m->cfg;
+    int C = c->d_model, F = c->d_mlp, MW = (int)mlp_width(c);
+    ms_status st;
+    if (c->gated_mlp) {
+        if (fused(&w->mlp_gate, &w->mlp_in, (size_t)F)) {
+            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, 2 * F, L->n_threads);
+        } else {
+            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, F, L->n_threads);
+            ms_linear(b->mlp + F, MW, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
+        }
+        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, MW, err))) return st;
+        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE_LINEAR, l, b->mlp + F, MW, err))) return st;
+        ms_gated_activation(b->mlp, MW, N, F, c->activation, L->n_threads);
+    } else {
+        ms_linear(b->mlp, F, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
+        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, F, err))) return st;
+        ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, L->n_threads);
+    }
+    if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, MW, err))) return st;
+    ms_linear(b->tmp_b, C, b->mlp, MW, &w->mlp_out, N, F, C, L->n_threads);
+    return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
 }
 
 static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err) {
     const ms_config *c = &L->m->cfg;
     const ms_block *w = &L->m->blocks[l];
     ms_state *rec = L->plan->record;
-    int C = c->d_model, F = c->d_mlp, nt = L->n_threads;
+    int C = c->d_model, QD = (int)q_width(c), KD = (int)kv_width(c), QW = (int)qkv_width(c);
     ms_status st;
 
     set_active(L, l);
@@ -462,28 +549,38 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     size_t NC = (size_t)N * C;
     if (L->plan->base) join_rows(L, b->resid, l);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
-    if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C);
+    if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
     if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, err))) return st;
-    ms_linear(b->qkv, b->ln, C, w->w_qkv, w->b_qkv, N, C, 3 * C, nt);
-    if ((st = ms_visit_tokens(L, MS_SITE_Q, l, b->qkv, 3 * C, err))) return st;
-    if ((st = ms_visit_tokens(L, MS_SITE_K, l, b->qkv + C, 3 * C, err))) return st;
-    if ((st = ms_visit_tokens(L, MS_SITE_V, l, b->qkv + 2 * C, 3 * C, err))) return st;
+    qkv_forward(L, b, w, N);
+    if ((st = ms_visit_tokens(L, MS_SITE_Q, l, b->qkv, QW, err))) return st;
+    if ((st = ms_visit_tokens(L, MS_SITE_K, l, b->qkv + QD, QW, err))) return st;
+    if ((st = ms_visit_tokens(L, MS_SITE_V, l, b->qkv + QD + KD, QW, err))) return st;
+    if (c->rotary_dim) {
+        rotate(L, b->rope, b->qkv, QW, c->n_heads);
+        rotate(L, b->rope, b->qkv + QD, QW, c->n_kv_heads);
+        if ((st = ms_visit_tokens(L, MS_SITE_ROT_Q, l, b->qkv, QW, err))) return st;
+        if ((st = ms_visit_tokens(L, MS_SITE_ROT_K, l, b->qkv + QD, QW, err))) return st;
+    }
     if (rec) {
-        record_state(L, b->qkv + C, 3 * C, rec->k + (size_t)l * rec->N * C);
-        record_state(L, b->qkv + 2 * C, 3 * C, rec->v + (size_t)l * rec->N * C);
+        size_t off = (size_t)l * rec->N * KD;
+        record_state(L, b->qkv + QD, QW, rec->k + off, (size_t)KD);
+        record_state(L, b->qkv + QD + KD, QW, rec->v + off, (size_t)KD);
     }
     if ((st = attention_sites(L, b, l, err))) return st;
-    ms_linear(b->tmp_a, b->z, C, w->w_o, w->b_o, N, C, C, nt);
+    ms_linear(b->tmp_a, C, b->z, QD, &w->o, N, QD, C, L->n_threads);
     if ((st = ms_visit_tokens(L, MS_SITE_ATTN_OUT, l, b->tmp_a, C, err))) return st;
+    if (c->parallel) {
+        /* attention and MLP both read resid_pre; their outputs are added together */
+        if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, err))) return st;
+        if ((st = mlp_sites(L, b, w, l, N, err))) return st;
+        ms_add(b->resid, b->resid, b->tmp_a, NC);
+        ms_add(b->resid, b->resid, b->tmp_b, NC);
+        return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
+    }
     ms_add(b->resid, b->resid, b->tmp_a, NC);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_MID, l, b->resid, C, err))) return st;
     if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, err))) return st;
-    ms_linear(b->mlp, b->ln, C, w->w_in, w->b_in, N, C, F, nt);
-    if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, F, err))) return st;
-    ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, nt);
-    if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, F, err))) return st;
-    ms_linear(b->tmp_b, b->mlp, F, w->w_out, w->b_out, N, F, C, nt);
-    if ((st = ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err))) return st;
+    if ((st = mlp_sites(L, b, w, l, N, err))) return st;
     ms_add(b->resid, b->resid, b->tmp_b, NC);
     return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
 }
@@ -642,16 +739,18 @@ void ms_state_free(ms_state *s) {
 static ms_status record_alloc(ms_state *rec, const ms_layout *L, ms_error *err) {
     const ms_config *c = &L->m->cfg;
     size_t n = (size_t)c->n_layers * L->N * c->d_model + 1;
+    size_t nkv = (size_t)c->n_layers * L->N * kv_width(c) + 1;
     memset(rec, 0, sizeof *rec);
     rec->n_layers = c->n_layers;
     rec->d_model = c->d_model;
+    rec->d_kv = (int)kv_width(c);
     rec->n_rows = L->plan->n_rows;
     rec->n_pos = L->plan->n_pos;
     rec->N = L->N;
     rec->row_off = malloc(sizeof(int) * (size_t)(rec->n_rows + 1));
     rec->resid = malloc(sizeof(float) * n);
-    rec->k = malloc(sizeof(float) * n);
-    rec->v = malloc(sizeof(float) * n);
+    rec->k = malloc(sizeof(float) * nkv);
+    rec->v = malloc(sizeof(float) * nkv);
     if (!rec->row_off || !rec->resid || !rec->k || !rec->v) {
         ms_state_free(rec);
         snprintf(err->message, sizeof err->message, "out of memory recording the base run");
@@ -691,11 +790,16 @@ ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
     carve_buffers(&b, base, c, sizes);
     if (plan->record && (st = record_alloc(plan->record, &L, err))) goto done;
 
+    if (c->rotary_dim) rope_table(b.rope, m, L.max_keys);
     set_active(&L, -1);
     embed_tokens(&L, b.tmp_a, b.tmp_b);
     if ((st = ms_visit_tokens(&L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
-    if ((st = ms_visit_tokens(&L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
-    ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L.active_N * c->d_model);
+    if (m->wpe) {
+        if ((st = ms_visit_tokens(&L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
+        ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L.active_N * c->d_model);
+    } else {
+        memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L.active_N * c->d_model);
+    }
     int n_blocks = blocks_needed(m, plan);
     for (int l = 0; l < n_blocks; l++)
         if ((st = block_forward(&L, &b, l, err)) || (st = check_stop(err))) goto done;

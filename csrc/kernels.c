@@ -163,6 +163,7 @@ typedef struct {
     float *out;
     const float *in, *w, *bias;
     int ld_in, N, IC, OC;
+    int ld_out, ld_w;
     int by_rows;     /* panels are rows of out (else columns) */
     int panel;       /* rows or columns per panel */
     int transpose_w; /* w is [OC, IC] (the unembedding) rather than [IC, OC] */
@@ -178,20 +179,20 @@ static void gemm_panels(void *ctx, long long lo, long long hi) {
             c0 = (int)(p * g->panel), c1 = c0 + g->panel < g->OC ? c0 + g->panel : g->OC;
         }
         int rows = r1 - r0, cols = c1 - c0;
-        float *out = g->out + (size_t)r0 * g->OC + c0;
+        float *out = g->out + (size_t)r0 * g->ld_out + c0;
         const float *in = g->in + (size_t)r0 * g->ld_in;
         float beta = 0.0f;
         if (g->bias) {
             /* start from the bias in every row, then accumulate the product onto it */
-            for (int i = 0; i < rows; i++) memcpy(out + (size_t)i * g->OC, g->bias + c0, sizeof(float) * (size_t)cols);
+            for (int i = 0; i < rows; i++) memcpy(out + (size_t)i * g->ld_out, g->bias + c0, sizeof(float) * (size_t)cols);
             beta = 1.0f;
         }
         if (g->transpose_w)
             ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, g->IC, 1.0f, in, g->ld_in,
-                     g->w + (size_t)c0 * g->IC, g->IC, beta, out, g->OC);
+                     g->w + (size_t)c0 * g->ld_w, g->ld_w, beta, out, g->ld_out);
         else
             ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols, g->IC, 1.0f, in, g->ld_in,
-                     g->w + c0, g->OC, beta, out, g->OC);
+                     g->w + c0, g->ld_w, beta, out, g->ld_out);
     }
 }
 
@@ -217,9 +218,9 @@ static void gemm(gemm_job *g, int n_threads) {
     ms_parallel_for(n_panels, 1, n_threads, gemm_panels, g);
 }
 
-void ms_linear(float *out, const float *in, int ld_in, const float *w, const float *bias,
+void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
                int N, int IC, int OC, int n_threads) {
-    gemm_job g = {out, in, w, bias, ld_in, N, IC, OC, 0, 0, 0};
+    gemm_job g = {out, in, w->w, w->b, ld_in, N, IC, OC, ld_out, w->ld, 0, 0, w->trans};
     gemm(&g, n_threads);
 }
 
@@ -299,6 +300,24 @@ static inline float erf_approx(float x) {
     return x < 0.0f ? -y : y;
 }
 
+/* RMSNorm: scale = sqrt(mean(x^2) + eps), y = x / scale; the weight is applied
+ * after hook_normalized, as TransformerLens does (ms_norm_weight) */
+MS_VECTOR_CLONES
+static void rmsnorm_row(float *y, float *scale, const float *x, const float *w, const float *b,
+                        int C, float eps) {
+    float acc[MS_LANES] = {0};
+    int c = 0;
+    for (; c + MS_LANES <= C; c += MS_LANES)
+        for (int j = 0; j < MS_LANES; j++) acc[j] += x[c + j] * x[c + j];
+    double ss = 0.0;
+    for (int j = 0; j < MS_LANES; j++) ss += acc[j];
+    for (; c < C; c++) ss += (double)x[c] * x[c];
+    float s = (float)sqrt(ss / C + (double)eps);
+    (void)w, (void)b;
+    for (c = 0; c < C; c++) y[c] = x[c] / s;
+    *scale = s;
+}
+
 MS_VECTOR_CLONES
 static void layernorm_row(float *y, float *scale, const float *x, const float *w, const float *b,
                           int C, float eps) {
@@ -323,7 +342,10 @@ static void layernorm_row(float *y, float *scale, const float *x, const float *w
     for (; c < C; c++) var += (double)(x[c] - mean) * (x[c] - mean);
     float s = (float)sqrt(var / C + (double)eps);
     float inv = 1.0f / s;
-    for (c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + b[c];
+    if (b)
+        for (c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + b[c];
+    else
+        for (c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c];
     *scale = s;
 }
 
@@ -332,30 +354,47 @@ typedef struct {
     const float *in, *w, *b;
     int C;
     float eps;
+    ms_norm_kind kind;
 } layernorm_job;
 
 static void layernorm_rows(void *ctx, long long lo, long long hi) {
     const layernorm_job *j = ctx;
     size_t C = (size_t)j->C;
-    for (long long i = lo; i < hi; i++)
-        layernorm_row(j->out + i * C, j->scale + i, j->in + i * C, j->w, j->b, j->C, j->eps);
+    for (long long i = lo; i < hi; i++) {
+        if (j->kind == MS_NORM_RMS) rmsnorm_row(j->out + i * C, j->scale + i, j->in + i * C, j->w, j->b, j->C, j->eps);
+        else layernorm_row(j->out + i * C, j->scale + i, j->in + i * C, j->w, j->b, j->C, j->eps);
+    }
 }
 
 void ms_layernorm(float *out, float *scale, const float *in, const float *w, const float *b,
-                  int N, int C, float eps, int n_threads) {
-    layernorm_job job = {out, scale, in, w, b, C, eps};
+                  int N, int C, float eps, ms_norm_kind kind, int n_threads) {
+    layernorm_job job = {out, scale, in, w, b, C, eps, kind};
     ms_parallel_for(N, 65536 / (C + 1) + 1, n_threads, layernorm_rows, &job);
 }
 
 void ms_layernorm_apply(float *out, const float *scale, const float *in, const float *w,
-                        const float *b, int N, int C) {
+                        const float *b, int N, int C, ms_norm_kind kind) {
     for (int i = 0; i < N; i++) {
         const float *x = in + (size_t)i * C;
         float *y = out + (size_t)i * C;
         double sum = 0.0;
-        for (int c = 0; c < C; c++) sum += x[c];
+        if (kind == MS_NORM_LAYER)
+            for (int c = 0; c < C; c++) sum += x[c];
         float mean = (float)(sum / C), inv = 1.0f / scale[i];
-        for (int c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + b[c];
+        if (kind == MS_NORM_RMS)
+            for (int c = 0; c < C; c++) y[c] = x[c] / scale[i];
+        else
+            for (int c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * w[c] + (b ? b[c] : 0.0f);
+    }
+}
+
+void ms_norm_weight(float *y, const float *w, const float *b, int N, int C) {
+    for (int i = 0; i < N; i++) {
+        float *row = y + (size_t)i * C;
+        if (b)
+            for (int c = 0; c < C; c++) row[c] = row[c] * w[c] + b[c];
+        else
+            for (int c = 0; c < C; c++) row[c] *= w[c];
     }
 }
 
@@ -406,6 +445,36 @@ static void activation_range(void *ctx, long long lo, long long hi) {
 void ms_activation_inplace(float *x, size_t n, ms_activation act, int n_threads) {
     activation_job job = {x, act};
     ms_parallel_for((long long)n, 65536, n_threads, activation_range, &job);
+}
+
+typedef struct {
+    float *x;
+    int ld, F;
+    ms_activation act;
+} gated_job;
+
+static void gated_rows(void *ctx, long long lo, long long hi) {
+    const gated_job *j = ctx;
+    for (long long i = lo; i < hi; i++) {
+        float *g = j->x + (size_t)i * j->ld, *u = g + j->F;
+        activation_span(g, j->F, j->act);
+        for (int c = 0; c < j->F; c++) g[c] *= u[c];
+    }
+}
+
+void ms_gated_activation(float *x, int ld, int N, int F, ms_activation act, int n_threads) {
+    gated_job job = {x, ld, F, act};
+    ms_parallel_for(N, 65536 / (F + 1) + 1, n_threads, gated_rows, &job);
+}
+
+void ms_rotary(float *x, const float *rope, int rotary_dim) {
+    int half = rotary_dim / 2;
+    const float *cs = rope, *sn = rope + half;
+    for (int i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cs[i] - x2 * sn[i];
+        x[i + half] = x2 * cs[i] + x1 * sn[i];
+    }
 }
 
 void ms_add(float *out, const float *a, const float *b, size_t n) {
@@ -673,6 +742,6 @@ double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, 
 }
 
 void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V, int n_threads) {
-    gemm_job g = {out, x, unembed, NULL, C, M, C, V, 0, 0, 1};
+    gemm_job g = {out, x, unembed, NULL, C, M, C, V, V, C, 0, 0, 1};
     gemm(&g, n_threads);
 }

@@ -17,17 +17,29 @@ void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_ra
 const volatile int *ms_stop_flag_swap(const volatile int *stop);
 int ms_interrupted(void);
 
-/* out[N, OC] = in[N, IC] @ w[IC, OC] + bias[OC]; in has row stride ld_in. */
-void ms_linear(float *out, const float *in, int ld_in, const float *w, const float *bias,
+/* out[N, OC] (row stride ld_out) = in[N, IC] (row stride ld_in) @ W + b */
+void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
                int N, int IC, int OC, int n_threads);
 
-/* scale[N] = sqrt(var(x) + eps); out[N, C] = (x - mean) / scale * w + b */
+/* LayerNorm: scale[N] = sqrt(var(x) + eps); out[N, C] = (x - mean) / scale * w + b.
+ * RMSNorm: scale[N] = sqrt(mean(x^2) + eps); out = x / scale (w and b are applied by
+ * ms_norm_weight after hook_normalized, as in TransformerLens). b may be NULL. */
 void ms_layernorm(float *out, float *scale, const float *in, const float *w, const float *b,
-                  int N, int C, float eps, int n_threads);
+                  int N, int C, float eps, ms_norm_kind kind, int n_threads);
 
-/* out[N, C] = (x - mean) / scale * w + b with a given divisor scale[N] */
+/* the same with a given divisor scale[N] */
 void ms_layernorm_apply(float *out, const float *scale, const float *in, const float *w,
-                        const float *b, int N, int C);
+                        const float *b, int N, int C, ms_norm_kind kind);
+
+/* y[N, C] = y * w + b (b may be NULL): RMSNorm's weight */
+void ms_norm_weight(float *y, const float *w, const float *b, int N, int C);
+
+/* gated MLP: x[i, :F] = act(x[i, :F]) * x[i, F:2F] for the N rows of stride ld */
+void ms_gated_activation(float *x, int ld, int N, int F, ms_activation act, int n_threads);
+
+/* rotary, HF's half-split: pairs (i, i + rotary_dim/2) of x rotated by the angles
+ * whose cos | sin are rope[rotary_dim] */
+void ms_rotary(float *x, const float *rope, int rotary_dim);
 
 /* x[n] = act(x[n]) in place */
 void ms_activation_inplace(float *x, size_t n, ms_activation act, int n_threads);

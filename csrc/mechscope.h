@@ -1,6 +1,6 @@
 /* mechscope.h — the public C API of mechscope's compute core.
  *
- * The core runs GPT-2-family transformer forward passes on float32 buffers the
+ * The core runs transformer forward passes (GPT-2, Llama, Qwen2, GPT-NeoX) on float32 buffers the
  * caller owns, and at every named activation ("site") it can store the value
  * (cache), change it (interventions) or hand it to a callback. Nothing here knows
  * about Python; the binding (pymodule.c) includes only this header.
@@ -41,23 +41,46 @@ typedef enum {
     MS_N_ACTIVATIONS
 } ms_activation;
 
+/* Normalization layers: LayerNorm (x - mean) / sqrt(var + eps) * w + b, or RMSNorm
+ * x / sqrt(mean(x^2) + eps) * w (+ b when given). */
+typedef enum { MS_NORM_LAYER = 0, MS_NORM_RMS = 1 } ms_norm_kind;
+
+/* An architecture is data: the parts of its block. GPT-2 is LayerNorm, learned
+ * positions, one MLP matrix in, sequential residual; Llama is RMSNorm, rotary,
+ * grouped keys/values, gated MLP; GPT-NeoX is LayerNorm, partial rotary, parallel
+ * attention and MLP. */
 typedef struct {
     int n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx;
+    int n_kv_heads;                  /* key/value heads; n_heads % n_kv_heads == 0 */
     float ln_eps;
+    ms_norm_kind norm;
     ms_activation activation;
+    int gated_mlp;                   /* post = act(x @ gate) * (x @ in) (SwiGLU) */
+    int parallel;                    /* resid_post = resid_pre + attn(ln1 x) + mlp(ln2 x) */
+    int rotary_dim;                  /* 0: learned positions (wpe); else the first rotary_dim
+                                        dims of each q/k head are rotated (half-split, as HF) */
     int scale_attn_weights;          /* divide scores by sqrt(d_head) */
     int scale_attn_by_inverse_layer; /* also divide scores by (layer + 1) */
 } ms_config;
 
-/* One transformer block. Linear weights are in [in, out] layout (HF Conv1D). */
+/* A linear layer: out[N, n_out] = in[N, n_in] @ W + b. W is [n_in, n_out] (HF's
+ * Conv1D) or, with trans, [n_out, n_in] (nn.Linear); rows of stride ld, so that a
+ * column block of a fused matrix can be given in place. b may be NULL. */
 typedef struct {
-    const float *ln1_w, *ln1_b; /* [d_model] */
-    const float *w_qkv;         /* [d_model, 3*d_model]: q | k | v on the output axis */
-    const float *b_qkv;         /* [3*d_model] */
-    const float *w_o, *b_o;     /* [d_model, d_model], [d_model] */
-    const float *ln2_w, *ln2_b; /* [d_model] */
-    const float *w_in, *b_in;   /* [d_model, d_mlp], [d_mlp] */
-    const float *w_out, *b_out; /* [d_mlp, d_model], [d_model] */
+    const float *w;
+    const float *b;
+    int ld, trans;
+} ms_linear_weight;
+
+/* One transformer block. Norm biases may be NULL (RMSNorm). */
+typedef struct {
+    const float *ln1_w, *ln1_b;  /* [d_model] */
+    ms_linear_weight q, k, v;    /* d_model -> n_heads*d_head, n_kv_heads*d_head (x2) */
+    ms_linear_weight o;          /* n_heads*d_head -> d_model */
+    const float *ln2_w, *ln2_b;  /* [d_model] */
+    ms_linear_weight mlp_in;     /* d_model -> d_mlp (the "up" projection when gated) */
+    ms_linear_weight mlp_gate;   /* d_model -> d_mlp, gated MLPs only */
+    ms_linear_weight mlp_out;    /* d_mlp -> d_model */
 } ms_block;
 
 /* A run's working memory kept for the next run of the same model: large runs
@@ -71,8 +94,10 @@ typedef struct {
     ms_config cfg;
     ms_workspace *workspace;     /* may be NULL: every run allocates afresh */
     const float *wte;            /* [d_vocab, d_model] token embedding */
-    const float *wpe;            /* [n_ctx, d_model] position embedding */
-    const float *lnf_w, *lnf_b;  /* [d_model] */
+    const float *wpe;            /* [n_ctx, d_model] position embedding (NULL with rotary) */
+    const float *rope_inv_freq;  /* [rotary_dim / 2] angle per position of each pair (rotary) */
+    float rope_scale;            /* cos and sin are multiplied by this (1 but for YaRN-like types) */
+    const float *lnf_w, *lnf_b;  /* [d_model]; lnf_b may be NULL */
     const float *unembed;        /* [d_vocab, d_model]: logits = x @ unembed^T (== wte when tied) */
     const ms_block *blocks;      /* [n_layers] */
 } ms_model;
@@ -87,6 +112,8 @@ typedef enum {
     MS_SITE_Q,              /* attn.hook_q         [b, p, head, d_head] */
     MS_SITE_K,
     MS_SITE_V,
+    MS_SITE_ROT_Q,          /* attn.hook_rot_q     q after rotary (rotary models) */
+    MS_SITE_ROT_K,          /* attn.hook_rot_k     [b, p, kv_head, d_head] */
     MS_SITE_ATTN_SCORES,    /* attn.hook_attn_scores [b, head, q, k] */
     MS_SITE_PATTERN,        /* attn.hook_pattern     [b, head, q, k] */
     MS_SITE_Z,              /* attn.hook_z         [b, p, head, d_head] */
@@ -94,7 +121,8 @@ typedef enum {
     MS_SITE_RESID_MID,
     MS_SITE_LN2_SCALE,
     MS_SITE_LN2_NORMALIZED,
-    MS_SITE_MLP_PRE,        /* mlp.hook_pre        [b, p, d_mlp] */
+    MS_SITE_MLP_PRE,        /* mlp.hook_pre        [b, p, d_mlp] (the gate, when gated) */
+    MS_SITE_MLP_PRE_LINEAR, /* mlp.hook_pre_linear [b, p, d_mlp] the up projection (gated) */
     MS_SITE_MLP_POST,
     MS_SITE_MLP_OUT,
     MS_SITE_RESID_POST,
@@ -105,6 +133,10 @@ typedef enum {
 
 /* Width of one token's value at a token site (0 for the attention sites). */
 int ms_site_width(const ms_config *cfg, ms_site site);
+/* 1 when the model's architecture has this site (hook_pos_embed only with learned
+ * positions, hook_rot_* only with rotary, hook_pre_linear only gated, hook_resid_mid
+ * only sequential blocks). */
+int ms_site_exists(const ms_config *cfg, ms_site site);
 /* 1 for sites that exist once per block, 0 for the embedding and final sites. */
 int ms_site_per_layer(ms_site site);
 /* 1 for hook_attn_scores and hook_pattern, whose value per row is [head, q, k]. */
@@ -153,11 +185,11 @@ typedef int (*ms_callback)(void *ctx, int id, ms_site site, int layer, float *va
 /* The state of a finished run that patched rows resume from: each layer's
  * residual stream before the block, and its keys and values, for every real token. */
 typedef struct {
-    int n_layers, d_model;
+    int n_layers, d_model, d_kv;  /* d_kv = n_kv_heads * d_head */
     int n_rows, n_pos, N;   /* the base run's layout: N real tokens */
     int *row_off;           /* [n_rows + 1] first packed token of each row */
     float *resid;           /* [n_layers, N, d_model] hook_resid_pre */
-    float *k, *v;           /* [n_layers, N, d_model] keys and values (heads side by side) */
+    float *k, *v;           /* [n_layers, N, d_kv] keys (after rotary) and values, heads side by side */
 } ms_state;
 
 void ms_state_free(ms_state *s);

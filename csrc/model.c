@@ -33,43 +33,75 @@ static ms_status check_tensor(const float *x, size_t n, const char *name, int la
     return MS_OK;
 }
 
+static ms_status check_linear(const ms_linear_weight *w, size_t n_in, size_t n_out, const char *name,
+                              int layer, ms_error *err) {
+    ms_status st;
+    if (!w->w) FAIL("weights: blocks.%d.%s is missing", layer, name);
+    size_t rows = w->trans ? n_out : n_in, cols = w->trans ? n_in : n_out;
+    if ((size_t)w->ld < cols) FAIL("weights: blocks.%d.%s has row stride %d < %zu", layer, name, w->ld, cols);
+    for (size_t r = 0; r < rows; r++) {
+        long long bad = first_non_finite(w->w + r * (size_t)w->ld, cols);
+        if (bad >= 0)
+            FAIL("weights: blocks.%d.%s has a non-finite value (NaN or inf) in row %zu", layer, name, r);
+    }
+    char bias[96];
+    snprintf(bias, sizeof bias, "%s.bias", name);
+    if (w->b && (st = check_tensor(w->b, n_out, bias, layer, err))) return st;
+    return MS_OK;
+}
+
 ms_status ms_model_check(const ms_model *m, ms_error *err) {
     const ms_config *c = &m->cfg;
     if (c->n_layers < 1 || c->d_model < 1 || c->n_heads < 1 || c->d_mlp < 1 || c->d_vocab < 1 ||
-        c->n_ctx < 1)
-        FAIL("config: sizes must be positive (n_layer=%d n_embd=%d n_head=%d n_inner=%d vocab_size=%d n_positions=%d)",
-             c->n_layers, c->d_model, c->n_heads, c->d_mlp, c->d_vocab, c->n_ctx);
-    if (c->d_head * c->n_heads != c->d_model)
-        FAIL("config: n_embd (%d) must be a multiple of n_head (%d)", c->d_model, c->n_heads);
+        c->n_ctx < 1 || c->d_head < 1 || c->n_kv_heads < 1)
+        FAIL("config: sizes must be positive (n_layers=%d d_model=%d n_heads=%d n_kv_heads=%d d_head=%d "
+             "d_mlp=%d d_vocab=%d n_ctx=%d)",
+             c->n_layers, c->d_model, c->n_heads, c->n_kv_heads, c->d_head, c->d_mlp, c->d_vocab, c->n_ctx);
+    if (c->n_heads % c->n_kv_heads)
+        FAIL("config: n_heads (%d) must be a multiple of n_kv_heads (%d)", c->n_heads, c->n_kv_heads);
     if ((int)c->activation < 0 || c->activation >= MS_N_ACTIVATIONS)
         FAIL("config: unknown activation_function code %d", c->activation);
+    if (c->norm != MS_NORM_LAYER && c->norm != MS_NORM_RMS) FAIL("config: unknown norm kind %d", c->norm);
+    if (c->rotary_dim < 0 || c->rotary_dim % 2 || c->rotary_dim > c->d_head)
+        FAIL("config: rotary_dim %d must be even and within [0, d_head=%d]", c->rotary_dim, c->d_head);
     if (!(c->ln_eps >= 0.0f)) FAIL("config: layer_norm_epsilon must be >= 0");
     if (!m->blocks) FAIL("weights: no blocks");
 
     size_t C = (size_t)c->d_model, F = (size_t)c->d_mlp, V = (size_t)c->d_vocab;
+    size_t QD = (size_t)c->n_heads * c->d_head, KD = (size_t)c->n_kv_heads * c->d_head;
     ms_status st;
 #define CHECK(ptr, n, name, layer) \
     if ((st = check_tensor(ptr, n, name, layer, err))) return st
-    CHECK(m->wte, V * C, "wte.weight", -1);
-    CHECK(m->wpe, (size_t)c->n_ctx * C, "wpe.weight", -1);
-    CHECK(m->lnf_w, C, "ln_f.weight", -1);
-    CHECK(m->lnf_b, C, "ln_f.bias", -1);
-    if (m->unembed != m->wte) CHECK(m->unembed, V * C, "lm_head.weight", -1);
+#define CHECK_OPT(ptr, n, name, layer) \
+    if (ptr && (st = check_tensor(ptr, n, name, layer, err))) return st
+#define CHECK_LIN(w, n_in, n_out, name, layer) \
+    if ((st = check_linear(&(w), n_in, n_out, name, layer, err))) return st
+    CHECK(m->wte, V * C, "embed", -1);
+    if (c->rotary_dim) {
+        CHECK(m->rope_inv_freq, (size_t)c->rotary_dim / 2, "rope_inv_freq", -1);
+        if (!isfinite(m->rope_scale)) FAIL("config: rope scale is not finite");
+    } else {
+        CHECK(m->wpe, (size_t)c->n_ctx * C, "pos_embed", -1);
+    }
+    CHECK(m->lnf_w, C, "ln_final.w", -1);
+    CHECK_OPT(m->lnf_b, C, "ln_final.b", -1);
+    if (m->unembed != m->wte) CHECK(m->unembed, V * C, "unembed", -1);
     for (int l = 0; l < c->n_layers; l++) {
         const ms_block *b = &m->blocks[l];
-        CHECK(b->ln1_w, C, "ln_1.weight", l);
-        CHECK(b->ln1_b, C, "ln_1.bias", l);
-        CHECK(b->w_qkv, C * 3 * C, "attn.c_attn.weight", l);
-        CHECK(b->b_qkv, 3 * C, "attn.c_attn.bias", l);
-        CHECK(b->w_o, C * C, "attn.c_proj.weight", l);
-        CHECK(b->b_o, C, "attn.c_proj.bias", l);
-        CHECK(b->ln2_w, C, "ln_2.weight", l);
-        CHECK(b->ln2_b, C, "ln_2.bias", l);
-        CHECK(b->w_in, C * F, "mlp.c_fc.weight", l);
-        CHECK(b->b_in, F, "mlp.c_fc.bias", l);
-        CHECK(b->w_out, F * C, "mlp.c_proj.weight", l);
-        CHECK(b->b_out, C, "mlp.c_proj.bias", l);
+        CHECK(b->ln1_w, C, "ln1.w", l);
+        CHECK_OPT(b->ln1_b, C, "ln1.b", l);
+        CHECK_LIN(b->q, C, QD, "attn.q", l);
+        CHECK_LIN(b->k, C, KD, "attn.k", l);
+        CHECK_LIN(b->v, C, KD, "attn.v", l);
+        CHECK_LIN(b->o, QD, C, "attn.o", l);
+        CHECK(b->ln2_w, C, "ln2.w", l);
+        CHECK_OPT(b->ln2_b, C, "ln2.b", l);
+        CHECK_LIN(b->mlp_in, C, F, "mlp.in", l);
+        if (c->gated_mlp) CHECK_LIN(b->mlp_gate, C, F, "mlp.gate", l);
+        CHECK_LIN(b->mlp_out, F, C, "mlp.out", l);
     }
 #undef CHECK
+#undef CHECK_OPT
+#undef CHECK_LIN
     return MS_OK;
 }

@@ -18,13 +18,38 @@ int ms_site_width(const ms_config *c, ms_site s) {
     case MS_SITE_LNF_SCALE:
         return 1;
     case MS_SITE_MLP_PRE:
+    case MS_SITE_MLP_PRE_LINEAR:
     case MS_SITE_MLP_POST:
         return c->d_mlp;
+    case MS_SITE_Q:
+    case MS_SITE_ROT_Q:
+    case MS_SITE_Z:
+        return c->n_heads * c->d_head;
+    case MS_SITE_K:
+    case MS_SITE_V:
+    case MS_SITE_ROT_K:
+        return c->n_kv_heads * c->d_head;
     case MS_SITE_ATTN_SCORES:
     case MS_SITE_PATTERN:
         return 0;
     default:
         return c->d_model;
+    }
+}
+
+int ms_site_exists(const ms_config *c, ms_site s) {
+    switch (s) {
+    case MS_SITE_POS_EMBED:
+        return c->rotary_dim == 0;
+    case MS_SITE_ROT_Q:
+    case MS_SITE_ROT_K:
+        return c->rotary_dim > 0;
+    case MS_SITE_MLP_PRE_LINEAR:
+        return c->gated_mlp;
+    case MS_SITE_RESID_MID:
+        return !c->parallel;
+    default:
+        return (int)s >= 0 && s < MS_N_SITES;
     }
 }
 
@@ -83,6 +108,7 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
     ms_status st;
     if ((int)a->site < 0 || a->site >= MS_N_SITES) FAIL("action %d: unknown site %d", ai, a->site);
     if ((int)a->kind < 0 || a->kind > MS_DO_PROJECT_ROW) FAIL("action %d: unknown kind %d", ai, a->kind);
+    if (!ms_site_exists(c, a->site)) FAIL("action %d: this model's architecture has no site %d", ai, a->site);
     if (ms_site_per_layer(a->site) && (a->layer < 0 || a->layer >= c->n_layers))
         FAIL("action %d: layer %d out of range [0, %d)", ai, a->layer, c->n_layers);
     if (a->row < -1 || a->row >= p->n_rows)

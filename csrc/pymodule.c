@@ -54,25 +54,69 @@ static const float *take_weight(ModelObject *self, PyObject *weights, const char
     return (const float *)PyArray_DATA(arr);
 }
 
-static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"n_layers", "d_model", "n_heads", "d_mlp", "d_vocab", "n_ctx",
-                             "ln_eps", "activation", "scale_attn_weights",
-                             "scale_attn_by_inverse_layer", "weights", NULL};
-    ms_config c = {0};
-    int act = 0;
-    PyObject *weights = NULL;
-    char name[128];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiifiiiO!", kwlist, &c.n_layers, &c.d_model,
-                                     &c.n_heads, &c.d_mlp, &c.d_vocab, &c.n_ctx, &c.ln_eps, &act,
-                                     &c.scale_attn_weights, &c.scale_attn_by_inverse_layer,
-                                     &PyDict_Type, &weights))
-        return -1;
-    if (c.n_layers < 1 || c.n_heads < 1 || c.d_model < 1 || c.n_layers > 100000) {
-        PyErr_SetString(PyExc_ValueError, "config: sizes must be positive");
+/* the int (or float) config[key]; -1 with an exception set if absent or not a number */
+static int config_int(PyObject *config, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(config, key); /* borrowed */
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "config: %s is missing", key);
         return -1;
     }
-    c.d_head = c.d_model / c.n_heads;
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < INT32_MIN || x > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "config: %s out of range", key);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int config_float(PyObject *config, const char *key, float *out) {
+    PyObject *v = PyDict_GetItemString(config, key);
+    if (!v) {
+        PyErr_Format(PyExc_ValueError, "config: %s is missing", key);
+        return -1;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)x;
+    return 0;
+}
+
+/* Model(config, weights): config a dict of the ms_config fields (plus linear_trans:
+ * 1 when every linear matrix is [out, in] as nn.Linear, 0 for [in, out] as
+ * Conv1D); weights a dict of float32 arrays under the core's names (see model.py:
+ * q|k|v fused in attn.w_qkv, gate|up fused in a gated mlp.w_in). */
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "weights", NULL};
+    ms_config c = {0};
+    PyObject *config = NULL, *weights = NULL;
+    int act = 0, norm = 0, trans = 0;
+    float rope_scale = 1.0f;
+    char name[160];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &config, &PyDict_Type,
+                                     &weights))
+        return -1;
+    if (config_int(config, "n_layers", &c.n_layers) || config_int(config, "d_model", &c.d_model) ||
+        config_int(config, "n_heads", &c.n_heads) || config_int(config, "n_kv_heads", &c.n_kv_heads) ||
+        config_int(config, "d_head", &c.d_head) || config_int(config, "d_mlp", &c.d_mlp) ||
+        config_int(config, "d_vocab", &c.d_vocab) || config_int(config, "n_ctx", &c.n_ctx) ||
+        config_float(config, "ln_eps", &c.ln_eps) || config_int(config, "norm", &norm) ||
+        config_int(config, "activation", &act) || config_int(config, "gated_mlp", &c.gated_mlp) ||
+        config_int(config, "parallel", &c.parallel) || config_int(config, "rotary_dim", &c.rotary_dim) ||
+        config_float(config, "rope_scale", &rope_scale) ||
+        config_int(config, "scale_attn_weights", &c.scale_attn_weights) ||
+        config_int(config, "scale_attn_by_inverse_layer", &c.scale_attn_by_inverse_layer) ||
+        config_int(config, "linear_trans", &trans))
+        return -1;
+    if (c.n_layers < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.d_model < 1 || c.d_head < 1 ||
+        c.d_mlp < 1 || c.d_vocab < 1 || c.n_ctx < 1 || c.n_layers > 100000 || c.rotary_dim < 0 ||
+        c.n_heads % c.n_kv_heads) {
+        PyErr_SetString(PyExc_ValueError, "config: sizes must be positive, n_heads a multiple of n_kv_heads");
+        return -1;
+    }
     c.activation = (ms_activation)act;
+    c.norm = (ms_norm_kind)norm;
     free(self->blocks);
     self->blocks = NULL;
     Py_XSETREF(self->arrays, PyList_New(0));
@@ -83,6 +127,8 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     size_t C = (size_t)c.d_model, F = (size_t)c.d_mlp, V = (size_t)c.d_vocab;
+    size_t QD = (size_t)c.n_heads * c.d_head, KD = (size_t)c.n_kv_heads * c.d_head, QW = QD + 2 * KD;
+    size_t FW = F * (c.gated_mlp ? 2 : 1);
     ms_model *m = &self->model;
     ms_workspace_free(m->workspace); /* __init__ may run twice */
     m->workspace = ms_workspace_new();
@@ -92,37 +138,59 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     }
     m->cfg = c;
     m->blocks = self->blocks;
+    m->rope_scale = rope_scale;
+    m->wpe = m->rope_inv_freq = m->lnf_b = NULL;
 #define TAKE(dst, key, n) \
     if (!((dst) = take_weight(self, weights, key, n))) return -1
-    TAKE(m->wte, "wte.weight", V * C);
-    TAKE(m->wpe, "wpe.weight", (size_t)c.n_ctx * C);
-    TAKE(m->lnf_w, "ln_f.weight", C);
-    TAKE(m->lnf_b, "ln_f.bias", C);
-    if (PyDict_GetItemString(weights, "lm_head.weight")) {
-        TAKE(m->unembed, "lm_head.weight", V * C);
+#define TAKE_OPT(dst, key, n) \
+    if (PyDict_GetItemString(weights, key)) TAKE(dst, key, n)
+    TAKE(m->wte, "embed", V * C);
+    if (c.rotary_dim) {
+        TAKE(m->rope_inv_freq, "rope_inv_freq", (size_t)c.rotary_dim / 2);
     } else {
-        m->unembed = m->wte;
+        TAKE(m->wpe, "pos_embed", (size_t)c.n_ctx * C);
     }
+    TAKE(m->lnf_w, "ln_final.w", C);
+    TAKE_OPT(m->lnf_b, "ln_final.b", C);
+    m->unembed = m->wte;
+    TAKE_OPT(m->unembed, "unembed", V * C);
     for (int l = 0; l < c.n_layers; l++) {
         ms_block *b = &self->blocks[l];
-#define TAKE_L(dst, suffix, n)                                    \
-    snprintf(name, sizeof name, "h.%d.%s", l, suffix);            \
-    TAKE(dst, name, n)
-        TAKE_L(b->ln1_w, "ln_1.weight", C);
-        TAKE_L(b->ln1_b, "ln_1.bias", C);
-        TAKE_L(b->w_qkv, "attn.c_attn.weight", C * 3 * C);
-        TAKE_L(b->b_qkv, "attn.c_attn.bias", 3 * C);
-        TAKE_L(b->w_o, "attn.c_proj.weight", C * C);
-        TAKE_L(b->b_o, "attn.c_proj.bias", C);
-        TAKE_L(b->ln2_w, "ln_2.weight", C);
-        TAKE_L(b->ln2_b, "ln_2.bias", C);
-        TAKE_L(b->w_in, "mlp.c_fc.weight", C * F);
-        TAKE_L(b->b_in, "mlp.c_fc.bias", F);
-        TAKE_L(b->w_out, "mlp.c_proj.weight", F * C);
-        TAKE_L(b->b_out, "mlp.c_proj.bias", C);
-#undef TAKE_L
+        const float *wqkv, *bqkv = NULL, *win, *bin = NULL;
+#define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
+        TAKE(b->ln1_w, NAME("ln1.w"), C);
+        TAKE_OPT(b->ln1_b, NAME("ln1.b"), C);
+        TAKE(wqkv, NAME("attn.w_qkv"), C * QW);
+        TAKE_OPT(bqkv, NAME("attn.b_qkv"), QW);
+        TAKE(b->o.w, NAME("attn.w_o"), QD * C);
+        TAKE_OPT(b->o.b, NAME("attn.b_o"), C);
+        TAKE(b->ln2_w, NAME("ln2.w"), C);
+        TAKE_OPT(b->ln2_b, NAME("ln2.b"), C);
+        TAKE(win, NAME("mlp.w_in"), C * FW);
+        TAKE_OPT(bin, NAME("mlp.b_in"), FW);
+        TAKE(b->mlp_out.w, NAME("mlp.w_out"), F * C);
+        TAKE_OPT(b->mlp_out.b, NAME("mlp.b_out"), C);
+#undef NAME
+        /* column blocks of the fused matrices: a column offset in [in, out], a row
+         * offset in [out, in] */
+        size_t qs = trans ? QD * C : QD, ks = trans ? KD * C : KD, fs = trans ? F * C : F;
+        int ld_qkv = trans ? (int)C : (int)QW, ld_in = trans ? (int)C : (int)FW;
+        b->q = (ms_linear_weight){wqkv, bqkv, ld_qkv, trans};
+        b->k = (ms_linear_weight){wqkv + qs, bqkv ? bqkv + QD : NULL, ld_qkv, trans};
+        b->v = (ms_linear_weight){wqkv + qs + ks, bqkv ? bqkv + QD + KD : NULL, ld_qkv, trans};
+        b->o.ld = trans ? (int)QD : (int)C;
+        b->o.trans = trans;
+        if (c.gated_mlp) {
+            b->mlp_gate = (ms_linear_weight){win, bin, ld_in, trans};
+            b->mlp_in = (ms_linear_weight){win + fs, bin ? bin + F : NULL, ld_in, trans};
+        } else {
+            b->mlp_in = (ms_linear_weight){win, bin, ld_in, trans};
+        }
+        b->mlp_out.ld = trans ? (int)F : (int)C;
+        b->mlp_out.trans = trans;
     }
 #undef TAKE
+#undef TAKE_OPT
     ms_error err = {{0}};
     ms_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -730,9 +798,10 @@ static int module_exec(PyObject *m) {
     }
     static const char *site_names[MS_N_SITES] = {
         "hook_embed", "hook_pos_embed", "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
-        "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern",
+        "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+        "attn.hook_attn_scores", "attn.hook_pattern",
         "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
-        "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale",
+        "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale",
         "ln_final.hook_normalized"};
     PyObject *names = PyTuple_New(MS_N_SITES);
     if (!names) return -1;
@@ -752,7 +821,7 @@ static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}}
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, .m_name = "mechscope._core",
-    .m_doc = "mechscope's compute core: GPT-2-family forward passes with cached and intervened sites.",
+    .m_doc = "mechscope's compute core: transformer forward passes (GPT-2, Llama, Qwen2, GPT-NeoX) with cached and intervened sites.",
     .m_size = 0, .m_methods = module_methods, .m_slots = module_slots};
 
 PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&moduledef); }

