@@ -102,15 +102,22 @@ def _spans(values):
     return out
 
 
-def _ioi_patching(model, n_prompts):
-    ioi = ioi_prompts(model, n=n_prompts)
+def ioi_patching_maps(model, ioi):
+    """The two patching maps both demos show for an IOI prompt set: recovery of the logit
+    difference by resid_pre (layer x position) and by head output (layer x head), with
+    the Recovery metric and the seconds the two sweeps took."""
     diff = metrics.LogitDiff(ioi["io"], ioi["s"])
     recovery = metrics.Recovery.from_runs(diff, model, ioi["clean"], ioi["corrupted"])
-    clean = model.run(ioi["clean"], cache=model.site_names)
+    clean = model.run(ioi["clean"], cache=["blocks.*.hook_resid_pre", "blocks.*.attn.hook_z"])
     start = time.perf_counter()
     resid = patching.resid_pre(model, ioi["corrupted"], clean.cache, recovery)
     heads = patching.attn_head_out_all_pos(model, ioi["corrupted"], clean.cache, recovery)
-    seconds = time.perf_counter() - start
+    return recovery, resid, heads, time.perf_counter() - start
+
+
+def _ioi_patching(model, n_prompts):
+    ioi = ioi_prompts(model, n=n_prompts)
+    recovery, resid, heads, seconds = ioi_patching_maps(model, ioi)
     tokens = model.to_str_tokens(ioi["corrupted"][0])
     print(f"1. Activation patching, indirect object identification ({n_prompts} prompts)")
     print(f'   clean:     "{ioi["text"][0]}" -> {tokens[2]}')

@@ -5,7 +5,8 @@ import time
 
 import numpy as np
 
-from . import metrics, patching, tracing
+from . import tracing
+from .demo import _figure, ioi_patching_maps
 
 # names that are one token with a leading space in SmolLM2's vocabulary
 NAMES = ["Mary", "John", "Tom", "Anna", "James", "Sarah", "David", "Emma", "Paul", "Lisa", "Mark", "Kate"]
@@ -50,13 +51,7 @@ def ioi_prompts(model, n=8, seed=0):
 
 def _ioi(model, n_prompts):
     ioi = ioi_prompts(model, n_prompts)
-    diff = metrics.LogitDiff(ioi["io"], ioi["s"])
-    recovery = metrics.Recovery.from_runs(diff, model, ioi["clean"], ioi["corrupted"])
-    clean = model.run(ioi["clean"], cache=["blocks.*.hook_resid_pre", "blocks.*.attn.hook_z"])
-    start = time.perf_counter()
-    resid = patching.resid_pre(model, ioi["corrupted"], clean.cache, recovery)
-    heads = patching.attn_head_out_all_pos(model, ioi["corrupted"], clean.cache, recovery)
-    seconds = time.perf_counter() - start
+    recovery, resid, heads, seconds = ioi_patching_maps(model, ioi)
     tokens = model.to_str_tokens(ioi["clean"][0])
     print(f"1. Activation patching, indirect object identification ({n_prompts} prompts)")
     print(f'   clean:     "{ioi["text"][0]}" ->{model.tokenizer.decode([ioi["io"][0]])}')
@@ -112,7 +107,6 @@ def _trace(model, n_facts):
 
 
 def run(model, n_prompts, n_facts, out):
-    from .demo import _figure
     print(f"mechscope demo: SmolLM2-135M-Instruct {model!r}")
     print()
     resid, heads, tokens = _ioi(model, n_prompts)
