@@ -242,7 +242,8 @@ static void embed_tokens(const ms_layout *L, float *embed, float *pos_embed) {
         for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++) {
             int tok = p->tokens[(size_t)r * p->n_pos + L->pos_of[k]];
             int pos = L->first[r] + (k - L->row_off[r]);
-            memcpy(embed + k * C, m->wte + (size_t)tok * C, sizeof(float) * C);
+            if (m->wte_dtype != MS_F32) ms_widen(embed + k * C, m->wte16 + (size_t)tok * C, C, m->wte_dtype);
+            else memcpy(embed + k * C, m->wte + (size_t)tok * C, sizeof(float) * C);
             if (m->wpe) memcpy(pos_embed + k * C, m->wpe + (size_t)pos * C, sizeof(float) * C);
         }
     }
@@ -496,7 +497,8 @@ static void rotate(const ms_layout *L, const float *rope, float *x, int ld, int 
 static int fused(const ms_linear_weight *a, const ms_linear_weight *b, size_t a_out) {
     size_t step = a->trans ? a_out * (size_t)a->ld : a_out;
     int biases = (!a->b && !b->b) || (a->b && b->b && b->b == a->b + a_out);
-    return a->trans == b->trans && a->ld == b->ld && b->w == a->w + step && biases;
+    int next = a->dtype == MS_F32 ? b->w == a->w + step : b->w16 == a->w16 + step;
+    return a->trans == b->trans && a->ld == b->ld && a->dtype == b->dtype && next && biases;
 }
 
 static void qkv_forward(const ms_layout *L, ms_buffers *b, const ms_block *w, int N) {
@@ -595,6 +597,20 @@ static void take_row(const ms_layout *L, const ms_buffers *b, int r, int pos, fl
     else memcpy(x, b->ln + (size_t)k * C, sizeof(float) * C);
 }
 
+/* out[M, V] = x[M, C] @ unembed^T, the unembedding float32 or 2-byte */
+static void unembed(const ms_layout *L, float *out, const float *x, int M) {
+    const ms_model *m = L->m;
+    int C = m->cfg.d_model, V = m->cfg.d_vocab;
+    ms_linear_weight u = {m->unembed, NULL, C, 1, m->unembed_dtype, m->unembed16};
+    ms_linear(out, V, x, C, &u, M, C, V, L->n_threads);
+}
+
+/* unembed[row, i] as a float */
+static float unembed_at(const ms_model *m, size_t row, int i) {
+    size_t at = row * (size_t)m->cfg.d_model + (size_t)i;
+    return m->unembed_dtype == MS_F32 ? m->unembed[at] : ms_half_to_float(m->unembed16[at], m->unembed_dtype);
+}
+
 /* logits[r, j] = ln_final(x at row r, position logit_pos[r, j]) @ unembed^T */
 static void compute_logits(const ms_layout *L, ms_buffers *b) {
     const ms_plan *p = L->plan;
@@ -603,8 +619,7 @@ static void compute_logits(const ms_layout *L, ms_buffers *b) {
         for (int j = 0; j < p->n_logit_pos; j++)
             take_row(L, b, r, p->logit_pos[(size_t)r * p->n_logit_pos + j],
                      b->out_x + ((size_t)r * p->n_logit_pos + j) * c->d_model);
-    ms_unembed(p->logits, b->out_x, L->m->unembed, p->n_rows * p->n_logit_pos, c->d_model, c->d_vocab,
-               L->n_threads);
+    unembed(L, p->logits, b->out_x, p->n_rows * p->n_logit_pos);
 }
 
 /* metric_out[r] for rows [lo, hi) from their logits in out_y (not the logit difference) */
@@ -636,22 +651,28 @@ static void compute_metric(const ms_layout *L, ms_buffers *b) {
     const ms_plan *p = L->plan;
     const ms_metric *mt = &p->metric;
     const ms_config *c = &L->m->cfg;
-    int C = c->d_model, V = c->d_vocab, R = p->n_rows;
+    int C = c->d_model, R = p->n_rows;
     float *x = b->out_x + (size_t)p->n_rows * p->n_logit_pos * C;
     for (int r = 0; r < R; r++) take_row(L, b, r, mt->pos[r], x + (size_t)r * C);
     if (mt->kind == MS_METRIC_LOGIT_DIFF) {
         /* two rows of the unembedding are all a logit difference needs */
         for (int r = 0; r < R; r++) {
             const float *xr = x + (size_t)r * C;
-            const float *uc = L->m->unembed + (size_t)mt->correct[r] * C;
-            const float *uw = L->m->unembed + (size_t)mt->wrong[r] * C;
             double d = 0.0;
-            for (int i = 0; i < C; i++) d += (double)xr[i] * (uc[i] - uw[i]);
+            if (L->m->unembed_dtype == MS_F32) {
+                const float *uc = L->m->unembed + (size_t)mt->correct[r] * C;
+                const float *uw = L->m->unembed + (size_t)mt->wrong[r] * C;
+                for (int i = 0; i < C; i++) d += (double)xr[i] * (uc[i] - uw[i]);
+            } else {
+                for (int i = 0; i < C; i++)
+                    d += (double)xr[i] * (unembed_at(L->m, (size_t)mt->correct[r], i) -
+                                          unembed_at(L->m, (size_t)mt->wrong[r], i));
+            }
             p->metric_out[r] = (float)d;
         }
         return;
     }
-    ms_unembed(b->out_y, x, L->m->unembed, R, C, V, L->n_threads);
+    unembed(L, b->out_y, x, R);
     metric_job job = {L, b->out_y};
     ms_parallel_for(R, 4, L->n_threads, metric_rows, &job);
 }

@@ -167,10 +167,74 @@ typedef struct {
     int by_rows;     /* panels are rows of out (else columns) */
     int panel;       /* rows or columns per panel */
     int transpose_w; /* w is [OC, IC] (the unembedding) rather than [IC, OC] */
+    /* 2-byte weights (w is then NULL): each panel of columns is widened into a
+     * float32 buffer of the thread computing it, then multiplied */
+    const uint16_t *w16;
+    ms_dtype dtype;
+    float *bufs;        /* n_bufs buffers of buf_floats, claimed through busy[] */
+    size_t buf_floats;
+    int n_bufs;
+    int *busy;
 } gemm_job;
+
+/* A 2-byte panel is widened into at most this many floats at once (4 MB): a few
+ * times the L2 cache, so that the product reads it back while it is still near */
+#define MS_HALF_PANEL_FLOATS ((size_t)1 << 20)
+
+/* a free buffer of g (its index in *slot), or NULL (then the caller uses its own) */
+static float *claim_buffer(const gemm_job *g, int *slot) {
+    for (int i = 0; i < g->n_bufs; i++)
+        if (!__atomic_exchange_n(&g->busy[i], 1, __ATOMIC_ACQUIRE)) {
+            *slot = i;
+            return g->bufs + (size_t)i * g->buf_floats;
+        }
+    *slot = -1;
+    return NULL;
+}
+
+/* out[rows, cols] = beta * out + in[rows, IC] @ W[:, c0:c0 + cols] for 2-byte W:
+ * blocks of the panel (all of it when buf holds cap >= IC * cols floats) are
+ * widened into buf and multiplied by the BLAS, accumulating over blocks of IC */
+static void half_panel(const gemm_job *g, float *out, const float *in, int rows, int c0, int cols,
+                       float beta, float *buf, size_t cap) {
+    int cw = (size_t)cols < cap ? cols : (int)cap;
+    for (int j0 = 0; j0 < cols; j0 += cw) {
+        int nc = cols - j0 < cw ? cols - j0 : cw;
+        int kc = cap / (size_t)nc < (size_t)g->IC ? (int)(cap / (size_t)nc) : g->IC;
+        float b = beta;
+        for (int k0 = 0; k0 < g->IC; k0 += kc) {
+            int nk = g->IC - k0 < kc ? g->IC - k0 : kc;
+            if (g->transpose_w) { /* W [OC, IC]: buf [nc, nk] */
+                for (int j = 0; j < nc; j++)
+                    ms_widen(buf + (size_t)j * nk, g->w16 + (size_t)(c0 + j0 + j) * g->ld_w + k0, (size_t)nk,
+                             g->dtype);
+                ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nc, nk, 1.0f, in + k0, g->ld_in, buf,
+                         nk, b, out + j0, g->ld_out);
+            } else { /* W [IC, OC]: buf [nk, nc] */
+                for (int k = 0; k < nk; k++)
+                    ms_widen(buf + (size_t)k * nc, g->w16 + (size_t)(k0 + k) * g->ld_w + c0 + j0, (size_t)nc,
+                             g->dtype);
+                ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, nc, nk, 1.0f, in + k0, g->ld_in, buf,
+                         nc, b, out + j0, g->ld_out);
+            }
+            b = 1.0f;
+        }
+    }
+}
 
 static void gemm_panels(void *ctx, long long lo, long long hi) {
     const gemm_job *g = ctx;
+    /* 2-byte weights: a buffer for this thread's panels, or (if the job could not
+     * allocate them) a small one on the stack, used block by block */
+    float small[4096];
+    int slot = -1;
+    float *buf = NULL;
+    size_t cap = sizeof small / sizeof small[0];
+    if (g->w16) {
+        buf = claim_buffer(g, &slot);
+        if (buf) cap = g->buf_floats;
+        else buf = small;
+    }
     for (long long p = lo; p < hi && !ms_interrupted(); p++) {
         int r0 = 0, r1 = g->N, c0 = 0, c1 = g->OC;
         if (g->by_rows) {
@@ -187,13 +251,41 @@ static void gemm_panels(void *ctx, long long lo, long long hi) {
             for (int i = 0; i < rows; i++) memcpy(out + (size_t)i * g->ld_out, g->bias + c0, sizeof(float) * (size_t)cols);
             beta = 1.0f;
         }
-        if (g->transpose_w)
+        if (g->w16)
+            half_panel(g, out, in, rows, c0, cols, beta, buf, cap);
+        else if (g->transpose_w)
             ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, cols, g->IC, 1.0f, in, g->ld_in,
                      g->w + (size_t)c0 * g->ld_w, g->ld_w, beta, out, g->ld_out);
         else
             ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, cols, g->IC, 1.0f, in, g->ld_in,
                      g->w + c0, g->ld_w, beta, out, g->ld_out);
     }
+    if (slot >= 0) __atomic_store_n(&g->busy[slot], 0, __ATOMIC_RELEASE);
+}
+
+/* A product with 2-byte weights: always panels of columns (a panel of rows would
+ * widen the whole matrix), none wider than MS_HALF_PANEL_FLOATS, and one float32
+ * buffer per thread that computes them. */
+static void gemm_half(gemm_job *g, long long want, int n_threads) {
+    int panel = g->OC;
+    if (want > 1) panel = (int)((g->OC + want - 1) / want);
+    size_t widest = MS_HALF_PANEL_FLOATS / (size_t)g->IC;
+    if ((size_t)panel > widest) panel = widest > 64 ? (int)widest : 64;
+    if (panel < g->OC) panel = (panel + 63) / 64 * 64; /* whole BLAS kernel blocks */
+    if (panel > g->OC) panel = g->OC;
+    g->by_rows = 0, g->panel = panel;
+    long long n_panels = (g->OC + panel - 1) / panel;
+    int busy[64] = {0};
+    int t = n_threads < 64 ? n_threads : 64;
+    if (t > n_panels) t = (int)n_panels;
+    if (t < 1) t = 1;
+    g->buf_floats = (size_t)g->IC * (size_t)panel;
+    g->bufs = malloc(sizeof(float) * g->buf_floats * (size_t)t);
+    g->n_bufs = g->bufs ? t : 0; /* none: every panel goes block by block through a stack buffer */
+    g->busy = busy;
+    ms_parallel_for(n_panels, 1, n_threads, gemm_panels, g);
+    free(g->bufs);
+    g->bufs = NULL, g->n_bufs = 0;
 }
 
 static void gemm(gemm_job *g, int n_threads) {
@@ -203,6 +295,10 @@ static void gemm(gemm_job *g, int n_threads) {
     long long want = n_threads > 1 ? 4LL * n_threads : 1;   /* panels to share out */
     if (want > flops / min_panel) want = (long long)(flops / min_panel);
     if (want < flops / max_panel) want = (long long)(flops / max_panel) + 1;
+    if (g->w16) {
+        gemm_half(g, want, n_threads);
+        return;
+    }
     if (want <= 1) {
         g->by_rows = 0, g->panel = g->OC;
         gemm_panels(g, 0, 1);
@@ -221,6 +317,7 @@ static void gemm(gemm_job *g, int n_threads) {
 void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
                int N, int IC, int OC, int n_threads) {
     gemm_job g = {out, in, w->w, w->b, ld_in, N, IC, OC, ld_out, w->ld, 0, 0, w->trans};
+    if (w->dtype != MS_F32) g.w16 = w->w16, g.dtype = w->dtype, g.w = NULL;
     gemm(&g, n_threads);
 }
 
@@ -744,4 +841,93 @@ double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, 
 void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V, int n_threads) {
     gemm_job g = {out, x, unembed, NULL, C, M, C, V, V, C, 0, 0, 1};
     gemm(&g, n_threads);
+}
+
+/* ---- 2-byte weights ------------------------------------------------------------------ */
+
+/* IEEE float16 -> float32, exactly (zero, subnormal, normal, inf, NaN) */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    float f;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (e) {
+        bits = sign | ((e + 112u) << 23) | (man << 13);
+    } else {
+        f = (float)man * 5.9604644775390625e-8f; /* man * 2^-24: subnormal or zero */
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+float ms_half_to_float(uint16_t h, ms_dtype dtype) {
+    if (dtype == MS_F16) return f16_to_f32(h);
+    uint32_t bits = (uint32_t)h << 16; /* bfloat16 is the top half of a float32 */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+MS_VECTOR_CLONES
+static void widen_bf16(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &bits, sizeof bits);
+    }
+}
+
+static void widen_f16_loops(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+/* The conversion instructions: AVX-512F converts 16 float16 at once, F16C (every
+ * CPU with AVX2) 8; both exact, as the loop above. */
+#ifdef MS_AVX512_KERNELS
+#include <immintrin.h>
+
+__attribute__((target("arch=x86-64-v4")))
+static void widen_f16_avx512(float *dst, const uint16_t *src, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    widen_f16_loops(dst + i, src + i, n - i);
+}
+
+__attribute__((target("arch=x86-64-v3")))
+static void widen_f16_f16c(float *dst, const uint16_t *src, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    widen_f16_loops(dst + i, src + i, n - i);
+}
+
+/* as has_avx512: MECHSCOPE_GENERIC_KERNELS=1 selects the plain loop */
+static int has_f16c(void) {
+    static int known = -1;
+    if (known < 0) {
+        const char *generic = getenv("MECHSCOPE_GENERIC_KERNELS");
+        known = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2") && !(generic && generic[0] == '1');
+    }
+    return known;
+}
+#endif
+
+void ms_widen(float *dst, const uint16_t *src, size_t n, ms_dtype dtype) {
+    if (dtype == MS_BF16) {
+        widen_bf16(dst, src, n);
+        return;
+    }
+#ifdef MS_AVX512_KERNELS
+    if (has_avx512()) {
+        widen_f16_avx512(dst, src, n);
+        return;
+    }
+    if (has_f16c()) {
+        widen_f16_f16c(dst, src, n);
+        return;
+    }
+#endif
+    widen_f16_loops(dst, src, n);
 }

@@ -21,6 +21,10 @@ int ms_interrupted(void);
 void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
                int N, int IC, int OC, int n_threads);
 
+/* dst[n] = src[n] widened to float32, src holding bfloat16 or float16 (dtype) */
+void ms_widen(float *dst, const uint16_t *src, size_t n, ms_dtype dtype);
+float ms_half_to_float(uint16_t h, ms_dtype dtype);
+
 /* LayerNorm: scale[N] = sqrt(var(x) + eps); out[N, C] = (x - mean) / scale * w + b.
  * RMSNorm: scale[N] = sqrt(mean(x^2) + eps); out = x / scale (w and b are applied by
  * ms_norm_weight after hook_normalized, as in TransformerLens). b may be NULL. */

@@ -7,7 +7,8 @@
  *
  * Conventions: every function returns MS_OK or an error status and writes a
  * message into an ms_error; nothing exits or aborts. All sizes come from the
- * caller. Matrices are row-major float32.
+ * caller. Matrices are row-major float32, or for the weight matrices also 2-byte
+ * bfloat16 / float16 (ms_dtype), widened to float32 inside the products.
  */
 #ifndef MECHSCOPE_H
 #define MECHSCOPE_H
@@ -63,13 +64,21 @@ typedef struct {
     int scale_attn_by_inverse_layer; /* also divide scores by (layer + 1) */
 } ms_config;
 
+/* How a weight matrix is stored: float32, or two bytes per number (bfloat16, the top
+ * half of a float32; or IEEE float16). 2-byte matrices stay 2-byte in memory: each
+ * product widens one panel of them at a time into a per-thread float32 buffer. */
+typedef enum { MS_F32 = 0, MS_BF16 = 1, MS_F16 = 2 } ms_dtype;
+
 /* A linear layer: out[N, n_out] = in[N, n_in] @ W + b. W is [n_in, n_out] (HF's
  * Conv1D) or, with trans, [n_out, n_in] (nn.Linear); rows of stride ld, so that a
- * column block of a fused matrix can be given in place. b may be NULL. */
+ * column block of a fused matrix can be given in place. b may be NULL (and is
+ * float32 always). W is w (dtype MS_F32) or the 2-byte w16 (MS_BF16, MS_F16). */
 typedef struct {
     const float *w;
     const float *b;
     int ld, trans;
+    ms_dtype dtype;
+    const uint16_t *w16;
 } ms_linear_weight;
 
 /* One transformer block. Norm biases may be NULL (RMSNorm). */
@@ -93,13 +102,18 @@ void ms_workspace_free(ms_workspace *w);
 typedef struct {
     ms_config cfg;
     ms_workspace *workspace;     /* may be NULL: every run allocates afresh */
-    const float *wte;            /* [d_vocab, d_model] token embedding */
+    const float *wte;            /* [d_vocab, d_model] token embedding (NULL if 2-byte: wte16) */
     const float *wpe;            /* [n_ctx, d_model] position embedding (NULL with rotary) */
     const float *rope_inv_freq;  /* [rotary_dim / 2] angle per position of each pair (rotary) */
     float rope_scale;            /* cos and sin are multiplied by this (1 but for YaRN-like types) */
     const float *lnf_w, *lnf_b;  /* [d_model]; lnf_b may be NULL */
-    const float *unembed;        /* [d_vocab, d_model]: logits = x @ unembed^T (== wte when tied) */
+    const float *unembed;        /* [d_vocab, d_model]: logits = x @ unembed^T (== wte when tied;
+                                    NULL if 2-byte: unembed16) */
     const ms_block *blocks;      /* [n_layers] */
+    /* 2-byte embedding / unembedding (dtype MS_BF16 or MS_F16): then wte / unembed
+     * are NULL and these hold them (unembed16 == wte16 when tied) */
+    ms_dtype wte_dtype, unembed_dtype;
+    const uint16_t *wte16, *unembed16;
 } ms_model;
 
 /* Sites, in the order a forward pass visits them (TransformerLens's hook order). */

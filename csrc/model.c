@@ -20,6 +20,27 @@ static long long first_non_finite(const float *x, size_t n) {
     return -1;
 }
 
+static ms_status check_tensor(const float *x, size_t n, const char *name, int layer, ms_error *err);
+
+/* index of the first non-finite 2-byte value of x[n] (all exponent bits set), or -1 */
+static long long first_non_finite_half(const uint16_t *x, size_t n, ms_dtype dtype) {
+    uint16_t e = dtype == MS_F16 ? 0x7c00u : 0x7f80u;
+    for (size_t i = 0; i < n; i++)
+        if ((x[i] & e) == e) return (long long)i;
+    return -1;
+}
+
+/* a matrix of floats or 2-byte numbers: as check_tensor */
+static ms_status check_matrix(const float *x, const uint16_t *x16, ms_dtype dtype, size_t n, const char *name,
+                              ms_error *err) {
+    if (dtype == MS_F32) return check_tensor(x, n, name, -1, err);
+    if (dtype != MS_BF16 && dtype != MS_F16) FAIL("weights: %s has unknown dtype code %d", name, (int)dtype);
+    if (!x16) FAIL("weights: %s is missing", name);
+    long long bad = first_non_finite_half(x16, n, dtype);
+    if (bad >= 0) FAIL("weights: %s has a non-finite value (NaN or inf) at flat index %lld", name, bad);
+    return MS_OK;
+}
+
 static ms_status check_tensor(const float *x, size_t n, const char *name, int layer, ms_error *err) {
     if (!x) {
         if (layer >= 0) FAIL("weights: blocks.%d.%s is missing", layer, name);
@@ -36,11 +57,15 @@ static ms_status check_tensor(const float *x, size_t n, const char *name, int la
 static ms_status check_linear(const ms_linear_weight *w, size_t n_in, size_t n_out, const char *name,
                               int layer, ms_error *err) {
     ms_status st;
-    if (!w->w) FAIL("weights: blocks.%d.%s is missing", layer, name);
+    int half = w->dtype != MS_F32;
+    if (half && w->dtype != MS_BF16 && w->dtype != MS_F16)
+        FAIL("weights: blocks.%d.%s has unknown dtype code %d", layer, name, (int)w->dtype);
+    if (half ? !w->w16 : !w->w) FAIL("weights: blocks.%d.%s is missing", layer, name);
     size_t rows = w->trans ? n_out : n_in, cols = w->trans ? n_in : n_out;
     if ((size_t)w->ld < cols) FAIL("weights: blocks.%d.%s has row stride %d < %zu", layer, name, w->ld, cols);
     for (size_t r = 0; r < rows; r++) {
-        long long bad = first_non_finite(w->w + r * (size_t)w->ld, cols);
+        long long bad = half ? first_non_finite_half(w->w16 + r * (size_t)w->ld, cols, w->dtype)
+                             : first_non_finite(w->w + r * (size_t)w->ld, cols);
         if (bad >= 0)
             FAIL("weights: blocks.%d.%s has a non-finite value (NaN or inf) in row %zu", layer, name, r);
     }
@@ -76,7 +101,7 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
     if (ptr && (st = check_tensor(ptr, n, name, layer, err))) return st
 #define CHECK_LIN(w, n_in, n_out, name, layer) \
     if ((st = check_linear(&(w), n_in, n_out, name, layer, err))) return st
-    CHECK(m->wte, V * C, "embed", -1);
+    if ((st = check_matrix(m->wte, m->wte16, m->wte_dtype, V * C, "embed", err))) return st;
     if (c->rotary_dim) {
         CHECK(m->rope_inv_freq, (size_t)c->rotary_dim / 2, "rope_inv_freq", -1);
         if (!isfinite(m->rope_scale)) FAIL("config: rope scale is not finite");
@@ -85,7 +110,9 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
     }
     CHECK(m->lnf_w, C, "ln_final.w", -1);
     CHECK_OPT(m->lnf_b, C, "ln_final.b", -1);
-    if (m->unembed != m->wte) CHECK(m->unembed, V * C, "unembed", -1);
+    int tied = m->unembed_dtype == m->wte_dtype &&
+               (m->wte_dtype == MS_F32 ? m->unembed == m->wte : m->unembed16 == m->wte16);
+    if (!tied && (st = check_matrix(m->unembed, m->unembed16, m->unembed_dtype, V * C, "unembed", err))) return st;
     for (int l = 0; l < c->n_layers; l++) {
         const ms_block *b = &m->blocks[l];
         CHECK(b->ln1_w, C, "ln1.w", l);

@@ -54,6 +54,36 @@ static const float *take_weight(ModelObject *self, PyObject *weights, const char
     return (const float *)PyArray_DATA(arr);
 }
 
+/* Take weights[name], a weight matrix of exactly n numbers: float16 arrays and
+ * uint16 arrays (the bits of bfloat16 numbers, which NumPy has no type for) are
+ * kept as they are, 2 bytes per number (*half, *dtype); anything else is taken as
+ * float32 (*f). Returns 0, or -1 with an exception set. */
+static int take_matrix(ModelObject *self, PyObject *weights, const char *name, size_t n, const float **f,
+                       const uint16_t **half, ms_dtype *dtype) {
+    PyObject *obj = PyDict_GetItemString(weights, name); /* borrowed */
+    *f = NULL, *half = NULL, *dtype = MS_F32;
+    if (obj && PyArray_Check(obj) &&
+        (PyArray_TYPE((PyArrayObject *)obj) == NPY_FLOAT16 || PyArray_TYPE((PyArrayObject *)obj) == NPY_UINT16)) {
+        int type = PyArray_TYPE((PyArrayObject *)obj);
+        PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
+        if (!arr) return -1;
+        if ((size_t)PyArray_SIZE(arr) != n) {
+            PyErr_Format(PyExc_ValueError, "weights: %s has %zd elements, the config needs %zu", name,
+                         PyArray_SIZE(arr), n);
+            Py_DECREF(arr);
+            return -1;
+        }
+        int rc = PyList_Append(self->arrays, (PyObject *)arr); /* the list now owns a reference */
+        Py_DECREF(arr);
+        if (rc < 0) return -1;
+        *half = (const uint16_t *)PyArray_DATA(arr);
+        *dtype = type == NPY_FLOAT16 ? MS_F16 : MS_BF16;
+        return 0;
+    }
+    *f = take_weight(self, weights, name, n);
+    return *f ? 0 : -1;
+}
+
 /* the int (or float) config[key]; -1 with an exception set if absent or not a number */
 static int config_int(PyObject *config, const char *key, int *out) {
     PyObject *v = PyDict_GetItemString(config, key); /* borrowed */
@@ -144,7 +174,9 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     if (!((dst) = take_weight(self, weights, key, n))) return -1
 #define TAKE_OPT(dst, key, n) \
     if (PyDict_GetItemString(weights, key)) TAKE(dst, key, n)
-    TAKE(m->wte, "embed", V * C);
+#define TAKE_MATRIX(f, h, dt, key, n) \
+    if (take_matrix(self, weights, key, n, &(f), &(h), &(dt))) return -1
+    TAKE_MATRIX(m->wte, m->wte16, m->wte_dtype, "embed", V * C);
     if (c.rotary_dim) {
         TAKE(m->rope_inv_freq, "rope_inv_freq", (size_t)c.rotary_dim / 2);
     } else {
@@ -152,45 +184,53 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     }
     TAKE(m->lnf_w, "ln_final.w", C);
     TAKE_OPT(m->lnf_b, "ln_final.b", C);
-    m->unembed = m->wte;
-    TAKE_OPT(m->unembed, "unembed", V * C);
+    m->unembed = m->wte, m->unembed16 = m->wte16, m->unembed_dtype = m->wte_dtype;
+    if (PyDict_GetItemString(weights, "unembed"))
+        TAKE_MATRIX(m->unembed, m->unembed16, m->unembed_dtype, "unembed", V * C);
     for (int l = 0; l < c.n_layers; l++) {
         ms_block *b = &self->blocks[l];
         const float *wqkv, *bqkv = NULL, *win, *bin = NULL;
+        const uint16_t *hqkv, *hin;
+        ms_dtype dqkv, din;
 #define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
         TAKE(b->ln1_w, NAME("ln1.w"), C);
         TAKE_OPT(b->ln1_b, NAME("ln1.b"), C);
-        TAKE(wqkv, NAME("attn.w_qkv"), C * QW);
+        TAKE_MATRIX(wqkv, hqkv, dqkv, NAME("attn.w_qkv"), C * QW);
         TAKE_OPT(bqkv, NAME("attn.b_qkv"), QW);
-        TAKE(b->o.w, NAME("attn.w_o"), QD * C);
+        TAKE_MATRIX(b->o.w, b->o.w16, b->o.dtype, NAME("attn.w_o"), QD * C);
         TAKE_OPT(b->o.b, NAME("attn.b_o"), C);
         TAKE(b->ln2_w, NAME("ln2.w"), C);
         TAKE_OPT(b->ln2_b, NAME("ln2.b"), C);
-        TAKE(win, NAME("mlp.w_in"), C * FW);
+        TAKE_MATRIX(win, hin, din, NAME("mlp.w_in"), C * FW);
         TAKE_OPT(bin, NAME("mlp.b_in"), FW);
-        TAKE(b->mlp_out.w, NAME("mlp.w_out"), F * C);
+        TAKE_MATRIX(b->mlp_out.w, b->mlp_out.w16, b->mlp_out.dtype, NAME("mlp.w_out"), F * C);
         TAKE_OPT(b->mlp_out.b, NAME("mlp.b_out"), C);
 #undef NAME
         /* column blocks of the fused matrices: a column offset in [in, out], a row
          * offset in [out, in] */
         size_t qs = trans ? QD * C : QD, ks = trans ? KD * C : KD, fs = trans ? F * C : F;
         int ld_qkv = trans ? (int)C : (int)QW, ld_in = trans ? (int)C : (int)FW;
-        b->q = (ms_linear_weight){wqkv, bqkv, ld_qkv, trans};
-        b->k = (ms_linear_weight){wqkv + qs, bqkv ? bqkv + QD : NULL, ld_qkv, trans};
-        b->v = (ms_linear_weight){wqkv + qs + ks, bqkv ? bqkv + QD + KD : NULL, ld_qkv, trans};
+        /* pointer arithmetic only on the pointer that is set (the other is NULL) */
+#define LIN(f, h, dt, off, bias, stride) ((ms_linear_weight){.w = (f) ? (f) + (off) : NULL, .b = (bias), .ld = (stride), \
+                                     .trans = trans, .dtype = (dt), .w16 = (h) ? (h) + (off) : NULL})
+        b->q = LIN(wqkv, hqkv, dqkv, 0, bqkv, ld_qkv);
+        b->k = LIN(wqkv, hqkv, dqkv, qs, bqkv ? bqkv + QD : NULL, ld_qkv);
+        b->v = LIN(wqkv, hqkv, dqkv, qs + ks, bqkv ? bqkv + QD + KD : NULL, ld_qkv);
         b->o.ld = trans ? (int)QD : (int)C;
         b->o.trans = trans;
         if (c.gated_mlp) {
-            b->mlp_gate = (ms_linear_weight){win, bin, ld_in, trans};
-            b->mlp_in = (ms_linear_weight){win + fs, bin ? bin + F : NULL, ld_in, trans};
+            b->mlp_gate = LIN(win, hin, din, 0, bin, ld_in);
+            b->mlp_in = LIN(win, hin, din, fs, bin ? bin + F : NULL, ld_in);
         } else {
-            b->mlp_in = (ms_linear_weight){win, bin, ld_in, trans};
+            b->mlp_in = LIN(win, hin, din, 0, bin, ld_in);
         }
+#undef LIN
         b->mlp_out.ld = trans ? (int)F : (int)C;
         b->mlp_out.trans = trans;
     }
 #undef TAKE
 #undef TAKE_OPT
+#undef TAKE_MATRIX
     ms_error err = {{0}};
     ms_status st;
     Py_BEGIN_ALLOW_THREADS

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from . import _dtypes
+
 # activation names of HuggingFace's ACT2FN -> the core's codes
 ACTIVATIONS = {
     "gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu": 1, "relu": 2, "silu": 3, "swish": 3,
@@ -281,8 +283,42 @@ def hf_shapes(arch):
     return shapes
 
 
-def _f32(x):
+def _stored(x):
+    """float32, or a 2-byte matrix kept as it is (see _dtypes)"""
+    if _dtypes.is_half(x):
+        return np.ascontiguousarray(_dtypes.keep(x))
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def is_matrix(name):
+    """True for the weights that may stay 2-byte: the embedding, the unembedding and
+    the matrices of the blocks (not norms, biases, or GPT-2's position embedding)."""
+    return not (is_norm_weight(name) or name.endswith(".bias") or name == "wpe.weight")
+
+
+def _stack(w, names):
+    """w[names[0]], w[names[1]], ... stacked along rows, as one array held once: the
+    arrays are used in place when they already are consecutive rows of one array,
+    else they are copied into a new one and w's entries become views of it (so that
+    the model does not keep both). Arrays of different types are widened to float32."""
+    parts = [np.asarray(w[n]) for n in names]
+    first = parts[0]
+    same = all(p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in parts)
+    if not same:
+        parts = [_dtypes.to_float32(p) for p in parts]
+        first = parts[0]
+    elif first.base is not None and all(p.base is first.base and p.flags.c_contiguous for p in parts):
+        at = [p.__array_interface__["data"][0] for p in parts]
+        if all(at[i] + parts[i].nbytes == at[i + 1] for i in range(len(parts) - 1)):
+            rows = sum(p.shape[0] for p in parts)
+            return np.lib.stride_tricks.as_strided(first, (rows,) + first.shape[1:], first.strides,
+                                                   writeable=False)
+    out = _stored(np.concatenate(parts))
+    row = 0
+    for n, p in zip(names, parts):
+        w[n] = out[row:row + p.shape[0]]
+        row += p.shape[0]
+    return out
 
 
 def core_weights(arch, w):
@@ -312,10 +348,10 @@ def core_weights(arch, w):
             p, q = f"layers.{l}.", f"blocks.{l}."
             # the fused matrix's rows are [head, q|k|v, d_head]: regroup them as [q|k|v, head, d_head]
             qkv = np.asarray(w[p + "attention.query_key_value.weight"]).reshape(H, 3, dh, C)
-            out[q + "attn.w_qkv"] = _f32(qkv.transpose(1, 0, 2, 3).reshape(3 * C, C))
+            out[q + "attn.w_qkv"] = _stored(qkv.transpose(1, 0, 2, 3).reshape(3 * C, C))
             if arch["qkv_bias"]:
                 b = np.asarray(w[p + "attention.query_key_value.bias"]).reshape(H, 3, dh)
-                out[q + "attn.b_qkv"] = _f32(b.transpose(1, 0, 2).reshape(3 * C))
+                out[q + "attn.b_qkv"] = _stored(b.transpose(1, 0, 2).reshape(3 * C))
                 out[q + "attn.b_o"] = w[p + "attention.dense.bias"]
             out.update({q + k: w[p + v] for k, v in (
                 ("ln1.w", "input_layernorm.weight"), ("ln1.b", "input_layernorm.bias"),
@@ -333,23 +369,21 @@ def core_weights(arch, w):
             out[q + "ln1.w"] = w[p + "input_layernorm.weight"]
             out[q + "ln2.w"] = w[p + "post_attention_layernorm.weight"]
             # one product for q|k|v and one for gate|up: the matrices are stacked once at load
-            out[q + "attn.w_qkv"] = _f32(np.concatenate([w[a + "q_proj.weight"], w[a + "k_proj.weight"],
-                                                         w[a + "v_proj.weight"]]))
+            out[q + "attn.w_qkv"] = _stack(w, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])
             if arch["qkv_bias"]:
-                out[q + "attn.b_qkv"] = _f32(np.concatenate([w[a + "q_proj.bias"], w[a + "k_proj.bias"],
-                                                             w[a + "v_proj.bias"]]))
+                out[q + "attn.b_qkv"] = _stack(w, [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"])
             out[q + "attn.w_o"] = w[a + "o_proj.weight"]
             if arch["o_bias"]:
                 out[q + "attn.b_o"] = w[a + "o_proj.bias"]
-            out[q + "mlp.w_in"] = _f32(np.concatenate([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]))
+            out[q + "mlp.w_in"] = _stack(w, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
             out[q + "mlp.w_out"] = w[p + "mlp.down_proj.weight"]
             if arch["mlp_bias"]:
-                out[q + "mlp.b_in"] = _f32(np.concatenate([w[p + "mlp.gate_proj.bias"], w[p + "mlp.up_proj.bias"]]))
+                out[q + "mlp.b_in"] = _stack(w, [p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"])
                 out[q + "mlp.b_out"] = w[p + "mlp.down_proj.bias"]
         out["rope_inv_freq"] = arch["rope_inv_freq"]
     if fam == "gpt_neox":
         out["rope_inv_freq"] = arch["rope_inv_freq"]
-    return {k: _f32(v) for k, v in out.items()}
+    return {k: _stored(v) for k, v in out.items()}
 
 
 def core_config(arch):

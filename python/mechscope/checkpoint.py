@@ -3,7 +3,7 @@
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 ({name: {dtype, shape, data_offsets [begin, end)}} plus an optional
 __metadata__), then the raw little-endian data. Each tensor is read into memory of
-its own (float16 and bfloat16 are then widened to float32); nothing stays mapped.
+its own (float16 and bfloat16 kept as they are, or widened to float32); nothing stays mapped.
 A mapped file that is truncated or rewritten while a model uses it (save_pretrained
 into the same folder does exactly that) kills the process with SIGBUS on the next
 run, or silently changes the weights; a model holding its own copy keeps the
@@ -17,6 +17,8 @@ import stat
 
 import numpy as np
 
+from . import _dtypes
+
 _DTYPES = {
     "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
     "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
@@ -25,9 +27,13 @@ _DTYPES = {
 _FLOAT = ("F32", "F16", "BF16", "F64")
 
 
-def _to_float32(raw, dtype):
+def _to_float32(raw, dtype, keep_half=False):
     if dtype == "F32":
         return raw
+    if keep_half and dtype == "F16":
+        return raw
+    if keep_half and dtype == "BF16":
+        return _dtypes.as_bfloat16(raw)
     if dtype == "BF16":
         # bfloat16 is the top half of a float32
         return (raw.astype(np.uint32) << 16).view(np.float32)
@@ -100,9 +106,10 @@ def _header_entry(path, name, info):
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
-def read_safetensors(path, wanted=None):
+def read_safetensors(path, wanted=None, keep_half=False):
     """{name: float32 array} for the floating-point tensors of one file (other
     tensors: an empty array of their dtype, so that they can be reported unused).
+    keep_half: F16 and BF16 tensors stay 2-byte (float16, _dtypes.BFLOAT16).
 
     wanted: a predicate on names; other tensors are skipped. Raises ValueError
     naming the file for anything truncated or inconsistent."""
@@ -141,11 +148,11 @@ def read_safetensors(path, wanted=None):
                 out[name] = np.zeros(0, _DTYPES[dtype])
                 continue
             raw = _read_exactly(f, 8 + n + begin, nbytes, path, name).view(_DTYPES[dtype]).reshape(shape)
-            out[name] = _to_float32(raw, dtype)
+            out[name] = _to_float32(raw, dtype, keep_half)
     return out
 
 
-def read_folder(folder, wanted=None):
+def read_folder(folder, wanted=None, keep_half=False):
     """All tensors of a checkpoint folder: model.safetensors, or shards listed in
     model.safetensors.index.json."""
     index = os.path.join(folder, "model.safetensors.index.json")
@@ -168,13 +175,13 @@ def read_folder(folder, wanted=None):
             path = os.path.join(folder, shard)
             if not is_present(path):
                 raise ValueError(f"checkpoint {folder}: shard {shard} listed in the index is missing")
-            tensors.update(read_safetensors(path, wanted))
+            tensors.update(read_safetensors(path, wanted, keep_half))
         missing = [k for k in weight_map if k not in tensors and (wanted is None or wanted(k))]
         if missing:
             raise ValueError(f"checkpoint {folder}: tensors listed in the index are missing from their shards: {missing[:5]}")
         return tensors
     if is_present(single):
-        return read_safetensors(single, wanted)
+        return read_safetensors(single, wanted, keep_half)
     if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
         raise ValueError(f"checkpoint {folder}: only pytorch_model.bin found; mechscope reads safetensors "
                          "(convert with transformers: model.save_pretrained(folder, safe_serialization=True))")

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from . import _dtypes
+
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -57,8 +59,10 @@ def _unpermute(w, n_heads):
     return np.ascontiguousarray(w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols))
 
 
-def read(path):
-    """(HF-style llama config dict, {HF name: float32 array}, tokenizer or None)"""
+def read(path, keep_half=False):
+    """(HF-style llama config dict, {HF name: float32 array}, tokenizer or None);
+    keep_half: F16 and BF16 tensors stay 2-byte (float16, _dtypes.BFLOAT16), copied
+    out of the mapped file."""
     gguf = _import_gguf()
     path = os.fspath(path)
     try:
@@ -120,8 +124,13 @@ def read(path):
     weights = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = np.asarray(w, dtype=np.float32)
+        kind = t.tensor_type.name
+        if keep_half and kind == "F16":
+            w = np.array(t.data, dtype=np.float16)
+        elif keep_half and kind == "BF16":
+            w = _dtypes.as_bfloat16(np.array(t.data).view("<u2"))
+        else:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if t.name.endswith(".attn_q.weight"):
             w = _unpermute(w, n_heads)
         elif t.name.endswith(".attn_k.weight"):

