@@ -222,3 +222,29 @@ def test_gguf_half_tensors_stay_half(kind, tmp_path):
     assert half.dtype == {"F16": "float16", "BF16": "bfloat16"}[kind] and wide.dtype == "float32"
     tokens = np.random.default_rng(1).integers(0, 120, (2, 7))
     assert_same_runs(half, wide, tokens)
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+def test_few_rows_through_wide_matrices(rows):
+    """fewer than 32 rows through matrices of >= 4096 inputs go in blocks of 16
+    columns, float32 and 2-byte alike: the same sums, whatever the thread count"""
+    cfg = dict(model_type="llama", hidden_size=4096, head_dim=64, num_attention_heads=2, num_key_value_heads=1,
+               num_hidden_layers=1, intermediate_size=72, vocab_size=150, max_position_embeddings=64,
+               initializer_range=0.05)
+    half = ms.Model.from_config(cfg, dtype="float16", seed=2)
+    wide = ms.Model.from_arrays(cfg, {k: _dtypes.to_float32(v) for k, v in half._weights.items()})
+    tokens = np.random.default_rng(0).integers(0, 150, (1, rows))
+    old = ms.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            ms.set_num_threads(n)
+            a = half.run(tokens, cache="*")
+            b = wide.run(tokens, cache="*")
+            np.testing.assert_allclose(a.logits, b.logits, atol=EXACT, rtol=0)
+            for site in a.cache:
+                np.testing.assert_allclose(a.cache[site], b.cache[site], atol=EXACT, rtol=0, err_msg=site)
+            outs.append(a.logits)
+        np.testing.assert_array_equal(outs[0], outs[1])
+    finally:
+        ms.set_num_threads(old)
