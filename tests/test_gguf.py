@@ -218,3 +218,82 @@ def test_unsupported_tokenizer_model_is_refused_by_name(tmp_path):
     reader = gguf.GGUFReader(str(path))
     with pytest.raises(ValueError, match="tokenizer model 'bert'"):
         gguf_file.tokenizer_from_reader(reader, str(path))
+
+
+def _spm_vocab():
+    """A SentencePiece-style BPE vocabulary as Llama-2 GGUF files store it: <unk>,
+    <s>, </s>, the 256 byte tokens <0xNN> (type 6), then pieces with "▁" for spaces,
+    scored best first (and no merges: they are rebuilt from the scores)"""
+    words = ("the quick brown fox jumps over lazy dog Paris Tokyo Mary John store drink capital city "
+             "tower located Eiffel in of to is was def return print import numpy café über 123 2024").split()
+    pieces = []
+    for w in words:
+        for s in ("▁" + w, w):
+            for i in range(1, len(s) + 1):
+                if s[:i] not in pieces:
+                    pieces.append(s[:i])
+            for i in range(1, len(s)):
+                if s[i:] not in pieces and len(s[i:]) <= 3:
+                    pieces.append(s[i:])
+    pieces.sort(key=lambda p: (len(p), p))  # single characters first, as in SentencePiece's BPE
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    return tokens, scores, types
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    """tokenizer.ggml.model == "llama": built as transformers' GGUF loader builds it
+    (BPE with byte fallback, merges rebuilt from the scores, "▁" prefix)"""
+    tokens, scores, types = _spm_vocab()
+    spec = ("llama", dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                          intermediate_size=40, vocab_size=len(tokens), max_position_embeddings=64,
+                          rope_theta=10000.0, rms_norm_eps=1e-5))
+    hf = make_hf(None, seed=7, spec=spec)
+    path = tmp_path / "spm.gguf"
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for hf_name, gg in gguf_file._BLOCK_NAMES.items():
+        names[f"model.layers.0.{gg}"] = f"blk.0.{hf_name}"
+    for name, p in hf.state_dict().items():
+        a = p.numpy().astype(np.float32)
+        if name.endswith("q_proj.weight"):
+            a = _permute(a, c.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            a = _permute(a, c.num_key_value_heads)
+        w.add_tensor(names[name], a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model = ms.Model.from_pretrained(path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    strings = varied_strings(600, seed=3) + ["The capital of Japan is Tokyo", "  two  spaces", "über café 東京 🙂",
+                                              "def f(x):\n    return x", "", " ", "<s> special </s>"]
+    for s in strings:
+        want = ref.encode(s, add_special_tokens=False)
+        assert model.tokenizer.encode(s) == want, s
+        assert model.tokenizer.decode(want) == ref.decode(want), s
+    assert model.tokenizer.add_bos_token and model.to_tokens("Paris")[0, 0] == 1
+    with torch.no_grad():
+        ids = ref("The quick brown fox", return_tensors="pt").input_ids
+        np.testing.assert_allclose(model.run(ids.numpy()).logits, hf(ids).logits.numpy(), atol=1e-4, rtol=0)

@@ -1,6 +1,9 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
-weights of a `llama`-architecture model, dequantized to float32 at load, and its
-byte-level BPE tokenizer built from the file's metadata with `tokenizers`.
+weights of a `llama`-architecture model (quantized tensors dequantized to float32
+at load, F16 / BF16 ones kept 2-byte unless asked otherwise), and its
+tokenizer built from the file's metadata with `tokenizers`: byte-level BPE
+(`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE with byte fallback
+("llama"), each as transformers' GGUF loader builds it.
 
 llama.cpp's converter stores the rows of attn_q and attn_k permuted for its
 interleaved rotary layout; they are put back into HuggingFace's half-split layout
@@ -15,7 +18,7 @@ from . import _dtypes
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TOKENIZERS = ("gpt2",)
+SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 _BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -139,17 +142,55 @@ def read(path, keep_half=False):
     return config, weights, tokenizer_from_reader(reader, path)
 
 
+def _spm_merges(tokens, scores):
+    """BPE merges of a SentencePiece vocabulary stored without merges (Llama-2-style
+    GGUF files), in transformers' order: every split of every piece into two pieces
+    of the vocabulary, by the piece's score (then the halves' scores), best first."""
+    score = {t: scores[i] for i, t in enumerate(tokens)}
+    merges = []
+    for piece, piece_score in score.items():
+        local = [(piece[:i], piece[i:], piece_score) for i in range(1, len(piece))
+                 if piece[:i] in score and piece[i:] in score]
+        local.sort(key=lambda m: (score[m[0]], score[m[1]]), reverse=True)
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2], reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _spm_tokenizer(reader, tokens, types, unk, decoders, normalizers, models, Tokenizer):
+    """SentencePiece-style BPE with byte fallback ("▁" for spaces, a "▁" prepended
+    unless tokenizer.ggml.add_space_prefix is false), as transformers builds it."""
+    merges = _value(reader, "tokenizer.ggml.merges")
+    if merges is not None:
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = _value(reader, "tokenizer.ggml.scores")
+        if scores is None:
+            raise ValueError("tokenizer: a llama tokenizer needs tokenizer.ggml.scores or .merges")
+        merges = _spm_merges(tokens, [float(x) for x in scores])
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
+                               byte_fallback=True))
+    prefix = bool(_value(reader, "tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else []) +
+                                          [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " ")] +
+                                    ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return tok
+
+
 def tokenizer_from_reader(reader, path):
-    """The file's tokenizer (byte-level BPE) as a `tokenizers.Tokenizer` behind
-    mechscope's encode/decode adapter; None if the file has none."""
+    """The file's tokenizer (byte-level BPE, or SentencePiece-style BPE) as a
+    `tokenizers.Tokenizer` behind mechscope's encode/decode adapter; None if the file
+    has none."""
     kind = _value(reader, "tokenizer.ggml.model")
     if kind is None:
         return None
     if kind not in SUPPORTED_TOKENIZERS:
         raise ValueError(f"checkpoint {path}: tokenizer model {kind!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_TOKENIZERS)}, byte-level BPE)")
+                         "(supported: gpt2, byte-level BPE; llama, SentencePiece-style BPE)")
     try:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     except ImportError:
         raise ImportError("the tokenizer of a .gguf file needs the optional package `tokenizers` "
                           "(pip install 'mechscope[gguf]')") from None
@@ -157,20 +198,24 @@ def tokenizer_from_reader(reader, path):
     merges = [tuple(m.split(" ", 1)) for m in _value(reader, "tokenizer.ggml.merges", [])]
     types = _value(reader, "tokenizer.ggml.token_type")
     unk = _value(reader, "tokenizer.ggml.unknown_token_id")
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    bpe = models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
-                     byte_fallback=True)
-    tok = Tokenizer(bpe)
-    # GPT-2's byte-level pre-tokenizer (the regex family in tokenizer.ggml.pre is
-    # not used, as transformers' GGUF loader does not use it either)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
+    if kind == "llama":
+        tok = _spm_tokenizer(reader, tokens, types, unk, decoders, normalizers, models, Tokenizer)
+    else:
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        bpe = models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,
+                         byte_fallback=True)
+        tok = Tokenizer(bpe)
+        # GPT-2's byte-level pre-tokenizer (the regex family in tokenizer.ggml.pre is
+        # not used, as transformers' GGUF loader does not use it either)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
     if types is not None:
         control = [tokens[i] for i, t in enumerate(types) if int(t) == 3]  # 3: control tokens
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     return GGUFTokenizer(tok, _value(reader, "tokenizer.ggml.bos_token_id"),
                          _value(reader, "tokenizer.ggml.padding_token_id"),
-                         bool(_value(reader, "tokenizer.ggml.add_bos_token", False)))
+                         # SentencePiece vocabularies add BOS unless the file says not to (llama.cpp)
+                         bool(_value(reader, "tokenizer.ggml.add_bos_token", kind == "llama")))
 
 
 class GGUFTokenizer:
