@@ -266,3 +266,121 @@ def test_weight_subset_and_scores(gpt2):
     dP = g["blocks.1.attn.hook_pattern"]
     dS = P * (dP - (P * dP).sum(-1, keepdims=True))
     assert rel(g["blocks.1.attn.hook_attn_scores"], dS) < RTOL
+
+
+# ---- interventions: the gradient of the intervened run ------------------------------------
+
+def _set_at(pos, value):
+    def edit(x):
+        x = x.clone()
+        x[:, pos] = value
+        return x
+    return edit
+
+
+def test_interventions_match_hooked_autograd(gpt2):
+    """Zero, Set, Patch (constants), Add (identity), Scale, and a pattern Set, against
+    the same changes made by torch hooks."""
+    hf, model = gpt2
+    rng = np.random.default_rng(4)
+    tokens, mask = batch(rng, 61, [6, 4], 6, "right")
+    vec = rng.normal(size=24).astype(np.float32)
+    patch_src = rng.normal(size=(2, 6, 24)).astype(np.float32)
+    interventions = [
+        ms.Zero("blocks.0.hook_attn_out", pos=[1, 2]),
+        ms.Add("blocks.1.hook_resid_pre", vec, scale=0.5),
+        ms.Scale("blocks.0.mlp.hook_post", 0.5, index=[0, 3, 7]),
+        ms.Set("blocks.1.attn.hook_pattern", 0.3, head=0, pos=3, key_pos=1),
+        ms.Patch("blocks.0.hook_resid_post", patch_src, pos=2, index=[1, 2, 3]),
+    ]
+
+    def scale_edit(x):
+        x = x.clone()
+        x[..., [0, 3, 7]] = x[..., [0, 3, 7]] * 0.5
+        return x
+
+    def pattern_edit(x):
+        x = x.clone()
+        x[:, 0, 3, 1] = 0.3
+        return x
+
+    def patch_edit(x):
+        x = x.clone()
+        x[:, 2, 1:4] = torch.tensor(patch_src[:, 2, 1:4])
+        return x
+
+    edits = [("blocks.0.hook_attn_out", _set_at([1, 2], 0.0)),
+             ("blocks.1.hook_resid_pre", lambda x: x + 0.5 * torch.tensor(vec)),
+             ("blocks.0.mlp.hook_post", scale_edit), ("blocks.1.attn.hook_pattern", pattern_edit),
+             ("blocks.0.hook_resid_post", patch_edit)]
+    # (not hook_resid_mid: the reference reaches it through resid_post, which the patch writes)
+    sites = [n for n in SITES if n != "blocks.0.hook_resid_mid"] + ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"]
+    metric = ms.metrics.LogProb([3, 8])
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_metric(metric, mask), sites, edits)
+    g = model.grad(tokens, metric, sites=sites, weights=True, attention_mask=mask, interventions=interventions)
+    assert abs(g.value - value) < 1e-4 * max(1, abs(value))
+    check(g, ref_sites, ref_params, mask)
+    # the written entries are constants: their gradient before the write is 0, after it is not
+    assert np.all(g["blocks.0.hook_attn_out"][:, [1, 2]] != 0)
+    run = model.run(tokens, attention_mask=mask, cache=sites, logits=None, interventions=interventions)
+    for name in sites:
+        np.testing.assert_array_equal(g.activations[name], run.cache[name])
+
+
+def _basis(rng, n, k):
+    return np.linalg.qr(rng.normal(size=(n, k)))[0].astype(np.float32)
+
+
+def test_subspace_patch_from_array(gpt2):
+    hf, model = gpt2
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 61, (2, 5))
+    Q = _basis(rng, 24, 3)
+    s = rng.normal(size=(2, 5, 24)).astype(np.float32)
+    iv = ms.SubspacePatch("blocks.0.hook_resid_post", Q, s, pos=3)
+    Qt, st = torch.tensor(Q), torch.tensor(s[:, 3])
+
+    def edit(x):
+        x = x.clone()
+        x[:, 3] = x[:, 3] + (st - x[:, 3]) @ Qt @ Qt.T
+        return x
+
+    metric = ms.metrics.LogitDiff([1, 2], [4, 5])
+    sites = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, None, torch_metric(metric, None), sites,
+                                                [("blocks.0.hook_resid_post", edit)])
+    g = model.grad(tokens, metric, sites=sites, weights=True, interventions=[iv])
+    check(g, ref_sites, ref_params, None)
+
+
+def test_subspace_patch_from_source_rows(gpt2):
+    """DAS's interchange: base and source rows in one run; the source's part is a
+    constant, the base's value after the interchange gets the gradient."""
+    hf, model = gpt2
+    rng = np.random.default_rng(7)
+    base, source = rng.integers(0, 61, (3, 6)), rng.integers(0, 61, (3, 6))
+    Q = _basis(rng, 24, 2)
+    iv = ms.SubspacePatch("blocks.1.hook_resid_pre", Q, ms.Source(source), pos=[2, 5])
+    with torch.no_grad():
+        hs = hf(torch.tensor(source), output_hidden_states=True).hidden_states[1]
+    Qt = torch.tensor(Q)
+
+    def edit(x):
+        x = x.clone()
+        x[:, [2, 5]] = x[:, [2, 5]] + (hs[:, [2, 5]] - x[:, [2, 5]]) @ Qt @ Qt.T
+        return x
+
+    metric = ms.metrics.LogProb([1, 2, 3])
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"]
+    value, ref_sites, ref_params = hf_gradients(hf, base, None, torch_metric(metric, None), sites,
+                                                [("blocks.1.hook_resid_pre", edit)])
+    g = model.grad(base, metric, sites=sites, weights=True, interventions=[iv])
+    assert g.metric.shape == (3,) and g["blocks.1.hook_resid_pre"].shape == (3, 6, 24)
+    np.testing.assert_allclose(g.metric, metric.per_row(model, base, interventions=[iv]), rtol=1e-5, atol=1e-5)
+    check(g, ref_sites, ref_params, None)
+
+
+def test_hooks_refused(gpt2):
+    _, model = gpt2
+    with pytest.raises(ValueError, match="hooks"):
+        model.grad(np.array([[1, 2, 3]]), "cross_entropy", hooks={"blocks.0.hook_resid_pre": lambda x, n: x})
