@@ -137,9 +137,3 @@ class TorchGrad:
                for n, g in zip(names, grads)}
         return Gradients(float(total), rows.detach().numpy().astype(np.float32), out,
                          {n: values[n].numpy() for n in names})
-
-
-def attach(model, hf_model):
-    """Give a mechscope model (GPT-2) the torch reference as its grad method."""
-    model.grad = TorchGrad(hf_model, model)
-    return model

@@ -5,9 +5,8 @@ quality of the estimates on the demo model's IOI task."""
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from _torch_grad import TorchGrad, attach
+from _torch_grad import TorchGrad
 from conftest import make_hf_model, save_hf
 
 CONFIG = dict(n_embd=28, n_head=4, n_layer=3, vocab_size=61, n_positions=16, activation_function="gelu_new")
@@ -28,7 +27,7 @@ QK = ["attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_q_by_pos", "attn_
 @pytest.fixture(scope="module")
 def setup(ms, tmp_path_factory):
     hf = make_hf_model(CONFIG, seed=21)
-    model = attach(ms.Model.from_pretrained(save_hf(hf, tmp_path_factory.mktemp("attr") / "m")), hf)
+    model = ms.Model.from_pretrained(save_hf(hf, tmp_path_factory.mktemp("attr") / "m"))
     rng = np.random.default_rng(5)
     clean = rng.integers(0, CONFIG["vocab_size"], (B, T))
     corrupted = clean.copy()
@@ -128,7 +127,8 @@ def test_same_as_slow_definition_and_shape_of_the_sweep(ms, name, setup):
     model, ref, _, corrupted, cache = setup
     metric = ms.metrics.LogitDiff(CORRECT, WRONG)
     exact = getattr(ms.patching, name)(model, corrupted, cache, metric)
-    for qk_fix in ([True, False] if any(k in name for k in ("_q_", "_k_", "_every")) else [True]):
+    # the stacked functions share the per-site code: the exact softmax is enough there
+    for qk_fix in ([True, False] if any(k in name for k in ("_q_", "_k_")) else [True]):
         ours = getattr(ms.attribution, name)(model, corrupted, cache, metric, qk_fix=qk_fix)
         assert ours.shape == exact.shape and ours.dtype == np.float32, name
         want = slow(ms, ref, model, corrupted, cache, metric, name, qk_fix)
@@ -199,7 +199,7 @@ def linear_tail(ms, tmp_path_factory):
                 p.mul_(1e4)
             if name.startswith("transformer.h.1.mlp.c_proj"):
                 p.zero_()
-    model = attach(ms.Model.from_pretrained(save_hf(hf, tmp_path_factory.mktemp("lin") / "m")), hf)
+    model = ms.Model.from_pretrained(save_hf(hf, tmp_path_factory.mktemp("lin") / "m"))
     rng = np.random.default_rng(2)
     clean = rng.integers(0, 50, (3, 6))
     corrupted = clean.copy()
@@ -263,8 +263,6 @@ def test_first_order_agreement_with_the_sweep(ms, setup):
 @pytest.fixture(scope="module")
 def demo(ms):
     model = ms.demo.load_model()
-    hf = transformers.GPT2LMHeadModel.from_pretrained(ms.demo.DEMO_DIR, attn_implementation="eager").float().eval()
-    attach(model, hf)
     ioi = ms.demo.ioi_prompts(model, n=8)
     return model, ioi, model.run(ioi["clean"], cache=["blocks.*.attn.hook_q", "blocks.*.attn.hook_k"]).cache
 
@@ -326,7 +324,7 @@ def test_bad_input(ms, setup, tmp_path):
         ms.attribution.resid_pre(model, corrupted, cache, metric,
                                  interventions=[ms.Patch("blocks.0.hook_resid_pre", ms.Source(clean))])
     one_layer = make_hf_model(dict(n_embd=8, n_head=2, n_layer=1, vocab_size=61, n_positions=8), seed=1)
-    small = attach(ms.Model.from_pretrained(save_hf(one_layer, tmp_path / "one")), one_layer)
+    small = ms.Model.from_pretrained(save_hf(one_layer, tmp_path / "one"))
     small_cache = small.run(clean, cache="blocks.*.hook_resid_pre").cache
     with pytest.raises(ValueError, match="graddrop.*2 layers"):
         ms.attribution.resid_pre(small, corrupted, small_cache, metric, graddrop=True)
