@@ -287,7 +287,8 @@ def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_ma
         # with layer `drop` held constant, the sites inside it have no gradient: not asked for
         names = [f"blocks.{l}.{s}" for s in dict.fromkeys(grad_suffixes + act_suffixes) for l in range(L)
                  if l != drop or not _inside_block(s)]
-        return model.grad(tokens, inner, sites=names, interventions=list(base) + list(extra), attention_mask=mask)
+        return model.grad(tokens, inner, sites=names, interventions=list(base) + list(extra), attention_mask=mask,
+                          progress=False)
 
     if not graddrop:
         with progress_bar(progress, "attribution (backward pass)", unit="pass", total=1) as bar:
