@@ -328,3 +328,55 @@ def test_bad_input(ms, setup, tmp_path):
     small_cache = small.run(clean, cache="blocks.*.hook_resid_pre").cache
     with pytest.raises(ValueError, match="graddrop.*2 layers"):
         ms.attribution.resid_pre(small, corrupted, small_cache, metric, graddrop=True)
+
+
+# ------------------------------------------------------------ rotary, grouped keys, parallel blocks
+
+def engine_slow(ms, model, tokens, cache, metric, name):
+    """The definition with mechscope's own gradients and, for query and key patches,
+    the pattern of an explicit patched run (rotary and grouped keys as the engine
+    computes them)."""
+    L = model.n_layers
+    kind = name.split("_")[2] if name.startswith("attn_head_") else None
+    suffix, shape, box = boxes(name, model.n_kv_heads if kind in ("k", "v") else model.n_heads, tokens.shape[1])
+    qk = suffix in ("attn.hook_q", "attn.hook_k")
+    wanted = [f"blocks.{l}.{'attn.hook_pattern' if qk else suffix}" for l in range(L)]
+    g = model.grad(tokens, metric, sites=wanted)
+    base = np.asarray(g.metric, np.float64)
+    out = np.zeros((L,) + shape)
+    for layer in range(L):
+        site = f"blocks.{layer}.{suffix}"
+        pattern = f"blocks.{layer}.attn.hook_pattern"
+        for index in np.ndindex(*shape):
+            if qk:
+                h = index[-1]
+                pos = index[0] if name.endswith("_by_pos") else None
+                new = model.run(tokens, logits=None, cache=pattern,
+                                interventions=[ms.Patch(site, cache, pos=pos, head=h)]).cache[pattern]
+                change = ((new.astype(np.float64) - g.activations[pattern]) * g[pattern]).reshape(len(tokens), -1).sum(1)
+            else:
+                diff = (np.asarray(cache[site], np.float64) - g.activations[site]) * g[site]
+                change = diff[box(*index)].reshape(len(tokens), -1).sum(1)
+            out[(layer,) + index] = metric.reduce((base + change)[None])[0]
+    return out
+
+
+@pytest.mark.parametrize("config", ["llama_gqa3", "llama3_rope_tied", "neox_parallel"])
+def test_rotary_grouped_and_parallel_models(ms, config, tmp_path):
+    from test_architectures import CONFIGS as ARCHS
+    from test_architectures import make_hf
+    hf = make_hf(config)
+    model = ms.Model.from_pretrained(save_hf(hf, tmp_path / config))
+    vocab = ARCHS[config][1]["vocab_size"]
+    rng = np.random.default_rng(4)
+    clean = rng.integers(0, vocab, (2, 6))
+    corrupted = clean.copy()
+    corrupted[:, 2] = (clean[:, 2] + 5) % vocab
+    corrupted[:, 4] = (clean[:, 4] + 9) % vocab
+    cache = model.run(clean, cache=model.site_names).cache
+    metric = ms.metrics.LogitDiff(np.array([1, 2]), np.array([3, 4]))
+    for name in ["resid_pre", "attn_head_out_by_pos", "attn_head_v_all_pos"] + QK:
+        ours = getattr(ms.attribution, name)(model, corrupted, cache, metric)
+        assert ours.shape == getattr(ms.patching, name)(model, corrupted, cache, metric).shape, name
+        np.testing.assert_allclose(ours, engine_slow(ms, model, corrupted, cache, metric, name), atol=1e-4,
+                                   rtol=0, err_msg=f"{config} {name}")

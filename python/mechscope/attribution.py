@@ -30,16 +30,20 @@ Two refinements of Kramár et al. 2024 ("AtP*"):
   the pattern the patch would give is recomputed exactly (the scores with the clean
   query or key, then the softmax; the keys and queries of the other positions stay
   the corrupted run's), and only the rest of the model is linearised: the estimate is
-  (new pattern - corrupted pattern) . d metric / d pattern. No extra backward pass.
-- ``graddrop=True``: against cancellation between paths. For each layer l one
-  backward pass runs with the gradient through layer l's outputs to the residual
-  stream (attention and MLP output) dropped (those values held constant), giving an
-  estimate AtP_l per index; the result is (1 / (n_layers - 1)) * sum over l of
-  |AtP_l - 0| where AtP_l is the estimated *change* of the metric. For an index in
-  layer l itself the term of its own layer is 0 (its only way out is dropped), so
-  this is the mean magnitude over the other layers. A GradDrop grid is therefore a
-  magnitude of the effect (>= 0, the metric's units, without the corrupted run's
-  value added), for ranking components; it costs n_layers backward passes.
+  (new pattern - corrupted pattern) . d metric / d pattern. No extra backward pass
+  (rotary models take one extra forward pass, to rotate the clean queries and keys).
+- ``graddrop=True``: against cancellation between paths (a component whose direct
+  and indirect effects cancel in the gradient). For each layer l one backward pass
+  runs with the gradient through layer l's outputs to the residual stream (its
+  attention and MLP outputs, held at their values as constants) dropped, which gives
+  an estimated change of the metric d_l per index; the result is
+  (1 / (n_layers - 1)) * sum over l of |d_l| (Kramár et al.'s definition, summed over
+  all layers, divided by n_layers - 1). For a site inside layer l (its heads,
+  attention or MLP output) the term of its own layer is 0, its only way out being
+  dropped; hook_resid_pre and hook_resid_mid of layer l keep the residual path
+  around it. A GradDrop grid is therefore a magnitude of the effect (>= 0, in the
+  metric's units, the corrupted run's value not added), for ranking components; it
+  costs n_layers backward passes.
 
 The full AtP* of the paper is ``qk_fix=True, graddrop=True``; plain AtP is
 ``qk_fix=False``.
