@@ -503,3 +503,49 @@ def test_architectures_match_autograd(name):
     value, ref_sites, ref_params = arch_gradients(hf, family, tokens, mask, torch_metric(metric, mask), sites[:3])
     g = model.grad(tokens, metric, sites=sites[:3], weights=True, attention_mask=mask)
     check(g, ref_sites, ref_params, mask)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_bad_input(gpt2):
+    _, model = gpt2
+    tokens = np.array([[1, 2, 3, 4]])
+    metric = ms.metrics.LogitDiff(1, 2)
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_pre.*cannot change the metric"):
+        model.grad(tokens, metric, sites=["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"],
+                   interventions=[ms.Zero("blocks.0.hook_resid_post")])
+    # at or after the overwritten site, or a partial overwrite: fine
+    g = model.grad(tokens, metric, sites=["blocks.0.hook_resid_post"], interventions=[ms.Zero("blocks.0.hook_resid_post")])
+    assert np.abs(g["blocks.0.hook_resid_post"]).max() > 0
+    model.grad(tokens, metric, sites=["blocks.0.hook_resid_pre"], interventions=[ms.Zero("blocks.0.hook_resid_post", pos=1)])
+    with pytest.raises(ValueError, match="blocks.7.hook_resid_pre"):
+        model.grad(tokens, metric, sites=["blocks.7.hook_resid_pre"])
+    with pytest.raises(ValueError, match="no_such_site"):
+        model.grad(tokens, metric, sites=["blocks.0.no_such_site"])
+    with pytest.raises(ValueError, match="h.9.mlp.c_fc.weight"):
+        model.grad(tokens, metric, weights=["h.9.mlp.c_fc.weight"])
+    with pytest.raises(TypeError, match="weights"):
+        model.grad(tokens, metric, weights=3)
+    with pytest.raises(ValueError, match="cross_entropy"):
+        model.grad(tokens, "crossentropy")
+    with pytest.raises(TypeError, match="metric"):
+        model.grad(tokens, lambda logits: logits.sum())
+    with pytest.raises(TypeError, match="Recovery"):
+        model.grad(tokens, ms.metrics.Recovery(metric, 1.0, 0.0))
+    with pytest.raises(ValueError, match="two real tokens"):
+        model.grad(np.array([[1], [2]]), "cross_entropy")
+    with pytest.raises(ValueError, match="padding"):
+        model.grad(tokens, ms.metrics.LogProb(1, pos=0), attention_mask=np.array([[0, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="hooks"):
+        model.grad(tokens, metric, hooks={"blocks.0.hook_resid_pre": lambda x, n: None})
+
+
+def test_memory_checked_before_work(gpt2):
+    _, model = gpt2
+    old = ms.get_memory_budget()
+    try:
+        ms.set_memory_budget(10_000)
+        with pytest.raises(ValueError, match="memory budget"):
+            model.grad(np.array([[1, 2, 3, 4]]), "cross_entropy", weights=True)
+    finally:
+        ms.set_memory_budget(old)
