@@ -248,3 +248,12 @@ def test_few_rows_through_wide_matrices(rows):
         np.testing.assert_array_equal(outs[0], outs[1])
     finally:
         ms.set_num_threads(old)
+
+
+def test_gradients_refuse_two_byte_weights(wide_pair):
+    half, wide = wide_pair
+    tokens = np.random.default_rng(0).integers(0, 3001, (1, 6))
+    metric = ms.metrics.LogitDiff([5], [7])
+    with pytest.raises(ValueError, match="gradients need float32 weights"):
+        half.grad(tokens, metric)
+    assert np.isfinite(wide.grad(tokens, metric).value)

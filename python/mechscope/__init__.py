@@ -26,10 +26,12 @@ from .interventions import (
     Zero,
 )
 from .model import Model, RunResult
+from .gradients import Gradients
 from .tokens import Tokens
 from .extract import extract
 from .store import Activations
 from . import demo, metrics, patching, plot, probing, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
+from . import attribution  # noqa: E402  (ms.attribution.resid_pre, ...: patching sweeps estimated by gradients)
 from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
 
 __version__ = "0.1.0"
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Activations",
     "Add",
+    "Gradients",
     "MeanAblate",
     "Model",
     "Noise",
