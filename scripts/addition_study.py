@@ -30,10 +30,10 @@ answers show what an absolute-position model does with that.
 Training: the full next-token loss on fresh random pairs every step (the held-out
 evaluation pairs are never drawn), AdamW, warmup + cosine, clipping; all seeded.
 
-    python scripts/addition_study.py [--sizes small,medium] [--seeds 0,1,2] [--steps 3000]
+    python scripts/addition_study.py [--sizes small,medium] [--seeds 0,1,2] [--steps 1500] [--format padded]
 
-writes notebooks/addition/results.json (the table) and, for seed 0 of each size,
-notebooks/addition/<format>-<size>/ (a HuggingFace checkpoint, config.json + model.safetensors).
+writes python/mechscope/data/addition/results.json (the table) and, for seed 0 of
+each size, python/mechscope/data/addition/<format>-<size>/ (a HuggingFace checkpoint, config.json + model.safetensors).
 """
 import argparse
 import json
@@ -45,7 +45,7 @@ import numpy as np
 import mechscope as ms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "..", "notebooks", "addition")
+OUT = os.path.join(HERE, "..", "python", "mechscope", "data", "addition")
 
 PLUS, EQUALS, BOS, EOS = 10, 11, 12, 13
 VOCAB = [str(d) for d in range(10)] + ["+", "=", "<bos>", "<eos>"]
@@ -135,7 +135,7 @@ def train_one(size, seed, steps, fmt, batch=64, lr=None, progress=None):
                   tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
                   **SIZES[size])
     model = ms.Model.from_config(config, seed=seed)
-    lr = lr if lr is not None else (3e-3 if size == "small" else 1e-3)
+    lr = lr if lr is not None else (3e-3 if size == "small" else 2e-3)
     history = ms.train.fit(model, lambda rng: training_rows(rng, batch, fmt), steps=steps, lr=lr,
                            schedule="cosine", warmup=min(200, steps // 10), min_lr_ratio=0.1,
                            weight_decay=0.1, betas=(0.9, 0.98), clip_norm=1.0, seed=seed, pad_id=EOS,
@@ -147,7 +147,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="3-digit addition, tested on 4-digit operands")
     parser.add_argument("--sizes", default="small,medium")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--format", default="padded", choices=sorted(FORMAT))
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
