@@ -549,3 +549,17 @@ def test_memory_checked_before_work(gpt2):
             model.grad(np.array([[1, 2, 3, 4]]), "cross_entropy", weights=True)
     finally:
         ms.set_memory_budget(old)
+
+
+@pytest.mark.parametrize("name", ["odd21_gelu_invscale", "relu_inner_untied", "deep4_eps"])
+def test_gpt2_configurations(name):
+    """Exact GELU and ReLU, inverse-layer scaling, n_inner, an untied unembedding, epsilon."""
+    from conftest import CONFIGS
+    hf = make_hf_model(CONFIGS[name], seed=1)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(9)
+    tokens, mask = batch(rng, model.d_vocab, [5, 2], 5, "left")
+    sites = ["hook_embed", "blocks.0.mlp.hook_pre", "blocks.0.attn.hook_pattern", "ln_final.hook_normalized"]
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_cross_entropy(tokens, mask), sites)
+    g = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+    check(g, ref_sites, ref_params, mask)
