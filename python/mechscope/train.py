@@ -386,7 +386,7 @@ def fit(model, data, *, steps, batch_size=32, lr=1e-3, schedule="cosine", warmup
     with progress_bar(progress, "training", "step", total=steps) as bar:
         for step in range(steps):
             ids, mask = batches.next()
-            g = model.grad(ids, "cross_entropy", weights=True, attention_mask=mask)
+            g = model.grad(ids, "cross_entropy", weights=True, attention_mask=mask, progress=False)
             loss = float(g.value)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the loss is {loss} (lower lr, or clip_norm)")

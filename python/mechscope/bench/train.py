@@ -63,7 +63,7 @@ def main(argv=None):
     losses = {}
 
     def ms_step():
-        g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask)
+        g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False)
         grads = g.weights
         train.clip_grad_norm(grads, 1.0)
         opt.step(grads)
@@ -106,7 +106,7 @@ def main(argv=None):
     # where mechscope's step goes
     import time
     start = time.perf_counter()
-    g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask)
+    g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False)
     t_grad = time.perf_counter() - start
     start = time.perf_counter()
     train.clip_grad_norm(g.weights, 1.0)
