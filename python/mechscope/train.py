@@ -54,6 +54,18 @@ def default_no_decay(name, array):
 
 # ---- the optimizer -----------------------------------------------------------------
 
+def _check_adamw(lr, betas, eps, weight_decay):
+    lr = _check_positive(lr, "lr")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float, np.floating)) or not (0.0 <= b < 1.0):
+            raise ValueError(f"betas: beta{i + 1} must be in [0, 1), got {b!r}")
+    eps = _check_positive(eps, "eps", allow_zero=True)
+    weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
+    return lr, (float(betas[0]), float(betas[1])), eps, weight_decay
+
+
 class AdamW:
     """AdamW (Loshchilov & Hutter): Adam with weight decay decoupled from the gradient,
     computed exactly as torch.optim.AdamW (bias-corrected moments, eps added after the
@@ -71,15 +83,7 @@ class AdamW:
             if not isinstance(p, np.ndarray) or p.dtype != np.float32 or not p.flags.c_contiguous \
                     or not p.flags.writeable:
                 raise TypeError(f"params: {name} must be a writeable C-contiguous float32 array")
-        self.lr = _check_positive(lr, "lr")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        for i, b in enumerate(betas):
-            if isinstance(b, bool) or not isinstance(b, (int, float, np.floating)) or not (0.0 <= b < 1.0):
-                raise ValueError(f"betas: beta{i + 1} must be in [0, 1), got {b!r}")
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = _check_positive(eps, "eps", allow_zero=True)
-        self.weight_decay = _check_positive(weight_decay, "weight_decay", allow_zero=True)
+        self.lr, self.betas, self.eps, self.weight_decay = _check_adamw(lr, betas, eps, weight_decay)
         if no_decay is None:
             no_decay = default_no_decay
         if callable(no_decay):
@@ -376,6 +380,7 @@ def fit(model, data, *, steps, batch_size=32, lr=1e-3, schedule="cosine", warmup
         raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
     if not hasattr(model, "grad"):
         raise RuntimeError("fit needs Model.grad (the C backward pass), which this build lacks")
+    _check_adamw(lr, betas, eps, weight_decay)  # before the model is touched
     rng = np.random.default_rng(seed)
     batches = _Batches(data, batch_size, rng, pad_id, model.n_ctx, model.d_vocab)
     params = _trainable(model)
