@@ -135,7 +135,6 @@ def train_one(size, seed, steps, fmt, batch=64, lr=None, progress=None):
                   tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
                   **SIZES[size])
     model = ms.Model.from_config(config, seed=seed)
-    lr = lr if lr is not None else (3e-3 if size == "small" else 2e-3)
     history = ms.train.fit(model, lambda rng: training_rows(rng, batch, fmt), steps=steps, lr=lr,
                            schedule="cosine", warmup=min(200, steps // 10), min_lr_ratio=0.1,
                            weight_decay=0.1, betas=(0.9, 0.98), clip_norm=1.0, seed=seed, pad_id=EOS,
@@ -149,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--format", default="padded", choices=sorted(FORMAT))
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3 small, 2e-3 medium)")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -167,14 +167,16 @@ def main(argv=None):
     for size in args.sizes.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             start = time.time()
-            model, history, config = train_one(size, seed, args.steps, args.format, progress=False)
-            row = {"format": args.format, "size": size, "seed": seed, "steps": args.steps, **SIZES[size],
+            lr = args.lr if args.lr is not None else (3e-3 if size == "small" else 2e-3)
+            model, history, config = train_one(size, seed, args.steps, args.format, lr=lr, progress=False)
+            row = {"format": args.format, "size": size, "seed": seed, "steps": args.steps, "lr": lr, **SIZES[size],
                    "n_params": int(sum(w.size for w in model._weights.values())),
                    "final_loss": float(history.loss[-50:].mean()), "train_seconds": round(history.seconds, 1),
                    **evaluate(model, args.format)}
             print(json.dumps(row), flush=True)
-            key = (args.format, size, seed)
-            results["runs"] = [r for r in results["runs"] if (r["format"], r["size"], r["seed"]) != key] + [row]
+            key = (args.format, size, seed, lr)
+            results["runs"] = [r for r in results["runs"]
+                               if (r["format"], r["size"], r["seed"], r.get("lr")) != key] + [row]
             if seed == 0:
                 folder = os.path.join(args.out, f"{args.format}-{size}")
                 ms.train.save_pretrained(model, folder)
