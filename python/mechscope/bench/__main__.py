@@ -17,6 +17,9 @@ BENCHMARKS = {
                   "NIE and NDE of 3,072 MLP neurons on GPT-2 small vs TransformerLens hooks, memory vs unit count"),
     "extract": ("mechscope.bench.extract",
                 "activation extraction vs model.run and TransformerLens loops, early exit, memory"),
+    "attribution": ("mechscope.bench.attribution",
+                    "attribution patching vs exact sweeps: Spearman per function on demo IOI (AtP, AtP*, "
+                    "GradDrop), attn_head_out_by_pos time"),
     "train": ("mechscope.bench.train",
               "one training step (forward + backward + AdamW) of a GPT-2-small-sized model vs PyTorch"),
 }

@@ -1,0 +1,418 @@
+"""Attribution patching: every sweep of ``mechscope.patching`` estimated from one
+backward pass.
+
+Each function here has the name, the arguments and the result shape of its
+``mechscope.patching`` counterpart, so that one replaces the other::
+
+    clean = model.run(clean_tokens, cache=model.site_names)
+    metric = ms.metrics.LogitDiff(correct, wrong)
+    exact = ms.patching.attn_head_out_by_pos(model, corrupted_tokens, clean.cache, metric)
+    approx = ms.attribution.attn_head_out_by_pos(model, corrupted_tokens, clean.cache, metric)
+
+The exact sweep runs one patched forward pass per index; the estimate takes the
+corrupted run's gradient of the metric with respect to every patched site (one
+backward pass, ``model.grad``) and, for each index, adds to the corrupted run's
+metric the first-order change
+
+    sum over the patched box of (clean - corrupted) * d metric / d site
+
+(attribution patching, "AtP": Nanda 2023; Kramár et al. 2024). The box is exactly
+what the patch writes: one position's vector, one head at one position, a row of a
+pattern, ... Values are in the metric's units (the batch mean, normalised for
+``Recovery``), as the exact sweep's; where the metric is linear in the site the two
+agree exactly.
+
+Two refinements of Kramár et al. 2024 ("AtP*"):
+
+- ``qk_fix=True`` (the default): a query or key patch changes the output only
+  through the attention pattern, and the softmax is where the linear estimate fails
+  most (a saturated softmax has almost no gradient). So for query and key patches
+  the pattern the patch would give is recomputed exactly (the scores with the clean
+  query or key, then the softmax; the keys and queries of the other positions stay
+  the corrupted run's), and only the rest of the model is linearised: the estimate is
+  (new pattern - corrupted pattern) . d metric / d pattern. No extra backward pass
+  (rotary models take one extra forward pass, to rotate the clean queries and keys).
+- ``graddrop=True``: against cancellation between paths (a component whose direct
+  and indirect effects cancel in the gradient). For each layer l one backward pass
+  runs with the gradient through layer l's outputs to the residual stream (its
+  attention and MLP outputs, held at their values as constants) dropped, which gives
+  an estimated change of the metric d_l per index; the result is
+  (1 / (n_layers - 1)) * sum over l of |d_l| (Kramár et al.'s definition, summed over
+  all layers, divided by n_layers - 1). For a site inside layer l (its heads,
+  attention or MLP output) the term of its own layer is 0, its only way out being
+  dropped; hook_resid_pre and hook_resid_mid of layer l keep the residual path
+  around it. A GradDrop grid is therefore a magnitude of the effect (>= 0, in the
+  metric's units, the corrupted run's value not added), for ranking components; it
+  costs n_layers backward passes.
+
+The full AtP* of the paper is ``qk_fix=True, graddrop=True``; plain AtP is
+``qk_fix=False``.
+
+The metric must be one of ``mechscope.metrics`` (differentiated in C); Python
+metrics of the logits have no gradient here.
+"""
+import numpy as np
+
+from . import metrics as _metrics
+from . import sites
+from ._progress import progress_bar
+from .interventions import Set, Source
+from .patching import _source_array
+
+__all__ = [
+    "resid_pre", "resid_mid", "attn_out", "mlp_out", "block_every",
+    "attn_head_out_all_pos", "attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_v_all_pos",
+    "attn_head_pattern_all_pos", "attn_head_all_pos_every",
+    "attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos",
+    "attn_head_pattern_by_pos", "attn_head_pattern_dest_src_pos", "attn_head_by_pos_every",
+]
+
+_HEAD_SITES = {"out": "attn.hook_z", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
+_PATTERN = "attn.hook_pattern"
+
+# A grid is (kind, suffix): kind says how the patched box is summed.
+#   "layer_pos"     site [B, T, d]        -> [B, T]        (one position, all columns)
+#   "head_by_pos"   site [B, T, H, dh]    -> [B, T, H]     (one head at one position)
+#   "head_all_pos"  site [B, T, H, dh]    -> [B, H]        (one head at every position)
+#   "pattern_all"   site [B, H, T, T]     -> [B, H]        (one head's whole pattern)
+#   "pattern_dest"  site [B, H, T, T]     -> [B, H, T]     (one destination row)
+#   "pattern_entry" site [B, H, T, T]     -> [B, H, T, T]  (one entry)
+_SUMMED_AXES = {"layer_pos": (2,), "head_by_pos": (3,), "head_all_pos": (1, 3), "pattern_all": (2, 3),
+                "pattern_dest": (3,), "pattern_entry": ()}
+
+
+def _box_sums(kind, contribution):
+    """(clean - corrupted) * gradient [B, ...site] -> its sums over each patched box."""
+    return contribution.sum(axis=_SUMMED_AXES[kind]) if _SUMMED_AXES[kind] else contribution
+
+
+# ---------------------------------------------------------------- AtP*: exact softmax
+
+def _score_scale(model, layer):
+    """The factor the core multiplies q . k by (as csrc/forward.c)."""
+    scale = 1.0
+    if model.arch.get("scale_attn_weights", 1):
+        scale /= np.sqrt(model.d_head)
+    if model.arch.get("scale_attn_by_inverse_layer", 0):
+        scale /= layer + 1
+    return scale
+
+
+def _allowed(mask, B, T):
+    """[B, T(query), T(key)] bool: keys a query attends to (causal, real tokens)."""
+    causal = np.tril(np.ones((T, T), bool))[None]
+    if mask is None:
+        return np.broadcast_to(causal, (B, T, T))
+    real = mask.astype(bool)
+    return causal & real[:, None, :] & real[:, :, None]
+
+
+def _scores(q, k, scale, n_rep):
+    """q [B, T, H, dh], k [B, T, KV, dh] -> scale * q . k [B, H, T(query), T(key)] (float64)."""
+    k = np.repeat(k, n_rep, axis=2) if n_rep > 1 else k
+    return scale * np.einsum("bihd,bjhd->bhij", q.astype(np.float64), k.astype(np.float64))
+
+
+def _softmax(scores, allowed):
+    """Row softmax over the allowed keys; rows with none are 0. Also returns the log-sum-exp."""
+    s = np.where(allowed[:, None], scores, -np.inf)
+    top = s.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.exp(s - top)
+    z = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(z > 0, e / z, 0.0)
+        lse = top + np.log(z)
+    return p, lse
+
+
+def _qk_fix(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, allowed, scale, n_rep):
+    """Per-row change of the metric for query or key patches, the softmax recomputed
+    exactly and the rest linearised: sum of (new pattern - pattern) * d metric / d pattern.
+    Returns [B, T, heads] ("head_by_pos") or [B, heads] ("head_all_pos"); heads are the
+    query heads for q and the key/value heads for k."""
+    S = _scores(q_rot, k_rot, scale, n_rep)
+    P, lse = _softmax(S, allowed)
+    G = grad_pattern.astype(np.float64)
+    A = (P * G).sum(-1, keepdims=True)                      # [B, H, T, 1]: P . G per row
+    B, H, T, _ = S.shape
+    if which == "q":
+        # a query patch at (i, h) replaces row i of head h: all rows at once
+        P_new, _ = _softmax(_scores(q_clean_rot, k_rot, scale, n_rep), allowed)
+        per_row = (P_new * G).sum(-1) - A[..., 0]            # [B, H, T(query)]
+        if kind == "head_all_pos":
+            return per_row.sum(-1)
+        return per_row.transpose(0, 2, 1)
+    if kind == "head_all_pos":
+        # every key of the head replaced: every row's softmax recomputed
+        P_new, _ = _softmax(_scores(q_rot, k_clean_rot, scale, n_rep), allowed)
+        change = ((P_new * G).sum(-1) - A[..., 0]).sum(-1)  # [B, H]
+        return change.reshape(B, H // n_rep, n_rep).sum(-1)
+    # a key patch at (p, g) changes column p of every later row of the heads of group g;
+    # in closed form per (row i, key p): the row's normaliser with entry p replaced
+    S_new = _scores(q_rot, k_clean_rot, scale, n_rep)       # S_new[..., i, p]: query i, clean key p
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rest = lse + np.log1p(-np.minimum(P, 1.0))          # log of the row's mass without entry p
+        lse_new = np.logaddexp(rest, S_new)
+        others = (A - P * G) * np.exp(lse - lse_new)        # the other entries, renormalised
+        mine = np.exp(S_new - lse_new) * G                   # the replaced entry
+        change = np.where(allowed[:, None], others + mine - A, 0.0)
+    change = change.sum(axis=2)                              # over query rows -> [B, H, T(key)]
+    change = change.reshape(B, H // n_rep, n_rep, T).sum(2)  # heads of a key/value group
+    return change.transpose(0, 2, 1)                         # [B, T, KV]
+
+
+# ---------------------------------------------------------------- the engine
+
+def _check_metric(metric):
+    if not isinstance(metric, _metrics.Metric):
+        raise TypeError("metric: attribution patching differentiates the metric, so it must be one of "
+                        "mechscope.metrics (LogitDiff, LogProb, Prob, KL, Recovery); a Python function "
+                        "of the logits has no gradient here (use mechscope.patching for it)")
+    return metric.metric if isinstance(metric, _metrics.Recovery) else metric
+
+
+def _check_options(model, qk_fix, graddrop, interventions, grids):
+    for name, value in (("qk_fix", qk_fix), ("graddrop", graddrop)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
+    if graddrop and model.n_layers < 2:
+        raise ValueError("graddrop: GradDrop averages over the other layers and needs a model of at least "
+                         "2 layers; use graddrop=False")
+    ivs = model._check_interventions(interventions)
+    for iv in ivs:
+        if isinstance(getattr(iv, "source", None), Source):
+            raise ValueError("interventions: attribution's base run cannot patch from a Source run (the "
+                             "exact sweeps refuse it too)")
+    if qk_fix and any(suffix in (_HEAD_SITES["q"], _HEAD_SITES["k"]) for _, suffix in grids):
+        for iv in ivs:
+            suffix = sites.parse(iv.site, model)[2]
+            if suffix in sites.ATTENTION:
+                raise ValueError(f"interventions: {iv!r} changes attention scores or patterns, which the "
+                                 "exact softmax of qk_fix=True recomputes from queries and keys; use "
+                                 "qk_fix=False with such interventions")
+    return ivs
+
+
+def _needs(model, grids, qk_fix):
+    """-> (suffixes whose gradient is needed, suffixes whose corrupted and clean values
+    are needed for the query/key fix)."""
+    grad_suffixes, qk = [], []
+    for _, suffix in grids:
+        if qk_fix and suffix in (_HEAD_SITES["q"], _HEAD_SITES["k"]):
+            qk.append(suffix)
+            if _PATTERN not in grad_suffixes:
+                grad_suffixes.append(_PATTERN)
+        elif suffix not in grad_suffixes:
+            grad_suffixes.append(suffix)
+    return grad_suffixes, qk
+
+
+def _rotated_clean(model, tokens, mask, clean, qk, base):
+    """{layer: (clean query, clean key)} as the attention uses them in the corrupted run
+    (rotary models rotate them by position; None where not patched): for rotary models
+    one forward pass with every layer's patched hook_q / hook_k set to the clean values."""
+    L = model.n_layers
+    if not model.arch.get("rotary_dim"):
+        return {l: tuple(clean.get(f"blocks.{l}.{s}") for s in (_HEAD_SITES["q"], _HEAD_SITES["k"]))
+                for l in range(L)}
+    sets = [Set(f"blocks.{l}.{s}", clean[f"blocks.{l}.{s}"]) for s in qk for l in range(L)]
+    rot = [s.replace("hook_", "hook_rot_") for s in qk]
+    cache = model.run(tokens, attention_mask=mask, logits=None, interventions=list(base) + sets,
+                      cache=[f"blocks.*.{s}" for s in rot]).cache
+    return {l: tuple(cache.get(f"blocks.{l}.{s.replace('hook_', 'hook_rot_')}") if s in qk else None
+                     for s in (_HEAD_SITES["q"], _HEAD_SITES["k"])) for l in range(L)}
+
+
+def _changes(model, grids, grads, acts, clean, rotated_clean, mask, B, T, qk_fix, skip_layer=None):
+    """Per-row first-order changes of the metric for each grid: a list of [B, L, ...]."""
+    L = model.n_layers
+    rotary = bool(model.arch.get("rotary_dim"))
+    n_rep = model.n_heads // model.n_kv_heads
+    allowed = _allowed(mask, B, T) if qk_fix else None
+    out = []
+    for kind, suffix in grids:
+        per_layer = []
+        for layer in range(L):
+            if layer == skip_layer and _inside_block(suffix):
+                per_layer.append(None)
+                continue
+            if qk_fix and suffix in (_HEAD_SITES["q"], _HEAD_SITES["k"]):
+                q = acts[f"blocks.{layer}.attn.hook_rot_q" if rotary else f"blocks.{layer}.attn.hook_q"]
+                k = acts[f"blocks.{layer}.attn.hook_rot_k" if rotary else f"blocks.{layer}.attn.hook_k"]
+                qc, kc = rotated_clean[layer]
+                per_layer.append(_qk_fix(kind, "q" if suffix == _HEAD_SITES["q"] else "k", q, k, qc, kc,
+                                         grads[f"blocks.{layer}.{_PATTERN}"], allowed,
+                                         _score_scale(model, layer), n_rep))
+            else:
+                name = f"blocks.{layer}.{suffix}"
+                diff = clean[name].astype(np.float64) - acts[name].astype(np.float64)
+                per_layer.append(_box_sums(kind, diff * grads[name].astype(np.float64)))
+        shape = next(x.shape for x in per_layer if x is not None)
+        out.append(np.stack([np.zeros(shape) if x is None else x for x in per_layer], axis=1))
+    return out
+
+
+def _values(metric, base_rows, change):
+    """Per-row changes [B, L, ...] -> the metric (batch mean, normalised for Recovery)
+    of the estimated patched runs [L, ...]."""
+    rows = base_rows.astype(np.float64) + np.moveaxis(change, 0, -1)
+    return np.asarray(metric.reduce(rows), np.float64)
+
+
+def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_mask, interventions,
+               progress, qk_fix, graddrop):
+    """Estimates of several grids of patches from one backward pass (n_layers with
+    GradDrop). Each grid is (kind, site suffix); returns one float32 array per grid,
+    [n_layers, ...] as the exact sweep's."""
+    inner = _check_metric(metric)
+    tokens, mask = model._check_tokens(corrupted_tokens, attention_mask)
+    base = _check_options(model, qk_fix, graddrop, interventions, grids)
+    B, T = tokens.shape
+    L = model.n_layers
+    grad_suffixes, qk = _needs(model, grids, qk_fix)
+    rotary = bool(model.arch.get("rotary_dim"))
+
+    # the clean values the exact patches would write (checked as the sweep checks them)
+    value_suffixes = [s for _, s in grids if s not in qk] + qk
+    clean = {}
+    for suffix in dict.fromkeys(value_suffixes):
+        for layer in range(L):
+            name = f"blocks.{layer}.{suffix}"
+            clean[name] = _source_array(model, clean_cache, name, suffix, B, T, "clean_cache")
+            if clean[name].shape[0] != B:
+                clean[name] = np.broadcast_to(clean[name], (B,) + clean[name].shape[1:])
+    act_suffixes = [s for s in value_suffixes if s not in qk]
+    if qk:
+        act_suffixes += ["attn.hook_rot_q", "attn.hook_rot_k"] if rotary else ["attn.hook_q", "attn.hook_k"]
+    rotated_clean = _rotated_clean(model, tokens, mask, clean, qk, base) if qk else None
+
+    def backward(extra=(), drop=None):
+        # with layer `drop` held constant, the sites inside it have no gradient: not asked for
+        names = [f"blocks.{l}.{s}" for s in dict.fromkeys(grad_suffixes + act_suffixes) for l in range(L)
+                 if l != drop or not _inside_block(s)]
+        return model.grad(tokens, inner, sites=names, interventions=list(base) + list(extra), attention_mask=mask,
+                          progress=False)
+
+    if not graddrop:
+        with progress_bar(progress, "attribution (backward pass)", unit="pass", total=1) as bar:
+            g = backward()
+            bar.update(1)
+        changes = _changes(model, grids, g.sites, g.activations, clean, rotated_clean, mask, B, T, qk_fix)
+        base_rows = np.asarray(g.metric, np.float64)
+        return [_values(metric, base_rows, c).astype(np.float32) for c in changes]
+
+    # GradDrop: one backward pass per layer with that layer's outputs held constant
+    held = model.run(tokens, attention_mask=mask, logits=None, interventions=base,
+                     cache=["blocks.*.hook_attn_out", "blocks.*.hook_mlp_out"]).cache
+    totals = None
+    with progress_bar(progress, "attribution (GradDrop backward passes)", unit="pass", total=L) as bar:
+        for layer in range(L):
+            hold = [Set(f"blocks.{layer}.{s}", held[f"blocks.{layer}.{s}"]) for s in ("hook_attn_out", "hook_mlp_out")]
+            g = backward(hold, drop=layer)
+            changes = _changes(model, grids, g.sites, g.activations, clean, rotated_clean, mask, B, T, qk_fix,
+                               skip_layer=layer)
+            base_rows = np.asarray(g.metric, np.float64)
+            at_base = float(np.asarray(metric.reduce(base_rows[None]), np.float64)[0])
+            terms = [np.abs(_values(metric, base_rows, c) - at_base) for c in changes]
+            totals = terms if totals is None else [t + u for t, u in zip(totals, terms)]
+            bar.update(1)
+    return [(t / (L - 1)).astype(np.float32) for t in totals]
+
+
+def _inside_block(suffix):
+    """Sites between a block's input and its outputs to the residual stream: GradDrop's
+    term of their own layer is 0 (hook_resid_pre and hook_resid_mid also reach the
+    metric through the residual connection around the block)."""
+    return suffix not in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+# ------------------------------------------------- the functions of mechscope.patching
+
+_DOC = ("\n\nArguments as mechscope.patching.{name} (corrupted_tokens, clean_cache, metric, "
+        "attention_mask, interventions, progress), plus qk_fix and graddrop (see "
+        "mechscope.attribution). Returns the estimate, shaped as the exact sweep's result.")
+
+
+def _n_heads(model, kind):
+    return model.n_kv_heads if kind in ("k", "v") else model.n_heads
+
+
+def _one_grid(grid, name, doc):
+    def fn(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
+           progress=None, qk_fix=True, graddrop=False):
+        return _attribute(model, corrupted_tokens, clean_cache, metric, [grid], attention_mask, interventions,
+                          progress, qk_fix, graddrop)[0]
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc + _DOC.format(name=name)
+    return fn
+
+
+resid_pre, resid_mid, attn_out, mlp_out = (
+    _one_grid(("layer_pos", suffix), name,
+              f"Estimate of patching blocks.L.{suffix} at each (layer, position): [n_layers, pos].")
+    for name, suffix in (("resid_pre", "hook_resid_pre"), ("resid_mid", "hook_resid_mid"),
+                         ("attn_out", "hook_attn_out"), ("mlp_out", "hook_mlp_out")))
+
+attn_head_out_by_pos, attn_head_q_by_pos, attn_head_k_by_pos, attn_head_v_by_pos = (
+    _one_grid(("head_by_pos", _HEAD_SITES[kind]), f"attn_head_{kind}_by_pos",
+              f"Estimate of patching one head's {_HEAD_SITES[kind]} at one position, each (layer, "
+              "position, head): [n_layers, pos, n_heads] (key/value heads for k and v).")
+    for kind in ("out", "q", "k", "v"))
+
+attn_head_out_all_pos, attn_head_q_all_pos, attn_head_k_all_pos, attn_head_v_all_pos = (
+    _one_grid(("head_all_pos", _HEAD_SITES[kind]), f"attn_head_{kind}_all_pos",
+              f"Estimate of patching one head's {_HEAD_SITES[kind]} at every position, each (layer, "
+              "head): [n_layers, n_heads] (key/value heads for k and v).")
+    for kind in ("out", "q", "k", "v"))
+
+attn_head_pattern_all_pos = _one_grid(
+    ("pattern_all", _PATTERN), "attn_head_pattern_all_pos",
+    "Estimate of patching one head's whole attention pattern, each (layer, head): [n_layers, n_heads].")
+
+attn_head_pattern_by_pos = _one_grid(
+    ("pattern_dest", _PATTERN), "attn_head_pattern_by_pos",
+    "Estimate of patching one head's pattern row of one destination, each (layer, head, dest): "
+    "[n_layers, n_heads, pos].")
+
+attn_head_pattern_dest_src_pos = _one_grid(
+    ("pattern_entry", _PATTERN), "attn_head_pattern_dest_src_pos",
+    "Estimate of patching one entry of one head's pattern, each (layer, head, dest, src): "
+    "[n_layers, n_heads, pos, pos].")
+
+
+def _same_head_counts(model, name):
+    if model.n_kv_heads != model.n_heads:
+        raise ValueError(f"model: {name} stacks q, k and v results, but this model has {model.n_heads} "
+                         f"query heads and {model.n_kv_heads} key/value heads; call the per-site "
+                         "functions (attn_head_k_all_pos, ...) instead")
+
+
+def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
+                            interventions=None, progress=None, qk_fix=True, graddrop=False):
+    """Estimates for out, q, k, v and pattern of each head at all positions:
+    [5, n_layers, n_heads]. One backward pass."""
+    _same_head_counts(model, "attn_head_all_pos_every")
+    grids = [("head_all_pos", _HEAD_SITES[k]) for k in ("out", "q", "k", "v")] + [("pattern_all", _PATTERN)]
+    return np.stack(_attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
+                               interventions, progress, qk_fix, graddrop))
+
+
+def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
+                           interventions=None, progress=None, qk_fix=True, graddrop=False):
+    """Estimates for out, q, k, v and pattern (by destination) of each head at each
+    position: [5, n_layers, pos, n_heads]. One backward pass."""
+    _same_head_counts(model, "attn_head_by_pos_every")
+    grids = [("head_by_pos", _HEAD_SITES[k]) for k in ("out", "q", "k", "v")] + [("pattern_dest", _PATTERN)]
+    *heads, pattern = _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
+                                 interventions, progress, qk_fix, graddrop)
+    return np.stack(heads + [pattern.transpose(0, 2, 1)])
+
+
+def block_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None, interventions=None,
+                progress=None, qk_fix=True, graddrop=False):
+    """Estimates for resid_pre, attn_out and mlp_out per (layer, position): [3, n_layers, pos].
+    One backward pass."""
+    grids = [("layer_pos", s) for s in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
+    return np.stack(_attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
+                               interventions, progress, qk_fix, graddrop))

@@ -1,0 +1,152 @@
+"""Attribution benchmark: how well and how fast ms.attribution estimates the exact
+patching sweeps of ms.patching.
+
+1. Quality, on the demo model's indirect-object task (``ms.demo``: IOI prompts and
+   their corruptions, the logit difference of the indirect object over the subject):
+   for every function, the Spearman rank correlation between the exact sweep and
+   - AtP (qk_fix=False: everything linearised),
+   - AtP* softmax fix (qk_fix=True, the default: query and key patches recompute the
+     softmax exactly), which changes only the q / k functions,
+   - GradDrop (graddrop=True), a magnitude, against the magnitude of the exact
+     effect |exact - corrupted|, beside the same for |AtP*|.
+   Entries the exact sweep cannot change (positions before the first corrupted
+   token) are equal in every method; the correlations are over all entries.
+2. Speed and agreement of attn_head_out_by_pos, attribution against the exact sweep,
+   on the demo model and on a GPT-2-small-shaped model with random weights (batch of 8
+   prompts of 20 tokens differing at two positions, as in the patch benchmark), same
+   threads.
+
+    python -m mechscope.bench attribution [--threads N] [--prompts 16]
+"""
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+import mechscope as ms
+
+from . import common
+
+BATCH, LENGTH = 8, 20
+FUNCTIONS = [
+    "resid_pre", "resid_mid", "attn_out", "mlp_out", "block_every",
+    "attn_head_out_all_pos", "attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_v_all_pos",
+    "attn_head_pattern_all_pos", "attn_head_all_pos_every",
+    "attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos",
+    "attn_head_pattern_by_pos", "attn_head_pattern_dest_src_pos", "attn_head_by_pos_every",
+]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m mechscope.bench attribution", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=common.default_threads(),
+                        help="threads for mechscope (default: all cores)")
+    parser.add_argument("--prompts", type=int, default=16, help="IOI prompts of the demo model (default 16)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def spearman(a, b):
+    from scipy.stats import spearmanr
+    return float(spearmanr(np.ravel(a), np.ravel(b))[0])
+
+
+def quality(model, corrupted, cache, metric):
+    """Rows of the quality table: (function, AtP, AtP*, GradDrop, |AtP*|, seconds exact, seconds AtP*)."""
+    base = metric.evaluate(model, corrupted)
+    rows = []
+    for name in FUNCTIONS:
+        start = time.perf_counter()
+        exact = getattr(ms.patching, name)(model, corrupted, cache, metric, progress=False)
+        t_exact = time.perf_counter() - start
+        fn = getattr(ms.attribution, name)
+        start = time.perf_counter()
+        fixed = fn(model, corrupted, cache, metric, progress=False)
+        t_fixed = time.perf_counter() - start
+        linear = fn(model, corrupted, cache, metric, qk_fix=False, progress=False)
+        dropped = fn(model, corrupted, cache, metric, graddrop=True, progress=False)
+        effect = np.abs(exact - base)
+        rows.append((name, spearman(exact, linear), spearman(exact, fixed), spearman(effect, dropped),
+                     spearman(effect, np.abs(fixed - base)), t_exact, t_fixed))
+    return rows
+
+
+def timed(model, corrupted, cache, metric, once=False):
+    """(seconds exact, seconds attribution, Spearman, max |diff| / range of the exact grid)
+    for attn_head_out_by_pos. once: the exact sweep is timed on one call (it takes
+    minutes on GPT-2 small), the attribution by the median of several."""
+    fns = {"exact": lambda: ms.patching.attn_head_out_by_pos(model, corrupted, cache, metric, progress=False),
+           "attribution": lambda: ms.attribution.attn_head_out_by_pos(model, corrupted, cache, metric,
+                                                                      progress=False)}
+    if once:
+        start = time.perf_counter()
+        exact = fns["exact"]()
+        seconds = {"exact": time.perf_counter() - start}
+        seconds["attribution"], _ = common.time_median(fns["attribution"], budget_s=6.0, min_repeats=3,
+                                                       max_repeats=5)
+    else:
+        seconds, _ = common.time_interleaved(fns, budget_s=6.0, min_rounds=2, max_rounds=10)
+        exact = fns["exact"]()
+    approx = fns["attribution"]()
+    return seconds["exact"], seconds["attribution"], spearman(exact, approx), \
+        float(np.abs(exact - approx).max() / max(np.ptp(exact), 1e-12)), exact.size
+
+
+def main(argv=()):
+    args = parse_args(list(argv))
+    started = time.perf_counter()
+    ms.set_num_threads(args.threads)
+    common.print_header("attribution", [
+        f"demo model: {args.prompts} IOI prompts, metric logit difference (indirect object - subject)",
+        f"GPT-2 small shape {common.GPT2_SMALL}, random weights (seed {args.seed}): batch {BATCH} x {LENGTH} "
+        "tokens, 2 corrupted positions, random answers",
+    ])
+    model = ms.demo.load_model()
+    ioi = ms.demo.ioi_prompts(model, n=args.prompts, seed=args.seed)
+    metric = ms.metrics.LogitDiff(ioi["io"], ioi["s"])
+    cache = model.run(ioi["clean"], cache=model.site_names, logits=None).cache
+    print("1. Spearman correlation with the exact sweep, demo model IOI")
+    header = (f"{'function':<31} {'AtP':>6} {'AtP*':>6} | {'GradDrop':>8} {'|AtP*|':>6} | "
+              f"{'exact s':>8} {'AtP* s':>7}")
+    print(header)
+    print("-" * len(header))
+    rows = quality(model, ioi["corrupted"], cache, metric)
+    for name, linear, fixed, dropped, magnitude, t_exact, t_fixed in rows:
+        print(f"{name:<31} {linear:>6.3f} {fixed:>6.3f} | {dropped:>8.3f} {magnitude:>6.3f} | "
+              f"{t_exact:>8.3f} {t_fixed:>7.3f}")
+    qk = [r for r in rows if r[0] in ("attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_q_by_pos",
+                                      "attn_head_k_by_pos")]
+    better = sum(r[2] > r[1] for r in qk)
+    print(f"AtP* (exact softmax) above AtP on {better} of {len(qk)} query/key functions; "
+          f"mean over them {np.mean([r[1] for r in qk]):.3f} -> {np.mean([r[2] for r in qk]):.3f}")
+    print("GradDrop and |AtP*| are compared with |exact - corrupted| (GradDrop estimates a magnitude).")
+    print()
+
+    print("2. attn_head_out_by_pos: attribution (one backward pass) vs the exact sweep")
+    header = (f"{'model':<22} {'patches':>7} | {'exact s':>8} {'attrib. s':>9} {'speedup':>8} | "
+              f"{'Spearman':>8} {'max|diff|/range':>15}")
+    print(header)
+    print("-" * len(header))
+    t_exact, t_attr, rho, rel, n = timed(model, ioi["corrupted"], cache, metric)
+    print(f"{'demo, ' + str(args.prompts) + ' prompts':<22} {n:>7} | {t_exact:>8.3f} {t_attr:>9.3f} "
+          f"{t_exact / t_attr:>7.1f}x | {rho:>8.3f} {rel:>15.3f}")
+    with tempfile.TemporaryDirectory(prefix="mechscope-bench-") as folder:
+        common.save_random_gpt2(folder, args.seed)
+        big = ms.Model.from_pretrained(folder)
+        rng = np.random.default_rng(args.seed)
+        clean = rng.integers(0, big.d_vocab, (BATCH, LENGTH))
+        corrupted = clean.copy()
+        where = [LENGTH // 2 - 2, LENGTH // 2 + 1]
+        corrupted[:, where] = (clean[:, where] + 1 + rng.integers(0, big.d_vocab - 1, (BATCH, 2))) % big.d_vocab
+        big_metric = ms.metrics.LogitDiff(rng.integers(0, big.d_vocab, BATCH), rng.integers(0, big.d_vocab, BATCH))
+        big_cache = big.run(clean, cache="blocks.*.attn.hook_z", logits=None).cache
+        t_exact, t_attr, rho, rel, n = timed(big, corrupted, big_cache, big_metric, once=True)
+        print(f"{'GPT-2 small, random':<22} {n:>7} | {t_exact:>8.3f} {t_attr:>9.3f} {t_exact / t_attr:>7.1f}x | "
+              f"{rho:>8.3f} {rel:>15.3f}")
+    print("seconds: median of interleaved runs (GPT-2 small: the exact sweep timed once); max|diff|/range: largest error of the estimate over the "
+          "range of the exact grid.")
+    print()
+    print(f"total benchmark time: {time.perf_counter() - started:.0f} s")
+    return 0
