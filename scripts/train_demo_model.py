@@ -35,18 +35,21 @@ list, index = token id) and tasks.json (names, cities, places, objects,
 templates, all facts, measured accuracies). The folder's README.md is kept by
 hand: update its numbers if a change here changes them.
 
-Rerun from the repository root (needs only torch, transformers and numpy;
-about 3 minutes on 2 CPU cores):
+The model is trained with mechscope's own trainer (ms.train: gradients from the
+C core's backward pass, AdamW, warmup + cosine, clipping); no PyTorch is needed.
+Rerun from the repository root (--out writes elsewhere, e.g. to compare with the
+shipped model before replacing it):
 
-    python scripts/train_demo_model.py
+    python scripts/train_demo_model.py [--out FOLDER]
 """
+import argparse
 import json
 import os
 import time
 
 import numpy as np
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+
+import mechscope as ms
 
 SEED = 0
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "mechscope", "data", "demo")
@@ -135,19 +138,9 @@ def sample_ioi(rng):
 
 # ---- batches ----------------------------------------------------------------------
 
-def pad_batch(rows):
-    """Right-pad token lists with <pad>; labels are -100 on padding so the loss ignores it."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
-
-
-def training_batch(rng, fact_sentences, held_out):
+def training_rows(rng, fact_sentences, held_out):
+    """One minibatch of token lists: half IOI sentences, half fact sentences (ms.train
+    right-pads them with <pad> and masks the padding out of the loss)."""
     rows = []
     while len(rows) < BATCH // 2:
         case = sample_ioi(rng)
@@ -156,56 +149,61 @@ def training_batch(rng, fact_sentences, held_out):
         rows.append(encode(ioi_prompt(*case) + f" {case[1]} ."))
     for i in rng.integers(len(fact_sentences), size=BATCH - len(rows)):
         rows.append(fact_sentences[i])
-    return pad_batch(rows)
+    return rows
 
 
 # ---- evaluation -------------------------------------------------------------------
 
-@torch.no_grad()
 def last_logits(model, prompts):
     """Logits at each prompt's last token, [n, vocab]; prompts are texts without <bos>."""
     out = []
     for start in range(0, len(prompts), 256):
-        ids, mask, _ = pad_batch([encode(p) for p in prompts[start:start + 256]])
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        last = mask.sum(1) - 1
-        out.append(logits[torch.arange(len(ids)), last])
-    return torch.cat(out)
+        rows = [encode(p) for p in prompts[start:start + 256]]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), PAD, np.int64)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        out.append(model.run(ids, attention_mask=mask, logits="last").logits)
+    return np.concatenate(out)
 
 
 def evaluate(model, facts, ioi_cases):
     """Top-1 accuracies, and IOI logit differences logit(IO) - logit(S)."""
-    model.eval()
     result = {"facts": {}, "ioi": {}}
     for name in FACT_TEMPLATES:
         logits = last_logits(model, [fact_prompt(name, f) for f in facts])
-        target = torch.tensor([WORD_ID[f["city"]] for f in facts])
-        result["facts"][name] = float((logits.argmax(1) == target).float().mean())
+        target = np.array([WORD_ID[f["city"]] for f in facts])
+        result["facts"][name] = float((logits.argmax(1) == target).mean())
 
-    io = torch.tensor([WORD_ID[c[1]] for c in ioi_cases])
-    s = torch.tensor([WORD_ID[c[2]] for c in ioi_cases])
-    rows = torch.arange(len(ioi_cases))
+    io = np.array([WORD_ID[c[1]] for c in ioi_cases])
+    s = np.array([WORD_ID[c[2]] for c in ioi_cases])
+    rows = np.arange(len(ioi_cases))
     clean = last_logits(model, [ioi_prompt(*c) for c in ioi_cases])
     # corrupted: the second mention is the other name, so the answer becomes S
     corrupt = last_logits(model, [ioi_prompt(*c).replace(f", {c[2]} gave", f", {c[1]} gave") for c in ioi_cases])
     orders = np.array([c[0] for c in ioi_cases])
     for order in ("ABBA", "BABA", "all"):
-        sel = torch.from_numpy(orders == order) if order != "all" else torch.ones(len(ioi_cases), dtype=torch.bool)
+        sel = orders == order if order != "all" else np.ones(len(ioi_cases), bool)
         result["ioi"][order] = {
-            "accuracy": float((clean.argmax(1) == io)[sel].float().mean()),
-            "corrupted_accuracy": float((corrupt.argmax(1) == s)[sel].float().mean()),
+            "accuracy": float((clean.argmax(1) == io)[sel].mean()),
+            "corrupted_accuracy": float((corrupt.argmax(1) == s)[sel].mean()),
             "logit_diff_clean": float((clean[rows, io] - clean[rows, s])[sel].mean()),
             "logit_diff_corrupted": float((corrupt[rows, io] - corrupt[rows, s])[sel].mean()),
         }
-    model.train()
     return result
 
 
 # ---- main -------------------------------------------------------------------------
 
-def main():
-    torch.manual_seed(SEED)
-    torch.set_num_threads(2)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=OUT_DIR, help="output folder (default: the shipped demo model's)")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    args = parser.parse_args(argv)
+    out_dir = args.out
+    ms.set_num_threads(2)
     rng = np.random.default_rng(SEED)
 
     facts = make_facts(rng)
@@ -220,48 +218,40 @@ def main():
             ioi_eval.append(case)
     held_out = set(ioi_eval)
 
-    config = GPT2Config(
-        vocab_size=len(VOCAB), n_positions=N_POSITIONS, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD,
-        activation_function="gelu_new", tie_word_embeddings=True,
-        # no dropout: the facts must be memorized exactly and the data is unlimited anyway
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD,
+    config = dict(
+        model_type="gpt2", vocab_size=len(VOCAB), n_positions=N_POSITIONS, n_embd=N_EMBD, n_layer=N_LAYER,
+        n_head=N_HEAD, activation_function="gelu_new", tie_word_embeddings=True, initializer_range=0.02,
     )
-    model = GPT2LMHeadModel(config)
-    n_params = sum(p.numel() for p in model.parameters())
+    # HF's GPT-2 init: normal(0, 0.02), norms at 1, biases at 0
+    model = ms.Model.from_config(config, seed=SEED)
+    # GPT-2's scaled init of the residual projections (std 0.02 / sqrt(2 n_layer)), as HF does
+    for name, w in model._weights.items():
+        if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
+            w *= np.float32(1.0 / np.sqrt(2 * N_LAYER))
+    n_params = sum(a.size for a in model._weights.values())
     print(f"{n_params:,} parameters, vocabulary of {len(VOCAB)} words, {len(facts)} facts")
 
-    # no weight decay on biases, layer norms and embeddings (the usual GPT-2 recipe)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.98))
-    # linear warmup, then cosine decay to 10% of the peak
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / WARMUP) * (0.55 + 0.45 * np.cos(np.pi * step / STEPS)))
-
-    model.train()
-    start = time.time()
-    for step in range(1, STEPS + 1):
-        ids, mask, labels = training_batch(rng, fact_sentences, held_out)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 500 == 0 or step == STEPS:
+    def report(step, model, history):
+        if (step + 1) % 500 == 0 or step + 1 == args.steps:
             r = evaluate(model, facts, ioi_eval[:500])
-            print(f"step {step:5d}  loss {loss.item():.3f}  ioi {r['ioi']['all']['accuracy']:.3f}  "
-                  f"facts {r['facts']['lives_in']:.3f}  {time.time() - start:.0f}s", flush=True)
-    train_seconds = time.time() - start
+            print(f"step {step + 1:5d}  loss {history.loss[-1]:.3f}  ioi {r['ioi']['all']['accuracy']:.3f}  "
+                  f"facts {r['facts']['lives_in']:.3f}  {history.seconds:.0f}s", flush=True)
+
+    # no weight decay on biases, layer norms and embeddings (the usual GPT-2 recipe);
+    # linear warmup, then cosine decay to 10% of the peak
+    history = ms.train.fit(
+        model, lambda r: training_rows(r, fact_sentences, held_out), steps=args.steps, lr=LR,
+        schedule="cosine", warmup=min(WARMUP, args.steps), min_lr_ratio=0.1, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.98),
+        clip_norm=1.0, no_decay=lambda name, w: w.ndim < 2 or "wte" in name or "wpe" in name,
+        seed=SEED, pad_id=PAD, callback=report)
+    train_seconds = history.seconds
 
     result = evaluate(model, facts, ioi_eval)
     print(json.dumps(result, indent=2))
 
-    os.makedirs(OUT_DIR, exist_ok=True)
-    model.save_pretrained(OUT_DIR, safe_serialization=True)
-    with open(os.path.join(OUT_DIR, "vocab.json"), "w") as f:
+    ms.train.save_pretrained(model, out_dir, extra_config=dict(
+        bos_token_id=BOS, eos_token_id=BOS, pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
         json.dump(VOCAB, f, indent=0)
         f.write("\n")
     tasks = {
@@ -282,7 +272,7 @@ def main():
         "fact_templates": FACT_TEMPLATES,
         "fact_answer": "{city}",
         "facts": facts,
-        "training": {"seed": SEED, "steps": STEPS, "batch_size": BATCH, "lr": LR,
+        "training": {"seed": SEED, "steps": args.steps, "batch_size": BATCH, "lr": LR, "trainer": "mechscope.train",
                      "train_seconds": round(train_seconds), "n_params": n_params},
         "accuracy": {
             "ioi_note": f"{N_IOI_EVAL} random IOI prompts (both orders) never seen in training",
@@ -291,10 +281,10 @@ def main():
             "facts": result["facts"],
         },
     }
-    with open(os.path.join(OUT_DIR, "tasks.json"), "w") as f:
+    with open(os.path.join(out_dir, "tasks.json"), "w") as f:
         json.dump(tasks, f, indent=1)
         f.write("\n")
-    print(f"wrote {os.path.normpath(OUT_DIR)} after {train_seconds:.0f}s of training")
+    print(f"wrote {os.path.normpath(out_dir)} after {train_seconds:.0f}s of training")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .store import Activations
 from . import demo, metrics, patching, plot, probing, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
 from . import attribution  # noqa: E402  (ms.attribution.resid_pre, ...: patching sweeps estimated by gradients)
 from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
+from . import train  # noqa: E402  (ms.train.fit, ms.train.AdamW, ...)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,120 @@
+"""Training-step benchmark: mechscope against PyTorch on a GPT-2-small-sized model.
+
+One training step = forward + backward of the mean next-token cross-entropy on a
+(batch, pos) block of tokens, global-norm gradient clipping, and an AdamW update of
+every weight. mechscope: ms.Model.grad(weights=True) in C, then ms.train's clipping
+and AdamW (NumPy, in place). PyTorch: HF GPT2LMHeadModel in train mode without
+dropout, loss.backward(), clip_grad_norm_, torch.optim.AdamW (its default foreach
+implementation), with HF's eager attention (the plain matmul + softmax mechscope
+computes) and with its default SDPA attention. Same random weights, tokens and thread
+count; the timings are interleaved (each round runs every contender once) so a slow
+spell of a shared machine falls on all alike; the first losses are compared so that
+the times compare like with like.
+
+    python -m mechscope.bench train [--threads N] [--shape 8x128]
+"""
+import argparse
+import tempfile
+
+import numpy as np
+
+import mechscope as ms
+from mechscope import train
+
+from . import common
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m mechscope.bench train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=common.default_threads(),
+                        help="threads for both mechscope and torch (default: all cores)")
+    parser.add_argument("--shape", default="8x128", help="BATCHxPOS of one step (default 8x128)")
+    parser.add_argument("--budget", type=float, default=40.0, help="seconds of timed rounds (default 40)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.shape = tuple(int(x) for x in args.shape.split("x"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    ms.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    B, T = args.shape
+    common.print_header(f"one training step (forward + backward + clip + AdamW), GPT-2 small size, {B}x{T}",
+                        [f"threads: {args.threads} (mechscope and torch {torch.__version__})"])
+    rng = np.random.default_rng(args.seed)
+    tokens = rng.integers(0, common.GPT2_SMALL["vocab_size"], size=(B, T))
+    mask = np.ones((B, T), np.int32)
+
+    with tempfile.TemporaryDirectory() as folder:
+        common.save_random_gpt2(folder, args.seed)
+        model = ms.Model.from_pretrained(folder)
+        hf = {impl: GPT2LMHeadModel.from_pretrained(folder, attn_implementation=impl, dtype=torch.float32,
+                                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+              for impl in ("eager", "sdpa")}
+
+    params = train._trainable(model)
+    opt = train.AdamW(params, lr=1e-5, weight_decay=0.01)  # tiny lr: the weights barely move between rounds
+    losses = {}
+
+    def ms_step():
+        g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False)
+        grads = g.weights
+        train.clip_grad_norm(grads, 1.0)
+        opt.step(grads)
+        train._sync_core(model)
+        losses.setdefault("mechscope", float(g.value))
+
+    ids = torch.from_numpy(tokens)
+    torch_steps = {}
+    for impl, m in hf.items():
+        m.train()
+        decay = [p for p in m.parameters() if p.dim() >= 2]
+        rest = [p for p in m.parameters() if p.dim() < 2]
+        topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=1e-5)
+
+        def step(m=m, topt=topt, impl=impl):
+            loss = m(input_ids=ids, labels=ids).loss
+            topt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            topt.step()
+            losses.setdefault(f"torch_{impl}", float(loss.detach()))
+        torch_steps[f"torch_{impl}"] = step
+
+    # the step split into its parts (one call each, after the interleaved rounds warm up)
+    times, counts = common.time_interleaved({"mechscope": ms_step, **torch_steps}, budget_s=args.budget,
+                                            min_rounds=3)
+    print("first-step loss (same weights and tokens): " +
+          ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
+    agree = max(abs(v - losses["mechscope"]) for v in losses.values())
+    print(f"  largest difference: {agree:.2e}")
+    print()
+    print(f"{'':28s} {'median s/step':>14s} {'tokens/s':>10s} {'rounds':>7s}")
+    for name, t in times.items():
+        print(f"{name:28s} {t:14.3f} {B * T / t:10.0f} {counts[name]:7d}")
+    print()
+    for impl in ("eager", "sdpa"):
+        print(f"speedup vs torch ({impl} attention): {times[f'torch_{impl}'] / times['mechscope']:.2f}x")
+
+    # where mechscope's step goes
+    import time
+    start = time.perf_counter()
+    g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False)
+    t_grad = time.perf_counter() - start
+    start = time.perf_counter()
+    train.clip_grad_norm(g.weights, 1.0)
+    t_clip = time.perf_counter() - start
+    start = time.perf_counter()
+    opt.step(g.weights)
+    t_adam = time.perf_counter() - start
+    flops = 3 * common.gpt2_flops(common.GPT2_SMALL, B, T, B * T)
+    print(f"mechscope step parts (one call): grad {t_grad:.3f}s ({flops / t_grad / 1e9:.0f} GFLOP/s by 3x the "
+          f"forward matmul count), clip {t_clip:.3f}s, AdamW {t_adam:.3f}s")
+    return 0
