@@ -31,6 +31,7 @@ from .extract import extract
 from .store import Activations
 from . import demo, metrics, patching, plot, probing, tracing  # noqa: E402  (ms.metrics.LogitDiff, ms.patching.resid_pre, ...)
 from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
+from . import das  # noqa: E402  (ms.das.DAS, ms.das.iia)
 
 __version__ = "0.1.0"
 
