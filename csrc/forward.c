@@ -7,6 +7,7 @@
  * to the base's keys and values at the positions they do not recompute. */
 #include "kernels.h"
 #include "run.h"
+#include "tape.h"
 #include "blas.h"
 
 #include <math.h>
@@ -90,9 +91,10 @@ static int blocks_needed(const ms_model *m, const ms_plan *p) {
     return n;
 }
 
-static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p) {
+/* taped: a gradient run's forward (tape.h), which always stores the pattern */
+static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p, int taped) {
     ms_sizes s = {0};
-    int att = stores_attention(p);
+    int att = taped || stores_attention(p);
     size_t max_keys = 0;
     for (int r = 0; r < p->n_rows; r++) {
         size_t n = (size_t)real_count(p, r);
@@ -118,8 +120,8 @@ static size_t buffer_floats(const ms_config *c, ms_sizes s) {
            s.out_rows * C + s.out_full;
 }
 
-size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan) {
-    ms_sizes s = plan_sizes(m, plan);
+size_t ms_forward_bytes(const ms_model *m, const ms_plan *plan, int taped) {
+    ms_sizes s = plan_sizes(m, plan, taped);
     size_t items = (size_t)m->cfg.n_heads * (size_t)plan->n_rows;
     size_t index_bytes = sizeof(int) * ((size_t)plan->n_rows * (6 + plan->n_pos) + s.N + items) +
                          sizeof(size_t) * (plan->n_rows + 1);
@@ -128,7 +130,9 @@ size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan) {
     return buffer_floats(&m->cfg, s) * sizeof(float) + index_bytes + record;
 }
 
-static void layout_free(ms_layout *L) {
+size_t ms_run_workspace_bytes(const ms_model *m, const ms_plan *plan) { return ms_forward_bytes(m, plan, 0); }
+
+void ms_layout_free(ms_layout *L) {
     free(L->row_off);
     free(L->n_real);
     free(L->first);
@@ -141,7 +145,7 @@ static void layout_free(ms_layout *L) {
 }
 
 /* Build the packed layout; allocates L's index arrays (freed by layout_free). */
-static ms_status layout_build(ms_layout *L, const ms_model *m, const ms_plan *p, ms_error *err) {
+ms_status ms_layout_build(ms_layout *L, const ms_model *m, const ms_plan *p, ms_error *err) {
     int R = p->n_rows, T = p->n_pos, H = m->cfg.n_heads;
     L->m = m;
     L->plan = p;
@@ -264,7 +268,8 @@ static void join_rows(const ms_layout *L, float *resid, int layer) {
  * it is applied, as in TransformerLens. RMSNorm's hook_normalized is x / scale, its
  * weight applied after the visit (TransformerLens's RMSNorm). */
 static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float *w, const float *bias,
-                                 ms_site scale_site, int layer, ms_error *err) {
+                                 ms_site scale_site, int layer, float *save_scale, float *save_ln,
+                                 ms_error *err) {
     const ms_config *c = &L->m->cfg;
     int N = L->active_N, C = c->d_model;
     ms_status st;
@@ -277,6 +282,10 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
         return st;
     }
     if ((st = ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err))) return st;
+    if (save_scale) { /* a gradient run keeps the divisor and hook_normalized as they were used */
+        memcpy(save_scale, b->scale, sizeof(float) * (size_t)N);
+        memcpy(save_ln, b->ln, sizeof(float) * (size_t)N * C);
+    }
     if (c->norm == MS_NORM_RMS) ms_norm_weight(b->ln, w, bias, N, C);
     return MS_OK;
 }
@@ -450,11 +459,15 @@ static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, m
     if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
     if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
     ms_status st;
-    if (ms_plan_visits(L->plan, MS_SITE_ATTN_SCORES, layer) || ms_plan_visits(L->plan, MS_SITE_PATTERN, layer)) {
+    ms_tape *tape = L->tape;
+    if (tape || ms_plan_visits(L->plan, MS_SITE_ATTN_SCORES, layer) || ms_plan_visits(L->plan, MS_SITE_PATTERN, layer)) {
         attention_phase(&job, PHASE_SCORES);
         if ((st = ms_visit_attention(L, MS_SITE_ATTN_SCORES, layer, b->att, err))) return st;
         attention_phase(&job, PHASE_SOFTMAX);
+        if (tape) memcpy(tape->pattern + (size_t)layer * tape->att, b->att, sizeof(float) * tape->att);
         if ((st = ms_visit_attention(L, MS_SITE_PATTERN, layer, b->att, err))) return st;
+        if (tape && tape->pattern_used)
+            memcpy(tape->pattern_used + (size_t)layer * tape->att, b->att, sizeof(float) * tape->att);
         attention_phase(&job, PHASE_MIX);
     } else {
         attention_phase(&job, PHASE_ALL);
@@ -489,6 +502,12 @@ static void rotate(const ms_layout *L, const float *rope, float *x, int ld, int 
                 ms_rotary(x + (size_t)k * ld + (size_t)h * c->d_head, rope + (size_t)pos * c->rotary_dim,
                           c->rotary_dim);
         }
+}
+
+/* a gradient run keeps the active rows of src [N, width] (contiguous) in layer l's
+ * slab [L->N, width] of a tape array */
+static void tape_copy(const ms_layout *L, float *dst, int l, const float *src, size_t width) {
+    memcpy(dst + (size_t)l * L->N * width, src, sizeof(float) * (size_t)L->active_N * width);
 }
 
 /* q | k | v of the active rows: one product when the three matrices are column
@@ -526,13 +545,18 @@ static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
         }
         if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, MW, err))) return st;
         if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE_LINEAR, l, b->mlp + F, MW, err))) return st;
+        if (L->tape) tape_copy(L, L->tape->mlp_pre, l, b->mlp, (size_t)MW);
         ms_gated_activation(b->mlp, MW, N, F, c->activation, L->n_threads);
     } else {
         ms_linear(b->mlp, F, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
         if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, F, err))) return st;
+        if (L->tape) tape_copy(L, L->tape->mlp_pre, l, b->mlp, (size_t)F);
         ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, L->n_threads);
     }
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, MW, err))) return st;
+    if (L->tape) /* hook_post: the first F columns of rows of MW */
+        for (int i = 0; i < N; i++)
+            memcpy(L->tape->mlp_post + ((size_t)l * L->N + i) * F, b->mlp + (size_t)i * MW, sizeof(float) * F);
     ms_linear(b->tmp_b, C, b->mlp, MW, &w->mlp_out, N, F, C, L->n_threads);
     return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
 }
@@ -541,6 +565,8 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     const ms_config *c = &L->m->cfg;
     const ms_block *w = &L->m->blocks[l];
     ms_state *rec = L->plan->record;
+    ms_tape *tape = L->tape;
+    size_t at = (size_t)l * L->N; /* this layer's first token in the tape's slabs */
     int C = c->d_model, QD = (int)q_width(c), KD = (int)kv_width(c), QW = (int)qkv_width(c);
     ms_status st;
 
@@ -550,7 +576,10 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if (L->plan->base) join_rows(L, b->resid, l);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
-    if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, err))) return st;
+    if (tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
+    if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, tape ? tape->ln1_scale + at : NULL,
+                              tape ? tape->ln1 + at * C : NULL, err)))
+        return st;
     qkv_forward(L, b, w, N);
     if ((st = ms_visit_tokens(L, MS_SITE_Q, l, b->qkv, QW, err))) return st;
     if ((st = ms_visit_tokens(L, MS_SITE_K, l, b->qkv + QD, QW, err))) return st;
@@ -566,12 +595,16 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         record_state(L, b->qkv + QD, QW, rec->k + off, (size_t)KD);
         record_state(L, b->qkv + QD + KD, QW, rec->v + off, (size_t)KD);
     }
+    if (tape) tape_copy(L, tape->qkv, l, b->qkv, (size_t)QW);
     if ((st = attention_sites(L, b, l, err))) return st;
+    if (tape) tape_copy(L, tape->z, l, b->z, (size_t)QD);
     ms_linear(b->tmp_a, C, b->z, QD, &w->o, N, QD, C, L->n_threads);
     if ((st = ms_visit_tokens(L, MS_SITE_ATTN_OUT, l, b->tmp_a, C, err))) return st;
     if (c->parallel) {
         /* attention and MLP both read resid_pre; their outputs are added together */
-        if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, err))) return st;
+        if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l,
+                                  tape ? tape->ln2_scale + at : NULL, tape ? tape->ln2 + at * C : NULL, err)))
+            return st;
         if ((st = mlp_sites(L, b, w, l, N, err))) return st;
         ms_add(b->resid, b->resid, b->tmp_a, NC);
         ms_add(b->resid, b->resid, b->tmp_b, NC);
@@ -579,7 +612,10 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     }
     ms_add(b->resid, b->resid, b->tmp_a, NC);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_MID, l, b->resid, C, err))) return st;
-    if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, err))) return st;
+    if (tape) tape_copy(L, tape->resid_mid, l, b->resid, (size_t)C);
+    if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, tape ? tape->ln2_scale + at : NULL,
+                              tape ? tape->ln2 + at * C : NULL, err)))
+        return st;
     if ((st = mlp_sites(L, b, w, l, N, err))) return st;
     ms_add(b->resid, b->resid, b->tmp_b, NC);
     return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
@@ -768,56 +804,68 @@ static ms_status check_stop(ms_error *err) {
     return MS_ERR_INTERRUPTED;
 }
 
-ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
-    ms_status st = ms_plan_check(m, plan, err);
-    if (st) return st;
-    const volatile int *outer_stop = ms_stop_flag_swap(plan->stop);
+/* The forward pass of a plan over a built layout; with a tape (L->tape), every
+ * block is computed and the values the backward pass needs are kept in it. */
+ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L, ms_error *err) {
     const ms_config *c = &m->cfg;
-    ms_layout L = {0};
+    ms_tape *tape = L->tape;
     float *base = NULL;
     size_t floats = 0;
     ms_buffers b;
-    L.n_threads = run_threads(plan);
-    if ((st = layout_build(&L, m, plan, err))) goto done;
-    ms_sizes sizes = plan_sizes(m, plan);
+    ms_status st = MS_OK;
+    ms_sizes sizes = plan_sizes(m, plan, tape != NULL);
     floats = buffer_floats(c, sizes) + 1;
     base = workspace_take(m->workspace, floats);
     if (!base) {
         snprintf(err->message, sizeof err->message, "out of memory allocating the run's activations");
-        st = MS_ERR_MEMORY;
-        goto done;
+        return MS_ERR_MEMORY;
     }
     carve_buffers(&b, base, c, sizes);
-    if (plan->record && (st = record_alloc(plan->record, &L, err))) goto done;
+    if (plan->record && (st = record_alloc(plan->record, L, err))) goto done;
 
-    if (c->rotary_dim) rope_table(b.rope, m, L.max_keys);
-    set_active(&L, -1);
-    embed_tokens(&L, b.tmp_a, b.tmp_b);
-    if ((st = ms_visit_tokens(&L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
+    if (c->rotary_dim) rope_table(b.rope, m, L->max_keys);
+    set_active(L, -1);
+    embed_tokens(L, b.tmp_a, b.tmp_b);
+    if ((st = ms_visit_tokens(L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
     if (m->wpe) {
-        if ((st = ms_visit_tokens(&L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
-        ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L.active_N * c->d_model);
+        if ((st = ms_visit_tokens(L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
+        ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L->active_N * c->d_model);
     } else {
-        memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L.active_N * c->d_model);
+        memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L->active_N * c->d_model);
     }
-    int n_blocks = blocks_needed(m, plan);
+    int n_blocks = tape ? c->n_layers : blocks_needed(m, plan);
     for (int l = 0; l < n_blocks; l++)
-        if ((st = block_forward(&L, &b, l, err)) || (st = check_stop(err))) goto done;
+        if ((st = block_forward(L, &b, l, err)) || (st = check_stop(err))) goto done;
     if (n_blocks < c->n_layers) goto done; /* nothing after this block is asked for */
-    L.active_rows = plan->n_rows;
-    L.active_N = L.N;
-    if ((st = layernorm_sites(&L, &b, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, err))) goto done;
-    if (plan->n_logit_pos > 0) compute_logits(&L, &b);
-    if (plan->metric.kind != MS_METRIC_NONE) compute_metric(&L, &b);
+    L->active_rows = plan->n_rows;
+    L->active_N = L->N;
+    if (tape) memcpy(tape->resid_final, b.resid, sizeof(float) * (size_t)L->N * c->d_model);
+    if ((st = layernorm_sites(L, &b, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, tape ? tape->lnf_scale : NULL,
+                              tape ? tape->lnf : NULL, err)))
+        goto done;
+    if (plan->n_logit_pos > 0) compute_logits(L, &b);
+    if (plan->metric.kind != MS_METRIC_NONE) compute_metric(L, &b);
     st = check_stop(err);
 
 done:
-    ms_stop_flag_swap(outer_stop);
     if (st && plan->record) ms_state_free(plan->record);
-    if (base) workspace_give(m->workspace, base, floats);
-    layout_free(&L);
+    workspace_give(m->workspace, base, floats);
     return st;
 }
+
+ms_status ms_run(const ms_model *m, const ms_plan *plan, ms_error *err) {
+    ms_status st = ms_plan_check(m, plan, err);
+    if (st) return st;
+    const volatile int *outer_stop = ms_stop_flag_swap(plan->stop);
+    ms_layout L = {0};
+    L.n_threads = run_threads(plan);
+    if (!(st = ms_layout_build(&L, m, plan, err))) st = ms_forward_layout(m, plan, &L, err);
+    ms_stop_flag_swap(outer_stop);
+    ms_layout_free(&L);
+    return st;
+}
+
+void ms_rope_table(float *rope, const ms_model *m, int n) { rope_table(rope, m, n); }
 
 /* The BLAS always runs single-threaded: products are cut into panels that
  * mechscope's own threads share (kernels.c says why). The default thread count is

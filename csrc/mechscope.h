@@ -301,6 +301,60 @@ ms_status ms_sweep_check(const ms_model *m, const ms_sweep_plan *s, ms_error *er
 ms_status ms_sweep(const ms_model *m, const ms_sweep_plan *s, float *out, float *base_out,
                    ms_error *err);
 
+/* ---- gradients ------------------------------------------------------------------
+ *
+ * ms_grad runs a plan forward (its actions applied, caches filled) and then
+ * backward: the gradient of one scalar with respect to chosen sites and, if asked,
+ * every weight. The scalar is the sum over the first n_metric_rows rows of a
+ * metric, or the mean next-token cross-entropy over those rows. Values written by
+ * actions are constants (SET, COPY_ROW, the source part of PROJECT*); ADD is the
+ * identity, SCALE multiplies the gradient, PROJECT* pass (I - Q Q^T) g. */
+
+typedef struct {
+    ms_site site;
+    int layer;  /* for per-layer sites */
+    float *out; /* [n_rows, n_pos, width] or [n_rows, head, n_pos, n_pos]: d scalar / d site value
+                   (after the site's actions); 0 at padding */
+} ms_grad_site;
+
+/* Weight gradients, laid out as the weights they belong to (same ld and trans; a
+ * fused matrix's blocks point into one buffer). Accumulated (+=): the caller zeros
+ * them. NULL pointers are skipped; unembed may equal wte (tied). */
+typedef struct {
+    float *w, *b;
+} ms_linear_grad;
+
+typedef struct {
+    float *ln1_w, *ln1_b;
+    ms_linear_grad q, k, v, o;
+    float *ln2_w, *ln2_b;
+    ms_linear_grad mlp_in, mlp_gate, mlp_out;
+} ms_block_grad;
+
+typedef struct {
+    float *wte, *wpe, *lnf_w, *lnf_b, *unembed;
+    ms_block_grad *blocks; /* [n_layers] */
+} ms_weight_grad;
+
+typedef struct {
+    ms_metric metric;        /* kind != NONE: the scalar is the sum of the metric over rows */
+    int cross_entropy;       /* 1: the scalar is the mean next-token cross-entropy over pairs of
+                                real tokens (metric.kind must be NONE) */
+    int n_metric_rows;       /* rows 0 .. n_metric_rows - 1 count (later rows: sources) */
+    int n_sites;
+    const ms_grad_site *sites;
+    ms_weight_grad *weights; /* NULL: no weight gradients */
+    double *value_out;       /* [1] the scalar */
+    float *metric_out;       /* [n_metric_rows] each row's metric (cross-entropy: the row's mean,
+                                NaN for a row without a pair) */
+} ms_grad_plan;
+
+/* Bytes of working memory ms_grad would allocate (the forward's and the backward's). */
+size_t ms_grad_workspace_bytes(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g);
+
+/* Forward (plan: no logits, metric, record or base; no callbacks) and backward. */
+ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g, ms_error *err);
+
 /* Threads of mechscope's loops and matrix products (the BLAS itself runs single-threaded). */
 void ms_set_num_threads(int n);
 int ms_get_num_threads(void);

@@ -713,6 +713,202 @@ fail:
     return result;
 }
 
+/* ---- gradients ----------------------------------------------------------------- */
+
+static ms_status run_grad(void *arg, ms_error *err) {
+    void **a = arg; /* {model, plan, grad plan} */
+    return ms_grad(a[0], a[1], a[2], err);
+}
+
+/* grads[name]: a writeable C-contiguous float32 array of exactly n elements, or NULL
+ * (absent: that gradient is not wanted); *bad set on a wrong array (exception set) */
+static float *grad_array(PyObject *keep, PyObject *grads, const char *name, size_t n, int *bad) {
+    PyObject *obj = PyDict_GetItemString(grads, name); /* borrowed */
+    if (!obj) return NULL;
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || !PyArray_ISWRITEABLE((PyArrayObject *)obj) ||
+        (size_t)PyArray_SIZE((PyArrayObject *)obj) != n) {
+        PyErr_Format(PyExc_ValueError, "gradient of %s: needs a writeable C-contiguous float32 array of %zu elements",
+                     name, n);
+        *bad = 1;
+        return NULL;
+    }
+    if (PyList_Append(keep, obj) < 0) {
+        *bad = 1;
+        return NULL;
+    }
+    return (float *)PyArray_DATA((PyArrayObject *)obj);
+}
+
+/* the gradient of a block of a fused matrix: the same offset into the gradient's buffer */
+static float *same_offset(float *grad_base, const float *block, const float *base) {
+    return grad_base && block ? grad_base + (block - base) : NULL;
+}
+
+/* weight gradients under the core's names (as Model_init's weights) -> wg, whose
+ * blocks are calloc'ed (freed by the caller) */
+static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m, ms_weight_grad *wg) {
+    const ms_config *c = &m->cfg;
+    size_t C = (size_t)c->d_model, F = (size_t)c->d_mlp, V = (size_t)c->d_vocab;
+    size_t QD = (size_t)c->n_heads * c->d_head, KD = (size_t)c->n_kv_heads * c->d_head, QW = QD + 2 * KD;
+    size_t FW = F * (c->gated_mlp ? 2 : 1);
+    int bad = 0;
+    char name[160];
+    if (!PyDict_Check(grads)) {
+        PyErr_SetString(PyExc_TypeError, "weight gradients: expected a dict");
+        return -1;
+    }
+    wg->blocks = calloc((size_t)c->n_layers, sizeof(ms_block_grad));
+    if (!wg->blocks) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    wg->wte = grad_array(keep, grads, "embed", V * C, &bad);
+    if (m->wpe) wg->wpe = grad_array(keep, grads, "pos_embed", (size_t)c->n_ctx * C, &bad);
+    wg->lnf_w = grad_array(keep, grads, "ln_final.w", C, &bad);
+    if (m->lnf_b) wg->lnf_b = grad_array(keep, grads, "ln_final.b", C, &bad);
+    wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(keep, grads, "unembed", V * C, &bad);
+    for (int l = 0; l < c->n_layers && !bad; l++) {
+        const ms_block *b = &m->blocks[l];
+        ms_block_grad *g = &wg->blocks[l];
+#define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
+        g->ln1_w = grad_array(keep, grads, NAME("ln1.w"), C, &bad);
+        if (b->ln1_b) g->ln1_b = grad_array(keep, grads, NAME("ln1.b"), C, &bad);
+        float *wqkv = grad_array(keep, grads, NAME("attn.w_qkv"), C * QW, &bad);
+        float *bqkv = b->q.b ? grad_array(keep, grads, NAME("attn.b_qkv"), QW, &bad) : NULL;
+        g->q = (ms_linear_grad){same_offset(wqkv, b->q.w, b->q.w), same_offset(bqkv, b->q.b, b->q.b)};
+        g->k = (ms_linear_grad){same_offset(wqkv, b->k.w, b->q.w), same_offset(bqkv, b->k.b, b->q.b)};
+        g->v = (ms_linear_grad){same_offset(wqkv, b->v.w, b->q.w), same_offset(bqkv, b->v.b, b->q.b)};
+        g->o.w = grad_array(keep, grads, NAME("attn.w_o"), QD * C, &bad);
+        if (b->o.b) g->o.b = grad_array(keep, grads, NAME("attn.b_o"), C, &bad);
+        g->ln2_w = grad_array(keep, grads, NAME("ln2.w"), C, &bad);
+        if (b->ln2_b) g->ln2_b = grad_array(keep, grads, NAME("ln2.b"), C, &bad);
+        const ms_linear_weight *first = c->gated_mlp ? &b->mlp_gate : &b->mlp_in;
+        float *win = grad_array(keep, grads, NAME("mlp.w_in"), C * FW, &bad);
+        float *bin = first->b ? grad_array(keep, grads, NAME("mlp.b_in"), FW, &bad) : NULL;
+        g->mlp_in = (ms_linear_grad){same_offset(win, b->mlp_in.w, first->w), same_offset(bin, b->mlp_in.b, first->b)};
+        if (c->gated_mlp)
+            g->mlp_gate = (ms_linear_grad){same_offset(win, b->mlp_gate.w, first->w),
+                                           same_offset(bin, b->mlp_gate.b, first->b)};
+        g->mlp_out.w = grad_array(keep, grads, NAME("mlp.w_out"), F * C, &bad);
+        if (b->mlp_out.b) g->mlp_out.b = grad_array(keep, grads, NAME("mlp.b_out"), C, &bad);
+#undef NAME
+    }
+    return bad ? -1 : 0;
+}
+
+/* grad(tokens, mask, actions, n_metric_rows, metric, metric_pos, correct, wrong, ref_logprob,
+ *      cross_entropy, sites, weight_grads) -> (value, metric [n_metric_rows]); sites is a
+ * list of (site, layer, out) and weight_grads a dict of zeroed arrays (or None). */
+static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "mask", "actions", "n_metric_rows", "metric", "metric_pos", "correct",
+                             "wrong", "ref_logprob", "cross_entropy", "sites", "weight_grads", NULL};
+    PyObject *otok, *omask, *oactions, *opos, *ocorrect, *owrong, *oref, *osites, *ograds;
+    int n_metric_rows, metric, cross_entropy;
+    PyObject *keep = NULL, *result = NULL;
+    ms_action *actions = NULL;
+    ms_grad_site *gsites = NULL;
+    ms_weight_grad wg = {0};
+    ms_plan plan = {0};
+    ms_grad_plan gp = {0};
+    ms_error err = {{0}};
+    py_callback none_cb = {0};
+    double value = 0.0;
+    void *grad_args[3] = {&self->model, &plan, &gp};
+    core_call call = {run_grad, grad_args, &err, 0, MS_OK, 0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiiOOOOiOO", kwlist, &otok, &omask, &oactions, &n_metric_rows,
+                                     &metric, &opos, &ocorrect, &owrong, &oref, &cross_entropy, &osites, &ograds))
+        return NULL;
+    if (!(keep = PyList_New(0))) return NULL;
+    if (parse_tokens(keep, otok, omask, &plan.n_rows, &plan.n_pos, &plan.tokens, &plan.mask) < 0) goto fail;
+    if (!(actions = parse_actions(keep, oactions, &self->model, plan.n_rows, plan.n_pos, &plan.n_actions)))
+        goto fail;
+    plan.actions = actions;
+    plan.n_threads = ms_get_num_threads();
+    if (n_metric_rows < 1 || n_metric_rows > plan.n_rows) {
+        PyErr_SetString(PyExc_ValueError, "n_metric_rows: out of range");
+        goto fail;
+    }
+    gp.n_metric_rows = n_metric_rows;
+    gp.cross_entropy = cross_entropy != 0;
+    if (!cross_entropy &&
+        parse_metric(keep, metric, opos, ocorrect, owrong, oref, plan.n_rows, self->model.cfg.d_vocab, &gp.metric) < 0)
+        goto fail;
+    npy_intp B = n_metric_rows;
+    PyArrayObject *metric_out = new_output(keep, 1, &B);
+    if (!metric_out) goto fail;
+    gp.metric_out = PyArray_DATA(metric_out);
+    gp.value_out = &value;
+
+    PyObject *seq = PySequence_Fast(osites, "sites: expected a list");
+    if (!seq) goto fail;
+    if (PyList_Append(keep, seq) < 0) { Py_DECREF(seq); goto fail; }
+    Py_DECREF(seq);
+    Py_ssize_t n_sites = PySequence_Fast_GET_SIZE(seq);
+    if (!(gsites = calloc((size_t)n_sites + 1, sizeof(ms_grad_site)))) { PyErr_NoMemory(); goto fail; }
+    for (Py_ssize_t i = 0; i < n_sites; i++) {
+        int site, layer;
+        PyObject *oout;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiO", &site, &layer, &oout)) goto fail;
+        if (site < 0 || site >= MS_N_SITES) {
+            PyErr_SetString(PyExc_ValueError, "sites: unknown site");
+            goto fail;
+        }
+        npy_intp need = ms_site_is_attention((ms_site)site)
+                            ? (npy_intp)plan.n_rows * self->model.cfg.n_heads * plan.n_pos * plan.n_pos
+                            : (npy_intp)plan.n_rows * plan.n_pos * ms_site_width(&self->model.cfg, (ms_site)site);
+        if (!PyArray_Check(oout) || PyArray_TYPE((PyArrayObject *)oout) != NPY_FLOAT32 ||
+            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)oout) || !PyArray_ISWRITEABLE((PyArrayObject *)oout) ||
+            PyArray_SIZE((PyArrayObject *)oout) < need) {
+            PyErr_Format(PyExc_ValueError, "sites: output needs a writeable C-contiguous float32 array of %zd elements",
+                         need);
+            goto fail;
+        }
+        if (PyList_Append(keep, oout) < 0) goto fail;
+        gsites[i] = (ms_grad_site){(ms_site)site, layer, PyArray_DATA((PyArrayObject *)oout)};
+    }
+    gp.n_sites = (int)n_sites;
+    gp.sites = gsites;
+    if (ograds != Py_None) {
+        if (parse_weight_grads(keep, ograds, &self->model, &wg) < 0) goto fail;
+        gp.weights = &wg;
+    }
+    plan.stop = &call.stop;
+    double flops = 3.0 * plan_flops(&self->model, &plan);
+    ms_status st = call_core(&call, flops > (double)(1 << 28));
+    if (st || call.stop) {
+        raise_status(st, &err, &call, &none_cb);
+        goto fail;
+    }
+    result = Py_BuildValue("(dO)", value, metric_out);
+fail:
+    free(actions);
+    free(gsites);
+    free(wg.blocks);
+    Py_XDECREF(keep);
+    return result;
+}
+
+static PyObject *Model_grad_workspace_bytes(ModelObject *self, PyObject *args) {
+    PyObject *ormask;
+    if (!PyArg_ParseTuple(args, "O", &ormask)) return NULL;
+    PyArrayObject *mask = (PyArrayObject *)PyArray_FROM_OTF(ormask, NPY_INT32, NPY_ARRAY_IN_ARRAY);
+    if (!mask) return NULL;
+    if (PyArray_NDIM(mask) != 2) {
+        Py_DECREF(mask);
+        PyErr_SetString(PyExc_ValueError, "attention_mask: expected [batch, pos]");
+        return NULL;
+    }
+    ms_plan plan = {0};
+    ms_grad_plan gp = {0};
+    plan.n_rows = (int)PyArray_DIM(mask, 0);
+    plan.n_pos = (int)PyArray_DIM(mask, 1);
+    plan.mask = PyArray_DATA(mask);
+    size_t bytes = ms_grad_workspace_bytes(&self->model, &plan, &gp);
+    Py_DECREF(mask);
+    return PyLong_FromSize_t(bytes);
+}
+
 static PyObject *Model_workspace_bytes(ModelObject *self, PyObject *args) {
     PyObject *ormask;
     int n_logit_pos;
@@ -743,6 +939,12 @@ static PyMethodDef Model_methods[] = {
      "      chunk_bytes, progress)\n"
      "-> (float32 [n_patches, batch], float32 [batch]): the metric of every row under every\n"
      "patch, and of the unpatched base run."},
+    {"grad", (PyCFunction)(void (*)(void))Model_grad, METH_VARARGS | METH_KEYWORDS,
+     "grad(tokens, mask, actions, n_metric_rows, metric, metric_pos, correct, wrong, ref_logprob,\n"
+     "     cross_entropy, sites, weight_grads) -> (value, float32 [n_metric_rows])\n"
+     "Forward and backward pass; site gradients and weight gradients (+=) written into the arrays given."},
+    {"grad_workspace_bytes", (PyCFunction)Model_grad_workspace_bytes, METH_VARARGS,
+     "grad_workspace_bytes(mask) -> bytes of working memory a gradient run needs"},
     {"workspace_bytes", (PyCFunction)Model_workspace_bytes, METH_VARARGS,
      "workspace_bytes(mask, n_logit_pos) -> bytes of working memory a run needs"},
     {NULL, NULL, 0, NULL}};

@@ -11,9 +11,12 @@
 
 #include "mechscope.h"
 
+struct ms_tape;
+
 typedef struct {
     const ms_model *m;
     const ms_plan *plan;
+    struct ms_tape *tape; /* a gradient run's forward keeps its values here (tape.h); else NULL */
     int n_threads;
     int N;            /* packed token rows, all rows */
     int active_rows;  /* rows computed at the current layer (a prefix) */
@@ -32,6 +35,21 @@ typedef struct {
     int max_keys_padded; /* rounded up to a multiple of 32 */
     size_t scratch_floats; /* per thread: one head's keys of the longest row, four rows of scores */
 } ms_layout;
+
+/* Build the packed layout of a plan (checked); allocates L's index arrays, which
+ * ms_layout_free frees (also after a failed build). */
+ms_status ms_layout_build(ms_layout *L, const ms_model *m, const ms_plan *p, ms_error *err);
+void ms_layout_free(ms_layout *L);
+
+/* The forward pass of a checked plan over its layout (ms_run is check, build, this). */
+ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L, ms_error *err);
+
+/* Bytes of working memory of the forward pass (taped: a gradient run's, which
+ * stores the attention pattern) */
+size_t ms_forward_bytes(const ms_model *m, const ms_plan *plan, int taped);
+
+/* rope[t, :] = cos | sin of position t's angles, t < n (rotary models) */
+void ms_rope_table(float *rope, const ms_model *m, int n);
 
 /* Apply the plan's actions for a token site. value: [N, width] with row stride ld. */
 ms_status ms_visit_tokens(const ms_layout *L, ms_site site, int layer, float *value, int ld,

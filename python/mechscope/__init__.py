@@ -26,6 +26,7 @@ from .interventions import (
     Zero,
 )
 from .model import Model, RunResult
+from .gradients import Gradients
 from .tokens import Tokens
 from .extract import extract
 from .store import Activations
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Activations",
     "Add",
+    "Gradients",
     "MeanAblate",
     "Model",
     "Noise",

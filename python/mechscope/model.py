@@ -576,6 +576,26 @@ class Model:
             result.logits = logits_out[:B].reshape(logit_shape)
         return result
 
+    def grad(self, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
+             progress=None, hooks=None):
+        """The gradient of a scalar of one forward pass, computed by the C core's backward pass.
+
+        metric: a metric (ms.metrics.LogitDiff, LogProb, Prob, KL): the scalar is the SUM
+            over rows of its per-row values, so each row's site gradients are its own; or
+            "cross_entropy": the mean next-token cross-entropy over positions whose token
+            and next token are both real (HF's loss with labels -100 there).
+        sites: names or patterns as run's cache=; g[site] is d scalar / d site (the value
+            after the site's interventions), shaped like the cache entry, 0 at padding.
+        weights: False, True (every parameter) or a list of HuggingFace parameter names.
+        interventions: as run; the gradient is that of the intervened run. Values an
+            intervention writes (Patch, Set, Zero, the source part of SubspacePatch) are
+            constants; Add passes the gradient on; SubspacePatch passes (I - Q Q^T) g.
+        Returns mechscope.gradients.Gradients (value, metric per row, sites,
+        activations of the requested sites, weights)."""
+        from .gradients import grad  # noqa: PLC0415  (gradients imports this module's helpers)
+        return grad(self, tokens, metric, sites=sites, weights=weights, interventions=interventions,
+                    attention_mask=attention_mask, progress=progress, hooks=hooks)
+
     def _plan(self, tokens, mask, interventions):
         """The rows and actions of one run: (tokens [R, T], mask or None, actions).
 

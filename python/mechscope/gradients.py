@@ -1,0 +1,214 @@
+"""Gradients of a scalar of the forward pass, computed by the C core's backward pass.
+
+The scalar is a metric summed over the batch (each row's site gradients are that
+row's own d metric / d site) or the mean next-token cross-entropy. Gradients come
+back for sites (named and shaped like the cache of model.run) and, on request, for
+the weights (HuggingFace names and shapes). Interventions are honoured: this is the
+gradient of the intervened run."""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import architectures, sites as _sites
+from ._progress import progress_bar
+from ._runtime import format_bytes, get_memory_budget
+from .interventions import _CACHE
+from .metrics import Metric, Recovery, last_positions
+
+
+@dataclass
+class Gradients:
+    """What model.grad returns.
+
+    value: the differentiated scalar; metric: each row's value [batch];
+    sites / g[site]: d value / d site, shaped like the site's cache entry;
+    activations: the requested sites' forward values (the intervened run's cache);
+    weights: HuggingFace parameter name -> d value / d parameter."""
+    value: float = 0.0
+    metric: np.ndarray = None
+    sites: dict = field(default_factory=dict)
+    activations: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+
+    def __getitem__(self, site):
+        if site not in self.sites:
+            raise KeyError(f"{site!r}: no gradient was asked for this site (asked: {sorted(self.sites)})")
+        return self.sites[site]
+
+    def __repr__(self):
+        return (f"Gradients(value={self.value:.6g}, sites=[{len(self.sites)}], "
+                f"weights=[{len(self.weights)}])")
+
+
+def _weight_names(model, weights):
+    """weights argument -> HF names wanted (possibly empty)."""
+    every = list(architectures.hf_shapes(model.arch))
+    if weights is False or weights is None:
+        return []
+    if weights is True:
+        return every
+    if isinstance(weights, str):
+        weights = [weights]
+    try:
+        names = list(weights)
+    except TypeError:
+        raise TypeError("weights: expected False, True or a list of HuggingFace parameter names") from None
+    known = set(every)
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"weights: parameter names are strings, got {type(n).__name__}")
+        stripped = architectures.strip_prefix(n, model.family)
+        if stripped not in known:
+            raise ValueError(f"weights: {n!r} is not a parameter of this model (e.g. {every[0]!r}, {every[-1]!r})")
+    return [architectures.strip_prefix(n, model.family) for n in names]
+
+
+def _hf_gradients(model, core):
+    """The core's weight gradients -> HF-named arrays (the inverse of core_weights)."""
+    arch, fam, L = model.arch, model.family, model.n_layers
+    out = {}
+    if fam == "gpt2":
+        out.update({"wte.weight": core["embed"], "wpe.weight": core["pos_embed"], "ln_f.weight": core["ln_final.w"],
+                    "ln_f.bias": core["ln_final.b"]})
+        if not arch["tied"]:
+            out["lm_head.weight"] = core["unembed"]
+        for l in range(L):
+            p, q = f"h.{l}.", f"blocks.{l}."
+            for k, v in (("ln1.w", "ln_1.weight"), ("ln1.b", "ln_1.bias"), ("attn.w_qkv", "attn.c_attn.weight"),
+                         ("attn.b_qkv", "attn.c_attn.bias"), ("attn.w_o", "attn.c_proj.weight"),
+                         ("attn.b_o", "attn.c_proj.bias"), ("ln2.w", "ln_2.weight"), ("ln2.b", "ln_2.bias"),
+                         ("mlp.w_in", "mlp.c_fc.weight"), ("mlp.b_in", "mlp.c_fc.bias"),
+                         ("mlp.w_out", "mlp.c_proj.weight"), ("mlp.b_out", "mlp.c_proj.bias")):
+                out[p + v] = core[q + k]
+    elif fam == "gpt_neox":
+        H, dh, C = arch["n_heads"], arch["d_head"], arch["d_model"]
+        embed = core["embed"]
+        if "unembed" in core:
+            if arch["tied"]:
+                embed = embed + core["unembed"]
+            else:
+                out["embed_out.weight"] = core["unembed"]
+        out.update({"embed_in.weight": embed, "final_layer_norm.weight": core["ln_final.w"],
+                    "final_layer_norm.bias": core["ln_final.b"]})
+        for l in range(L):
+            p, q = f"layers.{l}.", f"blocks.{l}."
+            # back from [q|k|v, head, d_head] rows to HF's [head, q|k|v, d_head]
+            out[p + "attention.query_key_value.weight"] = np.ascontiguousarray(
+                core[q + "attn.w_qkv"].reshape(3, H, dh, C).transpose(1, 0, 2, 3).reshape(3 * C, C))
+            if arch["qkv_bias"]:
+                out[p + "attention.query_key_value.bias"] = np.ascontiguousarray(
+                    core[q + "attn.b_qkv"].reshape(3, H, dh).transpose(1, 0, 2).reshape(3 * C))
+                out[p + "attention.dense.bias"] = core[q + "attn.b_o"]
+            for k, v in (("ln1.w", "input_layernorm.weight"), ("ln1.b", "input_layernorm.bias"),
+                         ("ln2.w", "post_attention_layernorm.weight"), ("ln2.b", "post_attention_layernorm.bias"),
+                         ("attn.w_o", "attention.dense.weight"), ("mlp.w_in", "mlp.dense_h_to_4h.weight"),
+                         ("mlp.b_in", "mlp.dense_h_to_4h.bias"), ("mlp.w_out", "mlp.dense_4h_to_h.weight"),
+                         ("mlp.b_out", "mlp.dense_4h_to_h.bias")):
+                out[p + v] = core[q + k]
+    else:
+        QD, KD, F = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"], arch["d_mlp"]
+        out.update({"embed_tokens.weight": core["embed"], "norm.weight": core["ln_final.w"]})
+        if not arch["tied"]:
+            out["lm_head.weight"] = core["unembed"]
+        for l in range(L):
+            p, q = f"layers.{l}.", f"blocks.{l}."
+            a = p + "self_attn."
+            out[p + "input_layernorm.weight"] = core[q + "ln1.w"]
+            out[p + "post_attention_layernorm.weight"] = core[q + "ln2.w"]
+            w = core[q + "attn.w_qkv"]
+            out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = \
+                w[:QD], w[QD:QD + KD], w[QD + KD:]
+            if arch["qkv_bias"]:
+                b = core[q + "attn.b_qkv"]
+                out[a + "q_proj.bias"], out[a + "k_proj.bias"], out[a + "v_proj.bias"] = b[:QD], b[QD:QD + KD], b[QD + KD:]
+            out[a + "o_proj.weight"] = core[q + "attn.w_o"]
+            if arch["o_bias"]:
+                out[a + "o_proj.bias"] = core[q + "attn.b_o"]
+            w = core[q + "mlp.w_in"]
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = w[:F], w[F:]
+            out[p + "mlp.down_proj.weight"] = core[q + "mlp.w_out"]
+            if arch["mlp_bias"]:
+                b = core[q + "mlp.b_in"]
+                out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = b[:F], b[F:]
+                out[p + "mlp.down_proj.bias"] = core[q + "mlp.b_out"]
+    return out
+
+
+def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
+         progress=None, hooks=None):
+    """The gradient of a scalar of one (optionally intervened) forward pass; see Model.grad."""
+    if hooks is not None:
+        raise ValueError("hooks: a gradient run cannot call Python hooks (what a hook does cannot be "
+                         "differentiated); express the change as interventions")
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    B, T = tokens.shape
+    cross_entropy = isinstance(metric, str) and metric == "cross_entropy"
+    if isinstance(metric, Recovery):
+        raise TypeError("metric: Recovery is an affine function of its metric's batch mean; differentiate "
+                        "the metric itself (its gradient divided by clean - corrupted is Recovery's)")
+    if not cross_entropy and not isinstance(metric, Metric):
+        raise TypeError("metric: expected a mechscope metric (LogitDiff, LogProb, Prob, KL) or "
+                        f"'cross_entropy', got {metric!r}")
+    names = _sites.resolve(sites, model, "sites")
+    wanted = _weight_names(model, weights)
+    interventions = model._check_interventions(interventions)
+    full_tokens, full_mask, actions = model._plan(tokens, mask, interventions)
+    R = full_tokens.shape[0]
+
+    if cross_entropy:
+        args = {"metric": 0, "pos": None, "correct": None, "wrong": None, "ref_logprob": None}
+        real = np.ones((B, T), bool) if mask is None else mask.astype(bool)
+        if not (real[:, :-1] & real[:, 1:]).any():
+            raise ValueError("metric: 'cross_entropy' needs a row with at least two real tokens (a token "
+                             "and the next one it predicts)")
+    else:
+        args = metric.core_args(model, B, T, mask)
+        if R > B:  # the Sources' rows: the metric does not read them, but the core wants a value per row
+            args["pos"] = np.concatenate([args["pos"], last_positions(None if full_mask is None else full_mask[B:],
+                                                                      R - B, T)])
+            for key in ("correct", "wrong", "ref_logprob"):
+                if args[key] is not None:
+                    args[key] = np.concatenate([args[key], np.repeat(args[key][:1], R - B, axis=0)])
+    _check_reach(model, names, interventions, B, T, mask, args, cross_entropy)
+
+    shapes = {n: _sites.shape(_sites.parse(n, model)[2], model._shape_cfg, R, T) for n in names}
+    core_names = {}
+    if wanted:
+        core_names = {k: v.shape for k, v in model._core_weights.items() if k != "rope_inv_freq"}
+    out_bytes = 4 * (2 * sum(int(np.prod(s)) for s in shapes.values()) +
+                     sum(int(np.prod(s)) for s in core_names.values()))
+    work = model._core.grad_workspace_bytes(full_mask if full_mask is not None else np.ones((R, T), np.int32))
+    budget = get_memory_budget()
+    if out_bytes + work > budget:
+        raise ValueError(f"grad: this gradient run needs {format_bytes(out_bytes + work)} (outputs "
+                         f"{format_bytes(out_bytes)}), over the memory budget of {format_bytes(budget)}; "
+                         "use a smaller batch, fewer sites, or raise it with mechscope.set_memory_budget")
+
+    result = Gradients()
+    grad_sites = []
+    for name in names:
+        code, layer, _ = _sites.parse(name, model)
+        act = np.empty(shapes[name], np.float32)
+        g = np.empty(shapes[name], np.float32)
+        result.activations[name] = act[:B]
+        result.sites[name] = g[:B]
+        actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, act, 0))
+        grad_sites.append((code, layer, g))
+    core_grads = {k: np.zeros(s, np.float32) for k, s in core_names.items()} if wanted else None
+
+    with progress_bar(progress, "grad", "pass", total=1) as bar:
+        value, per_row = model._core.grad(full_tokens, full_mask, actions, B, args["metric"], args["pos"],
+                                          args["correct"], args["wrong"], args["ref_logprob"], int(cross_entropy),
+                                          grad_sites, core_grads)
+        bar.update(1)
+    result.value = float(value)
+    result.metric = per_row
+    if wanted:
+        hf = _hf_gradients(model, core_grads)
+        result.weights = {n: np.ascontiguousarray(hf[n], np.float32) for n in wanted}
+    return result
+
+
+def _check_reach(model, names, interventions, B, T, mask, args, cross_entropy):
+    """Refuse sites the scalar cannot depend on (before any work)."""
+    return

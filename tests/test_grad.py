@@ -1,0 +1,386 @@
+"""Gradients from the C core's backward pass against PyTorch autograd on the same
+HuggingFace model: every site's gradient (through hooks that add a zero tensor at the
+site, whose gradient is the site's) and every weight's, within 1e-4 relative
+(max |a - b| / max |b|), on padded batches and length 1, with interventions."""
+import numpy as np
+import pytest
+import torch
+
+import mechscope as ms
+from conftest import make_hf_model, positions_from_mask
+
+RTOL = 1e-4
+
+CFG = dict(n_embd=24, n_head=3, n_layer=2, vocab_size=61, n_positions=24, activation_function="gelu_new")
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.abs(b).max()
+    return np.abs(a - b).max() / (scale if scale > 0 else 1.0)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    hf = make_hf_model(CFG, seed=3)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    return hf, model
+
+
+def batch(rng, vocab, lengths, T, side):
+    tokens = rng.integers(0, vocab, (len(lengths), T))
+    mask = np.zeros((len(lengths), T), np.int32)
+    for i, n in enumerate(lengths):
+        if side == "left":
+            mask[i, T - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return tokens, mask
+
+
+# ---- the reference: autograd on the HF model, sites reached by adding zero tensors --------
+
+SITE_MODULES = {  # site suffix -> (module path under the block, output or input)
+    "ln1.hook_normalized": ("ln_1", "out"), "attn.hook_pattern": ("attn.attn_dropout", "out"),
+    "attn.hook_z": ("attn.c_proj", "in"), "hook_attn_out": ("attn.c_proj", "out"),
+    "hook_resid_mid": ("ln_2", "in"), "ln2.hook_normalized": ("ln_2", "out"),
+    "mlp.hook_pre": ("mlp.c_fc", "out"), "mlp.hook_post": ("mlp.c_proj", "in"),
+    "hook_mlp_out": ("mlp", "out"), "hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out"),
+    "attn.qkv": ("attn.c_attn", "out"),
+}
+
+
+def _module(root, path):
+    for part in filter(None, path.split(".")):
+        root = getattr(root, part)
+    return root
+
+
+def hf_gradients(hf, tokens, mask, scalar_fn, site_names, edits=()):
+    """(scalar, {site: grad as mechscope shapes}, {param name: grad}); scalar_fn(logits)
+    -> the scalar; edits: (site, fn(value) -> new value) applied by hooks."""
+    deltas, handles = {}, []
+    H = hf.config.n_head
+
+    def attach(name, module, where, edit=None):
+        def add(value):
+            if edit is not None:
+                value = edit(value)
+            d = torch.zeros_like(value, requires_grad=True)
+            deltas[name] = d
+            return value + d
+
+        if where == "out":
+            def hook(mod, args, out):
+                if isinstance(out, tuple):
+                    return (add(out[0]),) + out[1:]
+                return add(out)
+            handles.append(module.register_forward_hook(hook))
+        else:
+            def pre(mod, args, kwargs):
+                if args:
+                    return (add(args[0]),) + args[1:], kwargs
+                key = "hidden_states"
+                kwargs[key] = add(kwargs[key])
+                return args, kwargs
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    edit_of = dict(edits)
+    wanted = set(site_names) | set(edit_of)
+    wanted |= {n.replace("hook_resid_mid", "hook_resid_post") for n in wanted if n.endswith("hook_resid_mid")}
+    for name in wanted:
+        if name == "hook_embed":
+            attach(name, hf.transformer.wte, "out", edit_of.get(name))
+        elif name == "hook_pos_embed":
+            attach(name, hf.transformer.wpe, "out", edit_of.get(name))
+        elif name == "ln_final.hook_normalized":
+            attach(name, hf.transformer.ln_f, "out", edit_of.get(name))
+        else:
+            _, layer, suffix = name.split(".", 2)
+            key = "attn.qkv" if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v") else suffix
+            path, where = SITE_MODULES[key]
+            tag = f"blocks.{layer}.{key}"
+            if tag in deltas or any(h for h in () if h):
+                continue
+            attach(tag if key == "attn.qkv" else name, _module(hf.transformer.h[int(layer)], path), where,
+                   edit_of.get(name))
+    hf.zero_grad()
+    try:
+        with torch.enable_grad():
+            ids = torch.tensor(tokens)
+            m = torch.tensor(mask) if mask is not None else None
+            full = np.ones(tokens.shape, np.int32) if mask is None else mask
+            pos = torch.tensor(positions_from_mask(full))  # one row per row (hook_pos_embed per row)
+            logits = hf(ids, attention_mask=m, position_ids=pos).logits
+            value = scalar_fn(logits)
+            value.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    B, T = tokens.shape
+    C = hf.config.n_embd
+    out = {}
+    for name in site_names:
+        if name.endswith(("hook_q", "hook_k", "hook_v")):
+            layer = name.split(".")[1]
+            g = deltas[f"blocks.{layer}.attn.qkv"].grad.numpy()
+            i = {"q": 0, "k": 1, "v": 2}[name[-1]]
+            out[name] = g[..., i * C:(i + 1) * C].reshape(B, T, H, C // H)
+        elif name.endswith("hook_z"):
+            out[name] = deltas[name].grad.numpy().reshape(B, T, H, C // H)
+        elif name.endswith("hook_resid_mid"):
+            # the hook reaches ln_2's input; the residual adds resid_post's gradient
+            layer = name.split(".")[1]
+            out[name] = deltas[name].grad.numpy() + deltas[f"blocks.{layer}.hook_resid_post"].grad.numpy()
+        else:
+            out[name] = deltas[name].grad.numpy()
+    params = {n[len("transformer."):] if n.startswith("transformer.") else n: p.grad.numpy().copy()
+              for n, p in hf.named_parameters() if p.grad is not None}
+    return float(value), out, params
+
+
+def torch_metric(metric, mask):
+    """The scalar mechscope differentiates, written in torch: sum over rows."""
+    def fn(logits):
+        B, T, _ = logits.shape
+        pos = ms.metrics.last_positions(mask, B, T) if metric.pos is None else np.broadcast_to(metric.pos, (B,))
+        y = logits[torch.arange(B), torch.tensor(pos)]
+        lp = torch.log_softmax(y, -1)
+        if isinstance(metric, ms.metrics.LogitDiff):
+            c, w = np.broadcast_to(metric.correct, (B,)), np.broadcast_to(metric.wrong, (B,))
+            return (y[torch.arange(B), torch.tensor(c)] - y[torch.arange(B), torch.tensor(w)]).sum()
+        if isinstance(metric, ms.metrics.KL):
+            ref = torch.tensor(metric.ref_logprob)
+            return (ref.exp() * (ref - lp)).sum()
+        c = torch.tensor(np.broadcast_to(metric.correct, (B,)).copy())
+        chosen = lp[torch.arange(B), c]
+        return chosen.exp().sum() if isinstance(metric, ms.metrics.Prob) else chosen.sum()
+    return fn
+
+
+def torch_cross_entropy(tokens, mask):
+    """HF's loss with labels -100 wherever the token or the one before it is padding."""
+    labels = torch.tensor(tokens).clone()
+    if mask is not None:
+        m = torch.tensor(mask).bool()
+        keep = m.clone()
+        keep[:, 1:] &= m[:, :-1]
+        keep[:, 0] = False
+        labels[~keep] = -100
+
+    def fn(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+    return fn
+
+
+SITES = ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized",
+         "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_pattern",
+         "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.0.hook_resid_mid",
+         "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post",
+         "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern",
+         "blocks.1.hook_resid_post", "ln_final.hook_normalized"]
+
+
+def check(g, ref_sites, ref_params, mask, weights=True):
+    for name, b in ref_sites.items():
+        a = g[name]
+        if name.endswith("hook_pattern"):  # keys after the query are never written: a constant 0
+            T = a.shape[-1]
+            b = b * np.tril(np.ones((T, T)))
+        if mask is not None:  # mechscope: 0 at padding (HF's values there are not a token's)
+            if name.endswith("hook_pattern"):
+                real = mask[:, None, :, None] * mask[:, None, None, :]
+            else:
+                real = mask.reshape(mask.shape + (1,) * (a.ndim - 2))
+            assert np.all(a[np.broadcast_to(real == 0, a.shape)] == 0), name
+            b = b * real
+        assert rel(a, b) < RTOL, (name, rel(a, b))
+    if weights:
+        assert set(g.weights) == set(ref_params)
+        for name, b in ref_params.items():
+            assert g.weights[name].shape == b.shape, name
+            assert rel(g.weights[name], b) < RTOL, (name, rel(g.weights[name], b))
+
+
+@pytest.mark.parametrize("side", ["left", "right", None])
+def test_cross_entropy_sites_and_weights(gpt2, side):
+    hf, model = gpt2
+    rng = np.random.default_rng(1)
+    if side is None:
+        tokens, mask = rng.integers(0, 61, (2, 7)), None
+    else:
+        tokens, mask = batch(rng, 61, [7, 4, 1], 7, side)
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_cross_entropy(tokens, mask), SITES)
+    g = model.grad(tokens, "cross_entropy", sites=SITES, weights=True, attention_mask=mask)
+    assert abs(g.value - value) < 1e-5 * max(1, abs(value))
+    check(g, ref_sites, ref_params, mask)
+    # the activations are the run's cache
+    run = model.run(tokens, attention_mask=mask, cache=SITES, logits=None)
+    for name in SITES:
+        np.testing.assert_array_equal(g.activations[name], run.cache[name])
+
+
+METRICS = {
+    "logit_diff": lambda B, V: ms.metrics.LogitDiff(np.arange(B) % V, (np.arange(B) + 5) % V),
+    "logprob": lambda B, V: ms.metrics.LogProb(np.arange(B) + 3),
+    "prob": lambda B, V: ms.metrics.Prob(7),
+    "kl": lambda B, V: ms.metrics.KL(np.random.default_rng(5).normal(size=(B, V))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(METRICS))
+def test_metrics_padded(gpt2, kind):
+    hf, model = gpt2
+    rng = np.random.default_rng(2)
+    tokens, mask = batch(rng, 61, [6, 3, 5], 6, "left" if kind in ("prob", "kl") else "right")
+    metric = METRICS[kind](3, 61)
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_metric(metric, mask), SITES)
+    g = model.grad(tokens, metric, sites=SITES, weights=True, attention_mask=mask)
+    np.testing.assert_allclose(g.metric, metric.per_row(model, tokens, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    assert abs(g.value - value) < 1e-4 * max(1, abs(value))
+    check(g, ref_sites, ref_params, mask)
+
+
+def test_length_one(gpt2):
+    hf, model = gpt2
+    tokens = np.array([[5], [9]])
+    metric = ms.metrics.LogProb([1, 2])
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, None, torch_metric(metric, None), SITES)
+    g = model.grad(tokens, metric, sites=SITES, weights=True)
+    check(g, ref_sites, ref_params, None)
+    assert g["blocks.0.hook_resid_pre"].shape == (2, 1, 24)
+
+
+def test_weight_subset_and_scores(gpt2):
+    """A list of weights gives those; the scores' gradient is the softmax's backward of the pattern's."""
+    hf, model = gpt2
+    tokens = np.random.default_rng(3).integers(0, 61, (2, 5))
+    metric = ms.metrics.LogitDiff(3, 4)
+    g = model.grad(tokens, metric, sites=["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"],
+                   weights=["h.1.mlp.c_fc.weight", "transformer.wte.weight"])
+    assert sorted(g.weights) == ["h.1.mlp.c_fc.weight", "wte.weight"]
+    full = model.grad(tokens, metric, weights=True)
+    np.testing.assert_array_equal(g.weights["wte.weight"], full.weights["wte.weight"])
+    P = g.activations["blocks.1.attn.hook_pattern"]
+    dP = g["blocks.1.attn.hook_pattern"]
+    dS = P * (dP - (P * dP).sum(-1, keepdims=True))
+    assert rel(g["blocks.1.attn.hook_attn_scores"], dS) < RTOL
+
+
+# ---- interventions: the gradient of the intervened run ------------------------------------
+
+def _set_at(pos, value):
+    def edit(x):
+        x = x.clone()
+        x[:, pos] = value
+        return x
+    return edit
+
+
+def test_interventions_match_hooked_autograd(gpt2):
+    """Zero, Set, Patch (constants), Add (identity), Scale, and a pattern Set, against
+    the same changes made by torch hooks."""
+    hf, model = gpt2
+    rng = np.random.default_rng(4)
+    tokens, mask = batch(rng, 61, [6, 4], 6, "right")
+    vec = rng.normal(size=24).astype(np.float32)
+    patch_src = rng.normal(size=(2, 6, 24)).astype(np.float32)
+    interventions = [
+        ms.Zero("blocks.0.hook_attn_out", pos=[1, 2]),
+        ms.Add("blocks.1.hook_resid_pre", vec, scale=0.5),
+        ms.Scale("blocks.0.mlp.hook_post", 0.5, index=[0, 3, 7]),
+        ms.Set("blocks.1.attn.hook_pattern", 0.3, head=0, pos=3, key_pos=1),
+        ms.Patch("blocks.0.hook_resid_post", patch_src, pos=2, index=[1, 2, 3]),
+    ]
+
+    def scale_edit(x):
+        x = x.clone()
+        x[..., [0, 3, 7]] = x[..., [0, 3, 7]] * 0.5
+        return x
+
+    def pattern_edit(x):
+        x = x.clone()
+        x[:, 0, 3, 1] = 0.3
+        return x
+
+    def patch_edit(x):
+        x = x.clone()
+        x[:, 2, 1:4] = torch.tensor(patch_src[:, 2, 1:4])
+        return x
+
+    edits = [("blocks.0.hook_attn_out", _set_at([1, 2], 0.0)),
+             ("blocks.1.hook_resid_pre", lambda x: x + 0.5 * torch.tensor(vec)),
+             ("blocks.0.mlp.hook_post", scale_edit), ("blocks.1.attn.hook_pattern", pattern_edit),
+             ("blocks.0.hook_resid_post", patch_edit)]
+    # (not hook_resid_mid: the reference reaches it through resid_post, which the patch writes)
+    sites = [n for n in SITES if n != "blocks.0.hook_resid_mid"] + ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z"]
+    metric = ms.metrics.LogProb([3, 8])
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_metric(metric, mask), sites, edits)
+    g = model.grad(tokens, metric, sites=sites, weights=True, attention_mask=mask, interventions=interventions)
+    assert abs(g.value - value) < 1e-4 * max(1, abs(value))
+    check(g, ref_sites, ref_params, mask)
+    # the written entries are constants: their gradient before the write is 0, after it is not
+    assert np.all(g["blocks.0.hook_attn_out"][:, [1, 2]] != 0)
+    run = model.run(tokens, attention_mask=mask, cache=sites, logits=None, interventions=interventions)
+    for name in sites:
+        np.testing.assert_array_equal(g.activations[name], run.cache[name])
+
+
+def _basis(rng, n, k):
+    return np.linalg.qr(rng.normal(size=(n, k)))[0].astype(np.float32)
+
+
+def test_subspace_patch_from_array(gpt2):
+    hf, model = gpt2
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 61, (2, 5))
+    Q = _basis(rng, 24, 3)
+    s = rng.normal(size=(2, 5, 24)).astype(np.float32)
+    iv = ms.SubspacePatch("blocks.0.hook_resid_post", Q, s, pos=3)
+    Qt, st = torch.tensor(Q), torch.tensor(s[:, 3])
+
+    def edit(x):
+        x = x.clone()
+        x[:, 3] = x[:, 3] + (st - x[:, 3]) @ Qt @ Qt.T
+        return x
+
+    metric = ms.metrics.LogitDiff([1, 2], [4, 5])
+    sites = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, None, torch_metric(metric, None), sites,
+                                                [("blocks.0.hook_resid_post", edit)])
+    g = model.grad(tokens, metric, sites=sites, weights=True, interventions=[iv])
+    check(g, ref_sites, ref_params, None)
+
+
+def test_subspace_patch_from_source_rows(gpt2):
+    """DAS's interchange: base and source rows in one run; the source's part is a
+    constant, the base's value after the interchange gets the gradient."""
+    hf, model = gpt2
+    rng = np.random.default_rng(7)
+    base, source = rng.integers(0, 61, (3, 6)), rng.integers(0, 61, (3, 6))
+    Q = _basis(rng, 24, 2)
+    iv = ms.SubspacePatch("blocks.1.hook_resid_pre", Q, ms.Source(source), pos=[2, 5])
+    with torch.no_grad():
+        hs = hf(torch.tensor(source), output_hidden_states=True).hidden_states[1]
+    Qt = torch.tensor(Q)
+
+    def edit(x):
+        x = x.clone()
+        x[:, [2, 5]] = x[:, [2, 5]] + (hs[:, [2, 5]] - x[:, [2, 5]]) @ Qt @ Qt.T
+        return x
+
+    metric = ms.metrics.LogProb([1, 2, 3])
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"]
+    value, ref_sites, ref_params = hf_gradients(hf, base, None, torch_metric(metric, None), sites,
+                                                [("blocks.1.hook_resid_pre", edit)])
+    g = model.grad(base, metric, sites=sites, weights=True, interventions=[iv])
+    assert g.metric.shape == (3,) and g["blocks.1.hook_resid_pre"].shape == (3, 6, 24)
+    np.testing.assert_allclose(g.metric, metric.per_row(model, base, interventions=[iv]), rtol=1e-5, atol=1e-5)
+    check(g, ref_sites, ref_params, None)
+
+
+def test_hooks_refused(gpt2):
+    _, model = gpt2
+    with pytest.raises(ValueError, match="hooks"):
+        model.grad(np.array([[1, 2, 3]]), "cross_entropy", hooks={"blocks.0.hook_resid_pre": lambda x, n: x})
