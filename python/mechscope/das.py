@@ -23,13 +23,16 @@ fixing the rank:
     m_i = sigmoid((i + 1/2) / T) * sigmoid((b * width - i - 1/2) / T),   i = 0 .. width-1,
 
 with a learned boundary b in [1/width, 1] (initially 1/2), the temperature T annealed
-linearly from 50 to 0.1 over the training steps, and the loss cross-entropy + b (the
-boundary's size is penalised, weight boundary_weight = 1). These are the choices of the
-authors' library (pyvene's BoundlessRotatedSpaceIntervention and its tutorials: rotation
-learning rate 1e-3, boundary 1e-2), with one change: pyvene places coordinate i at i, so
-that its first coordinate never has a mask above 1/2; here coordinate i sits at the
-centre i + 1/2 of its unit interval, so that at a low temperature the mask is 1 on exactly
-the first round(b * width) columns. The learned basis is those columns of R.
+linearly over the training steps, and the loss cross-entropy + b (the boundary's size is
+penalised, weight boundary_weight = 1). This is the form of the authors' library (pyvene's
+BoundlessRotatedSpaceIntervention and its tutorials: Adam, boundary learning rate 1e-2),
+with two changes. pyvene places coordinate i at i, so that its first coordinate never has
+a mask above 1/2; here coordinate i sits at the centre i + 1/2 of its unit interval, so
+that at a low temperature the mask is 1 on exactly the first round(b * width) columns,
+which are the learned basis. And the temperature, which is measured in coordinates (the
+mask's edge is about T coordinates wide), goes from 1 to 0.05 by default: pyvene's 50 to
+0.1 was chosen for 4,096-wide models, and at the widths of small models it keeps the mask
+well below 1 everywhere until the last steps.
 
     das = ms.das.DAS(model, "blocks.2.hook_resid_post", rank=1, pos=-1).fit(base, source, labels)
     das.score(test_base, test_source, test_labels)           # interchange intervention accuracy
@@ -162,7 +165,7 @@ def _sigmoid(x):
     return np.exp(-np.logaddexp(0.0, -x))
 
 
-def boundless_mask(boundary, width, temperature):
+def _boundless_mask(boundary, width, temperature):
     """Boundless DAS's mask over the rotated coordinates and d mask / d boundary."""
     centres = np.arange(width) + 0.5
     left = _sigmoid(centres / temperature)
@@ -171,7 +174,7 @@ def boundless_mask(boundary, width, temperature):
     return mask, mask * (1 - right) * width / temperature
 
 
-def subspace_gradient(Q, D, G, weights=None):
+def _subspace_gradient(Q, D, G, weights=None):
     """d loss / d Q for h' = h_b + Q diag(w) Q^T D (w = 1: a plain interchange), from the
     site gradient G = d loss / d h' and D = h_source - h_base, rows x positions stacked
     [N, width]; also d loss / d w when weights are given."""
@@ -179,6 +182,27 @@ def subspace_gradient(Q, D, G, weights=None):
     if weights is None:
         return G.T @ DQ + D.T @ GQ
     return G.T @ (DQ * weights) + D.T @ (GQ * weights), (GQ * DQ).sum(axis=0)
+
+
+def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labels, weights=None):
+    """One step's loss (mean cross-entropy of the labels) and its gradient with respect to
+    Q (and to the mask weights, when given) for the interchange h' = h_b + Q diag(w) Q^T D
+    at positions pos; D = h_source - h_base there [rows, positions, width]."""
+    rows, width = D.shape[0], Q.shape[0]
+    coords = D @ Q
+    delta = (coords if weights is None else coords * weights) @ Q.T
+    _, _, suffix = _sites.parse(site, model)
+    if suffix in _sites.HEADED:  # the Add intervention wants [rows, positions, heads, d_head]
+        delta = delta.reshape(rows, len(pos), -1, model.d_head)
+    g = model.grad(tokens, LogProb(labels, pos=metric_pos), sites=[site], attention_mask=mask,
+                   interventions=[Add(site, delta.astype(np.float32), pos=list(map(int, pos)))])
+    # loss = -mean log p(label): its gradient is -1/rows times that of the summed metric
+    site_grad = np.asarray(g[site], np.float64)
+    G = -site_grad.reshape(rows, tokens.shape[1], -1)[:, pos].reshape(-1, width) / rows
+    loss = -float(np.mean(g.metric))
+    if weights is None:
+        return loss, _subspace_gradient(Q, D.reshape(-1, width), G)
+    return (loss,) + _subspace_gradient(Q, D.reshape(-1, width), G, weights)
 
 
 class _Adam:
@@ -254,7 +278,7 @@ class DAS:
     """
 
     def __init__(self, model, site, rank=1, *, pos=-1, metric_pos=None, boundless=False, lr=1e-2,
-                 boundary_lr=1e-2, boundary_weight=1.0, temperature=(50.0, 0.1), epochs=10, batch_size=32,
+                 boundary_lr=1e-2, boundary_weight=1.0, temperature=(1.0, 0.05), epochs=10, batch_size=32,
                  seed=0, progress=None):
         self.model, self.site, self.rank, self.pos, self.metric_pos = model, site, rank, pos, metric_pos
         self.boundless, self.lr, self.boundary_lr, self.boundary_weight = boundless, lr, boundary_lr, boundary_weight
@@ -322,8 +346,6 @@ class DAS:
         n, T = bt.shape
         P = _positions(self.pos, T, [("base", bm), ("source", sm)])
         mpos = _metric_positions(self.metric_pos, bm, n, T)
-        _, _, suffix = _sites.parse(site, model)
-        headed = suffix in _sites.HEADED
 
         # the site's values of both inputs do not depend on the basis: computed once
         D_all = _site_values(model, site, st, sm, P, batch_size) - _site_values(model, site, bt, bm, P, batch_size)
@@ -345,38 +367,25 @@ class DAS:
                 order = rng.permutation(n)
                 for i in range(0, n, batch_size):
                     idx = np.sort(order[i:i + batch_size])
-                    b = idx.size
-                    D = D_all[idx]  # [b, positions, width]
                     if self.boundless:
-                        mask, dmask = boundless_mask(boundary, width, schedule[step])
-                        delta = ((D @ Q) * mask) @ Q.T
-                    else:
-                        delta = (D @ Q) @ Q.T
-                    value = delta.reshape(b, P.size, *((-1, model.d_head) if headed else (width,)))
-                    g = model.grad(bt[idx], LogProb(lab[idx], pos=mpos[idx]), sites=[site],
-                                   attention_mask=None if bm is None else bm[idx],
-                                   interventions=[Add(site, value.astype(np.float32), pos=P.tolist())])
-                    site_grad = np.asarray(g[site], np.float64)
-                    # loss = -mean log p(label): its gradient is -1/b times that of the summed metric
-                    G = -site_grad.reshape(b, T, -1)[:, P].reshape(-1, width) / b
-                    loss = -float(np.mean(g.metric))
-                    Dr = D.reshape(-1, width)
-                    if self.boundless:
-                        dQ, dmask_total = subspace_gradient(Q, Dr, G, mask)
-                        db = float(dmask_total @ dmask) + weight
-                        boundary = float(np.clip(boundary - b_adam.step(db), 1.0 / width, 1.0))
+                        mask, dmask = _boundless_mask(boundary, width, schedule[step])
+                        loss, dQ, dm = _interchange_gradient(model, site, Q, bt[idx], None if bm is None else bm[idx],
+                                                             D_all[idx], P, mpos[idx], lab[idx], mask)
+                        loss += weight * boundary
                         history["boundary"].append(boundary)
                         history["temperature"].append(float(schedule[step]))
-                        loss += weight * boundary
+                        db = float(dm @ dmask) + weight
+                        boundary = float(np.clip(boundary - b_adam.step(db), 1.0 / width, 1.0))
                     else:
-                        dQ = subspace_gradient(Q, Dr, G)
+                        loss, dQ = _interchange_gradient(model, site, Q, bt[idx], None if bm is None else bm[idx],
+                                                         D_all[idx], P, mpos[idx], lab[idx])
                     Q = _retract(Q - adam.step(_tangent(Q, dQ)))
                     history["loss"].append(loss)
                     step += 1
                     bar.update(1)
 
         if self.boundless:
-            mask, _ = boundless_mask(boundary, width, t1)
+            mask, _ = _boundless_mask(boundary, width, t1)
             self.rank_ = max(1, int((mask > 0.5).sum()))
             self.rotation_, self.boundary_ = Q, boundary
             self.basis_ = Q[:, :self.rank_].copy()
