@@ -384,3 +384,168 @@ def test_hooks_refused(gpt2):
     _, model = gpt2
     with pytest.raises(ValueError, match="hooks"):
         model.grad(np.array([[1, 2, 3]]), "cross_entropy", hooks={"blocks.0.hook_resid_pre": lambda x, n: x})
+
+
+# ---- Llama, Mistral, Qwen2, GPT-NeoX ---------------------------------------------------------
+
+from test_architectures import CONFIGS as ARCH_CONFIGS, make_hf as make_arch_hf  # noqa: E402
+
+# site suffix -> (module path under the layer, in/out), per family
+_LLAMA = {"hook_attn_out": ("self_attn", "out"), "attn.hook_z": ("self_attn.o_proj", "in"),
+          "attn.hook_q": ("self_attn.q_proj", "out"), "attn.hook_k": ("self_attn.k_proj", "out"),
+          "attn.hook_v": ("self_attn.v_proj", "out"), "mlp.hook_pre": ("mlp.gate_proj", "out"),
+          "mlp.hook_pre_linear": ("mlp.up_proj", "out"), "mlp.hook_post": ("mlp.down_proj", "in"),
+          "hook_mlp_out": ("mlp", "out"), "ln1.hook_normalized": ("input_layernorm", "out"),
+          "ln2.hook_normalized": ("post_attention_layernorm", "out"), "hook_resid_pre": ("", "in"),
+          "hook_resid_post": ("", "out")}
+_NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense", "in"),
+         "attn.qkv": ("attention.query_key_value", "out"), "mlp.hook_pre": ("mlp.dense_h_to_4h", "out"),
+         "mlp.hook_post": ("mlp.dense_4h_to_h", "in"), "hook_mlp_out": ("mlp", "out"),
+         "ln1.hook_normalized": ("input_layernorm", "out"), "ln2.hook_normalized": ("post_attention_layernorm", "out"),
+         "hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
+
+
+def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
+    """As hf_gradients, for the Llama family and GPT-NeoX."""
+    neox = family == "gpt_neox"
+    base = hf.gpt_neox if neox else hf.model
+    layers, table = base.layers, (_NEOX if neox else _LLAMA)
+    deltas, handles = {}, []
+
+    def attach(tag, module, where):
+        def add(value):
+            d = torch.zeros_like(value, requires_grad=True)
+            deltas[tag] = d
+            return value + d
+        if where == "out":
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out: (add(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else add(out)))
+        else:
+            def pre(mod, args, kwargs):
+                if args:
+                    return (add(args[0]),) + args[1:], kwargs
+                kwargs["hidden_states"] = add(kwargs["hidden_states"])
+                return args, kwargs
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    for name in site_names:
+        if name == "hook_embed":
+            attach(name, base.embed_in if neox else base.embed_tokens, "out")
+        elif name == "ln_final.hook_normalized":
+            attach(name, base.final_layer_norm if neox else base.norm, "out")
+        else:
+            _, layer, suffix = name.split(".", 2)
+            key = "attn.qkv" if neox and suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v") else suffix
+            tag = f"blocks.{layer}.{key}"
+            if tag not in deltas:
+                attach(tag, _module(layers[int(layer)], table[key][0]), table[key][1])
+    hf.zero_grad()
+    try:
+        with torch.enable_grad():
+            m = np.ones(tokens.shape, np.int64) if mask is None else mask
+            logits = hf(torch.tensor(tokens), attention_mask=torch.tensor(m),
+                        position_ids=torch.tensor(positions_from_mask(m))).logits
+            value = scalar_fn(logits)
+            value.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    cfg = hf.config
+    H, C = cfg.num_attention_heads, cfg.hidden_size
+    dh = C // H
+    out = {}
+    for name in site_names:
+        suffix = name.split(".", 2)[-1]
+        if neox and suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+            g = deltas[f"blocks.{name.split('.')[1]}.attn.qkv"].grad.numpy()
+            g = g.reshape(g.shape[0], g.shape[1], H, 3, dh)
+            out[name] = g[:, :, :, "qkv".index(suffix[-1])]
+            continue
+        g = deltas[name].grad.numpy()
+        if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
+            g = g.reshape(g.shape[0], g.shape[1], -1, dh)
+        if not neox and name.endswith("hook_normalized"):
+            # RMSNorm's site is before its weight: d site = d output * w
+            norm = base.norm if name.startswith("ln_final") else _module(
+                layers[int(name.split(".")[1])], "input_layernorm" if ".ln1." in name else "post_attention_layernorm")
+            g = g * norm.weight.detach().numpy()
+        out[name] = g
+    params = {}
+    prefix = "gpt_neox." if neox else "model."
+    for n, p in hf.named_parameters():
+        if p.grad is not None:
+            params[n[len(prefix):] if n.startswith(prefix) else n] = p.grad.numpy().copy()
+    return float(value), out, params
+
+
+ARCH_SITES = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q",
+              "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out",
+              "blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post",
+              "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
+              "ln_final.hook_normalized"]
+
+
+@pytest.mark.parametrize("name", sorted(ARCH_CONFIGS))
+def test_architectures_match_autograd(name):
+    family = ARCH_CONFIGS[name][0]
+    hf = make_arch_hf(name)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(8)
+    left = sorted(ARCH_CONFIGS).index(name) % 2 == 0
+    tokens, mask = batch(rng, model.d_vocab, [6, 3, 1], 6, "left" if left else "right")
+    sites = ARCH_SITES + (["blocks.0.mlp.hook_pre_linear"] if family != "gpt_neox" else [])
+    value, ref_sites, ref_params = arch_gradients(hf, family, tokens, mask, torch_cross_entropy(tokens, mask), sites)
+    g = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+    assert abs(g.value - value) < 1e-5 * max(1, abs(value))
+    check(g, ref_sites, ref_params, mask)
+    # a metric too (LogProb at each row's last real token)
+    metric = ms.metrics.LogProb([1, 2, 3])
+    value, ref_sites, ref_params = arch_gradients(hf, family, tokens, mask, torch_metric(metric, mask), sites[:3])
+    g = model.grad(tokens, metric, sites=sites[:3], weights=True, attention_mask=mask)
+    check(g, ref_sites, ref_params, mask)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_bad_input(gpt2):
+    _, model = gpt2
+    tokens = np.array([[1, 2, 3, 4]])
+    metric = ms.metrics.LogitDiff(1, 2)
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_pre.*cannot change the metric"):
+        model.grad(tokens, metric, sites=["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"],
+                   interventions=[ms.Zero("blocks.0.hook_resid_post")])
+    # at or after the overwritten site, or a partial overwrite: fine
+    g = model.grad(tokens, metric, sites=["blocks.0.hook_resid_post"], interventions=[ms.Zero("blocks.0.hook_resid_post")])
+    assert np.abs(g["blocks.0.hook_resid_post"]).max() > 0
+    model.grad(tokens, metric, sites=["blocks.0.hook_resid_pre"], interventions=[ms.Zero("blocks.0.hook_resid_post", pos=1)])
+    with pytest.raises(ValueError, match="blocks.7.hook_resid_pre"):
+        model.grad(tokens, metric, sites=["blocks.7.hook_resid_pre"])
+    with pytest.raises(ValueError, match="no_such_site"):
+        model.grad(tokens, metric, sites=["blocks.0.no_such_site"])
+    with pytest.raises(ValueError, match="h.9.mlp.c_fc.weight"):
+        model.grad(tokens, metric, weights=["h.9.mlp.c_fc.weight"])
+    with pytest.raises(TypeError, match="weights"):
+        model.grad(tokens, metric, weights=3)
+    with pytest.raises(ValueError, match="cross_entropy"):
+        model.grad(tokens, "crossentropy")
+    with pytest.raises(TypeError, match="metric"):
+        model.grad(tokens, lambda logits: logits.sum())
+    with pytest.raises(TypeError, match="Recovery"):
+        model.grad(tokens, ms.metrics.Recovery(metric, 1.0, 0.0))
+    with pytest.raises(ValueError, match="two real tokens"):
+        model.grad(np.array([[1], [2]]), "cross_entropy")
+    with pytest.raises(ValueError, match="padding"):
+        model.grad(tokens, ms.metrics.LogProb(1, pos=0), attention_mask=np.array([[0, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="hooks"):
+        model.grad(tokens, metric, hooks={"blocks.0.hook_resid_pre": lambda x, n: None})
+
+
+def test_memory_checked_before_work(gpt2):
+    _, model = gpt2
+    old = ms.get_memory_budget()
+    try:
+        ms.set_memory_budget(10_000)
+        with pytest.raises(ValueError, match="memory budget"):
+            model.grad(np.array([[1, 2, 3, 4]]), "cross_entropy", weights=True)
+    finally:
+        ms.set_memory_budget(old)

@@ -31,6 +31,8 @@ try:
     # each call is one call into C of tens of seconds or more
     if kind == "run":
         model.run(rng.integers(0, 2000, (128, 128)), logits="all")
+    elif kind == "grad":
+        model.grad(rng.integers(0, 2000, (32, 128)), "cross_entropy", weights=True, progress=False)
     elif kind == "sweep":
         ms.patching.attn_head_out_by_pos(model, corrupted, cache, ms.metrics.LogitDiff(1, 2), progress=False)
     else:
@@ -43,7 +45,7 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("kind", ["run", "sweep", "trace"])
+@pytest.mark.parametrize("kind", ["run", "grad", "sweep", "trace"])
 def test_ctrl_c_stops_a_long_call(kind):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     child = subprocess.Popen([sys.executable, "-c", CHILD, kind], stdout=subprocess.PIPE,

@@ -143,6 +143,9 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     tokens, mask = model._check_tokens(tokens, attention_mask)
     B, T = tokens.shape
     cross_entropy = isinstance(metric, str) and metric == "cross_entropy"
+    if isinstance(metric, str) and not cross_entropy:
+        raise ValueError(f"metric: unknown name {metric!r}; the named scalar is 'cross_entropy', or give a "
+                         "metric object (ms.metrics.LogitDiff, LogProb, Prob, KL)")
     if isinstance(metric, Recovery):
         raise TypeError("metric: Recovery is an affine function of its metric's batch mean; differentiate "
                         "the metric itself (its gradient divided by clean - corrupted is Recovery's)")
@@ -169,7 +172,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
             for key in ("correct", "wrong", "ref_logprob"):
                 if args[key] is not None:
                     args[key] = np.concatenate([args[key], np.repeat(args[key][:1], R - B, axis=0)])
-    _check_reach(model, names, interventions, B, T, mask, args, cross_entropy)
+    _check_reach(model, names, interventions)
 
     shapes = {n: _sites.shape(_sites.parse(n, model)[2], model._shape_cfg, R, T) for n in names}
     core_names = {}
@@ -209,6 +212,26 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     return result
 
 
-def _check_reach(model, names, interventions, B, T, mask, args, cross_entropy):
-    """Refuse sites the scalar cannot depend on (before any work)."""
-    return
+_OVERWRITES = ("Set", "Zero", "Patch", "MeanAblate")  # interventions whose written values are constants
+_STREAM = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+def _check_reach(model, names, interventions):
+    """Refuse sites the scalar cannot depend on, before any work: a site computed
+    before an intervention that overwrites the whole residual stream (every row,
+    position and dimension) with constants has a gradient of 0 everywhere, which
+    is never what the user meant to ask for."""
+    order = {n: i for i, n in enumerate(_sites.all_site_names(model))}
+    cut = None
+    for iv in interventions:
+        if (type(iv).__name__ in _OVERWRITES and iv.site.endswith(_STREAM) and iv.site in order
+                and iv.pos is None and iv.index is None and iv.row is None):
+            if cut is None or order[iv.site] > order[cut.site]:
+                cut = iv
+    if cut is None:
+        return
+    early = [n for n in names if order[n] < order[cut.site]]
+    if early:
+        raise ValueError(f"sites: {early[0]!r} cannot change the metric: {cut!r} overwrites the whole residual "
+                         f"stream at {cut.site!r} after it with constants, so its gradient is 0 everywhere; ask "
+                         "for sites at or after that site, or overwrite only part of it")
