@@ -309,3 +309,38 @@ def test_iia_bad_basis(planted):
         ms.das.iia(model, SITE, np.ones((16, 1)), base, source, labels)
     with pytest.raises(ValueError, match=r"basis: expected shape \[16, k\]"):
         ms.das.iia(model, SITE, np.eye(8)[:, :1], base, source, labels)
+
+
+def test_iia_is_the_share_of_pairs_one_run_at_a_time(planted):
+    """iia (batched, Sources in the same pass) against one base run per pair, patched from
+    the source's cached value."""
+    model, v, content, label, _, _ = planted
+    base, source, labels = pairs(np.random.default_rng(5), content, label, 24)
+    Q = np.linalg.qr(np.c_[v, np.random.default_rng(6).normal(size=16)])[0]
+    hits = []
+    for b, s, y in zip(base, source, labels):
+        cache = model.run(s[None], cache=SITE, logits=None).cache
+        out = model.run(b[None], logits="last", interventions=[ms.SubspacePatch(SITE, basis=Q, source=cache, pos=-1)])
+        hits.append(out.logits[0].argmax() == y)
+    assert ms.das.iia(model, SITE, Q, base, source, labels, batch_size=5) == np.mean(hits)
+
+
+def test_das_on_left_padded_pairs(planted):
+    """Prompts of 2 to 4 tokens, left-padded: the interchange at the last position and the
+    label read at each row's last real token."""
+    model, v, content, label, _, _ = planted
+    rng = np.random.default_rng(8)
+
+    def padded(n):
+        base, source, labels = pairs(rng, content, label, n)
+        mask = np.ones_like(base)
+        for row, length in enumerate(rng.integers(2, 5, n)):
+            mask[row, :4 - length] = 0
+        base, source = np.where(mask == 1, base, 1), np.where(mask == 1, source, 1)
+        return ms.Tokens(base, mask), ms.Tokens(source, mask), labels
+
+    train, held_out = padded(256), padded(100)
+    assert held_out[0].attention_mask.min() == 0
+    das = ms.das.DAS(model, SITE, rank=1, lr=3e-2, epochs=10, progress=False).fit(*train)
+    assert angle_degrees(das.basis_, v) < 10
+    assert das.score(*held_out) >= 0.99
