@@ -1,8 +1,5 @@
-"""PyTorch references for the DAS tests: the HF GPT-2 with a mechscope model's weights, the
-DAS loss of an interchange computed with autograd, and (until mechscope's own backward pass
-is available on a branch) a stand-in for model.grad covering what DAS asks of it."""
-import types
-
+"""PyTorch references for the DAS tests: the HF GPT-2 with a mechscope model's weights and
+the DAS loss of an interchange, differentiated by autograd."""
 import numpy as np
 import torch
 import transformers
@@ -84,44 +81,3 @@ def das_loss(model, site, Q, base, source, labels, pos, mask=None, dtype=torch.f
     logits = run_with_edit(hf, base, site, edit)[:, -1]
     logp = torch.log_softmax(logits, dim=-1)
     return -logp[torch.arange(len(labels)), torch.as_tensor(np.asarray(labels))].mean()
-
-
-def grad_standin(model, tokens, metric, *, sites=(), interventions=None, attention_mask=None, **_):
-    """model.grad for what DAS asks: a LogProb metric, one resid site carrying one Add
-    intervention at that site; float32 autograd on the HF model with the same weights."""
-    from mechscope import Add
-    from mechscope.metrics import LogProb
-
-    tokens = np.asarray(tokens)
-    assert attention_mask is None or np.all(attention_mask), "the stand-in runs unpadded batches"
-    assert type(metric) is LogProb and len(sites) == 1
-    (site,) = sites
-    (add,) = interventions
-    assert isinstance(add, Add) and add.site == site
-    hf = hf_model(model, torch.float32)
-    B, T = tokens.shape
-    pos = np.arange(T)[np.atleast_1d(add.pos)] if add.pos is not None else np.arange(T)
-    vector = torch.as_tensor(np.broadcast_to(np.asarray(add.vector, np.float32) * add.scale,
-                                             (B, len(pos), model.d_model)).copy())
-    kept = {}
-
-    def edit(h):
-        h = h.clone()
-        h[:, pos] = h[:, pos] + vector
-        h.retain_grad()
-        kept["h"] = h
-        return h
-
-    with torch.enable_grad():
-        logits = run_with_edit(hf, tokens, site, edit)
-        rows = torch.arange(B)
-        metric_pos = torch.as_tensor(np.broadcast_to(np.asarray(metric.pos), (B,)).astype(np.int64))
-        logp = torch.log_softmax(logits[rows, metric_pos], dim=-1)[rows, torch.as_tensor(np.asarray(metric.correct))]
-        logp.sum().backward()
-    return StandinGradients(value=float(logp.sum()), metric=logp.detach().numpy(),
-                            sites={site: kept["h"].grad.numpy()}, activations={site: kept["h"].detach().numpy()})
-
-
-class StandinGradients(types.SimpleNamespace):
-    def __getitem__(self, site):
-        return self.sites[site]

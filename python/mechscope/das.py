@@ -188,6 +188,10 @@ def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labe
     """One step's loss (mean cross-entropy of the labels) and its gradient with respect to
     Q (and to the mask weights, when given) for the interchange h' = h_b + Q diag(w) Q^T D
     at positions pos; D = h_source - h_base there [rows, positions, width]."""
+    # The base's and the source's values at the site do not depend on Q, so the run is
+    # written as an Add of h' - h_b: the same intervened run as SubspacePatch from a Source
+    # (the tests check the gradient against that run), without the source rows, and
+    # Add's backward is the identity, so the site's gradient is d loss / d h'.
     rows, width = D.shape[0], Q.shape[0]
     coords = D @ Q
     delta = (coords if weights is None else coords * weights) @ Q.T
@@ -231,7 +235,7 @@ def iia(model, site, basis, base, source, labels, *, pos=-1, metric_pos=None, ba
     basis: [width, k] orthonormal (e.g. a fitted DAS's basis_, or a random one as a
     baseline); base, source: token arrays [n, pos] of the same shape (or texts);
     labels: the counterfactual label's token id per pair."""
-    width, suffix = _site_width(model, site)
+    width, _ = _site_width(model, site)
     Q = _check_basis(basis, width)
     bt, bm, st, sm, lab = _pairs(model, base, source, labels)
     n, T = bt.shape
