@@ -30,10 +30,11 @@ static size_t kv_width(const ms_config *c) { return (size_t)c->n_kv_heads * c->d
 static size_t qkv_width(const ms_config *c) { return q_width(c) + 2 * kv_width(c); }
 static size_t mlp_width(const ms_config *c) { return (size_t)c->d_mlp * (c->gated_mlp ? 2 : 1); }
 
-/* rows of logits the metric's head computes at once (bounds its buffer to ~32 MB) */
+/* rows of logits the metric's head computes at once: its buffer is ~64 MB, enough
+ * rows for the unembedding's gradient (a product over them) to run near full speed */
 static int head_chunk(const ms_config *c) {
-    int n = (1 << 23) / (c->d_vocab > 0 ? c->d_vocab : 1);
-    return n < 16 ? 16 : (n > 512 ? 512 : n);
+    int n = (1 << 24) / (c->d_vocab > 0 ? c->d_vocab : 1);
+    return n < 16 ? 16 : (n > 1024 ? 1024 : n);
 }
 
 typedef struct {
@@ -483,7 +484,8 @@ static double head_row(const head_job *j, int i, float *y) {
     if (j->kind == 0) {
         int t = j->targets[i];
         value = lz - (double)y[t];
-        for (int v = 0; v < V; v++) y[v] = j->weight * (float)exp((double)y[v] - lz);
+        float lzf = (float)lz; /* softmax in float: the exponent is at most ~1e-6 off */
+        for (int v = 0; v < V; v++) y[v] = j->weight * expf(y[v] - lzf);
         y[t] -= j->weight;
     } else if (j->kind == MS_METRIC_KL) {
         const float *ref = mt->ref_logprob + (size_t)r * V;

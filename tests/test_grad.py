@@ -549,3 +549,53 @@ def test_memory_checked_before_work(gpt2):
             model.grad(np.array([[1, 2, 3, 4]]), "cross_entropy", weights=True)
     finally:
         ms.set_memory_budget(old)
+
+
+@pytest.mark.parametrize("name", ["odd21_gelu_invscale", "relu_inner_untied", "deep4_eps"])
+def test_gpt2_configurations(name):
+    """Exact GELU and ReLU, inverse-layer scaling, n_inner, an untied unembedding, epsilon."""
+    from conftest import CONFIGS
+    hf = make_hf_model(CONFIGS[name], seed=1)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(9)
+    tokens, mask = batch(rng, model.d_vocab, [5, 2], 5, "left")
+    sites = ["hook_embed", "blocks.0.mlp.hook_pre", "blocks.0.attn.hook_pattern", "ln_final.hook_normalized"]
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_cross_entropy(tokens, mask), sites)
+    g = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+    check(g, ref_sites, ref_params, mask)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_scale_sites_by_finite_differences(gpt2, arch):
+    """What the torch hooks cannot reach, the LayerNorm / RMSNorm divisors and
+    interventions on them, and the scores, against central differences of the metric
+    (float32 runs: tolerance 2e-3)."""
+    if arch == "gpt2":
+        _, model = gpt2
+    else:
+        hf = make_arch_hf("llama_gqa3")
+        model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(10)
+    tokens = rng.integers(0, model.d_vocab, (2, 5))
+    metric = ms.metrics.LogProb([1, 2])
+    fixed = [ms.Set("blocks.0.ln1.hook_scale", 2.0, pos=2), ms.Scale("blocks.1.ln2.hook_scale", 1.5, pos=[1, 3])]
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.ln1.hook_scale", "blocks.0.attn.hook_attn_scores"]
+    g = model.grad(tokens, metric, sites=sites, interventions=fixed)
+
+    def derivative(site, v):
+        """d metric / d t of Add(site, t v) at 0: central differences, Richardson-extrapolated"""
+        def central(eps):
+            f = [metric.per_row(model, tokens, interventions=[ms.Add(site, s * eps * v)] + fixed)
+                 .astype(np.float64).sum() for s in (1, -1)]
+            return (f[0] - f[1]) / (2 * eps)
+        return (4 * central(1e-3) - central(2e-3)) / 3
+
+    T = 5
+    for site, shape in (("blocks.0.hook_resid_pre", (2, T, model.d_model)), ("blocks.1.ln1.hook_scale", (2, T, 1)),
+                        ("blocks.0.attn.hook_attn_scores", (2, model.n_heads, T, T))):
+        v = rng.normal(size=shape).astype(np.float32)
+        if site.endswith("scores"):
+            v *= np.tril(np.ones((T, T), np.float32))  # entries a query sees
+        exact = float((g[site].astype(np.float64) * v).sum())
+        fd = derivative(site, v)
+        assert abs(fd - exact) < 2e-3 * max(1.0, abs(exact)), (site, fd, exact)
