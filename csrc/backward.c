@@ -550,15 +550,15 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
     const ms_config *c = &b->m->cfg;
     int C = c->d_model, R = g->n_metric_rows, T = p->n_pos;
     int *ks = b->pairs, *targets = b->pairs + b->N;
-    /* per-entry values: the head buffer's dx rows are free until head_backward runs */
-    double *values = malloc(sizeof(double) * (size_t)(b->N > R ? b->N : R) + 1);
-    int *rows = malloc(sizeof(int) * (size_t)(b->N > R ? b->N : R) + 1);
-    if (!values || !rows) {
-        free(values);
-        free(rows);
+    /* each entry's value and row; per-row sums and counts (cross-entropy) */
+    size_t n_max = (size_t)(b->N > R ? b->N : R);
+    double *values = malloc(sizeof(double) * (n_max + (size_t)R) + sizeof(int) * (n_max + (size_t)R) + 1);
+    if (!values) {
         snprintf(err->message, sizeof err->message, "out of memory computing the metric");
         return MS_ERR_MEMORY;
     }
+    double *sums = values + n_max;
+    int *rows = (int *)(sums + R), *count = rows + n_max;
     memset(b->dln, 0, sizeof(float) * (size_t)b->N * C);
     double total = 0.0;
     if (g->cross_entropy) {
@@ -571,23 +571,13 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
                     rows[n++] = r;
                 }
         head_backward(b, ks, rows, targets, n, 0, 1.0f / (float)n, values);
-        for (int r = 0; r < R; r++) g->metric_out[r] = 0.0f;
-        int *count = targets; /* no longer needed: per-row counts */
-        for (int r = 0; r < R; r++) count[r] = 0;
-        double *sums = calloc((size_t)R + 1, sizeof(double));
-        if (!sums) {
-            free(values);
-            free(rows);
-            snprintf(err->message, sizeof err->message, "out of memory computing the metric");
-            return MS_ERR_MEMORY;
-        }
+        for (int r = 0; r < R; r++) sums[r] = 0.0, count[r] = 0;
         for (int i = 0; i < n; i++) {
             total += values[i];
             sums[rows[i]] += values[i];
             count[rows[i]]++;
         }
         for (int r = 0; r < R; r++) g->metric_out[r] = count[r] ? (float)(sums[r] / count[r]) : NAN;
-        free(sums);
         *g->value_out = total / n;
     } else {
         const ms_metric *mt = &g->metric;
@@ -625,7 +615,6 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
         *g->value_out = total;
     }
     free(values);
-    free(rows);
     return MS_OK;
 }
 

@@ -41,12 +41,13 @@ class Gradients:
 
 
 def _weight_names(model, weights):
-    """weights argument -> HF names wanted (possibly empty)."""
+    """weights argument -> {name to return: HF name without the model prefix} (possibly
+    empty); names given in a list come back as given (with or without 'transformer.')."""
     every = list(architectures.hf_shapes(model.arch))
     if weights is False or weights is None:
-        return []
+        return {}
     if weights is True:
-        return every
+        return {n: n for n in every}
     if isinstance(weights, str):
         weights = [weights]
     try:
@@ -60,7 +61,7 @@ def _weight_names(model, weights):
         stripped = architectures.strip_prefix(n, model.family)
         if stripped not in known:
             raise ValueError(f"weights: {n!r} is not a parameter of this model (e.g. {every[0]!r}, {every[-1]!r})")
-    return [architectures.strip_prefix(n, model.family) for n in names]
+    return {n: architectures.strip_prefix(n, model.family) for n in names}
 
 
 def _hf_gradients(model, core):
@@ -208,7 +209,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     result.metric = per_row
     if wanted:
         hf = _hf_gradients(model, core_grads)
-        result.weights = {n: np.ascontiguousarray(hf[n], np.float32) for n in wanted}
+        result.weights = {n: np.ascontiguousarray(hf[k], np.float32) for n, k in wanted.items()}
     return result
 
 
