@@ -518,6 +518,15 @@ def test_bad_input(gpt2):
     g = model.grad(tokens, metric, sites=["blocks.0.hook_resid_post"], interventions=[ms.Zero("blocks.0.hook_resid_post")])
     assert np.abs(g["blocks.0.hook_resid_post"]).max() > 0
     model.grad(tokens, metric, sites=["blocks.0.hook_resid_pre"], interventions=[ms.Zero("blocks.0.hook_resid_post", pos=1)])
+    # a block's pattern overwritten whole: its queries and keys cannot matter, its values can
+    with pytest.raises(ValueError, match="blocks.1.attn.hook_q"):
+        model.grad(tokens, metric, sites=["blocks.1.attn.hook_v", "blocks.1.attn.hook_q"],
+                   interventions=[ms.Zero("blocks.1.attn.hook_pattern")])
+    model.grad(tokens, metric, sites=["blocks.1.attn.hook_v", "blocks.0.attn.hook_q"],
+               interventions=[ms.Zero("blocks.1.attn.hook_pattern")])
+    with pytest.raises(ValueError, match="blocks.0.ln2.hook_normalized"):
+        model.grad(tokens, metric, sites=["blocks.0.ln2.hook_normalized"],
+                   interventions=[ms.Set("blocks.0.hook_mlp_out", 1.0)])
     with pytest.raises(ValueError, match="blocks.7.hook_resid_pre"):
         model.grad(tokens, metric, sites=["blocks.7.hook_resid_pre"])
     with pytest.raises(ValueError, match="no_such_site"):

@@ -215,24 +215,41 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
 
 _OVERWRITES = ("Set", "Zero", "Patch", "MeanAblate")  # interventions whose written values are constants
 _STREAM = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+_QK = ("attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores")
+# ln1's output feeds only the attention, ln2's only the MLP
+_ATTN = _QK + ("attn.hook_v", "attn.hook_pattern", "ln1.hook_scale", "ln1.hook_normalized")
+_MLP = ("mlp.hook_pre", "mlp.hook_pre_linear", "ln2.hook_scale", "ln2.hook_normalized")
+# a site overwritten whole -> the sites of the same block that reach the scalar only through it
+_ONLY_THROUGH = {
+    "attn.hook_attn_scores": ("attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k"),
+    "attn.hook_pattern": _QK,
+    "attn.hook_z": _ATTN,
+    "hook_attn_out": _ATTN + ("attn.hook_z",),
+    "mlp.hook_post": _MLP,
+    "hook_mlp_out": _MLP + ("mlp.hook_post",),
+}
 
 
 def _check_reach(model, names, interventions):
-    """Refuse sites the scalar cannot depend on, before any work: a site computed
-    before an intervention that overwrites the whole residual stream (every row,
-    position and dimension) with constants has a gradient of 0 everywhere, which
-    is never what the user meant to ask for."""
+    """Refuse sites the scalar cannot depend on, before any work: a site whose every
+    path to the scalar goes through a site an intervention overwrites whole (every
+    row, position and dimension) with constants has a gradient of 0 everywhere, which
+    is never what the user meant to ask for. Overwriting the residual stream cuts off
+    every earlier site; overwriting e.g. a block's pattern cuts off its queries and keys."""
     order = {n: i for i, n in enumerate(_sites.all_site_names(model))}
-    cut = None
     for iv in interventions:
-        if (type(iv).__name__ in _OVERWRITES and iv.site.endswith(_STREAM) and iv.site in order
-                and iv.pos is None and iv.index is None and iv.row is None):
-            if cut is None or order[iv.site] > order[cut.site]:
-                cut = iv
-    if cut is None:
-        return
-    early = [n for n in names if order[n] < order[cut.site]]
-    if early:
-        raise ValueError(f"sites: {early[0]!r} cannot change the metric: {cut!r} overwrites the whole residual "
-                         f"stream at {cut.site!r} after it with constants, so its gradient is 0 everywhere; ask "
-                         "for sites at or after that site, or overwrite only part of it")
+        if (type(iv).__name__ not in _OVERWRITES or iv.site not in order or iv.pos is not None
+                or iv.index is not None or iv.row is not None or getattr(iv, "head", None) is not None
+                or getattr(iv, "key_pos", None) is not None):
+            continue
+        cut = []
+        if iv.site.endswith(_STREAM):
+            cut = [n for n in names if order[n] < order[iv.site]]
+        elif iv.site.startswith("blocks."):
+            block = ".".join(iv.site.split(".")[:2]) + "."
+            suffix = iv.site[len(block):]
+            cut = [n for n in names if n.startswith(block) and n[len(block):] in _ONLY_THROUGH.get(suffix, ())]
+        if cut:
+            raise ValueError(f"sites: {cut[0]!r} cannot change the metric: {iv!r} overwrites {iv.site!r} whole "
+                             "with constants, and every path from it to the metric goes through that site, so "
+                             "its gradient is 0 everywhere; ask for other sites, or overwrite only part of it")
