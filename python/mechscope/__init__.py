@@ -34,6 +34,7 @@ from . import demo, metrics, patching, plot, probing, tracing  # noqa: E402  (ms
 from . import attribution  # noqa: E402  (ms.attribution.resid_pre, ...: patching sweeps estimated by gradients)
 from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
 from . import train  # noqa: E402  (ms.train.fit, ms.train.AdamW, ...)
+from . import das  # noqa: E402  (ms.das.DAS, ms.das.iia)
 
 __version__ = "0.1.0"
 
