@@ -929,9 +929,9 @@ fail:
     return result;
 }
 
-static PyObject *Model_grad_workspace_bytes(ModelObject *self, PyObject *args) {
-    PyObject *ormask;
-    if (!PyArg_ParseTuple(args, "O", &ormask)) return NULL;
+/* The attention mask [batch, pos] of a workspace estimate, converted to int32 and placed
+ * in the plan; the caller releases the returned reference. NULL with an exception set. */
+static PyArrayObject *plan_mask(PyObject *ormask, ms_plan *plan) {
     PyArrayObject *mask = (PyArrayObject *)PyArray_FROM_OTF(ormask, NPY_INT32, NPY_ARRAY_IN_ARRAY);
     if (!mask) return NULL;
     if (PyArray_NDIM(mask) != 2) {
@@ -939,11 +939,19 @@ static PyObject *Model_grad_workspace_bytes(ModelObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "attention_mask: expected [batch, pos]");
         return NULL;
     }
+    plan->n_rows = (int)PyArray_DIM(mask, 0);
+    plan->n_pos = (int)PyArray_DIM(mask, 1);
+    plan->mask = PyArray_DATA(mask);
+    return mask;
+}
+
+static PyObject *Model_grad_workspace_bytes(ModelObject *self, PyObject *args) {
+    PyObject *ormask;
+    if (!PyArg_ParseTuple(args, "O", &ormask)) return NULL;
     ms_plan plan = {0};
     ms_grad_plan gp = {0};
-    plan.n_rows = (int)PyArray_DIM(mask, 0);
-    plan.n_pos = (int)PyArray_DIM(mask, 1);
-    plan.mask = PyArray_DATA(mask);
+    PyArrayObject *mask = plan_mask(ormask, &plan);
+    if (!mask) return NULL;
     size_t bytes = ms_grad_workspace_bytes(&self->model, &plan, &gp);
     Py_DECREF(mask);
     return PyLong_FromSize_t(bytes);
@@ -953,17 +961,9 @@ static PyObject *Model_workspace_bytes(ModelObject *self, PyObject *args) {
     PyObject *ormask;
     int n_logit_pos;
     if (!PyArg_ParseTuple(args, "Oi", &ormask, &n_logit_pos)) return NULL;
-    PyArrayObject *mask = (PyArrayObject *)PyArray_FROM_OTF(ormask, NPY_INT32, NPY_ARRAY_IN_ARRAY);
-    if (!mask) return NULL;
-    if (PyArray_NDIM(mask) != 2) {
-        Py_DECREF(mask);
-        PyErr_SetString(PyExc_ValueError, "attention_mask: expected [batch, pos]");
-        return NULL;
-    }
     ms_plan plan = {0};
-    plan.n_rows = (int)PyArray_DIM(mask, 0);
-    plan.n_pos = (int)PyArray_DIM(mask, 1);
-    plan.mask = PyArray_DATA(mask);
+    PyArrayObject *mask = plan_mask(ormask, &plan);
+    if (!mask) return NULL;
     plan.n_logit_pos = n_logit_pos;
     size_t bytes = ms_run_workspace_bytes(&self->model, &plan);
     Py_DECREF(mask);

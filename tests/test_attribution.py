@@ -9,17 +9,8 @@ import torch
 from _torch_grad import TorchGrad
 from conftest import make_hf_model, save_hf
 
-CONFIG = dict(n_embd=28, n_head=4, n_layer=3, vocab_size=61, n_positions=16, activation_function="gelu_new")
-B, T = 3, 6
-CORRECT, WRONG = np.array([5, 9, 11]), np.array([7, 3, 2])
-
-FUNCTIONS = [
-    "resid_pre", "resid_mid", "attn_out", "mlp_out", "block_every",
-    "attn_head_out_all_pos", "attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_v_all_pos",
-    "attn_head_pattern_all_pos", "attn_head_all_pos_every",
-    "attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos",
-    "attn_head_pattern_by_pos", "attn_head_pattern_dest_src_pos", "attn_head_by_pos_every",
-]
+# the model, prompts and function list of the exact sweeps' tests: every grid has its estimate
+from test_patching import B, CONFIG, CORRECT, FUNCTIONS, T, WRONG  # noqa: E402
 SINGLE = [n for n in FUNCTIONS if not n.endswith("_every")]
 QK = ["attn_head_q_all_pos", "attn_head_k_all_pos", "attn_head_q_by_pos", "attn_head_k_by_pos"]
 

@@ -57,7 +57,7 @@ from . import metrics as _metrics
 from . import sites
 from ._progress import progress_bar
 from .interventions import Set, Source
-from .patching import _source_array
+from .patching import _same_head_counts, _source_array
 
 __all__ = [
     "resid_pre", "resid_mid", "attn_out", "mlp_out", "block_every",
@@ -379,13 +379,6 @@ attn_head_pattern_dest_src_pos = _one_grid(
     ("pattern_entry", _PATTERN), "attn_head_pattern_dest_src_pos",
     "Estimate of patching one entry of one head's pattern, each (layer, head, dest, src): "
     "[n_layers, n_heads, pos, pos].")
-
-
-def _same_head_counts(model, name):
-    if model.n_kv_heads != model.n_heads:
-        raise ValueError(f"model: {name} stacks q, k and v results, but this model has {model.n_heads} "
-                         f"query heads and {model.n_kv_heads} key/value heads; call the per-site "
-                         "functions (attn_head_k_all_pos, ...) instead")
 
 
 def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=None,
