@@ -276,8 +276,7 @@ def test_exact_softmax_ranks_query_key_patches_better_on_demo_ioi(ms, demo):
 # ------------------------------------------------------------ plots, bad input
 
 def test_plots_take_the_grids(ms, setup):
-    pytest.importorskip("matplotlib")
-    import matplotlib
+    import matplotlib  # in the test extra: a missing install fails here, never skips
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     model, _, _, corrupted, cache = setup
