@@ -116,7 +116,8 @@ def _k_quant_blocks(rows, cols, kind, rng):
     return raw.reshape(rows, -1)
 
 
-def write_gguf(hf, path, kind, rng):
+def llama_writer(hf, path):
+    """A GGUF writer holding the hyperparameters of the Llama model `hf`."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.num_hidden_layers)
@@ -129,6 +130,12 @@ def write_gguf(hf, path, kind, rng):
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_vocab_size(c.vocab_size)
+    return w
+
+
+def write_tensors(w, hf, kind="F32", rng=None):
+    """Adds `hf`'s weights as tensors of type `kind` (q/k rows in GGUF's order) and writes the file."""
+    c = hf.config
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for hf_name, gg in gguf_file._BLOCK_NAMES.items():
@@ -153,6 +160,10 @@ def write_gguf(hf, path, kind, rng):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_gguf(hf, path, kind, rng):
+    write_tensors(llama_writer(hf, path), hf, kind, rng)
 
 
 @pytest.fixture(scope="module")
@@ -251,18 +262,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
                           rope_theta=10000.0, rms_norm_eps=1e-5))
     hf = make_hf(None, seed=7, spec=spec)
     path = tmp_path / "spm.gguf"
-    c = hf.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_vocab_size(c.vocab_size)
+    w = llama_writer(hf, path)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -270,21 +270,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    for hf_name, gg in gguf_file._BLOCK_NAMES.items():
-        names[f"model.layers.0.{gg}"] = f"blk.0.{hf_name}"
-    for name, p in hf.state_dict().items():
-        a = p.numpy().astype(np.float32)
-        if name.endswith("q_proj.weight"):
-            a = _permute(a, c.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            a = _permute(a, c.num_key_value_heads)
-        w.add_tensor(names[name], a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tensors(w, hf)
     model = ms.Model.from_pretrained(path)
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     strings = varied_strings(600, seed=3) + ["The capital of Japan is Tokyo", "  two  spaces", "über café 東京 🙂",
