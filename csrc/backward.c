@@ -30,10 +30,11 @@ static size_t kv_width(const ms_config *c) { return (size_t)c->n_kv_heads * c->d
 static size_t qkv_width(const ms_config *c) { return q_width(c) + 2 * kv_width(c); }
 static size_t mlp_width(const ms_config *c) { return (size_t)c->d_mlp * (c->gated_mlp ? 2 : 1); }
 
-/* rows of logits the metric's head computes at once: its buffer is ~64 MB, enough
- * rows for the unembedding's gradient (a product over them) to run near full speed */
+/* rows of logits the metric's head computes at once: its buffer is at most 256 MB,
+ * enough rows for the unembedding's gradient (a product over them) to run near full
+ * speed, and (up to 1024 rows) few passes over that gradient */
 static int head_chunk(const ms_config *c) {
-    int n = (1 << 24) / (c->d_vocab > 0 ? c->d_vocab : 1);
+    int n = (1 << 26) / (c->d_vocab > 0 ? c->d_vocab : 1);
     return n < 16 ? 16 : (n > 1024 ? 1024 : n);
 }
 
@@ -485,7 +486,7 @@ static double head_row(const head_job *j, int i, float *y) {
         int t = j->targets[i];
         value = lz - (double)y[t];
         float lzf = (float)lz; /* softmax in float: the exponent is at most ~1e-6 off */
-        for (int v = 0; v < V; v++) y[v] = j->weight * expf(y[v] - lzf);
+        ms_scaled_exp(y, V, lzf, j->weight);
         y[t] -= j->weight;
     } else if (j->kind == MS_METRIC_KL) {
         const float *ref = mt->ref_logprob + (size_t)r * V;
@@ -524,6 +525,10 @@ static void head_backward(bwd *b, const int *ks, const int *rows, const int *tar
     const ms_config *c = &b->m->cfg;
     int C = c->d_model, V = c->d_vocab, CH = head_chunk(c);
     float *du = b->g->weights ? b->g->weights->unembed : NULL;
+    if (n > CH) { /* chunks of equal size: a short last one would run its products slowly */
+        int chunks = (n + CH - 1) / CH;
+        CH = (n + chunks - 1) / chunks;
+    }
     for (int i0 = 0; i0 < n && !ms_interrupted(); i0 += CH) {
         int ch = n - i0 < CH ? n - i0 : CH;
         for (int i = 0; i < ch; i++)
@@ -747,11 +752,12 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     ms_tape t = {0};
     bwd b = {0};
     float *mem = NULL;
+    size_t total = 0;
     L.n_threads = plan->n_threads > 0 ? plan->n_threads : ms_get_num_threads();
     if ((st = ms_layout_build(&L, m, plan, err))) goto done;
     grad_sizes s = sizes_of(m, plan);
-    size_t total = tape_floats(c, s) + backward_floats(c, s);
-    mem = malloc(sizeof(float) * total);
+    total = tape_floats(c, s) + backward_floats(c, s);
+    mem = ms_workspace_take(m->grad_workspace, total);
     if (!mem) {
         snprintf(err->message, sizeof err->message, "out of memory allocating the gradient run (%zu MB)",
                  total * sizeof(float) >> 20);
@@ -803,7 +809,7 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
 
 done:
     ms_stop_flag_swap(outer_stop);
-    free(mem);
+    if (mem) ms_workspace_give(m->grad_workspace, mem, total);
     ms_layout_free(&L);
     return st;
 }

@@ -741,7 +741,7 @@ void ms_workspace_free(ms_workspace *w) {
 /* A buffer of at least n floats: the kept one if it is free and not more than twice
  * too big, else a new one (a kept buffer that does not fit is freed first, so that
  * the two never add up). */
-static float *workspace_take(ms_workspace *w, size_t n) {
+float *ms_workspace_take(ms_workspace *w, size_t n) {
     float *buf = NULL, *drop = NULL;
     if (w) {
         pthread_mutex_lock(&w->lock);
@@ -763,7 +763,7 @@ static float *workspace_take(ms_workspace *w, size_t n) {
 }
 
 /* Give the buffer back: it becomes the kept one unless another run holds that. */
-static void workspace_give(ms_workspace *w, float *buf, size_t n) {
+void ms_workspace_give(ms_workspace *w, float *buf, size_t n) {
     if (!w) {
         free(buf);
         return;
@@ -836,7 +836,7 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
     ms_status st = MS_OK;
     ms_sizes sizes = plan_sizes(m, plan, tape != NULL);
     floats = buffer_floats(c, sizes) + 1;
-    base = workspace_take(m->workspace, floats);
+    base = ms_workspace_take(m->workspace, floats);
     if (!base) {
         snprintf(err->message, sizeof err->message, "out of memory allocating the run's activations");
         return MS_ERR_MEMORY;
@@ -870,7 +870,7 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
 
 done:
     if (st && plan->record) ms_state_free(plan->record);
-    workspace_give(m->workspace, base, floats);
+    ms_workspace_give(m->workspace, base, floats);
     return st;
 }
 

@@ -5,6 +5,7 @@
  * same threads share, each panel one single-threaded BLAS call. */
 #include "kernels.h"
 #include "blas.h"
+#include "fastmath.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -155,17 +156,17 @@ void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_ra
 
 /* ---- matrix products --------------------------------------------------------------- */
 
-/* A product is cut into panels of output columns (or rows, when there are many
- * rows), each one single-threaded BLAS call: enough panels to share among the
- * threads, each big enough to run near the BLAS's full speed, and none above
- * about 2^32 FLOP, so that an interrupted run stops within a fraction of a second. */
+/* A product is cut into tiles of the output (panels of columns, or a grid when
+ * there are many rows), each one single-threaded BLAS call: enough tiles to share
+ * among the threads, each big enough to run near the BLAS's full speed, and none
+ * above about 2^32 FLOP, so that an interrupted run stops within a fraction of a
+ * second. */
 typedef struct {
     float *out;
     const float *in, *w, *bias;
     int ld_in, N, IC, OC;
     int ld_out, ld_w;
-    int by_rows;     /* panels are rows of out (else columns) */
-    int panel;       /* rows or columns per panel */
+    int tile_m, tile_n; /* tiles of tile_m rows by tile_n columns of out */
     int transpose_w; /* w is [OC, IC] (the unembedding) rather than [IC, OC] */
     /* 2-byte weights (w is then NULL): each panel of columns is widened into a
      * float32 buffer of the thread computing it, then multiplied */
@@ -250,13 +251,10 @@ static void gemm_panels(void *ctx, long long lo, long long hi) {
      * thread count either. */
     int max_cols = g->OC;
     if (g->N < MS_FEW_ROWS && g->IC >= MS_WIDE_INPUT) max_cols = MS_NARROW_COLS;
+    int tiles_n = (g->OC + g->tile_n - 1) / g->tile_n;
     for (long long p = lo; p < hi && !ms_interrupted(); p++) {
-        int r0 = 0, r1 = g->N, c0 = 0, c1 = g->OC;
-        if (g->by_rows) {
-            r0 = (int)(p * g->panel), r1 = r0 + g->panel < g->N ? r0 + g->panel : g->N;
-        } else {
-            c0 = (int)(p * g->panel), c1 = c0 + g->panel < g->OC ? c0 + g->panel : g->OC;
-        }
+        int r0 = (int)(p / tiles_n) * g->tile_m, c0 = (int)(p % tiles_n) * g->tile_n;
+        int r1 = r0 + g->tile_m < g->N ? r0 + g->tile_m : g->N, c1 = c0 + g->tile_n < g->OC ? c0 + g->tile_n : g->OC;
         int rows = r1 - r0, cols = c1 - c0;
         float *out = g->out + (size_t)r0 * g->ld_out + c0;
         const float *in = g->in + (size_t)r0 * g->ld_in;
@@ -293,7 +291,7 @@ static void gemm_half(gemm_job *g, long long want, int n_threads) {
     if ((size_t)panel > widest) panel = widest > 64 ? (int)widest : 64;
     if (panel < g->OC) panel = (panel + 63) / 64 * 64; /* whole BLAS kernel blocks */
     if (panel > g->OC) panel = g->OC;
-    g->by_rows = 0, g->panel = panel;
+    g->tile_m = g->N, g->tile_n = panel;
     long long n_panels = (g->OC + panel - 1) / panel;
     int busy[64] = {0};
     int t = n_threads < 64 ? n_threads : 64;
@@ -320,18 +318,35 @@ static void gemm(gemm_job *g, int n_threads) {
         return;
     }
     if (want <= 1) {
-        g->by_rows = 0, g->panel = g->OC;
+        g->tile_m = g->N, g->tile_n = g->OC;
         gemm_panels(g, 0, 1);
         return;
     }
-    /* columns in multiples of 64 (whole BLAS kernel blocks); rows when there are many */
-    g->by_rows = g->N >= 64 * want;
-    int extent = g->by_rows ? g->N : g->OC;
-    int panel = (int)((extent + want - 1) / want);
-    if (!g->by_rows) panel = (panel + 63) / 64 * 64;
-    g->panel = panel;
-    long long n_panels = (extent + panel - 1) / panel;
-    ms_parallel_for(n_panels, 1, n_threads, gemm_panels, g);
+    if (g->N >= 64 * want) { /* many rows: the grid that packs the least */
+        ms_gemm_grid(g->N, g->OC, want, &g->tile_m, &g->tile_n);
+    } else { /* columns in multiples of 64 (whole BLAS kernel blocks) */
+        int panel = (int)((g->OC + want - 1) / want);
+        g->tile_m = g->N, g->tile_n = (panel + 63) / 64 * 64;
+    }
+    long long tiles = (long long)((g->N + g->tile_m - 1) / g->tile_m) * ((g->OC + g->tile_n - 1) / g->tile_n);
+    ms_parallel_for(tiles, 1, n_threads, gemm_panels, g);
+}
+
+/* A BLAS call packs the rows of A and the columns of B it reads, so cutting an
+ * [M, Nc] product into p x q tiles packs K (q M + p Nc) floats: the grid of at least
+ * `want` tiles that packs the least (columns in multiples of 64, whole BLAS kernel
+ * blocks, when they are cut). */
+void ms_gemm_grid(int M, int Nc, long long want, int *tile_m, int *tile_n) {
+    double best = -1.0;
+    *tile_m = M, *tile_n = Nc;
+    for (long long p = 1; p <= want && p <= M; p++) {
+        long long q = (want + p - 1) / p;
+        int tm = (int)((M + p - 1) / p), tn = (int)((Nc + q - 1) / q);
+        if (q > 1) tn = (tn + 63) / 64 * 64;
+        int rows = (M + tm - 1) / tm, cols = (Nc + tn - 1) / tn;
+        double cost = (double)cols * M + (double)rows * Nc;
+        if (best < 0 || cost < best) best = cost, *tile_m = tm, *tile_n = tn;
+    }
 }
 
 void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
@@ -339,44 +354,6 @@ void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_line
     gemm_job g = {out, in, w->w, w->b, ld_in, N, IC, OC, ld_out, w->ld, 0, 0, w->trans};
     if (w->dtype != MS_F32) g.w16 = w->w16, g.dtype = w->dtype, g.w = NULL;
     gemm(&g, n_threads);
-}
-
-/* Element-wise functions are written as plain loops over float arrays that the
- * compiler vectorizes; on x86-64 each is compiled for AVX-512, AVX2 and the
- * baseline, and the best one for the CPU is chosen when the library loads. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MS_NO_CLONES)
-#define MS_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MS_VECTOR_CLONES
-#endif
-
-/* Partial sums in this many lanes let the compiler vectorize a reduction without
- * reordering it behind our back (C forbids that for floats). */
-#define MS_LANES 16
-
-/* e^x in float, relative error below 2e-7; 0 for x < -87 (so e^-inf is exactly 0),
- * saturating at e^88. Range reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6
- * polynomial for e^r (the classic Cephes expf coefficients) and 2^n put into the
- * exponent bits. Branch-free, so loops over it vectorize. */
-static inline float exp_approx(float x) {
-    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float t = xc * 1.44269504088896341f + shifter;
-    float n = t - shifter;
-    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t ti, scale_bits;
-    memcpy(&ti, &t, sizeof ti);
-    scale_bits = (ti - 0x4B400000 + 127) * (1 << 23); /* (n + 127) << 23 */
-    float scale;
-    memcpy(&scale, &scale_bits, sizeof scale);
-    return x < -87.0f ? 0.0f : p * scale;
 }
 
 /* max(x[n]), -inf for n == 0; in lanes, so that it vectorizes */
@@ -402,19 +379,6 @@ static inline float sum_of(const float *x, int n) {
     for (int k = 0; k < MS_LANES; k++) sum += acc[k];
     for (; j < n; j++) sum += x[j];
     return sum;
-}
-
-/* 1 / (1 + e^-x) */
-static inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-
-/* erf(x), absolute error below 2e-7: Abramowitz & Stegun 7.1.26 on |x|, sign restored */
-static inline float erf_approx(float x) {
-    float a = x < 0.0f ? -x : x;
-    float t = 1.0f / (1.0f + 0.3275911f * a);
-    float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
-                 t * (-1.453152027f + t * 1.061405429f))));
-    float y = 1.0f - poly * exp_approx(-a * a);
-    return x < 0.0f ? -y : y;
 }
 
 /* RMSNorm: scale = sqrt(mean(x^2) + eps), y = x / scale; the weight is applied

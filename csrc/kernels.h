@@ -17,6 +17,10 @@ void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_ra
 const volatile int *ms_stop_flag_swap(const volatile int *stop);
 int ms_interrupted(void);
 
+/* the tiles (tile_m rows by tile_n columns) of an [M, Nc] product cut for threads
+ * into at least `want` single-threaded BLAS calls that pack the least */
+void ms_gemm_grid(int M, int Nc, long long want, int *tile_m, int *tile_n);
+
 /* out[N, OC] (row stride ld_out) = in[N, IC] (row stride ld_in) @ W + b */
 void ms_linear(float *out, int ld_out, const float *in, int ld_in, const ms_linear_weight *w,
                int N, int IC, int OC, int n_threads);

@@ -7,33 +7,57 @@
 #include "kernels_backward.h"
 #include "kernels.h"
 #include "blas.h"
+#include "fastmath.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- matrix products ----------------------------------------------------------- */
 
+/* A product is cut into tiles that the threads share, each tile one single-threaded
+ * BLAS call, on the grid that packs the least (ms_gemm_grid). When K is long and C small (the unembedding's input gradient), K itself is
+ * cut into parts summed at the end, which packs each operand once. How a product is
+ * cut depends on its shape and the thread count only through which tile a thread
+ * takes, never through what a tile computes, so results do not depend on threads. */
 typedef struct {
     int trans_a, trans_b, M, Nc, K;
     float alpha, beta;
     const float *A, *B;
     int lda, ldb, ldc;
     float *Cm;
-    int by_rows, panel;
+    int tile_m, tile_n, tiles_n; /* the grid: tiles of tile_m rows by tile_n columns */
+    int k_part, k_parts;         /* K cut into k_parts of k_part (1 part: not cut) */
+    float *partial;              /* [k_parts - 1, M, Nc] the sums of parts 1.. */
 } gemm_job;
 
-static void gemm_panels(void *ctx, long long lo, long long hi) {
+static void gemm_tiles(void *ctx, long long lo, long long hi) {
     const gemm_job *g = ctx;
     for (long long p = lo; p < hi && !ms_interrupted(); p++) {
-        int r0 = 0, r1 = g->M, c0 = 0, c1 = g->Nc;
-        if (g->by_rows) r0 = (int)(p * g->panel), r1 = r0 + g->panel < g->M ? r0 + g->panel : g->M;
-        else c0 = (int)(p * g->panel), c1 = c0 + g->panel < g->Nc ? c0 + g->panel : g->Nc;
-        /* rows r0.. of op(A): rows of A, or columns of A when transposed */
-        const float *A = g->trans_a ? g->A + r0 : g->A + (size_t)r0 * g->lda;
-        const float *B = g->trans_b ? g->B + (size_t)c0 * g->ldb : g->B + c0;
+        int kp = (int)(p % g->k_parts), tile = (int)(p / g->k_parts);
+        int r0 = tile / g->tiles_n * g->tile_m, c0 = tile % g->tiles_n * g->tile_n;
+        int r1 = r0 + g->tile_m < g->M ? r0 + g->tile_m : g->M, c1 = c0 + g->tile_n < g->Nc ? c0 + g->tile_n : g->Nc;
+        int k0 = kp * g->k_part, k1 = k0 + g->k_part < g->K ? k0 + g->k_part : g->K;
+        /* rows r0.. of op(A): rows of A, or columns of A when transposed; k0.. likewise */
+        const float *A = g->trans_a ? g->A + (size_t)k0 * g->lda + r0 : g->A + (size_t)r0 * g->lda + k0;
+        const float *B = g->trans_b ? g->B + (size_t)c0 * g->ldb + k0 : g->B + (size_t)k0 * g->ldb + c0;
+        float *Cm = kp ? g->partial + (size_t)(kp - 1) * g->M * g->Nc : g->Cm;
+        int ldc = kp ? g->Nc : g->ldc;
         ms_sgemm(CblasRowMajor, g->trans_a ? CblasTrans : CblasNoTrans, g->trans_b ? CblasTrans : CblasNoTrans,
-                 r1 - r0, c1 - c0, g->K, g->alpha, A, g->lda, B, g->ldb, g->beta,
-                 g->Cm + (size_t)r0 * g->ldc + c0, g->ldc);
+                 r1 - r0, c1 - c0, k1 - k0, g->alpha, A, g->lda, B, g->ldb, kp ? 0.0f : g->beta,
+                 Cm + (size_t)r0 * ldc + c0, ldc);
+    }
+}
+
+/* C += the partial sums of K's parts 1.., in order, for rows [lo, hi) */
+static void add_partials(void *ctx, long long lo, long long hi) {
+    const gemm_job *g = ctx;
+    for (long long i = lo; i < hi; i++) {
+        float *row = g->Cm + (size_t)i * g->ldc;
+        for (int kp = 1; kp < g->k_parts; kp++) {
+            const float *part = g->partial + ((size_t)(kp - 1) * g->M + (size_t)i) * g->Nc;
+            for (int j = 0; j < g->Nc; j++) row[j] += part[j];
+        }
     }
 }
 
@@ -45,22 +69,32 @@ void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const 
             for (int j = 0; j < Nc; j++) Cm[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * Cm[(size_t)i * ldc + j];
         return;
     }
-    gemm_job g = {trans_a, trans_b, M, Nc, K, alpha, beta, A, B, lda, ldb, ldc, Cm, 1, M};
+    gemm_job g = {trans_a, trans_b, M, Nc, K, alpha, beta, A, B, lda, ldb, ldc, Cm, M, Nc, 1, K, 1, NULL};
     double flops = 2.0 * M * Nc * K;
     const double min_panel = 1 << 22, max_panel = 4.0 * (1 << 30); /* FLOP, as kernels.c */
     long long want = n_threads > 1 ? 4LL * n_threads : 1;
     if (want > flops / min_panel) want = (long long)(flops / min_panel);
     if (want < flops / max_panel) want = (long long)(flops / max_panel) + 1;
-    if (want <= 1) {
-        gemm_panels(&g, 0, 1);
-        return;
+    if (want > 1) {
+        ms_gemm_grid(M, Nc, want, &g.tile_m, &g.tile_n);
+        g.tiles_n = (Nc + g.tile_n - 1) / g.tile_n;
     }
-    g.by_rows = M >= 64 * want || M >= Nc;
-    int extent = g.by_rows ? M : Nc;
-    int panel = (int)((extent + want - 1) / want);
-    if (!g.by_rows) panel = (panel + 63) / 64 * 64;
-    g.panel = panel > 0 ? panel : 1;
-    ms_parallel_for((extent + g.panel - 1) / g.panel, 1, n_threads, gemm_panels, &g);
+    /* K cut in parts of at least 4096 when it is long next to C's sides (then packing
+     * each operand once saves more than writing and reading the partial sums costs).
+     * The parts are fixed by the shape alone, so that the sums do not depend on the
+     * thread count. */
+    int parts = K / 4096 < 8 ? K / 4096 : 8;
+    if (parts > 1 && K >= 4 * (M > Nc ? M : Nc) && (double)M * Nc * parts <= (1 << 24)) {
+        g.partial = malloc(sizeof(float) * (size_t)(parts - 1) * M * Nc);
+        if (g.partial) g.k_parts = parts, g.k_part = (K + parts - 1) / parts, g.tile_m = M, g.tile_n = Nc, g.tiles_n = 1;
+    }
+    long long tiles = (long long)((M + g.tile_m - 1) / g.tile_m) * g.tiles_n * g.k_parts;
+    if (tiles <= 1) gemm_tiles(&g, 0, 1);
+    else ms_parallel_for(tiles, 1, n_threads, gemm_tiles, &g);
+    if (g.partial) {
+        if (!ms_interrupted()) ms_parallel_for(M, 16, n_threads, add_partials, &g);
+        free(g.partial);
+    }
 }
 
 /* column sums of dy[N, n] (ld) added to db[n] */
@@ -165,56 +199,63 @@ void ms_norm_input_backward(float *dx, const float *dxhat, const float *dscale, 
 
 /* ---- activations ------------------------------------------------------------------- */
 
-static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-/* act(x) and act'(x), in float as the forward's (to its 2e-7) */
-static void act_and_grad(float x, ms_activation act, float *f, float *df) {
+/* f = act(x) and df = act'(x) over a span, in float as the forward's (to its 2e-7);
+ * one plain loop per activation, so that each vectorizes */
+MS_VECTOR_CLONES
+static void act_and_grad(const float *x, float *f, float *df, int n, ms_activation act) {
     switch (act) {
     case MS_ACT_GELU_NEW:
-    case MS_ACT_GELU_FAST: {
-        const float k = 0.7978845608028654f;
-        float t = tanhf(k * (x + 0.044715f * x * x * x));
-        *f = 0.5f * x * (1.0f + t);
-        *df = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * x * x);
+    case MS_ACT_GELU_FAST: /* 0.5 x (1 + tanh u) == x s with s = sigmoid(2u); tanh' = 4 s (1 - s) / 2 */
+        for (int i = 0; i < n; i++) {
+            const float k = 0.7978845608028654f;
+            float v = x[i], s = sigmoid_approx(2.0f * k * (v + 0.044715f * v * v * v));
+            f[i] = v * s;
+            df[i] = s + 2.0f * v * s * (1.0f - s) * k * (1.0f + 3.0f * 0.044715f * v * v);
+        }
         break;
-    }
-    case MS_ACT_GELU: {
-        float cdf = 0.5f * (1.0f + erff(x * 0.7071067811865476f));
-        *f = x * cdf;
-        *df = cdf + x * 0.3989422804014327f * expf(-0.5f * x * x);
+    case MS_ACT_GELU:
+        for (int i = 0; i < n; i++) {
+            float v = x[i], cdf = 0.5f * (1.0f + erf_approx(v * 0.7071067811865476f));
+            f[i] = v * cdf;
+            df[i] = cdf + v * 0.3989422804014327f * exp_approx(-0.5f * v * v);
+        }
         break;
-    }
     case MS_ACT_RELU:
-        *f = x > 0.0f ? x : 0.0f;
-        *df = x > 0.0f ? 1.0f : 0.0f;
+        for (int i = 0; i < n; i++) {
+            f[i] = x[i] > 0.0f ? x[i] : 0.0f;
+            df[i] = x[i] > 0.0f ? 1.0f : 0.0f;
+        }
         break;
-    case MS_ACT_SILU: {
-        float s = sigmoidf(x);
-        *f = x * s;
-        *df = s * (1.0f + x * (1.0f - s));
+    case MS_ACT_SILU:
+        for (int i = 0; i < n; i++) {
+            float s = sigmoid_approx(x[i]);
+            f[i] = x[i] * s;
+            df[i] = s * (1.0f + x[i] * (1.0f - s));
+        }
         break;
-    }
-    case MS_ACT_QUICK_GELU: {
-        float s = sigmoidf(1.702f * x);
-        *f = x * s;
-        *df = s + 1.702f * x * s * (1.0f - s);
+    case MS_ACT_QUICK_GELU:
+        for (int i = 0; i < n; i++) {
+            float s = sigmoid_approx(1.702f * x[i]);
+            f[i] = x[i] * s;
+            df[i] = s + 1.702f * x[i] * s * (1.0f - s);
+        }
         break;
-    }
-    case MS_ACT_TANH: {
-        float t = tanhf(x);
-        *f = t;
-        *df = 1.0f - t * t;
+    case MS_ACT_TANH:
+        for (int i = 0; i < n; i++) {
+            float t = 2.0f * sigmoid_approx(2.0f * x[i]) - 1.0f;
+            f[i] = t;
+            df[i] = 1.0f - t * t;
+        }
         break;
-    }
-    case MS_ACT_SIGMOID: {
-        float s = sigmoidf(x);
-        *f = s;
-        *df = s * (1.0f - s);
+    case MS_ACT_SIGMOID:
+        for (int i = 0; i < n; i++) {
+            float s = sigmoid_approx(x[i]);
+            f[i] = s;
+            df[i] = s * (1.0f - s);
+        }
         break;
-    }
     default:
-        *f = x;
-        *df = 1.0f;
+        for (int i = 0; i < n; i++) f[i] = x[i], df[i] = 1.0f;
         break;
     }
 }
@@ -226,20 +267,25 @@ typedef struct {
     ms_activation act;
 } act_job;
 
+enum { ACT_SPAN = 256 };
+
 static void act_rows(void *ctx, long long lo, long long hi) {
     const act_job *j = ctx;
+    float f[ACT_SPAN], df[ACT_SPAN];
     for (long long i = lo; i < hi; i++) {
         const float *g = j->dpost + i * j->ld_dpost, *x = j->pre + i * j->ld_pre;
         float *out = j->dpre + i * j->ld_dpre;
-        for (int c = 0; c < j->F; c++) {
-            float f, df;
-            act_and_grad(x[c], j->act, &f, &df);
+        for (int c0 = 0; c0 < j->F; c0 += ACT_SPAN) {
+            int n = j->F - c0 < ACT_SPAN ? j->F - c0 : ACT_SPAN;
+            act_and_grad(x + c0, f, df, n, j->act);
             if (j->gated) { /* x: gate | up */
-                float up = x[j->F + c];
-                out[c] = g[c] * up * df;
-                out[j->F + c] = g[c] * f;
+                const float *up = x + j->F + c0;
+                for (int c = 0; c < n; c++) {
+                    out[c0 + c] = g[c0 + c] * up[c] * df[c];
+                    out[j->F + c0 + c] = g[c0 + c] * f[c];
+                }
             } else {
-                out[c] = g[c] * df;
+                for (int c = 0; c < n; c++) out[c0 + c] = g[c0 + c] * df[c];
             }
         }
     }
@@ -255,6 +301,11 @@ void ms_gated_backward(float *dpre, int ld, const float *dpost, int ld_dpost, co
                        ms_activation act, int n_threads) {
     act_job job = {dpre, dpost, pre, ld, ld_dpost, ld, F, 1, act};
     ms_parallel_for(N, 65536 / (F + 1) + 1, n_threads, act_rows, &job);
+}
+
+MS_VECTOR_CLONES
+void ms_scaled_exp(float *y, int n, float shift, float weight) {
+    for (int i = 0; i < n; i++) y[i] = weight * exp_approx(y[i] - shift);
 }
 
 void ms_rotary_backward(float *g, const float *rope, int rotary_dim) {

@@ -98,10 +98,15 @@ typedef struct {
 typedef struct ms_workspace ms_workspace;
 ms_workspace *ms_workspace_new(void);
 void ms_workspace_free(ms_workspace *w);
+/* at least n floats: the kept buffer if it is free and fits, else a new one (NULL
+ * when out of memory); give it back with ms_workspace_give(w, buf, n) */
+float *ms_workspace_take(ms_workspace *w, size_t n);
+void ms_workspace_give(ms_workspace *w, float *buf, size_t n);
 
 typedef struct {
     ms_config cfg;
     ms_workspace *workspace;     /* may be NULL: every run allocates afresh */
+    ms_workspace *grad_workspace; /* the same for a gradient run's tape (may be NULL) */
     const float *wte;            /* [d_vocab, d_model] token embedding (NULL if 2-byte: wte16) */
     const float *wpe;            /* [n_ctx, d_model] position embedding (NULL with rotary) */
     const float *rope_inv_freq;  /* [rotary_dim / 2] angle per position of each pair (rotary) */
@@ -376,6 +381,14 @@ const char *ms_blas_config(void);
 const char *ms_blas_corename(void);
 /* which of mechscope's own attention kernels this CPU runs */
 const char *ms_kernels_name(void);
+
+/* One AdamW step of a parameter array p[n] with gradient g and moments m, v (optim.c).
+ * decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t),
+ * bc2_sqrt = sqrt(1 - beta2^t). */
+typedef struct {
+    float decay, beta1, beta2, eps, step_size, bc2_sqrt;
+} ms_adamw_args;
+void ms_adamw(float *p, const float *g, float *m, float *v, size_t n, const ms_adamw_args *a, int n_threads);
 
 #ifdef __cplusplus
 }

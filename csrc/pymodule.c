@@ -27,6 +27,7 @@ typedef struct {
 
 static void Model_dealloc(ModelObject *self) {
     ms_workspace_free(self->model.workspace);
+    ms_workspace_free(self->model.grad_workspace);
     free(self->blocks);
     Py_XDECREF(self->arrays);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -161,8 +162,10 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     size_t FW = F * (c.gated_mlp ? 2 : 1);
     ms_model *m = &self->model;
     ms_workspace_free(m->workspace); /* __init__ may run twice */
+    ms_workspace_free(m->grad_workspace);
     m->workspace = ms_workspace_new();
-    if (!m->workspace) {
+    m->grad_workspace = ms_workspace_new();
+    if (!m->workspace || !m->grad_workspace) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1024,7 +1027,42 @@ static PyObject *py_blas_info(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("(sss)", ms_blas_config(), ms_blas_corename(), ms_kernels_name());
 }
 
+/* 1 if obj is a writeable C-contiguous float32 array of n elements (else a ValueError) */
+static int is_float_array(PyObject *obj, const char *name, npy_intp n) {
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || !PyArray_ISWRITEABLE((PyArrayObject *)obj) ||
+        (n >= 0 && PyArray_SIZE((PyArrayObject *)obj) != n)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a writeable C-contiguous float32 array%s", name,
+                     n >= 0 ? " of the parameter's size" : "");
+        return 0;
+    }
+    return 1;
+}
+
+/* adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt): one AdamW step, in place */
+static PyObject *py_adamw(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *op, *og, *om, *ov;
+    ms_adamw_args a;
+    if (!PyArg_ParseTuple(args, "OOOOffffff", &op, &og, &om, &ov, &a.decay, &a.beta1, &a.beta2, &a.eps,
+                          &a.step_size, &a.bc2_sqrt))
+        return NULL;
+    if (!is_float_array(op, "param", -1)) return NULL;
+    npy_intp n = PyArray_SIZE((PyArrayObject *)op);
+    if (!is_float_array(og, "grad", n) || !is_float_array(om, "exp_avg", n) || !is_float_array(ov, "exp_avg_sq", n))
+        return NULL;
+    float *p = PyArray_DATA((PyArrayObject *)op), *m = PyArray_DATA((PyArrayObject *)om);
+    float *v = PyArray_DATA((PyArrayObject *)ov);
+    const float *g = PyArray_DATA((PyArrayObject *)og);
+    int n_threads = ms_get_num_threads();
+    Py_BEGIN_ALLOW_THREADS
+    ms_adamw(p, g, m, v, (size_t)n, &a, n_threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"adamw", py_adamw, METH_VARARGS, "adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt)"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"blas_info", py_blas_info, METH_NOARGS, "blas_info() -> (BLAS config, BLAS kernels, mechscope's attention kernels)"},

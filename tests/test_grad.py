@@ -505,6 +505,67 @@ def test_architectures_match_autograd(name):
     check(g, ref_sites, ref_params, mask)
 
 
+# ---- big products and reused arrays ----------------------------------------------------------
+
+# big enough that with 2 threads the matrix products are cut into grids of tiles, and
+# that the unembedding's input gradient (a product over the vocabulary, K >= 8192) is
+# summed in parts of the vocabulary
+WIDE = dict(n_embd=256, n_head=4, n_layer=1, vocab_size=8500, n_positions=256, activation_function="gelu_new")
+
+
+def test_tiled_products_and_vocabulary_parts():
+    hf = make_hf_model(WIDE, seed=5)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    tokens, mask = batch(np.random.default_rng(6), 8500, [256, 256, 100], 256, "right")
+    sites = ["blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post"]
+    value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_cross_entropy(tokens, mask), sites)
+    old = ms.get_num_threads()
+    try:
+        for n in (1, 2):
+            ms.set_num_threads(n)
+            g = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+            assert abs(g.value - value) < 1e-5 * max(1, abs(value))
+            check(g, ref_sites, ref_params, mask)
+    finally:
+        ms.set_num_threads(old)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox_parallel"])
+def test_out_reuses_the_arrays(gpt2, arch):
+    """out= overwrites an earlier result's arrays (no accumulation from the last call)
+    and gives what a fresh call gives; a different request is refused."""
+    if arch == "gpt2":
+        model = gpt2[1]
+    else:
+        hf = make_arch_hf(arch)
+        model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(12)
+    V = model.d_vocab
+    tokens, mask = batch(rng, V, [7, 4], 7, "left")
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"]
+    first = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+    arrays = {**first.weights, **first.sites}
+    for _ in range(2):
+        tokens = rng.integers(0, V, tokens.shape)
+        again = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask, out=first)
+        assert again is first
+        fresh = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+        assert again.value == fresh.value
+        for name, a in {**again.weights, **again.sites}.items():
+            assert a is arrays[name] or np.shares_memory(a, arrays[name]), name
+        for name in fresh.weights:
+            np.testing.assert_array_equal(again.weights[name], fresh.weights[name], err_msg=name)
+        for name in sites:
+            np.testing.assert_array_equal(again[name], fresh[name], err_msg=name)
+            np.testing.assert_array_equal(again.activations[name], fresh.activations[name], err_msg=name)
+    with pytest.raises(ValueError, match="out: .*different request"):
+        model.grad(tokens, "cross_entropy", sites=sites[:1], weights=True, attention_mask=mask, out=first)
+    with pytest.raises(ValueError, match="out: .*different request"):
+        model.grad(tokens[:1], "cross_entropy", sites=sites, weights=True, attention_mask=mask[:1], out=first)
+    with pytest.raises(TypeError, match="out: expected the Gradients"):
+        model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask, out={})
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 def test_bad_input(gpt2):

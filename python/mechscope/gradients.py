@@ -29,6 +29,8 @@ class Gradients:
     sites: dict = field(default_factory=dict)
     activations: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    # the full buffers behind the arrays above, for a later call's out= (see grad)
+    _buffers: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, site):
         if site not in self.sites:
@@ -135,8 +137,21 @@ def _hf_gradients(model, core):
     return out
 
 
+def _reused(out, model, key):
+    """out= of grad: the buffers of an earlier result for the same request, or None."""
+    if out is None:
+        return None
+    if not isinstance(out, Gradients):
+        raise TypeError(f"out: expected the Gradients of an earlier model.grad call, got {type(out).__name__}")
+    if out._buffers.get("key") != key or out._buffers.get("model") is not model:
+        raise ValueError("out: it holds the gradients of a different request; out= takes the result of an "
+                         "earlier call on the same model with the same batch shape (rows of sources "
+                         "included), sites and weights")
+    return out._buffers
+
+
 def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
-         progress=None, hooks=None):
+         progress=None, hooks=None, out=None):
     """The gradient of a scalar of one (optionally intervened) forward pass; see Model.grad."""
     if hooks is not None:
         raise ValueError("hooks: a gradient run cannot call Python hooks (what a hook does cannot be "
@@ -188,17 +203,29 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
                          f"{format_bytes(out_bytes)}), over the memory budget of {format_bytes(budget)}; "
                          "use a smaller batch, fewer sites, or raise it with mechscope.set_memory_budget")
 
-    result = Gradients()
-    grad_sites = []
+    key = (B, tuple((n, shapes[n]) for n in names), tuple(wanted.items()))
+    kept = _reused(out, model, key)
+    result = Gradients() if out is None else out
+    grad_sites, site_buffers = [], {}
     for name in names:
         code, layer, _ = _sites.parse(name, model)
-        act = np.empty(shapes[name], np.float32)
-        g = np.empty(shapes[name], np.float32)
+        if kept:
+            act, g = kept["sites"][name]
+        else:
+            act, g = np.empty(shapes[name], np.float32), np.empty(shapes[name], np.float32)
+        site_buffers[name] = (act, g)
         result.activations[name] = act[:B]
         result.sites[name] = g[:B]
         actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, act, 0))
         grad_sites.append((code, layer, g))
-    core_grads = {k: np.zeros(s, np.float32) for k, s in core_names.items()} if wanted else None
+    core_grads = None
+    if wanted and kept:
+        core_grads = kept["core"]
+        for a in core_grads.values():  # the core adds each contribution to what is there
+            a.fill(0.0)
+    elif wanted:
+        core_grads = {k: np.zeros(s, np.float32) for k, s in core_names.items()}
+    result._buffers = {"key": key, "model": model, "sites": site_buffers, "core": core_grads}
 
     with progress_bar(progress, "grad", "pass", total=1) as bar:
         value, per_row = model._core.grad(full_tokens, full_mask, actions, B, args["metric"], args["pos"],
@@ -209,7 +236,11 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     result.metric = per_row
     if wanted:
         hf = _hf_gradients(model, core_grads)
-        result.weights = {n: np.ascontiguousarray(hf[k], np.float32) for n, k in wanted.items()}
+        for n, k in wanted.items():
+            if kept and not np.shares_memory(result.weights[n], hf[k]):
+                np.copyto(result.weights[n], hf[k])  # a reordered or summed copy: into the kept array
+            else:
+                result.weights[n] = np.ascontiguousarray(hf[k], np.float32)
     return result
 
 

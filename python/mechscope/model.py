@@ -627,7 +627,7 @@ class Model:
         return result
 
     def grad(self, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
-             progress=None, hooks=None):
+             progress=None, hooks=None, out=None):
         """The gradient of a scalar of one forward pass, computed by the C core's backward pass.
 
         metric: a metric (ms.metrics.LogitDiff, LogProb, Prob, KL): the scalar is the SUM
@@ -640,6 +640,9 @@ class Model:
         interventions: as run; the gradient is that of the intervened run. Values an
             intervention writes (Patch, Set, Zero, the source part of SubspacePatch) are
             constants; Add passes the gradient on; SubspacePatch passes (I - Q Q^T) g.
+        out: the Gradients of an earlier call with the same batch shape, sites and
+            weights; its arrays are overwritten and it is returned. A training loop
+            reuses the memory instead of paying for fresh pages at every step.
         Returns mechscope.gradients.Gradients (value, metric per row, sites,
         activations of the requested sites, weights)."""
         if self.dtype != "float32":
@@ -647,7 +650,7 @@ class Model:
                              f"in {self.dtype}; load it with dtype='float32' (from_pretrained, from_arrays)")
         from .gradients import grad  # noqa: PLC0415  (gradients imports this module's helpers)
         return grad(self, tokens, metric, sites=sites, weights=weights, interventions=interventions,
-                    attention_mask=attention_mask, progress=progress, hooks=hooks)
+                    attention_mask=attention_mask, progress=progress, hooks=hooks, out=out)
 
     def _plan(self, tokens, mask, interventions):
         """The rows and actions of one run: (tokens [R, T], mask or None, actions).

@@ -98,7 +98,6 @@ class AdamW:
         self.exp_avg = {n: np.zeros_like(p) for n, p in params.items()}
         self.exp_avg_sq = {n: np.zeros_like(p) for n, p in params.items()}
         self.t = 0
-        self._tmp = np.empty(max(p.size for p in params.values()), np.float32)
 
     def step(self, grads, lr=None):
         """One update with grads {name: array shaped like the parameter} (every parameter
@@ -116,26 +115,10 @@ class AdamW:
             g = np.asarray(grads[name], dtype=np.float32)
             if g.shape != p.shape:
                 raise ValueError(f"grads: {name} has shape {list(g.shape)}, the parameter {list(p.shape)}")
-            m, v = self.exp_avg[name], self.exp_avg_sq[name]
-            tmp = self._tmp[:p.size].reshape(p.shape)
-            if self.decay[name] and self.weight_decay:
-                p *= np.float32(1.0 - lr * self.weight_decay)
-            # m += (1 - b1) (g - m): torch's lerp
-            np.subtract(g, m, out=tmp)
-            tmp *= np.float32(1.0 - b1)
-            m += tmp
-            # v = b2 v + (1 - b2) g^2
-            v *= np.float32(b2)
-            np.multiply(g, g, out=tmp)
-            tmp *= np.float32(1.0 - b2)
-            v += tmp
-            # p -= step_size * m / (sqrt(v) / sqrt(bc2) + eps)
-            np.sqrt(v, out=tmp)
-            tmp /= np.float32(bc2_sqrt)
-            tmp += np.float32(self.eps)
-            np.divide(m, tmp, out=tmp)
-            tmp *= np.float32(-step_size)
-            p += tmp
+            decay = 1.0 - lr * self.weight_decay if self.decay[name] else 1.0
+            # in C, one pass over p, g, m, v (the float32 operations of torch.optim.AdamW)
+            _core.adamw(p, np.ascontiguousarray(g), self.exp_avg[name], self.exp_avg_sq[name], decay, b1, b2,
+                        self.eps, step_size, bc2_sqrt)
 
     def state_dict(self):
         """The optimizer's state (moments and step count), for saving next to a checkpoint."""
@@ -389,13 +372,17 @@ def fit(model, data, *, steps, batch_size=32, lr=1e-3, schedule="cosine", warmup
     loss_h, lr_h, norm_h = [], [], []
     start = time.time()
     with progress_bar(progress, "training", "step", total=steps) as bar:
+        g, last_shape = None, None
         for step in range(steps):
             ids, mask = batches.next()
-            g = model.grad(ids, "cross_entropy", weights=True, attention_mask=mask, progress=False)
+            # the last step's gradient arrays are overwritten when the batch has the same shape
+            reuse = g if last_shape == ids.shape else None
+            g = model.grad(ids, "cross_entropy", weights=True, attention_mask=mask, progress=False, out=reuse)
+            last_shape = ids.shape
             loss = float(g.value)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the loss is {loss} (lower lr, or clip_norm)")
-            grads = {n: np.array(v, np.float32, copy=True) for n, v in g.weights.items()}
+            grads = g.weights
             norm = clip_grad_norm(grads, clip_norm) if clip_norm is not None else _global_norm(grads)
             step_lr = lr * float(multiplier(step))
             opt.step(grads, lr=step_lr)

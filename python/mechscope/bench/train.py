@@ -62,8 +62,11 @@ def main(argv=None):
     opt = train.AdamW(params, lr=1e-5, weight_decay=0.01)  # tiny lr: the weights barely move between rounds
     losses = {}
 
-    def ms_step():
-        g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False)
+    kept = {}
+
+    def ms_step():  # as ms.train.fit: the gradient arrays of the last step are reused
+        g = kept["g"] = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False,
+                                   out=kept.get("g"))
         grads = g.weights
         train.clip_grad_norm(grads, 1.0)
         opt.step(grads)
