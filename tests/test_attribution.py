@@ -84,7 +84,6 @@ def slow(ms, ref, model, tokens, cache, metric, name, qk_fix=True, mask=None, gr
     for interventions, dropped in runs:
         g = ref(tokens, metric, sites=wanted, interventions=interventions, attention_mask=mask)
         base = np.asarray(g.metric, np.float64)
-        at_base = float(metric.reduce(base[None])[0])
         out = np.zeros((L,) + shape)
         for layer in range(L):
             name_l = f"blocks.{layer}.{suffix}"
@@ -105,10 +104,18 @@ def slow(ms, ref, model, tokens, cache, metric, name, qk_fix=True, mask=None, gr
                 else:
                     diff = (np.asarray(cache[name_l], np.float64) - values[name_l].numpy()) * g[name_l]
                     change = diff[where].reshape(len(tokens), -1).sum(1)
-                value = float(metric.reduce((base + change)[None])[0])
-                out[(layer,) + index] = abs(value - at_base) if graddrop else value
+                if graddrop:
+                    # Kramar et al. 2024: per prompt pair |I_AtP+GD_l|, averaged over the pairs; in
+                    # the reported units (the metric's own; Recovery divides by clean - corrupted)
+                    unit = float(metric.reduce(np.ones((1, len(tokens))))[0] - metric.reduce(np.zeros((1, len(tokens))))[0])
+                    out[(layer,) + index] = np.mean([abs(c) for c in change]) * abs(unit)
+                else:
+                    out[(layer,) + index] = float(metric.reduce((base + change)[None])[0])
         total += out
-    return (total / (L - 1)) if graddrop else total
+    if not graddrop:
+        return total
+    # 1/(L-1) inside a block (its own layer's term is 0); L terms on the residual stream
+    return total / ((L - 1) if suffix not in ("hook_resid_pre", "hook_resid_mid") else L)
 
 
 # ------------------------------------------------------------ (b) the definition, (c) shapes
@@ -158,8 +165,9 @@ def test_padding_and_recovery_same_as_slow_definition(ms, name, setup):
 @pytest.mark.parametrize("name", ["resid_pre", "mlp_out", "attn_head_out_all_pos", "attn_head_k_all_pos",
                                   "attn_head_pattern_by_pos"])
 def test_graddrop_same_as_slow_definition(ms, name, setup):
-    """GradDrop: one backward pass per layer with that layer's outputs held constant,
-    mean magnitude of the estimated changes over the other layers."""
+    """GradDrop (Kramar et al. 2024): one backward pass per layer with that layer's
+    outputs held constant; per prompt the magnitude of each layer's estimate, summed over
+    the layers, divided by L - 1 (L on the residual stream), averaged over the prompts."""
     model, ref, _, corrupted, cache = setup
     metric = ms.metrics.LogitDiff(CORRECT, WRONG)
     ours = getattr(ms.attribution, name)(model, corrupted, cache, metric, graddrop=True)
@@ -169,6 +177,59 @@ def test_graddrop_same_as_slow_definition(ms, name, setup):
     # it differs from the plain estimate's magnitude (some paths cancel when all are kept)
     plain = getattr(ms.attribution, name)(model, corrupted, cache, metric)
     assert np.abs(ours - np.abs(plain - metric.evaluate(model, corrupted))).max() > 1e-3
+
+
+def test_graddrop_takes_magnitudes_per_prompt_and_normalises_recovery(ms, setup):
+    """The magnitude is taken per prompt before the batch mean (estimates of opposite
+    sign in two prompts add up, they do not cancel), and Recovery divides by
+    |clean - corrupted|."""
+    model, ref, clean, corrupted, cache = setup
+    metric = ms.metrics.LogitDiff(CORRECT, WRONG)
+    recovery = ms.metrics.Recovery.from_runs(metric, model, clean, corrupted)
+    for name in ("resid_pre", "attn_head_q_by_pos"):
+        ours = getattr(ms.attribution, name)(model, corrupted, cache, metric, graddrop=True)
+        rows = [getattr(ms.attribution, name)(
+            model, corrupted[i:i + 1], {k: np.asarray(v)[i:i + 1] for k, v in cache.items()},
+            ms.metrics.LogitDiff(np.asarray(CORRECT)[i:i + 1], np.asarray(WRONG)[i:i + 1]), graddrop=True)
+            for i in range(len(corrupted))]
+        np.testing.assert_allclose(ours, np.mean(rows, axis=0), atol=2e-5, rtol=1e-5, err_msg=name)
+        rec = getattr(ms.attribution, name)(model, corrupted, cache, recovery, graddrop=True)
+        np.testing.assert_allclose(rec, ours / abs(recovery.clean - recovery.corrupted), rtol=1e-5, atol=1e-6)
+    want = slow(ms, ref, model, corrupted, cache, recovery, "attn_head_out_all_pos", graddrop=True)
+    np.testing.assert_allclose(ms.attribution.attn_head_out_all_pos(model, corrupted, cache, recovery, graddrop=True),
+                               want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["attn_head_all_pos_every", "attn_head_by_pos_every"])
+def test_exact_softmax_in_chunks_equals_all_at_once(ms, name, setup, monkeypatch):
+    """The query/key recompute runs over blocks of (prompt, key/value head); one plane
+    per step gives the result of everything at once."""
+    model, _, _, corrupted, cache = setup
+    metric = ms.metrics.LogitDiff(CORRECT, WRONG)
+    whole = getattr(ms.attribution, name)(model, corrupted, cache, metric)
+    calls = []
+    real = ms.attribution._qk_fix
+    monkeypatch.setattr(ms.attribution, "_qk_fix", lambda *a: calls.append(a[2].shape) or real(*a))
+    monkeypatch.setattr(ms.attribution, "_CHUNK_BYTES", 1)
+    chunked = getattr(ms.attribution, name)(model, corrupted, cache, metric)
+    # one call per prompt and head, for q and k, in every layer
+    assert len(calls) == 2 * model.n_layers * len(corrupted) * model.n_kv_heads
+    assert all(shape[0] == 1 and shape[2] == model.n_heads // model.n_kv_heads for shape in calls)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(ms.attribution, "_CHUNK_BYTES", 2 * ms.attribution._qk_unit_bytes(model, T) * model.n_kv_heads)
+    np.testing.assert_allclose(getattr(ms.attribution, name)(model, corrupted, cache, metric), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_exact_softmax_over_the_memory_budget_is_refused_before_work(ms, setup):
+    model, _, _, corrupted, cache = setup
+    metric = ms.metrics.LogitDiff(CORRECT, WRONG)
+    unit = ms.attribution._qk_unit_bytes(model, corrupted.shape[1])
+    ms.set_memory_budget(unit - 1)
+    try:
+        with pytest.raises(ValueError, match="qk_fix.*memory budget"):
+            ms.attribution.attn_head_k_by_pos(model, corrupted, cache, metric)
+    finally:
+        ms.set_memory_budget(None)
 
 
 # ------------------------------------------------------------ (a) exact where the metric is linear

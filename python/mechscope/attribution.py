@@ -30,20 +30,33 @@ Two refinements of Kramár et al. 2024 ("AtP*"):
   the pattern the patch would give is recomputed exactly (the scores with the clean
   query or key, then the softmax; the keys and queries of the other positions stay
   the corrupted run's), and only the rest of the model is linearised: the estimate is
-  (new pattern - corrupted pattern) . d metric / d pattern. No extra backward pass
-  (rotary models take one extra forward pass, to rotate the clean queries and keys).
-- ``graddrop=True``: against cancellation between paths (a component whose direct
-  and indirect effects cancel in the gradient). For each layer l one backward pass
-  runs with the gradient through layer l's outputs to the residual stream (its
-  attention and MLP outputs, held at their values as constants) dropped, which gives
-  an estimated change of the metric d_l per index; the result is
-  (1 / (n_layers - 1)) * sum over l of |d_l| (Kramár et al.'s definition, summed over
-  all layers, divided by n_layers - 1). For a site inside layer l (its heads,
-  attention or MLP output) the term of its own layer is 0, its only way out being
-  dropped; hook_resid_pre and hook_resid_mid of layer l keep the residual path
-  around it. A GradDrop grid is therefore a magnitude of the effect (>= 0, in the
-  metric's units, the corrupted run's value not added), for ranking components; it
-  costs n_layers backward passes.
+  (new pattern - corrupted pattern) . d metric / d pattern (the QK fix of Kramár et
+  al. 2024, section 3: the softmax recomputed exactly, the rest linear). No extra
+  backward pass (rotary models take one extra forward pass, to rotate the clean queries
+  and keys). The recompute runs over blocks of (prompt, key/value head), each block's
+  float64 [query, key] planes within 64 MiB and the memory budget
+  (mechscope.set_memory_budget); a length whose single block is over the budget is
+  refused before any work.
+- ``graddrop=True`` (GradDrop): against cancellation between paths (a component
+  whose direct and indirect effects cancel in the gradient). For each layer l one
+  backward pass runs with the gradient through layer l's writes to the residual
+  stream dropped (its attention and MLP outputs held at their values as constants,
+  so only the skip connection carries the gradient past the block), which gives an
+  estimate d_l(prompt) of the change per prompt. The result is, averaged over the
+  prompts, (1 / (n_layers - 1)) * sum over l of |d_l(prompt)|: the magnitude is taken
+  per prompt, before the mean, so effects of opposite sign in different prompts do not
+  cancel either. This is the AtP+GD contribution of Kramár et al. 2024
+  (arXiv:2403.00745, section 3), as public reimplementations state it (e.g.
+  github.com/koayon/atp_star, atp.py); the paper linearises at the clean
+  run and patches in the noise, mechscope keeps the direction of its sweeps (linearised
+  at the corrupted run, clean values patched in). The paper's components all sit inside
+  a block, whose own layer's term is always 0, hence L - 1. For hook_resid_pre and
+  hook_resid_mid, which the paper does not cover, no term is forced to 0 (the skip
+  connection stays), so they are divided by n_layers: a site whose effect has no
+  cancelling path then scores the magnitude of its plain estimate, as sites inside a
+  block do. A GradDrop grid is therefore a magnitude (>= 0, in the metric's units or
+  Recovery's, the corrupted run's value not added), for ranking components; it costs
+  n_layers backward passes.
 
 The full AtP* of the paper is ``qk_fix=True, graddrop=True``; plain AtP is
 ``qk_fix=False``.
@@ -56,6 +69,7 @@ import numpy as np
 from . import metrics as _metrics
 from . import sites
 from ._progress import progress_bar
+from ._runtime import format_bytes, get_memory_budget
 from .interventions import Set, Source
 from .patching import _same_head_counts, _source_array
 
@@ -162,6 +176,50 @@ def _qk_fix(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, a
     return change.transpose(0, 2, 1)                         # [B, T, KV]
 
 
+# The exact softmax works on [query, key] planes of float64, about this many at once.
+_QK_PLANES = 12
+# Planes are processed (prompt, key/value head) at a time, up to this many bytes of them
+# per step (or the memory budget, if smaller): the full [B, H, T, T] arrays of a long
+# batch would be gigabytes (B = 8, H = 12, T = 1,024: 800 MB each).
+_CHUNK_BYTES = 64 << 20
+
+
+def _qk_unit_bytes(model, T):
+    """Working memory of the exact softmax for one prompt and one key/value head."""
+    return _QK_PLANES * (model.n_heads // model.n_kv_heads) * T * T * 8
+
+
+def _check_qk_memory(model, T):
+    unit, budget = _qk_unit_bytes(model, T), get_memory_budget()
+    if unit > budget:
+        raise ValueError(f"qk_fix: the exact softmax of query/key patches needs {format_bytes(unit)} for one "
+                         f"prompt and head at {T} positions, over the memory budget of {format_bytes(budget)}; "
+                         "use shorter prompts, qk_fix=False, or raise it with mechscope.set_memory_budget")
+
+
+def _qk_fix_chunked(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, mask, scale, n_rep):
+    """_qk_fix over blocks of prompts and key/value heads (each block's planes within
+    _CHUNK_BYTES and the memory budget); the same result as one call on everything."""
+    B, T, KV = k_rot.shape[0], k_rot.shape[1], k_rot.shape[2]
+    unit = _QK_PLANES * n_rep * T * T * 8
+    units = max(1, min(_CHUNK_BYTES, get_memory_budget()) // unit)
+    rows, groups = (max(1, units // KV), KV) if units >= KV else (1, units)
+    heads_out = KV * n_rep if which == "q" else KV
+    out = np.zeros((B, heads_out) if kind == "head_all_pos" else (B, T, heads_out))
+    for b0 in range(0, B, rows):
+        b = slice(b0, min(B, b0 + rows))
+        allowed = _allowed(None if mask is None else mask[b], b.stop - b.start, T)
+        for g0 in range(0, KV, groups):
+            g = slice(g0, min(KV, g0 + groups))
+            h = slice(g.start * n_rep, g.stop * n_rep)
+            part = _qk_fix(kind, which, q_rot[b, :, h], k_rot[b, :, g],
+                           None if q_clean_rot is None else q_clean_rot[b, :, h],
+                           None if k_clean_rot is None else k_clean_rot[b, :, g],
+                           grad_pattern[b, h], allowed, scale, n_rep)
+            out[(b, h if which == "q" else g) if kind == "head_all_pos" else (b, slice(None), h if which == "q" else g)] = part
+    return out
+
+
 # ---------------------------------------------------------------- the engine
 
 def _check_metric(metric):
@@ -224,40 +282,34 @@ def _rotated_clean(model, tokens, mask, clean, qk, base):
                      for s in (_HEAD_SITES["q"], _HEAD_SITES["k"])) for l in range(L)}
 
 
-def _changes(model, grids, grads, acts, clean, rotated_clean, mask, B, T, qk_fix, skip_layer=None):
-    """Per-row first-order changes of the metric for each grid: a list of [B, L, ...]."""
-    L = model.n_layers
-    rotary = bool(model.arch.get("rotary_dim"))
-    n_rep = model.n_heads // model.n_kv_heads
-    allowed = _allowed(mask, B, T) if qk_fix else None
-    out = []
-    for kind, suffix in grids:
-        per_layer = []
-        for layer in range(L):
-            if layer == skip_layer and _inside_block(suffix):
-                per_layer.append(None)
-                continue
-            if qk_fix and suffix in (_HEAD_SITES["q"], _HEAD_SITES["k"]):
-                q = acts[f"blocks.{layer}.attn.hook_rot_q" if rotary else f"blocks.{layer}.attn.hook_q"]
-                k = acts[f"blocks.{layer}.attn.hook_rot_k" if rotary else f"blocks.{layer}.attn.hook_k"]
-                qc, kc = rotated_clean[layer]
-                per_layer.append(_qk_fix(kind, "q" if suffix == _HEAD_SITES["q"] else "k", q, k, qc, kc,
-                                         grads[f"blocks.{layer}.{_PATTERN}"], allowed,
-                                         _score_scale(model, layer), n_rep))
-            else:
-                name = f"blocks.{layer}.{suffix}"
-                diff = clean[name].astype(np.float64) - acts[name].astype(np.float64)
-                per_layer.append(_box_sums(kind, diff * grads[name].astype(np.float64)))
-        shape = next(x.shape for x in per_layer if x is not None)
-        out.append(np.stack([np.zeros(shape) if x is None else x for x in per_layer], axis=1))
-    return out
+def _layer_change(model, kind, suffix, layer, grads, acts, clean, rotated_clean, mask, qk_fix):
+    """Per-row first-order changes of the metric [B, ...] for one grid's patches at one layer."""
+    if qk_fix and suffix in (_HEAD_SITES["q"], _HEAD_SITES["k"]):
+        rotary = bool(model.arch.get("rotary_dim"))
+        q = acts[f"blocks.{layer}.attn.hook_rot_q" if rotary else f"blocks.{layer}.attn.hook_q"]
+        k = acts[f"blocks.{layer}.attn.hook_rot_k" if rotary else f"blocks.{layer}.attn.hook_k"]
+        qc, kc = rotated_clean[layer]
+        return _qk_fix_chunked(kind, "q" if suffix == _HEAD_SITES["q"] else "k", q, k, qc, kc,
+                               grads[f"blocks.{layer}.{_PATTERN}"], mask, _score_scale(model, layer),
+                               model.n_heads // model.n_kv_heads)
+    name = f"blocks.{layer}.{suffix}"
+    diff = clean[name].astype(np.float64) - acts[name].astype(np.float64)
+    return _box_sums(kind, diff * grads[name].astype(np.float64))
 
 
 def _values(metric, base_rows, change):
-    """Per-row changes [B, L, ...] -> the metric (batch mean, normalised for Recovery)
-    of the estimated patched runs [L, ...]."""
+    """Per-row changes [B, ...] -> the metric (batch mean, normalised for Recovery)
+    of the estimated patched runs [...]."""
     rows = base_rows.astype(np.float64) + np.moveaxis(change, 0, -1)
     return np.asarray(metric.reduce(rows), np.float64)
+
+
+def _row_scale(metric):
+    """The factor from a change of every row's metric to a change of the reported value:
+    the batch mean's own units, divided by |clean - corrupted| for Recovery."""
+    if isinstance(metric, _metrics.Recovery):
+        return 1.0 / abs(metric.clean - metric.corrupted)
+    return 1.0
 
 
 def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_mask, interventions,
@@ -272,6 +324,8 @@ def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_ma
     L = model.n_layers
     grad_suffixes, qk = _needs(model, grids, qk_fix)
     rotary = bool(model.arch.get("rotary_dim"))
+    if qk:
+        _check_qk_memory(model, T)
 
     # the clean values the exact patches would write (checked as the sweep checks them)
     value_suffixes = [s for _, s in grids if s not in qk] + qk
@@ -294,30 +348,39 @@ def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_ma
         return model.grad(tokens, inner, sites=names, interventions=list(base) + list(extra), attention_mask=mask,
                           progress=False)
 
+    def change(g, kind, suffix, layer):
+        return _layer_change(model, kind, suffix, layer, g.sites, g.activations, clean, rotated_clean, mask, qk_fix)
+
     if not graddrop:
         with progress_bar(progress, "attribution (backward pass)", unit="pass", total=1) as bar:
             g = backward()
             bar.update(1)
-        changes = _changes(model, grids, g.sites, g.activations, clean, rotated_clean, mask, B, T, qk_fix)
         base_rows = np.asarray(g.metric, np.float64)
-        return [_values(metric, base_rows, c).astype(np.float32) for c in changes]
+        # reduced layer by layer: the per-row changes of every layer are never all held
+        return [np.stack([_values(metric, base_rows, change(g, kind, suffix, layer)) for layer in range(L)])
+                .astype(np.float32) for kind, suffix in grids]
 
-    # GradDrop: one backward pass per layer with that layer's outputs held constant
+    # GradDrop (Kramár et al. 2024): for each layer l one backward pass with l's writes to
+    # the residual stream (attention and MLP outputs, Set to their own values) held
+    # constant; per prompt the magnitude |d_l| of each estimate; summed over l, divided by
+    # the number of layers whose drop can leave the site a path (L - 1 inside a block, L
+    # on the residual stream), averaged over the prompts.
     held = model.run(tokens, attention_mask=mask, logits=None, interventions=base,
                      cache=["blocks.*.hook_attn_out", "blocks.*.hook_mlp_out"]).cache
-    totals = None
+    totals = [[0.0] * L for _ in grids]
     with progress_bar(progress, "attribution (GradDrop backward passes)", unit="pass", total=L) as bar:
-        for layer in range(L):
-            hold = [Set(f"blocks.{layer}.{s}", held[f"blocks.{layer}.{s}"]) for s in ("hook_attn_out", "hook_mlp_out")]
-            g = backward(hold, drop=layer)
-            changes = _changes(model, grids, g.sites, g.activations, clean, rotated_clean, mask, B, T, qk_fix,
-                               skip_layer=layer)
-            base_rows = np.asarray(g.metric, np.float64)
-            at_base = float(np.asarray(metric.reduce(base_rows[None]), np.float64)[0])
-            terms = [np.abs(_values(metric, base_rows, c) - at_base) for c in changes]
-            totals = terms if totals is None else [t + u for t, u in zip(totals, terms)]
+        for drop in range(L):
+            hold = [Set(f"blocks.{drop}.{s}", held[f"blocks.{drop}.{s}"]) for s in ("hook_attn_out", "hook_mlp_out")]
+            g = backward(hold, drop=drop)
+            for i, (kind, suffix) in enumerate(grids):
+                for layer in range(L):
+                    if layer == drop and _inside_block(suffix):
+                        continue  # its only way to the metric is held constant: a zero term
+                    totals[i][layer] = totals[i][layer] + np.abs(change(g, kind, suffix, layer)).mean(axis=0)
             bar.update(1)
-    return [(t / (L - 1)).astype(np.float32) for t in totals]
+    scale = _row_scale(metric)
+    return [(np.stack(t) * scale / ((L - 1) if _inside_block(suffix) else L)).astype(np.float32)
+            for t, (_, suffix) in zip(totals, grids)]
 
 
 def _inside_block(suffix):
