@@ -202,8 +202,9 @@ def test_graddrop_takes_magnitudes_per_prompt_and_normalises_recovery(ms, setup)
 
 @pytest.mark.parametrize("name", ["attn_head_all_pos_every", "attn_head_by_pos_every"])
 def test_exact_softmax_in_chunks_equals_all_at_once(ms, name, setup, monkeypatch):
-    """The query/key recompute runs over blocks of (prompt, key/value head); one plane
-    per step gives the result of everything at once."""
+    """The query/key recompute runs over blocks of (prompt, key/value head), the other
+    sites' products over blocks of prompts; one plane or prompt per step gives the
+    result of everything at once."""
     model, _, _, corrupted, cache = setup
     metric = ms.metrics.LogitDiff(CORRECT, WRONG)
     whole = getattr(ms.attribution, name)(model, corrupted, cache, metric)

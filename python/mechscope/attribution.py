@@ -293,8 +293,11 @@ def _layer_change(model, kind, suffix, layer, grads, acts, clean, rotated_clean,
                                grads[f"blocks.{layer}.{_PATTERN}"], mask, _score_scale(model, layer),
                                model.n_heads // model.n_kv_heads)
     name = f"blocks.{layer}.{suffix}"
-    diff = clean[name].astype(np.float64) - acts[name].astype(np.float64)
-    return _box_sums(kind, diff * grads[name].astype(np.float64))
+    c, a, g = clean[name], acts[name], grads[name]
+    # float64 products in blocks of prompts (a pattern site is [B, H, T, T])
+    rows = max(1, min(_CHUNK_BYTES, get_memory_budget()) // (3 * 8 * a[0].size))
+    return np.concatenate([_box_sums(kind, (c[b0:b0 + rows].astype(np.float64) - a[b0:b0 + rows].astype(np.float64))
+                                     * g[b0:b0 + rows].astype(np.float64)) for b0 in range(0, a.shape[0], rows)])
 
 
 def _values(metric, base_rows, change):
