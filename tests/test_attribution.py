@@ -200,6 +200,19 @@ def test_graddrop_takes_magnitudes_per_prompt_and_normalises_recovery(ms, setup)
                                want, atol=1e-4, rtol=0)
 
 
+def test_graddrop_is_exactly_zero_where_the_patch_writes_the_value_already_there(ms, setup):
+    """A magnitude has no base value added that would hide rounding: key patches whose
+    clean key is the corrupted one (layer 0 away from the corrupted tokens 2 and 4,
+    every layer before position 2) are exactly 0, as the exact sweep's effect is."""
+    model, _, _, corrupted, cache = setup
+    metric = ms.metrics.LogitDiff(CORRECT, WRONG)
+    for name in ("attn_head_k_by_pos", "attn_head_q_by_pos", "attn_head_v_by_pos", "resid_pre"):
+        ours = getattr(ms.attribution, name)(model, corrupted, cache, metric, graddrop=True)
+        assert (ours[:, :2] == 0).all(), name
+        assert (ours[0, [0, 1, 3] + list(range(5, T))] == 0).all(), name
+        assert (ours[:, 2] > 0).any(), name
+
+
 @pytest.mark.parametrize("name", ["attn_head_all_pos_every", "attn_head_by_pos_every"])
 def test_exact_softmax_in_chunks_equals_all_at_once(ms, name, setup, monkeypatch):
     """The query/key recompute runs over blocks of (prompt, key/value head), the other

@@ -170,7 +170,9 @@ def _qk_fix(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, a
         lse_new = np.logaddexp(rest, S_new)
         others = (A - P * G) * np.exp(lse - lse_new)        # the other entries, renormalised
         mine = np.exp(S_new - lse_new) * G                   # the replaced entry
-        change = np.where(allowed[:, None], others + mine - A, 0.0)
+        # exactly 0 where the clean key gives the same score (the closed form would leave
+        # ~1e-17 there, which a GradDrop magnitude, with no base value added, would keep)
+        change = np.where(allowed[:, None] & (S_new != S), others + mine - A, 0.0)
     change = change.sum(axis=2)                              # over query rows -> [B, H, T(key)]
     change = change.reshape(B, H // n_rep, n_rep, T).sum(2)  # heads of a key/value group
     return change.transpose(0, 2, 1)                         # [B, T, KV]
