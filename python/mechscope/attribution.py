@@ -218,7 +218,8 @@ def _qk_fix_chunked(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pa
                            None if q_clean_rot is None else q_clean_rot[b, :, h],
                            None if k_clean_rot is None else k_clean_rot[b, :, g],
                            grad_pattern[b, h], allowed, scale, n_rep)
-            out[(b, h if which == "q" else g) if kind == "head_all_pos" else (b, slice(None), h if which == "q" else g)] = part
+            heads = h if which == "q" else g
+            out[(b, heads) if kind == "head_all_pos" else (b, slice(None), heads)] = part
     return out
 
 
