@@ -152,22 +152,6 @@ def _check_blocks_present(cfg, names):
                          f"{len(blocks)} blocks (h.{missing} is missing)")
 
 
-def _weight_shapes(cfg):
-    C, V, P = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
-    F = cfg["n_inner"] or 4 * C
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    per_block = {
-        "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
-        "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-        "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
-        "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
-    }
-    for layer in range(cfg["n_layer"]):
-        for k, s in per_block.items():
-            shapes[f"h.{layer}.{k}"] = s
-    return shapes
-
-
 def _strip_prefix(name):
     return name[len("transformer."):] if name.startswith("transformer.") else name
 
@@ -218,8 +202,7 @@ class Model:
         if _consume:
             given.clear()  # the loader's dict: the model holds each array once, not twice
         # the unembedding is read when untied; when tied, HF uses the embedding and so do we
-        heads = ("lm_head.weight", "embed_out.weight")
-        unused = sorted(k for k in arrays if k not in shapes and k not in heads)
+        unused = sorted(k for k in arrays if k not in shapes and k not in architectures.HEAD_NAMES)
         if unused:
             shown = ", ".join(unused[:5]) + (f", ... ({len(unused)} in all)" if len(unused) > 5 else "")
             raise ValueError(f"weights: tensors the model does not use: {shown} (a checkpoint of another "
@@ -227,7 +210,7 @@ class Model:
         weights = {}
         for name, shape in shapes.items():
             if name not in arrays:
-                why = " (tie_word_embeddings is False)" if name in ("lm_head.weight", "embed_out.weight") else ""
+                why = " (tie_word_embeddings is False)" if name in architectures.HEAD_NAMES else ""
                 raise ValueError(f"weights: {name} is missing{why}")
             a = arrays[name]
             if not isinstance(a, np.ndarray):

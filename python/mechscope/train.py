@@ -402,11 +402,6 @@ def fit(model, data, *, steps, batch_size=32, lr=1e-3, schedule="cosine", warmup
 
 # ---- checkpoints ---------------------------------------------------------------------
 
-_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}
-_ARCH_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
-
-
 def write_safetensors(path, tensors, metadata=None):
     """Write {name: array} as a safetensors file (float32/int arrays, little-endian):
     an 8-byte header length, the JSON header, then the data, 8-byte aligned."""
@@ -443,15 +438,10 @@ def save_pretrained(model, path, extra_config=None):
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     family = model.family
-    mtype = model.config.get("model_type", family)
-    prefix = _PREFIX.get(family, "model.")
-    tensors = {}
-    for name, a in model._weights.items():
-        top = name in ("lm_head.weight", "embed_out.weight")
-        tensors[name if top else prefix + name] = a
+    tensors = {architectures.hf_name(name, family): a for name, a in model._weights.items()}
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    config["model_type"] = mtype
-    config["architectures"] = [_ARCH_CLASS.get(mtype, _ARCH_CLASS.get(family, "GPT2LMHeadModel"))]
+    config["model_type"] = family
+    config["architectures"] = [architectures.architecture_class(family)]
     config.setdefault("torch_dtype", "float32")
     if extra_config:
         config.update(extra_config)
