@@ -1,5 +1,7 @@
-"""Architectures as data: a HuggingFace config becomes the parts of a block, and a
-HuggingFace state dict becomes the core's weights under the core's names.
+"""Architectures as data: a HuggingFace config becomes the parts of a block, a
+HuggingFace state dict becomes the core's weights under the core's names, and the
+core's weight gradients come back under HuggingFace's names (one table per family,
+read both ways).
 
 Families: GPT-2 (LayerNorm, learned positions, Conv1D weights), Llama / Mistral /
 SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
@@ -234,9 +236,10 @@ def _neox(config):
 # Each family declares once how its HuggingFace weights make up the core's weights. The
 # table is read one way to load (core_weights: HF arrays -> the core's) and the other way
 # to return gradients (hf_gradients: the core's weight gradients -> HF-named arrays); it
-# also gives the HF names and shapes a checkpoint must hold (hf_shapes), the prefix of
-# those names, and the HF names of the weights the core's error messages mention
-# (hf_message). A new family is one more table.
+# also gives the HF names and shapes a checkpoint must hold (hf_shapes), how each starts
+# and is stored (weight_kinds), the names' prefix (strip_prefix, hf_name), and the HF
+# names of the weights the core's error messages mention (hf_message). The weights of a
+# new family are one more table (its config still needs its own function above).
 #
 # How a core weight is made of its HF weights:
 SAME = "same"    # the HF array itself (GPT-2's Conv1D [in, out] matrices too: the core reads
@@ -367,17 +370,41 @@ def hf_shapes(arch):
     return {name: shape for _, how, hf in _pairs(arch) if how != TIED for name, shape in hf}
 
 
+def _in_block(core):
+    """("blocks.3.", "attn.w_qkv") for "blocks.3.attn.w_qkv"; ("", "embed") for "embed"."""
+    if not core.startswith("blocks."):
+        return "", core
+    layer, short = core[len("blocks."):].split(".", 1)
+    return f"blocks.{layer}.", short
+
+
+def weight_kinds(arch):
+    """{HF name: kind} by what the core makes of the weight: "norm" (a norm's scale,
+    initialised to 1), "bias" (a norm's or a product's bias, initialised to 0),
+    "positions" (GPT-2's learned position embedding, kept float32) or "matrix" (the
+    embedding, the unembedding and the blocks' matrices: these may stay 2-byte)."""
+    kinds = {}
+    for core, how, hf in _pairs(arch):
+        if how == TIED:
+            continue
+        short = _in_block(core)[1]
+        if short.startswith("ln") and short.endswith(".w"):
+            kind = "norm"
+        elif short.startswith("ln") or ".b_" in short:
+            kind = "bias"
+        elif short == "pos_embed":
+            kind = "positions"
+        else:
+            kind = "matrix"
+        kinds.update({name: kind for name, _ in hf})
+    return kinds
+
+
 def _stored(x):
     """float32, or a 2-byte matrix kept as it is (see _dtypes)"""
     if _dtypes.is_half(x):
         return np.ascontiguousarray(_dtypes.keep(x))
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def is_matrix(name):
-    """True for the weights that may stay 2-byte: the embedding, the unembedding and
-    the matrices of the blocks (not norms, biases, or GPT-2's position embedding)."""
-    return not (is_norm_weight(name) or name.endswith(".bias") or name == "wpe.weight")
 
 
 def _stack(w, names):
@@ -459,27 +486,20 @@ def core_config(arch):
     return {k: arch[k] for k in keys}
 
 
-def is_norm_weight(name):
-    return name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight", "norm.weight",
-                          "final_layer_norm.weight"))
-
-
 # The core's checks name the parts of its fused weights (csrc/model.c): the i-th part of
 # a STACK is its i-th HF weight; a fused HF weight (GPT-2's c_attn) is all its parts.
-_CORE_PARTS = {"attn.w_qkv": ("attn.q", "attn.k", "attn.v"), "attn.b_qkv": ("attn.q.bias", "attn.k.bias", "attn.v.bias"),
-               "attn.w_o": ("attn.o",), "attn.b_o": ("attn.o.bias",), "mlp.w_in": ("mlp.gate", "mlp.in"),
-               "mlp.b_in": ("mlp.gate.bias", "mlp.in.bias"), "mlp.w_out": ("mlp.out",),
-               "mlp.b_out": ("mlp.out.bias",)}
+_CORE_PARTS = {"attn.w_qkv": ("attn.q", "attn.k", "attn.v"),
+               "attn.b_qkv": ("attn.q.bias", "attn.k.bias", "attn.v.bias"),
+               "attn.w_o": ("attn.o",), "attn.b_o": ("attn.o.bias",),
+               "mlp.w_in": ("mlp.gate", "mlp.in"), "mlp.b_in": ("mlp.gate.bias", "mlp.in.bias"),
+               "mlp.w_out": ("mlp.out",), "mlp.b_out": ("mlp.out.bias",)}
 
 
 def _message_names(arch):
     """{name in the core's messages ("blocks.0.attn.q", "embed"): HF name}"""
     names = {}
     for core, how, hf in _pairs(arch):
-        block, short = "", core
-        if core.startswith("blocks."):
-            layer, short = core[len("blocks."):].split(".", 1)
-            block = f"blocks.{layer}."
+        block, short = _in_block(core)
         parts = _CORE_PARTS.get(short, (short,))
         if short in ("mlp.w_in", "mlp.b_in") and not arch["gated_mlp"]:
             parts = parts[1:]  # no gate: the core's one input matrix is "mlp.in"
@@ -491,7 +511,8 @@ def _message_names(arch):
 
 
 def hf_message(arch, message):
-    """The core's message about a weight, with the weight's HuggingFace name."""
+    """The core's message about a weight, with the weight's HuggingFace name (names
+    the table does not know, e.g. the core's fused "attn.w_qkv", are left as they are)."""
     import re
     names = _message_names(arch)
     return re.sub(r"weights: ((?:blocks\.\d+\.)?[a-z0-9_.]+?) (?=has|is)",

@@ -207,6 +207,7 @@ class Model:
             shown = ", ".join(unused[:5]) + (f", ... ({len(unused)} in all)" if len(unused) > 5 else "")
             raise ValueError(f"weights: tensors the model does not use: {shown} (a checkpoint of another "
                              "architecture or head, or a config with too few layers?)")
+        kinds = architectures.weight_kinds(arch)
         weights = {}
         for name, shape in shapes.items():
             if name not in arrays:
@@ -217,7 +218,7 @@ class Model:
                 a = np.asarray(a)
             if tuple(a.shape) != shape:
                 raise ValueError(f"weights: {name} has shape {list(a.shape)}, the config needs {list(shape)}")
-            if _dtypes.is_half(a) and dtype == "auto" and architectures.is_matrix(name):
+            if _dtypes.is_half(a) and dtype == "auto" and kinds[name] == "matrix":
                 a = _dtypes.keep(a)  # stays 2-byte: widened panel by panel in the products
             elif _dtypes.is_half(a):
                 a = _dtypes.to_float32(a)
@@ -236,8 +237,8 @@ class Model:
         # (q|k|v, gate|up) become views of the stacked array, held once.
         self._weights = weights
         self._core_weights = architectures.core_weights(arch, weights)  # under the core's names
-        kinds = {_dtypes.name_of(a) for k, a in weights.items() if architectures.is_matrix(k)}
-        self.dtype = kinds.pop() if len(kinds) == 1 else "mixed"
+        stored = {_dtypes.name_of(a) for k, a in weights.items() if kinds[k] == "matrix"}
+        self.dtype = stored.pop() if len(stored) == 1 else "mixed"
         self._load_dtype = dtype
         self.n_layers = arch["n_layers"]
         self.n_heads = arch["n_heads"]
@@ -342,14 +343,15 @@ class Model:
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
         shapes = architectures.hf_shapes(arch)
+        kinds = architectures.weight_kinds(arch)
         total = sum(int(np.prod(s)) for s in shapes.values())
         with progress_bar(None, "random weights", "number", total=total) as bar:
             for name, shape in shapes.items():
-                if architectures.is_norm_weight(name):
+                if kinds[name] == "norm":
                     arrays[name] = np.ones(shape, np.float32)
-                elif name.endswith(".bias"):
+                elif kinds[name] == "bias":
                     arrays[name] = np.zeros(shape, np.float32)
-                elif dtype == "float32" or not architectures.is_matrix(name):
+                elif dtype == "float32" or kinds[name] != "matrix":
                     arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
                 else:
                     arrays[name] = _dtypes.random_normal(rng, shape, std, dtype)

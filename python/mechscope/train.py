@@ -275,12 +275,16 @@ def _trainable(model):
 
 
 def _sync_core(model):
-    """After an in-place update: refresh the core's fused copies, forget cached digests."""
+    """After an in-place update: refresh the core's copies of the HF arrays (GPT-NeoX's
+    regrouped q|k|v), forget cached digests."""
     derived = getattr(model, "_derived_core", ())
     if derived:
         new = architectures.core_weights(model.arch, model._weights)
         for k in derived:
-            np.copyto(model._core_weights[k], new[k])
+            # a stack whose parts are consecutive rows of one array (q|k|v, gate|up once
+            # loaded) is a read-only view of the HF arrays' memory: already up to date
+            if not np.may_share_memory(model._core_weights[k], new[k]):
+                np.copyto(model._core_weights[k], new[k])
     _forget_derived(model)
 
 
