@@ -152,10 +152,6 @@ def _check_blocks_present(cfg, names):
                          f"{len(blocks)} blocks (h.{missing} is missing)")
 
 
-def _strip_prefix(name):
-    return name[len("transformer."):] if name.startswith("transformer.") else name
-
-
 def _wanted(name):
     # the causal-mask buffers of old GPT-2 checkpoints and rotary caches are not weights
     if name.endswith((".attn.bias", ".attn.masked_bias")) and not name.endswith("c_attn.bias"):
@@ -193,7 +189,8 @@ class Model:
         if isinstance(config, dict) and architectures.model_type(config) == "gpt2":
             # GPT-2's own checks: unknown config keys, blocks present, sizes
             gpt2_cfg = _normalize_config(config, _unknown)
-            _check_blocks_present(gpt2_cfg, {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)})
+            _check_blocks_present(gpt2_cfg, {architectures.strip_prefix(k, "gpt2"): v for k, v in arrays.items()
+                                             if _wanted(k)})
         cfg, arch = architectures.normalize(config)
         shapes = architectures.hf_shapes(arch)
         family = arch["family"]
