@@ -382,11 +382,11 @@ const char *ms_blas_corename(void);
 /* which of mechscope's own attention kernels this CPU runs */
 const char *ms_kernels_name(void);
 
-/* One AdamW step of a parameter array p[n] with gradient g and moments m, v (optim.c).
- * decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t),
- * bc2_sqrt = sqrt(1 - beta2^t). */
+/* One AdamW step of a parameter array p[n] with gradient g * grad_scale (a clipping
+ * coefficient, or 1) and moments m, v (optim.c). decay = 1 - lr * weight_decay,
+ * step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t). */
 typedef struct {
-    float decay, beta1, beta2, eps, step_size, bc2_sqrt;
+    float decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale;
 } ms_adamw_args;
 void ms_adamw(float *p, const float *g, float *m, float *v, size_t n, const ms_adamw_args *a, int n_threads);
 

@@ -1,6 +1,8 @@
 /* optim.c — the AdamW update of one parameter array, in place.
  *
- * The same float32 operations, in the same order, as torch.optim.AdamW's:
+ * The same float32 operations, in the same order, as gradient clipping in place
+ * followed by torch.optim.AdamW's:
+ *   g *= grad_scale                   (the clipping coefficient, or 1)
  *   p *= 1 - lr * weight_decay
  *   m += (1 - beta1) (g - m)
  *   v  = beta2 v + (1 - beta2) g^2
@@ -22,11 +24,12 @@ typedef struct {
 MS_VECTOR_CLONES
 static void adamw_span(float *p, float *m, float *v, const float *g, long long n, const ms_adamw_args *a) {
     float decay = a->decay, b1c = 1.0f - a->beta1, b2 = a->beta2, b2c = 1.0f - a->beta2;
-    float bc2 = a->bc2_sqrt, eps = a->eps, step = a->step_size;
+    float bc2 = a->bc2_sqrt, eps = a->eps, step = a->step_size, scale = a->grad_scale;
     for (long long i = 0; i < n; i++) {
+        float gi = g[i] * scale;
         float pi = p[i] * decay;
-        float mi = m[i] + b1c * (g[i] - m[i]);
-        float vi = b2 * v[i] + b2c * (g[i] * g[i]);
+        float mi = m[i] + b1c * (gi - m[i]);
+        float vi = b2 * v[i] + b2c * (gi * gi);
         m[i] = mi;
         v[i] = vi;
         p[i] = pi - step * (mi / (sqrtf(vi) / bc2 + eps));

@@ -1027,29 +1027,32 @@ static PyObject *py_blas_info(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("(sss)", ms_blas_config(), ms_blas_corename(), ms_kernels_name());
 }
 
-/* 1 if obj is a writeable C-contiguous float32 array of n elements (else a ValueError) */
-static int is_float_array(PyObject *obj, const char *name, npy_intp n) {
+/* 1 if obj is a C-contiguous float32 array (writeable if asked) of n elements (n < 0:
+ * any), else 0 with a ValueError */
+static int is_float_array(PyObject *obj, const char *name, npy_intp n, int writeable) {
     if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || !PyArray_ISWRITEABLE((PyArrayObject *)obj) ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || (writeable && !PyArray_ISWRITEABLE((PyArrayObject *)obj)) ||
         (n >= 0 && PyArray_SIZE((PyArrayObject *)obj) != n)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a writeable C-contiguous float32 array%s", name,
-                     n >= 0 ? " of the parameter's size" : "");
+        PyErr_Format(PyExc_ValueError, "%s: expected a %sC-contiguous float32 array%s", name,
+                     writeable ? "writeable " : "", n >= 0 ? " of the parameter's size" : "");
         return 0;
     }
     return 1;
 }
 
-/* adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt): one AdamW step, in place */
+/* adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale): one AdamW
+ * step, in place (g itself is not changed) */
 static PyObject *py_adamw(PyObject *mod, PyObject *args) {
     (void)mod;
     PyObject *op, *og, *om, *ov;
     ms_adamw_args a;
-    if (!PyArg_ParseTuple(args, "OOOOffffff", &op, &og, &om, &ov, &a.decay, &a.beta1, &a.beta2, &a.eps,
-                          &a.step_size, &a.bc2_sqrt))
+    if (!PyArg_ParseTuple(args, "OOOOfffffff", &op, &og, &om, &ov, &a.decay, &a.beta1, &a.beta2, &a.eps,
+                          &a.step_size, &a.bc2_sqrt, &a.grad_scale))
         return NULL;
-    if (!is_float_array(op, "param", -1)) return NULL;
+    if (!is_float_array(op, "param", -1, 1)) return NULL;
     npy_intp n = PyArray_SIZE((PyArrayObject *)op);
-    if (!is_float_array(og, "grad", n) || !is_float_array(om, "exp_avg", n) || !is_float_array(ov, "exp_avg_sq", n))
+    if (!is_float_array(og, "grad", n, 0) || !is_float_array(om, "exp_avg", n, 1) ||
+        !is_float_array(ov, "exp_avg_sq", n, 1))
         return NULL;
     float *p = PyArray_DATA((PyArrayObject *)op), *m = PyArray_DATA((PyArrayObject *)om);
     float *v = PyArray_DATA((PyArrayObject *)ov);
@@ -1062,7 +1065,7 @@ static PyObject *py_adamw(PyObject *mod, PyObject *args) {
 }
 
 static PyMethodDef module_methods[] = {
-    {"adamw", py_adamw, METH_VARARGS, "adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt)"},
+    {"adamw", py_adamw, METH_VARARGS, "adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale)"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"blas_info", py_blas_info, METH_NOARGS, "blas_info() -> (BLAS config, BLAS kernels, mechscope's attention kernels)"},

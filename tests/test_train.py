@@ -59,6 +59,31 @@ def test_clip_grad_norm_only_scales_down():
     assert math.sqrt(float((big["a"] ** 2).sum() + (big["b"] ** 2).sum())) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("clip", [None, 100.0, 0.5])
+def test_clipping_folded_into_adamw(clip):
+    """fit's update (the clipping factor applied inside AdamW's pass) equals
+    clip_grad_norm then step, and leaves the gradients as they were."""
+    rng = np.random.default_rng(4)
+    p1, p2 = _random_params(), _random_params()
+    o1, o2 = train.AdamW(p1, lr=1e-2), train.AdamW(p2, lr=1e-2)
+    for step in range(3):
+        grads = {n: (rng.normal(size=p.shape) * 3).astype(np.float32) for n, p in p1.items()}
+        kept = {n: g.copy() for n, g in grads.items()}
+        orig = {n: g.copy() for n, g in grads.items()}
+        kept["w"].flags.writeable = False  # read, never written
+        norm = train._clipped_update(o2, kept, clip, 1e-2 * (step + 1))
+        if clip is None:
+            expected = train._global_norm(grads)
+        else:
+            expected = train.clip_grad_norm(grads, clip)
+        o1.step(grads, lr=1e-2 * (step + 1))
+        assert norm == expected
+        for n in p1:
+            np.testing.assert_allclose(p2[n], p1[n], rtol=1e-6, atol=1e-7, err_msg=n)
+            np.testing.assert_array_equal(kept[n], orig[n])  # the gradients are left as they were
+    assert not np.allclose(p1["w"], _random_params()["w"])
+
+
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_schedules_match_formulas_and_torch_lambdalr(kind):
     total, warmup, r = 50, 7, 0.1

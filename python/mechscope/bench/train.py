@@ -2,8 +2,8 @@
 
 One training step = forward + backward of the mean next-token cross-entropy on a
 (batch, pos) block of tokens, global-norm gradient clipping, and an AdamW update of
-every weight. mechscope: ms.Model.grad(weights=True) in C, then ms.train's clipping
-and AdamW (NumPy, in place). PyTorch: HF GPT2LMHeadModel in train mode without
+every weight. mechscope: ms.Model.grad(weights=True) in C, then the gradient norm and
+one C pass of clipped AdamW, as ms.train.fit does it. PyTorch: HF GPT2LMHeadModel in train mode without
 dropout, loss.backward(), clip_grad_norm_, torch.optim.AdamW (its default foreach
 implementation), with HF's eager attention (the plain matmul + softmax mechscope
 computes) and with its default SDPA attention. Same random weights, tokens and thread
@@ -15,6 +15,7 @@ the times compare like with like.
 """
 import argparse
 import tempfile
+import time
 
 import numpy as np
 
@@ -67,9 +68,7 @@ def main(argv=None):
     def ms_step():  # as ms.train.fit: the gradient arrays of the last step are reused
         g = kept["g"] = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False,
                                    out=kept.get("g"))
-        grads = g.weights
-        train.clip_grad_norm(grads, 1.0)
-        opt.step(grads)
+        train._clipped_update(opt, g.weights, 1.0, None)  # clipping folded into AdamW's pass, as fit
         train._sync_core(model)
         losses.setdefault("mechscope", float(g.value))
 
@@ -106,18 +105,26 @@ def main(argv=None):
     for impl in ("eager", "sdpa"):
         print(f"speedup vs torch ({impl} attention): {times[f'torch_{impl}'] / times['mechscope']:.2f}x")
 
+    # how far each is from the machine: the step's matrix products (3x the forward's,
+    # the same in both) at the sgemm peak bound what any fp32 implementation can reach
+    flops = 3 * common.gpt2_flops(common.GPT2_SMALL, B, T, B * T)
+    print()
+    peak = common.measure_sgemm_peak()
+    print(f"the step's matmul FLOPs (3x the forward's): {flops / 1e9:.0f} GFLOP")
+    for name, t in times.items():
+        print(f"  {name:26s} {flops / t / 1e9:7.1f} GFLOP/s  {100 * flops / t / 1e9 / peak:4.0f}% of the sgemm peak")
+    floor = flops / (peak * 1e9)
+    print(f"the products alone at the sgemm peak: {floor:.2f} s per step, i.e. at most "
+          f"{times['torch_eager'] / floor:.2f}x torch eager and {times['torch_sdpa'] / floor:.2f}x torch SDPA "
+          "for any fp32 step")
+
     # where mechscope's step goes
-    import time
     start = time.perf_counter()
-    g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False)
+    g = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False, out=kept["g"])
     t_grad = time.perf_counter() - start
     start = time.perf_counter()
-    train.clip_grad_norm(g.weights, 1.0)
-    t_clip = time.perf_counter() - start
-    start = time.perf_counter()
-    opt.step(g.weights)
-    t_adam = time.perf_counter() - start
-    flops = 3 * common.gpt2_flops(common.GPT2_SMALL, B, T, B * T)
+    train._clipped_update(opt, g.weights, 1.0, None)
+    t_update = time.perf_counter() - start
     print(f"mechscope step parts (one call): grad {t_grad:.3f}s ({flops / t_grad / 1e9:.0f} GFLOP/s by 3x the "
-          f"forward matmul count), clip {t_clip:.3f}s, AdamW {t_adam:.3f}s")
+          f"forward matmul count), gradient norm + clipped AdamW {t_update:.3f}s")
     return 0
