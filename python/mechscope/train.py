@@ -282,8 +282,9 @@ def _trainable(model):
     directly, and return them.
 
     The core keeps pointers into the arrays it was built with. For GPT-2 those are the
-    HF-named arrays themselves, so an in-place update reaches it; for families whose
-    core weights are fused copies (q|k|v, gate|up), _sync_core copies them after a step."""
+    HF-named arrays themselves, so an in-place update reaches it; Llama's stacks
+    (q|k|v, gate|up) are views of the HF arrays, which are rows of one array; GPT-NeoX's
+    regrouped q|k|v is a copy, which _sync_core refreshes after a step."""
     w = model._weights
     fresh = {}
     for name, a in w.items():
@@ -294,7 +295,7 @@ def _trainable(model):
     model._weights = fresh
     model._core_weights = architectures.core_weights(model.arch, fresh)
     model._core = _core.Model(architectures.core_config(model.arch), model._core_weights)
-    # core arrays that are not one of the HF arrays (fused or reshaped copies)
+    # core arrays that are not one of the HF arrays (stacks, regrouped copies)
     ids = {id(a) for a in fresh.values()}
     model._derived_core = [k for k, a in model._core_weights.items() if id(a) not in ids]
     _forget_derived(model)
