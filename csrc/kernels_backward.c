@@ -16,10 +16,10 @@
 /* ---- matrix products ----------------------------------------------------------- */
 
 /* A product is cut into tiles that the threads share, each tile one single-threaded
- * BLAS call, on the grid that packs the least (ms_gemm_grid). When K is long and C small (the unembedding's input gradient), K itself is
- * cut into parts summed at the end, which packs each operand once. How a product is
- * cut depends on its shape and the thread count only through which tile a thread
- * takes, never through what a tile computes, so results do not depend on threads. */
+ * BLAS call, on the grid that packs the least (ms_gemm_grid). When K is long and C
+ * small (the unembedding's input gradient), K itself is cut into parts whose sums
+ * are added at the end, so that each operand is packed once; those parts depend on
+ * the shape alone, never on the thread count. */
 typedef struct {
     int trans_a, trans_b, M, Nc, K;
     float alpha, beta;
@@ -205,7 +205,7 @@ MS_VECTOR_CLONES
 static void act_and_grad(const float *x, float *f, float *df, int n, ms_activation act) {
     switch (act) {
     case MS_ACT_GELU_NEW:
-    case MS_ACT_GELU_FAST: /* 0.5 x (1 + tanh u) == x s with s = sigmoid(2u); tanh' = 4 s (1 - s) / 2 */
+    case MS_ACT_GELU_FAST: /* 0.5 x (1 + tanh u) == x s, s = sigmoid(2u); 1 - tanh^2 u == 4 s (1 - s) */
         for (int i = 0; i < n; i++) {
             const float k = 0.7978845608028654f;
             float v = x[i], s = sigmoid_approx(2.0f * k * (v + 0.044715f * v * v * v));

@@ -250,10 +250,33 @@ def test_few_rows_through_wide_matrices(rows):
         ms.set_num_threads(old)
 
 
-def test_gradients_refuse_two_byte_weights(wide_pair):
-    half, wide = wide_pair
-    tokens = np.random.default_rng(0).integers(0, 3001, (1, 6))
-    metric = ms.metrics.LogitDiff([5], [7])
-    with pytest.raises(ValueError, match="gradients need float32 weights"):
-        half.grad(tokens, metric)
-    assert np.isfinite(wide.grad(tokens, metric).value)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_gradients_of_two_byte_models(name, dtype, tmp_path):
+    """A 2-byte model's gradients are those of its exact float32 widening (through a
+    float32 twin made at the first call and kept), and its own metric is the value."""
+    hf_model(name).to(dtype).save_pretrained(tmp_path)
+    half = ms.Model.from_pretrained(tmp_path)
+    wide = ms.Model.from_pretrained(tmp_path, dtype="float32")
+    assert half.dtype != "float32"
+    rng = np.random.default_rng(9)
+    tokens = rng.integers(0, half.d_vocab, (3, 8))
+    mask = np.ones_like(tokens)
+    mask[2, :3] = 0
+    metric = ms.metrics.LogitDiff([5, 6, 7], [1, 2, 3])
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"]
+    for scalar in (metric, "cross_entropy"):
+        a = half.grad(tokens, scalar, sites=sites, weights=True, attention_mask=mask)
+        b = wide.grad(tokens, scalar, sites=sites, weights=True, attention_mask=mask)
+        assert a.value == b.value
+        assert a.weights.keys() == b.weights.keys()
+        for n in a.weights:
+            np.testing.assert_array_equal(a.weights[n], b.weights[n], err_msg=n)
+        for n in sites:
+            np.testing.assert_array_equal(a[n], b[n], err_msg=n)
+    twin = half._grad_core
+    half.grad(tokens, metric, sites=sites, attention_mask=mask)
+    assert half._grad_core is twin  # widened once
+    # the metric per row is the 2-byte model's own, as its forward pass computes it
+    np.testing.assert_allclose(half.grad(tokens, metric, attention_mask=mask).metric,
+                               metric.per_row(half, tokens, attention_mask=mask), rtol=1e-5, atol=1e-5)

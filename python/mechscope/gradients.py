@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import architectures, sites as _sites
+from . import _dtypes, architectures, sites as _sites
 from ._progress import progress_bar
-from ._runtime import format_bytes, get_memory_budget
+from ._runtime import _core, format_bytes, get_memory_budget
 from .interventions import _CACHE
 from .metrics import Metric, Recovery, last_positions
 
@@ -64,6 +64,22 @@ def _weight_names(model, weights):
         if stripped not in known:
             raise ValueError(f"weights: {n!r} is not a parameter of this model (e.g. {every[0]!r}, {every[-1]!r})")
     return {n: architectures.strip_prefix(n, model.family) for n in names}
+
+
+def _float32_core(model):
+    """The core that takes the gradient: the model's own, or for a model that keeps
+    2-byte weight matrices a float32 twin holding them widened exactly (made at the
+    first gradient and kept, so that repeated gradients do not widen again). The
+    backward pass reads float32 weights; the twin's forward pass gives the same
+    activations as the 2-byte model's, whose products widen the same numbers."""
+    if model.dtype == "float32":
+        return model._core
+    twin = getattr(model, "_grad_core", None)
+    if twin is None:
+        twin = _core.Model(architectures.core_config(model.arch),
+                           {k: _dtypes.to_float32(v) for k, v in model._core_weights.items()})
+        model._grad_core = twin
+    return twin
 
 
 def _reused(out, model, key):
@@ -126,11 +142,15 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     out_bytes = 4 * (2 * sum(int(np.prod(s)) for s in shapes.values()) +
                      sum(int(np.prod(s)) for s in core_names.values()))
     work = model._core.grad_workspace_bytes(full_mask if full_mask is not None else np.ones((R, T), np.int32))
+    widened = 0 if model.dtype == "float32" or getattr(model, "_grad_core", None) is not None else \
+        4 * sum(int(np.prod(v.shape)) for v in model._core_weights.values())
     budget = get_memory_budget()
-    if out_bytes + work > budget:
-        raise ValueError(f"grad: this gradient run needs {format_bytes(out_bytes + work)} (outputs "
-                         f"{format_bytes(out_bytes)}), over the memory budget of {format_bytes(budget)}; "
+    if out_bytes + work + widened > budget:
+        copy = f", a float32 copy of the 2-byte weights {format_bytes(widened)}" if widened else ""
+        raise ValueError(f"grad: this gradient run needs {format_bytes(out_bytes + work + widened)} (outputs "
+                         f"{format_bytes(out_bytes)}{copy}), over the memory budget of {format_bytes(budget)}; "
                          "use a smaller batch, fewer sites, or raise it with mechscope.set_memory_budget")
+    core = _float32_core(model)
 
     key = (B, tuple((n, shapes[n]) for n in names), tuple(wanted.items()))
     kept = _reused(out, model, key)
@@ -157,7 +177,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     result._buffers = {"key": key, "model": model, "sites": site_buffers, "core": core_grads}
 
     with progress_bar(progress, "grad", "pass", total=1) as bar:
-        value, per_row = model._core.grad(full_tokens, full_mask, actions, B, args["metric"], args["pos"],
+        value, per_row = core.grad(full_tokens, full_mask, actions, B, args["metric"], args["pos"],
                                           args["correct"], args["wrong"], args["ref_logprob"], int(cross_entropy),
                                           grad_sites, core_grads)
         bar.update(1)

@@ -622,14 +622,13 @@ class Model:
         interventions: as run; the gradient is that of the intervened run. Values an
             intervention writes (Patch, Set, Zero, the source part of SubspacePatch) are
             constants; Add passes the gradient on; SubspacePatch passes (I - Q Q^T) g.
+        A model that keeps 2-byte (bfloat16/float16) weight matrices takes its gradients
+        through a float32 copy of them, made at the first call and kept with the model.
         out: the Gradients of an earlier call with the same batch shape, sites and
             weights; its arrays are overwritten and it is returned. A training loop
             reuses the memory instead of paying for fresh pages at every step.
         Returns mechscope.gradients.Gradients (value, metric per row, sites,
         activations of the requested sites, weights)."""
-        if self.dtype != "float32":
-            raise ValueError(f"grad: gradients need float32 weights, and this model keeps its weight matrices "
-                             f"in {self.dtype}; load it with dtype='float32' (from_pretrained, from_arrays)")
         from .gradients import grad  # noqa: PLC0415  (gradients imports this module's helpers)
         return grad(self, tokens, metric, sites=sites, weights=weights, interventions=interventions,
                     attention_mask=attention_mask, progress=progress, hooks=hooks, out=out)

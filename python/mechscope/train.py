@@ -293,6 +293,8 @@ def _trainable(model):
         else:
             fresh[name] = np.array(a, dtype=np.float32, order="C", copy=True)
     model._weights = fresh
+    model.dtype = "float32"
+    model._grad_core = None  # a 2-byte model's float32 twin for gradients (gradients.py): now the model itself
     model._core_weights = architectures.core_weights(model.arch, fresh)
     model._core = _core.Model(architectures.core_config(model.arch), model._core_weights)
     # core arrays that are not one of the HF arrays (stacks, regrouped copies)
