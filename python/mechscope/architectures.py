@@ -1,5 +1,7 @@
-"""Architectures as data: a HuggingFace config becomes the parts of a block, and a
-HuggingFace state dict becomes the core's weights under the core's names.
+"""Architectures as data: a HuggingFace config becomes the parts of a block, a
+HuggingFace state dict becomes the core's weights under the core's names, and the
+core's weight gradients come back under HuggingFace's names (one table per family,
+read both ways).
 
 Families: GPT-2 (LayerNorm, learned positions, Conv1D weights), Llama / Mistral /
 SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
@@ -8,6 +10,7 @@ MLP). Anything in a config that would change the computation in a way the core
 does not run is refused by name.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -228,59 +231,173 @@ def _neox(config):
     return cfg, arch
 
 
-# ---- weights -----------------------------------------------------------------------------
+# ---- weights: one table per family, read in both directions ------------------------------
+#
+# Each family declares once how its HuggingFace weights make up the core's weights. The
+# table is read one way to load (core_weights: HF arrays -> the core's) and the other way
+# to return gradients (hf_gradients: the core's weight gradients -> HF-named arrays); it
+# also gives the HF names and shapes a checkpoint must hold (hf_shapes), how each starts
+# and is stored (weight_kinds), the names' prefix (strip_prefix, hf_name), and the HF
+# names of the weights the core's error messages mention (hf_message). The weights of a
+# new family are one more table (its config still needs its own function above).
+#
+# How a core weight is made of its HF weights:
+SAME = "same"    # the HF array itself (GPT-2's Conv1D [in, out] matrices too: the core reads
+#                  either layout, see core_config's linear_trans)
+STACK = "stack"  # the HF arrays stacked along rows (q|k|v, gate|up): one product instead of several
+HEADS = "heads"  # GPT-NeoX's fused q|k|v, whose rows are [head, q|k|v, d_head] in HF and
+#                  [q|k|v, head, d_head] in the core (so that q, k and v are blocks of rows)
+TIED = "tied"    # the unembedding is the embedding's array: its gradient is added to the embedding's
+
+
+class Pair(NamedTuple):
+    """One core weight and the HF weights it is made of.
+
+    core: the core's name (in a block: the part after "blocks.{layer}.")
+    how: SAME, STACK, HEADS or TIED (above)
+    hf: ((HF name, shape), ...) in stacking order; a shape is dimension letters, e.g. "3C C"
+        (C d_model, V d_vocab, P n_ctx, F d_mlp, QD/KD the widths of q and of k, v)
+    when: the arch flag the weight exists under ("qkv_bias", "o_bias", "mlp_bias"), or
+        "tied"/"untied" for the unembedding; None: always"""
+    core: str
+    how: str
+    hf: tuple
+    when: str = None
+
+
+class Family(NamedTuple):
+    prefix: str    # HF's prefix of every name but the unembedding's ("transformer.")
+    block: str     # HF's name of block l is f"{block}.{l}."
+    top: tuple     # Pairs outside the blocks
+    blocks: tuple  # Pairs of every block
+    head: tuple    # Pairs of the unembedding (its HF name carries no prefix)
+
+
+def _same(core, hf, shape, when=None):
+    return Pair(core, SAME, ((hf, shape),), when)
+
+
+_GPT2_WEIGHTS = Family(
+    prefix="transformer.", block="h",
+    top=(_same("embed", "wte.weight", "V C"), _same("pos_embed", "wpe.weight", "P C"),
+         _same("ln_final.w", "ln_f.weight", "C"), _same("ln_final.b", "ln_f.bias", "C")),
+    blocks=(_same("ln1.w", "ln_1.weight", "C"), _same("ln1.b", "ln_1.bias", "C"),
+            _same("attn.w_qkv", "attn.c_attn.weight", "C 3C"), _same("attn.b_qkv", "attn.c_attn.bias", "3C"),
+            _same("attn.w_o", "attn.c_proj.weight", "C C"), _same("attn.b_o", "attn.c_proj.bias", "C"),
+            _same("ln2.w", "ln_2.weight", "C"), _same("ln2.b", "ln_2.bias", "C"),
+            _same("mlp.w_in", "mlp.c_fc.weight", "C F"), _same("mlp.b_in", "mlp.c_fc.bias", "F"),
+            _same("mlp.w_out", "mlp.c_proj.weight", "F C"), _same("mlp.b_out", "mlp.c_proj.bias", "C")),
+    head=(_same("unembed", "lm_head.weight", "V C", "untied"),))
+
+_LLAMA_WEIGHTS = Family(
+    prefix="model.", block="layers",
+    top=(_same("embed", "embed_tokens.weight", "V C"), _same("ln_final.w", "norm.weight", "C")),
+    blocks=(_same("ln1.w", "input_layernorm.weight", "C"), _same("ln2.w", "post_attention_layernorm.weight", "C"),
+            Pair("attn.w_qkv", STACK, (("self_attn.q_proj.weight", "QD C"), ("self_attn.k_proj.weight", "KD C"),
+                                       ("self_attn.v_proj.weight", "KD C"))),
+            _same("attn.w_o", "self_attn.o_proj.weight", "C QD"),
+            Pair("mlp.w_in", STACK, (("mlp.gate_proj.weight", "F C"), ("mlp.up_proj.weight", "F C"))),
+            _same("mlp.w_out", "mlp.down_proj.weight", "C F"),
+            Pair("attn.b_qkv", STACK, (("self_attn.q_proj.bias", "QD"), ("self_attn.k_proj.bias", "KD"),
+                                       ("self_attn.v_proj.bias", "KD")), "qkv_bias"),
+            _same("attn.b_o", "self_attn.o_proj.bias", "C", "o_bias"),
+            Pair("mlp.b_in", STACK, (("mlp.gate_proj.bias", "F"), ("mlp.up_proj.bias", "F")), "mlp_bias"),
+            _same("mlp.b_out", "mlp.down_proj.bias", "C", "mlp_bias")),
+    head=(_same("unembed", "lm_head.weight", "V C", "untied"),))
+
+_NEOX_WEIGHTS = Family(
+    prefix="gpt_neox.", block="layers",
+    top=(_same("embed", "embed_in.weight", "V C"), _same("ln_final.w", "final_layer_norm.weight", "C"),
+         _same("ln_final.b", "final_layer_norm.bias", "C")),
+    blocks=(_same("ln1.w", "input_layernorm.weight", "C"), _same("ln1.b", "input_layernorm.bias", "C"),
+            _same("ln2.w", "post_attention_layernorm.weight", "C"),
+            _same("ln2.b", "post_attention_layernorm.bias", "C"),
+            Pair("attn.w_qkv", HEADS, (("attention.query_key_value.weight", "3C C"),)),
+            _same("attn.w_o", "attention.dense.weight", "C C"),
+            _same("mlp.w_in", "mlp.dense_h_to_4h.weight", "F C"), _same("mlp.b_in", "mlp.dense_h_to_4h.bias", "F"),
+            _same("mlp.w_out", "mlp.dense_4h_to_h.weight", "C F"), _same("mlp.b_out", "mlp.dense_4h_to_h.bias", "C"),
+            Pair("attn.b_qkv", HEADS, (("attention.query_key_value.bias", "3C"),), "qkv_bias"),
+            _same("attn.b_o", "attention.dense.bias", "C", "o_bias")),
+    # tied, the core still gets the unembedding under its own name (the embedding's array)
+    head=(_same("unembed", "embed_out.weight", "V C", "untied"),
+          Pair("unembed", TIED, (("embed_in.weight", "V C"),), "tied")))
+
+_WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES}}
+
+# the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
+HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
+
+
+def architecture_class(family):
+    """The HuggingFace model class of a family (a config's "architectures")."""
+    return next(cls for cls, fam in _ARCH_OF.items() if fam == family)
+
 
 def strip_prefix(name, family):
-    for prefix in {"gpt2": ("transformer.",), "gpt_neox": ("gpt_neox.",)}.get(family, ("model.",)):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+    prefix = _WEIGHTS[family].prefix
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def hf_name(name, family):
+    """A name without the model prefix -> the name in a HF state dict (the unembedding
+    has none)."""
+    return name if name in HEAD_NAMES else _WEIGHTS[family].prefix + name
+
+
+def _pairs(arch):
+    """[(core name, how, ((HF name, shape), ...))] of this arch's weights, in HF's order:
+    the top weights, block 0, block 1, ..., the unembedding. (The order is the order
+    of hf_shapes, in which from_config draws its random weights: keep it.)"""
+    fam = _WEIGHTS[arch["family"]]
+    flags = dict(arch, untied=not arch["tied"])
+    QD, KD = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"]
+    dims = {"C": arch["d_model"], "3C": 3 * arch["d_model"], "V": arch["d_vocab"], "P": arch["n_ctx"],
+            "F": arch["d_mlp"], "QD": QD, "KD": KD}
+
+    def expand(pairs, core_prefix="", hf_prefix=""):
+        return [(core_prefix + p.core, p.how, tuple((hf_prefix + n, tuple(dims[d] for d in shape.split()))
+                                                   for n, shape in p.hf))
+                for p in pairs if p.when is None or flags[p.when]]
+
+    out = expand(fam.top)
+    for l in range(arch["n_layers"]):
+        out += expand(fam.blocks, f"blocks.{l}.", f"{fam.block}.{l}.")
+    return out + expand(fam.head)
 
 
 def hf_shapes(arch):
     """{HF name (without the model prefix): shape} of every weight the family reads."""
-    a = arch
-    C, V, F, L = a["d_model"], a["d_vocab"], a["d_mlp"], a["n_layers"]
-    QD, KD = a["n_heads"] * a["d_head"], a["n_kv_heads"] * a["d_head"]
-    fam = a["family"]
-    if fam == "gpt2":
-        shapes = {"wte.weight": (V, C), "wpe.weight": (a["n_ctx"], C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-        block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
-                 "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-                 "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
-                 "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,)}
-        prefix, head = "h", "lm_head.weight"
-    elif fam == "gpt_neox":
-        shapes = {"embed_in.weight": (V, C), "final_layer_norm.weight": (C,), "final_layer_norm.bias": (C,)}
-        block = {"input_layernorm.weight": (C,), "input_layernorm.bias": (C,),
-                 "post_attention_layernorm.weight": (C,), "post_attention_layernorm.bias": (C,),
-                 "attention.query_key_value.weight": (3 * C, C), "attention.dense.weight": (C, C),
-                 "mlp.dense_h_to_4h.weight": (F, C), "mlp.dense_h_to_4h.bias": (F,),
-                 "mlp.dense_4h_to_h.weight": (C, F), "mlp.dense_4h_to_h.bias": (C,)}
-        if a["qkv_bias"]:
-            block["attention.query_key_value.bias"] = (3 * C,)
-            block["attention.dense.bias"] = (C,)
-        prefix, head = "layers", "embed_out.weight"
-    else:
-        shapes = {"embed_tokens.weight": (V, C), "norm.weight": (C,)}
-        block = {"input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,),
-                 "self_attn.q_proj.weight": (QD, C), "self_attn.k_proj.weight": (KD, C),
-                 "self_attn.v_proj.weight": (KD, C), "self_attn.o_proj.weight": (C, QD),
-                 "mlp.gate_proj.weight": (F, C), "mlp.up_proj.weight": (F, C), "mlp.down_proj.weight": (C, F)}
-        if a["qkv_bias"]:
-            block.update({"self_attn.q_proj.bias": (QD,), "self_attn.k_proj.bias": (KD,),
-                          "self_attn.v_proj.bias": (KD,)})
-        if a["o_bias"]:
-            block["self_attn.o_proj.bias"] = (C,)
-        if a["mlp_bias"]:
-            block.update({"mlp.gate_proj.bias": (F,), "mlp.up_proj.bias": (F,), "mlp.down_proj.bias": (C,)})
-        prefix, head = "layers", "lm_head.weight"
-    for layer in range(L):
-        for k, s in block.items():
-            shapes[f"{prefix}.{layer}.{k}"] = s
-    if not a["tied"]:
-        shapes[head] = (V, C)
-    return shapes
+    return {name: shape for _, how, hf in _pairs(arch) if how != TIED for name, shape in hf}
+
+
+def _in_block(core):
+    """("blocks.3.", "attn.w_qkv") for "blocks.3.attn.w_qkv"; ("", "embed") for "embed"."""
+    if not core.startswith("blocks."):
+        return "", core
+    layer, short = core[len("blocks."):].split(".", 1)
+    return f"blocks.{layer}.", short
+
+
+def weight_kinds(arch):
+    """{HF name: kind} by what the core makes of the weight: "norm" (a norm's scale,
+    initialised to 1), "bias" (a norm's or a product's bias, initialised to 0),
+    "positions" (GPT-2's learned position embedding, kept float32) or "matrix" (the
+    embedding, the unembedding and the blocks' matrices: these may stay 2-byte)."""
+    kinds = {}
+    for core, how, hf in _pairs(arch):
+        if how == TIED:
+            continue
+        short = _in_block(core)[1]
+        if short.startswith("ln") and short.endswith(".w"):
+            kind = "norm"
+        elif short.startswith("ln") or ".b_" in short:
+            kind = "bias"
+        elif short == "pos_embed":
+            kind = "positions"
+        else:
+            kind = "matrix"
+        kinds.update({name: kind for name, _ in hf})
+    return kinds
 
 
 def _stored(x):
@@ -288,12 +405,6 @@ def _stored(x):
     if _dtypes.is_half(x):
         return np.ascontiguousarray(_dtypes.keep(x))
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def is_matrix(name):
-    """True for the weights that may stay 2-byte: the embedding, the unembedding and
-    the matrices of the blocks (not norms, biases, or GPT-2's position embedding)."""
-    return not (is_norm_weight(name) or name.endswith(".bias") or name == "wpe.weight")
 
 
 def _stack(w, names):
@@ -321,69 +432,51 @@ def _stack(w, names):
     return out
 
 
+def _regroup_heads(x, n_heads, hf_to_core):
+    """GPT-NeoX's fused q|k|v rows (a weight or a bias): [head, q|k|v, d_head] in HF,
+    [q|k|v, head, d_head] in the core; a permutation of rows, so exact both ways."""
+    x = np.asarray(x)
+    rows = (n_heads, 3, -1) if hf_to_core else (3, n_heads, -1)
+    return x.reshape(rows + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+
 def core_weights(arch, w):
-    """HF-named arrays (checked against hf_shapes) -> the core's weights: q|k|v fused,
-    gate|up fused, GPT-NeoX's per-head q|k|v unpacked."""
-    fam, L = arch["family"], arch["n_layers"]
+    """HF-named arrays (checked against hf_shapes) -> the core's weights, by the
+    family's table (stacks are made once: see _stack)."""
     out = {}
-    if fam == "gpt2":
-        out.update({"embed": w["wte.weight"], "pos_embed": w["wpe.weight"], "ln_final.w": w["ln_f.weight"],
-                    "ln_final.b": w["ln_f.bias"]})
-        if not arch["tied"]:
-            out["unembed"] = w["lm_head.weight"]
-        for l in range(L):
-            p = f"h.{l}."
-            out.update({f"blocks.{l}.{k}": w[p + v] for k, v in (
-                ("ln1.w", "ln_1.weight"), ("ln1.b", "ln_1.bias"), ("attn.w_qkv", "attn.c_attn.weight"),
-                ("attn.b_qkv", "attn.c_attn.bias"), ("attn.w_o", "attn.c_proj.weight"),
-                ("attn.b_o", "attn.c_proj.bias"), ("ln2.w", "ln_2.weight"), ("ln2.b", "ln_2.bias"),
-                ("mlp.w_in", "mlp.c_fc.weight"), ("mlp.b_in", "mlp.c_fc.bias"),
-                ("mlp.w_out", "mlp.c_proj.weight"), ("mlp.b_out", "mlp.c_proj.bias"))})
-    elif fam == "gpt_neox":
-        H, dh, C = arch["n_heads"], arch["d_head"], arch["d_model"]
-        out.update({"embed": w["embed_in.weight"], "ln_final.w": w["final_layer_norm.weight"],
-                    "ln_final.b": w["final_layer_norm.bias"]})
-        out["unembed"] = w["embed_in.weight"] if arch["tied"] else w["embed_out.weight"]
-        for l in range(L):
-            p, q = f"layers.{l}.", f"blocks.{l}."
-            # the fused matrix's rows are [head, q|k|v, d_head]: regroup them as [q|k|v, head, d_head]
-            qkv = np.asarray(w[p + "attention.query_key_value.weight"]).reshape(H, 3, dh, C)
-            out[q + "attn.w_qkv"] = _stored(qkv.transpose(1, 0, 2, 3).reshape(3 * C, C))
-            if arch["qkv_bias"]:
-                b = np.asarray(w[p + "attention.query_key_value.bias"]).reshape(H, 3, dh)
-                out[q + "attn.b_qkv"] = _stored(b.transpose(1, 0, 2).reshape(3 * C))
-                out[q + "attn.b_o"] = w[p + "attention.dense.bias"]
-            out.update({q + k: w[p + v] for k, v in (
-                ("ln1.w", "input_layernorm.weight"), ("ln1.b", "input_layernorm.bias"),
-                ("ln2.w", "post_attention_layernorm.weight"), ("ln2.b", "post_attention_layernorm.bias"),
-                ("attn.w_o", "attention.dense.weight"), ("mlp.w_in", "mlp.dense_h_to_4h.weight"),
-                ("mlp.b_in", "mlp.dense_h_to_4h.bias"), ("mlp.w_out", "mlp.dense_4h_to_h.weight"),
-                ("mlp.b_out", "mlp.dense_4h_to_h.bias"))})
-    else:
-        out.update({"embed": w["embed_tokens.weight"], "ln_final.w": w["norm.weight"]})
-        if not arch["tied"]:
-            out["unembed"] = w["lm_head.weight"]
-        for l in range(L):
-            p, q = f"layers.{l}.", f"blocks.{l}."
-            a = p + "self_attn."
-            out[q + "ln1.w"] = w[p + "input_layernorm.weight"]
-            out[q + "ln2.w"] = w[p + "post_attention_layernorm.weight"]
-            # one product for q|k|v and one for gate|up: the matrices are stacked once at load
-            out[q + "attn.w_qkv"] = _stack(w, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])
-            if arch["qkv_bias"]:
-                out[q + "attn.b_qkv"] = _stack(w, [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"])
-            out[q + "attn.w_o"] = w[a + "o_proj.weight"]
-            if arch["o_bias"]:
-                out[q + "attn.b_o"] = w[a + "o_proj.bias"]
-            out[q + "mlp.w_in"] = _stack(w, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
-            out[q + "mlp.w_out"] = w[p + "mlp.down_proj.weight"]
-            if arch["mlp_bias"]:
-                out[q + "mlp.b_in"] = _stack(w, [p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"])
-                out[q + "mlp.b_out"] = w[p + "mlp.down_proj.bias"]
-        out["rope_inv_freq"] = arch["rope_inv_freq"]
-    if fam == "gpt_neox":
+    for core, how, hf in _pairs(arch):
+        names = [n for n, _ in hf]
+        if how == STACK:
+            out[core] = _stack(w, names)
+        elif how == HEADS:
+            out[core] = _stored(_regroup_heads(w[names[0]], arch["n_heads"], hf_to_core=True))
+        else:  # SAME, TIED
+            out[core] = w[names[0]]
+    if arch["rotary_dim"]:
         out["rope_inv_freq"] = arch["rope_inv_freq"]
     return {k: _stored(v) for k, v in out.items()}
+
+
+def hf_gradients(arch, core):
+    """The core's weight gradients (named as core_weights names them) -> {HF name:
+    gradient}, by the same table read backwards: stacks split into views of their rows,
+    GPT-NeoX's q|k|v regrouped into a copy, a tied unembedding's gradient added to the
+    embedding's (a new array)."""
+    out = {}
+    for name, how, hf in _pairs(arch):
+        g = core[name]
+        if how == STACK:
+            row = 0
+            for n, shape in hf:
+                out[n] = g[row:row + shape[0]]
+                row += shape[0]
+        elif how == HEADS:
+            out[hf[0][0]] = np.ascontiguousarray(_regroup_heads(g, arch["n_heads"], hf_to_core=False))
+        elif how == TIED:
+            out[hf[0][0]] = out[hf[0][0]] + g
+        else:
+            out[hf[0][0]] = g
+    return out
 
 
 def core_config(arch):
@@ -393,52 +486,34 @@ def core_config(arch):
     return {k: arch[k] for k in keys}
 
 
-def is_norm_weight(name):
-    return name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "layernorm.weight", "norm.weight",
-                          "final_layer_norm.weight"))
+# The core's checks name the parts of its fused weights (csrc/model.c): the i-th part of
+# a STACK is its i-th HF weight; a fused HF weight (GPT-2's c_attn) is all its parts.
+_CORE_PARTS = {"attn.w_qkv": ("attn.q", "attn.k", "attn.v"),
+               "attn.b_qkv": ("attn.q.bias", "attn.k.bias", "attn.v.bias"),
+               "attn.w_o": ("attn.o",), "attn.b_o": ("attn.o.bias",),
+               "mlp.w_in": ("mlp.gate", "mlp.in"), "mlp.b_in": ("mlp.gate.bias", "mlp.in.bias"),
+               "mlp.w_out": ("mlp.out",), "mlp.b_out": ("mlp.out.bias",)}
 
 
-_HF_NAMES = {
-    "gpt2": {"embed": "wte.weight", "pos_embed": "wpe.weight", "ln_final.w": "ln_f.weight",
-             "ln_final.b": "ln_f.bias", "unembed": "lm_head.weight", "ln1.w": "ln_1.weight",
-             "ln1.b": "ln_1.bias", "ln2.w": "ln_2.weight", "ln2.b": "ln_2.bias",
-             "attn.q": "attn.c_attn.weight", "attn.k": "attn.c_attn.weight", "attn.v": "attn.c_attn.weight",
-             "attn.q.bias": "attn.c_attn.bias", "attn.k.bias": "attn.c_attn.bias",
-             "attn.v.bias": "attn.c_attn.bias", "attn.o": "attn.c_proj.weight", "attn.o.bias": "attn.c_proj.bias",
-             "mlp.in": "mlp.c_fc.weight", "mlp.in.bias": "mlp.c_fc.bias", "mlp.out": "mlp.c_proj.weight",
-             "mlp.out.bias": "mlp.c_proj.bias"},
-    "llama": {"embed": "embed_tokens.weight", "ln_final.w": "norm.weight", "unembed": "lm_head.weight",
-              "ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight",
-              "attn.q": "self_attn.q_proj.weight", "attn.k": "self_attn.k_proj.weight",
-              "attn.v": "self_attn.v_proj.weight", "attn.o": "self_attn.o_proj.weight",
-              "attn.q.bias": "self_attn.q_proj.bias", "attn.k.bias": "self_attn.k_proj.bias",
-              "attn.v.bias": "self_attn.v_proj.bias", "attn.o.bias": "self_attn.o_proj.bias",
-              "mlp.gate": "mlp.gate_proj.weight", "mlp.in": "mlp.up_proj.weight", "mlp.out": "mlp.down_proj.weight",
-              "mlp.gate.bias": "mlp.gate_proj.bias", "mlp.in.bias": "mlp.up_proj.bias",
-              "mlp.out.bias": "mlp.down_proj.bias"},
-    "gpt_neox": {"embed": "embed_in.weight", "ln_final.w": "final_layer_norm.weight",
-                 "ln_final.b": "final_layer_norm.bias", "unembed": "embed_out.weight",
-                 "ln1.w": "input_layernorm.weight", "ln1.b": "input_layernorm.bias",
-                 "ln2.w": "post_attention_layernorm.weight", "ln2.b": "post_attention_layernorm.bias",
-                 "attn.q": "attention.query_key_value.weight", "attn.k": "attention.query_key_value.weight",
-                 "attn.v": "attention.query_key_value.weight", "attn.q.bias": "attention.query_key_value.bias",
-                 "attn.k.bias": "attention.query_key_value.bias", "attn.v.bias": "attention.query_key_value.bias",
-                 "attn.o": "attention.dense.weight", "attn.o.bias": "attention.dense.bias",
-                 "mlp.in": "mlp.dense_h_to_4h.weight", "mlp.in.bias": "mlp.dense_h_to_4h.bias",
-                 "mlp.out": "mlp.dense_4h_to_h.weight", "mlp.out.bias": "mlp.dense_4h_to_h.bias"},
-}
+def _message_names(arch):
+    """{name in the core's messages ("blocks.0.attn.q", "embed"): HF name}"""
+    names = {}
+    for core, how, hf in _pairs(arch):
+        block, short = _in_block(core)
+        parts = _CORE_PARTS.get(short, (short,))
+        if short in ("mlp.w_in", "mlp.b_in") and not arch["gated_mlp"]:
+            parts = parts[1:]  # no gate: the core's one input matrix is "mlp.in"
+        if how == STACK:
+            names.update({block + p: n for p, (n, _) in zip(parts, hf)})
+        else:
+            names.update({block + p: hf[0][0] for p in parts})
+    return names
 
 
 def hf_message(arch, message):
-    """The core's message about a weight, with the weight's HuggingFace name."""
+    """The core's message about a weight, with the weight's HuggingFace name (names
+    the table does not know, e.g. the core's fused "attn.w_qkv", are left as they are)."""
     import re
-    names = _HF_NAMES["llama" if arch["family"] in LLAMA_TYPES else arch["family"]]
-    layer_word = "h" if arch["family"] == "gpt2" else "layers"
-
-    def sub(m):
-        layer, name = m.group(1), m.group(2)
-        hf = names.get(name)
-        if hf is None:
-            return (f"blocks.{layer}." if layer is not None else "") + name
-        return f"{layer_word}.{layer}.{hf}" if layer is not None else hf
-    return re.sub(r"weights: (?:blocks\.(\d+)\.)?([a-z_.]+?) (?=has|is)", lambda m: "weights: " + sub(m) + " ", message)
+    names = _message_names(arch)
+    return re.sub(r"weights: ((?:blocks\.\d+\.)?[a-z0-9_.]+?) (?=has|is)",
+                  lambda m: "weights: " + names.get(m.group(1), m.group(1)) + " ", message)

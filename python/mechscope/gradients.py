@@ -66,77 +66,6 @@ def _weight_names(model, weights):
     return {n: architectures.strip_prefix(n, model.family) for n in names}
 
 
-def _hf_gradients(model, core):
-    """The core's weight gradients -> HF-named arrays (the inverse of core_weights)."""
-    arch, fam, L = model.arch, model.family, model.n_layers
-    out = {}
-    if fam == "gpt2":
-        out.update({"wte.weight": core["embed"], "wpe.weight": core["pos_embed"], "ln_f.weight": core["ln_final.w"],
-                    "ln_f.bias": core["ln_final.b"]})
-        if not arch["tied"]:
-            out["lm_head.weight"] = core["unembed"]
-        for l in range(L):
-            p, q = f"h.{l}.", f"blocks.{l}."
-            for k, v in (("ln1.w", "ln_1.weight"), ("ln1.b", "ln_1.bias"), ("attn.w_qkv", "attn.c_attn.weight"),
-                         ("attn.b_qkv", "attn.c_attn.bias"), ("attn.w_o", "attn.c_proj.weight"),
-                         ("attn.b_o", "attn.c_proj.bias"), ("ln2.w", "ln_2.weight"), ("ln2.b", "ln_2.bias"),
-                         ("mlp.w_in", "mlp.c_fc.weight"), ("mlp.b_in", "mlp.c_fc.bias"),
-                         ("mlp.w_out", "mlp.c_proj.weight"), ("mlp.b_out", "mlp.c_proj.bias")):
-                out[p + v] = core[q + k]
-    elif fam == "gpt_neox":
-        H, dh, C = arch["n_heads"], arch["d_head"], arch["d_model"]
-        embed = core["embed"]
-        if "unembed" in core:
-            if arch["tied"]:
-                embed = embed + core["unembed"]
-            else:
-                out["embed_out.weight"] = core["unembed"]
-        out.update({"embed_in.weight": embed, "final_layer_norm.weight": core["ln_final.w"],
-                    "final_layer_norm.bias": core["ln_final.b"]})
-        for l in range(L):
-            p, q = f"layers.{l}.", f"blocks.{l}."
-            # back from [q|k|v, head, d_head] rows to HF's [head, q|k|v, d_head]
-            out[p + "attention.query_key_value.weight"] = np.ascontiguousarray(
-                core[q + "attn.w_qkv"].reshape(3, H, dh, C).transpose(1, 0, 2, 3).reshape(3 * C, C))
-            if arch["qkv_bias"]:
-                out[p + "attention.query_key_value.bias"] = np.ascontiguousarray(
-                    core[q + "attn.b_qkv"].reshape(3, H, dh).transpose(1, 0, 2).reshape(3 * C))
-                out[p + "attention.dense.bias"] = core[q + "attn.b_o"]
-            for k, v in (("ln1.w", "input_layernorm.weight"), ("ln1.b", "input_layernorm.bias"),
-                         ("ln2.w", "post_attention_layernorm.weight"), ("ln2.b", "post_attention_layernorm.bias"),
-                         ("attn.w_o", "attention.dense.weight"), ("mlp.w_in", "mlp.dense_h_to_4h.weight"),
-                         ("mlp.b_in", "mlp.dense_h_to_4h.bias"), ("mlp.w_out", "mlp.dense_4h_to_h.weight"),
-                         ("mlp.b_out", "mlp.dense_4h_to_h.bias")):
-                out[p + v] = core[q + k]
-    else:
-        QD, KD, F = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"], arch["d_mlp"]
-        out.update({"embed_tokens.weight": core["embed"], "norm.weight": core["ln_final.w"]})
-        if not arch["tied"]:
-            out["lm_head.weight"] = core["unembed"]
-        for l in range(L):
-            p, q = f"layers.{l}.", f"blocks.{l}."
-            a = p + "self_attn."
-            out[p + "input_layernorm.weight"] = core[q + "ln1.w"]
-            out[p + "post_attention_layernorm.weight"] = core[q + "ln2.w"]
-            w = core[q + "attn.w_qkv"]
-            out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = \
-                w[:QD], w[QD:QD + KD], w[QD + KD:]
-            if arch["qkv_bias"]:
-                b = core[q + "attn.b_qkv"]
-                out[a + "q_proj.bias"], out[a + "k_proj.bias"], out[a + "v_proj.bias"] = b[:QD], b[QD:QD + KD], b[QD + KD:]
-            out[a + "o_proj.weight"] = core[q + "attn.w_o"]
-            if arch["o_bias"]:
-                out[a + "o_proj.bias"] = core[q + "attn.b_o"]
-            w = core[q + "mlp.w_in"]
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = w[:F], w[F:]
-            out[p + "mlp.down_proj.weight"] = core[q + "mlp.w_out"]
-            if arch["mlp_bias"]:
-                b = core[q + "mlp.b_in"]
-                out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = b[:F], b[F:]
-                out[p + "mlp.down_proj.bias"] = core[q + "mlp.b_out"]
-    return out
-
-
 def _float32_core(model):
     """The core that takes the gradient: the model's own, or for a model that keeps
     2-byte weight matrices a float32 twin holding them widened exactly (made at the
@@ -255,7 +184,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     result.value = float(value)
     result.metric = per_row
     if wanted:
-        hf = _hf_gradients(model, core_grads)
+        hf = architectures.hf_gradients(model.arch, core_grads)
         for n, k in wanted.items():
             if kept and not np.shares_memory(result.weights[n], hf[k]):
                 np.copyto(result.weights[n], hf[k])  # a reordered or summed copy: into the kept array

@@ -152,26 +152,6 @@ def _check_blocks_present(cfg, names):
                          f"{len(blocks)} blocks (h.{missing} is missing)")
 
 
-def _weight_shapes(cfg):
-    C, V, P = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
-    F = cfg["n_inner"] or 4 * C
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    per_block = {
-        "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
-        "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-        "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
-        "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
-    }
-    for layer in range(cfg["n_layer"]):
-        for k, s in per_block.items():
-            shapes[f"h.{layer}.{k}"] = s
-    return shapes
-
-
-def _strip_prefix(name):
-    return name[len("transformer."):] if name.startswith("transformer.") else name
-
-
 def _wanted(name):
     # the causal-mask buffers of old GPT-2 checkpoints and rotary caches are not weights
     if name.endswith((".attn.bias", ".attn.masked_bias")) and not name.endswith("c_attn.bias"):
@@ -209,7 +189,8 @@ class Model:
         if isinstance(config, dict) and architectures.model_type(config) == "gpt2":
             # GPT-2's own checks: unknown config keys, blocks present, sizes
             gpt2_cfg = _normalize_config(config, _unknown)
-            _check_blocks_present(gpt2_cfg, {_strip_prefix(k): v for k, v in arrays.items() if _wanted(k)})
+            _check_blocks_present(gpt2_cfg, {architectures.strip_prefix(k, "gpt2"): v for k, v in arrays.items()
+                                             if _wanted(k)})
         cfg, arch = architectures.normalize(config)
         shapes = architectures.hf_shapes(arch)
         family = arch["family"]
@@ -218,23 +199,23 @@ class Model:
         if _consume:
             given.clear()  # the loader's dict: the model holds each array once, not twice
         # the unembedding is read when untied; when tied, HF uses the embedding and so do we
-        heads = ("lm_head.weight", "embed_out.weight")
-        unused = sorted(k for k in arrays if k not in shapes and k not in heads)
+        unused = sorted(k for k in arrays if k not in shapes and k not in architectures.HEAD_NAMES)
         if unused:
             shown = ", ".join(unused[:5]) + (f", ... ({len(unused)} in all)" if len(unused) > 5 else "")
             raise ValueError(f"weights: tensors the model does not use: {shown} (a checkpoint of another "
                              "architecture or head, or a config with too few layers?)")
+        kinds = architectures.weight_kinds(arch)
         weights = {}
         for name, shape in shapes.items():
             if name not in arrays:
-                why = " (tie_word_embeddings is False)" if name in ("lm_head.weight", "embed_out.weight") else ""
+                why = " (tie_word_embeddings is False)" if name in architectures.HEAD_NAMES else ""
                 raise ValueError(f"weights: {name} is missing{why}")
             a = arrays[name]
             if not isinstance(a, np.ndarray):
                 a = np.asarray(a)
             if tuple(a.shape) != shape:
                 raise ValueError(f"weights: {name} has shape {list(a.shape)}, the config needs {list(shape)}")
-            if _dtypes.is_half(a) and dtype == "auto" and architectures.is_matrix(name):
+            if _dtypes.is_half(a) and dtype == "auto" and kinds[name] == "matrix":
                 a = _dtypes.keep(a)  # stays 2-byte: widened panel by panel in the products
             elif _dtypes.is_half(a):
                 a = _dtypes.to_float32(a)
@@ -253,8 +234,8 @@ class Model:
         # (q|k|v, gate|up) become views of the stacked array, held once.
         self._weights = weights
         self._core_weights = architectures.core_weights(arch, weights)  # under the core's names
-        kinds = {_dtypes.name_of(a) for k, a in weights.items() if architectures.is_matrix(k)}
-        self.dtype = kinds.pop() if len(kinds) == 1 else "mixed"
+        stored = {_dtypes.name_of(a) for k, a in weights.items() if kinds[k] == "matrix"}
+        self.dtype = stored.pop() if len(stored) == 1 else "mixed"
         self._load_dtype = dtype
         self.n_layers = arch["n_layers"]
         self.n_heads = arch["n_heads"]
@@ -359,14 +340,15 @@ class Model:
         std = float(cfg.get("initializer_range", 0.02))
         arrays = {}
         shapes = architectures.hf_shapes(arch)
+        kinds = architectures.weight_kinds(arch)
         total = sum(int(np.prod(s)) for s in shapes.values())
         with progress_bar(None, "random weights", "number", total=total) as bar:
             for name, shape in shapes.items():
-                if architectures.is_norm_weight(name):
+                if kinds[name] == "norm":
                     arrays[name] = np.ones(shape, np.float32)
-                elif name.endswith(".bias"):
+                elif kinds[name] == "bias":
                     arrays[name] = np.zeros(shape, np.float32)
-                elif dtype == "float32" or not architectures.is_matrix(name):
+                elif dtype == "float32" or kinds[name] != "matrix":
                     arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)
                 else:
                     arrays[name] = _dtypes.random_normal(rng, shape, std, dtype)

@@ -282,8 +282,9 @@ def _trainable(model):
     directly, and return them.
 
     The core keeps pointers into the arrays it was built with. For GPT-2 those are the
-    HF-named arrays themselves, so an in-place update reaches it; for families whose
-    core weights are fused copies (q|k|v, gate|up), _sync_core copies them after a step."""
+    HF-named arrays themselves, so an in-place update reaches it; Llama's stacks
+    (q|k|v, gate|up) are views of the HF arrays, which are rows of one array; GPT-NeoX's
+    regrouped q|k|v is a copy, which _sync_core refreshes after a step."""
     w = model._weights
     fresh = {}
     for name, a in w.items():
@@ -296,7 +297,7 @@ def _trainable(model):
     model._grad_core = None  # a 2-byte model's float32 twin for gradients (gradients.py): now the model itself
     model._core_weights = architectures.core_weights(model.arch, fresh)
     model._core = _core.Model(architectures.core_config(model.arch), model._core_weights)
-    # core arrays that are not one of the HF arrays (fused or reshaped copies)
+    # core arrays that are not one of the HF arrays (stacks, regrouped copies)
     ids = {id(a) for a in fresh.values()}
     model._derived_core = [k for k, a in model._core_weights.items() if id(a) not in ids]
     _forget_derived(model)
@@ -304,12 +305,16 @@ def _trainable(model):
 
 
 def _sync_core(model):
-    """After an in-place update: refresh the core's fused copies, forget cached digests."""
+    """After an in-place update: refresh the core's copies of the HF arrays (GPT-NeoX's
+    regrouped q|k|v), forget cached digests."""
     derived = getattr(model, "_derived_core", ())
     if derived:
         new = architectures.core_weights(model.arch, model._weights)
         for k in derived:
-            np.copyto(model._core_weights[k], new[k])
+            # a stack whose parts are consecutive rows of one array (q|k|v, gate|up once
+            # loaded) is a read-only view of the HF arrays' memory: already up to date
+            if not np.may_share_memory(model._core_weights[k], new[k]):
+                np.copyto(model._core_weights[k], new[k])
     _forget_derived(model)
 
 
@@ -429,11 +434,6 @@ def fit(model, data, *, steps, batch_size=32, lr=1e-3, schedule="cosine", warmup
 
 # ---- checkpoints ---------------------------------------------------------------------
 
-_PREFIX = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}
-_ARCH_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
-
-
 def write_safetensors(path, tensors, metadata=None):
     """Write {name: array} as a safetensors file (float32/int arrays, little-endian):
     an 8-byte header length, the JSON header, then the data, 8-byte aligned."""
@@ -470,15 +470,10 @@ def save_pretrained(model, path, extra_config=None):
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     family = model.family
-    mtype = model.config.get("model_type", family)
-    prefix = _PREFIX.get(family, "model.")
-    tensors = {}
-    for name, a in model._weights.items():
-        top = name in ("lm_head.weight", "embed_out.weight")
-        tensors[name if top else prefix + name] = a
+    tensors = {architectures.hf_name(name, family): a for name, a in model._weights.items()}
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    config["model_type"] = mtype
-    config["architectures"] = [_ARCH_CLASS.get(mtype, _ARCH_CLASS.get(family, "GPT2LMHeadModel"))]
+    config["model_type"] = family
+    config["architectures"] = [architectures.architecture_class(family)]
     config.setdefault("torch_dtype", "float32")
     if extra_config:
         config.update(extra_config)
