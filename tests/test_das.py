@@ -156,7 +156,9 @@ def gradient_case():
 
 
 def _step(model, site, Q, base, source, labels, pos, weights=None):
-    """The gradient a DAS step uses, through the package's own code path."""
+    """The gradient a DAS step uses, through the package's own code path (pos: the same
+    positions for every pair, or an int array [pairs, k])."""
+    pos = np.broadcast_to(np.asarray(pos), (len(base), np.shape(pos)[-1]))
     hb = das_module._site_values(model, site, base, None, pos, 8)
     hs = das_module._site_values(model, site, source, None, pos, 8)
     return das_module._interchange_gradient(model, site, Q, base, None, hs - hb, pos,
@@ -230,6 +232,65 @@ def test_gradient_matches_finite_differences_of_the_subspace_patch(gradient_case
         down = _patched_loss(model, site, das_module._retract(Q - t * xi), base, source, labels, pos)
         numeric = (up - down) / (2 * t)
         assert numeric == pytest.approx(float(np.sum(dQ * xi)), rel=2e-2, abs=2e-4)
+
+
+def _added_loss(model, site, Q, base, source, labels, pos, source_pos):
+    """The DAS loss with each pair's own positions, one pair at a time: the base run of
+    pair r adds Q Q^T (h_source - h_base) at pos[r], h_source read at source_pos[r]."""
+    total = 0.0
+    for r in range(len(base)):
+        hb = model.run(base[r:r + 1], cache=site, logits=None).cache[site][0].reshape(base.shape[1], -1)
+        hs = model.run(source[r:r + 1], cache=site, logits=None).cache[site][0].reshape(base.shape[1], -1)
+        delta = ((hs[source_pos[r]] - hb[pos[r]]).astype(np.float64) @ Q @ Q.T).astype(np.float32)
+        logits = model.run(base[r:r + 1], logits="last",
+                           interventions=[ms.Add(site, delta[None], pos=list(map(int, pos[r])))]).logits[0]
+        logits = logits.astype(np.float64)
+        total -= logits[labels[r]] - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    return total / len(base)
+
+
+def test_per_pair_positions_gradient_and_iia(gradient_case):
+    """Each pair its own positions, and the source read elsewhere than the base: the
+    step's loss and gradient (directional derivatives) equal the one-pair-at-a-time
+    definition, and iia's two paths agree."""
+    model, base, source, labels, _ = gradient_case
+    site = "blocks.1.hook_resid_pre"
+    pos = np.array([[2, 6], [1, 3], [5, 0], [2, 6], [4, 5], [3, 2]])
+    source_pos = np.array([[1, 6], [2, 4], [0, 5], [3, 5], [6, 2], [2, 3]])
+    rng = np.random.default_rng(4)
+    Q = np.linalg.qr(rng.normal(size=(24, 2)))[0]
+    hb = das_module._site_values(model, site, base, None, pos, 8)
+    hs = das_module._site_values(model, site, source, None, source_pos, 8)
+    loss, dQ = das_module._interchange_gradient(model, site, Q, base, None, hs - hb, pos,
+                                                np.full(len(base), base.shape[1] - 1), labels)
+    assert loss == pytest.approx(_added_loss(model, site, Q, base, source, labels, pos, source_pos), rel=1e-5)
+    for _ in range(2):
+        xi = das_module._tangent(Q, rng.normal(size=Q.shape))
+        xi /= np.linalg.norm(xi)
+        t = 1e-2
+        up = _added_loss(model, site, das_module._retract(Q + t * xi), base, source, labels, pos, source_pos)
+        down = _added_loss(model, site, das_module._retract(Q - t * xi), base, source, labels, pos, source_pos)
+        assert (up - down) / (2 * t) == pytest.approx(float(np.sum(dQ * xi)), rel=2e-2, abs=2e-4)
+    # iia: the same positions in every pair (one SubspacePatch) and the same interchange
+    # written per pair (rows listing the positions in other orders) give the same answers
+    shared = das_module.iia(model, site, Q, base, source, labels, pos=[2, 6])
+    reordered = np.array([[2, 6], [6, 2]] * 3)
+    assert das_module.iia(model, site, Q, base, source, labels, pos=reordered) == shared
+    # and a fit with per-pair positions runs and scores through the per-pair path
+    das = ms.das.DAS(model, site, rank=2, pos=pos, source_pos=source_pos, epochs=2, batch_size=3).fit(
+        base, source, labels)
+    assert 0.0 <= das.score(base, source, labels) <= 1.0
+    with pytest.raises(ValueError, match="intervention: .*per-pair"):
+        das.intervention(ms.Source(source))
+    # bad positions
+    with pytest.raises(ValueError, match="pos: positions for 2 pairs"):
+        das_module.iia(model, site, Q, base, source, labels, pos=pos[:2])
+    with pytest.raises(ValueError, match="source_pos: 1 positions per pair"):
+        das_module.iia(model, site, Q, base, source, labels, pos=pos, source_pos=source_pos[:, :1])
+    with pytest.raises(ValueError, match="pos: a position is repeated within a pair"):
+        das_module.iia(model, site, Q, base, source, labels, pos=np.array([[1, 1]] * 6))
+    with pytest.raises(ValueError, match="source_pos: position out of range"):
+        das_module.iia(model, site, Q, base, source, labels, pos=pos, source_pos=source_pos + 7)
 
 
 # ---------------------------------------------------------------- the estimator's protocol

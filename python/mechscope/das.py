@@ -96,20 +96,33 @@ def _pairs(model, base, source, labels):
     return bt, bm, st, sm, lab.astype(np.int64)
 
 
-def _positions(pos, n_pos, masks):
-    """pos (int or list of ints, the same for every pair) -> int array, checked real."""
-    arr = np.atleast_1d(np.asarray(pos))
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 1 or arr.size == 0:
-        raise TypeError(f"pos: expected an int or a list of ints, got {pos!r}")
-    arr = np.where(arr < 0, arr + n_pos, arr)
+def _positions(pos, n_pos, n, masks, argument="pos"):
+    """pos -> int array [n, k]: an int or a list of ints is the same k positions for
+    every pair; an int array [n, k] gives each pair its own. Negative positions count
+    from the end; every position must be a real token in each of masks ((name, mask))."""
+    arr = np.asarray(pos)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 2 or arr.size == 0:
+        raise TypeError(f"{argument}: expected an int, a list of ints, or an int array [pairs, k], got {pos!r}")
+    if arr.ndim == 2 and arr.shape[0] != n:
+        raise ValueError(f"{argument}: positions for {arr.shape[0]} pairs, but there are {n} pairs")
+    arr = np.broadcast_to(arr, (n, arr.shape[-1]))
+    arr = np.where(arr < 0, arr + n_pos, arr).astype(np.int64)
     if arr.min() < 0 or arr.max() >= n_pos:
-        raise ValueError(f"pos: position out of range for {n_pos} positions ({pos!r})")
-    if np.unique(arr).size != arr.size:
-        raise ValueError(f"pos: a position is repeated ({pos!r})")
+        raise ValueError(f"{argument}: position out of range for {n_pos} positions ({pos!r})")
+    if (np.diff(np.sort(arr, axis=1), axis=1) == 0).any():
+        raise ValueError(f"{argument}: a position is repeated within a pair ({pos!r})")
+    rows = np.arange(n)[:, None]
     for name, mask in masks:
-        if mask is not None and not mask[:, arr].all():
-            raise ValueError(f"pos: a position to intervene on is padding in the {name} tokens")
-    return arr.astype(np.int64)
+        if mask is not None and not mask[rows, arr].all():
+            raise ValueError(f"{argument}: a position to intervene on is padding in the {name} tokens")
+    return arr
+
+
+def _shared(P):
+    """True when every pair has the same positions (P [n, k])."""
+    return bool((P == P[:1]).all())
 
 
 def _metric_positions(metric_pos, mask, n, n_pos):
@@ -139,13 +152,22 @@ def _check_basis(basis, width):
 # ---------------------------------------------------------------- pieces
 
 def _site_values(model, site, tokens, mask, pos, batch_size):
-    """The site's value at the positions pos of every row: [n, len(pos), width]."""
+    """The site's value at each row's positions pos [n, k]: [n, k, width]."""
     out = []
     for i in range(0, tokens.shape[0], batch_size):
         m = None if mask is None else mask[i:i + batch_size]
         v = model.run(tokens[i:i + batch_size], attention_mask=m, cache=site, logits=None).cache[site]
-        out.append(v.reshape(v.shape[0], v.shape[1], -1)[:, pos])
+        v = v.reshape(v.shape[0], v.shape[1], -1)
+        out.append(v[np.arange(v.shape[0])[:, None], pos[i:i + batch_size]])
     return np.concatenate(out).astype(np.float64)
+
+
+def _added(site, delta, pos):
+    """The Add interventions writing delta [rows, k, ...] at each row's positions pos [rows, k]:
+    one for all rows when they share the positions, else one per row."""
+    if _shared(pos):
+        return [Add(site, delta, pos=list(map(int, pos[0])))]
+    return [Add(site, delta[r:r + 1], pos=list(map(int, pos[r])), row=r) for r in range(pos.shape[0])]
 
 
 def _retract(X):
@@ -187,7 +209,7 @@ def _subspace_gradient(Q, D, G, weights=None):
 def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labels, weights=None):
     """One step's loss (mean cross-entropy of the labels) and its gradient with respect to
     Q (and to the mask weights, when given) for the interchange h' = h_b + Q diag(w) Q^T D
-    at positions pos; D = h_source - h_base there [rows, positions, width]."""
+    at each row's positions pos [rows, k]; D = h_source - h_base there [rows, k, width]."""
     # The base's and the source's values at the site do not depend on Q, so the run is
     # written as an Add of h' - h_b: the same intervened run as SubspacePatch from a Source
     # (the tests check the gradient against that run), without the source rows, and
@@ -197,12 +219,12 @@ def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labe
     delta = (coords if weights is None else coords * weights) @ Q.T
     _, _, suffix = _sites.parse(site, model)
     if suffix in _sites.HEADED:  # the Add intervention wants [rows, positions, heads, d_head]
-        delta = delta.reshape(rows, len(pos), -1, model.d_head)
+        delta = delta.reshape(rows, pos.shape[1], -1, model.d_head)
     g = model.grad(tokens, LogProb(labels, pos=metric_pos), sites=[site], attention_mask=mask,
-                   interventions=[Add(site, delta.astype(np.float32), pos=list(map(int, pos)))])
+                   interventions=_added(site, delta.astype(np.float32), pos))
     # loss = -mean log p(label): its gradient is -1/rows times that of the summed metric
     site_grad = np.asarray(g[site], np.float64)
-    G = -site_grad.reshape(rows, tokens.shape[1], -1)[:, pos].reshape(-1, width) / rows
+    G = -site_grad.reshape(rows, tokens.shape[1], -1)[np.arange(rows)[:, None], pos].reshape(-1, width) / rows
     loss = -float(np.mean(g.metric))
     if weights is None:
         return loss, _subspace_gradient(Q, D.reshape(-1, width), G)
@@ -225,35 +247,63 @@ class _Adam:
 
 # ---------------------------------------------------------------- evaluation
 
-def iia(model, site, basis, base, source, labels, *, pos=-1, metric_pos=None, batch_size=64, progress=None):
+def iia(model, site, basis, base, source, labels, *, pos=-1, source_pos=None, metric_pos=None, batch_size=64,
+        progress=None):
     """Interchange intervention accuracy: the share of pairs for which the base run, with
-    the basis's coordinates of the site at positions pos taken from the source run
-    (mechscope.SubspacePatch from a Source computed in the same pass), predicts the
-    counterfactual label (top-1 over the whole vocabulary at metric_pos: None = each
-    base row's last real token).
+    the basis's coordinates of the site at positions pos taken from the source run at
+    source_pos, predicts the counterfactual label (top-1 over the whole vocabulary at
+    metric_pos: None = each base row's last real token).
 
     basis: [width, k] orthonormal (e.g. a fitted DAS's basis_, or a random one as a
     baseline); base, source: token arrays [n, pos] of the same shape (or texts);
-    labels: the counterfactual label's token id per pair."""
+    labels: the counterfactual label's token id per pair. pos: an int or a list of ints
+    (the same for every pair) or an int array [n, k] (each pair its own positions);
+    source_pos: the source's positions in the same forms (None: pos). With the same
+    positions in both and in every pair this is mechscope.SubspacePatch from a Source
+    computed in the same pass; otherwise the two inputs' values are read first and the
+    base run adds Q Q^T (h_source - h_base) at each pair's positions."""
     width, _ = _site_width(model, site)
     Q = _check_basis(basis, width)
     bt, bm, st, sm, lab = _pairs(model, base, source, labels)
     n, T = bt.shape
-    P = _positions(pos, T, [("base", bm), ("source", sm)])
+    Pb, Ps = _pair_positions(pos, source_pos, T, n, bm, sm)
     mpos = _metric_positions(metric_pos, bm, n, T)
     batch_size = _positive_int(batch_size, "batch_size")
+    together = _shared(Pb) and np.array_equal(Pb, Ps)
+    _, _, suffix = _sites.parse(site, model)
     correct = 0
     with progress_bar(progress, "IIA", "pair", total=n) as bar:
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
             m = None if bm is None else bm[i:j]
-            src = Source(st[i:j], attention_mask=None if sm is None else sm[i:j])
+            if together:
+                src = Source(st[i:j], attention_mask=None if sm is None else sm[i:j])
+                interventions = [SubspacePatch(site, Q.astype(np.float32), src, pos=Pb[0].tolist())]
+            else:
+                D = (_site_values(model, site, st[i:j], None if sm is None else sm[i:j], Ps[i:j], j - i)
+                     - _site_values(model, site, bt[i:j], m, Pb[i:j], j - i))
+                delta = (D @ Q) @ Q.T
+                if suffix in _sites.HEADED:
+                    delta = delta.reshape(j - i, Pb.shape[1], -1, model.d_head)
+                interventions = _added(site, delta.astype(np.float32), Pb[i:j])
             out = model.run(bt[i:j], attention_mask=m, logits="last" if metric_pos is None else [int(mpos[0])],
-                            interventions=[SubspacePatch(site, Q.astype(np.float32), src, pos=P.tolist())])
+                            interventions=interventions)
             logits = out.logits if metric_pos is None else out.logits[:, 0]
             correct += int((logits.argmax(axis=-1) == lab[i:j]).sum())
             bar.update(j - i)
     return correct / n
+
+
+def _pair_positions(pos, source_pos, n_pos, n, base_mask, source_mask):
+    """(base positions, source positions), each [n, k], checked real in their inputs."""
+    if source_pos is None:
+        P = _positions(pos, n_pos, n, [("base", base_mask), ("source", source_mask)])
+        return P, P
+    Pb = _positions(pos, n_pos, n, [("base", base_mask)])
+    Ps = _positions(source_pos, n_pos, n, [("source", source_mask)], "source_pos")
+    if Ps.shape != Pb.shape:
+        raise ValueError(f"source_pos: {Ps.shape[1]} positions per pair, pos has {Pb.shape[1]}")
+    return Pb, Ps
 
 
 # ---------------------------------------------------------------- the estimator
@@ -264,8 +314,10 @@ class DAS:
     model: a mechscope.Model. site: a token site, e.g. "blocks.2.hook_resid_post"
         (headed sites such as attn.hook_z are flattened over heads and d_head).
     rank: the subspace's dimension (plain DAS); ignored with boundless=True, which learns it.
-    pos: the positions whose values are interchanged (an int or a list of ints, the same
-        for every pair and real tokens in both inputs).
+    pos: the positions whose values are interchanged: an int or a list of ints (the same
+        for every pair), or an int array [pairs, k] (each pair its own k positions); real
+        tokens. source_pos: where the source's values are read, in the same forms (None:
+        pos); e.g. the position of a token that sits elsewhere in the source prompt.
     metric_pos: where the counterfactual label is read: None (each base row's last real
         token) or an int.
     boundless: Boundless DAS (a full rotation and a learned mask) instead of a fixed rank.
@@ -281,10 +333,11 @@ class DAS:
     boundary and temperature per step), and for Boundless DAS rotation_ and boundary_.
     """
 
-    def __init__(self, model, site, rank=1, *, pos=-1, metric_pos=None, boundless=False, lr=1e-2,
+    def __init__(self, model, site, rank=1, *, pos=-1, source_pos=None, metric_pos=None, boundless=False, lr=1e-2,
                  boundary_lr=1e-2, boundary_weight=1.0, temperature=(1.0, 0.05), epochs=10, batch_size=32,
                  seed=0, progress=None):
         self.model, self.site, self.rank, self.pos, self.metric_pos = model, site, rank, pos, metric_pos
+        self.source_pos = source_pos
         self.boundless, self.lr, self.boundary_lr, self.boundary_weight = boundless, lr, boundary_lr, boundary_weight
         self.temperature, self.epochs, self.batch_size, self.seed = temperature, epochs, batch_size, seed
         self.progress = progress
@@ -348,11 +401,11 @@ class DAS:
         model, site = self.model, self.site
         bt, bm, st, sm, lab = _pairs(model, base, source, labels)
         n, T = bt.shape
-        P = _positions(self.pos, T, [("base", bm), ("source", sm)])
+        P, Ps = _pair_positions(self.pos, self.source_pos, T, n, bm, sm)
         mpos = _metric_positions(self.metric_pos, bm, n, T)
 
         # the site's values of both inputs do not depend on the basis: computed once
-        D_all = _site_values(model, site, st, sm, P, batch_size) - _site_values(model, site, bt, bm, P, batch_size)
+        D_all = _site_values(model, site, st, sm, Ps, batch_size) - _site_values(model, site, bt, bm, P, batch_size)
 
         rng = np.random.default_rng(self.seed)
         k0 = width if self.boundless else int(self.rank)
@@ -374,7 +427,7 @@ class DAS:
                     if self.boundless:
                         mask, dmask = _boundless_mask(boundary, width, schedule[step])
                         loss, dQ, dm = _interchange_gradient(model, site, Q, bt[idx], None if bm is None else bm[idx],
-                                                             D_all[idx], P, mpos[idx], lab[idx], mask)
+                                                             D_all[idx], P[idx], mpos[idx], lab[idx], mask)
                         loss += weight * boundary
                         history["boundary"].append(boundary)
                         history["temperature"].append(float(schedule[step]))
@@ -382,7 +435,7 @@ class DAS:
                         boundary = float(np.clip(boundary - b_adam.step(db), 1.0 / width, 1.0))
                     else:
                         loss, dQ = _interchange_gradient(model, site, Q, bt[idx], None if bm is None else bm[idx],
-                                                         D_all[idx], P, mpos[idx], lab[idx])
+                                                         D_all[idx], P[idx], mpos[idx], lab[idx])
                     Q = _retract(Q - adam.step(_tangent(Q, dQ)))
                     history["loss"].append(loss)
                     step += 1
@@ -406,11 +459,17 @@ class DAS:
         """Interchange intervention accuracy of the learned basis on (held-out) pairs."""
         self._fitted()
         return iia(self.model, self.site, self.basis_, base, source, labels, pos=self.pos,
-                   metric_pos=self.metric_pos, batch_size=self.batch_size, progress=self.progress)
+                   source_pos=self.source_pos, metric_pos=self.metric_pos, batch_size=self.batch_size,
+                   progress=self.progress)
 
     def intervention(self, source):
-        """The learned interchange as an intervention: SubspacePatch(site, basis_, source, pos)."""
+        """The learned interchange as an intervention: SubspacePatch(site, basis_, source, pos)
+        (which reads the source at the same positions, the same for every row)."""
         self._fitted()
+        if self.source_pos is not None or np.ndim(self.pos) == 2:
+            raise ValueError("intervention: a SubspacePatch interchanges the same positions of every row in "
+                             "base and source; with per-pair positions or source_pos use ms.das.iia, or "
+                             "SubspacePatch per row (row=) with the source's values")
         return SubspacePatch(self.site, self.basis_.astype(np.float32), source, pos=self.pos)
 
     def plot(self, ax=None, title=None):
