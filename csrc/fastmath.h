@@ -1,5 +1,6 @@
-/* fastmath.h — e^x, the sigmoid and erf in float, branch-free so that loops over
- * them vectorize; shared by the forward kernels and their backward. */
+/* fastmath.h — what element-wise loops need to vectorize, shared by the forward
+ * kernels, their backward and the optimizer: e^x, the sigmoid and erf in float,
+ * branch-free; the CPU-specific clones of a loop; the lane count of reductions. */
 #ifndef MS_FASTMATH_H
 #define MS_FASTMATH_H
 

@@ -309,10 +309,7 @@ static void gemm_half(gemm_job *g, long long want, int n_threads) {
 static void gemm(gemm_job *g, int n_threads) {
     if (g->N <= 0 || g->OC <= 0) return;
     double flops = 2.0 * g->N * g->IC * g->OC;
-    const double min_panel = 1 << 22, max_panel = 4.0 * (1 << 30); /* FLOP */
-    long long want = n_threads > 1 ? 4LL * n_threads : 1;   /* panels to share out */
-    if (want > flops / min_panel) want = (long long)(flops / min_panel);
-    if (want < flops / max_panel) want = (long long)(flops / max_panel) + 1;
+    long long want = ms_gemm_tiles_wanted(flops, n_threads);
     if (g->w16) {
         gemm_half(g, want, n_threads);
         return;
@@ -330,6 +327,17 @@ static void gemm(gemm_job *g, int n_threads) {
     }
     long long tiles = (long long)((g->N + g->tile_m - 1) / g->tile_m) * ((g->OC + g->tile_n - 1) / g->tile_n);
     ms_parallel_for(tiles, 1, n_threads, gemm_panels, g);
+}
+
+/* Tiles to share among n_threads: four per thread, none below 2^22 FLOP (smaller
+ * calls run the BLAS well below its speed) and none above 2^32 (an interrupted run
+ * stops within a fraction of a second). */
+long long ms_gemm_tiles_wanted(double flops, int n_threads) {
+    const double min_tile = 1 << 22, max_tile = 4.0 * (1 << 30); /* FLOP */
+    long long want = n_threads > 1 ? 4LL * n_threads : 1;
+    if (want > flops / min_tile) want = (long long)(flops / min_tile);
+    if (want < flops / max_tile) want = (long long)(flops / max_tile) + 1;
+    return want;
 }
 
 /* A BLAS call packs the rows of A and the columns of B it reads, so cutting an

@@ -17,6 +17,9 @@ void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_ra
 const volatile int *ms_stop_flag_swap(const volatile int *stop);
 int ms_interrupted(void);
 
+/* how many single-threaded BLAS calls a product of `flops` is cut into for n_threads */
+long long ms_gemm_tiles_wanted(double flops, int n_threads);
+
 /* the tiles (tile_m rows by tile_n columns) of an [M, Nc] product cut for threads
  * into at least `want` single-threaded BLAS calls that pack the least */
 void ms_gemm_grid(int M, int Nc, long long want, int *tile_m, int *tile_n);

@@ -70,11 +70,7 @@ void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const 
         return;
     }
     gemm_job g = {trans_a, trans_b, M, Nc, K, alpha, beta, A, B, lda, ldb, ldc, Cm, M, Nc, 1, K, 1, NULL};
-    double flops = 2.0 * M * Nc * K;
-    const double min_panel = 1 << 22, max_panel = 4.0 * (1 << 30); /* FLOP, as kernels.c */
-    long long want = n_threads > 1 ? 4LL * n_threads : 1;
-    if (want > flops / min_panel) want = (long long)(flops / min_panel);
-    if (want < flops / max_panel) want = (long long)(flops / max_panel) + 1;
+    long long want = ms_gemm_tiles_wanted(2.0 * M * Nc * K, n_threads);
     if (want > 1) {
         ms_gemm_grid(M, Nc, want, &g.tile_m, &g.tile_n);
         g.tiles_n = (Nc + g.tile_n - 1) / g.tile_n;

@@ -763,20 +763,28 @@ static ms_status run_grad(void *arg, ms_error *err) {
     return ms_grad(a[0], a[1], a[2], err);
 }
 
+/* 1 if obj is a C-contiguous float32 array (writeable if asked) of n elements (n < 0:
+ * any), else 0 with a ValueError */
+static int is_float_array(PyObject *obj, const char *name, npy_intp n, int writeable) {
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || (writeable && !PyArray_ISWRITEABLE((PyArrayObject *)obj)) ||
+        (n >= 0 && PyArray_SIZE((PyArrayObject *)obj) != n)) {
+        if (n >= 0)
+            PyErr_Format(PyExc_ValueError, "%s: needs a %sC-contiguous float32 array of %zd elements", name,
+                         writeable ? "writeable " : "", n);
+        else
+            PyErr_Format(PyExc_ValueError, "%s: needs a %sC-contiguous float32 array", name, writeable ? "writeable " : "");
+        return 0;
+    }
+    return 1;
+}
+
 /* grads[name]: a writeable C-contiguous float32 array of exactly n elements, or NULL
  * (absent: that gradient is not wanted); *bad set on a wrong array (exception set) */
 static float *grad_array(PyObject *keep, PyObject *grads, const char *name, size_t n, int *bad) {
     PyObject *obj = PyDict_GetItemString(grads, name); /* borrowed */
     if (!obj) return NULL;
-    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || !PyArray_ISWRITEABLE((PyArrayObject *)obj) ||
-        (size_t)PyArray_SIZE((PyArrayObject *)obj) != n) {
-        PyErr_Format(PyExc_ValueError, "gradient of %s: needs a writeable C-contiguous float32 array of %zu elements",
-                     name, n);
-        *bad = 1;
-        return NULL;
-    }
-    if (PyList_Append(keep, obj) < 0) {
+    if (!is_float_array(obj, name, (npy_intp)n, 1) || PyList_Append(keep, obj) < 0) {
         *bad = 1;
         return NULL;
     }
@@ -1025,19 +1033,6 @@ static PyObject *py_get_num_threads(PyObject *mod, PyObject *unused) {
 static PyObject *py_blas_info(PyObject *mod, PyObject *unused) {
     (void)mod, (void)unused;
     return Py_BuildValue("(sss)", ms_blas_config(), ms_blas_corename(), ms_kernels_name());
-}
-
-/* 1 if obj is a C-contiguous float32 array (writeable if asked) of n elements (n < 0:
- * any), else 0 with a ValueError */
-static int is_float_array(PyObject *obj, const char *name, npy_intp n, int writeable) {
-    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || (writeable && !PyArray_ISWRITEABLE((PyArrayObject *)obj)) ||
-        (n >= 0 && PyArray_SIZE((PyArrayObject *)obj) != n)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a %sC-contiguous float32 array%s", name,
-                     writeable ? "writeable " : "", n >= 0 ? " of the parameter's size" : "");
-        return 0;
-    }
-    return 1;
 }
 
 /* adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale): one AdamW

@@ -230,14 +230,15 @@ def test_exact_softmax_in_chunks_equals_all_at_once(ms, name, setup, monkeypatch
     assert len(calls) == 2 * model.n_layers * len(corrupted) * model.n_kv_heads
     assert all(shape[0] == 1 and shape[2] == model.n_heads // model.n_kv_heads for shape in calls)
     np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=1e-6)
-    monkeypatch.setattr(ms.attribution, "_CHUNK_BYTES", 2 * ms.attribution._qk_unit_bytes(model, T) * model.n_kv_heads)
+    unit = ms.attribution._qk_unit_bytes(model.n_heads // model.n_kv_heads, T)
+    monkeypatch.setattr(ms.attribution, "_CHUNK_BYTES", 2 * unit * model.n_kv_heads)
     np.testing.assert_allclose(getattr(ms.attribution, name)(model, corrupted, cache, metric), whole, atol=1e-6, rtol=1e-6)
 
 
 def test_exact_softmax_over_the_memory_budget_is_refused_before_work(ms, setup):
     model, _, _, corrupted, cache = setup
     metric = ms.metrics.LogitDiff(CORRECT, WRONG)
-    unit = ms.attribution._qk_unit_bytes(model, corrupted.shape[1])
+    unit = ms.attribution._qk_unit_bytes(model.n_heads // model.n_kv_heads, corrupted.shape[1])
     ms.set_memory_budget(unit - 1)
     try:
         with pytest.raises(ValueError, match="qk_fix.*memory budget"):

@@ -186,13 +186,14 @@ _QK_PLANES = 12
 _CHUNK_BYTES = 64 << 20
 
 
-def _qk_unit_bytes(model, T):
-    """Working memory of the exact softmax for one prompt and one key/value head."""
-    return _QK_PLANES * (model.n_heads // model.n_kv_heads) * T * T * 8
+def _qk_unit_bytes(n_rep, T):
+    """Working memory of the exact softmax for one prompt and one key/value head (with
+    the n_rep query heads that share it)."""
+    return _QK_PLANES * n_rep * T * T * 8
 
 
 def _check_qk_memory(model, T):
-    unit, budget = _qk_unit_bytes(model, T), get_memory_budget()
+    unit, budget = _qk_unit_bytes(model.n_heads // model.n_kv_heads, T), get_memory_budget()
     if unit > budget:
         raise ValueError(f"qk_fix: the exact softmax of query/key patches needs {format_bytes(unit)} for one "
                          f"prompt and head at {T} positions, over the memory budget of {format_bytes(budget)}; "
@@ -203,7 +204,7 @@ def _qk_fix_chunked(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pa
     """_qk_fix over blocks of prompts and key/value heads (each block's planes within
     _CHUNK_BYTES and the memory budget); the same result as one call on everything."""
     B, T, KV = k_rot.shape[0], k_rot.shape[1], k_rot.shape[2]
-    unit = _QK_PLANES * n_rep * T * T * 8
+    unit = _qk_unit_bytes(n_rep, T)
     units = max(1, min(_CHUNK_BYTES, get_memory_budget()) // unit)
     rows, groups = (max(1, units // KV), KV) if units >= KV else (1, units)
     heads_out = KV * n_rep if which == "q" else KV

@@ -74,7 +74,7 @@ def _float32_core(model):
     activations as the 2-byte model's, whose products widen the same numbers."""
     if model.dtype == "float32":
         return model._core
-    twin = getattr(model, "_grad_core", None)
+    twin = model._grad_core
     if twin is None:
         twin = _core.Model(architectures.core_config(model.arch),
                            {k: _dtypes.to_float32(v) for k, v in model._core_weights.items()})
@@ -142,7 +142,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     out_bytes = 4 * (2 * sum(int(np.prod(s)) for s in shapes.values()) +
                      sum(int(np.prod(s)) for s in core_names.values()))
     work = model._core.grad_workspace_bytes(full_mask if full_mask is not None else np.ones((R, T), np.int32))
-    widened = 0 if model.dtype == "float32" or getattr(model, "_grad_core", None) is not None else \
+    widened = 0 if model.dtype == "float32" or model._grad_core is not None else \
         4 * sum(int(np.prod(v.shape)) for v in model._core_weights.values())
     budget = get_memory_budget()
     if out_bytes + work + widened > budget:

@@ -248,6 +248,7 @@ class Model:
         self.tokenizer = tokenizer
         self._shape_cfg = {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head,
                            "d_mlp": self.d_mlp, "d_model": self.d_model}
+        self._grad_core = None  # for 2-byte weights: a float32 twin made at the first grad (gradients.py)
         try:
             self._core = _core.Model(architectures.core_config(arch),
                                      {k: _dtypes.for_core(v) for k, v in self._core_weights.items()})

@@ -160,6 +160,18 @@ def clip_grad_norm(grads, max_norm):
     return total
 
 
+def _step(model, opt, ids, mask, clip_norm, lr, reuse=None, step=0):
+    """One training step: the gradient of the cross-entropy (into reuse's arrays when
+    given, see Model.grad's out=), clipping folded into AdamW, the core's fused copies
+    refreshed. Returns (the Gradients, the gradient norm before clipping)."""
+    g = model.grad(ids, "cross_entropy", weights=True, attention_mask=mask, progress=False, out=reuse)
+    if not math.isfinite(g.value):
+        raise FloatingPointError(f"step {step}: the loss is {g.value} (lower lr, or clip_norm)")
+    norm = _clipped_update(opt, g.weights, clip_norm, lr)
+    _sync_core(model)
+    return g, norm
+
+
 def _clipped_update(opt, grads, clip_norm, lr):
     """One step of fit after the gradient: clipping folded into the AdamW pass (each
     gradient times the clipping factor, then AdamW, as clip_grad_norm then step do,
@@ -411,14 +423,10 @@ def fit(model, data, *, steps, batch_size=32, lr=1e-3, schedule="cosine", warmup
             ids, mask = batches.next()
             # the last step's gradient arrays are overwritten when the batch has the same shape
             reuse = g if last_shape == ids.shape else None
-            g = model.grad(ids, "cross_entropy", weights=True, attention_mask=mask, progress=False, out=reuse)
             last_shape = ids.shape
-            loss = float(g.value)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: the loss is {loss} (lower lr, or clip_norm)")
             step_lr = lr * float(multiplier(step))
-            norm = _clipped_update(opt, g.weights, clip_norm, step_lr)
-            _sync_core(model)
+            g, norm = _step(model, opt, ids, mask, clip_norm, step_lr, reuse, step)
+            loss = float(g.value)
             loss_h.append(loss)
             lr_h.append(step_lr)
             norm_h.append(norm)

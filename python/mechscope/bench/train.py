@@ -65,11 +65,9 @@ def main(argv=None):
 
     kept = {}
 
-    def ms_step():  # as ms.train.fit: the gradient arrays of the last step are reused
-        g = kept["g"] = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask, progress=False,
-                                   out=kept.get("g"))
-        train._clipped_update(opt, g.weights, 1.0, None)  # clipping folded into AdamW's pass, as fit
-        train._sync_core(model)
+    def ms_step():  # ms.train.fit's step: the last step's gradient arrays reused, clipping in AdamW's pass
+        g, _ = train._step(model, opt, tokens, mask, 1.0, None, kept.get("g"))
+        kept["g"] = g
         losses.setdefault("mechscope", float(g.value))
 
     ids = torch.from_numpy(tokens)
