@@ -221,7 +221,7 @@ def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labe
     if suffix in _sites.HEADED:  # the Add intervention wants [rows, positions, heads, d_head]
         delta = delta.reshape(rows, pos.shape[1], -1, model.d_head)
     g = model.grad(tokens, LogProb(labels, pos=metric_pos), sites=[site], attention_mask=mask,
-                   interventions=_added(site, delta.astype(np.float32), pos))
+                   interventions=_added(site, delta.astype(np.float32), pos), progress=False)  # DAS shows its own bar
     # loss = -mean log p(label): its gradient is -1/rows times that of the summed metric
     site_grad = np.asarray(g[site], np.float64)
     G = -site_grad.reshape(rows, tokens.shape[1], -1)[np.arange(rows)[:, None], pos].reshape(-1, width) / rows
