@@ -118,7 +118,7 @@ def print_quality(rows, header):
           f"mean over them {np.mean([r[1] for r in qk]):.3f} -> {np.mean([r[2] for r in qk]):.3f}")
     print("GradDrop and |AtP*| are compared with |exact - corrupted| of the batch; GD/rows compares GradDrop "
           "with the mean over the prompts of each prompt's |exact - corrupted| (the magnitude per prompt "
-          "GradDrop estimates; one exact sweep per prompt, demo model only).")
+          "GradDrop estimates; one exact sweep per prompt).")
     print()
 
 
@@ -134,7 +134,8 @@ def real_model(n_prompts, header):
           f"{ioi['clean'].shape[1]} tokens; logit difference clean {clean:+.2f}, corrupted {corrupted:+.2f}")
     print(header)
     print("-" * len(header))
-    print_quality(quality(model, ioi["corrupted"], cache, metric, REAL_FUNCTIONS), header)
+    print_quality(quality(model, ioi["corrupted"], cache, metric, REAL_FUNCTIONS,
+                          answers=(np.asarray(ioi["io"]), np.asarray(ioi["s"]))), header)
 
 
 def timed(model, corrupted, cache, metric, once=False):
