@@ -6,8 +6,10 @@ every weight. mechscope: ms.Model.grad(weights=True) in C, then the gradient nor
 one C pass of clipped AdamW, as ms.train.fit does it. PyTorch: HF GPT2LMHeadModel in train mode without
 dropout, loss.backward(), clip_grad_norm_, torch.optim.AdamW (its default foreach
 implementation), with HF's eager attention (the plain matmul + softmax mechscope
-computes) and with its default SDPA attention. Same random weights, tokens and thread
-count; the timings are interleaved (each round runs every contender once) so a slow
+computes) and with its default SDPA attention; also, for reference, SDPA under bf16
+autocast (mixed precision: bf16 products, not the same numbers, so it is timed but not
+compared for agreement, and it is not what the fp32 ratios mean). Same random weights,
+tokens and thread count; the timings are interleaved (each round runs every contender once) so a slow
 spell of a shared machine falls on all alike; the first losses are compared so that
 the times compare like with like.
 
@@ -79,22 +81,26 @@ def main(argv=None):
         topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                                  lr=1e-5)
 
-        def step(m=m, topt=topt, impl=impl):
-            loss = m(input_ids=ids, labels=ids).loss
-            topt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            topt.step()
-            losses.setdefault(f"torch_{impl}", float(loss.detach()))
-        torch_steps[f"torch_{impl}"] = step
+        for bf16 in ((False, True) if impl == "sdpa" else (False,)):
+            name = f"torch_{impl}" + ("_bf16_autocast" if bf16 else "")
+
+            def step(m=m, topt=topt, name=name, bf16=bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = m(input_ids=ids, labels=ids).loss
+                topt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                topt.step()
+                losses.setdefault(name, float(loss.detach()))
+            torch_steps[name] = step
 
     # the step split into its parts (one call each, after the interleaved rounds warm up)
     times, counts = common.time_interleaved({"mechscope": ms_step, **torch_steps}, budget_s=args.budget,
                                             min_rounds=3)
     print("first-step loss (same weights and tokens): " +
           ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
-    agree = max(abs(v - losses["mechscope"]) for v in losses.values())
-    print(f"  largest difference: {agree:.2e}")
+    agree = max(abs(v - losses["mechscope"]) for k, v in losses.items() if "bf16" not in k)
+    print(f"  largest difference (fp32 runs): {agree:.2e}")
     print()
     print(f"{'':28s} {'median s/step':>14s} {'tokens/s':>10s} {'rounds':>7s}")
     for name, t in times.items():
@@ -102,6 +108,8 @@ def main(argv=None):
     print()
     for impl in ("eager", "sdpa"):
         print(f"speedup vs torch ({impl} attention): {times[f'torch_{impl}'] / times['mechscope']:.2f}x")
+    print(f"for reference, torch SDPA under bf16 autocast (mixed precision, other numbers): "
+          f"{times['torch_sdpa_bf16_autocast'] / times['mechscope']:.2f}x mechscope's fp32 step time")
 
     # how far each is from the machine: the step's matrix products (3x the forward's,
     # the same in both) at the sgemm peak bound what any fp32 implementation can reach
@@ -110,7 +118,8 @@ def main(argv=None):
     peak = common.measure_sgemm_peak()
     print(f"the step's matmul FLOPs (3x the forward's): {flops / 1e9:.0f} GFLOP")
     for name, t in times.items():
-        print(f"  {name:26s} {flops / t / 1e9:7.1f} GFLOP/s  {100 * flops / t / 1e9 / peak:4.0f}% of the sgemm peak")
+        print(f"  {name:26s} {flops / t / 1e9:7.1f} GFLOP/s  {100 * flops / t / 1e9 / peak:4.0f}% of the sgemm peak"
+              + (" (bf16 products: not bound by it)" if "bf16" in name else ""))
     floor = flops / (peak * 1e9)
     print(f"the products alone at the sgemm peak: {floor:.2f} s per step, i.e. at most "
           f"{times['torch_eager'] / floor:.2f}x torch eager and {times['torch_sdpa'] / floor:.2f}x torch SDPA "
