@@ -286,29 +286,37 @@ def _rotated_clean(model, tokens, mask, clean, qk, base):
                      for s in (_HEAD_SITES["q"], _HEAD_SITES["k"])) for l in range(L)}
 
 
-def _layer_change(model, kind, suffix, layer, grads, acts, clean, rotated_clean, mask, qk_fix):
-    """Per-row first-order changes of the metric [B, ...] for one grid's patches at one layer."""
+def _layer_change(model, kind, suffix, layer, grads, acts, clean, rotated_clean, mask, qk_fix, absolute=False):
+    """The first-order changes of the metric for one grid's patches at one layer, averaged
+    over the rows (of their magnitudes with absolute=True, as GradDrop wants): [...]."""
     if qk_fix and suffix in (_HEAD_SITES["q"], _HEAD_SITES["k"]):
         rotary = bool(model.arch.get("rotary_dim"))
         q = acts[f"blocks.{layer}.attn.hook_rot_q" if rotary else f"blocks.{layer}.attn.hook_q"]
         k = acts[f"blocks.{layer}.attn.hook_rot_k" if rotary else f"blocks.{layer}.attn.hook_k"]
         qc, kc = rotated_clean[layer]
-        return _qk_fix_chunked(kind, "q" if suffix == _HEAD_SITES["q"] else "k", q, k, qc, kc,
+        rows = _qk_fix_chunked(kind, "q" if suffix == _HEAD_SITES["q"] else "k", q, k, qc, kc,
                                grads[f"blocks.{layer}.{_PATTERN}"], mask, _score_scale(model, layer),
                                model.n_heads // model.n_kv_heads)
+        return (np.abs(rows) if absolute else rows).mean(axis=0)
     name = f"blocks.{layer}.{suffix}"
     c, a, g = clean[name], acts[name], grads[name]
-    # float64 products in blocks of prompts (a pattern site is [B, H, T, T])
+    # float64 products in blocks of prompts, summed as they go: a pattern site is [B, H, T, T]
     rows = max(1, min(_CHUNK_BYTES, get_memory_budget()) // (3 * 8 * a[0].size))
-    return np.concatenate([_box_sums(kind, (c[b0:b0 + rows].astype(np.float64) - a[b0:b0 + rows].astype(np.float64))
-                                     * g[b0:b0 + rows].astype(np.float64)) for b0 in range(0, a.shape[0], rows)])
+    total = 0.0
+    for b0 in range(0, a.shape[0], rows):
+        block = _box_sums(kind, (c[b0:b0 + rows].astype(np.float64) - a[b0:b0 + rows].astype(np.float64))
+                          * g[b0:b0 + rows].astype(np.float64))
+        total = total + (np.abs(block) if absolute else block).sum(axis=0)
+    return total / a.shape[0]
 
 
-def _values(metric, base_rows, change):
-    """Per-row changes [B, ...] -> the metric (batch mean, normalised for Recovery)
-    of the estimated patched runs [...]."""
-    rows = base_rows.astype(np.float64) + np.moveaxis(change, 0, -1)
-    return np.asarray(metric.reduce(rows), np.float64)
+def _values(metric, base_rows, mean_change):
+    """The metric (batch value, normalised for Recovery) of the estimated patched runs
+    [...], from the base run's rows [B] and the changes averaged over the rows [...].
+    Every built-in metric's batch value is a function of the mean of its rows, so the
+    mean of the changed rows is all it needs."""
+    mean = float(np.mean(base_rows.astype(np.float64))) + np.asarray(mean_change, np.float64)
+    return np.asarray(metric.reduce(mean[..., None]), np.float64)
 
 
 def _row_scale(metric):
@@ -355,8 +363,9 @@ def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_ma
         return model.grad(tokens, inner, sites=names, interventions=list(base) + list(extra), attention_mask=mask,
                           progress=False)
 
-    def change(g, kind, suffix, layer):
-        return _layer_change(model, kind, suffix, layer, g.sites, g.activations, clean, rotated_clean, mask, qk_fix)
+    def change(g, kind, suffix, layer, absolute=False):
+        return _layer_change(model, kind, suffix, layer, g.sites, g.activations, clean, rotated_clean, mask, qk_fix,
+                             absolute)
 
     if not graddrop:
         with progress_bar(progress, "attribution (backward pass)", unit="pass", total=1) as bar:
@@ -383,7 +392,7 @@ def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_ma
                 for layer in range(L):
                     if layer == drop and _inside_block(suffix):
                         continue  # its only way to the metric is held constant: a zero term
-                    totals[i][layer] = totals[i][layer] + np.abs(change(g, kind, suffix, layer)).mean(axis=0)
+                    totals[i][layer] = totals[i][layer] + change(g, kind, suffix, layer, absolute=True)
             bar.update(1)
     scale = _row_scale(metric)
     return [(np.stack(t) * scale / ((L - 1) if _inside_block(suffix) else L)).astype(np.float32)
