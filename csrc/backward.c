@@ -264,14 +264,14 @@ static void norm_backward(bwd *b, ms_site scale_site, int layer, const float *x,
     if (c->norm == MS_NORM_LAYER) {
         /* the site is the output itself: y = xhat * w + b */
         token_site(b, scale_site + 1, layer, dy, C);
-        ms_norm_xhat(b->xhat, x, scale, N, C, c->norm);
-        ms_norm_affine_backward(dy, dw, db, dy, b->xhat, w, N, C);
+        ms_norm_xhat(b->xhat, x, scale, N, C, c->norm, b->n_threads);
+        ms_norm_affine_backward(dy, dw, db, dy, b->xhat, w, N, C, b->n_threads);
     } else {
         /* the site is xhat; y = site * w (+ b) */
-        ms_norm_affine_backward(dy, dw, db, dy, site_value, w, N, C);
+        ms_norm_affine_backward(dy, dw, db, dy, site_value, w, N, C, b->n_threads);
         token_site(b, scale_site + 1, layer, dy, C);
     }
-    ms_norm_scale_grad(b->dscale, dy, x, scale, N, C, c->norm);
+    ms_norm_scale_grad(b->dscale, dy, x, scale, N, C, c->norm, b->n_threads);
     token_site(b, scale_site, layer, b->dscale, 1);
     ms_norm_input_backward(dx, dy, b->dscale, x, scale, N, C, c->ln_eps, c->norm, b->n_threads);
 }
@@ -341,7 +341,7 @@ static void attention_backward(bwd *b, int layer) {
     att_job job = {b, layer, 0, b->plan->n_rows * c->n_kv_heads, 1.0f};
     if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
     if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
-    memset(b->dqkv, 0, sizeof(float) * (size_t)b->N * qkv_width(c));
+    ms_zero(b->dqkv, (size_t)b->N * qkv_width(c), b->n_threads);
     job.phase = ATT_PATTERN;
     ms_parallel_for(job.n_items, 1, b->n_threads, att_items, &job);
     attention_site(b, MS_SITE_PATTERN, layer, b->datt);
@@ -448,20 +448,20 @@ static void block_backward(bwd *b, int l) {
     const float *x0 = t->resid_pre + at * C;
     token_site(b, MS_SITE_RESID_POST, l, b->dres, C);
     /* the MLP: its output adds to the stream */
-    memcpy(b->dout, b->dres, sizeof(float) * NC);
+    ms_copy(b->dout, b->dres, NC, b->n_threads);
     mlp_block_backward(b, l, wg);
     const float *x_mlp = c->parallel ? x0 : t->resid_mid + at * C;
-    if (c->parallel) memset(b->dpar, 0, sizeof(float) * NC);
+    if (c->parallel) ms_zero(b->dpar, NC, b->n_threads);
     /* parallel blocks: ln2's input gradient waits in dpar, as resid_post's gradient
      * is also the attention output's */
     norm_backward(b, MS_SITE_LN2_SCALE, l, x_mlp, t->ln2_scale + at, t->ln2 + at * C, w->ln2_w,
                   wg ? wg->ln2_w : NULL, wg ? wg->ln2_b : NULL, b->dln, c->parallel ? b->dpar : b->dres);
     if (!c->parallel) token_site(b, MS_SITE_RESID_MID, l, b->dres, C);
-    memcpy(b->dout, b->dres, sizeof(float) * NC);
+    ms_copy(b->dout, b->dres, NC, b->n_threads);
     attn_block_backward(b, l, wg);
     norm_backward(b, MS_SITE_LN1_SCALE, l, x0, t->ln1_scale + at, t->ln1 + at * C, w->ln1_w,
                   wg ? wg->ln1_w : NULL, wg ? wg->ln1_b : NULL, b->dln, b->dres);
-    if (c->parallel) ms_add(b->dres, b->dres, b->dpar, NC);
+    if (c->parallel) ms_add(b->dres, b->dres, b->dpar, NC, b->n_threads);
     token_site(b, MS_SITE_RESID_PRE, l, b->dres, C);
 }
 
@@ -645,7 +645,7 @@ static void embedding_backward(bwd *b) {
     size_t NC = (size_t)b->N * C;
     ms_weight_grad *wg = b->g->weights;
     for (int pass = 0; pass < (b->m->wpe ? 2 : 1); pass++) {
-        memcpy(b->dout, b->dres, sizeof(float) * NC);
+        ms_copy(b->dout, b->dres, NC, b->n_threads);
         token_site(b, pass ? MS_SITE_POS_EMBED : MS_SITE_EMBED, 0, b->dout, C);
         float *dw = wg ? (pass ? wg->wpe : wg->wte) : NULL;
         if (!dw) continue;

@@ -285,7 +285,7 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
     if ((st = ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err))) return st;
     if (save_scale) { /* a gradient run keeps the divisor and hook_normalized as they were used */
         memcpy(save_scale, b->scale, sizeof(float) * (size_t)N);
-        memcpy(save_ln, b->ln, sizeof(float) * (size_t)N * C);
+        ms_copy(save_ln, b->ln, (size_t)N * C, L->n_threads);
     }
     if (c->norm == MS_NORM_RMS) ms_norm_weight(b->ln, w, bias, N, C);
     return MS_OK;
@@ -360,15 +360,17 @@ static void mix_group(float *z, int ldz, const float *p, int ldp, kv_source v, c
 }
 
 /* Phases of the attention of one layer. When no action visits the scores or the
- * pattern, each query goes from scores to z in one go and nothing is stored (ALL);
+ * pattern, each query goes from scores to z in one go (ALL), and the pattern is
+ * kept only for a gradient run's tape (ALL_KEPT, written straight into it);
  * otherwise the scores and the pattern are stored for the visits, between phases. */
-enum { PHASE_ALL, PHASE_SCORES, PHASE_SOFTMAX, PHASE_MIX };
+enum { PHASE_ALL, PHASE_ALL_KEPT, PHASE_SCORES, PHASE_SOFTMAX, PHASE_MIX };
 
 typedef struct {
     const ms_layout *L;
     ms_buffers *b;
     int layer, phase, n_slots, n_items;
     float scale;
+    float *att; /* the scores / pattern of the phases that store them (b->att, or the tape's) */
 } attention_job;
 
 /* One work item: one head of one row, its queries taken four at a time (so that
@@ -383,12 +385,13 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
     int nk = L->n_real[r], q0 = L->first[r]; /* query i is the row's real token q0 + i */
     const float *q = j->b->qkv + (size_t)L->row_off[r] * QW + (size_t)h * d;
     float *z = j->b->z + (size_t)L->row_off[r] * ZW + (size_t)h * d;
-    float *slab = j->b->att ? j->b->att + L->att_off[r] + (size_t)h * nq * nk : NULL;
+    float *slab = j->att ? j->att + L->att_off[r] + (size_t)h * nq * nk : NULL;
     /* kt: [d, ldkt], keys padded to a multiple of 32 for ms_query_scores4; s: four rows of nk */
     int ldkt = (nk + 31) / 32 * 32;
     float *kt = scratch, *s = scratch + (size_t)d * L->max_keys_padded;
     kv_source keys = row_kv(L, j->b, r, j->layer, g, 1), values = row_kv(L, j->b, r, j->layer, g, 2);
-    if (j->phase == PHASE_ALL || j->phase == PHASE_SCORES) {
+    int all = j->phase == PHASE_ALL || j->phase == PHASE_ALL_KEPT;
+    if (all || j->phase == PHASE_SCORES) {
         keys_transposed(kt, ldkt, keys, nk, d);
         for (int dim = 0; dim < d; dim++) /* the padding: zeros, so that it stays harmless */
             for (int x = nk; x < ldkt; x++) kt[(size_t)dim * ldkt + x] = 0.0f;
@@ -399,7 +402,7 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
         const float *qi = q + (size_t)i * QW;
         float *zi = z + (size_t)i * ZW;
         float *rows = j->phase == PHASE_ALL ? s : slab + (size_t)i * nk;
-        if (j->phase == PHASE_ALL || j->phase == PHASE_SCORES) {
+        if (all || j->phase == PHASE_SCORES) {
             if (n4 == 4) ms_query_scores4(rows, nk, qi, QW, kt, ldkt, seen, d, j->scale);
             else
                 for (int k = 0; k < n4; k++)
@@ -410,7 +413,7 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
             float *row = rows + (size_t)k * nk;
             if (j->phase == PHASE_SCORES) {
                 for (int x = visible; x < nk; x++) row[x] = -INFINITY;
-            } else if (j->phase == PHASE_SOFTMAX) {
+            } else if (j->phase == PHASE_SOFTMAX || j->phase == PHASE_ALL_KEPT) {
                 ms_softmax(row, visible);
                 for (int x = visible; x < nk; x++) row[x] = 0.0f;
             } else if (j->phase == PHASE_ALL) {
@@ -418,8 +421,8 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
                 for (int x = visible; x < seen; x++) row[x] = 0.0f; /* the group's common length */
             }
         }
-        if (j->phase == PHASE_ALL || j->phase == PHASE_MIX) {
-            int visible[4];
+        if (all || j->phase == PHASE_MIX) {
+            int visible[4] = {0};
             for (int k = 0; k < n4; k++) visible[k] = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
             mix_group(zi, ZW, rows, nk, values, visible, n4, d);
         }
@@ -456,20 +459,24 @@ static void attention_phase(attention_job *job, int phase) {
 /* scores -> visit -> softmax -> visit -> z, for every active row */
 static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, ms_error *err) {
     const ms_config *c = &L->m->cfg;
-    attention_job job = {L, b, layer, 0, 0, 0, 1.0f};
+    attention_job job = {L, b, layer, 0, 0, 0, 1.0f, b->att};
     if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
     if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
     ms_status st;
     ms_tape *tape = L->tape;
-    if (tape || ms_plan_visits(L->plan, MS_SITE_ATTN_SCORES, layer) || ms_plan_visits(L->plan, MS_SITE_PATTERN, layer)) {
+    if (ms_plan_visits(L->plan, MS_SITE_ATTN_SCORES, layer) || ms_plan_visits(L->plan, MS_SITE_PATTERN, layer)) {
         attention_phase(&job, PHASE_SCORES);
         if ((st = ms_visit_attention(L, MS_SITE_ATTN_SCORES, layer, b->att, err))) return st;
         attention_phase(&job, PHASE_SOFTMAX);
-        if (tape) memcpy(tape->pattern + (size_t)layer * tape->att, b->att, sizeof(float) * tape->att);
+        if (tape) ms_copy(tape->pattern + (size_t)layer * tape->att, b->att, tape->att, L->n_threads);
         if ((st = ms_visit_attention(L, MS_SITE_PATTERN, layer, b->att, err))) return st;
         if (tape && tape->pattern_used)
-            memcpy(tape->pattern_used + (size_t)layer * tape->att, b->att, sizeof(float) * tape->att);
+            ms_copy(tape->pattern_used + (size_t)layer * tape->att, b->att, tape->att, L->n_threads);
         attention_phase(&job, PHASE_MIX);
+    } else if (tape) {
+        job.att = tape->pattern + (size_t)layer * tape->att;
+        attention_phase(&job, PHASE_ALL_KEPT);
+        if (tape->pattern_used) ms_copy(tape->pattern_used + (size_t)layer * tape->att, job.att, tape->att, L->n_threads);
     } else {
         attention_phase(&job, PHASE_ALL);
     }
@@ -508,7 +515,7 @@ static void rotate(const ms_layout *L, const float *rope, float *x, int ld, int 
 /* a gradient run keeps the active rows of src [N, width] (contiguous) in layer l's
  * slab [L->N, width] of a tape array */
 static void tape_copy(const ms_layout *L, float *dst, int l, const float *src, size_t width) {
-    memcpy(dst + (size_t)l * L->N * width, src, sizeof(float) * (size_t)L->active_N * width);
+    ms_copy(dst + (size_t)l * L->N * width, src, (size_t)L->active_N * width, L->n_threads);
 }
 
 /* q | k | v of the active rows: one product when the three matrices are column
@@ -557,8 +564,7 @@ static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
     }
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, MW, err))) return st;
     if (L->tape) /* hook_post: the first F columns of rows of MW */
-        for (int i = 0; i < N; i++)
-            memcpy(L->tape->mlp_post + ((size_t)l * L->N + i) * F, b->mlp + (size_t)i * MW, sizeof(float) * F);
+        ms_copy_rows(L->tape->mlp_post + (size_t)l * L->N * F, F, b->mlp, MW, N, F, L->n_threads);
     ms_linear(b->tmp_b, C, b->mlp, MW, &w->mlp_out, N, F, C, L->n_threads);
     return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
 }
@@ -608,18 +614,18 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
                                   tape ? tape->ln2_scale + at : NULL, tape ? tape->ln2 + at * C : NULL, err)))
             return st;
         if ((st = mlp_sites(L, b, w, l, N, err))) return st;
-        ms_add(b->resid, b->resid, b->tmp_a, NC);
-        ms_add(b->resid, b->resid, b->tmp_b, NC);
+        ms_add(b->resid, b->resid, b->tmp_a, NC, L->n_threads);
+        ms_add(b->resid, b->resid, b->tmp_b, NC, L->n_threads);
         return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
     }
-    ms_add(b->resid, b->resid, b->tmp_a, NC);
+    ms_add(b->resid, b->resid, b->tmp_a, NC, L->n_threads);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_MID, l, b->resid, C, err))) return st;
     if (tape) tape_copy(L, tape->resid_mid, l, b->resid, (size_t)C);
     if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, tape ? tape->ln2_scale + at : NULL,
                               tape ? tape->ln2 + at * C : NULL, err)))
         return st;
     if ((st = mlp_sites(L, b, w, l, N, err))) return st;
-    ms_add(b->resid, b->resid, b->tmp_b, NC);
+    ms_add(b->resid, b->resid, b->tmp_b, NC, L->n_threads);
     return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
 }
 
@@ -850,7 +856,7 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
     if ((st = ms_visit_tokens(L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
     if (m->wpe) {
         if ((st = ms_visit_tokens(L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
-        ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L->active_N * c->d_model);
+        ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L->active_N * c->d_model, L->n_threads);
     } else {
         memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L->active_N * c->d_model);
     }

@@ -56,7 +56,11 @@ void ms_rotary(float *x, const float *rope, int rotary_dim);
 void ms_activation_inplace(float *x, size_t n, ms_activation act, int n_threads);
 
 /* out[n] = a[n] + b[n] */
-void ms_add(float *out, const float *a, const float *b, size_t n);
+void ms_add(float *out, const float *a, const float *b, size_t n, int n_threads);
+/* dst <- src: n floats; rows [rows, width] with row strides; n zeros. Split over the threads. */
+void ms_copy(float *dst, const float *src, size_t n, int n_threads);
+void ms_copy_rows(float *dst, int ld_dst, const float *src, int ld_src, int rows, int width, int n_threads);
+void ms_zero(float *dst, size_t n, int n_threads);
 
 /* Attention is computed one head and one query at a time, so that the rows of a
  * batch, their heads and blocks of their queries can share the threads.

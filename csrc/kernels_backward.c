@@ -2,8 +2,8 @@
  *
  * As in kernels.c: matrix products are cut into panels that mechscope's threads
  * share (each panel one single-threaded BLAS call); element-wise work is plain
- * loops over rows. Reductions over rows (norm weights, biases) run on one thread in
- * a fixed order, so that gradients do not depend on the thread count. */
+ * loops over rows. Reductions over rows (norm weights, biases) sum each column on
+ * one thread in row order, so that gradients do not depend on the thread count. */
 #include "kernels_backward.h"
 #include "kernels.h"
 #include "blas.h"
@@ -93,12 +93,36 @@ void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const 
     }
 }
 
-/* column sums of dy[N, n] (ld) added to db[n] */
-static void add_column_sums(float *db, const float *dy, int ld, int N, int n) {
-    for (int i = 0; i < N; i++) {
-        const float *row = dy + (size_t)i * ld;
-        for (int j = 0; j < n; j++) db[j] += row[j];
+/* Sums over rows (a bias's or a norm weight's gradient) are split over the threads
+ * by blocks of columns: each column is still summed by one thread, in row order, so
+ * the sums do not depend on the thread count. */
+#define COLUMN_BLOCK 64
+
+static int column_blocks(int C) { return (C + COLUMN_BLOCK - 1) / COLUMN_BLOCK; }
+
+/* the threads worth waking for a pass over N x C floats */
+static int threads_for(size_t N, size_t C, int n_threads) { return N * C >= (1 << 16) ? n_threads : 1; }
+
+typedef struct {
+    float *db;
+    const float *dy;
+    int ld, N, n;
+} column_sum_job;
+
+MS_VECTOR_CLONES
+static void column_sum_blocks(void *ctx, long long lo, long long hi) {
+    const column_sum_job *j = ctx;
+    int c0 = (int)lo * COLUMN_BLOCK, c1 = (int)hi * COLUMN_BLOCK < j->n ? (int)hi * COLUMN_BLOCK : j->n;
+    for (int i = 0; i < j->N; i++) {
+        const float *row = j->dy + (size_t)i * j->ld;
+        for (int c = c0; c < c1; c++) j->db[c] += row[c];
     }
+}
+
+/* column sums of dy[N, n] (ld) added to db[n] */
+static void add_column_sums(float *db, const float *dy, int ld, int N, int n, int n_threads) {
+    column_sum_job job = {db, dy, ld, N, n};
+    ms_parallel_for(column_blocks(n), 1, threads_for((size_t)N, (size_t)n, n_threads), column_sum_blocks, &job);
 }
 
 void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *db, const float *x, int ld_x,
@@ -113,49 +137,109 @@ void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *
         else /* dW [IC, OC] += x^T dy */
             ms_gemm(1, 0, IC, OC, N, 1.0f, x, ld_x, dy, ld_dy, 1.0f, dw, w->ld, n_threads);
     }
-    if (db) add_column_sums(db, dy, ld_dy, N, OC);
+    if (db) add_column_sums(db, dy, ld_dy, N, OC, n_threads);
 }
 
 /* ---- norms -------------------------------------------------------------------------- */
 
-void ms_norm_affine_backward(float *dxhat, float *dw, float *db, const float *dy, const float *xhat,
-                             const float *w, int N, int C) {
-    for (int i = 0; i < N; i++) {
-        const float *g = dy + (size_t)i * C, *xh = xhat + (size_t)i * C;
-        float *out = dxhat + (size_t)i * C;
-        if (dw)
-            for (int c = 0; c < C; c++) dw[c] += g[c] * xh[c];
-        if (db)
-            for (int c = 0; c < C; c++) db[c] += g[c];
-        for (int c = 0; c < C; c++) out[c] = g[c] * w[c];
+typedef struct {
+    float *dxhat, *dw, *db;
+    const float *dy, *xhat, *w;
+    int N, C;
+} affine_job;
+
+MS_VECTOR_CLONES
+static void affine_blocks(void *ctx, long long lo, long long hi) {
+    const affine_job *j = ctx;
+    int c0 = (int)lo * COLUMN_BLOCK, c1 = (int)hi * COLUMN_BLOCK < j->C ? (int)hi * COLUMN_BLOCK : j->C;
+    for (int i = 0; i < j->N; i++) {
+        const float *g = j->dy + (size_t)i * j->C, *xh = j->xhat + (size_t)i * j->C;
+        float *out = j->dxhat + (size_t)i * j->C;
+        if (j->dw)
+            for (int c = c0; c < c1; c++) j->dw[c] += g[c] * xh[c];
+        if (j->db)
+            for (int c = c0; c < c1; c++) j->db[c] += g[c];
+        for (int c = c0; c < c1; c++) out[c] = g[c] * j->w[c];
     }
 }
 
-static double row_mean(const float *x, int C) {
-    double s = 0.0;
-    for (int c = 0; c < C; c++) s += x[c];
+void ms_norm_affine_backward(float *dxhat, float *dw, float *db, const float *dy, const float *xhat,
+                             const float *w, int N, int C, int n_threads) {
+    affine_job job = {dxhat, dw, db, dy, xhat, w, N, C};
+    ms_parallel_for(column_blocks(C), 1, threads_for((size_t)N, (size_t)C, n_threads), affine_blocks, &job);
+}
+
+/* Row sums in float64, in MS_LANES running sums added in a fixed order, so that
+ * they vectorize: of x; of g (x - mean); of (x - mean)^2. */
+static inline double row_mean(const float *x, int C) {
+    double acc[MS_LANES] = {0}, s = 0.0;
+    int c = 0;
+    for (; c + MS_LANES <= C; c += MS_LANES)
+        for (int k = 0; k < MS_LANES; k++) acc[k] += x[c + k];
+    for (int k = 0; k < MS_LANES; k++) s += acc[k];
+    for (; c < C; c++) s += x[c];
     return s / C;
 }
 
-void ms_norm_xhat(float *xhat, const float *x, const float *scale, int N, int C, ms_norm_kind kind) {
-    for (int i = 0; i < N; i++) {
-        const float *xi = x + (size_t)i * C;
-        float *out = xhat + (size_t)i * C;
-        float mean = kind == MS_NORM_LAYER ? (float)row_mean(xi, C) : 0.0f, inv = 1.0f / scale[i];
-        for (int c = 0; c < C; c++) out[c] = (xi[c] - mean) * inv;
+static inline double centred_dot(const float *g, const float *x, float mean, int C) {
+    double acc[MS_LANES] = {0}, s = 0.0;
+    int c = 0;
+    for (; c + MS_LANES <= C; c += MS_LANES)
+        for (int k = 0; k < MS_LANES; k++) acc[k] += (double)g[c + k] * (x[c + k] - mean);
+    for (int k = 0; k < MS_LANES; k++) s += acc[k];
+    for (; c < C; c++) s += (double)g[c] * (x[c] - mean);
+    return s;
+}
+
+static inline double centred_squares(const float *x, float mean, int C) {
+    double acc[MS_LANES] = {0}, s = 0.0;
+    int c = 0;
+    for (; c + MS_LANES <= C; c += MS_LANES)
+        for (int k = 0; k < MS_LANES; k++) acc[k] += (double)(x[c + k] - mean) * (x[c + k] - mean);
+    for (int k = 0; k < MS_LANES; k++) s += acc[k];
+    for (; c < C; c++) s += (double)(x[c] - mean) * (x[c] - mean);
+    return s;
+}
+
+typedef struct {
+    float *out;
+    const float *x, *g, *scale;
+    int C;
+    ms_norm_kind kind;
+} norm_rows_job;
+
+MS_VECTOR_CLONES
+static void xhat_rows(void *ctx, long long lo, long long hi) {
+    const norm_rows_job *j = ctx;
+    for (long long i = lo; i < hi; i++) {
+        const float *xi = j->x + i * j->C;
+        float *out = j->out + i * j->C;
+        float mean = j->kind == MS_NORM_LAYER ? (float)row_mean(xi, j->C) : 0.0f, inv = 1.0f / j->scale[i];
+        for (int c = 0; c < j->C; c++) out[c] = (xi[c] - mean) * inv;
+    }
+}
+
+void ms_norm_xhat(float *xhat, const float *x, const float *scale, int N, int C, ms_norm_kind kind, int n_threads) {
+    norm_rows_job job = {xhat, x, NULL, scale, C, kind};
+    ms_parallel_for(N, (1 << 16) / (C + 1) + 1, n_threads, xhat_rows, &job);
+}
+
+/* xhat_c = xc_c / s: d/ds = -xc_c / s^2 */
+MS_VECTOR_CLONES
+static void scale_grad_rows(void *ctx, long long lo, long long hi) {
+    const norm_rows_job *j = ctx;
+    for (long long i = lo; i < hi; i++) {
+        const float *xi = j->x + i * j->C, *g = j->g + i * j->C;
+        float mean = j->kind == MS_NORM_LAYER ? (float)row_mean(xi, j->C) : 0.0f;
+        double s = centred_dot(g, xi, mean, j->C);
+        j->out[i] = (float)(-s / ((double)j->scale[i] * j->scale[i]));
     }
 }
 
 void ms_norm_scale_grad(float *dscale, const float *dxhat, const float *x, const float *scale, int N, int C,
-                        ms_norm_kind kind) {
-    /* xhat_c = xc_c / s: d/ds = -xc_c / s^2 */
-    for (int i = 0; i < N; i++) {
-        const float *xi = x + (size_t)i * C, *g = dxhat + (size_t)i * C;
-        float mean = kind == MS_NORM_LAYER ? (float)row_mean(xi, C) : 0.0f;
-        double s = 0.0;
-        for (int c = 0; c < C; c++) s += (double)g[c] * (xi[c] - mean);
-        dscale[i] = (float)(-s / ((double)scale[i] * scale[i]));
-    }
+                        ms_norm_kind kind, int n_threads) {
+    norm_rows_job job = {dscale, x, dxhat, scale, C, kind};
+    ms_parallel_for(N, (1 << 16) / (C + 1) + 1, n_threads, scale_grad_rows, &job);
 }
 
 typedef struct {
@@ -166,6 +250,7 @@ typedef struct {
     ms_norm_kind kind;
 } norm_job;
 
+MS_VECTOR_CLONES
 static void norm_input_rows(void *ctx, long long lo, long long hi) {
     const norm_job *j = ctx;
     int C = j->C;
@@ -178,7 +263,7 @@ static void norm_input_rows(void *ctx, long long lo, long long hi) {
             mean = (float)row_mean(xi, C);
             gmean = row_mean(g, C);
         }
-        for (int c = 0; c < C; c++) var += (double)(xi[c] - mean) * (xi[c] - mean);
+        var = centred_squares(xi, mean, C);
         /* the divisor as the input gives it (the one used may have been changed) */
         double s0 = sqrt(var / C + (double)j->eps);
         float inv = 1.0f / j->scale[i];

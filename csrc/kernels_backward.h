@@ -21,14 +21,14 @@ void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *
 /* dw[C] += sum over rows of dy * xhat; db[C] (may be NULL) += sum of dy; dxhat = dy * w
  * (the backward of y = xhat * w + b; dw, db NULL: only dxhat) */
 void ms_norm_affine_backward(float *dxhat, float *dw, float *db, const float *dy, const float *xhat,
-                             const float *w, int N, int C);
+                             const float *w, int N, int C, int n_threads);
 
 /* xhat[N, C] = (x - mean) / scale (LayerNorm) or x / scale (RMSNorm), with the given divisor */
-void ms_norm_xhat(float *xhat, const float *x, const float *scale, int N, int C, ms_norm_kind kind);
+void ms_norm_xhat(float *xhat, const float *x, const float *scale, int N, int C, ms_norm_kind kind, int n_threads);
 
 /* dscale[N]: the gradient of the divisor given dxhat (xhat = centred x / scale) */
 void ms_norm_scale_grad(float *dscale, const float *dxhat, const float *x, const float *scale, int N, int C,
-                        ms_norm_kind kind);
+                        ms_norm_kind kind, int n_threads);
 
 /* dx[N, C] += the gradient of the norm's input: through xhat = centred x / scale (with the
  * divisor scale as used) and through the divisor's own dependence on x (dscale, the

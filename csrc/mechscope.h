@@ -374,6 +374,9 @@ size_t ms_grad_workspace_bytes(const ms_model *m, const ms_plan *plan, const ms_
 /* Forward (plan: no logits, metric, record or base; no callbacks) and backward. */
 ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g, ms_error *err);
 
+/* x[n] = 0, split over the threads of ms_set_num_threads */
+void ms_zero_floats(float *x, size_t n);
+
 /* Threads of mechscope's loops and matrix products (the BLAS itself runs single-threaded). */
 void ms_set_num_threads(int n);
 int ms_get_num_threads(void);
@@ -389,6 +392,8 @@ typedef struct {
     float decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale;
 } ms_adamw_args;
 void ms_adamw(float *p, const float *g, float *m, float *v, size_t n, const ms_adamw_args *a, int n_threads);
+/* *out = the sum of x[i]^2 in float64 (the same for any thread count); -1 when out of memory */
+int ms_sum_of_squares(const float *x, size_t n, int n_threads, double *out);
 
 #ifdef __cplusplus
 }

@@ -14,6 +14,7 @@
 #include "fastmath.h"
 
 #include <math.h>
+#include <stdlib.h>
 
 typedef struct {
     float *p, *m, *v;
@@ -44,4 +45,49 @@ static void adamw_range(void *ctx, long long lo, long long hi) {
 void ms_adamw(float *p, const float *g, float *m, float *v, size_t n, const ms_adamw_args *a, int n_threads) {
     adamw_job job = {p, m, v, g, *a};
     ms_parallel_for((long long)n, 1 << 16, n_threads, adamw_range, &job);
+}
+
+/* The sum of squares of x[n], for the global gradient norm that clipping needs: in
+ * float64, over fixed blocks whose sums are added in order, so that the total does
+ * not depend on the thread count. */
+#define SQUARES_BLOCK (1 << 16)
+
+typedef struct {
+    const float *x;
+    size_t n;
+    double *sums; /* [blocks] */
+} squares_job;
+
+/* 16 running sums (their order fixed), so that the loop vectorizes */
+MS_VECTOR_CLONES
+static double squares_span(const float *x, size_t n) {
+    double acc[16] = {0};
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += (double)x[i + l] * x[i + l];
+    double s = 0.0;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
+static void squares_blocks(void *ctx, long long lo, long long hi) {
+    const squares_job *j = ctx;
+    for (long long k = lo; k < hi; k++) {
+        size_t i0 = (size_t)k * SQUARES_BLOCK, i1 = i0 + SQUARES_BLOCK < j->n ? i0 + SQUARES_BLOCK : j->n;
+        j->sums[k] = squares_span(j->x + i0, i1 - i0);
+    }
+}
+
+int ms_sum_of_squares(const float *x, size_t n, int n_threads, double *out) {
+    size_t blocks = (n + SQUARES_BLOCK - 1) / SQUARES_BLOCK;
+    double *sums = malloc(sizeof(double) * (blocks ? blocks : 1));
+    if (!sums) return -1;
+    squares_job job = {x, n, sums};
+    ms_parallel_for((long long)blocks, 1, n_threads, squares_blocks, &job);
+    double total = 0.0;
+    for (size_t k = 0; k < blocks; k++) total += sums[k];
+    free(sums);
+    *out = total;
+    return 0;
 }

@@ -758,8 +758,17 @@ fail:
 
 /* ---- gradients ----------------------------------------------------------------- */
 
+/* the weight-gradient arrays of a call, which the run zeroes before adding to them */
+typedef struct {
+    float **data;
+    size_t *size;
+    int n, cap;
+} grad_arrays;
+
 static ms_status run_grad(void *arg, ms_error *err) {
-    void **a = arg; /* {model, plan, grad plan} */
+    void **a = arg; /* {model, plan, grad plan, weight-gradient arrays} */
+    const grad_arrays *all = a[3];
+    for (int i = 0; i < all->n; i++) ms_zero_floats(all->data[i], all->size[i]);
     return ms_grad(a[0], a[1], a[2], err);
 }
 
@@ -781,14 +790,18 @@ static int is_float_array(PyObject *obj, const char *name, npy_intp n, int write
 
 /* grads[name]: a writeable C-contiguous float32 array of exactly n elements, or NULL
  * (absent: that gradient is not wanted); *bad set on a wrong array (exception set) */
-static float *grad_array(PyObject *keep, PyObject *grads, const char *name, size_t n, int *bad) {
+static float *grad_array(PyObject *keep, PyObject *grads, const char *name, size_t n, int *bad, grad_arrays *all) {
     PyObject *obj = PyDict_GetItemString(grads, name); /* borrowed */
     if (!obj) return NULL;
-    if (!is_float_array(obj, name, (npy_intp)n, 1) || PyList_Append(keep, obj) < 0) {
+    if (!is_float_array(obj, name, (npy_intp)n, 1) || PyList_Append(keep, obj) < 0 || all->n == all->cap) {
+        if (all->n == all->cap) PyErr_SetString(PyExc_RuntimeError, "weight gradients: too many arrays");
         *bad = 1;
         return NULL;
     }
-    return (float *)PyArray_DATA((PyArrayObject *)obj);
+    float *data = (float *)PyArray_DATA((PyArrayObject *)obj);
+    all->data[all->n] = data;
+    all->size[all->n++] = n;
+    return data;
 }
 
 /* the gradient of a block of a fused matrix: the same offset into the gradient's buffer */
@@ -797,8 +810,10 @@ static float *same_offset(float *grad_base, const float *block, const float *bas
 }
 
 /* weight gradients under the core's names (as Model_init's weights) -> wg, whose
- * blocks are calloc'ed (freed by the caller) */
-static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m, ms_weight_grad *wg) {
+ * blocks are calloc'ed, and all (the arrays, to zero; room for 5 + 12 per layer),
+ * both freed by the caller */
+static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m, ms_weight_grad *wg,
+                              grad_arrays *all) {
     const ms_config *c = &m->cfg;
     size_t C = (size_t)c->d_model, F = (size_t)c->d_mlp, V = (size_t)c->d_vocab;
     size_t QD = (size_t)c->n_heads * c->d_head, KD = (size_t)c->n_kv_heads * c->d_head, QW = QD + 2 * KD;
@@ -810,39 +825,42 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         return -1;
     }
     wg->blocks = calloc((size_t)c->n_layers, sizeof(ms_block_grad));
-    if (!wg->blocks) {
+    all->cap = 5 + 12 * c->n_layers;
+    all->data = malloc(sizeof(float *) * (size_t)all->cap);
+    all->size = malloc(sizeof(size_t) * (size_t)all->cap);
+    if (!wg->blocks || !all->data || !all->size) {
         PyErr_NoMemory();
         return -1;
     }
-    wg->wte = grad_array(keep, grads, "embed", V * C, &bad);
-    if (m->wpe) wg->wpe = grad_array(keep, grads, "pos_embed", (size_t)c->n_ctx * C, &bad);
-    wg->lnf_w = grad_array(keep, grads, "ln_final.w", C, &bad);
-    if (m->lnf_b) wg->lnf_b = grad_array(keep, grads, "ln_final.b", C, &bad);
-    wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(keep, grads, "unembed", V * C, &bad);
+    wg->wte = grad_array(keep, grads, "embed", V * C, &bad, all);
+    if (m->wpe) wg->wpe = grad_array(keep, grads, "pos_embed", (size_t)c->n_ctx * C, &bad, all);
+    wg->lnf_w = grad_array(keep, grads, "ln_final.w", C, &bad, all);
+    if (m->lnf_b) wg->lnf_b = grad_array(keep, grads, "ln_final.b", C, &bad, all);
+    wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(keep, grads, "unembed", V * C, &bad, all);
     for (int l = 0; l < c->n_layers && !bad; l++) {
         const ms_block *b = &m->blocks[l];
         ms_block_grad *g = &wg->blocks[l];
 #define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
-        g->ln1_w = grad_array(keep, grads, NAME("ln1.w"), C, &bad);
-        if (b->ln1_b) g->ln1_b = grad_array(keep, grads, NAME("ln1.b"), C, &bad);
-        float *wqkv = grad_array(keep, grads, NAME("attn.w_qkv"), C * QW, &bad);
-        float *bqkv = b->q.b ? grad_array(keep, grads, NAME("attn.b_qkv"), QW, &bad) : NULL;
+        g->ln1_w = grad_array(keep, grads, NAME("ln1.w"), C, &bad, all);
+        if (b->ln1_b) g->ln1_b = grad_array(keep, grads, NAME("ln1.b"), C, &bad, all);
+        float *wqkv = grad_array(keep, grads, NAME("attn.w_qkv"), C * QW, &bad, all);
+        float *bqkv = b->q.b ? grad_array(keep, grads, NAME("attn.b_qkv"), QW, &bad, all) : NULL;
         g->q = (ms_linear_grad){same_offset(wqkv, b->q.w, b->q.w), same_offset(bqkv, b->q.b, b->q.b)};
         g->k = (ms_linear_grad){same_offset(wqkv, b->k.w, b->q.w), same_offset(bqkv, b->k.b, b->q.b)};
         g->v = (ms_linear_grad){same_offset(wqkv, b->v.w, b->q.w), same_offset(bqkv, b->v.b, b->q.b)};
-        g->o.w = grad_array(keep, grads, NAME("attn.w_o"), QD * C, &bad);
-        if (b->o.b) g->o.b = grad_array(keep, grads, NAME("attn.b_o"), C, &bad);
-        g->ln2_w = grad_array(keep, grads, NAME("ln2.w"), C, &bad);
-        if (b->ln2_b) g->ln2_b = grad_array(keep, grads, NAME("ln2.b"), C, &bad);
+        g->o.w = grad_array(keep, grads, NAME("attn.w_o"), QD * C, &bad, all);
+        if (b->o.b) g->o.b = grad_array(keep, grads, NAME("attn.b_o"), C, &bad, all);
+        g->ln2_w = grad_array(keep, grads, NAME("ln2.w"), C, &bad, all);
+        if (b->ln2_b) g->ln2_b = grad_array(keep, grads, NAME("ln2.b"), C, &bad, all);
         const ms_linear_weight *first = c->gated_mlp ? &b->mlp_gate : &b->mlp_in;
-        float *win = grad_array(keep, grads, NAME("mlp.w_in"), C * FW, &bad);
-        float *bin = first->b ? grad_array(keep, grads, NAME("mlp.b_in"), FW, &bad) : NULL;
+        float *win = grad_array(keep, grads, NAME("mlp.w_in"), C * FW, &bad, all);
+        float *bin = first->b ? grad_array(keep, grads, NAME("mlp.b_in"), FW, &bad, all) : NULL;
         g->mlp_in = (ms_linear_grad){same_offset(win, b->mlp_in.w, first->w), same_offset(bin, b->mlp_in.b, first->b)};
         if (c->gated_mlp)
             g->mlp_gate = (ms_linear_grad){same_offset(win, b->mlp_gate.w, first->w),
                                            same_offset(bin, b->mlp_gate.b, first->b)};
-        g->mlp_out.w = grad_array(keep, grads, NAME("mlp.w_out"), F * C, &bad);
-        if (b->mlp_out.b) g->mlp_out.b = grad_array(keep, grads, NAME("mlp.b_out"), C, &bad);
+        g->mlp_out.w = grad_array(keep, grads, NAME("mlp.w_out"), F * C, &bad, all);
+        if (b->mlp_out.b) g->mlp_out.b = grad_array(keep, grads, NAME("mlp.b_out"), C, &bad, all);
 #undef NAME
     }
     return bad ? -1 : 0;
@@ -850,7 +868,8 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
 
 /* grad(tokens, mask, actions, n_metric_rows, metric, metric_pos, correct, wrong, ref_logprob,
  *      cross_entropy, sites, weight_grads) -> (value, metric [n_metric_rows]); sites is a
- * list of (site, layer, out) and weight_grads a dict of zeroed arrays (or None). */
+ * list of (site, layer, out) and weight_grads a dict of arrays (or None) that the
+ * gradients overwrite. */
 static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "mask", "actions", "n_metric_rows", "metric", "metric_pos", "correct",
                              "wrong", "ref_logprob", "cross_entropy", "sites", "weight_grads", NULL};
@@ -860,12 +879,13 @@ static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     ms_action *actions = NULL;
     ms_grad_site *gsites = NULL;
     ms_weight_grad wg = {0};
+    grad_arrays all = {0};
     ms_plan plan = {0};
     ms_grad_plan gp = {0};
     ms_error err = {{0}};
     py_callback none_cb = {0};
     double value = 0.0;
-    void *grad_args[3] = {&self->model, &plan, &gp};
+    void *grad_args[4] = {&self->model, &plan, &gp, &all};
     core_call call = {run_grad, grad_args, &err, 0, MS_OK, 0};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiiOOOOiOO", kwlist, &otok, &omask, &oactions, &n_metric_rows,
                                      &metric, &opos, &ocorrect, &owrong, &oref, &cross_entropy, &osites, &ograds))
@@ -921,7 +941,7 @@ static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     gp.n_sites = (int)n_sites;
     gp.sites = gsites;
     if (ograds != Py_None) {
-        if (parse_weight_grads(keep, ograds, &self->model, &wg) < 0) goto fail;
+        if (parse_weight_grads(keep, ograds, &self->model, &wg, &all) < 0) goto fail;
         gp.weights = &wg;
     }
     plan.stop = &call.stop;
@@ -936,6 +956,8 @@ fail:
     free(actions);
     free(gsites);
     free(wg.blocks);
+    free(all.data);
+    free(all.size);
     Py_XDECREF(keep);
     return result;
 }
@@ -1059,7 +1081,35 @@ static PyObject *py_adamw(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* sum_of_squares(arrays) -> float: the sum of the squares of every element of a
+ * list of float32 arrays, in float64 */
+static PyObject *py_sum_of_squares(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    PyObject *seq = PySequence_Fast(arg, "arrays: expected a list of float32 arrays");
+    if (!seq) return NULL;
+    double total = 0.0;
+    int n_threads = ms_get_num_threads(), failed = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++) {
+        PyObject *a = PySequence_Fast_GET_ITEM(seq, i); /* borrowed */
+        if (!is_float_array(a, "arrays", -1, 0)) {
+            failed = 1;
+            break;
+        }
+        const float *x = PyArray_DATA((PyArrayObject *)a);
+        size_t n = (size_t)PyArray_SIZE((PyArrayObject *)a);
+        double s = 0.0;
+        Py_BEGIN_ALLOW_THREADS
+        failed = ms_sum_of_squares(x, n, n_threads, &s);
+        Py_END_ALLOW_THREADS
+        if (failed) PyErr_NoMemory();
+        total += s;
+    }
+    Py_DECREF(seq);
+    return failed ? NULL : PyFloat_FromDouble(total);
+}
+
 static PyMethodDef module_methods[] = {
+    {"sum_of_squares", py_sum_of_squares, METH_O, "sum_of_squares(arrays) -> float"},
     {"adamw", py_adamw, METH_VARARGS, "adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale)"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},

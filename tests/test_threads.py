@@ -157,6 +157,33 @@ def test_blas_single_threaded_and_thread_counts_agree_exactly(ms, big, restore_t
         np.testing.assert_array_equal(r.cache["blocks.1.hook_resid_post"], results[0].cache["blocks.1.hook_resid_post"])
 
 
+def test_gradients_do_not_depend_on_the_thread_count(ms, big, restore_threads, rng):
+    """A gradient run's products are the same BLAS calls whatever the thread count,
+    and its sums over rows (norm weights, biases) give each column to one thread,
+    which adds the rows in order: 1, 2 and 3 threads give identical gradients, and
+    the gradient norm clipping uses is the same too."""
+    from mechscope._runtime import _core
+    _, model = big
+    tokens = random_tokens(rng, 500, 8, 64)  # 512 tokens x 128: the passes are split over threads
+    results = []
+    for n in (1, 2, 3):
+        ms.set_num_threads(n)
+        results.append(model.grad(tokens, "cross_entropy", sites=["blocks.0.hook_resid_pre"], weights=True,
+                                  progress=False))
+        norm = _core.sum_of_squares(list(results[-1].weights.values()))
+        if n == 1:
+            first_norm = norm
+        assert norm == first_norm
+    for r in results[1:]:
+        assert r.value == results[0].value
+        np.testing.assert_array_equal(r.sites["blocks.0.hook_resid_pre"], results[0].sites["blocks.0.hook_resid_pre"])
+        for name, g in results[0].weights.items():
+            np.testing.assert_array_equal(r.weights[name], g, err_msg=name)
+    # the norm is the float64 sum of squares of every element
+    want = sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in results[0].weights.values())
+    assert abs(first_norm - want) <= 1e-12 * want
+
+
 def test_two_threads_pinned_to_one_core(tmp_path):
     """Two threads on one core (what a busy machine amounts to) give the one-thread
     values; the pinned child also runs concurrent Python threads."""

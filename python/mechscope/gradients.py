@@ -169,11 +169,9 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
         grad_sites.append((code, layer, g))
     core_grads = None
     if wanted and kept:
-        core_grads = kept["core"]
-        for a in core_grads.values():  # the core adds each contribution to what is there
-            a.fill(0.0)
+        core_grads = kept["core"]  # the core zeroes them (with every thread), then adds each contribution
     elif wanted:
-        core_grads = {k: np.zeros(s, np.float32) for k, s in core_names.items()}
+        core_grads = {k: np.empty(s, np.float32) for k, s in core_names.items()}
     result._buffers = {"key": key, "model": model, "sites": site_buffers, "core": core_grads}
 
     with progress_bar(progress, "grad", "pass", total=1) as bar:
