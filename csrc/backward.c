@@ -480,15 +480,10 @@ typedef struct {
 static double head_row(const head_job *j, int i, float *y) {
     const ms_metric *mt = &j->b->g->metric;
     int V = j->b->m->cfg.d_vocab, r = j->rows[i];
+    if (j->kind == 0) return ms_cross_entropy_backward(y, V, j->targets[i], j->weight);
     double lz = ms_log_sum_exp(y, V);
     double value;
-    if (j->kind == 0) {
-        int t = j->targets[i];
-        value = lz - (double)y[t];
-        float lzf = (float)lz; /* softmax in float: the exponent is at most ~1e-6 off */
-        ms_scaled_exp(y, V, lzf, j->weight);
-        y[t] -= j->weight;
-    } else if (j->kind == MS_METRIC_KL) {
+    if (j->kind == MS_METRIC_KL) {
         const float *ref = mt->ref_logprob + (size_t)r * V;
         double mass = 0.0;
         value = 0.0;

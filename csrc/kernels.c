@@ -864,6 +864,29 @@ double ms_log_sum_exp(const float *y, int n) {
 }
 
 MS_VECTOR_CLONES
+double ms_cross_entropy_backward(float *y, int n, int target, float weight) {
+    float mx = max_of(y, n), yt = y[target];
+    if (mx == -INFINITY || mx == INFINITY || mx != mx) { /* no finite logits: the loss is not finite */
+        for (int i = 0; i < n; i++) y[i] = NAN;
+        return (double)mx - yt;
+    }
+    /* e^(y - max) in place, then their sum in lanes as ms_log_sum_exp sums them:
+     * loops that each vectorize */
+    for (int i = 0; i < n; i++) y[i] = exp_approx(y[i] - mx);
+    float acc[MS_LANES] = {0};
+    int i = 0;
+    for (; i + MS_LANES <= n; i += MS_LANES)
+        for (int k = 0; k < MS_LANES; k++) acc[k] += y[i + k];
+    double sum = 0.0;
+    for (int k = 0; k < MS_LANES; k++) sum += acc[k];
+    for (; i < n; i++) sum += y[i];
+    float scale = (float)(weight / sum);
+    for (i = 0; i < n; i++) y[i] *= scale;
+    y[target] -= weight;
+    return (double)mx + log(sum) - (double)yt;
+}
+
+MS_VECTOR_CLONES
 double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, int n) {
     float acc[MS_LANES] = {0};
     float lz = (float)log_z;

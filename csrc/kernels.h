@@ -90,6 +90,11 @@ void ms_mix_values4(float *z, int ldz, const float *p, int ldp, const float *v, 
 /* log(sum(exp(y[n]))), computed stably */
 double ms_log_sum_exp(const float *y, int n);
 
+/* The cross-entropy -log softmax(y)[target] of logits y[n], returned; y becomes
+ * weight times its gradient, weight * (softmax(y) - onehot(target)). One exponential
+ * per logit. */
+double ms_cross_entropy_backward(float *y, int n, int target, float weight);
+
 /* KL(ref || q) = sum ref_p * (ref_logprob - (y - log_z)) over n entries, where
  * q = softmax(y) and log_z = ms_log_sum_exp(y) */
 double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, int n);

@@ -96,23 +96,27 @@ void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const 
 /* Sums over rows (a bias's or a norm weight's gradient) are split over the threads
  * by blocks of columns: each column is still summed by one thread, in row order, so
  * the sums do not depend on the thread count. */
-#define COLUMN_BLOCK 64
-
-static int column_blocks(int C) { return (C + COLUMN_BLOCK - 1) / COLUMN_BLOCK; }
 
 /* the threads worth waking for a pass over N x C floats */
 static int threads_for(size_t N, size_t C, int n_threads) { return N * C >= (1 << 16) ? n_threads : 1; }
 
+/* columns per block: one block per thread (long runs of each row, which stream
+ * better than short ones), in multiples of 16 */
+static int column_block(int C, int threads) {
+    int w = (C + threads - 1) / threads;
+    return (w + 15) / 16 * 16;
+}
+
 typedef struct {
     float *db;
     const float *dy;
-    int ld, N, n;
+    int ld, N, n, block;
 } column_sum_job;
 
 MS_VECTOR_CLONES
 static void column_sum_blocks(void *ctx, long long lo, long long hi) {
     const column_sum_job *j = ctx;
-    int c0 = (int)lo * COLUMN_BLOCK, c1 = (int)hi * COLUMN_BLOCK < j->n ? (int)hi * COLUMN_BLOCK : j->n;
+    int c0 = (int)lo * j->block, c1 = (int)hi * j->block < j->n ? (int)hi * j->block : j->n;
     for (int i = 0; i < j->N; i++) {
         const float *row = j->dy + (size_t)i * j->ld;
         for (int c = c0; c < c1; c++) j->db[c] += row[c];
@@ -121,8 +125,9 @@ static void column_sum_blocks(void *ctx, long long lo, long long hi) {
 
 /* column sums of dy[N, n] (ld) added to db[n] */
 static void add_column_sums(float *db, const float *dy, int ld, int N, int n, int n_threads) {
-    column_sum_job job = {db, dy, ld, N, n};
-    ms_parallel_for(column_blocks(n), 1, threads_for((size_t)N, (size_t)n, n_threads), column_sum_blocks, &job);
+    int threads = threads_for((size_t)N, (size_t)n, n_threads);
+    column_sum_job job = {db, dy, ld, N, n, column_block(n, threads)};
+    ms_parallel_for((n + job.block - 1) / job.block, 1, threads, column_sum_blocks, &job);
 }
 
 void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *db, const float *x, int ld_x,
@@ -145,13 +150,13 @@ void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *
 typedef struct {
     float *dxhat, *dw, *db;
     const float *dy, *xhat, *w;
-    int N, C;
+    int N, C, block;
 } affine_job;
 
 MS_VECTOR_CLONES
 static void affine_blocks(void *ctx, long long lo, long long hi) {
     const affine_job *j = ctx;
-    int c0 = (int)lo * COLUMN_BLOCK, c1 = (int)hi * COLUMN_BLOCK < j->C ? (int)hi * COLUMN_BLOCK : j->C;
+    int c0 = (int)lo * j->block, c1 = (int)hi * j->block < j->C ? (int)hi * j->block : j->C;
     for (int i = 0; i < j->N; i++) {
         const float *g = j->dy + (size_t)i * j->C, *xh = j->xhat + (size_t)i * j->C;
         float *out = j->dxhat + (size_t)i * j->C;
@@ -165,8 +170,9 @@ static void affine_blocks(void *ctx, long long lo, long long hi) {
 
 void ms_norm_affine_backward(float *dxhat, float *dw, float *db, const float *dy, const float *xhat,
                              const float *w, int N, int C, int n_threads) {
-    affine_job job = {dxhat, dw, db, dy, xhat, w, N, C};
-    ms_parallel_for(column_blocks(C), 1, threads_for((size_t)N, (size_t)C, n_threads), affine_blocks, &job);
+    int threads = threads_for((size_t)N, (size_t)C, n_threads);
+    affine_job job = {dxhat, dw, db, dy, xhat, w, N, C, column_block(C, threads)};
+    ms_parallel_for((C + job.block - 1) / job.block, 1, threads, affine_blocks, &job);
 }
 
 /* Row sums in float64, in MS_LANES running sums added in a fixed order, so that
@@ -384,10 +390,6 @@ void ms_gated_backward(float *dpre, int ld, const float *dpost, int ld_dpost, co
     ms_parallel_for(N, 65536 / (F + 1) + 1, n_threads, act_rows, &job);
 }
 
-MS_VECTOR_CLONES
-void ms_scaled_exp(float *y, int n, float shift, float weight) {
-    for (int i = 0; i < n; i++) y[i] = weight * exp_approx(y[i] - shift);
-}
 
 void ms_rotary_backward(float *g, const float *rope, int rotary_dim) {
     int half = rotary_dim / 2;

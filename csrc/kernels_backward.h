@@ -45,9 +45,6 @@ void ms_activation_backward(float *dpre, int ld_dpre, const float *dpost, int ld
 void ms_gated_backward(float *dpre, int ld, const float *dpost, int ld_dpost, const float *pre, int N, int F,
                        ms_activation act, int n_threads);
 
-/* y[n] <- weight * e^(y - shift): the softmax of a row of logits given its log-sum-exp */
-void ms_scaled_exp(float *y, int n, float shift, float weight);
-
 /* the transpose of ms_rotary: the gradient before the rotation from the one after */
 void ms_rotary_backward(float *g, const float *rope, int rotary_dim);
 
