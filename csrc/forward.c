@@ -563,7 +563,7 @@ static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
         ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, L->n_threads);
     }
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, MW, err))) return st;
-    if (L->tape) /* hook_post: the first F columns of rows of MW */
+    if (L->tape && b->mlp != L->tape->mlp_post + (size_t)l * L->N * F) /* hook_post: the first F columns of rows of MW */
         ms_copy_rows(L->tape->mlp_post + (size_t)l * L->N * F, F, b->mlp, MW, N, F, L->n_threads);
     ms_linear(b->tmp_b, C, b->mlp, MW, &w->mlp_out, N, F, C, L->n_threads);
     return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
@@ -581,6 +581,16 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     set_active(L, l);
     int N = L->active_N;
     size_t NC = (size_t)N * C;
+    /* A gradient run (every row in every layer): q|k|v, z and (ungated) the MLP's
+     * activations are computed in the tape's slabs of this layer, which then need
+     * no copy. The values the tape keeps are the same: each is taped after the last
+     * change to it (the MLP's hook_pre is copied before the activation overwrites it). */
+    int in_tape = tape && N == L->N;
+    if (in_tape) {
+        b->qkv = tape->qkv + at * QW;
+        b->z = tape->z + at * QD;
+        if (!c->gated_mlp) b->mlp = tape->mlp_post + at * c->d_mlp;
+    }
     if (L->plan->base) join_rows(L, b->resid, l);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
@@ -603,9 +613,9 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         record_state(L, b->qkv + QD, QW, rec->k + off, (size_t)KD);
         record_state(L, b->qkv + QD + KD, QW, rec->v + off, (size_t)KD);
     }
-    if (tape) tape_copy(L, tape->qkv, l, b->qkv, (size_t)QW);
+    if (tape && !in_tape) tape_copy(L, tape->qkv, l, b->qkv, (size_t)QW);
     if ((st = attention_sites(L, b, l, err))) return st;
-    if (tape) tape_copy(L, tape->z, l, b->z, (size_t)QD);
+    if (tape && !in_tape) tape_copy(L, tape->z, l, b->z, (size_t)QD);
     ms_linear(b->tmp_a, C, b->z, QD, &w->o, N, QD, C, L->n_threads);
     if ((st = ms_visit_tokens(L, MS_SITE_ATTN_OUT, l, b->tmp_a, C, err))) return st;
     if (c->parallel) {
