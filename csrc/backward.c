@@ -233,6 +233,17 @@ static void undo_attention_action(const bwd *b, const ms_action *a, float *datt)
     }
 }
 
+/* whether attention_site would do anything at this site and layer */
+static int attention_site_touched(const bwd *b, ms_site site, int layer) {
+    for (int i = 0; i < b->g->n_sites; i++)
+        if (at_site(b->g->sites[i].site, b->g->sites[i].layer, site, layer)) return 1;
+    for (int i = 0; i < b->plan->n_actions; i++) {
+        const ms_action *a = &b->plan->actions[i];
+        if (a->kind != MS_DO_CACHE && at_site(a->site, a->layer, site, layer)) return 1;
+    }
+    return 0;
+}
+
 static void attention_site(const bwd *b, ms_site site, int layer, float *datt) {
     for (int i = 0; i < b->g->n_sites; i++) {
         const ms_grad_site *s = &b->g->sites[i];
@@ -278,7 +289,9 @@ static void norm_backward(bwd *b, ms_site scale_site, int layer, const float *x,
 
 /* ---- attention ----------------------------------------------------------------------------- */
 
-enum { ATT_PATTERN, ATT_SOFTMAX, ATT_SCORES };
+/* The three steps of the attention's backward; ALL: the three in turn for each head,
+ * when nothing reads or changes the pattern's or the scores' gradient in between. */
+enum { ATT_PATTERN, ATT_SOFTMAX, ATT_SCORES, ATT_ALL };
 
 typedef struct {
     bwd *b;
@@ -307,22 +320,23 @@ static void att_item(const att_job *j, int item) {
         const float *Q = qkv + (size_t)h * d;
         float *dQ = b->dqkv + row0 * QW + (size_t)h * d;
         const float *dZ = b->dz + row0 * QD + (size_t)h * d;
-        if (j->phase == ATT_PATTERN) {
+        if (j->phase == ATT_PATTERN || j->phase == ATT_ALL) {
             /* z = P V: dP = dZ V^T (keys after the query: 0), dV += P^T dZ */
             ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, d, 1.0f, dZ, QD, V, QW, 0.0f, dP, n);
             for (int i = 0; i < n; i++)
                 for (int k = i + 1; k < n; k++) dP[(size_t)i * n + k] = 0.0f;
             ms_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, n, 1.0f, Pu, n, dZ, QD, 1.0f, dV, QW);
-        } else if (j->phase == ATT_SOFTMAX) {
+        }
+        if (j->phase == ATT_SOFTMAX || j->phase == ATT_ALL) {
             /* P = softmax(S): dS = P * (dP - sum_k P dP) */
             for (int i = 0; i < n; i++) {
                 const float *p = P0 + (size_t)i * n;
                 float *gp = dP + (size_t)i * n;
-                double dot = 0.0;
-                for (int k = 0; k <= i; k++) dot += (double)p[k] * gp[k];
-                for (int k = 0; k < n; k++) gp[k] = k <= i ? p[k] * (gp[k] - (float)dot) : 0.0f;
+                float dot = (float)ms_dot_f64(p, gp, i + 1);
+                for (int k = 0; k < n; k++) gp[k] = k <= i ? p[k] * (gp[k] - dot) : 0.0f;
             }
-        } else {
+        }
+        if (j->phase == ATT_SCORES || j->phase == ATT_ALL) {
             /* S = scale Q K^T: dQ = scale dS K, dK += scale dS^T Q */
             ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, n, j->scale, dP, n, K, QW, 0.0f, dQ, QW);
             ms_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d, n, j->scale, dP, n, Q, QW, 1.0f, dK, QW);
@@ -342,6 +356,11 @@ static void attention_backward(bwd *b, int layer) {
     if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
     if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
     ms_zero(b->dqkv, (size_t)b->N * qkv_width(c), b->n_threads);
+    if (!attention_site_touched(b, MS_SITE_PATTERN, layer) && !attention_site_touched(b, MS_SITE_ATTN_SCORES, layer)) {
+        job.phase = ATT_ALL;
+        ms_parallel_for(job.n_items, 1, b->n_threads, att_items, &job);
+        return;
+    }
     job.phase = ATT_PATTERN;
     ms_parallel_for(job.n_items, 1, b->n_threads, att_items, &job);
     attention_site(b, MS_SITE_PATTERN, layer, b->datt);

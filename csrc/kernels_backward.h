@@ -18,6 +18,9 @@ void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *
                         const float *dy, int ld_dy, const ms_linear_weight *w, int N, int IC, int OC,
                         int n_threads);
 
+/* sum of x[i] * y[i] over n, in float64 (the same sum for any caller) */
+double ms_dot_f64(const float *x, const float *y, int n);
+
 /* dw[C] += sum over rows of dy * xhat; db[C] (may be NULL) += sum of dy; dxhat = dy * w
  * (the backward of y = xhat * w + b; dw, db NULL: only dxhat) */
 void ms_norm_affine_backward(float *dxhat, float *dw, float *db, const float *dy, const float *xhat,
