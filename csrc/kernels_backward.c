@@ -145,18 +145,6 @@ void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *
     if (db) add_column_sums(db, dy, ld_dy, N, OC, n_threads);
 }
 
-/* sum of x[i] y[i] in float64, in MS_LANES running sums added in a fixed order */
-MS_VECTOR_CLONES
-double ms_dot_f64(const float *x, const float *y, int n) {
-    double acc[MS_LANES] = {0}, s = 0.0;
-    int i = 0;
-    for (; i + MS_LANES <= n; i += MS_LANES)
-        for (int k = 0; k < MS_LANES; k++) acc[k] += (double)x[i + k] * y[i + k];
-    for (int k = 0; k < MS_LANES; k++) s += acc[k];
-    for (; i < n; i++) s += (double)x[i] * y[i];
-    return s;
-}
-
 /* ---- norms -------------------------------------------------------------------------- */
 
 typedef struct {
@@ -208,6 +196,9 @@ static inline double centred_dot(const float *g, const float *x, float mean, int
     for (; c < C; c++) s += (double)g[c] * (x[c] - mean);
     return s;
 }
+
+MS_VECTOR_CLONES
+double ms_dot_f64(const float *x, const float *y, int n) { return centred_dot(x, y, 0.0f, n); }
 
 static inline double centred_squares(const float *x, float mean, int C) {
     double acc[MS_LANES] = {0}, s = 0.0;

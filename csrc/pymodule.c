@@ -758,11 +758,12 @@ fail:
 
 /* ---- gradients ----------------------------------------------------------------- */
 
-/* the weight-gradient arrays of a call, which the run zeroes before adding to them */
+/* the weight-gradient arrays of a call (every array of its dict, including one the
+ * core never adds to, such as a tied unembedding's), which the run zeroes first */
 typedef struct {
     float **data;
     size_t *size;
-    int n, cap;
+    int n;
 } grad_arrays;
 
 static ms_status run_grad(void *arg, ms_error *err) {
@@ -790,18 +791,14 @@ static int is_float_array(PyObject *obj, const char *name, npy_intp n, int write
 
 /* grads[name]: a writeable C-contiguous float32 array of exactly n elements, or NULL
  * (absent: that gradient is not wanted); *bad set on a wrong array (exception set) */
-static float *grad_array(PyObject *keep, PyObject *grads, const char *name, size_t n, int *bad, grad_arrays *all) {
+static float *grad_array(PyObject *keep, PyObject *grads, const char *name, size_t n, int *bad) {
     PyObject *obj = PyDict_GetItemString(grads, name); /* borrowed */
     if (!obj) return NULL;
-    if (!is_float_array(obj, name, (npy_intp)n, 1) || PyList_Append(keep, obj) < 0 || all->n == all->cap) {
-        if (all->n == all->cap) PyErr_SetString(PyExc_RuntimeError, "weight gradients: too many arrays");
+    if (!is_float_array(obj, name, (npy_intp)n, 1) || PyList_Append(keep, obj) < 0) {
         *bad = 1;
         return NULL;
     }
-    float *data = (float *)PyArray_DATA((PyArrayObject *)obj);
-    all->data[all->n] = data;
-    all->size[all->n++] = n;
-    return data;
+    return (float *)PyArray_DATA((PyArrayObject *)obj);
 }
 
 /* the gradient of a block of a fused matrix: the same offset into the gradient's buffer */
@@ -810,8 +807,8 @@ static float *same_offset(float *grad_base, const float *block, const float *bas
 }
 
 /* weight gradients under the core's names (as Model_init's weights) -> wg, whose
- * blocks are calloc'ed, and all (the arrays, to zero; room for 5 + 12 per layer),
- * both freed by the caller */
+ * blocks are calloc'ed, and all (every array of the dict, to zero), both freed by
+ * the caller */
 static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m, ms_weight_grad *wg,
                               grad_arrays *all) {
     const ms_config *c = &m->cfg;
@@ -825,42 +822,49 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         return -1;
     }
     wg->blocks = calloc((size_t)c->n_layers, sizeof(ms_block_grad));
-    all->cap = 5 + 12 * c->n_layers;
-    all->data = malloc(sizeof(float *) * (size_t)all->cap);
-    all->size = malloc(sizeof(size_t) * (size_t)all->cap);
+    size_t n_arrays = (size_t)PyDict_Size(grads) + 1;
+    all->data = malloc(sizeof(float *) * n_arrays);
+    all->size = malloc(sizeof(size_t) * n_arrays);
     if (!wg->blocks || !all->data || !all->size) {
         PyErr_NoMemory();
         return -1;
     }
-    wg->wte = grad_array(keep, grads, "embed", V * C, &bad, all);
-    if (m->wpe) wg->wpe = grad_array(keep, grads, "pos_embed", (size_t)c->n_ctx * C, &bad, all);
-    wg->lnf_w = grad_array(keep, grads, "ln_final.w", C, &bad, all);
-    if (m->lnf_b) wg->lnf_b = grad_array(keep, grads, "ln_final.b", C, &bad, all);
-    wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(keep, grads, "unembed", V * C, &bad, all);
+    PyObject *key, *value; /* borrowed */
+    Py_ssize_t at = 0;
+    while (PyDict_Next(grads, &at, &key, &value)) {
+        if (!is_float_array(value, "weight gradients", -1, 1) || PyList_Append(keep, value) < 0) return -1;
+        all->data[all->n] = (float *)PyArray_DATA((PyArrayObject *)value);
+        all->size[all->n++] = (size_t)PyArray_SIZE((PyArrayObject *)value);
+    }
+    wg->wte = grad_array(keep, grads, "embed", V * C, &bad);
+    if (m->wpe) wg->wpe = grad_array(keep, grads, "pos_embed", (size_t)c->n_ctx * C, &bad);
+    wg->lnf_w = grad_array(keep, grads, "ln_final.w", C, &bad);
+    if (m->lnf_b) wg->lnf_b = grad_array(keep, grads, "ln_final.b", C, &bad);
+    wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(keep, grads, "unembed", V * C, &bad);
     for (int l = 0; l < c->n_layers && !bad; l++) {
         const ms_block *b = &m->blocks[l];
         ms_block_grad *g = &wg->blocks[l];
 #define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
-        g->ln1_w = grad_array(keep, grads, NAME("ln1.w"), C, &bad, all);
-        if (b->ln1_b) g->ln1_b = grad_array(keep, grads, NAME("ln1.b"), C, &bad, all);
-        float *wqkv = grad_array(keep, grads, NAME("attn.w_qkv"), C * QW, &bad, all);
-        float *bqkv = b->q.b ? grad_array(keep, grads, NAME("attn.b_qkv"), QW, &bad, all) : NULL;
+        g->ln1_w = grad_array(keep, grads, NAME("ln1.w"), C, &bad);
+        if (b->ln1_b) g->ln1_b = grad_array(keep, grads, NAME("ln1.b"), C, &bad);
+        float *wqkv = grad_array(keep, grads, NAME("attn.w_qkv"), C * QW, &bad);
+        float *bqkv = b->q.b ? grad_array(keep, grads, NAME("attn.b_qkv"), QW, &bad) : NULL;
         g->q = (ms_linear_grad){same_offset(wqkv, b->q.w, b->q.w), same_offset(bqkv, b->q.b, b->q.b)};
         g->k = (ms_linear_grad){same_offset(wqkv, b->k.w, b->q.w), same_offset(bqkv, b->k.b, b->q.b)};
         g->v = (ms_linear_grad){same_offset(wqkv, b->v.w, b->q.w), same_offset(bqkv, b->v.b, b->q.b)};
-        g->o.w = grad_array(keep, grads, NAME("attn.w_o"), QD * C, &bad, all);
-        if (b->o.b) g->o.b = grad_array(keep, grads, NAME("attn.b_o"), C, &bad, all);
-        g->ln2_w = grad_array(keep, grads, NAME("ln2.w"), C, &bad, all);
-        if (b->ln2_b) g->ln2_b = grad_array(keep, grads, NAME("ln2.b"), C, &bad, all);
+        g->o.w = grad_array(keep, grads, NAME("attn.w_o"), QD * C, &bad);
+        if (b->o.b) g->o.b = grad_array(keep, grads, NAME("attn.b_o"), C, &bad);
+        g->ln2_w = grad_array(keep, grads, NAME("ln2.w"), C, &bad);
+        if (b->ln2_b) g->ln2_b = grad_array(keep, grads, NAME("ln2.b"), C, &bad);
         const ms_linear_weight *first = c->gated_mlp ? &b->mlp_gate : &b->mlp_in;
-        float *win = grad_array(keep, grads, NAME("mlp.w_in"), C * FW, &bad, all);
-        float *bin = first->b ? grad_array(keep, grads, NAME("mlp.b_in"), FW, &bad, all) : NULL;
+        float *win = grad_array(keep, grads, NAME("mlp.w_in"), C * FW, &bad);
+        float *bin = first->b ? grad_array(keep, grads, NAME("mlp.b_in"), FW, &bad) : NULL;
         g->mlp_in = (ms_linear_grad){same_offset(win, b->mlp_in.w, first->w), same_offset(bin, b->mlp_in.b, first->b)};
         if (c->gated_mlp)
             g->mlp_gate = (ms_linear_grad){same_offset(win, b->mlp_gate.w, first->w),
                                            same_offset(bin, b->mlp_gate.b, first->b)};
-        g->mlp_out.w = grad_array(keep, grads, NAME("mlp.w_out"), F * C, &bad, all);
-        if (b->mlp_out.b) g->mlp_out.b = grad_array(keep, grads, NAME("mlp.b_out"), C, &bad, all);
+        g->mlp_out.w = grad_array(keep, grads, NAME("mlp.w_out"), F * C, &bad);
+        if (b->mlp_out.b) g->mlp_out.b = grad_array(keep, grads, NAME("mlp.b_out"), C, &bad);
 #undef NAME
     }
     return bad ? -1 : 0;

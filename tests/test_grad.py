@@ -530,14 +530,18 @@ def test_tiled_products_and_vocabulary_parts():
         ms.set_num_threads(old)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox_parallel"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox_parallel", "neox_tied"])
 def test_out_reuses_the_arrays(gpt2, arch):
-    """out= overwrites an earlier result's arrays (no accumulation from the last call)
-    and gives what a fresh call gives; a different request is refused."""
+    """out= overwrites an earlier result's arrays (no accumulation from the last call,
+    whatever they hold: they are filled with NaN in between) and gives what a fresh call
+    gives; a different request is refused. A tied GPT-NeoX unembedding has a gradient
+    array of its own that the core never adds to, only zeroes."""
     if arch == "gpt2":
         model = gpt2[1]
     else:
-        hf = make_arch_hf(arch)
+        family, kw = ARCH_CONFIGS["neox_parallel"]
+        spec = (family, dict(kw, tie_word_embeddings=True)) if arch == "neox_tied" else None
+        hf = make_arch_hf("neox_parallel", spec=spec)
         model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
     rng = np.random.default_rng(12)
     V = model.d_vocab
@@ -547,6 +551,8 @@ def test_out_reuses_the_arrays(gpt2, arch):
     arrays = {**first.weights, **first.sites}
     for _ in range(2):
         tokens = rng.integers(0, V, tokens.shape)
+        for a in first._buffers["core"].values():
+            a.fill(np.nan)
         again = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask, out=first)
         assert again is first
         fresh = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
