@@ -707,6 +707,9 @@ static ms_status grad_check(const ms_model *m, const ms_plan *p, const ms_grad_p
     if (st) return st;
     if (p->base || p->record || p->n_logit_pos || p->metric.kind != MS_METRIC_NONE)
         FAIL("grad: the plan must not resume a base, record, or ask for logits or a metric");
+    if (p->start_resid && (g->weights || lowest_block(m, g) < p->start_block))
+        FAIL("start_block: a run that starts at block %d has no gradient for the weights or for a site "
+             "before it", p->start_block);
     for (int i = 0; i < p->n_actions; i++)
         if (p->actions[i].kind == MS_DO_CALLBACK)
             FAIL("hooks: a gradient run cannot call Python hooks (their changes cannot be differentiated); "

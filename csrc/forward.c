@@ -168,7 +168,7 @@ ms_status ms_layout_build(ms_layout *L, const ms_model *m, const ms_plan *p, ms_
         int first = p->start_pos ? real_index(p, r, p->start_pos[r]) : 0;
         L->n_real[r] = n;
         L->first[r] = first;
-        L->layer0[r] = p->start_layer ? p->start_layer[r] : -1;
+        L->layer0[r] = p->start_layer ? p->start_layer[r] : p->start_resid ? p->start_block : -1;
         L->row_off[r + 1] = L->row_off[r] + (n - first);
         L->att_off[r + 1] = L->att_off[r] + (size_t)H * (n - first) * n;
         L->item_off[r + 1] = L->item_off[r] + H;
@@ -263,6 +263,16 @@ static void join_rows(const ms_layout *L, float *resid, int layer) {
         memcpy(resid + (size_t)L->row_off[r] * C, src,
                sizeof(float) * C * (size_t)(L->row_off[r + 1] - L->row_off[r]));
     }
+}
+
+/* Every row starts at this block from the plan's residual stream (start_resid). */
+static void load_start_resid(const ms_layout *L, float *resid) {
+    const ms_plan *p = L->plan;
+    size_t C = (size_t)L->m->cfg.d_model;
+    for (int r = 0; r < p->n_rows; r++)
+        for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++)
+            memcpy(resid + (size_t)k * C, p->start_resid + ((size_t)r * p->n_pos + L->pos_of[k]) * C,
+                   sizeof(float) * C);
 }
 
 /* LayerNorm with its two sites: the divisor is visited (and may be changed) before
@@ -592,6 +602,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         if (!c->gated_mlp) b->mlp = tape->mlp_post + at * c->d_mlp;
     }
     if (L->plan->base) join_rows(L, b->resid, l);
+    else if (L->plan->start_resid && l == L->plan->start_block) load_start_resid(L, b->resid);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
     if (tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
@@ -861,17 +872,21 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
     if (plan->record && (st = record_alloc(plan->record, L, err))) goto done;
 
     if (c->rotary_dim) rope_table(b.rope, m, L->max_keys);
-    set_active(L, -1);
-    embed_tokens(L, b.tmp_a, b.tmp_b);
-    if ((st = ms_visit_tokens(L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
-    if (m->wpe) {
-        if ((st = ms_visit_tokens(L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
-        ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L->active_N * c->d_model, L->n_threads);
-    } else {
-        memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L->active_N * c->d_model);
+    /* rows given their residual stream at a block compute nothing before it */
+    int first_block = plan->start_resid ? plan->start_block : 0;
+    if (!plan->start_resid) {
+        set_active(L, -1);
+        embed_tokens(L, b.tmp_a, b.tmp_b);
+        if ((st = ms_visit_tokens(L, MS_SITE_EMBED, 0, b.tmp_a, c->d_model, err))) goto done;
+        if (m->wpe) {
+            if ((st = ms_visit_tokens(L, MS_SITE_POS_EMBED, 0, b.tmp_b, c->d_model, err))) goto done;
+            ms_add(b.resid, b.tmp_a, b.tmp_b, (size_t)L->active_N * c->d_model, L->n_threads);
+        } else {
+            memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L->active_N * c->d_model);
+        }
     }
     int n_blocks = tape ? c->n_layers : blocks_needed(m, plan);
-    for (int l = 0; l < n_blocks; l++)
+    for (int l = first_block; l < n_blocks; l++)
         if ((st = block_forward(L, &b, l, err)) || (st = check_stop(err))) goto done;
     if (n_blocks < c->n_layers) goto done; /* nothing after this block is asked for */
     L->active_rows = plan->n_rows;

@@ -251,6 +251,13 @@ typedef struct {
      * before from the base. */
     const ms_state *base;
     const int32_t *base_row, *start_layer, *start_pos;
+    /* Rows that start from a given residual stream, all at one block: with
+     * start_resid set (not with base), every row is computed from block
+     * start_block on, with start_resid [n_rows, n_pos, d_model] (the padded
+     * layout; padding is not read) as its hook_resid_pre there. For repeated
+     * gradient runs whose earlier blocks never change (DAS's base inputs). */
+    const float *start_resid;
+    int start_block;
     ms_state *record;        /* if set, the run records its state here (allocated by ms_run) */
     ms_metric metric;        /* if kind != NONE: metric_out[n_rows] */
     float *metric_out;

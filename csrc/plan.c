@@ -102,6 +102,11 @@ static int is_computed(const ms_plan *p, int row, int pos) {
     return is_real(p, row, pos) && (!p->start_pos || pos >= p->start_pos[row]);
 }
 
+/* the first block row r computes (-1: from the embedding) */
+static int row_start(const ms_plan *p, int r) {
+    return p->start_layer ? p->start_layer[r] : p->start_resid ? p->start_block : -1;
+}
+
 static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_error *err) {
     const ms_action *a = &p->actions[ai];
     const ms_config *c = &m->cfg;
@@ -113,13 +118,15 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
         FAIL("action %d: layer %d out of range [0, %d)", ai, a->layer, c->n_layers);
     if (a->row < -1 || a->row >= p->n_rows)
         FAIL("action %d: row %d out of range [0, %d)", ai, a->row, p->n_rows);
-    if (p->start_layer && a->kind != MS_DO_CACHE && a->kind != MS_DO_CALLBACK) {
-        /* a resuming row computes the embedding only if it starts there (-1), and
-         * a block only from its start layer on */
+    /* a resuming row computes the embedding only if it starts there (-1), and a
+     * block only from its start layer on; rows of a base run's sweep may cache what
+     * they do not compute (the base's value is read instead), rows given their
+     * residual stream may not (nothing would be written) */
+    if ((p->start_layer && a->kind != MS_DO_CACHE && a->kind != MS_DO_CALLBACK) || p->start_resid) {
         int layer = ms_site_per_layer(a->site) ? a->layer : (a->site <= MS_SITE_POS_EMBED ? -1 : c->n_layers);
+        int copies = a->kind == MS_DO_COPY_ROW || a->kind == MS_DO_PROJECT_ROW;
         for (int r = a->row < 0 ? 0 : a->row; r < (a->row < 0 ? p->n_rows : a->row + 1); r++)
-            if (p->start_layer[r] > layer ||
-                ((a->kind == MS_DO_COPY_ROW || a->kind == MS_DO_PROJECT_ROW) && p->start_layer[a->src_row] > layer))
+            if (row_start(p, r) > layer || (copies && row_start(p, a->src_row) > layer))
                 FAIL("action %d: row %d does not compute layer %d", ai, r, layer);
     }
     if (a->kind == MS_DO_CACHE || a->kind == MS_DO_CALLBACK) {
@@ -185,6 +192,13 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
                 FAIL("start_pos: row %d starts at position %d, which is not a real token", r, p->start_pos[r]);
         }
         if (p->record) FAIL("record: a run that resumes a base cannot record its state");
+    }
+    if (p->start_resid) {
+        if (p->base || p->start_layer || p->start_pos || p->base_row)
+            FAIL("start_resid: rows start either from a base run or from a given residual stream");
+        if (p->start_block < 0 || p->start_block >= c->n_layers)
+            FAIL("start_block: %d out of range [0, %d)", p->start_block, c->n_layers);
+        if (p->record) FAIL("record: a run that starts at a block cannot record its state");
     }
     if (p->metric.kind != MS_METRIC_NONE) {
         if (!p->metric_out || !p->metric.pos) FAIL("metric: positions or output missing");

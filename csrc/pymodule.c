@@ -871,14 +871,16 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
 }
 
 /* grad(tokens, mask, actions, n_metric_rows, metric, metric_pos, correct, wrong, ref_logprob,
- *      cross_entropy, sites, weight_grads) -> (value, metric [n_metric_rows]); sites is a
- * list of (site, layer, out) and weight_grads a dict of arrays (or None) that the
- * gradients overwrite. */
+ *      cross_entropy, sites, weight_grads, start_block=-1, start_resid=None) -> (value,
+ * metric [n_metric_rows]); sites is a list of (site, layer, out) and weight_grads a dict
+ * of arrays (or None) that the gradients overwrite. start_resid [rows, pos, d_model]: the
+ * rows' hook_resid_pre at start_block, where the run then starts (ms_plan). */
 static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "mask", "actions", "n_metric_rows", "metric", "metric_pos", "correct",
-                             "wrong", "ref_logprob", "cross_entropy", "sites", "weight_grads", NULL};
-    PyObject *otok, *omask, *oactions, *opos, *ocorrect, *owrong, *oref, *osites, *ograds;
-    int n_metric_rows, metric, cross_entropy;
+                             "wrong", "ref_logprob", "cross_entropy", "sites", "weight_grads", "start_block",
+                             "start_resid", NULL};
+    PyObject *otok, *omask, *oactions, *opos, *ocorrect, *owrong, *oref, *osites, *ograds, *ostart = Py_None;
+    int n_metric_rows, metric, cross_entropy, start_block = -1;
     PyObject *keep = NULL, *result = NULL;
     ms_action *actions = NULL;
     ms_grad_site *gsites = NULL;
@@ -891,11 +893,27 @@ static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     double value = 0.0;
     void *grad_args[4] = {&self->model, &plan, &gp, &all};
     core_call call = {run_grad, grad_args, &err, 0, MS_OK, 0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiiOOOOiOO", kwlist, &otok, &omask, &oactions, &n_metric_rows,
-                                     &metric, &opos, &ocorrect, &owrong, &oref, &cross_entropy, &osites, &ograds))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiiOOOOiOO|iO", kwlist, &otok, &omask, &oactions, &n_metric_rows,
+                                     &metric, &opos, &ocorrect, &owrong, &oref, &cross_entropy, &osites, &ograds,
+                                     &start_block, &ostart))
         return NULL;
     if (!(keep = PyList_New(0))) return NULL;
     if (parse_tokens(keep, otok, omask, &plan.n_rows, &plan.n_pos, &plan.tokens, &plan.mask) < 0) goto fail;
+    if (ostart != Py_None) {
+        PyArrayObject *start = (PyArrayObject *)PyArray_FROM_OTF(ostart, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+        if (!start) goto fail;
+        int bad = PyList_Append(keep, (PyObject *)start);
+        Py_DECREF(start);
+        if (bad < 0) goto fail;
+        if (PyArray_NDIM(start) != 3 || PyArray_DIM(start, 0) != plan.n_rows || PyArray_DIM(start, 1) != plan.n_pos ||
+            PyArray_DIM(start, 2) != self->model.cfg.d_model) {
+            PyErr_Format(PyExc_ValueError, "start_resid: expected shape [%d, %d, %d]", plan.n_rows, plan.n_pos,
+                         self->model.cfg.d_model);
+            goto fail;
+        }
+        plan.start_resid = PyArray_DATA(start);
+        plan.start_block = start_block;
+    }
     if (!(actions = parse_actions(keep, oactions, &self->model, plan.n_rows, plan.n_pos, &plan.n_actions)))
         goto fail;
     plan.actions = actions;

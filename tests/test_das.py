@@ -8,6 +8,7 @@ import torch
 
 import mechscope as ms
 from mechscope import das as das_module
+from mechscope.gradients import grad
 from das_reference import das_loss
 
 SITE = "blocks.1.hook_resid_pre"
@@ -125,6 +126,29 @@ def test_das_is_deterministic(planted):
     assert not np.array_equal(first, other)
 
 
+@pytest.mark.parametrize("boundless", [False, True])
+def test_fit_starts_each_step_at_the_sites_block(planted, monkeypatch, boundless):
+    """A fit's steps start at the site's block from the base runs' residual stream there
+    (read once); with a memory budget too small to keep it they run whole, and the two
+    fits are the same."""
+    model, _, _, _, train, _ = planted
+    starts = []
+
+    def spy(*args, _start=None, **kwargs):
+        starts.append(None if _start is None else _start[0])
+        return grad(*args, _start=_start, **kwargs)
+
+    monkeypatch.setattr(das_module, "_grad", spy)
+    kept = ms.das.DAS(model, SITE, boundless=boundless, epochs=2, progress=False).fit(*train)
+    assert starts and set(starts) == {1}
+    starts.clear()
+    monkeypatch.setattr(das_module, "get_memory_budget", lambda: 0)
+    whole = ms.das.DAS(model, SITE, boundless=boundless, epochs=2, progress=False).fit(*train)
+    assert starts and set(starts) == {None}
+    np.testing.assert_allclose(kept.history_["loss"], whole.history_["loss"], rtol=1e-6)
+    np.testing.assert_allclose(kept.basis_, whole.basis_, atol=1e-6)
+
+
 def test_boundless_das_recovers_planted_direction(planted):
     model, v, content, label, train, held_out = planted
     das = ms.das.DAS(model, SITE, boundless=True, lr=1e-2, boundary_lr=5e-2, epochs=20,
@@ -155,21 +179,25 @@ def gradient_case():
     return model, base, source, labels, np.array([2, 6])
 
 
-def _step(model, site, Q, base, source, labels, pos, weights=None):
+def _step(model, site, Q, base, source, labels, pos, weights=None, start=False):
     """The gradient a DAS step uses, through the package's own code path (pos: the same
-    positions for every pair, or an int array [pairs, k])."""
+    positions for every pair, or an int array [pairs, k]); start: the run starts at the
+    site's block from the base's residual stream there, as a fit's steps do."""
     pos = np.broadcast_to(np.asarray(pos), (len(base), np.shape(pos)[-1]))
-    hb = das_module._site_values(model, site, base, None, pos, 8)
+    hb, before = das_module._site_values(model, site, base, None, pos, 8, start=True)
+    assert before is not None and before[0] == int(site.split(".")[1])
     hs = das_module._site_values(model, site, source, None, pos, 8)
     return das_module._interchange_gradient(model, site, Q, base, None, hs - hb, pos,
-                                            np.full(len(base), base.shape[1] - 1), labels, weights)
+                                            np.full(len(base), base.shape[1] - 1), labels, weights,
+                                            before if start else None)
 
 
+@pytest.mark.parametrize("start", [False, True])
 @pytest.mark.parametrize("site", ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_post"])
-def test_gradient_matches_autograd(gradient_case, site):
+def test_gradient_matches_autograd(gradient_case, site, start):
     model, base, source, labels, pos = gradient_case
     Q = np.linalg.qr(np.random.default_rng(1).normal(size=(24, 3)))[0]
-    loss, dQ = _step(model, site, Q, base, source, labels, pos)
+    loss, dQ = _step(model, site, Q, base, source, labels, pos, start=start)
     with torch.enable_grad():
         Qt = torch.tensor(Q, requires_grad=True)
         ref = das_loss(model, site, Qt, base, source, labels, torch.as_tensor(pos))
@@ -178,12 +206,13 @@ def test_gradient_matches_autograd(gradient_case, site):
     assert np.abs(dQ - Qt.grad.numpy()).max() <= 1e-4 * np.abs(Qt.grad.numpy()).max()
 
 
-def test_boundless_gradient_matches_autograd(gradient_case):
+@pytest.mark.parametrize("start", [False, True])
+def test_boundless_gradient_matches_autograd(gradient_case, start):
     model, base, source, labels, pos = gradient_case
     site = "blocks.1.hook_resid_pre"
     R = np.linalg.qr(np.random.default_rng(2).normal(size=(24, 24)))[0]
     mask, dmask = das_module._boundless_mask(0.3, 24, 2.0)
-    loss, dR, dm = _step(model, site, R, base, source, labels, pos, mask)
+    loss, dR, dm = _step(model, site, R, base, source, labels, pos, mask, start=start)
     with torch.enable_grad():
         Rt = torch.tensor(R, requires_grad=True)
         mt = torch.tensor(mask, requires_grad=True)

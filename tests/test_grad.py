@@ -505,6 +505,52 @@ def test_architectures_match_autograd(name):
     check(g, ref_sites, ref_params, mask)
 
 
+# ---- runs that start at a block (DAS's repeated base runs) ----------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa3", "neox_parallel"])
+def test_start_at_a_block_is_the_same_run(gpt2, name):
+    """A gradient run given the residual stream entering block l computes only blocks l..:
+    its site gradients, activations and metric equal those of the whole run (left and right
+    padding, an intervention at the start block itself)."""
+    from mechscope.gradients import grad
+
+    if name == "gpt2":
+        model = gpt2[1]
+    else:
+        hf = make_arch_hf(name)
+        model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(11)
+    tokens, mask = batch(rng, model.d_vocab, [7, 4, 1, 6], 7, "left")
+    mask[3] = mask[3][::-1]  # one right-padded row
+    layer = model.n_layers - 1
+    resid = f"blocks.{layer}.hook_resid_pre"
+    before = model.run(tokens, attention_mask=mask, cache=resid, logits=None).cache[resid]
+    sites = [resid, f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_resid_post", "ln_final.hook_normalized"]
+    add = ms.Add(resid, rng.normal(size=(4, 1, model.d_model)).astype(np.float32), pos=[5])
+    metric = ms.metrics.LogProb([1, 2, 3, 4])
+    whole = grad(model, tokens, metric, sites=sites, interventions=[add], attention_mask=mask)
+    part = grad(model, tokens, metric, sites=sites, interventions=[add], attention_mask=mask, _start=(layer, before))
+    np.testing.assert_allclose(part.metric, whole.metric, rtol=1e-6, atol=1e-6)
+    for site in sites:
+        assert rel(part[site], whole[site]) < 1e-6, site
+        assert rel(part.activations[site], whole.activations[site]) < 1e-6, site
+    ce = grad(model, tokens, "cross_entropy", sites=sites[1:2], attention_mask=mask, _start=(layer, before))
+    assert ce.value == pytest.approx(model.grad(tokens, "cross_entropy", attention_mask=mask).value, rel=1e-6)
+    # what such a run cannot give, refused by name
+    with pytest.raises(ValueError, match=f"row 0 does not compute layer {layer - 1}"):
+        grad(model, tokens, metric, sites=[f"blocks.{layer - 1}.hook_resid_post"], attention_mask=mask,
+             _start=(layer, before))
+    with pytest.raises(ValueError, match="no gradient for the weights"):
+        grad(model, tokens, metric, sites=[resid], weights=True, attention_mask=mask, _start=(layer, before))
+    with pytest.raises(ValueError, match=r"start_resid: expected shape \[4, 7, "):
+        grad(model, tokens, metric, sites=[resid], attention_mask=mask, _start=(layer, before[:, 1:]))
+    with pytest.raises(ValueError, match="start_block: 9 out of range"):
+        grad(model, tokens, metric, sites=[resid], attention_mask=mask, _start=(9, before))
+    with pytest.raises(ValueError, match="_start: a run that starts at a block cannot read Source rows"):
+        grad(model, tokens, metric, sites=[resid], attention_mask=mask, _start=(layer, before),
+             interventions=[ms.Patch(resid, ms.Source(tokens, attention_mask=mask))])
+
+
 # ---- big products and reused arrays ----------------------------------------------------------
 
 # big enough that with 2 threads the matrix products are cut into grids of tiles, and

@@ -34,6 +34,13 @@ mask's edge is about T coordinates wide), goes from 1 to 0.05 by default: pyvene
 0.1 was chosen for 4,096-wide models, and at the widths of small models it keeps the mask
 well below 1 everywhere until the last steps.
 
+Nothing before the site's block depends on the basis, so a fit reads the base inputs'
+residual stream entering that block once, with their site values, and each step's
+forward and backward pass runs from that block on: the same numbers as a whole run, in
+less time the later the block (README: a fit at layer 19 of SmolLM2's 30). The stream is kept in memory
+([pairs, pos, d_model] float32) when it takes at most a quarter of the memory budget
+(mechscope.set_memory_budget); otherwise every step runs from the embedding.
+
     das = ms.das.DAS(model, "blocks.2.hook_resid_post", rank=1, pos=-1).fit(base, source, labels)
     das.score(test_base, test_source, test_labels)           # interchange intervention accuracy
     model.run(base, interventions=[das.intervention(ms.Source(source))])
@@ -45,6 +52,8 @@ import numpy as np
 
 from . import sites as _sites
 from ._progress import progress_bar
+from ._runtime import get_memory_budget
+from .gradients import grad as _grad
 from .interventions import Add, Source, SubspacePatch
 from .metrics import LogProb, last_positions
 
@@ -151,15 +160,31 @@ def _check_basis(basis, width):
 
 # ---------------------------------------------------------------- pieces
 
-def _site_values(model, site, tokens, mask, pos, batch_size):
-    """The site's value at each row's positions pos [n, k]: [n, k, width]."""
-    out = []
-    for i in range(0, tokens.shape[0], batch_size):
+def _site_values(model, site, tokens, mask, pos, batch_size, start=False):
+    """The site's value at each row's positions pos [n, k]: [n, k, width].
+
+    start=True: also (block, hook_resid_pre entering the site's block [n, pos, d_model]),
+    read in the same runs: the base runs' residual stream there, which no step of a fit
+    changes, so that each step's forward starts at that block instead of the embedding;
+    None instead when the site is not in a block (embedding, final norm) or when the
+    values would take more than a quarter of the memory budget."""
+    n, T = tokens.shape
+    _, layer, _ = _sites.parse(site, model)
+    keep = start and site.startswith("blocks.") and 4 * n * T * model.d_model <= get_memory_budget() // 4
+    resid = f"blocks.{layer}.hook_resid_pre"
+    out, before = [], np.empty((n, T, model.d_model), np.float32) if keep else None
+    for i in range(0, n, batch_size):
         m = None if mask is None else mask[i:i + batch_size]
-        v = model.run(tokens[i:i + batch_size], attention_mask=m, cache=site, logits=None).cache[site]
-        v = v.reshape(v.shape[0], v.shape[1], -1)
+        cache = model.run(tokens[i:i + batch_size], attention_mask=m, cache=list({site: 0, resid: 0} if keep else [site]),
+                          logits=None).cache
+        v = cache[site].reshape(cache[site].shape[0], T, -1)
         out.append(v[np.arange(v.shape[0])[:, None], pos[i:i + batch_size]])
-    return np.concatenate(out).astype(np.float64)
+        if keep:
+            before[i:i + batch_size] = cache[resid]
+    values = np.concatenate(out).astype(np.float64)
+    if not start:
+        return values
+    return values, (layer, before) if keep else None
 
 
 def _added(site, delta, pos):
@@ -206,10 +231,11 @@ def _subspace_gradient(Q, D, G, weights=None):
     return G.T @ (DQ * weights) + D.T @ (GQ * weights), (GQ * DQ).sum(axis=0)
 
 
-def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labels, weights=None):
+def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labels, weights=None, start=None):
     """One step's loss (mean cross-entropy of the labels) and its gradient with respect to
     Q (and to the mask weights, when given) for the interchange h' = h_b + Q diag(w) Q^T D
-    at each row's positions pos [rows, k]; D = h_source - h_base there [rows, k, width]."""
+    at each row's positions pos [rows, k]; D = h_source - h_base there [rows, k, width].
+    start: None, or (block, the rows' hook_resid_pre there) to start the run there."""
     # The base's and the source's values at the site do not depend on Q, so the run is
     # written as an Add of h' - h_b: the same intervened run as SubspacePatch from a Source
     # (the tests check the gradient against that run), without the source rows, and
@@ -220,8 +246,9 @@ def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labe
     _, _, suffix = _sites.parse(site, model)
     if suffix in _sites.HEADED:  # the Add intervention wants [rows, positions, heads, d_head]
         delta = delta.reshape(rows, pos.shape[1], -1, model.d_head)
-    g = model.grad(tokens, LogProb(labels, pos=metric_pos), sites=[site], attention_mask=mask,
-                   interventions=_added(site, delta.astype(np.float32), pos), progress=False)  # DAS shows its own bar
+    g = _grad(model, tokens, LogProb(labels, pos=metric_pos), sites=[site], attention_mask=mask,
+              interventions=_added(site, delta.astype(np.float32), pos), progress=False,  # DAS shows its own bar
+              _start=start)
     # loss = -mean log p(label): its gradient is -1/rows times that of the summed metric
     site_grad = np.asarray(g[site], np.float64)
     G = -site_grad.reshape(rows, tokens.shape[1], -1)[np.arange(rows)[:, None], pos].reshape(-1, width) / rows
@@ -229,6 +256,10 @@ def _interchange_gradient(model, site, Q, tokens, mask, D, pos, metric_pos, labe
     if weights is None:
         return loss, _subspace_gradient(Q, D.reshape(-1, width), G)
     return (loss,) + _subspace_gradient(Q, D.reshape(-1, width), G, weights)
+
+
+def _rows(start, idx):
+    return None if start is None else (start[0], start[1][idx])
 
 
 class _Adam:
@@ -404,8 +435,10 @@ class DAS:
         P, Ps = _pair_positions(self.pos, self.source_pos, T, n, bm, sm)
         mpos = _metric_positions(self.metric_pos, bm, n, T)
 
-        # the site's values of both inputs do not depend on the basis: computed once
-        D_all = _site_values(model, site, st, sm, Ps, batch_size) - _site_values(model, site, bt, bm, P, batch_size)
+        # the site's values of both inputs do not depend on the basis: computed once; and
+        # neither do the base runs before the site's block, where each step then starts
+        base_values, start = _site_values(model, site, bt, bm, P, batch_size, start=True)
+        D_all = _site_values(model, site, st, sm, Ps, batch_size) - base_values
 
         rng = np.random.default_rng(self.seed)
         k0 = width if self.boundless else int(self.rank)
@@ -427,7 +460,8 @@ class DAS:
                     if self.boundless:
                         mask, dmask = _boundless_mask(boundary, width, schedule[step])
                         loss, dQ, dm = _interchange_gradient(model, site, Q, bt[idx], None if bm is None else bm[idx],
-                                                             D_all[idx], P[idx], mpos[idx], lab[idx], mask)
+                                                             D_all[idx], P[idx], mpos[idx], lab[idx], mask,
+                                                             _rows(start, idx))
                         loss += weight * boundary
                         history["boundary"].append(boundary)
                         history["temperature"].append(float(schedule[step]))
@@ -435,7 +469,8 @@ class DAS:
                         boundary = float(np.clip(boundary - b_adam.step(db), 1.0 / width, 1.0))
                     else:
                         loss, dQ = _interchange_gradient(model, site, Q, bt[idx], None if bm is None else bm[idx],
-                                                         D_all[idx], P[idx], mpos[idx], lab[idx])
+                                                         D_all[idx], P[idx], mpos[idx], lab[idx],
+                                                         start=_rows(start, idx))
                     Q = _retract(Q - adam.step(_tangent(Q, dQ)))
                     history["loss"].append(loss)
                     step += 1

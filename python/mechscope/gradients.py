@@ -96,8 +96,14 @@ def _reused(out, model, key):
 
 
 def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
-         progress=None, hooks=None, out=None):
-    """The gradient of a scalar of one (optionally intervened) forward pass; see Model.grad."""
+         progress=None, hooks=None, out=None, _start=None):
+    """The gradient of a scalar of one (optionally intervened) forward pass; see Model.grad.
+
+    _start: (block, resid_pre) runs the blocks from `block` on only, with resid_pre
+    [batch, pos, d_model] as their hook_resid_pre there: the same run when resid_pre is
+    what the tokens give, for callers that repeat runs whose earlier blocks never change
+    (DAS's base inputs). The sites must be at that block or later; no weights; no Source
+    rows."""
     if hooks is not None:
         raise ValueError("hooks: a gradient run cannot call Python hooks (what a hook does cannot be "
                          "differentiated); express the change as interventions")
@@ -118,6 +124,12 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     interventions = model._check_interventions(interventions)
     full_tokens, full_mask, actions = model._plan(tokens, mask, interventions)
     R = full_tokens.shape[0]
+    start_block, start_resid = -1, None
+    if _start is not None:
+        start_block, start_resid = int(_start[0]), np.ascontiguousarray(_start[1], np.float32)
+        if R != B:
+            raise ValueError("_start: a run that starts at a block cannot read Source rows (compute the "
+                             "source values first and write them with Add or Set)")
 
     if cross_entropy:
         args = {"metric": 0, "pos": None, "correct": None, "wrong": None, "ref_logprob": None}
@@ -177,7 +189,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     with progress_bar(progress, "grad", "pass", total=1) as bar:
         value, per_row = core.grad(full_tokens, full_mask, actions, B, args["metric"], args["pos"],
                                           args["correct"], args["wrong"], args["ref_logprob"], int(cross_entropy),
-                                          grad_sites, core_grads)
+                                          grad_sites, core_grads, start_block, start_resid)
         bar.update(1)
     result.value = float(value)
     result.metric = per_row

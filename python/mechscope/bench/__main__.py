@@ -20,6 +20,8 @@ BENCHMARKS = {
     "attribution": ("mechscope.bench.attribution",
                     "attribution patching vs exact sweeps: Spearman per function on demo IOI (AtP, AtP*, "
                     "GradDrop), attn_head_out_by_pos time"),
+    "das": ("mechscope.bench.das",
+            "DAS fit on SmolLM2-135M: each step from the site's block vs from the embedding"),
     "train": ("mechscope.bench.train",
               "one training step (forward + backward + AdamW) of a GPT-2-small-sized model vs PyTorch"),
 }
