@@ -444,3 +444,22 @@ def test_das_on_left_padded_pairs(planted):
     das = ms.das.DAS(model, SITE, rank=1, lr=3e-2, epochs=10, progress=False).fit(*train)
     assert angle_degrees(das.basis_, v) < 10
     assert das.score(*held_out) >= 0.99
+
+
+@pytest.mark.parametrize("boundless", [False, True])
+def test_plot_shows_the_loss_and_the_boundary(planted, boundless):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model, _, _, _, train, _ = planted
+    das = ms.das.DAS(model, SITE, boundless=boundless, epochs=1, progress=False).fit(*train)
+    fig = das.plot()
+    axes = fig.axes
+    assert len(axes) == (2 if boundless else 1)
+    assert np.allclose(axes[0].lines[0].get_ydata(), das.history_["loss"])
+    assert axes[0].get_ylabel() == ("cross-entropy + boundary penalty" if boundless
+                                    else "cross-entropy of the counterfactual label")
+    if boundless:
+        assert np.allclose(axes[1].lines[0].get_ydata(), np.asarray(das.history_["boundary"]) * das.width_)
+    with pytest.raises(ValueError, match="not fitted yet"):
+        ms.das.DAS(model, SITE).plot()

@@ -516,7 +516,8 @@ class DAS:
             _, ax = plt.subplots(figsize=(5, 3.2), constrained_layout=True)
         ax.plot(self.history_["loss"], label="loss")
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy of the counterfactual label")
+        ax.set_ylabel("cross-entropy + boundary penalty" if self.boundless
+                      else "cross-entropy of the counterfactual label")
         if self.boundless:
             twin = ax.twinx()
             twin.plot(np.asarray(self.history_["boundary"]) * self.width_, color="C1", label="boundary x width")
