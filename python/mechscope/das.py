@@ -37,9 +37,10 @@ well below 1 everywhere until the last steps.
 Nothing before the site's block depends on the basis, so a fit reads the base inputs'
 residual stream entering that block once, with their site values, and each step's
 forward and backward pass runs from that block on: the same numbers as a whole run, in
-less time the later the block (README: a fit at layer 19 of SmolLM2's 30). The stream is kept in memory
-([pairs, pos, d_model] float32) when it takes at most a quarter of the memory budget
-(mechscope.set_memory_budget); otherwise every step runs from the embedding.
+less time the later the block (README: fits at layers 5, 19 and 28 of SmolLM2's 30). The
+stream is kept in memory ([pairs, pos, d_model] float32) when it takes at most a quarter
+of the memory budget (mechscope.set_memory_budget); otherwise every step runs from the
+embedding.
 
     das = ms.das.DAS(model, "blocks.2.hook_resid_post", rank=1, pos=-1).fit(base, source, labels)
     das.score(test_base, test_source, test_labels)           # interchange intervention accuracy
@@ -175,8 +176,8 @@ def _site_values(model, site, tokens, mask, pos, batch_size, start=False):
     out, before = [], np.empty((n, T, model.d_model), np.float32) if keep else None
     for i in range(0, n, batch_size):
         m = None if mask is None else mask[i:i + batch_size]
-        cache = model.run(tokens[i:i + batch_size], attention_mask=m, cache=list({site: 0, resid: 0} if keep else [site]),
-                          logits=None).cache
+        names = list(dict.fromkeys([site, resid] if keep else [site]))  # the site may be resid itself
+        cache = model.run(tokens[i:i + batch_size], attention_mask=m, cache=names, logits=None).cache
         v = cache[site].reshape(cache[site].shape[0], T, -1)
         out.append(v[np.arange(v.shape[0])[:, None], pos[i:i + batch_size]])
         if keep:
