@@ -703,13 +703,17 @@ static ms_status backward(bwd *b, ms_error *err) {
 }
 
 static ms_status grad_check(const ms_model *m, const ms_plan *p, const ms_grad_plan *g, ms_error *err) {
+    /* before the plan's own check, which would refuse a site's cache action below the
+     * start block as an action of a row that does not compute it (a block out of
+     * range is the plan check's to report) */
+    if (p->start_resid && p->start_block >= 0 && p->start_block < m->cfg.n_layers &&
+        (g->weights || lowest_block(m, g) < p->start_block))
+        FAIL("start_block: a run that starts at block %d has no gradient for the weights or for a site "
+             "before it", p->start_block);
     ms_status st = ms_plan_check(m, p, err);
     if (st) return st;
     if (p->base || p->record || p->n_logit_pos || p->metric.kind != MS_METRIC_NONE)
         FAIL("grad: the plan must not resume a base, record, or ask for logits or a metric");
-    if (p->start_resid && (g->weights || lowest_block(m, g) < p->start_block))
-        FAIL("start_block: a run that starts at block %d has no gradient for the weights or for a site "
-             "before it", p->start_block);
     for (int i = 0; i < p->n_actions; i++)
         if (p->actions[i].kind == MS_DO_CALLBACK)
             FAIL("hooks: a gradient run cannot call Python hooks (their changes cannot be differentiated); "

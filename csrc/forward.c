@@ -168,7 +168,7 @@ ms_status ms_layout_build(ms_layout *L, const ms_model *m, const ms_plan *p, ms_
         int first = p->start_pos ? real_index(p, r, p->start_pos[r]) : 0;
         L->n_real[r] = n;
         L->first[r] = first;
-        L->layer0[r] = p->start_layer ? p->start_layer[r] : p->start_resid ? p->start_block : -1;
+        L->layer0[r] = ms_plan_row_start(p, r);
         L->row_off[r + 1] = L->row_off[r] + (n - first);
         L->att_off[r + 1] = L->att_off[r] + (size_t)H * (n - first) * n;
         L->item_off[r + 1] = L->item_off[r] + H;

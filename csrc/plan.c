@@ -102,8 +102,7 @@ static int is_computed(const ms_plan *p, int row, int pos) {
     return is_real(p, row, pos) && (!p->start_pos || pos >= p->start_pos[row]);
 }
 
-/* the first block row r computes (-1: from the embedding) */
-static int row_start(const ms_plan *p, int r) {
+int ms_plan_row_start(const ms_plan *p, int r) {
     return p->start_layer ? p->start_layer[r] : p->start_resid ? p->start_block : -1;
 }
 
@@ -126,7 +125,7 @@ static ms_status check_action(const ms_model *m, const ms_plan *p, int ai, ms_er
         int layer = ms_site_per_layer(a->site) ? a->layer : (a->site <= MS_SITE_POS_EMBED ? -1 : c->n_layers);
         int copies = a->kind == MS_DO_COPY_ROW || a->kind == MS_DO_PROJECT_ROW;
         for (int r = a->row < 0 ? 0 : a->row; r < (a->row < 0 ? p->n_rows : a->row + 1); r++)
-            if (row_start(p, r) > layer || (copies && row_start(p, a->src_row) > layer))
+            if (ms_plan_row_start(p, r) > layer || (copies && ms_plan_row_start(p, a->src_row) > layer))
                 FAIL("action %d: row %d does not compute layer %d", ai, r, layer);
     }
     if (a->kind == MS_DO_CACHE || a->kind == MS_DO_CALLBACK) {

@@ -790,11 +790,12 @@ static int is_float_array(PyObject *obj, const char *name, npy_intp n, int write
 }
 
 /* grads[name]: a writeable C-contiguous float32 array of exactly n elements, or NULL
- * (absent: that gradient is not wanted); *bad set on a wrong array (exception set) */
-static float *grad_array(PyObject *keep, PyObject *grads, const char *name, size_t n, int *bad) {
+ * (absent: that gradient is not wanted); *bad set on a wrong array (exception set).
+ * parse_weight_grads has kept a reference to every array of grads already. */
+static float *grad_array(PyObject *grads, const char *name, size_t n, int *bad) {
     PyObject *obj = PyDict_GetItemString(grads, name); /* borrowed */
     if (!obj) return NULL;
-    if (!is_float_array(obj, name, (npy_intp)n, 1) || PyList_Append(keep, obj) < 0) {
+    if (!is_float_array(obj, name, (npy_intp)n, 1)) {
         *bad = 1;
         return NULL;
     }
@@ -836,35 +837,35 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         all->data[all->n] = (float *)PyArray_DATA((PyArrayObject *)value);
         all->size[all->n++] = (size_t)PyArray_SIZE((PyArrayObject *)value);
     }
-    wg->wte = grad_array(keep, grads, "embed", V * C, &bad);
-    if (m->wpe) wg->wpe = grad_array(keep, grads, "pos_embed", (size_t)c->n_ctx * C, &bad);
-    wg->lnf_w = grad_array(keep, grads, "ln_final.w", C, &bad);
-    if (m->lnf_b) wg->lnf_b = grad_array(keep, grads, "ln_final.b", C, &bad);
-    wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(keep, grads, "unembed", V * C, &bad);
+    wg->wte = grad_array(grads, "embed", V * C, &bad);
+    if (m->wpe) wg->wpe = grad_array(grads, "pos_embed", (size_t)c->n_ctx * C, &bad);
+    wg->lnf_w = grad_array(grads, "ln_final.w", C, &bad);
+    if (m->lnf_b) wg->lnf_b = grad_array(grads, "ln_final.b", C, &bad);
+    wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(grads, "unembed", V * C, &bad);
     for (int l = 0; l < c->n_layers && !bad; l++) {
         const ms_block *b = &m->blocks[l];
         ms_block_grad *g = &wg->blocks[l];
 #define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
-        g->ln1_w = grad_array(keep, grads, NAME("ln1.w"), C, &bad);
-        if (b->ln1_b) g->ln1_b = grad_array(keep, grads, NAME("ln1.b"), C, &bad);
-        float *wqkv = grad_array(keep, grads, NAME("attn.w_qkv"), C * QW, &bad);
-        float *bqkv = b->q.b ? grad_array(keep, grads, NAME("attn.b_qkv"), QW, &bad) : NULL;
+        g->ln1_w = grad_array(grads, NAME("ln1.w"), C, &bad);
+        if (b->ln1_b) g->ln1_b = grad_array(grads, NAME("ln1.b"), C, &bad);
+        float *wqkv = grad_array(grads, NAME("attn.w_qkv"), C * QW, &bad);
+        float *bqkv = b->q.b ? grad_array(grads, NAME("attn.b_qkv"), QW, &bad) : NULL;
         g->q = (ms_linear_grad){same_offset(wqkv, b->q.w, b->q.w), same_offset(bqkv, b->q.b, b->q.b)};
         g->k = (ms_linear_grad){same_offset(wqkv, b->k.w, b->q.w), same_offset(bqkv, b->k.b, b->q.b)};
         g->v = (ms_linear_grad){same_offset(wqkv, b->v.w, b->q.w), same_offset(bqkv, b->v.b, b->q.b)};
-        g->o.w = grad_array(keep, grads, NAME("attn.w_o"), QD * C, &bad);
-        if (b->o.b) g->o.b = grad_array(keep, grads, NAME("attn.b_o"), C, &bad);
-        g->ln2_w = grad_array(keep, grads, NAME("ln2.w"), C, &bad);
-        if (b->ln2_b) g->ln2_b = grad_array(keep, grads, NAME("ln2.b"), C, &bad);
+        g->o.w = grad_array(grads, NAME("attn.w_o"), QD * C, &bad);
+        if (b->o.b) g->o.b = grad_array(grads, NAME("attn.b_o"), C, &bad);
+        g->ln2_w = grad_array(grads, NAME("ln2.w"), C, &bad);
+        if (b->ln2_b) g->ln2_b = grad_array(grads, NAME("ln2.b"), C, &bad);
         const ms_linear_weight *first = c->gated_mlp ? &b->mlp_gate : &b->mlp_in;
-        float *win = grad_array(keep, grads, NAME("mlp.w_in"), C * FW, &bad);
-        float *bin = first->b ? grad_array(keep, grads, NAME("mlp.b_in"), FW, &bad) : NULL;
+        float *win = grad_array(grads, NAME("mlp.w_in"), C * FW, &bad);
+        float *bin = first->b ? grad_array(grads, NAME("mlp.b_in"), FW, &bad) : NULL;
         g->mlp_in = (ms_linear_grad){same_offset(win, b->mlp_in.w, first->w), same_offset(bin, b->mlp_in.b, first->b)};
         if (c->gated_mlp)
             g->mlp_gate = (ms_linear_grad){same_offset(win, b->mlp_gate.w, first->w),
                                            same_offset(bin, b->mlp_gate.b, first->b)};
-        g->mlp_out.w = grad_array(keep, grads, NAME("mlp.w_out"), F * C, &bad);
-        if (b->mlp_out.b) g->mlp_out.b = grad_array(keep, grads, NAME("mlp.b_out"), C, &bad);
+        g->mlp_out.w = grad_array(grads, NAME("mlp.w_out"), F * C, &bad);
+        if (b->mlp_out.b) g->mlp_out.b = grad_array(grads, NAME("mlp.b_out"), C, &bad);
 #undef NAME
     }
     return bad ? -1 : 0;
