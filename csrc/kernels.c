@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ---- threads ------------------------------------------------------------------- */
 
@@ -22,19 +23,26 @@
  * alone, as fast as one thread does. It waits only for chunks a helper is
  * computing. (OpenBLAS's own threads split a product statically and wait for
  * each other, which on a loaded machine costs a time slice per product; so the
- * BLAS runs single-threaded and products are cut into panels here.) */
+ * BLAS runs single-threaded and products are cut into panels here.)
+ *
+ * A small model's step is thousands of short loops, and waking a sleeping thread
+ * takes tens of microseconds: so a helper out of work, and a caller waiting for a
+ * helper's last chunk, first watch for a while (SPIN_NS) before they sleep. */
 typedef struct loop_job {
     ms_range_fn fn;
     void *ctx;
     long long n, chunk;       /* items, items per claim */
     long long next;           /* first unclaimed item (atomic) */
     int max_helpers, helpers; /* helpers allowed to join / joined (under the pool lock) */
-    int active;               /* helpers computing a chunk of it (under the pool lock) */
+    unsigned active;          /* helpers computing a chunk of it (changed under the pool lock) */
     const volatile int *stop; /* the caller's run's interrupt flag, or NULL */
     struct loop_job *next_job;
 } loop_job;
 
 enum { MAX_HELPERS = 63 };
+
+/* how long a thread out of work watches for more before it sleeps */
+static const long long SPIN_NS = 100 * 1000;
 
 static struct {
     pthread_mutex_t lock;
@@ -42,7 +50,33 @@ static struct {
     pthread_cond_t idle; /* callers wait here for helpers to leave their job */
     loop_job *jobs;      /* jobs that may still have unclaimed chunks */
     int n_helpers;       /* threads started */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0};
+    unsigned posted;     /* jobs posted so far (atomic): what spinning helpers watch */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0};
+
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* spin for up to SPIN_NS until *word equals value (equal = 1) or differs from it
+ * (equal = 0); whether it did */
+static int watch(const unsigned *word, unsigned value, int equal) {
+    long long end = now_ns() + SPIN_NS;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if ((__atomic_load_n(word, __ATOMIC_ACQUIRE) == value) == equal) return 1;
+            cpu_relax();
+        }
+        if (now_ns() > end) return 0;
+    }
+}
 
 /* the interrupt flag of the run this thread is computing (NULL: none) */
 static _Thread_local const volatile int *current_stop = NULL;
@@ -74,19 +108,30 @@ static void *helper_main(void *unused) {
         /* the first chunk is claimed under the lock: a helper the caller waits
          * for is always one that is computing */
         if (!j || !claim(j, &lo, &hi)) {
-            if (j) j->helpers = j->max_helpers; /* nothing left: no more helpers for it */
-            else pthread_cond_wait(&pool.work, &pool.lock);
+            if (j) {
+                j->helpers = j->max_helpers; /* nothing left: no more helpers for it */
+                continue;
+            }
+            /* no job to join: watch for the next one a while, then sleep; a job
+             * posted after this scan signals, as the scan and the wait are under one
+             * hold of the lock */
+            unsigned seen = pool.posted;
+            pthread_mutex_unlock(&pool.lock);
+            int came = watch(&pool.posted, seen, 0);
+            pthread_mutex_lock(&pool.lock);
+            if (!came && pool.posted == seen) pthread_cond_wait(&pool.work, &pool.lock);
             continue;
         }
         j->helpers++;
-        j->active++;
+        __atomic_add_fetch(&j->active, 1, __ATOMIC_RELAXED);
         pthread_mutex_unlock(&pool.lock);
         const volatile int *saved = ms_stop_flag_swap(j->stop);
         do j->fn(j->ctx, lo, hi);
         while (claim(j, &lo, &hi));
         ms_stop_flag_swap(saved);
         pthread_mutex_lock(&pool.lock);
-        if (--j->active == 0) pthread_cond_broadcast(&pool.idle);
+        /* the last touch of j: its caller may return as soon as it reads 0 */
+        if (__atomic_sub_fetch(&j->active, 1, __ATOMIC_RELEASE) == 0) pthread_cond_broadcast(&pool.idle);
     }
     return NULL;
 }
@@ -140,6 +185,7 @@ void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_ra
     if (helpers > 0) {
         j.next_job = pool.jobs;
         pool.jobs = &j;
+        __atomic_add_fetch(&pool.posted, 1, __ATOMIC_RELEASE);
         for (int i = 0; i < j.max_helpers && i < helpers; i++) pthread_cond_signal(&pool.work);
     }
     pthread_mutex_unlock(&pool.lock);
@@ -149,8 +195,13 @@ void ms_parallel_for(long long n, long long min_per_thread, int n_threads, ms_ra
     pthread_mutex_lock(&pool.lock);
     loop_job **at = &pool.jobs;
     while (*at != &j) at = &(*at)->next_job;
-    *at = j.next_job;
-    while (j.active > 0) pthread_cond_wait(&pool.idle, &pool.lock);
+    *at = j.next_job; /* no helper joins it from now on */
+    if (__atomic_load_n(&j.active, __ATOMIC_RELAXED) > 0) {
+        pthread_mutex_unlock(&pool.lock);
+        if (watch(&j.active, 0, 1)) return;
+        pthread_mutex_lock(&pool.lock);
+        while (j.active > 0) pthread_cond_wait(&pool.idle, &pool.lock);
+    }
     pthread_mutex_unlock(&pool.lock);
 }
 

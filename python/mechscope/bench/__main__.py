@@ -23,7 +23,7 @@ BENCHMARKS = {
     "das": ("mechscope.bench.das",
             "DAS fit on SmolLM2-135M: each step from the site's block vs from the embedding"),
     "train": ("mechscope.bench.train",
-              "one training step (forward + backward + AdamW) of a GPT-2-small-sized model vs PyTorch"),
+              "one training step (forward + backward + AdamW) vs PyTorch: GPT-2 small size, or --size demo / addition"),
 }
 
 

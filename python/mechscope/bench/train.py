@@ -1,4 +1,5 @@
-"""Training-step benchmark: mechscope against PyTorch on a GPT-2-small-sized model.
+"""Training-step benchmark: mechscope against PyTorch on a GPT-2-small-sized model, or on
+the small models mechanisms are studied in (the demo model's size, the addition study's).
 
 One training step = forward + backward of the mean next-token cross-entropy on a
 (batch, pos) block of tokens, global-norm gradient clipping, and an AdamW update of
@@ -15,7 +16,11 @@ alike, and the bf16 reference, several times slower, is timed after them (twice)
 it does not take the rounds' budget; the first losses are compared so that the times
 compare like with like.
 
-    python -m mechscope.bench train [--threads N] [--shape 8x128]
+Small models spend little of a step in matrix products: there a step is bound by the
+work around them (attention, norms, the optimizer) and by per-operation overhead, so the
+ratio to PyTorch says more about those than about the products.
+
+    python -m mechscope.bench train [--threads N] [--size gpt2-small|demo|addition] [--shape 8x128]
 """
 import argparse
 import tempfile
@@ -28,18 +33,36 @@ from mechscope import train
 
 from . import common
 
+# name: (GPT-2 configuration, default BATCHxPOS, what it is)
+SIZES = {
+    "gpt2-small": (common.GPT2_SMALL, "8x128", "GPT-2 small size"),
+    # ms.demo's model: 4 layers of width 128, its 118-token vocabulary, trained at 64 x 32
+    "demo": (dict(n_layer=4, n_embd=128, n_head=4, vocab_size=118, n_positions=32), "64x32",
+             "the demo model's size"),
+    # scripts/addition_study.py's "medium": digits, '+', '=' and two specials; 64 x 16
+    "addition": (dict(n_layer=3, n_embd=128, n_head=4, vocab_size=14, n_positions=20), "64x16",
+                 "the addition study's medium size"),
+}
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m mechscope.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=common.default_threads(),
                         help="threads for both mechscope and torch (default: all cores)")
-    parser.add_argument("--shape", default="8x128", help="BATCHxPOS of one step (default 8x128)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="gpt2-small",
+                        help="the model's size (default gpt2-small)")
+    parser.add_argument("--shape", default=None,
+                        help="BATCHxPOS of one step (default: the size's, 8x128 for gpt2-small)")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="seconds of timed fp32 rounds (default 60; at least 5 rounds)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    args.shape = tuple(int(x) for x in args.shape.split("x"))
+    args.config, shape, args.size_name = SIZES[args.size]
+    args.shape = tuple(int(x) for x in (args.shape or shape).split("x"))
+    if args.shape[1] > args.config["n_positions"]:
+        parser.error(f"--shape: {args.shape[1]} positions, but the {args.size} model has "
+                     f"{args.config['n_positions']}")
     return args
 
 
@@ -51,14 +74,14 @@ def main(argv=None):
     ms.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     B, T = args.shape
-    common.print_header(f"one training step (forward + backward + clip + AdamW), GPT-2 small size, {B}x{T}",
+    common.print_header(f"one training step (forward + backward + clip + AdamW), {args.size_name}, {B}x{T}",
                         [f"threads: {args.threads} (mechscope and torch {torch.__version__})"])
     rng = np.random.default_rng(args.seed)
-    tokens = rng.integers(0, common.GPT2_SMALL["vocab_size"], size=(B, T))
+    tokens = rng.integers(0, args.config["vocab_size"], size=(B, T))
     mask = np.ones((B, T), np.int32)
 
     with tempfile.TemporaryDirectory() as folder:
-        common.save_random_gpt2(folder, args.seed)
+        common.save_random_gpt2(folder, args.seed, args.config)
         model = ms.Model.from_pretrained(folder)
         hf = {impl: GPT2LMHeadModel.from_pretrained(folder, attn_implementation=impl, dtype=torch.float32,
                                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -119,7 +142,7 @@ def main(argv=None):
 
     # how far each is from the machine: the step's matrix products (3x the forward's,
     # the same in both) at the sgemm peak bound what any fp32 implementation can reach
-    flops = 3 * common.gpt2_flops(common.GPT2_SMALL, B, T, B * T)
+    flops = 3 * common.gpt2_flops(args.config, B, T, B * T)
     print()
     peak = common.measure_sgemm_peak()
     print(f"the step's matmul FLOPs (3x the forward's): {flops / 1e9:.0f} GFLOP")
