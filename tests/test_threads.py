@@ -205,3 +205,38 @@ def test_two_threads_pinned_to_one_core(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True"]
+
+
+def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path):
+    """Products of at most 16 rows through a weight stored [out, in] are dot products
+    from the weight's rows (AVX-512); more rows, or MECHSCOPE_GENERIC_KERNELS=1, go to
+    the BLAS. Odd widths (52 inputs: a 4-wide tail after 16-wide steps; 151 logits: not
+    a multiple of 4 columns) at 1 to 40 rows: the same logits as HF and as the BLAS
+    path, and bit-identical at 1 and 2 threads."""
+    import subprocess
+    import sys
+    hf = make_hf_model(dict(n_embd=52, n_head=2, n_layer=2, vocab_size=151, n_positions=40), seed=13)
+    folder = save_hf(hf, tmp_path / "m")
+    model = ms.Model.from_pretrained(folder)
+    rng = np.random.default_rng(3)
+    shapes = [(1, 1), (1, 3), (2, 8), (1, 17), (2, 20)]  # 1, 3, 16, 17, 40 rows
+    for i, shape in enumerate(shapes):
+        np.save(tmp_path / f"tokens{i}.npy", random_tokens(rng, 151, *shape))
+    script = ("import sys, numpy as np, mechscope as ms\n"
+              "m = ms.Model.from_pretrained(sys.argv[1])\n"
+              "for i in range(int(sys.argv[2])):\n"
+              "    t = np.load(f'{sys.argv[3]}/tokens{i}.npy')\n"
+              "    np.save(f'{sys.argv[3]}/blas{i}.npy', m.run(t).logits)\n")
+    env = dict(__import__("os").environ, MECHSCOPE_GENERIC_KERNELS="1")
+    done = subprocess.run([sys.executable, "-c", script, folder, str(len(shapes)), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for i, shape in enumerate(shapes):
+        tokens = np.load(tmp_path / f"tokens{i}.npy")
+        runs = []
+        for n in (1, 2):
+            ms.set_num_threads(n)
+            runs.append(model.run(tokens).logits)
+        np.testing.assert_array_equal(runs[0], runs[1])
+        assert_close(runs[0], hf_run(hf, tokens)["logits"], what=f"{shape} vs HF")
+        assert_close(runs[0], np.load(tmp_path / f"blas{i}.npy"), atol=1e-5, what=f"{shape} vs the BLAS path")
