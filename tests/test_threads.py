@@ -208,9 +208,9 @@ def test_two_threads_pinned_to_one_core(tmp_path):
 
 
 def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path):
-    """Products of at most 16 rows through a weight stored [out, in] are dot products
-    from the weight's rows (AVX-512); more rows, or MECHSCOPE_GENERIC_KERNELS=1, go to
-    the BLAS. Odd widths (52 inputs: a 4-wide tail after 16-wide steps; 151 logits: not
+    """Products of at most 16 rows through a weight stored [out, in] (here GPT-2's
+    unembedding; Llama's layers too) are dot products from the weight's rows (AVX-512);
+    more rows, or MECHSCOPE_GENERIC_KERNELS=1, go to the BLAS. Odd widths (52 inputs: a 4-wide tail after 16-wide steps; 151 logits: not
     a multiple of 4 columns) at 1 to 40 rows: the same logits as HF and as the BLAS
     path, and bit-identical at 1 and 2 threads."""
     import subprocess
