@@ -974,9 +974,9 @@ static int weight_row_dots(float *out, int ld_out, const float *in, int ld_in, c
 
 const char *ms_kernels_name(void) {
 #ifdef MS_AVX512_KERNELS
-    if (has_avx512()) return "AVX-512 attention kernels";
+    if (has_avx512()) return "AVX-512 attention kernels and few-row products";
 #endif
-    return "generic attention kernels (loops compiled for AVX-512, AVX2 and the baseline)";
+    return "generic attention kernels (loops compiled for AVX-512, AVX2 and the baseline), BLAS products";
 }
 
 void ms_query_scores4(float *s, int lds, const float *q, int ldq, const float *kt, int ldkt, int n,
