@@ -967,8 +967,6 @@ static int weight_row_dots(float *out, int ld_out, const float *in, int ld_in, c
         return 1;
     }
 #endif
-    (void)out, (void)ld_out, (void)in, (void)ld_in, (void)w, (void)ld_w, (void)rows, (void)cols, (void)IC,
-        (void)beta;
     return 0;
 }
 

@@ -39,10 +39,10 @@ typedef struct {
 /* Build the packed layout of a plan (checked); allocates L's index arrays, which
  * ms_layout_free frees (also after a failed build). */
 ms_status ms_layout_build(ms_layout *L, const ms_model *m, const ms_plan *p, ms_error *err);
+void ms_layout_free(ms_layout *L);
 
 /* the first block row r of a plan computes (-1: from the embedding) */
 int ms_plan_row_start(const ms_plan *p, int r);
-void ms_layout_free(ms_layout *L);
 
 /* The forward pass of a checked plan over its layout (ms_run is check, build, this). */
 ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L, ms_error *err);

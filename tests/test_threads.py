@@ -207,15 +207,24 @@ def test_two_threads_pinned_to_one_core(tmp_path):
     assert done.stdout.split() == ["True"]
 
 
-def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path):
-    """Products of at most 16 rows through a weight stored [out, in] (here GPT-2's
-    unembedding; Llama's layers too) are dot products from the weight's rows (AVX-512);
-    more rows, or MECHSCOPE_GENERIC_KERNELS=1, go to the BLAS. Odd widths (52 inputs: a 4-wide tail after 16-wide steps; 151 logits: not
-    a multiple of 4 columns) at 1 to 40 rows: the same logits as HF and as the BLAS
-    path, and bit-identical at 1 and 2 threads."""
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path, family):
+    """Products of at most 16 rows through a weight stored [out, in] (GPT-2's
+    unembedding; every product of a Llama model) are dot products from the weight's
+    rows (AVX-512); more rows, or MECHSCOPE_GENERIC_KERNELS=1, go to the BLAS. Odd
+    widths (52 and 36 inputs: a 4-wide tail after 16-wide steps; 151 logits: not a
+    multiple of 4 columns) at 1 to 40 rows: the same logits as HF and as the BLAS path,
+    and bit-identical at 1 and 2 threads."""
     import subprocess
     import sys
-    hf = make_hf_model(dict(n_embd=52, n_head=2, n_layer=2, vocab_size=151, n_positions=40), seed=13)
+    import torch
+    from test_architectures import make_hf
+    if family == "gpt2":
+        hf = make_hf_model(dict(n_embd=52, n_head=2, n_layer=2, vocab_size=151, n_positions=40), seed=13)
+    else:
+        hf = make_hf(None, seed=13, spec=("llama", dict(hidden_size=52, num_attention_heads=2, num_key_value_heads=1,
+                                                        num_hidden_layers=2, intermediate_size=36, vocab_size=151,
+                                                        max_position_embeddings=40, tie_word_embeddings=False)))
     folder = save_hf(hf, tmp_path / "m")
     model = ms.Model.from_pretrained(folder)
     rng = np.random.default_rng(3)
@@ -238,5 +247,7 @@ def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path):
             ms.set_num_threads(n)
             runs.append(model.run(tokens).logits)
         np.testing.assert_array_equal(runs[0], runs[1])
-        assert_close(runs[0], hf_run(hf, tokens)["logits"], what=f"{shape} vs HF")
+        with torch.no_grad():
+            want = hf(input_ids=torch.as_tensor(tokens)).logits.numpy()
+        assert_close(runs[0], want, what=f"{shape} vs HF")
         assert_close(runs[0], np.load(tmp_path / f"blas{i}.npy"), atol=1e-5, what=f"{shape} vs the BLAS path")
