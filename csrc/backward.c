@@ -550,8 +550,12 @@ static void head_backward(bwd *b, const int *ks, const int *rows, const int *tar
         ms_unembed(b->head_y, b->head_x, b->m->unembed, ch, C, V, b->n_threads);
         head_job job = {b, ch, kind, rows + i0, targets ? targets + i0 : NULL, weight, values + i0};
         ms_parallel_for(ch, 1, b->n_threads, head_rows, &job);
-        ms_gemm(0, 0, ch, C, V, 1.0f, b->head_y, V, b->m->unembed, C, 0.0f, b->head_dx, C, b->n_threads);
-        if (du) ms_gemm(1, 0, V, C, ch, 1.0f, b->head_y, V, b->head_x, C, 1.0f, du, C, b->n_threads);
+        /* d head_x = dy U; dU += dy^T head_x */
+        ms_product px = {0, 0, ch, C, V, 1.0f, b->head_y, V, b->m->unembed, C, 0.0f, b->head_dx, C};
+        ms_product pu = {1, 0, V, C, ch, 1.0f, b->head_y, V, b->head_x, C, 1.0f, du, C};
+        if (du) ms_gemm_pair(&pu, &px, b->n_threads);
+        else ms_gemm(px.trans_a, px.trans_b, px.M, px.Nc, px.K, px.alpha, px.A, px.lda, px.B, px.ldb, px.beta, px.C,
+                     px.ldc, b->n_threads);
         for (int i = 0; i < ch; i++) {
             float *dst = b->dln + (size_t)ks[i0 + i] * C;
             const float *src = b->head_dx + (size_t)i * C;

@@ -136,6 +136,26 @@ static long long pair_tiles_wanted(double flops, int n_threads) {
     return want > 1 ? want : 1;
 }
 
+void ms_gemm_pair(const ms_product *x, const ms_product *y, int n_threads) {
+    double fx = 2.0 * x->M * x->Nc * x->K, fy = 2.0 * y->M * y->Nc * y->K;
+    if (n_threads < 2 || fx < (1 << 22) || fy < (1 << 22)) { /* too small to share: one after the other */
+        ms_gemm(x->trans_a, x->trans_b, x->M, x->Nc, x->K, x->alpha, x->A, x->lda, x->B, x->ldb, x->beta, x->C,
+                x->ldc, n_threads);
+        ms_gemm(y->trans_a, y->trans_b, y->M, y->Nc, y->K, y->alpha, y->A, y->lda, y->B, y->ldb, y->beta, y->C,
+                y->ldc, n_threads);
+        return;
+    }
+    gemm_job gx, gy;
+    long long tx = gemm_cut(&gx, x->trans_a, x->trans_b, x->M, x->Nc, x->K, x->alpha, x->A, x->lda, x->B, x->ldb,
+                            x->beta, x->C, x->ldc, pair_tiles_wanted(fx, n_threads));
+    long long ty = gemm_cut(&gy, y->trans_a, y->trans_b, y->M, y->Nc, y->K, y->alpha, y->A, y->lda, y->B, y->ldb,
+                            y->beta, y->C, y->ldc, pair_tiles_wanted(fy, n_threads));
+    gemm_pair_job pair = {&gx, &gy, tx};
+    ms_parallel_for(tx + ty, 1, n_threads, gemm_pair_tiles, &pair);
+    if (tx) gemm_finish(&gx, n_threads);
+    if (ty) gemm_finish(&gy, n_threads);
+}
+
 /* Sums over rows (a bias's or a norm weight's gradient) are split over the threads
  * by blocks of columns: each column is still summed by one thread, in row order, so
  * the sums do not depend on the thread count. */
@@ -176,33 +196,16 @@ static void add_column_sums(float *db, const float *dy, int ld, int N, int n, in
 void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *db, const float *x, int ld_x,
                         const float *dy, int ld_dy, const ms_linear_weight *w, int N, int IC, int OC,
                         int n_threads) {
-    double flops = 2.0 * N * IC * OC; /* of each product */
-    if (dx && dw && n_threads > 1 && flops >= 2.0 * (1 << 22)) {
-        /* dx and dW at once, the threads sharing the tiles of both (gemm_pair_tiles) */
-        gemm_job gx, gw;
-        long long want = pair_tiles_wanted(flops, n_threads), tx, tw;
-        /* dx = dy W^T: W [IC, OC] (ld) is read transposed; [OC, IC] (trans) as it is */
-        tx = gemm_cut(&gx, 0, !w->trans, N, IC, OC, 1.0f, dy, ld_dy, w->w, w->ld, accumulate ? 1.0f : 0.0f, dx,
-                      ld_dx, want);
-        if (w->trans) /* dW [OC, IC] += dy^T x */
-            tw = gemm_cut(&gw, 1, 0, OC, IC, N, 1.0f, dy, ld_dy, x, ld_x, 1.0f, dw, w->ld, want);
-        else /* dW [IC, OC] += x^T dy */
-            tw = gemm_cut(&gw, 1, 0, IC, OC, N, 1.0f, x, ld_x, dy, ld_dy, 1.0f, dw, w->ld, want);
-        gemm_pair_job pair = {&gx, &gw, tx};
-        ms_parallel_for(tx + tw, 1, n_threads, gemm_pair_tiles, &pair);
-        if (tx) gemm_finish(&gx, n_threads);
-        if (tw) gemm_finish(&gw, n_threads);
-    } else {
-        if (dx)
-            ms_gemm(0, !w->trans, N, IC, OC, 1.0f, dy, ld_dy, w->w, w->ld, accumulate ? 1.0f : 0.0f, dx, ld_dx,
-                    n_threads);
-        if (dw) {
-            if (w->trans)
-                ms_gemm(1, 0, OC, IC, N, 1.0f, dy, ld_dy, x, ld_x, 1.0f, dw, w->ld, n_threads);
-            else
-                ms_gemm(1, 0, IC, OC, N, 1.0f, x, ld_x, dy, ld_dy, 1.0f, dw, w->ld, n_threads);
-        }
-    }
+    /* dx = dy W^T: W [IC, OC] (ld) is read transposed; [OC, IC] (trans) as it is */
+    ms_product px = {0, !w->trans, N, IC, OC, 1.0f, dy, ld_dy, w->w, w->ld, accumulate ? 1.0f : 0.0f, dx, ld_dx};
+    /* dW [OC, IC] += dy^T x, or dW [IC, OC] += x^T dy */
+    ms_product pw = w->trans ? (ms_product){1, 0, OC, IC, N, 1.0f, dy, ld_dy, x, ld_x, 1.0f, dw, w->ld}
+                             : (ms_product){1, 0, IC, OC, N, 1.0f, x, ld_x, dy, ld_dy, 1.0f, dw, w->ld};
+    if (dx && dw) ms_gemm_pair(&px, &pw, n_threads);
+    else if (dx) ms_gemm(px.trans_a, px.trans_b, px.M, px.Nc, px.K, px.alpha, px.A, px.lda, px.B, px.ldb, px.beta,
+                         px.C, px.ldc, n_threads);
+    else if (dw) ms_gemm(pw.trans_a, pw.trans_b, pw.M, pw.Nc, pw.K, pw.alpha, pw.A, pw.lda, pw.B, pw.ldb, pw.beta,
+                         pw.C, pw.ldc, n_threads);
     if (db) add_column_sums(db, dy, ld_dy, N, OC, n_threads);
 }
 

@@ -11,6 +11,23 @@
 void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const float *A, int lda,
              const float *B, int ldb, float beta, float *Cm, int ldc, int n_threads);
 
+/* the arguments of one ms_gemm */
+typedef struct {
+    int trans_a, trans_b, M, Nc, K;
+    float alpha;
+    const float *A;
+    int lda;
+    const float *B;
+    int ldb;
+    float beta;
+    float *C;
+    int ldc;
+} ms_product;
+
+/* two independent products (neither reads the other's output), their tiles shared
+ * by the threads in one loop */
+void ms_gemm_pair(const ms_product *x, const ms_product *y, int n_threads);
+
 /* The backward of out[N, OC] = in[N, IC] @ W + b (ms_linear):
  * dx[N, IC] (ld_dx) = dy @ W^T, or += when accumulate; dw (same layout as w, may be
  * NULL) += x^T dy; db[OC] (may be NULL) += column sums of dy. */
