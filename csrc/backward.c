@@ -554,8 +554,7 @@ static void head_backward(bwd *b, const int *ks, const int *rows, const int *tar
         ms_product px = {0, 0, ch, C, V, 1.0f, b->head_y, V, b->m->unembed, C, 0.0f, b->head_dx, C};
         ms_product pu = {1, 0, V, C, ch, 1.0f, b->head_y, V, b->head_x, C, 1.0f, du, C};
         if (du) ms_gemm_pair(&pu, &px, b->n_threads);
-        else ms_gemm(px.trans_a, px.trans_b, px.M, px.Nc, px.K, px.alpha, px.A, px.lda, px.B, px.ldb, px.beta, px.C,
-                     px.ldc, b->n_threads);
+        else ms_gemm_product(&px, b->n_threads);
         for (int i = 0; i < ch; i++) {
             float *dst = b->dln + (size_t)ks[i0 + i] * C;
             const float *src = b->head_dx + (size_t)i * C;

@@ -84,7 +84,8 @@ static long long gemm_cut(gemm_job *g, int trans_a, int trans_b, int M, int Nc, 
     int parts = K / 4096 < 8 ? K / 4096 : 8;
     if (parts > 1 && K >= 4 * (M > Nc ? M : Nc) && (double)M * Nc * parts <= (1 << 24)) {
         g->partial = malloc(sizeof(float) * (size_t)(parts - 1) * M * Nc);
-        if (g->partial) g->k_parts = parts, g->k_part = (K + parts - 1) / parts, g->tile_m = M, g->tile_n = Nc, g->tiles_n = 1;
+        if (g->partial)
+            g->k_parts = parts, g->k_part = (K + parts - 1) / parts, g->tile_m = M, g->tile_n = Nc, g->tiles_n = 1;
     }
     return (long long)((M + g->tile_m - 1) / g->tile_m) * g->tiles_n * g->k_parts;
 }
@@ -106,6 +107,11 @@ void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const 
     if (tiles == 1) gemm_tiles(&g, 0, 1);
     else ms_parallel_for(tiles, 1, n_threads, gemm_tiles, &g);
     gemm_finish(&g, n_threads);
+}
+
+void ms_gemm_product(const ms_product *p, int n_threads) {
+    ms_gemm(p->trans_a, p->trans_b, p->M, p->Nc, p->K, p->alpha, p->A, p->lda, p->B, p->ldb, p->beta, p->C, p->ldc,
+            n_threads);
 }
 
 /* Two independent products whose tiles the threads share in one loop: the first's
@@ -140,10 +146,8 @@ static long long pair_tiles_wanted(double flops, int n_threads) {
 void ms_gemm_pair(const ms_product *x, const ms_product *y, int n_threads) {
     double fx = 2.0 * x->M * x->Nc * x->K, fy = 2.0 * y->M * y->Nc * y->K;
     if (n_threads < 2 || fx < (1 << 22) || fy < (1 << 22)) { /* too small to share: one after the other */
-        ms_gemm(x->trans_a, x->trans_b, x->M, x->Nc, x->K, x->alpha, x->A, x->lda, x->B, x->ldb, x->beta, x->C,
-                x->ldc, n_threads);
-        ms_gemm(y->trans_a, y->trans_b, y->M, y->Nc, y->K, y->alpha, y->A, y->lda, y->B, y->ldb, y->beta, y->C,
-                y->ldc, n_threads);
+        ms_gemm_product(x, n_threads);
+        ms_gemm_product(y, n_threads);
         return;
     }
     gemm_job gx, gy;
@@ -203,10 +207,8 @@ void ms_linear_backward(float *dx, int ld_dx, int accumulate, float *dw, float *
     ms_product pw = w->trans ? (ms_product){1, 0, OC, IC, N, 1.0f, dy, ld_dy, x, ld_x, 1.0f, dw, w->ld}
                              : (ms_product){1, 0, IC, OC, N, 1.0f, x, ld_x, dy, ld_dy, 1.0f, dw, w->ld};
     if (dx && dw) ms_gemm_pair(&px, &pw, n_threads);
-    else if (dx) ms_gemm(px.trans_a, px.trans_b, px.M, px.Nc, px.K, px.alpha, px.A, px.lda, px.B, px.ldb, px.beta,
-                         px.C, px.ldc, n_threads);
-    else if (dw) ms_gemm(pw.trans_a, pw.trans_b, pw.M, pw.Nc, pw.K, pw.alpha, pw.A, pw.lda, pw.B, pw.ldb, pw.beta,
-                         pw.C, pw.ldc, n_threads);
+    else if (dx) ms_gemm_product(&px, n_threads);
+    else if (dw) ms_gemm_product(&pw, n_threads);
     if (db) add_column_sums(db, dy, ld_dy, N, OC, n_threads);
 }
 

@@ -24,6 +24,9 @@ typedef struct {
     int ldc;
 } ms_product;
 
+/* ms_gemm of the product p */
+void ms_gemm_product(const ms_product *p, int n_threads);
+
 /* two independent products (neither reads the other's output), their tiles shared
  * by the threads in one loop */
 void ms_gemm_pair(const ms_product *x, const ms_product *y, int n_threads);
