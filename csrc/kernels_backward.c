@@ -21,11 +21,7 @@
  * are added at the end, so that each operand is packed once; those parts depend on
  * the shape alone, never on the thread count. */
 typedef struct {
-    int trans_a, trans_b, M, Nc, K;
-    float alpha, beta;
-    const float *A, *B;
-    int lda, ldb, ldc;
-    float *Cm;
+    ms_product p;
     int tile_m, tile_n, tiles_n; /* the grid: tiles of tile_m rows by tile_n columns */
     int k_part, k_parts;         /* K cut into k_parts of k_part (1 part: not cut) */
     float *partial;              /* [k_parts - 1, M, Nc] the sums of parts 1.. */
@@ -33,18 +29,19 @@ typedef struct {
 
 static void gemm_tiles(void *ctx, long long lo, long long hi) {
     const gemm_job *g = ctx;
-    for (long long p = lo; p < hi && !ms_interrupted(); p++) {
-        int kp = (int)(p % g->k_parts), tile = (int)(p / g->k_parts);
+    const ms_product *q = &g->p;
+    for (long long t = lo; t < hi && !ms_interrupted(); t++) {
+        int kp = (int)(t % g->k_parts), tile = (int)(t / g->k_parts);
         int r0 = tile / g->tiles_n * g->tile_m, c0 = tile % g->tiles_n * g->tile_n;
-        int r1 = r0 + g->tile_m < g->M ? r0 + g->tile_m : g->M, c1 = c0 + g->tile_n < g->Nc ? c0 + g->tile_n : g->Nc;
-        int k0 = kp * g->k_part, k1 = k0 + g->k_part < g->K ? k0 + g->k_part : g->K;
+        int r1 = r0 + g->tile_m < q->M ? r0 + g->tile_m : q->M, c1 = c0 + g->tile_n < q->Nc ? c0 + g->tile_n : q->Nc;
+        int k0 = kp * g->k_part, k1 = k0 + g->k_part < q->K ? k0 + g->k_part : q->K;
         /* rows r0.. of op(A): rows of A, or columns of A when transposed; k0.. likewise */
-        const float *A = g->trans_a ? g->A + (size_t)k0 * g->lda + r0 : g->A + (size_t)r0 * g->lda + k0;
-        const float *B = g->trans_b ? g->B + (size_t)c0 * g->ldb + k0 : g->B + (size_t)k0 * g->ldb + c0;
-        float *Cm = kp ? g->partial + (size_t)(kp - 1) * g->M * g->Nc : g->Cm;
-        int ldc = kp ? g->Nc : g->ldc;
-        ms_sgemm(CblasRowMajor, g->trans_a ? CblasTrans : CblasNoTrans, g->trans_b ? CblasTrans : CblasNoTrans,
-                 r1 - r0, c1 - c0, k1 - k0, g->alpha, A, g->lda, B, g->ldb, kp ? 0.0f : g->beta,
+        const float *A = q->trans_a ? q->A + (size_t)k0 * q->lda + r0 : q->A + (size_t)r0 * q->lda + k0;
+        const float *B = q->trans_b ? q->B + (size_t)c0 * q->ldb + k0 : q->B + (size_t)k0 * q->ldb + c0;
+        float *Cm = kp ? g->partial + (size_t)(kp - 1) * q->M * q->Nc : q->C;
+        int ldc = kp ? q->Nc : q->ldc;
+        ms_sgemm(CblasRowMajor, q->trans_a ? CblasTrans : CblasNoTrans, q->trans_b ? CblasTrans : CblasNoTrans,
+                 r1 - r0, c1 - c0, k1 - k0, q->alpha, A, q->lda, B, q->ldb, kp ? 0.0f : q->beta,
                  Cm + (size_t)r0 * ldc + c0, ldc);
     }
 }
@@ -52,27 +49,33 @@ static void gemm_tiles(void *ctx, long long lo, long long hi) {
 /* C += the partial sums of K's parts 1.., in order, for rows [lo, hi) */
 static void add_partials(void *ctx, long long lo, long long hi) {
     const gemm_job *g = ctx;
+    const ms_product *q = &g->p;
     for (long long i = lo; i < hi; i++) {
-        float *row = g->Cm + (size_t)i * g->ldc;
+        float *row = q->C + (size_t)i * q->ldc;
         for (int kp = 1; kp < g->k_parts; kp++) {
-            const float *part = g->partial + ((size_t)(kp - 1) * g->M + (size_t)i) * g->Nc;
-            for (int j = 0; j < g->Nc; j++) row[j] += part[j];
+            const float *part = g->partial + ((size_t)(kp - 1) * q->M + (size_t)i) * q->Nc;
+            for (int j = 0; j < q->Nc; j++) row[j] += part[j];
         }
     }
 }
 
-/* Cuts the product C = alpha op(A) op(B) + beta C into at least `want` tiles (fewer
- * when it is small): fills g and returns the number of tiles, 0 when there is nothing
- * to multiply (C [M, Nc] empty, or K = 0: then C = beta C here). */
-static long long gemm_cut(gemm_job *g, int trans_a, int trans_b, int M, int Nc, int K, float alpha, const float *A,
-                          int lda, const float *B, int ldb, float beta, float *Cm, int ldc, long long want) {
+static double product_flops(const ms_product *p) { return 2.0 * p->M * p->Nc * p->K; }
+
+/* Cuts the product p (C = alpha op(A) op(B) + beta C) into at least `want` tiles
+ * (fewer when it is small): fills g and returns the number of tiles, 0 when there is
+ * nothing to multiply (C empty, or K = 0: then C = beta C here). */
+static long long gemm_cut(gemm_job *g, const ms_product *p, long long want) {
+    int M = p->M, Nc = p->Nc, K = p->K;
     if (M <= 0 || Nc <= 0) return 0;
     if (K <= 0) { /* an empty sum: C = beta C */
         for (int i = 0; i < M; i++)
-            for (int j = 0; j < Nc; j++) Cm[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * Cm[(size_t)i * ldc + j];
+            for (int j = 0; j < Nc; j++) {
+                float *c = p->C + (size_t)i * p->ldc + j;
+                *c = p->beta == 0.0f ? 0.0f : p->beta * *c;
+            }
         return 0;
     }
-    *g = (gemm_job){trans_a, trans_b, M, Nc, K, alpha, beta, A, B, lda, ldb, ldc, Cm, M, Nc, 1, K, 1, NULL};
+    *g = (gemm_job){*p, M, Nc, 1, K, 1, NULL};
     if (want > 1) {
         ms_gemm_grid(M, Nc, want, &g->tile_m, &g->tile_n);
         g->tiles_n = (Nc + g->tile_n - 1) / g->tile_n;
@@ -93,25 +96,24 @@ static long long gemm_cut(gemm_job *g, int trans_a, int trans_b, int M, int Nc, 
 /* after the tiles: the partial sums of K's parts added to C */
 static void gemm_finish(gemm_job *g, int n_threads) {
     if (!g->partial) return;
-    if (!ms_interrupted()) ms_parallel_for(g->M, 16, n_threads, add_partials, g);
+    if (!ms_interrupted()) ms_parallel_for(g->p.M, 16, n_threads, add_partials, g);
     free(g->partial);
     g->partial = NULL;
 }
 
-void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const float *A, int lda,
-             const float *B, int ldb, float beta, float *Cm, int ldc, int n_threads) {
+void ms_gemm_product(const ms_product *p, int n_threads) {
     gemm_job g;
-    long long want = ms_gemm_tiles_wanted(2.0 * M * Nc * K, n_threads);
-    long long tiles = gemm_cut(&g, trans_a, trans_b, M, Nc, K, alpha, A, lda, B, ldb, beta, Cm, ldc, want);
+    long long tiles = gemm_cut(&g, p, ms_gemm_tiles_wanted(product_flops(p), n_threads));
     if (tiles == 0) return;
     if (tiles == 1) gemm_tiles(&g, 0, 1);
     else ms_parallel_for(tiles, 1, n_threads, gemm_tiles, &g);
     gemm_finish(&g, n_threads);
 }
 
-void ms_gemm_product(const ms_product *p, int n_threads) {
-    ms_gemm(p->trans_a, p->trans_b, p->M, p->Nc, p->K, p->alpha, p->A, p->lda, p->B, p->ldb, p->beta, p->C, p->ldc,
-            n_threads);
+void ms_gemm(int trans_a, int trans_b, int M, int Nc, int K, float alpha, const float *A, int lda,
+             const float *B, int ldb, float beta, float *Cm, int ldc, int n_threads) {
+    ms_product p = {trans_a, trans_b, M, Nc, K, alpha, A, lda, B, ldb, beta, Cm, ldc};
+    ms_gemm_product(&p, n_threads);
 }
 
 /* Two independent products whose tiles the threads share in one loop: the first's
@@ -144,17 +146,15 @@ static long long pair_tiles_wanted(double flops, int n_threads) {
 }
 
 void ms_gemm_pair(const ms_product *x, const ms_product *y, int n_threads) {
-    double fx = 2.0 * x->M * x->Nc * x->K, fy = 2.0 * y->M * y->Nc * y->K;
+    double fx = product_flops(x), fy = product_flops(y);
     if (n_threads < 2 || fx < (1 << 22) || fy < (1 << 22)) { /* too small to share: one after the other */
         ms_gemm_product(x, n_threads);
         ms_gemm_product(y, n_threads);
         return;
     }
     gemm_job gx, gy;
-    long long tx = gemm_cut(&gx, x->trans_a, x->trans_b, x->M, x->Nc, x->K, x->alpha, x->A, x->lda, x->B, x->ldb,
-                            x->beta, x->C, x->ldc, pair_tiles_wanted(fx, n_threads));
-    long long ty = gemm_cut(&gy, y->trans_a, y->trans_b, y->M, y->Nc, y->K, y->alpha, y->A, y->lda, y->B, y->ldb,
-                            y->beta, y->C, y->ldc, pair_tiles_wanted(fy, n_threads));
+    long long tx = gemm_cut(&gx, x, pair_tiles_wanted(fx, n_threads));
+    long long ty = gemm_cut(&gy, y, pair_tiles_wanted(fy, n_threads));
     gemm_pair_job pair = {&gx, &gy, tx};
     ms_parallel_for(tx + ty, 1, n_threads, gemm_pair_tiles, &pair);
     if (tx) gemm_finish(&gx, n_threads);

@@ -1,4 +1,7 @@
 """Thread safety and thread-count independence."""
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -116,8 +119,6 @@ def test_threads_on_different_models_and_errors(ms, big, ms_models, rng):
 def test_generic_kernels_match_hf(tmp_path):
     """The plain-loop attention kernels (used where the CPU has no AVX-512) give the
     same values as the AVX-512 ones and as HF: run in a process that asks for them."""
-    import subprocess
-    import sys
     hf = make_hf_model(dict(n_embd=64, n_head=2, n_layer=2, vocab_size=90, n_positions=80), seed=12)
     folder = save_hf(hf, tmp_path / "m")
     tokens = np.random.default_rng(2).integers(0, 90, (3, 70))
@@ -126,7 +127,7 @@ def test_generic_kernels_match_hf(tmp_path):
               "m = ms.Model.from_pretrained(sys.argv[1])\n"
               "np.save(sys.argv[2], m.run(np.load(sys.argv[3]), logits='all').logits)\n"
               "ms.show_config()\n")
-    env = dict(__import__("os").environ, MECHSCOPE_GENERIC_KERNELS="1")
+    env = dict(os.environ, MECHSCOPE_GENERIC_KERNELS="1")
     done = subprocess.run([sys.executable, "-c", script, folder, str(tmp_path / "out.npy"), str(tmp_path / "tokens.npy")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -142,7 +143,6 @@ def test_blas_single_threaded_and_thread_counts_agree_exactly(ms, big, restore_t
     forward benchmark prints the loaded case). Each panel is the same BLAS call
     whatever the thread count, so 1, 2 and 3 threads give identical values."""
     import ctypes
-    import os
     import scipy_openblas32
     lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so"))
     _, model = big
@@ -188,9 +188,6 @@ def test_gradients_do_not_depend_on_the_thread_count(ms, big, restore_threads, r
 def test_two_threads_pinned_to_one_core(tmp_path):
     """Two threads on one core (what a busy machine amounts to) give the one-thread
     values; the pinned child also runs concurrent Python threads."""
-    import os
-    import subprocess
-    import sys
     script = ("import os, threading, numpy as np, mechscope as ms\n"
               "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
               "m = ms.Model.from_config(dict(n_layer=2, n_embd=128, n_head=4, vocab_size=300, n_positions=64))\n"
@@ -216,8 +213,6 @@ def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path, 
     widths (52 and 36 inputs: a 4-wide tail after 16-wide steps; 151 logits: not a
     multiple of 4 columns) at 1 to 40 rows: the same logits as HF and as the BLAS path,
     and bit-identical at 1 and 2 threads."""
-    import subprocess
-    import sys
     import torch
     from test_architectures import make_hf
     if family == "gpt2":
@@ -237,7 +232,7 @@ def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path, 
               "for i in range(int(sys.argv[2])):\n"
               "    t = np.load(f'{sys.argv[3]}/tokens{i}.npy')\n"
               "    np.save(f'{sys.argv[3]}/blas{i}.npy', m.run(t).logits)\n")
-    env = dict(__import__("os").environ, MECHSCOPE_GENERIC_KERNELS="1")
+    env = dict(os.environ, MECHSCOPE_GENERIC_KERNELS="1")
     done = subprocess.run([sys.executable, "-c", script, folder, str(len(shapes)), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
