@@ -391,6 +391,9 @@ const char *ms_blas_config(void);
 const char *ms_blas_corename(void);
 /* which of mechscope's own attention kernels this CPU runs */
 const char *ms_kernels_name(void);
+/* GFLOP/s of register-only fused multiply-adds on n_threads threads (best of five
+ * timed runs of at least 50 ms): no product can pass it. *instructions names them. */
+double ms_fma_peak(int n_threads, const char **instructions);
 
 /* One AdamW step of a parameter array p[n] with gradient g * grad_scale (a clipping
  * coefficient, or 1) and moments m, v (optim.c). decay = 1 - lr * weight_decay,

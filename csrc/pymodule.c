@@ -1080,6 +1080,18 @@ static PyObject *py_blas_info(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("(sss)", ms_blas_config(), ms_blas_corename(), ms_kernels_name());
 }
 
+/* fma_peak() -> (GFLOP/s, instructions): the multiply-add peak on ms.get_num_threads() threads */
+static PyObject *py_fma_peak(PyObject *mod, PyObject *unused) {
+    (void)mod, (void)unused;
+    const char *instructions = "";
+    double gflops;
+    int n_threads = ms_get_num_threads();
+    Py_BEGIN_ALLOW_THREADS
+    gflops = ms_fma_peak(n_threads, &instructions);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(ds)", gflops, instructions);
+}
+
 /* adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale): one AdamW
  * step, in place (g itself is not changed) */
 static PyObject *py_adamw(PyObject *mod, PyObject *args) {
@@ -1136,6 +1148,7 @@ static PyMethodDef module_methods[] = {
     {"adamw", py_adamw, METH_VARARGS, "adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale)"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"fma_peak", py_fma_peak, METH_NOARGS, "fma_peak() -> (GFLOP/s, instructions)"},
     {"blas_info", py_blas_info, METH_NOARGS, "blas_info() -> (BLAS config, BLAS kernels, mechscope's attention kernels)"},
     {NULL, NULL, 0, NULL}};
 

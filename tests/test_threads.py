@@ -33,6 +33,17 @@ def test_get_reflects_set(ms, restore_threads):
         assert ms.get_num_threads() == n
 
 
+def test_fma_peak_measures_on_any_thread_count(ms, restore_threads):
+    """The benchmarks' multiply-add peak: a finite rate from the widest FMA the CPU has."""
+    from mechscope import _core
+
+    for n in (1, 2, 3):
+        ms.set_num_threads(n)
+        gflops, instructions = _core.fma_peak()
+        assert np.isfinite(gflops) and gflops > 0.0
+        assert instructions in ("AVX-512 FMA", "AVX2 FMA", "multiply and add, 4 lanes")
+
+
 def test_one_and_two_threads_agree(ms, big, restore_threads, rng):
     hf, model = big
     tokens = random_tokens(rng, 500, 8, 64)

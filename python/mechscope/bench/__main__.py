@@ -10,7 +10,7 @@ import sys
 # name -> (module defining main(argv), one-line description)
 BENCHMARKS = {
     "forward": ("mechscope.bench.forward",
-                "GPT-2-small forward pass vs HuggingFace, FLOP rate vs sgemm peak, load memory"),
+                "GPT-2-small forward pass vs HuggingFace, FLOP rate vs sgemm and FMA peaks, load memory"),
     "patch": ("mechscope.bench.patch",
               "patching sweeps on GPT-2 small vs TransformerLens's patching functions, sweep memory"),
     "mediation": ("mechscope.bench.mediation",

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: the header, timing, the machine's sgemm peak,
+"""Helpers shared by the benchmarks: the header, timing, the machine's sgemm and FMA peaks,
 the GPT-2 FLOP count and the memory cost of loading a checkpoint."""
 import ctypes
 import datetime
@@ -13,6 +13,7 @@ import numpy as np
 import scipy_openblas32
 
 import mechscope as ms
+from mechscope import _core
 
 
 def default_threads():
@@ -161,6 +162,16 @@ def measure_sgemm_peak(shapes=((2048, 768, 3072), (4096, 4096, 4096))):
     print(f"  peak: {peak:.1f} GFLOP/s")
     print()
     return peak
+
+
+def measure_fma_peak():
+    """Print and return the multiply-add peak: GFLOP/s of fused multiply-adds on
+    registers alone (no memory), on ms.get_num_threads() threads, measured by the core
+    (best of 5 runs of at least 50 ms). No product, sgemm's included, can run faster."""
+    gflops, instructions = _core.fma_peak()
+    print(f"FMA peak ({instructions}, {ms.get_num_threads()} threads, registers only, best of 5): "
+          f"{gflops:.1f} GFLOP/s")
+    return gflops
 
 
 # ---------------------------------------------------------------- FLOP count

@@ -3,7 +3,7 @@
 Both run the same random-weight GPT-2-small checkpoint (fp32) on the same tokens with
 the same thread count. Prints, per input shape, the median times, the speedups
 (HF time / mechscope time) and mechscope's matmul FLOP rate against the sgemm peak of
-the BLAS it runs on; the memory cost of loading the checkpoint; and small runs with 1
+the BLAS it runs on and the CPU's multiply-add (FMA) peak; the memory cost of loading the checkpoint; and small runs with 1
 and N threads while busy processes compete for every core (a shared machine).
 
     python -m mechscope.bench forward [--threads N] [--shapes 1x16,1x128,8x128,1x1024]
@@ -97,15 +97,17 @@ def bench_shape(hf, model, tokens):
     return times, reps, diff
 
 
-def print_table(rows, cfg, peak):
+def print_table(rows, cfg, peak, fma):
     """One line per shape; FLOP rates count matmul FLOPs by common.GPT2_FLOP_FORMULA."""
     print(common.GPT2_FLOP_FORMULA)
-    print(f"  %peak = GFLOP/s / sgemm peak ({peak:.1f} GFLOP/s); speedup = HF ms / mechscope ms, for")
+    print(f"  %peak = GFLOP/s / sgemm peak ({peak:.1f} GFLOP/s), %FMA = GFLOP/s / FMA peak ({fma:.1f} GFLOP/s);")
+    print("  speedup = HF ms / mechscope ms, for")
     print("  all logits (HF's default) and for the last position's only (HF: logits_to_keep=1)")
     print()
     header = (f"{'batch x pos':>11} | {'HF all ms':>9} | {'ms all ms':>9} | {'speedup':>7} | "
               f"{'HF last ms':>10} | {'ms last ms':>10} | {'speedup':>7} | {'HF GF/s':>7} | "
-              f"{'ms all GF/s':>11} {'%peak':>5} | {'ms last GF/s':>12} {'%peak':>5} | {'max|dlogit|':>11}")
+              f"{'ms all GF/s':>11} {'%peak':>5} {'%FMA':>4} | {'ms last GF/s':>12} {'%peak':>5} {'%FMA':>4} | "
+              f"{'max|dlogit|':>11}")
     print(header)
     print("-" * len(header))
     for (batch, pos), t, reps, diff in rows:
@@ -114,8 +116,9 @@ def print_table(rows, cfg, peak):
         gf_hf, gf_all, gf_last = flops_all / t["hf"] / 1e9, flops_all / t["all"] / 1e9, flops_last / t["last"] / 1e9
         print(f"{f'{batch} x {pos}':>11} | {t['hf'] * 1e3:9.2f} | {t['all'] * 1e3:9.2f} | "
               f"{t['hf'] / t['all']:6.2f}x | {t['hf_last'] * 1e3:10.2f} | {t['last'] * 1e3:10.2f} | "
-              f"{t['hf_last'] / t['last']:6.2f}x | {gf_hf:7.1f} | {gf_all:11.1f} {100 * gf_all / peak:4.0f}% | "
-              f"{gf_last:12.1f} {100 * gf_last / peak:4.0f}% | {diff:11.2e}")
+              f"{t['hf_last'] / t['last']:6.2f}x | {gf_hf:7.1f} | {gf_all:11.1f} {100 * gf_all / peak:4.0f}% "
+              f"{100 * gf_all / fma:3.0f}% | {gf_last:12.1f} {100 * gf_last / peak:4.0f}% {100 * gf_last / fma:3.0f}% | "
+              f"{diff:11.2e}")
     print()
     print("repeats (median taken): " + "; ".join(
         f"{b}x{p}: " + "/".join(str(reps[k]) for k in ("hf", "all", "hf_last", "last")) for (b, p), _, reps, _ in rows)
@@ -221,6 +224,8 @@ def main_smollm2(args):
         f"model file: {path}",
     ])
     peak = common.measure_sgemm_peak()
+    fma = common.measure_fma_peak()
+    print()
     before = _rss_mib()
     model = ms.Model.from_pretrained(path)
     print(f"mechscope: loaded and dequantized to fp32; resident memory +{_rss_mib() - before:.0f} MiB")
@@ -234,7 +239,7 @@ def main_smollm2(args):
     rng = np.random.default_rng(args.seed)
     print()
     header = (f"{'batch x pos':>11} | {'HF ms':>8} | {'llama.cpp ms':>12} | {'mechscope ms':>12} | "
-              f"{'vs HF':>6} | {'vs llama.cpp':>12} | {'ms GF/s':>7} {'%peak':>5} | {'max|dlogit| vs HF':>17}")
+              f"{'vs HF':>6} | {'vs llama.cpp':>12} | {'ms GF/s':>7} {'%peak':>5} {'%FMA':>4} | {'max|dlogit| vs HF':>17}")
     print(header)
     print("-" * len(header))
     for batch, pos in args.shapes:
@@ -263,8 +268,10 @@ def main_smollm2(args):
         lc = f"{t['llama'] * 1e3:12.1f}" if "llama" in t else f"{'-':>12}"
         vs_lc = f"{t['llama'] / t['ms']:11.2f}x" if "llama" in t else f"{'-':>12}"
         print(f"{f'{batch} x {pos}':>11} | {t['hf'] * 1e3:8.1f} | {lc} | {t['ms'] * 1e3:12.1f} | "
-              f"{t['hf'] / t['ms']:5.2f}x | {vs_lc} | {gf:7.1f} {100 * gf / peak:4.0f}% | {diff:17.2e}")
+              f"{t['hf'] / t['ms']:5.2f}x | {vs_lc} | {gf:7.1f} {100 * gf / peak:4.0f}% {100 * gf / fma:3.0f}% | "
+              f"{diff:17.2e}")
     print()
+    print(f"%peak, %FMA: of the sgemm peak ({peak:.1f} GFLOP/s) and the FMA peak ({fma:.1f} GFLOP/s)")
     print("vs X = X's time / mechscope's time; llama.cpp computes on the Q4_1 weights directly, "
           "mechscope and HF on the dequantized fp32 weights")
     return 0
@@ -290,6 +297,8 @@ def main(argv=()):
         f"model: GPT-2 small shape {common.GPT2_SMALL}, random weights (seed {args.seed}), fp32",
     ])
     peak = common.measure_sgemm_peak()
+    fma = common.measure_fma_peak()
+    print()
 
     with tempfile.TemporaryDirectory(prefix="mechscope-bench-") as folder:
         common.save_random_gpt2(folder, args.seed)
@@ -303,7 +312,7 @@ def main(argv=()):
             tokens = rng.integers(0, model.d_vocab, size=(batch, pos), dtype=np.int64)
             times, reps, diff = bench_shape(hf, model, tokens)
             rows.append(((batch, pos), times, reps, diff))
-        print_table(rows, model.config, peak)
+        print_table(rows, model.config, peak, fma)
         common.print_loaded(model, args.threads)
 
     print(f"total benchmark time: {time.perf_counter() - started:.0f} s")

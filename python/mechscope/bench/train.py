@@ -145,10 +145,13 @@ def main(argv=None):
     flops = 3 * common.gpt2_flops(args.config, B, T, B * T)
     print()
     peak = common.measure_sgemm_peak()
+    fma = common.measure_fma_peak()
+    print(f"  the sgemm peak is {100 * peak / fma:.0f}% of it")
     print(f"the step's matmul FLOPs (3x the forward's): {flops / 1e9:.0f} GFLOP")
     for name, t in times.items():
-        print(f"  {name:26s} {flops / t / 1e9:7.1f} GFLOP/s  {100 * flops / t / 1e9 / peak:4.0f}% of the sgemm peak"
-              + (" (bf16 products: not bound by it)" if "bf16" in name else ""))
+        rate = flops / t / 1e9
+        print(f"  {name:26s} {rate:7.1f} GFLOP/s  {100 * rate / peak:4.0f}% of the sgemm peak, "
+              f"{100 * rate / fma:3.0f}% of the FMA peak" + (" (bf16 products: not bound by them)" if "bf16" in name else ""))
     floor = flops / (peak * 1e9)
     print(f"the products alone at the sgemm peak: {floor:.2f} s per step, i.e. at most "
           f"{times['torch_eager'] / floor:.2f}x torch eager and {times['torch_sdpa'] / floor:.2f}x torch SDPA "
