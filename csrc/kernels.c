@@ -408,6 +408,10 @@ long long ms_gemm_tiles_wanted(double flops, int n_threads) {
     long long want = n_threads > 1 ? n_threads : 1;
     if (want > flops / min_tile) want = (long long)(flops / min_tile);
     if (want < flops / max_tile) want = (long long)(flops / max_tile) + 1;
+    /* more tiles than threads: whole rounds of them, so that no thread waits idle
+     * while another computes the last one (at 2 threads the unembedding's 19 tiles
+     * left one thread idle for a twentieth of it) */
+    if (n_threads > 1 && want > n_threads) want = (want + n_threads - 1) / n_threads * n_threads;
     return want;
 }
 

@@ -139,9 +139,12 @@ static void gemm_pair_tiles(void *ctx, long long lo, long long hi) {
  * cut in two tiles each, one after the other (GPT-2 small's layers, 1,024 rows). */
 static long long pair_tiles_wanted(double flops, int n_threads) {
     const double min_tile = 1 << 22, max_tile = 16.0 * (1 << 30); /* FLOP */
-    long long want = n_threads % 2 == 0 ? n_threads / 2 : n_threads;
+    long long share = n_threads % 2 == 0 ? n_threads / 2 : n_threads, want = share;
     if (want > flops / min_tile) want = (long long)(flops / min_tile);
-    if (want < flops / max_tile) want = (long long)(flops / max_tile) + 1;
+    if (want < flops / max_tile) { /* more tiles: in whole shares, which still share out evenly */
+        want = (long long)(flops / max_tile) + 1;
+        want = (want + share - 1) / share * share;
+    }
     return want > 1 ? want : 1;
 }
 
