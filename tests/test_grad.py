@@ -555,15 +555,19 @@ def test_start_at_a_block_is_the_same_run(gpt2, name):
 
 # big enough that with 2 threads the matrix products are cut into grids of tiles, and
 # that the unembedding's input gradient (a product over the vocabulary, K >= 8192) is
-# summed in parts of the vocabulary
+# summed in parts of the vocabulary; rows long enough for the attention's backward to
+# go in causal blocks of queries (256 and 100 tokens: 8 and 4 blocks, the last one short)
 WIDE = dict(n_embd=256, n_head=4, n_layer=1, vocab_size=8500, n_positions=256, activation_function="gelu_new")
 
 
-def test_tiled_products_and_vocabulary_parts():
+@pytest.mark.parametrize("pattern_site", [False, True], ids=["attention_in_one_pass", "pattern_site_between_steps"])
+def test_tiled_products_and_vocabulary_parts(pattern_site):
     hf = make_hf_model(WIDE, seed=5)
     model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
     tokens, mask = batch(np.random.default_rng(6), 8500, [256, 256, 100], 256, "right")
     sites = ["blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post"]
+    if pattern_site:  # the attention's backward then stops to store it
+        sites += ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_q"]
     value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, torch_cross_entropy(tokens, mask), sites)
     old = ms.get_num_threads()
     try:
