@@ -3,8 +3,9 @@
 Both run the same random-weight GPT-2-small checkpoint (fp32) on the same tokens with
 the same thread count. Prints, per input shape, the median times, the speedups
 (HF time / mechscope time) and mechscope's matmul FLOP rate against the sgemm peak of
-the BLAS it runs on and the CPU's multiply-add (FMA) peak; the memory cost of loading the checkpoint; and small runs with 1
-and N threads while busy processes compete for every core (a shared machine).
+the BLAS it runs on and the CPU's multiply-add (FMA) peak; the memory cost of loading
+the checkpoint; and small runs with 1 and N threads while busy processes compete for
+every core (a shared machine).
 
     python -m mechscope.bench forward [--threads N] [--shapes 1x16,1x128,8x128,1x1024]
 
@@ -101,8 +102,8 @@ def print_table(rows, cfg, peak, fma):
     """One line per shape; FLOP rates count matmul FLOPs by common.GPT2_FLOP_FORMULA."""
     print(common.GPT2_FLOP_FORMULA)
     print(f"  %peak = GFLOP/s / sgemm peak ({peak:.1f} GFLOP/s), %FMA = GFLOP/s / FMA peak ({fma:.1f} GFLOP/s);")
-    print("  speedup = HF ms / mechscope ms, for")
-    print("  all logits (HF's default) and for the last position's only (HF: logits_to_keep=1)")
+    print("  speedup = HF ms / mechscope ms, for all logits (HF's default) and for the last position's only")
+    print("  (HF: logits_to_keep=1)")
     print()
     header = (f"{'batch x pos':>11} | {'HF all ms':>9} | {'ms all ms':>9} | {'speedup':>7} | "
               f"{'HF last ms':>10} | {'ms last ms':>10} | {'speedup':>7} | {'HF GF/s':>7} | "
