@@ -3,10 +3,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 TOKENS = ["<bos>", "When", "Mary", "and", "John"]
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Each test's figures closed after it, so that they do not pile up in pyplot."""
+    yield
+    plt.close("all")
 
 
 @pytest.mark.parametrize("shape, layout, panels", [
