@@ -47,7 +47,8 @@ __attribute__((target("avx2,fma"))) static float chains_avx2(long long iteration
 }
 #endif
 
-/* without FMA instructions: a multiply and an add, 4 lanes, as the compiler emits them */
+/* other CPUs: a multiply and an add in 4 lanes, as the compiler emits them (fused
+ * where the target has FMA, as -ffp-contract=fast lets it) */
 static float chains_plain(long long iterations) {
     float acc[CHAINS][4];
     for (int i = 0; i < CHAINS; i++)
@@ -95,7 +96,7 @@ static chains_fn widest(int *lanes, const char **name) {
         return chains_avx2;
     }
 #endif
-    *lanes = 4, *name = "multiply and add, 4 lanes";
+    *lanes = 4, *name = "multiply-add, 4 lanes";
     return chains_plain;
 }
 

@@ -41,7 +41,7 @@ def test_fma_peak_measures_on_any_thread_count(ms, restore_threads):
         ms.set_num_threads(n)
         gflops, instructions = _core.fma_peak()
         assert np.isfinite(gflops) and gflops > 0.0
-        assert instructions in ("AVX-512 FMA", "AVX2 FMA", "multiply and add, 4 lanes")
+        assert instructions in ("AVX-512 FMA", "AVX2 FMA", "multiply-add, 4 lanes")
 
 
 def test_one_and_two_threads_agree(ms, big, restore_threads, rng):

@@ -164,13 +164,16 @@ def measure_sgemm_peak(shapes=((2048, 768, 3072), (4096, 4096, 4096))):
     return peak
 
 
-def measure_fma_peak():
+def measure_fma_peak(sgemm_peak):
     """Print and return the multiply-add peak: GFLOP/s of fused multiply-adds on
     registers alone (no memory), on ms.get_num_threads() threads, measured by the core
-    (best of 5 runs of at least 50 ms). No product, sgemm's included, can run faster."""
+    (best of 5 runs of at least 50 ms), and how much of it sgemm reaches (sgemm_peak,
+    GFLOP/s). No product, sgemm's included, can run faster."""
     gflops, instructions = _core.fma_peak()
     print(f"FMA peak ({instructions}, {ms.get_num_threads()} threads, registers only, best of 5): "
           f"{gflops:.1f} GFLOP/s")
+    print(f"  the sgemm peak is {100 * sgemm_peak / gflops:.0f}% of it")
+    print()
     return gflops
 
 

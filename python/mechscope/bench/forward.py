@@ -225,8 +225,7 @@ def main_smollm2(args):
         f"model file: {path}",
     ])
     peak = common.measure_sgemm_peak()
-    fma = common.measure_fma_peak()
-    print()
+    fma = common.measure_fma_peak(peak)
     before = _rss_mib()
     model = ms.Model.from_pretrained(path)
     print(f"mechscope: loaded and dequantized to fp32; resident memory +{_rss_mib() - before:.0f} MiB")
@@ -298,8 +297,7 @@ def main(argv=()):
         f"model: GPT-2 small shape {common.GPT2_SMALL}, random weights (seed {args.seed}), fp32",
     ])
     peak = common.measure_sgemm_peak()
-    fma = common.measure_fma_peak()
-    print()
+    fma = common.measure_fma_peak(peak)
 
     with tempfile.TemporaryDirectory(prefix="mechscope-bench-") as folder:
         common.save_random_gpt2(folder, args.seed)
