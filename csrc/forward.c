@@ -19,7 +19,8 @@
 
 typedef struct {
     float *resid;   /* [N, C]   the residual stream */
-    float *ln;      /* [N, C]   a layer norm's output */
+    float *ln;      /* [N, C]   a layer norm's output (in a gradient run, maybe the tape's slab) */
+    float *ln_home; /* [N, C]   ln's own buffer */
     float *scale;   /* [N]      a layer norm's divisor */
     float *qkv;     /* [N, QW]   q | k | v, QW = (n_heads + 2 n_kv_heads) d_head */
     float *att;     /* [sum over rows of H * n_q * n_k] scores, then pattern (only when visited) */
@@ -214,7 +215,7 @@ static void set_active(ms_layout *L, int layer) {
 static void carve_buffers(ms_buffers *b, float *base, const ms_config *c, ms_sizes s) {
     size_t C = (size_t)c->d_model, n = s.N;
     b->resid = base;
-    b->ln = b->resid + n * C;
+    b->ln = b->ln_home = b->resid + n * C;
     b->scale = b->ln + n * C;
     b->qkv = b->scale + n;
     float *att = b->qkv + n * qkv_width(c);
@@ -284,6 +285,11 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
     const ms_config *c = &L->m->cfg;
     int N = L->active_N, C = c->d_model;
     ms_status st;
+    /* A gradient run keeps the divisor and hook_normalized as they were used: a
+     * LayerNorm's output is computed in the tape's slab, which then needs no copy (an
+     * RMSNorm's weight is applied after it is kept, so that output is copied). */
+    int in_tape = save_ln && c->norm != MS_NORM_RMS;
+    b->ln = in_tape ? save_ln : b->ln_home;
     ms_layernorm(b->ln, b->scale, b->resid, w, bias, N, C, c->ln_eps, c->norm, L->n_threads);
     if (ms_plan_touches(L->plan, scale_site, layer)) {
         if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) return st;
@@ -293,10 +299,8 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
         return st;
     }
     if ((st = ms_visit_tokens(L, scale_site + 1, layer, b->ln, C, err))) return st;
-    if (save_scale) { /* a gradient run keeps the divisor and hook_normalized as they were used */
-        memcpy(save_scale, b->scale, sizeof(float) * (size_t)N);
-        ms_copy(save_ln, b->ln, (size_t)N * C, L->n_threads);
-    }
+    if (save_scale) memcpy(save_scale, b->scale, sizeof(float) * (size_t)N);
+    if (save_ln && !in_tape) ms_copy(save_ln, b->ln, (size_t)N * C, L->n_threads);
     if (c->norm == MS_NORM_RMS) ms_norm_weight(b->ln, w, bias, N, C);
     return MS_OK;
 }
@@ -567,10 +571,14 @@ static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
         if (L->tape) tape_copy(L, L->tape->mlp_pre, l, b->mlp, (size_t)MW);
         ms_gated_activation(b->mlp, MW, N, F, c->activation, L->n_threads);
     } else {
-        ms_linear(b->mlp, F, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
-        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, F, err))) return st;
-        if (L->tape) tape_copy(L, L->tape->mlp_pre, l, b->mlp, (size_t)F);
-        ms_activation_inplace(b->mlp, (size_t)N * F, c->activation, L->n_threads);
+        /* a gradient run with every row (b->mlp is then hook_post's slab) computes
+         * hook_pre in its slab too, and the activation from one into the other */
+        int in_tape = L->tape && b->mlp == L->tape->mlp_post + (size_t)l * L->N * F;
+        float *pre = in_tape ? L->tape->mlp_pre + (size_t)l * L->N * F : b->mlp;
+        ms_linear(pre, F, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
+        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, pre, F, err))) return st;
+        if (L->tape && !in_tape) tape_copy(L, L->tape->mlp_pre, l, pre, (size_t)F);
+        ms_activate(b->mlp, pre, (size_t)N * F, c->activation, L->n_threads);
     }
     if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, MW, err))) return st;
     if (L->tape && b->mlp != L->tape->mlp_post + (size_t)l * L->N * F) /* hook_post: the first F columns of rows of MW */
@@ -591,21 +599,33 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     set_active(L, l);
     int N = L->active_N;
     size_t NC = (size_t)N * C;
-    /* A gradient run (every row in every layer): q|k|v, z and (ungated) the MLP's
-     * activations are computed in the tape's slabs of this layer, which then need
-     * no copy. The values the tape keeps are the same: each is taped after the last
-     * change to it (the MLP's hook_pre is copied before the activation overwrites it). */
+    /* A gradient run (every row in every layer): q|k|v, z, the residual stream and
+     * (ungated) the MLP's activations are computed in the tape's slabs of this
+     * layer, which then need no copy. The values the tape keeps are the same: each
+     * slab holds its site after the last change to it. The residual stream moves
+     * from slab to slab: hook_resid_pre here, hook_resid_mid in its slab,
+     * hook_resid_post in the next layer's hook_resid_pre (after the last layer, the
+     * input of ln_final). */
     int in_tape = tape && N == L->N;
+    float *resid_mid = b->resid, *resid_post = b->resid; /* not in the tape: in place */
     if (in_tape) {
         b->qkv = tape->qkv + at * QW;
         b->z = tape->z + at * QD;
         if (!c->gated_mlp) b->mlp = tape->mlp_post + at * c->d_mlp;
+        float *pre = tape->resid_pre + at * C;
+        if (b->resid != pre) { /* the first layer in the tape: the stream comes from elsewhere */
+            int loaded = L->plan->start_resid && l == L->plan->start_block; /* load_start_resid fills it */
+            if (!loaded) ms_copy(pre, b->resid, NC, L->n_threads);
+            b->resid = pre;
+        }
+        if (!c->parallel) resid_mid = tape->resid_mid + at * C;
+        resid_post = l + 1 < c->n_layers ? tape->resid_pre + (at + L->N) * C : tape->resid_final;
     }
     if (L->plan->base) join_rows(L, b->resid, l);
     else if (L->plan->start_resid && l == L->plan->start_block) load_start_resid(L, b->resid);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
-    if (tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
+    if (tape && !in_tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
     if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, tape ? tape->ln1_scale + at : NULL,
                               tape ? tape->ln1 + at * C : NULL, err)))
         return st;
@@ -635,18 +655,21 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
                                   tape ? tape->ln2_scale + at : NULL, tape ? tape->ln2 + at * C : NULL, err)))
             return st;
         if ((st = mlp_sites(L, b, w, l, N, err))) return st;
-        ms_add(b->resid, b->resid, b->tmp_a, NC, L->n_threads);
+        ms_add(resid_post, b->resid, b->tmp_a, NC, L->n_threads);
+        b->resid = resid_post;
         ms_add(b->resid, b->resid, b->tmp_b, NC, L->n_threads);
         return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
     }
-    ms_add(b->resid, b->resid, b->tmp_a, NC, L->n_threads);
+    ms_add(resid_mid, b->resid, b->tmp_a, NC, L->n_threads);
+    b->resid = resid_mid;
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_MID, l, b->resid, C, err))) return st;
-    if (tape) tape_copy(L, tape->resid_mid, l, b->resid, (size_t)C);
+    if (tape && !in_tape) tape_copy(L, tape->resid_mid, l, b->resid, (size_t)C);
     if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, tape ? tape->ln2_scale + at : NULL,
                               tape ? tape->ln2 + at * C : NULL, err)))
         return st;
     if ((st = mlp_sites(L, b, w, l, N, err))) return st;
-    ms_add(b->resid, b->resid, b->tmp_b, NC, L->n_threads);
+    ms_add(resid_post, b->resid, b->tmp_b, NC, L->n_threads);
+    b->resid = resid_post;
     return ms_visit_tokens(L, MS_SITE_RESID_POST, l, b->resid, C, err);
 }
 
@@ -891,7 +914,8 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
     if (n_blocks < c->n_layers) goto done; /* nothing after this block is asked for */
     L->active_rows = plan->n_rows;
     L->active_N = L->N;
-    if (tape) memcpy(tape->resid_final, b.resid, sizeof(float) * (size_t)L->N * c->d_model);
+    if (tape && b.resid != tape->resid_final) /* the last layer was not computed in the tape */
+        memcpy(tape->resid_final, b.resid, sizeof(float) * (size_t)L->N * c->d_model);
     if ((st = layernorm_sites(L, &b, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, tape ? tape->lnf_scale : NULL,
                               tape ? tape->lnf : NULL, err)))
         goto done;

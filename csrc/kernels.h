@@ -52,8 +52,8 @@ void ms_gated_activation(float *x, int ld, int N, int F, ms_activation act, int 
  * whose cos | sin are rope[rotary_dim] */
 void ms_rotary(float *x, const float *rope, int rotary_dim);
 
-/* x[n] = act(x[n]) in place */
-void ms_activation_inplace(float *x, size_t n, ms_activation act, int n_threads);
+/* out[n] = act(x[n]); out may be x */
+void ms_activate(float *out, const float *x, size_t n, ms_activation act, int n_threads);
 
 /* out[n] = a[n] + b[n] */
 void ms_add(float *out, const float *a, const float *b, size_t n, int n_threads);
