@@ -91,7 +91,7 @@ typedef struct {
     ms_tape *t;
     int n_threads, N;
     float *dres;   /* [N, C] gradient of the residual stream */
-    float *dout;   /* [N, C] of a block's attention or MLP output */
+    float *dout;   /* [N, C] of a block's attention or MLP output when an action changes it; of an embedding */
     float *dln;    /* [N, C] of a norm's output (the next matrix's input) */
     float *xhat;   /* [N, C] a LayerNorm's normalized input; a matrix's input */
     float *tmp;    /* [N, C] */
@@ -170,6 +170,22 @@ static void undo_token_action(const bwd *b, const ms_action *a, float *g, int ld
 }
 
 /* At a token site: store g if asked for, then take the site's actions back. */
+/* whether an action at (site, layer) changes the gradient there (token_site undoes it) */
+static int changed(const bwd *b, ms_site site, int layer) {
+    for (int i = 0; i < b->plan->n_actions; i++) {
+        const ms_action *a = &b->plan->actions[i];
+        if (a->kind != MS_DO_CACHE && at_site(a->site, a->layer, site, layer)) return 1;
+    }
+    return 0;
+}
+
+/* whether the gradient at (site, layer) is read (a gradient site) or changed */
+static int touched(const bwd *b, ms_site site, int layer) {
+    for (int i = 0; i < b->g->n_sites; i++)
+        if (at_site(b->g->sites[i].site, b->g->sites[i].layer, site, layer)) return 1;
+    return changed(b, site, layer);
+}
+
 static void token_site(const bwd *b, ms_site site, int layer, float *g, int ld) {
     int w = ms_site_width(&b->m->cfg, site);
     for (int i = 0; i < b->g->n_sites; i++) {
@@ -282,9 +298,13 @@ static void norm_backward(bwd *b, ms_site scale_site, int layer, const float *x,
         ms_norm_affine_backward(dy, dw, db, dy, site_value, w, N, C, b->n_threads);
         token_site(b, scale_site + 1, layer, dy, C);
     }
-    ms_norm_scale_grad(b->dscale, dy, x, scale, N, C, c->norm, b->n_threads);
-    token_site(b, scale_site, layer, b->dscale, 1);
-    ms_norm_input_backward(dx, dy, b->dscale, x, scale, N, C, c->ln_eps, c->norm, b->n_threads);
+    if (touched(b, scale_site, layer)) { /* the divisor's gradient is read or changed in between */
+        ms_norm_scale_grad(b->dscale, dy, x, scale, N, C, c->norm, b->n_threads);
+        token_site(b, scale_site, layer, b->dscale, 1);
+        ms_norm_input_backward(dx, dy, b->dscale, x, scale, N, C, c->ln_eps, c->norm, b->n_threads);
+    } else {
+        ms_norm_scale_and_input_backward(dx, b->dscale, dy, x, scale, N, C, c->ln_eps, c->norm, b->n_threads);
+    }
 }
 
 /* ---- attention ----------------------------------------------------------------------------- */
@@ -405,15 +425,26 @@ static int fused(const ms_linear_weight *a, const ms_linear_weight *b, size_t a_
     return a->trans == b->trans && a->ld == b->ld && b->w == a->w + step && biases;
 }
 
-/* dout (of hook_attn_out) -> dln (of ln1's output) */
+/* The gradient of a block's output (hook_attn_out or hook_mlp_out): dres itself, as
+ * the output adds to the stream, unless an action at the site changes it on the way
+ * back; then a copy of it in dout. (dres is read here before the block's norm
+ * backward adds to it.) */
+static float *output_grad(bwd *b, ms_site site, int l) {
+    if (!changed(b, site, l)) return b->dres;
+    ms_copy(b->dout, b->dres, (size_t)b->N * b->m->cfg.d_model, b->n_threads);
+    return b->dout;
+}
+
+/* the gradient of hook_attn_out -> dln (of ln1's output) */
 static void attn_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     const ms_config *c = &b->m->cfg;
     const ms_block *w = &b->m->blocks[l];
     ms_tape *t = b->t;
     int N = b->N, C = c->d_model, QD = (int)q_width(c), KD = (int)kv_width(c), QW = (int)qkv_width(c);
     size_t at = (size_t)l * b->L->N;
-    token_site(b, MS_SITE_ATTN_OUT, l, b->dout, C);
-    ms_linear_backward(b->dz, QD, 0, wg ? wg->o.w : NULL, wg ? wg->o.b : NULL, t->z + at * QD, QD, b->dout, C,
+    float *dy = output_grad(b, MS_SITE_ATTN_OUT, l);
+    token_site(b, MS_SITE_ATTN_OUT, l, dy, C);
+    ms_linear_backward(b->dz, QD, 0, wg ? wg->o.w : NULL, wg ? wg->o.b : NULL, t->z + at * QD, QD, dy, C,
                        &w->o, N, QD, C, b->n_threads);
     token_site(b, MS_SITE_Z, l, b->dz, QD);
     attention_backward(b, l);
@@ -440,16 +471,17 @@ static void attn_block_backward(bwd *b, int l, const ms_block_grad *wg) {
                        N, C, KD, b->n_threads);
 }
 
-/* dout (of hook_mlp_out) -> dln (of ln2's output) */
+/* the gradient of hook_mlp_out -> dln (of ln2's output) */
 static void mlp_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     const ms_config *c = &b->m->cfg;
     const ms_block *w = &b->m->blocks[l];
     ms_tape *t = b->t;
     int N = b->N, C = c->d_model, F = c->d_mlp, MW = (int)mlp_width(c);
     size_t at = (size_t)l * b->L->N;
-    token_site(b, MS_SITE_MLP_OUT, l, b->dout, C);
+    float *dy = output_grad(b, MS_SITE_MLP_OUT, l);
+    token_site(b, MS_SITE_MLP_OUT, l, dy, C);
     ms_linear_backward(b->dpost, F, 0, wg ? wg->mlp_out.w : NULL, wg ? wg->mlp_out.b : NULL, t->mlp_post + at * F,
-                       F, b->dout, C, &w->mlp_out, N, F, C, b->n_threads);
+                       F, dy, C, &w->mlp_out, N, F, C, b->n_threads);
     token_site(b, MS_SITE_MLP_POST, l, b->dpost, F);
     const float *pre = t->mlp_pre + at * MW;
     if (c->gated_mlp) ms_gated_backward(b->dpre, MW, b->dpost, F, pre, N, F, c->activation, b->n_threads);
@@ -482,7 +514,6 @@ static void block_backward(bwd *b, int l) {
     const float *x0 = t->resid_pre + at * C;
     token_site(b, MS_SITE_RESID_POST, l, b->dres, C);
     /* the MLP: its output adds to the stream */
-    ms_copy(b->dout, b->dres, NC, b->n_threads);
     mlp_block_backward(b, l, wg);
     const float *x_mlp = c->parallel ? x0 : t->resid_mid + at * C;
     if (c->parallel) ms_zero(b->dpar, NC, b->n_threads);
@@ -491,7 +522,6 @@ static void block_backward(bwd *b, int l) {
     norm_backward(b, MS_SITE_LN2_SCALE, l, x_mlp, t->ln2_scale + at, t->ln2 + at * C, w->ln2_w,
                   wg ? wg->ln2_w : NULL, wg ? wg->ln2_b : NULL, b->dln, c->parallel ? b->dpar : b->dres);
     if (!c->parallel) token_site(b, MS_SITE_RESID_MID, l, b->dres, C);
-    ms_copy(b->dout, b->dres, NC, b->n_threads);
     attn_block_backward(b, l, wg);
     norm_backward(b, MS_SITE_LN1_SCALE, l, x0, t->ln1_scale + at, t->ln1 + at * C, w->ln1_w,
                   wg ? wg->ln1_w : NULL, wg ? wg->ln1_b : NULL, b->dln, b->dres);

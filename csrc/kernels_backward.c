@@ -323,6 +323,7 @@ void ms_norm_scale_grad(float *dscale, const float *dxhat, const float *x, const
 
 typedef struct {
     float *dx;
+    float *dscale_out; /* not NULL: each row's dscale computed here (as ms_norm_scale_grad does) */
     const float *dxhat, *dscale, *x, *scale;
     int C;
     float eps;
@@ -342,18 +343,30 @@ static void norm_input_rows(void *ctx, long long lo, long long hi) {
             mean = (float)row_mean(xi, C);
             gmean = row_mean(g, C);
         }
+        float dscale;
+        if (j->dscale_out) /* scale_grad_rows' arithmetic */
+            j->dscale_out[i] = dscale = (float)(-centred_dot(g, xi, mean, C) / ((double)j->scale[i] * j->scale[i]));
+        else
+            dscale = j->dscale[i];
         var = centred_squares(xi, mean, C);
         /* the divisor as the input gives it (the one used may have been changed) */
         double s0 = sqrt(var / C + (double)j->eps);
         float inv = 1.0f / j->scale[i];
-        float k = (float)((double)j->dscale[i] / (C * s0)); /* d s0 / d x_c = xc_c / (C s0) */
+        float k = (float)((double)dscale / (C * s0)); /* d s0 / d x_c = xc_c / (C s0) */
         for (int c = 0; c < C; c++) out[c] += (g[c] - (float)gmean) * inv + k * (xi[c] - mean);
     }
 }
 
 void ms_norm_input_backward(float *dx, const float *dxhat, const float *dscale, const float *x,
                             const float *scale, int N, int C, float eps, ms_norm_kind kind, int n_threads) {
-    norm_job job = {dx, dxhat, dscale, x, scale, C, eps, kind};
+    norm_job job = {dx, NULL, dxhat, dscale, x, scale, C, eps, kind};
+    ms_parallel_for(N, 65536 / (C + 1) + 1, n_threads, norm_input_rows, &job);
+}
+
+void ms_norm_scale_and_input_backward(float *dx, float *dscale, const float *dxhat, const float *x,
+                                      const float *scale, int N, int C, float eps, ms_norm_kind kind,
+                                      int n_threads) {
+    norm_job job = {dx, dscale, dxhat, NULL, x, scale, C, eps, kind};
     ms_parallel_for(N, 65536 / (C + 1) + 1, n_threads, norm_input_rows, &job);
 }
 

@@ -59,6 +59,13 @@ void ms_norm_scale_grad(float *dscale, const float *dxhat, const float *x, const
 void ms_norm_input_backward(float *dx, const float *dxhat, const float *dscale, const float *x,
                             const float *scale, int N, int C, float eps, ms_norm_kind kind, int n_threads);
 
+/* ms_norm_scale_grad, then ms_norm_input_backward, in one pass over the rows (each row
+ * read once; the same arithmetic, so the same bits): when nothing reads or changes
+ * dscale between the two */
+void ms_norm_scale_and_input_backward(float *dx, float *dscale, const float *dxhat, const float *x,
+                                      const float *scale, int N, int C, float eps, ms_norm_kind kind,
+                                      int n_threads);
+
 /* dpre[N, F] (ld_pre) = dpost * act'(pre) (ld_post), for N rows */
 void ms_activation_backward(float *dpre, int ld_dpre, const float *dpost, int ld_dpost, const float *pre,
                             int ld_pre, int N, int F, ms_activation act, int n_threads);

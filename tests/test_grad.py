@@ -725,3 +725,27 @@ def test_scale_sites_by_finite_differences(gpt2, arch):
         exact = float((g[site].astype(np.float64) * v).sum())
         fd = derivative(site, v)
         assert abs(fd - exact) < 2e-3 * max(1.0, abs(exact)), (site, fd, exact)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa3", "neox_parallel"])
+def test_watching_a_site_leaves_the_weight_gradients_alone(gpt2, arch):
+    """The backward takes shortcuts where no site is watched or changed: a norm's divisor
+    gradient and its input gradient in one pass, a block output's gradient read from the
+    stream's without a copy. Watching those sites (and leaving no action there) must give
+    the same weight gradients to the bit, padded rows included."""
+    if arch == "gpt2":
+        _, model = gpt2
+    else:
+        hf = make_arch_hf(arch)
+        model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(13)
+    tokens, mask = batch(rng, model.d_vocab, [6, 3, 5], 6, "left")
+    watched = [f"blocks.{l}.{s}" for l in range(model.n_layers)
+               for s in ("ln1.hook_scale", "ln2.hook_scale", "hook_attn_out", "hook_mlp_out")]
+    watched.append("ln_final.hook_scale")
+    plain = model.grad(tokens, "cross_entropy", weights=True, attention_mask=mask)
+    seen = model.grad(tokens, "cross_entropy", sites=watched, weights=True, attention_mask=mask)
+    assert plain.value == seen.value
+    for name in plain.weights:
+        np.testing.assert_array_equal(plain.weights[name], seen.weights[name], err_msg=name)
+    assert all(np.abs(seen[s]).max() > 0 for s in watched)
