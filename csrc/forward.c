@@ -559,31 +559,35 @@ static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
     const ms_config *c = &L->m->cfg;
     int C = c->d_model, F = c->d_mlp, MW = (int)mlp_width(c);
     ms_status st;
+    /* A gradient run with every row computes hook_pre (gated: gate | up) in the tape's
+     * slab and the activation from it into hook_post's slab, which then need no copy;
+     * any other run computes both in b->mlp, hook_post over hook_pre. */
+    int in_tape = L->tape && N == L->N;
+    size_t at = (size_t)l * L->N;
+    float *pre = in_tape ? L->tape->mlp_pre + at * MW : b->mlp;
+    float *post = in_tape ? L->tape->mlp_post + at * F : b->mlp;
+    int ld_post = in_tape ? F : MW;
     if (c->gated_mlp) {
         if (fused(&w->mlp_gate, &w->mlp_in, (size_t)F)) {
-            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, 2 * F, L->n_threads);
+            ms_linear(pre, MW, b->ln, C, &w->mlp_gate, N, C, 2 * F, L->n_threads);
         } else {
-            ms_linear(b->mlp, MW, b->ln, C, &w->mlp_gate, N, C, F, L->n_threads);
-            ms_linear(b->mlp + F, MW, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
+            ms_linear(pre, MW, b->ln, C, &w->mlp_gate, N, C, F, L->n_threads);
+            ms_linear(pre + F, MW, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
         }
-        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, b->mlp, MW, err))) return st;
-        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE_LINEAR, l, b->mlp + F, MW, err))) return st;
-        if (L->tape) tape_copy(L, L->tape->mlp_pre, l, b->mlp, (size_t)MW);
-        ms_gated_activation(b->mlp, MW, N, F, c->activation, L->n_threads);
-    } else {
-        /* a gradient run with every row (b->mlp is then hook_post's slab) computes
-         * hook_pre in its slab too, and the activation from one into the other */
-        int in_tape = L->tape && b->mlp == L->tape->mlp_post + (size_t)l * L->N * F;
-        float *pre = in_tape ? L->tape->mlp_pre + (size_t)l * L->N * F : b->mlp;
+        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, pre, MW, err))) return st;
+        if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE_LINEAR, l, pre + F, MW, err))) return st;
+        if (L->tape && !in_tape) tape_copy(L, L->tape->mlp_pre, l, pre, (size_t)MW);
+        ms_gated_activation(post, ld_post, pre, MW, N, F, c->activation, L->n_threads);
+    } else { /* MW == F */
         ms_linear(pre, F, b->ln, C, &w->mlp_in, N, C, F, L->n_threads);
         if ((st = ms_visit_tokens(L, MS_SITE_MLP_PRE, l, pre, F, err))) return st;
         if (L->tape && !in_tape) tape_copy(L, L->tape->mlp_pre, l, pre, (size_t)F);
-        ms_activate(b->mlp, pre, (size_t)N * F, c->activation, L->n_threads);
+        ms_activate(post, pre, (size_t)N * F, c->activation, L->n_threads);
     }
-    if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, b->mlp, MW, err))) return st;
-    if (L->tape && b->mlp != L->tape->mlp_post + (size_t)l * L->N * F) /* hook_post: the first F columns of rows of MW */
-        ms_copy_rows(L->tape->mlp_post + (size_t)l * L->N * F, F, b->mlp, MW, N, F, L->n_threads);
-    ms_linear(b->tmp_b, C, b->mlp, MW, &w->mlp_out, N, F, C, L->n_threads);
+    if ((st = ms_visit_tokens(L, MS_SITE_MLP_POST, l, post, ld_post, err))) return st;
+    if (L->tape && !in_tape) /* hook_post: the first F columns of rows of MW */
+        ms_copy_rows(L->tape->mlp_post + at * F, F, post, ld_post, N, F, L->n_threads);
+    ms_linear(b->tmp_b, C, post, ld_post, &w->mlp_out, N, F, C, L->n_threads);
     return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
 }
 
@@ -600,7 +604,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     int N = L->active_N;
     size_t NC = (size_t)N * C;
     /* A gradient run (every row in every layer): q|k|v, z, the residual stream and
-     * (ungated) the MLP's activations are computed in the tape's slabs of this
+     * the MLP's activations (mlp_sites) are computed in the tape's slabs of this
      * layer, which then need no copy. The values the tape keeps are the same: each
      * slab holds its site after the last change to it. The residual stream moves
      * from slab to slab: hook_resid_pre here, hook_resid_mid in its slab,
@@ -611,7 +615,6 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if (in_tape) {
         b->qkv = tape->qkv + at * QW;
         b->z = tape->z + at * QD;
-        if (!c->gated_mlp) b->mlp = tape->mlp_post + at * c->d_mlp;
         float *pre = tape->resid_pre + at * C;
         if (b->resid != pre) { /* the first layer in the tape: the stream comes from elsewhere */
             int loaded = L->plan->start_resid && l == L->plan->start_block; /* load_start_resid fills it */

@@ -622,22 +622,25 @@ void ms_activate(float *out, const float *x, size_t n, ms_activation act, int n_
 }
 
 typedef struct {
-    float *x;
-    int ld, F;
+    float *out;
+    const float *x;
+    int ld_out, ld, F;
     ms_activation act;
 } gated_job;
 
 static void gated_rows(void *ctx, long long lo, long long hi) {
     const gated_job *j = ctx;
     for (long long i = lo; i < hi; i++) {
-        float *g = j->x + (size_t)i * j->ld, *u = g + j->F;
-        activation_span(g, g, j->F, j->act);
-        for (int c = 0; c < j->F; c++) g[c] *= u[c];
+        const float *g = j->x + (size_t)i * j->ld, *u = g + j->F;
+        float *o = j->out + (size_t)i * j->ld_out;
+        activation_span(o, g, j->F, j->act);
+        for (int c = 0; c < j->F; c++) o[c] *= u[c];
     }
 }
 
-void ms_gated_activation(float *x, int ld, int N, int F, ms_activation act, int n_threads) {
-    gated_job job = {x, ld, F, act};
+void ms_gated_activation(float *out, int ld_out, const float *x, int ld, int N, int F, ms_activation act,
+                         int n_threads) {
+    gated_job job = {out, x, ld_out, ld, F, act};
     ms_parallel_for(N, 65536 / (F + 1) + 1, n_threads, gated_rows, &job);
 }
 

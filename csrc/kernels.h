@@ -45,8 +45,10 @@ void ms_layernorm_apply(float *out, const float *scale, const float *in, const f
 /* y[N, C] = y * w + b (b may be NULL): RMSNorm's weight */
 void ms_norm_weight(float *y, const float *w, const float *b, int N, int C);
 
-/* gated MLP: x[i, :F] = act(x[i, :F]) * x[i, F:2F] for the N rows of stride ld */
-void ms_gated_activation(float *x, int ld, int N, int F, ms_activation act, int n_threads);
+/* gated MLP: out[i, :F] = act(x[i, :F]) * x[i, F:2F] for the N rows (strides ld_out,
+ * ld); out may be x (then in place) */
+void ms_gated_activation(float *out, int ld_out, const float *x, int ld, int N, int F, ms_activation act,
+                         int n_threads);
 
 /* rotary, HF's half-split: pairs (i, i + rotary_dim/2) of x rotated by the angles
  * whose cos | sin are rope[rotary_dim] */
