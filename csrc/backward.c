@@ -169,23 +169,15 @@ static void undo_token_action(const bwd *b, const ms_action *a, float *g, int ld
     }
 }
 
-/* At a token site: store g if asked for, then take the site's actions back. */
-/* whether an action at (site, layer) changes the gradient there (token_site undoes it) */
-static int changed(const bwd *b, ms_site site, int layer) {
-    for (int i = 0; i < b->plan->n_actions; i++) {
-        const ms_action *a = &b->plan->actions[i];
-        if (a->kind != MS_DO_CACHE && at_site(a->site, a->layer, site, layer)) return 1;
-    }
-    return 0;
-}
-
-/* whether the gradient at (site, layer) is read (a gradient site) or changed */
+/* whether the gradient at (site, layer) is read (a gradient site) or changed (an
+ * action there, which token_site takes back) */
 static int touched(const bwd *b, ms_site site, int layer) {
     for (int i = 0; i < b->g->n_sites; i++)
         if (at_site(b->g->sites[i].site, b->g->sites[i].layer, site, layer)) return 1;
-    return changed(b, site, layer);
+    return ms_plan_touches(b->plan, site, layer);
 }
 
+/* At a token site: store g if asked for, then take the site's actions back. */
 static void token_site(const bwd *b, ms_site site, int layer, float *g, int ld) {
     int w = ms_site_width(&b->m->cfg, site);
     for (int i = 0; i < b->g->n_sites; i++) {
@@ -430,7 +422,7 @@ static int fused(const ms_linear_weight *a, const ms_linear_weight *b, size_t a_
  * back; then a copy of it in dout. (dres is read here before the block's norm
  * backward adds to it.) */
 static float *output_grad(bwd *b, ms_site site, int l) {
-    if (!changed(b, site, l)) return b->dres;
+    if (!ms_plan_touches(b->plan, site, l)) return b->dres;
     ms_copy(b->dout, b->dres, (size_t)b->N * b->m->cfg.d_model, b->n_threads);
     return b->dout;
 }
