@@ -240,6 +240,9 @@ typedef struct {
 /* products of at most this many rows through a float32 weight stored [OC, IC] go
  * through weight_row_dots on CPUs with AVX-512 */
 #define MS_DOT_ROWS 16
+/* products of at most this many rows through a float32 weight stored [IC, OC] go
+ * through weight_row_combos on CPUs with AVX-512 */
+#define MS_COMBO_ROWS 16
 
 /* a free buffer of g (its index in *slot), or NULL (then the caller uses its own) */
 static float *claim_buffer(const gemm_job *g, int *slot) {
@@ -254,6 +257,8 @@ static float *claim_buffer(const gemm_job *g, int *slot) {
 
 static int weight_row_dots(float *out, int ld_out, const float *in, int ld_in, const float *w, int ld_w,
                            int rows, int cols, int IC, float beta);
+static int weight_row_combos(float *out, int ld_out, const float *in, int ld_in, const float *w, int ld_w,
+                             int rows, int cols, int IC, float beta);
 
 /* out[rows, cols] = beta * out + in[rows, IC] @ W[:, c0:c0 + cols] for 2-byte W:
  * blocks of at most max_cols columns of the panel (all of it when buf holds
@@ -285,6 +290,11 @@ static void half_panel(const gemm_job *g, float *out, const float *in, int rows,
                 for (int k = 0; k < nk; k++)
                     ms_widen(buf + (size_t)k * nc, g->w16 + (size_t)(k0 + k) * g->ld_w + c0 + j0, (size_t)nc,
                              g->dtype);
+                if (rows <= MS_COMBO_ROWS &&
+                    weight_row_combos(out + j0, g->ld_out, in + k0, g->ld_in, buf, nc, rows, nc, nk, b)) {
+                    b = 1.0f;
+                    continue;
+                }
                 ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, nc, nk, 1.0f, in + k0, g->ld_in, buf,
                          nc, b, out + j0, g->ld_out);
             }
@@ -331,6 +341,10 @@ static void gemm_panels(void *ctx, long long lo, long long hi) {
             half_panel(g, out, in, rows, c0, cols, max_cols, beta, buf, cap);
             continue;
         }
+        /* few rows through W [IC, OC]: the whole panel at once (its sums do not depend on the blocks) */
+        if (!g->transpose_w && rows <= MS_COMBO_ROWS &&
+            weight_row_combos(out, g->ld_out, in, g->ld_in, g->w + c0, g->ld_w, rows, cols, g->IC, beta))
+            continue;
         for (int j0 = 0; j0 < cols; j0 += max_cols) {
             int nc = cols - j0 < max_cols ? cols - j0 : max_cols;
             if (g->transpose_w && rows <= MS_DOT_ROWS &&
@@ -973,7 +987,88 @@ static void row_dots_avx512(float *out, int ld_out, const float *in, int ld_in, 
     }
 #undef MS_DOT_TILE
 }
+
+/* Few rows through a float32 weight stored [IC, OC] (GPT-2's Conv1D layout): the
+ * same bound as above, but here each output row is a combination of the weight's
+ * rows, out[r, :] = sum_k in[r, k] w[k, :]. The weight is read in blocks of
+ * MS_COMBO_K whole rows, each row from left to right (a few sequential streams,
+ * which the hardware prefetches; a strip of columns down the whole weight would
+ * jump a row's length at every step), while the outputs stay in the L2 cache.
+ * Each output is one chain of multiply-adds over k in order, started from 0
+ * (beta 0) or from out (beta 1), so the sums do not depend on the rows, columns,
+ * blocks of k or threads around it. */
+#define MS_COMBO_K 32
+
+/* out[R, 32] = (load ? out : 0) + in[R, :K] @ w[:K, :32], the columns past the
+ * masks m0 | m1 neither read nor written; R <= 8, a constant after inlining, so
+ * that the 16 partial sums stay in registers */
+__attribute__((target("arch=x86-64-v4"), always_inline))
+static inline void combo_tile(int R, float *out, int ld_out, const float *in, int ld_in, const float *w, int ld_w,
+                              int K, int load, __mmask16 m0, __mmask16 m1) {
+    __m512 acc[8][2];
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = load ? _mm512_maskz_loadu_ps(m0, out + (size_t)r * ld_out) : _mm512_setzero_ps();
+        acc[r][1] = load ? _mm512_maskz_loadu_ps(m1, out + (size_t)r * ld_out + 16) : _mm512_setzero_ps();
+    }
+    for (int k = 0; k < K; k++) {
+        __m512 w0 = _mm512_maskz_loadu_ps(m0, w + (size_t)k * ld_w);
+        __m512 w1 = _mm512_maskz_loadu_ps(m1, w + (size_t)k * ld_w + 16);
+        for (int r = 0; r < R; r++) {
+            __m512 x = _mm512_set1_ps(in[(size_t)r * ld_in + k]);
+            acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_mask_storeu_ps(out + (size_t)r * ld_out, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(out + (size_t)r * ld_out + 16, m1, acc[r][1]);
+    }
+}
+
+/* out[rows, cols] = beta out + in[rows, IC] @ w[IC, cols] (ld_w), beta 0 or 1 */
+__attribute__((target("arch=x86-64-v4")))
+static void row_combos_avx512(float *out, int ld_out, const float *in, int ld_in, const float *w, int ld_w,
+                              int rows, int cols, int IC, float beta) {
+#define MS_COMBO_TILE(R) combo_tile(R, o, ld_out, x, ld_in, wk, ld_w, K, load, m0, m1)
+    for (int k0 = 0; k0 < IC; k0 += MS_COMBO_K) {
+        int K = IC - k0 < MS_COMBO_K ? IC - k0 : MS_COMBO_K, load = k0 > 0 || beta != 0.0f;
+        for (int j0 = 0; j0 < cols; j0 += 32) {
+            int left = cols - j0;
+            __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+            const float *wk = w + (size_t)k0 * ld_w + j0;
+            for (int r0 = 0; r0 < rows; r0 += 8) {
+                float *o = out + (size_t)r0 * ld_out + j0;
+                const float *x = in + (size_t)r0 * ld_in + k0;
+                switch (rows - r0 < 8 ? rows - r0 : 8) {
+                case 8: MS_COMBO_TILE(8); break;
+                case 7: MS_COMBO_TILE(7); break;
+                case 6: MS_COMBO_TILE(6); break;
+                case 5: MS_COMBO_TILE(5); break;
+                case 4: MS_COMBO_TILE(4); break;
+                case 3: MS_COMBO_TILE(3); break;
+                case 2: MS_COMBO_TILE(2); break;
+                default: MS_COMBO_TILE(1); break;
+                }
+            }
+        }
+    }
+#undef MS_COMBO_TILE
+}
 #endif
+
+/* weight_row_combos' product when this CPU has the kernel for it, IC > 0 and beta
+ * is 0 or 1; 0: use the BLAS */
+static int weight_row_combos(float *out, int ld_out, const float *in, int ld_in, const float *w, int ld_w,
+                             int rows, int cols, int IC, float beta) {
+#ifdef MS_AVX512_KERNELS
+    if (has_avx512() && IC > 0 && (beta == 0.0f || beta == 1.0f)) {
+        row_combos_avx512(out, ld_out, in, ld_in, w, ld_w, rows, cols, IC, beta);
+        return 1;
+    }
+#endif
+    return 0;
+}
 
 /* weight_row_dots' product when this CPU has the kernel for it; 0: use the BLAS */
 static int weight_row_dots(float *out, int ld_out, const float *in, int ld_in, const float *w, int ld_w,

@@ -250,7 +250,9 @@ def test_python_metric_same_as_builtin(ms, models, prompts, caches):
 
 
 def test_small_chunks_same_values(ms, models, prompts, caches):
-    """A memory budget that forces many small chunks changes nothing."""
+    """A memory budget that forces many small chunks changes nothing but rounding: a
+    chunk of at most 16 rows goes through the few-row products (AVX-512), which sum in
+    another order than the BLAS does for the large chunks (a few float32 ulps)."""
     model, _ = models
     _, corrupted = prompts
     ms_cache, _ = caches
@@ -261,7 +263,7 @@ def test_small_chunks_same_values(ms, models, prompts, caches):
         got = ms.patching.attn_head_out_by_pos(model, corrupted, ms_cache, metric)
     finally:
         ms.set_memory_budget(None)
-    assert_close(got, want, atol=1e-6)
+    assert_close(got, want, atol=1e-6, rtol=2e-6)
 
 
 # ------------------------------------------------------------------ bad input

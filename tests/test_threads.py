@@ -216,18 +216,23 @@ def test_two_threads_pinned_to_one_core(tmp_path):
     assert done.stdout.split() == ["True"]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt2_wide", "llama"])
 def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path, family):
-    """Products of at most 16 rows through a weight stored [out, in] (GPT-2's
-    unembedding; every product of a Llama model) are dot products from the weight's
-    rows (AVX-512); more rows, or MECHSCOPE_GENERIC_KERNELS=1, go to the BLAS. Odd
-    widths (52 and 36 inputs: a 4-wide tail after 16-wide steps; 151 logits: not a
-    multiple of 4 columns) at 1 to 40 rows: the same logits as HF and as the BLAS path,
-    and bit-identical at 1 and 2 threads."""
+    """Products of at most 16 rows (AVX-512) are dot products from the weight's rows
+    when it is stored [out, in] (GPT-2's unembedding; every product of a Llama model),
+    and combinations of its rows when it is stored [in, out] (GPT-2's layers); more
+    rows, or MECHSCOPE_GENERIC_KERNELS=1, go to the BLAS. Odd widths (52 and 36
+    inputs: a 4-wide tail after 16-wide steps, a block of 20 after one of 32; 151
+    logits: not a multiple of 4 columns; 156 and 52 outputs: a last block of 28 or 20
+    of 32 columns) at 1 to 40 rows: the same logits as HF and as the BLAS path, and
+    bit-identical at 1 and 2 threads (gpt2_wide: layers wide enough that 2 threads
+    share each product's columns)."""
     import torch
     from test_architectures import make_hf
     if family == "gpt2":
         hf = make_hf_model(dict(n_embd=52, n_head=2, n_layer=2, vocab_size=151, n_positions=40), seed=13)
+    elif family == "gpt2_wide":
+        hf = make_hf_model(dict(n_embd=260, n_head=4, n_layer=1, vocab_size=151, n_positions=40), seed=13)
     else:
         hf = make_hf(None, seed=13, spec=("llama", dict(hidden_size=52, num_attention_heads=2, num_key_value_heads=1,
                                                         num_hidden_layers=2, intermediate_size=36, vocab_size=151,
