@@ -609,6 +609,31 @@ class Model:
             result.logits = logits_out[:B].reshape(logit_shape)
         return result
 
+    def generate(self, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, stop_at_eos=True, eos_token_id=None, interventions=None, attention_mask=None,
+                 progress=None):
+        """A continuation of each row, one token at a time, with the interventions
+        applied at every step (a steering vector: ms.Add at a site, every position).
+
+        tokens: text (a string or a list of them, with a tokenizer), or int tokens
+            [batch, pos] / [pos]; rows padded left or right (attention_mask, or the
+            mask tokens from to_tokens carry) continue after their own last real token.
+        do_sample: True draws from softmax(logits / temperature), restricted to the
+            top_k most likely tokens (ties with the k-th kept) and to the smallest set
+            of most likely tokens whose probability reaches top_p; seed makes it
+            repeatable. False takes the most likely token (greedy, HF's do_sample=False).
+        stop_at_eos: a row stops after it generates eos_token_id (default: the
+            tokenizer's, else the config's); the rest of it is padding.
+        Returns text (a string, or a list of strings) for text, with the prompt and
+        without its BOS and final EOS; else mechscope.Tokens [batch, pos + new] with
+        the prompt, the new tokens and an attention_mask marking padding (None if none).
+        Each step runs the whole sequence (no key/value cache) and computes only each
+        row's last logits."""
+        from .generate import generate  # noqa: PLC0415
+        return generate(self, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+                        interventions=interventions, attention_mask=attention_mask, progress=progress)
+
     def grad(self, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
              progress=None, hooks=None, out=None):
         """The gradient of a scalar of one forward pass, computed by the C core's backward pass.

@@ -1,0 +1,137 @@
+"""Text generation: a continuation sampled one token at a time, with interventions
+applied at every step (steering vectors, ablations, patches), as TransformerLens's
+generate does with hooks.
+
+Each step is one run of the whole sequence so far that computes only each row's
+last logits; there is no key/value cache. On a CPU a short text costs about the same
+either way, because a step of a few rows is bound by reading the weights once.
+"""
+import numbers
+
+import numpy as np
+
+from ._progress import progress_bar
+from .tokens import Tokens
+
+
+def _check(max_new_tokens, do_sample, temperature, top_k, top_p):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+    if do_sample:
+        if not isinstance(temperature, numbers.Real) or not np.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature: expected a finite number > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+            raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+
+
+def _eos(model, eos_token_id):
+    if eos_token_id is not None:
+        if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, numbers.Integral) or \
+                not 0 <= eos_token_id < model.d_vocab:
+            raise ValueError(f"eos_token_id: expected a token id in [0, {model.d_vocab}), got {eos_token_id!r}")
+        return int(eos_token_id)
+    tok = model.tokenizer
+    eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+    eos = eos if eos is not None else model.config.get("eos_token_id")
+    return int(eos) if isinstance(eos, numbers.Integral) and 0 <= eos < model.d_vocab else None
+
+
+def _sample(logits, rng, temperature, top_k, top_p):
+    """One token per row of logits [B, V], drawn from softmax(logits / temperature)
+    restricted to the top_k most likely tokens and to the smallest set whose
+    probability reaches top_p (the most likely tokens first)."""
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[1]:
+        kth = np.partition(z, -top_k, axis=1)[:, -top_k][:, None]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-p, axis=1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=1)
+        before = np.cumsum(sorted_p, axis=1) - sorted_p  # probability of the tokens ahead of each
+        keep = np.zeros_like(p, dtype=bool)
+        np.put_along_axis(keep, order, before < top_p, axis=1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p, axis=1)
+    u = rng.random(len(p)) * cdf[:, -1]
+    return np.minimum((cdf <= u[:, None]).sum(axis=1), p.shape[1] - 1)
+
+
+def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
+             seed=None, stop_at_eos=True, eos_token_id=None, interventions=None, attention_mask=None,
+             progress=None):
+    """See Model.generate."""
+    _check(max_new_tokens, do_sample, temperature, top_k, top_p)
+    text_in = isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and
+                                          all(isinstance(t, str) for t in tokens))
+    single = isinstance(tokens, str)
+    if text_in:
+        if attention_mask is not None:
+            raise ValueError("attention_mask: not accepted with text input (it is built from the text)")
+        tokens = model.to_tokens(tokens)
+    mask = attention_mask if attention_mask is not None else getattr(tokens, "attention_mask", None)
+    ids = np.asarray(tokens)
+    if ids.ndim == 1:
+        ids = ids[None]
+        mask = None if mask is None else np.asarray(mask)[None]
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"tokens: expected a non-empty [batch, pos] array, got shape {list(ids.shape)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"tokens: expected integer token ids, got {ids.dtype}")
+    mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask).astype(np.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask: shape {list(mask.shape)} does not match the tokens' {list(ids.shape)}")
+    if not mask.any(axis=1).all():
+        raise ValueError("attention_mask: every row needs at least one real token")
+    # each row's next token goes right after its last real one
+    length = ids.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1)
+    longest = int(mask.sum(axis=1).max()) + max_new_tokens
+    if longest > model.n_ctx:
+        raise ValueError(f"max_new_tokens: {max_new_tokens} new tokens after {longest - max_new_tokens} would "
+                         f"exceed the model's {model.n_ctx} positions")
+    eos = _eos(model, eos_token_id) if stop_at_eos else None
+    pad = getattr(model.tokenizer, "pad_token_id", None) if model.tokenizer is not None else None
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    rng = np.random.default_rng(seed)
+    ids, mask = ids.astype(np.int64), mask.copy()
+    done = np.zeros(len(ids), bool)
+    rows = np.arange(len(ids))
+    with progress_bar(progress, "generating", "token", total=max_new_tokens) as bar:
+        for _ in range(max_new_tokens):
+            if done.all():
+                break
+            logits = model.run(Tokens(ids, mask), logits="last", interventions=interventions).logits
+            if np.isnan(logits[~done]).any():
+                raise ValueError("generate: the logits of a row are NaN (an intervention wrote NaN?)")
+            if do_sample:
+                new = _sample(logits, rng, temperature, top_k, top_p)
+            else:
+                new = np.argmax(logits, axis=1)
+            grow = int(length[~done].max()) + 1 - ids.shape[1]
+            if grow > 0:
+                ids = np.concatenate([ids, np.full((len(ids), grow), pad, np.int64)], axis=1)
+                mask = np.concatenate([mask, np.zeros((len(ids), grow), np.int32)], axis=1)
+            live = rows[~done]
+            ids[live, length[live]] = new[live]
+            mask[live, length[live]] = 1
+            length[live] += 1
+            if eos is not None:
+                done |= (new == eos) & ~done
+            bar.update(1)
+    out = Tokens(ids, None if mask.all() else mask)
+    if not text_in:
+        return out
+    bos = model._bos() if model._prepend_bos(None) else None
+    texts = []
+    for row, keep in zip(ids, mask):
+        real = [int(t) for t in row[keep != 0]]
+        if bos is not None and real and real[0] == bos:
+            real = real[1:]
+        if eos is not None and real and real[-1] == eos:
+            real = real[:-1]
+        texts.append(model._need_tokenizer().decode(real))
+    return texts[0] if single else texts

@@ -1,0 +1,177 @@
+"""Model.generate: greedy continuations equal HuggingFace's generate (alone and in padded
+batches, with and without a steering vector added at every step), sampling follows
+softmax(logits / temperature) restricted by top_k and top_p, EOS ends a row, text in
+gives text out, and bad arguments get clear errors."""
+import numpy as np
+import pytest
+import torch
+
+import mechscope as ms
+from conftest import make_hf_model, save_hf
+
+VOCAB = 61
+CONFIG = dict(n_embd=32, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=40)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = make_hf_model(CONFIG, seed=21)
+    hf.generation_config.eos_token_id = None  # greedy runs to max_new_tokens, as stop_at_eos=False
+    hf.generation_config.pad_token_id = 0
+    folder = save_hf(hf, tmp_path_factory.mktemp("generate"))
+    return hf, ms.Model.from_pretrained(folder)
+
+
+PROMPTS = [[5, 17, 3, 40, 22], [9, 1, 33, 33, 7, 50, 12, 2, 44], [30]]
+
+
+def hf_greedy(hf, prompt, n, steer=None):
+    handle = None
+    if steer is not None:  # add the vector to block 1's input (blocks.1.hook_resid_pre), every position
+        vector = torch.as_tensor(steer, dtype=torch.float32)
+        handle = hf.transformer.h[1].register_forward_pre_hook(
+            lambda module, args, kwargs: ((args[0] + vector,) + args[1:], kwargs), with_kwargs=True)
+    try:
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out[0].tolist()
+
+
+def padded(prompts, side):
+    width = max(len(p) for p in prompts)
+    tokens = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        at = slice(0, len(p)) if side == "right" else slice(width - len(p), width)
+        tokens[i, at], mask[i, at] = p, 1
+    return tokens, mask
+
+
+def rows_of(out):
+    mask = out.attention_mask if out.attention_mask is not None else np.ones(out.shape, np.int32)
+    return [np.asarray(r)[m != 0].tolist() for r, m in zip(out, mask)]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("steer", [False, True])
+def test_greedy_matches_hf_generate(models, side, steer):
+    hf, model = models
+    vector = None
+    if steer:
+        vector = 4.0 * np.random.default_rng(5).standard_normal(CONFIG["n_embd"]).astype(np.float32)
+    interventions = [ms.Add("blocks.1.hook_resid_pre", vector)] if steer else None
+    tokens, mask = padded(PROMPTS, side)
+    out = model.generate(tokens, 12, do_sample=False, stop_at_eos=False, attention_mask=mask,
+                         interventions=interventions, progress=False)
+    want = [hf_greedy(hf, p, 12, vector) for p in PROMPTS]
+    assert rows_of(out) == want
+    if steer:  # the vector changes what the model says, so the comparison above means something
+        plain = [hf_greedy(hf, p, 12) for p in PROMPTS]
+        assert plain != want
+    # one row alone gives what it gives in the batch
+    alone = model.generate(np.array(PROMPTS[1]), 12, do_sample=False, stop_at_eos=False,
+                           interventions=interventions, progress=False)
+    assert alone.shape == (1, len(PROMPTS[1]) + 12) and alone.attention_mask is None
+    assert rows_of(alone)[0] == want[1]
+
+
+def test_sampling_follows_the_distribution(models):
+    _, model = models
+    n = 6000
+    prompt = np.array([PROMPTS[0]] * n)
+    logits = model.run(prompt[:1], logits="last").logits[0].astype(np.float64)
+    temperature = 1.7
+    p = np.exp(logits / temperature - (logits / temperature).max())
+    p /= p.sum()
+    order = np.argsort(-p)
+
+    def frequencies(**kw):
+        out = model.generate(prompt, 1, seed=3, stop_at_eos=False, progress=False, temperature=temperature, **kw)
+        return np.bincount(np.asarray(out)[:, -1], minlength=VOCAB) / n
+
+    def check(freq, want):
+        sigma = np.sqrt(want * (1 - want) / n)
+        assert np.all(np.abs(freq - want) <= 5 * sigma + 1e-12), np.abs(freq - want).max()
+
+    assert p[order[0]] < 0.5  # a spread distribution, so that the checks below can tell samplers apart
+    check(frequencies(), p)
+    # top_k: the k most likely tokens only, in their renormalized proportions
+    want = np.zeros_like(p)
+    want[order[:4]] = p[order[:4]] / p[order[:4]].sum()
+    check(frequencies(top_k=4), want)
+    # top_p: the fewest most likely tokens whose probability reaches top_p
+    k = int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1
+    want = np.zeros_like(p)
+    want[order[:k]] = p[order[:k]] / p[order[:k]].sum()
+    check(frequencies(top_p=0.6), want)
+    assert 1 < k < VOCAB
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(models):
+    _, model = models
+    tokens, mask = padded(PROMPTS, "right")
+    a = model.generate(tokens, 8, seed=7, attention_mask=mask, stop_at_eos=False, progress=False)
+    b = model.generate(tokens, 8, seed=7, attention_mask=mask, stop_at_eos=False, progress=False)
+    c = model.generate(tokens, 8, seed=8, attention_mask=mask, stop_at_eos=False, progress=False)
+    assert rows_of(a) == rows_of(b) and rows_of(a) != rows_of(c)
+    greedy = model.generate(tokens, 8, do_sample=False, attention_mask=mask, stop_at_eos=False, progress=False)
+    top1 = model.generate(tokens, 8, top_k=1, seed=1, attention_mask=mask, stop_at_eos=False, progress=False)
+    assert rows_of(top1) == rows_of(greedy)
+
+
+def test_a_row_stops_at_eos(models):
+    _, model = models
+    tokens, mask = padded(PROMPTS, "right")
+    plain = rows_of(model.generate(tokens, 10, do_sample=False, attention_mask=mask, stop_at_eos=False,
+                                   progress=False))
+    eos = plain[0][len(PROMPTS[0]) + 2]  # row 0's third new token
+    out = model.generate(tokens, 10, do_sample=False, attention_mask=mask, eos_token_id=eos, progress=False)
+    for prompt, full, got in zip(PROMPTS, plain, rows_of(out)):
+        new = full[len(prompt):]
+        end = new.index(eos) + 1 if eos in new else len(new)
+        assert got == prompt + new[:end]
+    assert len(rows_of(out)[0]) == len(PROMPTS[0]) + 3
+    assert out.attention_mask is not None
+
+
+def test_text_in_text_out():
+    model = ms.demo.load_model()
+    prompt = "When Mary and John went to the store , John gave a book to"
+    text = model.generate(prompt, 1, do_sample=False, progress=False)
+    assert text == prompt + " Mary"  # the demo model answers the indirect object
+    texts = model.generate([prompt, "Mary Clark lives in"], 2, seed=0, progress=False)
+    assert isinstance(texts, list) and len(texts) == 2 and texts[0].startswith(prompt)
+    assert texts[1].startswith("Mary Clark lives in ")
+
+
+def test_bad_input(models):
+    _, model = models
+    tokens = np.array([PROMPTS[0]])
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            model.generate(tokens, bad, progress=False)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            model.generate(tokens, 2, temperature=bad, progress=False)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="top_k"):
+            model.generate(tokens, 2, top_k=bad, progress=False)
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="top_p"):
+            model.generate(tokens, 2, top_p=bad, progress=False)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(tokens, 2, eos_token_id=VOCAB, progress=False)
+    with pytest.raises(ValueError, match="exceed the model's 40 positions"):
+        model.generate(tokens, 36, progress=False)
+    with pytest.raises(ValueError, match="at least one real token"):
+        model.generate(tokens, 2, attention_mask=np.zeros(tokens.shape, np.int32), progress=False)
+    with pytest.raises(ValueError, match="attention_mask: shape"):
+        model.generate(tokens, 2, attention_mask=np.ones((1, 3), np.int32), progress=False)
+    with pytest.raises(TypeError, match="integer token ids"):
+        model.generate(tokens.astype(np.float32), 2, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        model.generate(tokens, 2, interventions=[ms.Set("blocks.0.hook_resid_post", np.nan)], progress=False)
+    # greedy ignores the sampling arguments, as HF does
+    assert model.generate(tokens, 2, do_sample=False, temperature=0, progress=False).shape == (1, 7)
