@@ -59,6 +59,19 @@ def test_smollm2_logits_match_transformers(smollm2):
         assert model.tokenizer.decode([int(last[i].argmax())]) == answer
 
 
+def test_smollm2_greedy_generation_matches_transformers(smollm2):
+    """model.generate on the real model, two prompts of different lengths in one padded
+    batch: the same tokens as transformers' greedy generate of each prompt alone."""
+    model, hf, tok = smollm2
+    prompts = SENTENCES[:2]
+    out = model.generate(prompts, 10, do_sample=False, progress=False)
+    for prompt, text in zip(prompts, out):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.eos_token_id)[0]
+        assert text == tok.decode(want, skip_special_tokens=True), prompt
+
+
 def varied_strings(n, seed=0):
     """Unicode from several scripts, digit runs, whitespace runs, code, special tokens."""
     rng = np.random.default_rng(seed)
