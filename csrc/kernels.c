@@ -237,12 +237,9 @@ typedef struct {
 #define MS_FEW_ROWS 32
 #define MS_WIDE_INPUT 4096
 #define MS_NARROW_COLS 16
-/* products of at most this many rows through a float32 weight stored [OC, IC] go
- * through weight_row_dots on CPUs with AVX-512 */
-#define MS_DOT_ROWS 16
-/* products of at most this many rows through a float32 weight stored [IC, OC] go
- * through weight_row_combos on CPUs with AVX-512 */
-#define MS_COMBO_ROWS 16
+/* products of at most this many rows through a float32 weight go through
+ * weight_row_dots (stored [OC, IC]) or weight_row_combos ([IC, OC]) on CPUs with AVX-512 */
+#define MS_KERNEL_ROWS 16
 
 /* a free buffer of g (its index in *slot), or NULL (then the caller uses its own) */
 static float *claim_buffer(const gemm_job *g, int *slot) {
@@ -279,7 +276,7 @@ static void half_panel(const gemm_job *g, float *out, const float *in, int rows,
                     ms_widen(buf + (size_t)j * nk, g->w16 + (size_t)(c0 + j0 + j) * g->ld_w + k0, (size_t)nk,
                              g->dtype);
                 /* the float32 weight's kernel for few rows, so that both give the same sums */
-                if (rows <= MS_DOT_ROWS &&
+                if (rows <= MS_KERNEL_ROWS &&
                     weight_row_dots(out + j0, g->ld_out, in + k0, g->ld_in, buf, nk, rows, nc, nk, b)) {
                     b = 1.0f;
                     continue;
@@ -290,7 +287,7 @@ static void half_panel(const gemm_job *g, float *out, const float *in, int rows,
                 for (int k = 0; k < nk; k++)
                     ms_widen(buf + (size_t)k * nc, g->w16 + (size_t)(k0 + k) * g->ld_w + c0 + j0, (size_t)nc,
                              g->dtype);
-                if (rows <= MS_COMBO_ROWS &&
+                if (rows <= MS_KERNEL_ROWS &&
                     weight_row_combos(out + j0, g->ld_out, in + k0, g->ld_in, buf, nc, rows, nc, nk, b)) {
                     b = 1.0f;
                     continue;
@@ -342,12 +339,12 @@ static void gemm_panels(void *ctx, long long lo, long long hi) {
             continue;
         }
         /* few rows through W [IC, OC]: the whole panel at once (its sums do not depend on the blocks) */
-        if (!g->transpose_w && rows <= MS_COMBO_ROWS &&
+        if (!g->transpose_w && rows <= MS_KERNEL_ROWS &&
             weight_row_combos(out, g->ld_out, in, g->ld_in, g->w + c0, g->ld_w, rows, cols, g->IC, beta))
             continue;
         for (int j0 = 0; j0 < cols; j0 += max_cols) {
             int nc = cols - j0 < max_cols ? cols - j0 : max_cols;
-            if (g->transpose_w && rows <= MS_DOT_ROWS &&
+            if (g->transpose_w && rows <= MS_KERNEL_ROWS &&
                 weight_row_dots(out + j0, g->ld_out, in, g->ld_in, g->w + (size_t)(c0 + j0) * g->ld_w, g->ld_w,
                                 rows, nc, g->IC, beta))
                 continue;

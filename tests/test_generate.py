@@ -165,7 +165,7 @@ def test_bad_input(models):
         model.generate(tokens, 2, eos_token_id=VOCAB, progress=False)
     with pytest.raises(ValueError, match="exceed the model's 40 positions"):
         model.generate(tokens, 36, progress=False)
-    with pytest.raises(ValueError, match="at least one real token"):
+    with pytest.raises(ValueError, match="no real token"):
         model.generate(tokens, 2, attention_mask=np.zeros(tokens.shape, np.int32), progress=False)
     with pytest.raises(ValueError, match="attention_mask: shape"):
         model.generate(tokens, 2, attention_mask=np.ones((1, 3), np.int32), progress=False)

@@ -66,27 +66,11 @@ def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.
              progress=None):
     """See Model.generate."""
     _check(max_new_tokens, do_sample, temperature, top_k, top_p)
-    text_in = isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and
-                                          all(isinstance(t, str) for t in tokens))
+    text_in = isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str))
     single = isinstance(tokens, str)
-    if text_in:
-        if attention_mask is not None:
-            raise ValueError("attention_mask: not accepted with text input (it is built from the text)")
-        tokens = model.to_tokens(tokens)
-    mask = attention_mask if attention_mask is not None else getattr(tokens, "attention_mask", None)
-    ids = np.asarray(tokens)
-    if ids.ndim == 1:
-        ids = ids[None]
-        mask = None if mask is None else np.asarray(mask)[None]
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"tokens: expected a non-empty [batch, pos] array, got shape {list(ids.shape)}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"tokens: expected integer token ids, got {ids.dtype}")
-    mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask).astype(np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask: shape {list(mask.shape)} does not match the tokens' {list(ids.shape)}")
-    if not mask.any(axis=1).all():
-        raise ValueError("attention_mask: every row needs at least one real token")
+    ids, mask = model._check_tokens(tokens, attention_mask)  # text -> tokens; shapes, ids and mask checked
+    if mask is None:
+        mask = np.ones(ids.shape, np.int32)
     # each row's next token goes right after its last real one
     length = ids.shape[1] - np.argmax(mask[:, ::-1] != 0, axis=1)
     longest = int(mask.sum(axis=1).max()) + max_new_tokens
