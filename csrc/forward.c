@@ -126,8 +126,12 @@ size_t ms_forward_bytes(const ms_model *m, const ms_plan *plan, int taped) {
     size_t items = (size_t)m->cfg.n_heads * (size_t)plan->n_rows;
     size_t index_bytes = sizeof(int) * ((size_t)plan->n_rows * (6 + plan->n_pos) + s.N + items) +
                          sizeof(size_t) * (plan->n_rows + 1);
-    size_t record = plan->record ? sizeof(float) * (size_t)m->cfg.n_layers * s.N *
-                                       ((size_t)m->cfg.d_model + 2 * kv_width(&m->cfg)) : 0;
+    /* a recorded state holds every real token (a resuming run's base tokens too);
+     * a resuming run's keeps keys and values only (record_alloc) */
+    size_t tokens = 0;
+    for (int r = 0; plan->record && r < plan->n_rows; r++) tokens += (size_t)real_count(plan, r);
+    size_t record = plan->record ? sizeof(float) * (size_t)m->cfg.n_layers * tokens *
+                                       ((plan->base ? 0 : (size_t)m->cfg.d_model) + 2 * kv_width(&m->cfg)) : 0;
     return buffer_floats(&m->cfg, s) * sizeof(float) + index_bytes + record;
 }
 
@@ -497,8 +501,19 @@ static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, m
     return ms_visit_tokens(L, MS_SITE_Z, layer, b->z, (int)q_width(c), err);
 }
 
-static void record_state(const ms_layout *L, const float *src, int ld, float *dst_layer, size_t width) {
-    for (int k = 0; k < L->N; k++) memcpy(dst_layer + (size_t)k * width, src + (size_t)k * ld, sizeof(float) * width);
+/* Layer slab dst_layer [rec->N, width] of the recorded state: each row's tokens in
+ * order, those a resuming row read from its base (base_layer: the base's slab of the
+ * same layer) and then those it computed (src [L->N, width], row stride ld). */
+static void record_state(const ms_layout *L, const float *src, int ld, float *dst_layer, const float *base_layer,
+                         size_t width) {
+    const ms_state *rec = L->plan->record;
+    for (int r = 0; r < L->plan->n_rows; r++) {
+        float *dst = dst_layer + (size_t)rec->row_off[r] * width;
+        size_t first = (size_t)L->first[r];
+        if (first > 0) memcpy(dst, base_layer + base_token(L, r, 0) * width, sizeof(float) * width * first);
+        for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++)
+            memcpy(dst + (first + (size_t)(k - L->row_off[r])) * width, src + (size_t)k * ld, sizeof(float) * width);
+    }
 }
 
 /* rope[t, :] = cos | sin of the angles of position t (t < n): HF's half-split
@@ -627,7 +642,9 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if (L->plan->base) join_rows(L, b->resid, l);
     else if (L->plan->start_resid && l == L->plan->start_block) load_start_resid(L, b->resid);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
-    if (rec) record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
+    if (rec && rec->resid)
+        record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C,
+                     L->plan->base ? L->plan->base->resid + (size_t)l * L->plan->base->N * C : NULL, (size_t)C);
     if (tape && !in_tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
     if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, tape ? tape->ln1_scale + at : NULL,
                               tape ? tape->ln1 + at * C : NULL, err)))
@@ -643,9 +660,10 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         if ((st = ms_visit_tokens(L, MS_SITE_ROT_K, l, b->qkv + QD, QW, err))) return st;
     }
     if (rec) {
-        size_t off = (size_t)l * rec->N * KD;
-        record_state(L, b->qkv + QD, QW, rec->k + off, (size_t)KD);
-        record_state(L, b->qkv + QD + KD, QW, rec->v + off, (size_t)KD);
+        const ms_state *base = L->plan->base;
+        size_t off = (size_t)l * rec->N * KD, base_off = base ? (size_t)l * base->N * KD : 0;
+        record_state(L, b->qkv + QD, QW, rec->k + off, base ? base->k + base_off : NULL, (size_t)KD);
+        record_state(L, b->qkv + QD + KD, QW, rec->v + off, base ? base->v + base_off : NULL, (size_t)KD);
     }
     if (tape && !in_tape) tape_copy(L, tape->qkv, l, b->qkv, (size_t)QW);
     if ((st = attention_sites(L, b, l, err))) return st;
@@ -846,27 +864,36 @@ void ms_state_free(ms_state *s) {
     memset(s, 0, sizeof *s);
 }
 
+/* The state a run records: every real token of every row, in row order. A run that
+ * resumes a base (a generation step) records the base's tokens with its own, and
+ * keeps only keys and values: the next step computes every block of its new tokens,
+ * so it never reads a residual stream. */
 static ms_status record_alloc(ms_state *rec, const ms_layout *L, ms_error *err) {
     const ms_config *c = &L->m->cfg;
-    size_t n = (size_t)c->n_layers * L->N * c->d_model + 1;
-    size_t nkv = (size_t)c->n_layers * L->N * kv_width(c) + 1;
+    int R = L->plan->n_rows;
+    size_t tokens = 0;
+    for (int r = 0; r < R; r++) tokens += (size_t)L->n_real[r];
+    int with_resid = !L->plan->base;
+    size_t n = with_resid ? (size_t)c->n_layers * tokens * c->d_model + 1 : 0;
+    size_t nkv = (size_t)c->n_layers * tokens * kv_width(c) + 1;
     memset(rec, 0, sizeof *rec);
     rec->n_layers = c->n_layers;
     rec->d_model = c->d_model;
     rec->d_kv = (int)kv_width(c);
     rec->n_rows = L->plan->n_rows;
     rec->n_pos = L->plan->n_pos;
-    rec->N = L->N;
+    rec->N = (int)tokens;
     rec->row_off = malloc(sizeof(int) * (size_t)(rec->n_rows + 1));
-    rec->resid = malloc(sizeof(float) * n);
+    rec->resid = with_resid ? malloc(sizeof(float) * n) : NULL;
     rec->k = malloc(sizeof(float) * nkv);
     rec->v = malloc(sizeof(float) * nkv);
-    if (!rec->row_off || !rec->resid || !rec->k || !rec->v) {
+    if (!rec->row_off || (with_resid && !rec->resid) || !rec->k || !rec->v) {
         ms_state_free(rec);
         snprintf(err->message, sizeof err->message, "out of memory recording the base run");
         return MS_ERR_MEMORY;
     }
-    memcpy(rec->row_off, L->row_off, sizeof(int) * (size_t)(rec->n_rows + 1));
+    rec->row_off[0] = 0;
+    for (int r = 0; r < R; r++) rec->row_off[r + 1] = rec->row_off[r] + L->n_real[r];
     return MS_OK;
 }
 

@@ -201,8 +201,10 @@ typedef struct {
 /* A callback returns 0 to go on, nonzero to stop the run with MS_ERR_CALLBACK. */
 typedef int (*ms_callback)(void *ctx, int id, ms_site site, int layer, float *value);
 
-/* The state of a finished run that patched rows resume from: each layer's
- * residual stream before the block, and its keys and values, for every real token. */
+/* The state of a finished run that later rows resume from: each layer's residual
+ * stream before the block (NULL when a resuming run recorded it: then only rows
+ * starting from the embedding may resume it), and its keys and values, for every
+ * real token. Patched rows of a sweep and the steps of generation resume one. */
 typedef struct {
     int n_layers, d_model, d_kv;  /* d_kv = n_kv_heads * d_head */
     int n_rows, n_pos, N;   /* the base run's layout: N real tokens */
@@ -258,7 +260,9 @@ typedef struct {
      * gradient runs whose earlier blocks never change (DAS's base inputs). */
     const float *start_resid;
     int start_block;
-    ms_state *record;        /* if set, the run records its state here (allocated by ms_run) */
+    ms_state *record;        /* if set, the run records its state here (allocated by ms_run);
+                                a run that resumes a base records the base's tokens with its
+                                own (every row must start from the embedding) */
     ms_metric metric;        /* if kind != NONE: metric_out[n_rows] */
     float *metric_out;
     /* If not NULL, the run polls *stop between layers, matrix panels and attention

@@ -102,6 +102,14 @@ static int is_computed(const ms_plan *p, int row, int pos) {
     return is_real(p, row, pos) && (!p->start_pos || pos >= p->start_pos[row]);
 }
 
+/* index of padded position t among row r's real tokens */
+static int key_index(const ms_plan *p, int r, int t) {
+    if (!p->mask) return t;
+    int n = 0;
+    for (int u = 0; u < t; u++) n += p->mask[(size_t)r * p->n_pos + u] != 0;
+    return n;
+}
+
 int ms_plan_row_start(const ms_plan *p, int r) {
     return p->start_layer ? p->start_layer[r] : p->start_resid ? p->start_block : -1;
 }
@@ -189,8 +197,22 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
                 FAIL("start_layer: must be in [-1, %d) and non-decreasing over rows", c->n_layers);
             if (p->start_pos[r] < 0 || p->start_pos[r] >= p->n_pos || !is_real(p, r, p->start_pos[r]))
                 FAIL("start_pos: row %d starts at position %d, which is not a real token", r, p->start_pos[r]);
+            /* the row reads its tokens before start_pos from its base row */
+            const ms_state *b = p->base;
+            int b_tokens = b->row_off[p->base_row[r] + 1] - b->row_off[p->base_row[r]];
+            if (key_index(p, r, p->start_pos[r]) > b_tokens)
+                FAIL("start_pos: row %d resumes after %d real tokens, but its base row has %d", r,
+                     key_index(p, r, p->start_pos[r]), b_tokens);
+            if (p->start_layer[r] >= 0 && !b->resid)
+                FAIL("start_layer: the base kept no residual stream (row %d starts at block %d)", r,
+                     p->start_layer[r]);
+            if (p->record && p->start_layer[r] != -1)
+                FAIL("record: a run that records its state computes every block of every row (row %d "
+                     "starts at block %d)", r, p->start_layer[r]);
         }
-        if (p->record) FAIL("record: a run that resumes a base cannot record its state");
+        if (p->base->n_layers != c->n_layers || p->base->d_model != c->d_model ||
+            p->base->d_kv != c->n_kv_heads * c->d_head)
+            FAIL("base: recorded by a model of another shape");
     }
     if (p->start_resid) {
         if (p->base || p->start_layer || p->start_pos || p->base_row)
@@ -368,13 +390,6 @@ static void scatter_attention(const ms_layout *L, float *att, const float *out) 
     }
 }
 
-/* index of padded position t among row r's real tokens */
-static int key_index(const ms_plan *p, int r, int t) {
-    if (!p->mask) return t;
-    int n = 0;
-    for (int u = 0; u < t; u++) n += p->mask[(size_t)r * p->n_pos + u] != 0;
-    return n;
-}
 
 static void apply_attention_action(const ms_layout *L, const ms_action *a, float *att) {
     const ms_plan *p = L->plan;

@@ -555,14 +555,66 @@ static double plan_flops(const ms_model *m, const ms_plan *p) {
     return tokens * per_token + logit_rows * 2.0 * C * c->d_vocab;
 }
 
+/* A recorded run state (keys and values of every token, for runs that resume it),
+ * held by a capsule whose context is the model that recorded it. */
+#define STATE_CAPSULE "mechscope._core.state"
+
+static void free_state_capsule(PyObject *capsule) {
+    ms_state *st = PyCapsule_GetPointer(capsule, STATE_CAPSULE);
+    if (st) {
+        ms_state_free(st);
+        free(st);
+    }
+}
+
+/* resuming rows of a run: every row r continues row r of `ostate` (a state capsule
+ * this model recorded) from padded position start_pos[r] on, from the embedding */
+static int parse_resume(PyObject *keep, ModelObject *self, PyObject *ostate, PyObject *ostart, ms_plan *plan) {
+    if (!PyCapsule_IsValid(ostate, STATE_CAPSULE) || PyCapsule_GetContext(ostate) != (void *)self) {
+        PyErr_SetString(PyExc_ValueError, "state: not a state this model recorded");
+        return -1;
+    }
+    const ms_state *st = PyCapsule_GetPointer(ostate, STATE_CAPSULE);
+    if (st->n_rows != plan->n_rows) {
+        PyErr_Format(PyExc_ValueError, "state: recorded for %d rows, the run has %d", st->n_rows, plan->n_rows);
+        return -1;
+    }
+    npy_intp n = 0;
+    plan->start_pos = as_array(keep, ostart, NPY_INT32, NPY_ARRAY_IN_ARRAY, 0, "start_pos", &n);
+    if (!plan->start_pos) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "start_pos: needed with a state");
+        return -1;
+    }
+    if (n != plan->n_rows) {
+        PyErr_Format(PyExc_ValueError, "start_pos: expected %d positions, got %zd", plan->n_rows, n);
+        return -1;
+    }
+    npy_intp dims[1] = {plan->n_rows};
+    PyArrayObject *rows = (PyArrayObject *)PyArray_ZEROS(1, dims, NPY_INT32, 0);
+    PyArrayObject *layers = (PyArrayObject *)PyArray_ZEROS(1, dims, NPY_INT32, 0);
+    int ok = rows && layers && PyList_Append(keep, (PyObject *)rows) == 0 &&
+             PyList_Append(keep, (PyObject *)layers) == 0;
+    Py_XDECREF(rows);
+    Py_XDECREF(layers);
+    if (!ok) return -1;
+    int32_t *row = PyArray_DATA(rows), *layer = PyArray_DATA(layers);
+    for (int r = 0; r < plan->n_rows; r++) row[r] = r, layer[r] = -1;
+    plan->base = st;
+    plan->base_row = row;
+    plan->start_layer = layer;
+    return 0;
+}
+
 static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "mask", "actions", "logit_pos", "logits", "hook",
-                             "metric", "metric_pos", "correct", "wrong", "ref_logprob", NULL};
+                             "metric", "metric_pos", "correct", "wrong", "ref_logprob",
+                             "state", "start_pos", "record", NULL};
     PyObject *otok, *omask = Py_None, *oactions = Py_None, *olpos = Py_None, *ologits = Py_None,
                     *hook = Py_None, *opos = Py_None, *ocorrect = Py_None, *owrong = Py_None,
-                    *oref = Py_None;
-    int metric = 0;
-    PyObject *keep = NULL, *result = NULL;
+                    *oref = Py_None, *ostate = Py_None, *ostart = Py_None;
+    int metric = 0, record = 0;
+    PyObject *keep = NULL, *result = NULL, *capsule = NULL;
+    ms_state *recorded = NULL;
     ms_action *actions = NULL;
     PyArrayObject *metric_out = NULL;
     ms_plan plan = {0};
@@ -570,13 +622,26 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     py_callback hook_cb = {0};
     void *run_args[2] = {&self->model, &plan};
     core_call call = {run_plan, run_args, &err, 0, MS_OK, 0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOiOOOO", kwlist, &otok, &omask, &oactions,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOiOOOOOOp", kwlist, &otok, &omask, &oactions,
                                      &olpos, &ologits, &hook, &metric, &opos, &ocorrect, &owrong,
-                                     &oref))
+                                     &oref, &ostate, &ostart, &record))
         return NULL;
     if (!(keep = PyList_New(0))) goto fail; /* every converted array, alive until the end */
     if (parse_tokens(keep, otok, omask, &plan.n_rows, &plan.n_pos, &plan.tokens, &plan.mask) < 0)
         goto fail;
+    if (ostate != Py_None && parse_resume(keep, self, ostate, ostart, &plan) < 0) goto fail;
+    if (ostate == Py_None && ostart != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "start_pos: only with a state");
+        goto fail;
+    }
+    if (record) {
+        /* the capsule owns the state once the run has filled it */
+        if (!(recorded = calloc(1, sizeof *recorded))) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        plan.record = recorded;
+    }
     if (oactions != Py_None) {
         if (!(actions = parse_actions(keep, oactions, &self->model, plan.n_rows, plan.n_pos, &plan.n_actions)))
             goto fail;
@@ -621,9 +686,21 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
         raise_status(st, &err, &call, &hook_cb);
         goto fail;
     }
+    if (record) {
+        if (!(capsule = PyCapsule_New(recorded, STATE_CAPSULE, free_state_capsule))) goto fail;
+        recorded = NULL;
+        if (PyCapsule_SetContext(capsule, self) < 0) goto fail;
+        result = Py_BuildValue("(OO)", metric_out ? (PyObject *)metric_out : Py_None, capsule);
+        goto fail; /* the tuple holds its own references */
+    }
     result = metric_out ? (PyObject *)metric_out : Py_None;
     Py_INCREF(result);
 fail:
+    if (recorded) { /* a run that failed frees what it recorded (ms_run) */
+        ms_state_free(recorded);
+        free(recorded);
+    }
+    Py_XDECREF(capsule);
     free(actions);
     Py_XDECREF(keep);
     return result;

@@ -1,7 +1,9 @@
 """Model.generate: greedy continuations equal HuggingFace's generate (alone and in padded
 batches, with and without a steering vector added at every step), sampling follows
 softmax(logits / temperature) restricted by top_k and top_p, EOS ends a row, text in
-gives text out, and bad arguments get clear errors."""
+gives text out, the key/value cache gives what rerunning the whole sequence gives
+(GPT-2 and a Llama with rotary and grouped keys; interventions at every position, at
+one position, on the attention pattern), and bad arguments get clear errors."""
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,84 @@ def test_text_in_text_out():
     texts = model.generate([prompt, "Mary Clark lives in"], 2, seed=0, progress=False)
     assert isinstance(texts, list) and len(texts) == 2 and texts[0].startswith(prompt)
     assert texts[1].startswith("Mary Clark lives in ")
+
+
+LLAMA = dict(model_type="llama", hidden_size=24, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+             intermediate_size=40, vocab_size=VOCAB, max_position_embeddings=40, initializer_range=0.4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_cache_gives_what_rerunning_gives(models, family, side):
+    model = models[1] if family == "gpt2" else ms.Model.from_config(LLAMA, seed=3)
+    width = CONFIG["n_embd"] if family == "gpt2" else LLAMA["hidden_size"]
+    rng = np.random.default_rng(8)
+    cases = [
+        None,
+        [ms.Add("blocks.1.hook_resid_pre", 3.0 * rng.standard_normal(width).astype(np.float32))],
+        [ms.Zero("blocks.0.hook_resid_post", pos=1)],  # one prompt position: computed at the first step only
+        [ms.Scale("blocks.1.attn.hook_pattern", 0.0, head=1, key_pos=0),
+         ms.Scale("blocks.0.mlp.hook_post", 2.0, index=[0, 3, 5])],
+    ]
+    tokens, mask = padded(PROMPTS, side)
+    changed = 0
+    for interventions in cases:
+        for sample in (False, True):
+            kw = dict(do_sample=sample, seed=11, stop_at_eos=False, attention_mask=mask,
+                      interventions=interventions, progress=False)
+            cached = model.generate(tokens, 10, use_cache=True, **kw)
+            rerun = model.generate(tokens, 10, use_cache=False, **kw)
+            assert np.array_equal(np.asarray(cached), np.asarray(rerun))
+            assert np.array_equal(cached.attention_mask, rerun.attention_mask)
+            plain = model.generate(tokens, 10, use_cache=False, **dict(kw, interventions=None))
+            changed += not np.array_equal(np.asarray(plain), np.asarray(rerun))
+    assert changed >= 4  # the interventions change the continuations, so the equalities above mean something
+
+
+def test_the_cache_with_rows_ending_at_eos(models):
+    _, model = models
+    tokens, mask = padded(PROMPTS, "left")
+    plain = rows_of(model.generate(tokens, 10, do_sample=False, attention_mask=mask, stop_at_eos=False,
+                                   progress=False))
+    eos = plain[1][len(PROMPTS[1]) + 1]  # row 1 ends early, the other rows go on after it
+    kw = dict(do_sample=False, attention_mask=mask, eos_token_id=eos, progress=False)
+    cached, rerun = model.generate(tokens, 10, **kw), model.generate(tokens, 10, use_cache=False, **kw)
+    assert rows_of(cached) == rows_of(rerun)
+    lengths = [len(r) - len(p) for r, p in zip(rows_of(cached), PROMPTS)]
+    assert lengths[1] <= 2 and max(lengths) > lengths[1]  # row 1 ended while another went on
+
+
+def test_a_recorded_state_is_checked(models):
+    _, model = models
+    core = model._core
+    tokens = np.array([PROMPTS[0]], np.int32)
+    logits = np.empty((1, 1, VOCAB), np.float32)
+    last = np.array([[len(PROMPTS[0]) - 1]], np.int32)
+    _, state = core.run(tokens, None, [], last, logits, None, record=True)
+    grown = np.array([PROMPTS[0] + [4]], np.int32)
+    at_end = np.array([[len(PROMPTS[0])]], np.int32)
+    core.run(grown, None, [], at_end, logits, None, state=state, start_pos=np.array([len(PROMPTS[0])], np.int32))
+    with pytest.raises(ValueError, match="not a state this model recorded"):
+        ms.Model.from_config(CONFIG, seed=1)._core.run(grown, None, [], at_end, logits, None, state=state,
+                                                       start_pos=np.array([5], np.int32))
+    with pytest.raises(ValueError, match="not a state"):
+        core.run(grown, None, [], at_end, logits, None, state=object(), start_pos=np.array([5], np.int32))
+    with pytest.raises(ValueError, match="recorded for 1 rows, the run has 2"):
+        core.run(np.repeat(grown, 2, axis=0), None, [], np.repeat(at_end, 2, axis=0), np.empty((2, 1, VOCAB), np.float32),
+                 None, state=state, start_pos=np.array([5, 5], np.int32))
+    with pytest.raises(ValueError, match="start_pos: expected 1 positions"):
+        core.run(grown, None, [], at_end, logits, None, state=state, start_pos=np.array([5, 5], np.int32))
+    with pytest.raises(ValueError, match="needed with a state"):
+        core.run(grown, None, [], at_end, logits, None, state=state)
+    with pytest.raises(ValueError, match="only with a state"):
+        core.run(grown, None, [], at_end, logits, None, start_pos=np.array([5], np.int32))
+    # a row resuming after more tokens than its base row has would read past them
+    longer = np.array([PROMPTS[0] + [4, 4]], np.int32)
+    with pytest.raises(ValueError, match="resumes after 6 real tokens, but its base row has 5"):
+        core.run(longer, None, [], np.array([[6]], np.int32), logits, None, state=state,
+                 start_pos=np.array([6], np.int32))
+    with pytest.raises(ValueError, match="use_cache"):
+        model.generate(tokens, 2, use_cache=1, progress=False)
 
 
 def test_bad_input(models):

@@ -2,9 +2,16 @@
 applied at every step (steering vectors, ablations, patches), as TransformerLens's
 generate does with hooks.
 
-Each step is one run of the whole sequence so far that computes only each row's
-last logits; there is no key/value cache. On a CPU a short text costs about the same
-either way, because a step of a few rows is bound by reading the weights once.
+The first step runs the prompt and keeps every layer's keys and values (a state
+recorded in C); each later step computes only each row's newest token, attending to
+the kept keys and values, and keeps them with its own. An intervention acts where
+the run computes: on the prompt's positions at the first step, on each new token at
+its own step, so it acts at every position once, as when every step reruns the
+whole sequence (use_cache=False), which gives the same tokens. Two exceptions:
+Noise draws its values over the whole [batch, pos] box, so a longer sequence draws
+other values at the same position (with the cache each position keeps the draws of
+the step that computed it); interventions that patch from a Source (another run in
+the same pass) rerun the whole sequence at every step.
 """
 import numbers
 
@@ -61,11 +68,38 @@ def _sample(logits, rng, temperature, top_k, top_p):
     return np.minimum((cdf <= u[:, None]).sum(axis=1), p.shape[1] - 1)
 
 
+class _CachedSteps:
+    """The last logits of each row, step after step, with the keys and values of the
+    tokens computed so far kept between steps (None from first() when the
+    interventions need the whole sequence at every step)."""
+
+    def __init__(self, model, interventions):
+        self.model, self.interventions, self.state = model, interventions, None
+
+    def logits(self, ids, mask, start):
+        """ids, mask [B, T]; start: each row's first position to compute (None: all)."""
+        model = self.model
+        tokens, full_mask, actions = model._plan(ids.astype(np.int32), mask, self.interventions)
+        B, T = ids.shape
+        if tokens.shape[0] != B:
+            return None  # Sources add rows: not resumable
+        last = (T - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)).astype(np.int32)[:, None]
+        if self.state is None:
+            model._check_budget(4 * B * model.d_vocab, full_mask, B, T, 1)
+        out = np.empty((B, 1, model.d_vocab), np.float32)
+        kw = {} if self.state is None else {"state": self.state, "start_pos": start.astype(np.int32)}
+        _, self.state = model._core.run(tokens, full_mask, actions, last, out, None, record=True, **kw)
+        return out[:, 0]
+
+
 def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
              seed=None, stop_at_eos=True, eos_token_id=None, interventions=None, attention_mask=None,
-             progress=None):
+             progress=None, use_cache=True):
     """See Model.generate."""
     _check(max_new_tokens, do_sample, temperature, top_k, top_p)
+    if not isinstance(use_cache, bool):
+        raise ValueError(f"use_cache: expected True or False, got {use_cache!r}")
+    interventions = model._check_interventions(interventions)
     text_in = isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str))
     single = isinstance(tokens, str)
     ids, mask = model._check_tokens(tokens, attention_mask)  # text -> tokens; shapes, ids and mask checked
@@ -84,11 +118,16 @@ def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.
     ids, mask = ids.astype(np.int64), mask.copy()
     done = np.zeros(len(ids), bool)
     rows = np.arange(len(ids))
+    cached = _CachedSteps(model, interventions) if use_cache else None
+    start = None
     with progress_bar(progress, "generating", "token", total=max_new_tokens) as bar:
         for _ in range(max_new_tokens):
             if done.all():
                 break
-            logits = model.run(Tokens(ids, mask), logits="last", interventions=interventions).logits
+            logits = cached.logits(ids, mask, start) if cached is not None else None
+            if logits is None:
+                cached = None
+                logits = model.run(Tokens(ids, mask), logits="last", interventions=interventions).logits
             if np.isnan(logits[~done]).any():
                 raise ValueError("generate: the logits of a row are NaN (an intervention wrote NaN?)")
             if do_sample:
@@ -103,6 +142,7 @@ def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.
             ids[live, length[live]] = new[live]
             mask[live, length[live]] = 1
             length[live] += 1
+            start = length - 1  # the next step computes each row's newest token (a finished row's last)
             if eos is not None:
                 done |= (new == eos) & ~done
             bar.update(1)

@@ -611,7 +611,7 @@ class Model:
 
     def generate(self, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
                  seed=None, stop_at_eos=True, eos_token_id=None, interventions=None, attention_mask=None,
-                 progress=None):
+                 progress=None, use_cache=True):
         """A continuation of each row, one token at a time, with the interventions
         applied at every step (a steering vector: ms.Add at a site, every position).
 
@@ -627,12 +627,16 @@ class Model:
         Returns text (a string, or a list of strings) for text, with the prompt and
         without its BOS and final EOS; else mechscope.Tokens [batch, pos + new] with
         the prompt, the new tokens and an attention_mask marking padding (None if none).
-        Each step runs the whole sequence (no key/value cache) and computes only each
-        row's last logits."""
+        use_cache: True keeps each layer's keys and values between steps, so that a
+            step computes only each row's newest token (interventions act on every
+            position once: the prompt's at the first step, each new token's at its
+            own); False reruns the whole sequence at every step. Both give the same
+            tokens. Interventions that patch from a Source always rerun it all."""
         from .generate import generate  # noqa: PLC0415
         return generate(self, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
-                        interventions=interventions, attention_mask=attention_mask, progress=progress)
+                        interventions=interventions, attention_mask=attention_mask, progress=progress,
+                        use_cache=use_cache)
 
     def grad(self, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
              progress=None, hooks=None, out=None):
