@@ -130,8 +130,12 @@ size_t ms_forward_bytes(const ms_model *m, const ms_plan *plan, int taped) {
      * a resuming run's keeps keys and values only (record_alloc) */
     size_t tokens = 0;
     for (int r = 0; plan->record && r < plan->n_rows; r++) tokens += (size_t)real_count(plan, r);
-    size_t record = plan->record ? sizeof(float) * (size_t)m->cfg.n_layers * tokens *
-                                       ((plan->base ? 0 : (size_t)m->cfg.d_model) + 2 * kv_width(&m->cfg)) : 0;
+    if (plan->record_capacity > 0) tokens = (size_t)plan->n_rows * plan->record_capacity;
+    int resid = !plan->base && plan->record_capacity <= 0;
+    size_t record = plan->record && plan->record != plan->base
+                        ? sizeof(float) * (size_t)m->cfg.n_layers * tokens *
+                              ((resid ? (size_t)m->cfg.d_model : 0) + 2 * kv_width(&m->cfg))
+                        : 0;
     return buffer_floats(&m->cfg, s) * sizeof(float) + index_bytes + record;
 }
 
@@ -510,7 +514,8 @@ static void record_state(const ms_layout *L, const float *src, int ld, float *ds
     for (int r = 0; r < L->plan->n_rows; r++) {
         float *dst = dst_layer + (size_t)rec->row_off[r] * width;
         size_t first = (size_t)L->first[r];
-        if (first > 0) memcpy(dst, base_layer + base_token(L, r, 0) * width, sizeof(float) * width * first);
+        /* (appending in place, base_layer is NULL: the base's tokens are there already) */
+        if (first > 0 && base_layer) memcpy(dst, base_layer + base_token(L, r, 0) * width, sizeof(float) * width * first);
         for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++)
             memcpy(dst + (first + (size_t)(k - L->row_off[r])) * width, src + (size_t)k * ld, sizeof(float) * width);
     }
@@ -644,7 +649,9 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec && rec->resid)
         record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C,
-                     L->plan->base ? L->plan->base->resid + (size_t)l * L->plan->base->N * C : NULL, (size_t)C);
+                     L->plan->base && L->plan->base != rec ? L->plan->base->resid + (size_t)l * L->plan->base->N * C
+                                                           : NULL,
+                     (size_t)C);
     if (tape && !in_tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
     if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, tape ? tape->ln1_scale + at : NULL,
                               tape ? tape->ln1 + at * C : NULL, err)))
@@ -660,7 +667,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         if ((st = ms_visit_tokens(L, MS_SITE_ROT_K, l, b->qkv + QD, QW, err))) return st;
     }
     if (rec) {
-        const ms_state *base = L->plan->base;
+        const ms_state *base = L->plan->base != rec ? L->plan->base : NULL; /* NULL: appending in place */
         size_t off = (size_t)l * rec->N * KD, base_off = base ? (size_t)l * base->N * KD : 0;
         record_state(L, b->qkv + QD, QW, rec->k + off, base ? base->k + base_off : NULL, (size_t)KD);
         record_state(L, b->qkv + QD + KD, QW, rec->v + off, base ? base->v + base_off : NULL, (size_t)KD);
@@ -858,6 +865,7 @@ void ms_workspace_give(ms_workspace *w, float *buf, size_t n) {
 void ms_state_free(ms_state *s) {
     if (!s) return;
     free(s->row_off);
+    free(s->n_tokens);
     free(s->resid);
     free(s->k);
     free(s->v);
@@ -865,15 +873,18 @@ void ms_state_free(ms_state *s) {
 }
 
 /* The state a run records: every real token of every row, in row order. A run that
- * resumes a base (a generation step) records the base's tokens with its own, and
- * keeps only keys and values: the next step computes every block of its new tokens,
- * so it never reads a residual stream. */
+ * resumes a base records the base's tokens with its own, and keeps only keys and
+ * values: a later run that resumes it computes every block of its new tokens, so it
+ * never reads a residual stream. With record_capacity, every row gets that many
+ * slots (keys and values only), and later runs append to them in place (generation:
+ * each step adds one token per row, without copying the state). */
 static ms_status record_alloc(ms_state *rec, const ms_layout *L, ms_error *err) {
     const ms_config *c = &L->m->cfg;
-    int R = L->plan->n_rows;
+    int R = L->plan->n_rows, cap = L->plan->record_capacity;
     size_t tokens = 0;
     for (int r = 0; r < R; r++) tokens += (size_t)L->n_real[r];
-    int with_resid = !L->plan->base;
+    if (cap > 0) tokens = (size_t)R * cap; /* the check made sure every row fits */
+    int with_resid = !L->plan->base && cap <= 0;
     size_t n = with_resid ? (size_t)c->n_layers * tokens * c->d_model + 1 : 0;
     size_t nkv = (size_t)c->n_layers * tokens * kv_width(c) + 1;
     memset(rec, 0, sizeof *rec);
@@ -883,17 +894,22 @@ static ms_status record_alloc(ms_state *rec, const ms_layout *L, ms_error *err) 
     rec->n_rows = L->plan->n_rows;
     rec->n_pos = L->plan->n_pos;
     rec->N = (int)tokens;
+    rec->capacity = cap > 0 ? cap : 0;
     rec->row_off = malloc(sizeof(int) * (size_t)(rec->n_rows + 1));
+    rec->n_tokens = malloc(sizeof(int) * (size_t)rec->n_rows + 1);
     rec->resid = with_resid ? malloc(sizeof(float) * n) : NULL;
     rec->k = malloc(sizeof(float) * nkv);
     rec->v = malloc(sizeof(float) * nkv);
-    if (!rec->row_off || (with_resid && !rec->resid) || !rec->k || !rec->v) {
+    if (!rec->row_off || !rec->n_tokens || (with_resid && !rec->resid) || !rec->k || !rec->v) {
         ms_state_free(rec);
         snprintf(err->message, sizeof err->message, "out of memory recording the base run");
         return MS_ERR_MEMORY;
     }
     rec->row_off[0] = 0;
-    for (int r = 0; r < R; r++) rec->row_off[r + 1] = rec->row_off[r] + L->n_real[r];
+    for (int r = 0; r < R; r++) {
+        rec->row_off[r + 1] = rec->row_off[r] + (cap > 0 ? cap : L->n_real[r]);
+        rec->n_tokens[r] = L->n_real[r];
+    }
     return MS_OK;
 }
 
@@ -922,7 +938,9 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
         return MS_ERR_MEMORY;
     }
     carve_buffers(&b, base, c, sizes);
-    if (plan->record && (st = record_alloc(plan->record, L, err))) goto done;
+    /* a run appending to its base (record == base) writes into the base's slots */
+    int appends = plan->record && plan->record == plan->base;
+    if (plan->record && !appends && (st = record_alloc(plan->record, L, err))) goto done;
 
     if (c->rotary_dim) rope_table(b.rope, m, L->max_keys);
     /* rows given their residual stream at a block compute nothing before it */
@@ -952,9 +970,13 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
     if (plan->n_logit_pos > 0) compute_logits(L, &b);
     if (plan->metric.kind != MS_METRIC_NONE) compute_metric(L, &b);
     st = check_stop(err);
+    /* the appended tokens count once the run is complete (an interrupted one leaves
+     * the state as it was: its tokens, all still there, and slots beyond them) */
+    if (!st && appends)
+        for (int r = 0; r < plan->n_rows; r++) plan->record->n_tokens[r] = L->n_real[r];
 
 done:
-    if (st && plan->record) ms_state_free(plan->record);
+    if (st && plan->record && !appends) ms_state_free(plan->record);
     ms_workspace_give(m->workspace, base, floats);
     return st;
 }

@@ -207,8 +207,11 @@ typedef int (*ms_callback)(void *ctx, int id, ms_site site, int layer, float *va
  * real token. Patched rows of a sweep and the steps of generation resume one. */
 typedef struct {
     int n_layers, d_model, d_kv;  /* d_kv = n_kv_heads * d_head */
-    int n_rows, n_pos, N;   /* the base run's layout: N real tokens */
-    int *row_off;           /* [n_rows + 1] first packed token of each row */
+    int n_rows, n_pos, N;   /* the base run's layout: N token slots per layer */
+    int *row_off;           /* [n_rows + 1] first token slot of each row */
+    int *n_tokens;          /* [n_rows] tokens recorded for each row, in its first slots */
+    int capacity;           /* 0: rows packed (each row's slots are its tokens); else every
+                               row has this many slots, and later runs append to it */
     float *resid;           /* [n_layers, N, d_model] hook_resid_pre */
     float *k, *v;           /* [n_layers, N, d_kv] keys (after rotary) and values, heads side by side */
 } ms_state;
@@ -262,7 +265,11 @@ typedef struct {
     int start_block;
     ms_state *record;        /* if set, the run records its state here (allocated by ms_run);
                                 a run that resumes a base records the base's tokens with its
-                                own (every row must start from the embedding) */
+                                own (every row must start from the embedding). record ==
+                                base: the run appends its tokens to the base in place (a
+                                state recorded with room for them, row r resuming row r) */
+    int record_capacity;     /* > 0: the recorded state has room for this many real tokens
+                                per row, and keeps keys and values only */
     ms_metric metric;        /* if kind != NONE: metric_out[n_rows] */
     float *metric_out;
     /* If not NULL, the run polls *stop between layers, matrix panels and attention

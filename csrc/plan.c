@@ -7,6 +7,7 @@
 #include "run.h"
 
 #include <math.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -199,7 +200,7 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
                 FAIL("start_pos: row %d starts at position %d, which is not a real token", r, p->start_pos[r]);
             /* the row reads its tokens before start_pos from its base row */
             const ms_state *b = p->base;
-            int b_tokens = b->row_off[p->base_row[r] + 1] - b->row_off[p->base_row[r]];
+            int b_tokens = b->n_tokens[p->base_row[r]];
             if (key_index(p, r, p->start_pos[r]) > b_tokens)
                 FAIL("start_pos: row %d resumes after %d real tokens, but its base row has %d", r,
                      key_index(p, r, p->start_pos[r]), b_tokens);
@@ -209,10 +210,31 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
             if (p->record && p->start_layer[r] != -1)
                 FAIL("record: a run that records its state computes every block of every row (row %d "
                      "starts at block %d)", r, p->start_layer[r]);
+            if (p->record == p->base) { /* appending in place */
+                int n = key_index(p, r, p->n_pos);
+                if (b->capacity == 0 || p->base_row[r] != r || p->n_rows != b->n_rows)
+                    FAIL("record: a run appends to a state recorded with room for more tokens, row r to "
+                         "row r");
+                if (n > b->capacity)
+                    FAIL("record: row %d has %d real tokens, more than the %d the state has room for", r, n,
+                         b->capacity);
+            }
         }
         if (p->base->n_layers != c->n_layers || p->base->d_model != c->d_model ||
             p->base->d_kv != c->n_kv_heads * c->d_head)
             FAIL("base: recorded by a model of another shape");
+    }
+    if (p->record_capacity < 0 || p->record_capacity > c->n_ctx)
+        FAIL("record_capacity: %d out of range [0, %d]", p->record_capacity, c->n_ctx);
+    if (p->record_capacity > 0) {
+        if (!p->record || p->record == p->base)
+            FAIL("record_capacity: only for a run that records a new state");
+        if ((long long)p->n_rows * p->record_capacity > INT_MAX)
+            FAIL("record_capacity: %d rows of %d tokens are too many", p->n_rows, p->record_capacity);
+        for (int r = 0; r < p->n_rows; r++)
+            if (key_index(p, r, p->n_pos) > p->record_capacity)
+                FAIL("record_capacity: row %d has %d real tokens, more than %d", r, key_index(p, r, p->n_pos),
+                     p->record_capacity);
     }
     if (p->start_resid) {
         if (p->base || p->start_layer || p->start_pos || p->base_row)

@@ -608,11 +608,11 @@ static int parse_resume(PyObject *keep, ModelObject *self, PyObject *ostate, PyO
 static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "mask", "actions", "logit_pos", "logits", "hook",
                              "metric", "metric_pos", "correct", "wrong", "ref_logprob",
-                             "state", "start_pos", "record", NULL};
+                             "state", "start_pos", "record", "capacity", NULL};
     PyObject *otok, *omask = Py_None, *oactions = Py_None, *olpos = Py_None, *ologits = Py_None,
                     *hook = Py_None, *opos = Py_None, *ocorrect = Py_None, *owrong = Py_None,
                     *oref = Py_None, *ostate = Py_None, *ostart = Py_None;
-    int metric = 0, record = 0;
+    int metric = 0, record = 0, capacity = 0;
     PyObject *keep = NULL, *result = NULL, *capsule = NULL;
     ms_state *recorded = NULL;
     ms_action *actions = NULL;
@@ -622,9 +622,9 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     py_callback hook_cb = {0};
     void *run_args[2] = {&self->model, &plan};
     core_call call = {run_plan, run_args, &err, 0, MS_OK, 0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOiOOOOOOp", kwlist, &otok, &omask, &oactions,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOOOiOOOOOOpi", kwlist, &otok, &omask, &oactions,
                                      &olpos, &ologits, &hook, &metric, &opos, &ocorrect, &owrong,
-                                     &oref, &ostate, &ostart, &record))
+                                     &oref, &ostate, &ostart, &record, &capacity))
         return NULL;
     if (!(keep = PyList_New(0))) goto fail; /* every converted array, alive until the end */
     if (parse_tokens(keep, otok, omask, &plan.n_rows, &plan.n_pos, &plan.tokens, &plan.mask) < 0)
@@ -634,13 +634,20 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "start_pos: only with a state");
         goto fail;
     }
-    if (record) {
+    if (record && ostate != Py_None) {
+        /* a run that resumes a state and records appends its tokens to that state, in place */
+        plan.record = (ms_state *)plan.base;
+    } else if (record) {
         /* the capsule owns the state once the run has filled it */
         if (!(recorded = calloc(1, sizeof *recorded))) {
             PyErr_NoMemory();
             goto fail;
         }
         plan.record = recorded;
+        plan.record_capacity = capacity;
+    } else if (capacity) {
+        PyErr_SetString(PyExc_ValueError, "capacity: only for a run that records a new state");
+        goto fail;
     }
     if (oactions != Py_None) {
         if (!(actions = parse_actions(keep, oactions, &self->model, plan.n_rows, plan.n_pos, &plan.n_actions)))
@@ -684,6 +691,10 @@ static PyObject *Model_run(ModelObject *self, PyObject *args, PyObject *kwds) {
     ms_status st = call_core(&call, plan_flops(&self->model, &plan) > (double)(1 << 28));
     if (st || call.stop) {
         raise_status(st, &err, &call, &hook_cb);
+        goto fail;
+    }
+    if (record && ostate != Py_None) { /* the state appended to */
+        result = Py_BuildValue("(OO)", metric_out ? (PyObject *)metric_out : Py_None, ostate);
         goto fail;
     }
     if (record) {

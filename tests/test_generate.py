@@ -199,10 +199,28 @@ def test_a_recorded_state_is_checked(models):
     tokens = np.array([PROMPTS[0]], np.int32)
     logits = np.empty((1, 1, VOCAB), np.float32)
     last = np.array([[len(PROMPTS[0]) - 1]], np.int32)
-    _, state = core.run(tokens, None, [], last, logits, None, record=True)
+    _, state = core.run(tokens, None, [], last, logits, None, record=True, capacity=6)
     grown = np.array([PROMPTS[0] + [4]], np.int32)
     at_end = np.array([[len(PROMPTS[0])]], np.int32)
     core.run(grown, None, [], at_end, logits, None, state=state, start_pos=np.array([len(PROMPTS[0])], np.int32))
+    # appending: the state is full after one more token
+    _, same = core.run(grown, None, [], at_end, logits, None, state=state, start_pos=np.array([5], np.int32),
+                       record=True)
+    assert same is state
+    again = np.array([PROMPTS[0] + [4, 4]], np.int32)
+    with pytest.raises(ValueError, match="row 0 has 7 real tokens, more than the 6 the state has room for"):
+        core.run(again, None, [], np.array([[6]], np.int32), logits, None, state=state,
+                 start_pos=np.array([6], np.int32), record=True)
+    with pytest.raises(ValueError, match="record_capacity: row 0 has 7 real tokens, more than 6"):
+        core.run(again, None, [], np.array([[6]], np.int32), logits, None, record=True, capacity=6)
+    with pytest.raises(ValueError, match=r"record_capacity: -1 out of range \[0, 40\]"):
+        core.run(tokens, None, [], last, logits, None, record=True, capacity=-1)
+    with pytest.raises(ValueError, match="capacity: only for a run that records"):
+        core.run(tokens, None, [], last, logits, None, capacity=8)
+    _, packed = core.run(tokens, None, [], last, logits, None, record=True)  # no room: cannot be appended to
+    with pytest.raises(ValueError, match="appends to a state recorded with room"):
+        core.run(grown, None, [], at_end, logits, None, state=packed, start_pos=np.array([5], np.int32),
+                 record=True)
     with pytest.raises(ValueError, match="not a state this model recorded"):
         ms.Model.from_config(CONFIG, seed=1)._core.run(grown, None, [], at_end, logits, None, state=state,
                                                        start_pos=np.array([5], np.int32))
@@ -218,10 +236,10 @@ def test_a_recorded_state_is_checked(models):
     with pytest.raises(ValueError, match="only with a state"):
         core.run(grown, None, [], at_end, logits, None, start_pos=np.array([5], np.int32))
     # a row resuming after more tokens than its base row has would read past them
-    longer = np.array([PROMPTS[0] + [4, 4]], np.int32)
-    with pytest.raises(ValueError, match="resumes after 6 real tokens, but its base row has 5"):
-        core.run(longer, None, [], np.array([[6]], np.int32), logits, None, state=state,
-                 start_pos=np.array([6], np.int32))
+    longer = np.array([PROMPTS[0] + [4, 4, 4]], np.int32)
+    with pytest.raises(ValueError, match="resumes after 7 real tokens, but its base row has 6"):
+        core.run(longer, None, [], np.array([[7]], np.int32), logits, None, state=state,
+                 start_pos=np.array([7], np.int32))
     with pytest.raises(ValueError, match="use_cache"):
         model.generate(tokens, 2, use_cache=1, progress=False)
 

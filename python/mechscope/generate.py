@@ -3,8 +3,8 @@ applied at every step (steering vectors, ablations, patches), as TransformerLens
 generate does with hooks.
 
 The first step runs the prompt and keeps every layer's keys and values (a state
-recorded in C); each later step computes only each row's newest token, attending to
-the kept keys and values, and keeps them with its own. An intervention acts where
+recorded in C, with room for the tokens to come); each later step computes only each
+row's newest token, attending to the kept keys and values, and adds its own to them. An intervention acts where
 the run computes: on the prompt's positions at the first step, on each new token at
 its own step, so it acts at every position once, as when every step reruns the
 whole sequence (use_cache=False), which gives the same tokens. Two exceptions:
@@ -73,8 +73,9 @@ class _CachedSteps:
     tokens computed so far kept between steps (None from first() when the
     interventions need the whole sequence at every step)."""
 
-    def __init__(self, model, interventions):
+    def __init__(self, model, interventions, capacity):
         self.model, self.interventions, self.state = model, interventions, None
+        self.capacity = capacity  # the most real tokens a row will have
 
     def logits(self, ids, mask, start):
         """ids, mask [B, T]; start: each row's first position to compute (None: all)."""
@@ -85,9 +86,13 @@ class _CachedSteps:
             return None  # Sources add rows: not resumable
         last = (T - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)).astype(np.int32)[:, None]
         if self.state is None:
-            model._check_budget(4 * B * model.d_vocab, full_mask, B, T, 1)
+            kept = 4 * 2 * model.n_layers * B * self.capacity * model.n_kv_heads * model.d_head
+            model._check_budget(4 * B * model.d_vocab + kept, full_mask, B, T, 1)
         out = np.empty((B, 1, model.d_vocab), np.float32)
-        kw = {} if self.state is None else {"state": self.state, "start_pos": start.astype(np.int32)}
+        # the first step records the prompt's keys and values with room for the rest; each
+        # later step appends its tokens' to them
+        kw = {"capacity": self.capacity} if self.state is None else \
+            {"state": self.state, "start_pos": start.astype(np.int32)}
         _, self.state = model._core.run(tokens, full_mask, actions, last, out, None, record=True, **kw)
         return out[:, 0]
 
@@ -118,7 +123,7 @@ def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.
     ids, mask = ids.astype(np.int64), mask.copy()
     done = np.zeros(len(ids), bool)
     rows = np.arange(len(ids))
-    cached = _CachedSteps(model, interventions) if use_cache else None
+    cached = _CachedSteps(model, interventions, longest) if use_cache else None
     start = None
     with progress_bar(progress, "generating", "token", total=max_new_tokens) as bar:
         for _ in range(max_new_tokens):

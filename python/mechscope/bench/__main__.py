@@ -22,6 +22,8 @@ BENCHMARKS = {
                     "GradDrop), attn_head_out_by_pos time"),
     "das": ("mechscope.bench.das",
             "DAS fit on SmolLM2-135M: each step from the site's block vs from the embedding"),
+    "generate": ("mechscope.bench.generate",
+                 "greedy generation with the key/value cache vs rerunning every step vs HuggingFace's generate"),
     "train": ("mechscope.bench.train",
               "one training step (forward + backward + AdamW) vs PyTorch: GPT-2 small size, or --size demo / addition"),
 }
