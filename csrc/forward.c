@@ -970,8 +970,9 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
     if (plan->n_logit_pos > 0) compute_logits(L, &b);
     if (plan->metric.kind != MS_METRIC_NONE) compute_metric(L, &b);
     st = check_stop(err);
-    /* the appended tokens count once the run is complete (an interrupted one leaves
-     * the state as it was: its tokens, all still there, and slots beyond them) */
+    /* the appended tokens count once the run is complete: an interrupted one leaves
+     * the counts as they were, having written only beyond them (or, in a row that
+     * recomputes tokens it had, those tokens again) */
     if (!st && appends)
         for (int r = 0; r < plan->n_rows; r++) plan->record->n_tokens[r] = L->n_real[r];
 
