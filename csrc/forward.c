@@ -316,10 +316,12 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
 /* ---- attention ------------------------------------------------------------------- */
 
 /* Where the keys (or values) of row r and head h are: the base run's for the row's
- * first `n_base` real tokens (resuming rows), then the row's own, in qkv. */
+ * first `n_base` real tokens (resuming rows), then the row's own, in qkv. A base with
+ * a capacity holds its keys transposed (base_transposed: dimension c of key j at
+ * base[c * ld_base + j]). */
 typedef struct {
     const float *base, *own;
-    int ld_base, ld_own, n_base;
+    int ld_base, ld_own, n_base, base_transposed;
 } kv_source;
 
 /* which: 1 keys, 2 values; g: the key/value head */
@@ -335,6 +337,11 @@ static kv_source row_kv(const ms_layout *L, const ms_buffers *b, int r, int laye
         const float *all = which == 1 ? st->k : st->v;
         src.base = all + ((size_t)layer * st->N + base_token(L, r, 0)) * KW + (size_t)g * dh;
         src.ld_base = (int)KW;
+        if (which == 1 && st->capacity > 0) { /* the row's [KW, capacity] block, head g's rows */
+            src.base = all + ((size_t)layer * st->N + base_token(L, r, 0)) * KW + (size_t)g * dh * st->capacity;
+            src.ld_base = st->capacity;
+            src.base_transposed = 1;
+        }
     }
     return src;
 }
@@ -342,7 +349,10 @@ static kv_source row_kv(const ms_layout *L, const ms_buffers *b, int r, int laye
 /* kt[c, j] = key j, dimension c, for keys j < n */
 static void keys_transposed(float *kt, int ldkt, kv_source k, int n, int d) {
     int nb = n < k.n_base ? n : k.n_base;
-    if (nb > 0) ms_transpose_keys(kt, ldkt, k.base, k.ld_base, nb, d);
+    if (nb > 0 && k.base_transposed)
+        for (int c = 0; c < d; c++) memcpy(kt + (size_t)c * ldkt, k.base + (size_t)c * k.ld_base, sizeof(float) * nb);
+    else if (nb > 0)
+        ms_transpose_keys(kt, ldkt, k.base, k.ld_base, nb, d);
     if (n > nb) ms_transpose_keys(kt + nb, ldkt, k.own, k.ld_own, n - nb, d);
 }
 
@@ -521,6 +531,21 @@ static void record_state(const ms_layout *L, const float *src, int ld, float *ds
     }
 }
 
+/* The keys of a state with a capacity: each row's block [width, capacity] of layer
+ * slab dst_layer gets the computed keys (src [L->N, width], row stride ld) in the
+ * row's slots, transposed (the slots before are the base's, when appending). */
+static void record_keys_transposed(const ms_layout *L, const float *src, int ld, float *dst_layer, size_t width) {
+    const ms_state *rec = L->plan->record;
+    size_t cap = (size_t)rec->capacity;
+    for (int r = 0; r < L->plan->n_rows; r++) {
+        float *block = dst_layer + (size_t)rec->row_off[r] * width;
+        for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++) {
+            size_t slot = (size_t)L->first[r] + (size_t)(k - L->row_off[r]);
+            for (size_t e = 0; e < width; e++) block[e * cap + slot] = src[(size_t)k * ld + e];
+        }
+    }
+}
+
 /* rope[t, :] = cos | sin of the angles of position t (t < n): HF's half-split
  * tables, angle_i = t * inv_freq_i in float as HF computes them */
 static void rope_table(float *rope, const ms_model *m, int n) {
@@ -669,7 +694,8 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if (rec) {
         const ms_state *base = L->plan->base != rec ? L->plan->base : NULL; /* NULL: appending in place */
         size_t off = (size_t)l * rec->N * KD, base_off = base ? (size_t)l * base->N * KD : 0;
-        record_state(L, b->qkv + QD, QW, rec->k + off, base ? base->k + base_off : NULL, (size_t)KD);
+        if (rec->capacity > 0) record_keys_transposed(L, b->qkv + QD, QW, rec->k + off, (size_t)KD);
+        else record_state(L, b->qkv + QD, QW, rec->k + off, base ? base->k + base_off : NULL, (size_t)KD);
         record_state(L, b->qkv + QD + KD, QW, rec->v + off, base ? base->v + base_off : NULL, (size_t)KD);
     }
     if (tape && !in_tape) tape_copy(L, tape->qkv, l, b->qkv, (size_t)QW);

@@ -213,7 +213,9 @@ typedef struct {
     int capacity;           /* 0: rows packed (each row's slots are its tokens); else every
                                row has this many slots, and later runs append to it */
     float *resid;           /* [n_layers, N, d_model] hook_resid_pre */
-    float *k, *v;           /* [n_layers, N, d_kv] keys (after rotary) and values, heads side by side */
+    float *k, *v;           /* [n_layers, N, d_kv] keys (after rotary) and values, heads side by side;
+                               with a capacity, each row's keys are [d_kv, capacity] instead
+                               (dimension-major: how attention reads them, without transposing) */
 } ms_state;
 
 void ms_state_free(ms_state *s);

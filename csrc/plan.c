@@ -227,8 +227,8 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
     if (p->record_capacity < 0 || p->record_capacity > c->n_ctx)
         FAIL("record_capacity: %d out of range [0, %d]", p->record_capacity, c->n_ctx);
     if (p->record_capacity > 0) {
-        if (!p->record || p->record == p->base)
-            FAIL("record_capacity: only for a run that records a new state");
+        if (!p->record || p->base)
+            FAIL("record_capacity: only for a run that records a new state, from the embedding");
         if ((long long)p->n_rows * p->record_capacity > INT_MAX)
             FAIL("record_capacity: %d rows of %d tokens are too many", p->n_rows, p->record_capacity);
         for (int r = 0; r < p->n_rows; r++)

@@ -193,6 +193,31 @@ def test_the_cache_with_rows_ending_at_eos(models):
     assert lengths[1] <= 2 and max(lengths) > lengths[1]  # row 1 ended while another went on
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_resuming_a_state_gives_the_whole_run(models, family):
+    """A state recorded with room for more tokens, resumed by a run of several new
+    tokens per row (attention in groups of four queries), then appended to: the logits
+    are those of one run of the whole sequence."""
+    model = models[1] if family == "gpt2" else ms.Model.from_config(LLAMA, seed=3)
+    tokens = np.random.default_rng(4).integers(0, VOCAB, (3, 17)).astype(np.int32)
+    mask = np.ones(tokens.shape, np.int32)
+    mask[1, :4] = 0  # a left-padded row
+    whole = model.run(tokens, attention_mask=mask, logits="all").logits
+    core, V = model._core, VOCAB
+    last = np.array([[5], [5], [5]], np.int32)
+    _, state = core.run(tokens[:, :6], mask[:, :6], [], last, np.empty((3, 1, V), np.float32), None,
+                        record=True, capacity=17)
+    at = np.arange(6, 12, dtype=np.int32)[None].repeat(3, axis=0)
+    out = np.empty((3, 6, V), np.float32)
+    core.run(tokens[:, :12], mask[:, :12], [], at, out, None, state=state, start_pos=np.full(3, 6, np.int32),
+             record=True)
+    np.testing.assert_allclose(out, whole[:, 6:12], rtol=0, atol=2e-5)
+    at = np.arange(12, 17, dtype=np.int32)[None].repeat(3, axis=0)
+    out = np.empty((3, 5, V), np.float32)
+    core.run(tokens, mask, [], at, out, None, state=state, start_pos=np.full(3, 12, np.int32))
+    np.testing.assert_allclose(out, whole[:, 12:], rtol=0, atol=2e-5)
+
+
 def test_a_recorded_state_is_checked(models):
     _, model = models
     core = model._core
