@@ -70,8 +70,8 @@ def _sample(logits, rng, temperature, top_k, top_p):
 
 class _CachedSteps:
     """The last logits of each row, step after step, with the keys and values of the
-    tokens computed so far kept between steps (None from first() when the
-    interventions need the whole sequence at every step)."""
+    tokens computed so far kept between steps (logits() returns None when the
+    interventions patch from a Source, which needs the whole sequence at every step)."""
 
     def __init__(self, model, interventions, capacity):
         self.model, self.interventions, self.state = model, interventions, None
