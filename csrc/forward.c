@@ -126,12 +126,12 @@ size_t ms_forward_bytes(const ms_model *m, const ms_plan *plan, int taped) {
     size_t items = (size_t)m->cfg.n_heads * (size_t)plan->n_rows;
     size_t index_bytes = sizeof(int) * ((size_t)plan->n_rows * (6 + plan->n_pos) + s.N + items) +
                          sizeof(size_t) * (plan->n_rows + 1);
-    /* a recorded state holds every real token (a resuming run's base tokens too);
-     * a resuming run's keeps keys and values only (record_alloc) */
+    /* a new recorded state holds every real token, or capacity slots per row (keys and
+     * values only: record_alloc); a run appending to its base allocates nothing */
     size_t tokens = 0;
     for (int r = 0; plan->record && r < plan->n_rows; r++) tokens += (size_t)real_count(plan, r);
     if (plan->record_capacity > 0) tokens = (size_t)plan->n_rows * plan->record_capacity;
-    int resid = !plan->base && plan->record_capacity <= 0;
+    int resid = plan->record_capacity <= 0;
     size_t record = plan->record && plan->record != plan->base
                         ? sizeof(float) * (size_t)m->cfg.n_layers * tokens *
                               ((resid ? (size_t)m->cfg.d_model : 0) + 2 * kv_width(&m->cfg))
@@ -515,17 +515,14 @@ static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, m
     return ms_visit_tokens(L, MS_SITE_Z, layer, b->z, (int)q_width(c), err);
 }
 
-/* Layer slab dst_layer [rec->N, width] of the recorded state: each row's tokens in
- * order, those a resuming row read from its base (base_layer: the base's slab of the
- * same layer) and then those it computed (src [L->N, width], row stride ld). */
-static void record_state(const ms_layout *L, const float *src, int ld, float *dst_layer, const float *base_layer,
-                         size_t width) {
+/* Layer slab dst_layer [rec->N, width] of the recorded state: the tokens each row
+ * computed (src [L->N, width], row stride ld) in the row's slots, after the `first`
+ * slots a row appending to its base already holds. */
+static void record_state(const ms_layout *L, const float *src, int ld, float *dst_layer, size_t width) {
     const ms_state *rec = L->plan->record;
     for (int r = 0; r < L->plan->n_rows; r++) {
         float *dst = dst_layer + (size_t)rec->row_off[r] * width;
         size_t first = (size_t)L->first[r];
-        /* (appending in place, base_layer is NULL: the base's tokens are there already) */
-        if (first > 0 && base_layer) memcpy(dst, base_layer + base_token(L, r, 0) * width, sizeof(float) * width * first);
         for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++)
             memcpy(dst + (first + (size_t)(k - L->row_off[r])) * width, src + (size_t)k * ld, sizeof(float) * width);
     }
@@ -673,10 +670,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     else if (L->plan->start_resid && l == L->plan->start_block) load_start_resid(L, b->resid);
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_PRE, l, b->resid, C, err))) return st;
     if (rec && rec->resid)
-        record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C,
-                     L->plan->base && L->plan->base != rec ? L->plan->base->resid + (size_t)l * L->plan->base->N * C
-                                                           : NULL,
-                     (size_t)C);
+        record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
     if (tape && !in_tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
     if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, tape ? tape->ln1_scale + at : NULL,
                               tape ? tape->ln1 + at * C : NULL, err)))
@@ -692,11 +686,10 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         if ((st = ms_visit_tokens(L, MS_SITE_ROT_K, l, b->qkv + QD, QW, err))) return st;
     }
     if (rec) {
-        const ms_state *base = L->plan->base != rec ? L->plan->base : NULL; /* NULL: appending in place */
-        size_t off = (size_t)l * rec->N * KD, base_off = base ? (size_t)l * base->N * KD : 0;
+        size_t off = (size_t)l * rec->N * KD;
         if (rec->capacity > 0) record_keys_transposed(L, b->qkv + QD, QW, rec->k + off, (size_t)KD);
-        else record_state(L, b->qkv + QD, QW, rec->k + off, base ? base->k + base_off : NULL, (size_t)KD);
-        record_state(L, b->qkv + QD + KD, QW, rec->v + off, base ? base->v + base_off : NULL, (size_t)KD);
+        else record_state(L, b->qkv + QD, QW, rec->k + off, (size_t)KD);
+        record_state(L, b->qkv + QD + KD, QW, rec->v + off, (size_t)KD);
     }
     if (tape && !in_tape) tape_copy(L, tape->qkv, l, b->qkv, (size_t)QW);
     if ((st = attention_sites(L, b, l, err))) return st;
@@ -898,19 +891,18 @@ void ms_state_free(ms_state *s) {
     memset(s, 0, sizeof *s);
 }
 
-/* The state a run records: every real token of every row, in row order. A run that
- * resumes a base records the base's tokens with its own, and keeps only keys and
- * values: a later run that resumes it computes every block of its new tokens, so it
- * never reads a residual stream. With record_capacity, every row gets that many
- * slots (keys and values only), and later runs append to them in place (generation:
- * each step adds one token per row, without copying the state). */
+/* The state a run records: every real token of every row, in row order. With
+ * record_capacity, every row gets that many slots instead, and keeps only keys and
+ * values: later runs append to them in place (generation: each step adds one token
+ * per row, without copying the state) and compute every block of their new tokens,
+ * so they never read a residual stream. */
 static ms_status record_alloc(ms_state *rec, const ms_layout *L, ms_error *err) {
     const ms_config *c = &L->m->cfg;
     int R = L->plan->n_rows, cap = L->plan->record_capacity;
     size_t tokens = 0;
     for (int r = 0; r < R; r++) tokens += (size_t)L->n_real[r];
     if (cap > 0) tokens = (size_t)R * cap; /* the check made sure every row fits */
-    int with_resid = !L->plan->base && cap <= 0;
+    int with_resid = cap <= 0;
     size_t n = with_resid ? (size_t)c->n_layers * tokens * c->d_model + 1 : 0;
     size_t nkv = (size_t)c->n_layers * tokens * kv_width(c) + 1;
     memset(rec, 0, sizeof *rec);

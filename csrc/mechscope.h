@@ -202,8 +202,8 @@ typedef struct {
 typedef int (*ms_callback)(void *ctx, int id, ms_site site, int layer, float *value);
 
 /* The state of a finished run that later rows resume from: each layer's residual
- * stream before the block (NULL when a resuming run recorded it: then only rows
- * starting from the embedding may resume it), and its keys and values, for every
+ * stream before the block (NULL in a state with a capacity: then only rows starting
+ * from the embedding may resume it), and its keys and values, for every
  * real token. Patched rows of a sweep and the steps of generation resume one. */
 typedef struct {
     int n_layers, d_model, d_kv;  /* d_kv = n_kv_heads * d_head */
@@ -265,11 +265,11 @@ typedef struct {
      * gradient runs whose earlier blocks never change (DAS's base inputs). */
     const float *start_resid;
     int start_block;
-    ms_state *record;        /* if set, the run records its state here (allocated by ms_run);
-                                a run that resumes a base records the base's tokens with its
-                                own (every row must start from the embedding). record ==
-                                base: the run appends its tokens to the base in place (a
-                                state recorded with room for them, row r resuming row r) */
+    ms_state *record;        /* if set, the run records its state here (allocated by ms_run).
+                                A run that resumes a base records only by appending its tokens
+                                to that base in place: record == base, a state recorded with
+                                room for them, row r resuming row r, every row from the
+                                embedding */
     int record_capacity;     /* > 0: the recorded state has room for this many real tokens
                                 per row, and keeps keys and values only */
     ms_metric metric;        /* if kind != NONE: metric_out[n_rows] */

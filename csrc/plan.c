@@ -210,9 +210,9 @@ ms_status ms_plan_check(const ms_model *m, const ms_plan *p, ms_error *err) {
             if (p->record && p->start_layer[r] != -1)
                 FAIL("record: a run that records its state computes every block of every row (row %d "
                      "starts at block %d)", r, p->start_layer[r]);
-            if (p->record == p->base) { /* appending in place */
+            if (p->record) { /* a resuming run records by appending to its base, in place */
                 int n = key_index(p, r, p->n_pos);
-                if (b->capacity == 0 || p->base_row[r] != r || p->n_rows != b->n_rows)
+                if (p->record != p->base || b->capacity == 0 || p->base_row[r] != r || p->n_rows != b->n_rows)
                     FAIL("record: a run appends to a state recorded with room for more tokens, row r to "
                          "row r");
                 if (n > b->capacity)

@@ -84,7 +84,7 @@ class _CachedSteps:
         B, T = ids.shape
         if tokens.shape[0] != B:
             return None  # Sources add rows: not resumable
-        last = (T - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)).astype(np.int32)[:, None]
+        last, _ = model._logit_positions("last", B, T, mask)
         if self.state is None:
             kept = 4 * 2 * model.n_layers * B * self.capacity * model.n_kv_heads * model.d_head
             model._check_budget(4 * B * model.d_vocab + kept, full_mask, B, T, 1)
