@@ -568,15 +568,18 @@ static void free_state_capsule(PyObject *capsule) {
 }
 
 /* resuming rows of a run: every row r continues row r of `ostate` (a state capsule
- * this model recorded) from padded position start_pos[r] on, from the embedding */
+ * this model recorded) from padded position start_pos[r] on, from the embedding; a
+ * state with more rows than the run keeps its last rows as they are (the rows a
+ * Source added to the recording run, which later steps of a generation leave out) */
 static int parse_resume(PyObject *keep, ModelObject *self, PyObject *ostate, PyObject *ostart, ms_plan *plan) {
     if (!PyCapsule_IsValid(ostate, STATE_CAPSULE) || PyCapsule_GetContext(ostate) != (void *)self) {
         PyErr_SetString(PyExc_ValueError, "state: not a state this model recorded");
         return -1;
     }
     const ms_state *st = PyCapsule_GetPointer(ostate, STATE_CAPSULE);
-    if (st->n_rows != plan->n_rows) {
-        PyErr_Format(PyExc_ValueError, "state: recorded for %d rows, the run has %d", st->n_rows, plan->n_rows);
+    if (st->n_rows < plan->n_rows) {
+        PyErr_Format(PyExc_ValueError, "state: recorded for %d rows, fewer than the run's %d", st->n_rows,
+                     plan->n_rows);
         return -1;
     }
     npy_intp n = 0;

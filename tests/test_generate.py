@@ -3,7 +3,8 @@ batches, with and without a steering vector added at every step), sampling follo
 softmax(logits / temperature) restricted by top_k and top_p, EOS ends a row, text in
 gives text out, the key/value cache gives what rerunning the whole sequence gives
 (GPT-2 and a Llama with rotary and grouped keys; interventions at every position, at
-one position, on the attention pattern), and bad arguments get clear errors."""
+one position, on the attention pattern), patches from another run act on the prompt
+as a HuggingFace hook at the prompt step does, and bad arguments get clear errors."""
 import numpy as np
 import pytest
 import torch
@@ -180,6 +181,119 @@ def test_the_cache_gives_what_rerunning_gives(models, family, side):
     assert changed >= 4  # the interventions change the continuations, so the equalities above mean something
 
 
+def hf_greedy_patched(hf, prompts, n, clean, pos):
+    """HF's greedy generate with block 1's input at prompt positions `pos` replaced by
+    `clean` (the clean prompts' values there), at the step that computes the prompt."""
+    width = len(prompts[0])
+    value = torch.as_tensor(clean)
+
+    def patch(module, args, kwargs):
+        if args[0].shape[1] != width:  # a later step: the new token alone
+            return None
+        hidden = args[0].clone()
+        hidden[:, pos] = value[:, pos]
+        return (hidden,) + args[1:], kwargs
+
+    handle = hf.transformer.h[1].register_forward_pre_hook(patch, with_kwargs=True)
+    try:
+        out = hf.generate(torch.tensor(prompts), max_new_tokens=n, do_sample=False)
+    finally:
+        handle.remove()
+    return out.tolist()
+
+
+def test_patching_from_another_run_matches_hf(models):
+    """A patch from a clean run (its cache, or a Source run beside) acts on the prompt's
+    positions and leaves the new tokens alone: HF's generate with a hook writing the
+    clean values at the prompt step gives the same continuation, with and without the
+    cache."""
+    hf, model = models
+    clean = [[51, 38, 31, 16, 18, 2], [4, 1, 10, 49, 39, 55]]
+    corrupt = [[51, 38, 30, 37, 18, 2], [4, 1, 59, 44, 39, 55]]  # positions 2 and 3 differ
+    with torch.no_grad():
+        hf_clean = hf(torch.tensor(clean), output_hidden_states=True).hidden_states[1].numpy()
+    cache = model.run(np.array(clean), cache="blocks.1.hook_resid_pre")
+    site = "blocks.1.hook_resid_pre"
+    cases = [(ms.Patch(site, cache, pos=2), [2]),
+             (ms.Patch(site, ms.Source(np.array(clean)), pos=[1, 2, 3]), [1, 2, 3]),
+             (ms.Patch(site, ms.Source(np.array(clean))), slice(None)),
+             (ms.Patch(site, cache, pos=-3), [3])]  # a negative position counts from the prompt's end
+    changed = 0
+    plain = hf.generate(torch.tensor(corrupt), max_new_tokens=10, do_sample=False).tolist()
+    for patch, pos in cases:
+        want = hf_greedy_patched(hf, corrupt, 10, hf_clean, pos)
+        for use_cache in (True, False):
+            out = model.generate(np.array(corrupt), 10, do_sample=False, stop_at_eos=False, interventions=[patch],
+                                 use_cache=use_cache, progress=False)
+            assert np.asarray(out).tolist() == want, (patch, use_cache)
+        changed += want != plain
+    assert changed == len(cases)  # every patch changes the continuation
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_patches_from_other_runs_with_and_without_the_cache(models, family):
+    """Left-padded prompts; Sources of one row and of a row per prompt, a Source that
+    itself patches from a Source, a subspace patch and a mean ablation, beside a steering
+    vector that acts on the new tokens too and a zeroing at a position counted from the
+    prompt's end: the cache gives what rerunning gives."""
+    model = models[1] if family == "gpt2" else ms.Model.from_config(LLAMA, seed=3)
+    width = CONFIG["n_embd"] if family == "gpt2" else LLAMA["hidden_size"]
+    rng = np.random.default_rng(12)
+    tokens, mask = padded(PROMPTS, "left")
+    other = rng.integers(0, VOCAB, tokens.shape)
+    one = ms.Source(other[:1])
+    per_row = ms.Source(other, mask, interventions=[ms.Patch("blocks.0.hook_resid_post", one, pos=[-1, -2])])
+    basis = np.linalg.qr(rng.standard_normal((width, 3)))[0].astype(np.float32)
+    reference = model.run(rng.integers(0, VOCAB, (4, tokens.shape[1])), cache="blocks.0.mlp.hook_post")
+    steer = ms.Add("blocks.1.hook_resid_pre", 2.0 * rng.standard_normal(width).astype(np.float32))
+    cases = [
+        [ms.Patch("blocks.1.hook_resid_pre", one, pos=-1), steer],
+        [ms.Patch("blocks.1.hook_resid_pre", per_row, pos=[-1, -3]), ms.Zero("blocks.0.hook_resid_post", pos=-2)],
+        [ms.SubspacePatch("blocks.1.hook_resid_pre", basis, per_row, pos=-1), steer],
+        [ms.MeanAblate("blocks.0.mlp.hook_post", reference, pos=-1)],
+    ]
+    changed = 0
+    for interventions in cases:
+        kw = dict(do_sample=True, seed=4, stop_at_eos=False, attention_mask=mask, interventions=interventions,
+                  progress=False)
+        cached = model.generate(tokens, 8, use_cache=True, **kw)
+        rerun = model.generate(tokens, 8, use_cache=False, **kw)
+        assert np.array_equal(np.asarray(cached), np.asarray(rerun))
+        plain = model.generate(tokens, 8, use_cache=False, **dict(kw, interventions=None))
+        changed += not np.array_equal(np.asarray(plain), np.asarray(rerun))
+    assert changed >= 3
+    # a negative position names the prompt's token at every step
+    for use_cache in (True, False):
+        kw = dict(do_sample=False, stop_at_eos=False, attention_mask=mask, use_cache=use_cache, progress=False)
+        last = model.generate(tokens, 6, interventions=[ms.Zero("blocks.0.hook_resid_post", pos=-1)], **kw)
+        named = model.generate(tokens, 6, interventions=[ms.Zero("blocks.0.hook_resid_post", pos=tokens.shape[1] - 1)],
+                               **kw)
+        assert np.array_equal(np.asarray(last), np.asarray(named))
+
+
+def test_a_state_resumed_by_fewer_rows(models):
+    """A run of fewer rows than its state appends to the state's first rows and leaves
+    the others as they were: resuming them later gives the whole run's logits."""
+    _, model = models
+    core = model._core
+    tokens = np.random.default_rng(6).integers(0, VOCAB, (3, 9)).astype(np.int32)
+    whole = model.run(tokens, logits="all").logits
+    _, state = core.run(tokens[:, :6], None, [], np.full((3, 1), 5, np.int32), np.empty((3, 1, VOCAB), np.float32),
+                        None, record=True, capacity=9)
+    out = np.empty((2, 2, VOCAB), np.float32)
+    core.run(tokens[:2, :8], None, [], np.array([[6, 7]] * 2, np.int32), out, None, state=state,
+             start_pos=np.full(2, 6, np.int32), record=True)
+    np.testing.assert_allclose(out, whole[:2, 6:8], rtol=0, atol=2e-5)
+    # rows 0-1 now hold 8 tokens, row 2 still 6: each resumes where it is
+    out = np.empty((3, 1, VOCAB), np.float32)
+    core.run(tokens[:, :9], None, [], np.full((3, 1), 8, np.int32), out, None, state=state,
+             start_pos=np.array([8, 8, 6], np.int32))
+    np.testing.assert_allclose(out[:, 0], whole[:, 8], rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="resumes after 8 real tokens, but its base row has 6"):
+        core.run(tokens[:, :9], None, [], np.full((3, 1), 8, np.int32), out, None, state=state,
+                 start_pos=np.array([8, 8, 8], np.int32))
+
+
 def test_the_cache_with_rows_ending_at_eos(models):
     _, model = models
     tokens, mask = padded(PROMPTS, "left")
@@ -251,7 +365,7 @@ def test_a_recorded_state_is_checked(models):
                                                        start_pos=np.array([5], np.int32))
     with pytest.raises(ValueError, match="not a state"):
         core.run(grown, None, [], at_end, logits, None, state=object(), start_pos=np.array([5], np.int32))
-    with pytest.raises(ValueError, match="recorded for 1 rows, the run has 2"):
+    with pytest.raises(ValueError, match="recorded for 1 rows, fewer than the run's 2"):
         core.run(np.repeat(grown, 2, axis=0), None, [], np.repeat(at_end, 2, axis=0), np.empty((2, 1, VOCAB), np.float32),
                  None, state=state, start_pos=np.array([5, 5], np.int32))
     with pytest.raises(ValueError, match="start_pos: expected 1 positions"):
@@ -296,5 +410,15 @@ def test_bad_input(models):
         model.generate(tokens.astype(np.float32), 2, progress=False)
     with pytest.raises(ValueError, match="NaN"):
         model.generate(tokens, 2, interventions=[ms.Set("blocks.0.hook_resid_post", np.nan)], progress=False)
+    # a patch from another run acts on the prompt, where right-padded rows put new tokens
+    right, right_mask = padded(PROMPTS, "right")
+    cache = model.run(right, attention_mask=right_mask, cache="blocks.1.hook_resid_pre")
+    for patch in (ms.Patch("blocks.1.hook_resid_pre", cache, pos=0),
+                  ms.Patch("blocks.1.hook_resid_pre", ms.Source(right, right_mask), pos=0)):
+        with pytest.raises(ValueError, match="pad the prompts on the left"):
+            model.generate(right, 2, attention_mask=right_mask, interventions=[patch], progress=False)
+    with pytest.raises(ValueError, match=r"source: 'blocks.1.hook_resid_pre' has shape \[3, 9, 32\], this run "
+                                         r"needs \[1, 5, 32\]"):
+        model.generate(tokens, 2, interventions=[ms.Patch("blocks.1.hook_resid_pre", cache)], progress=False)
     # greedy ignores the sampling arguments, as HF does
     assert model.generate(tokens, 2, do_sample=False, temperature=0, progress=False).shape == (1, 7)

@@ -627,11 +627,16 @@ class Model:
         Returns text (a string, or a list of strings) for text, with the prompt and
         without its BOS and final EOS; else mechscope.Tokens [batch, pos + new] with
         the prompt, the new tokens and an attention_mask marking padding (None if none).
+        interventions: as run, at every step. Positions count from the prompt's start,
+            a negative one from its end (pos=-1 is the prompt's last token). Those that
+            read another run (Patch and SubspacePatch from a cache, an array or a
+            Source; MeanAblate) act on the prompt's positions only, which needs prompts
+            padded on the left; a Source runs on its prompt once, beside the rows.
         use_cache: True keeps each layer's keys and values between steps, so that a
             step computes only each row's newest token (interventions act on every
             position once: the prompt's at the first step, each new token's at its
             own); False reruns the whole sequence at every step. Both give the same
-            tokens. Interventions that patch from a Source always rerun it all."""
+            tokens."""
         from .generate import generate  # noqa: PLC0415
         return generate(self, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
