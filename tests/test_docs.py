@@ -38,6 +38,7 @@ def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     assert printed[:3] == ["(1, 118)", "(1, 4, 15, 15)", "['Mary']"]
     assert printed[4] == "(4, 15)"
     assert printed[6] == "When Mary and John went to the store , John gave a book to Mary ."
+    assert printed[7] == "When Mary and John went to the store , Mary gave a book to Mary ."
     assert (tmp_path / "resid_pre.png").stat().st_size > 1000
     assert (tmp_path / "trace.png").stat().st_size > 1000
 

@@ -53,15 +53,17 @@ def time_median(fn, budget_s=2.0, min_repeats=3, max_repeats=25):
     return statistics.median(times), times
 
 
-def time_interleaved(fns, budget_s=6.0, min_rounds=3, max_rounds=25):
+def time_interleaved(fns, budget_s=6.0, min_rounds=3, max_rounds=25, warmups=1):
     """Median wall time in seconds of each of ``fns`` ({name: fn}), and the number of
-    timed calls each. One warm-up call each, then rounds in which every function runs
-    once in turn, so that a slow spell of the machine falls on all of them alike."""
-    warm = 0.0
-    for fn in fns.values():
-        start = time.perf_counter()
-        fn()
-        warm += time.perf_counter() - start
+    timed calls each. ``warmups`` untimed calls each (the last sets the number of
+    rounds), then rounds in which every function runs once in turn, so that a slow
+    spell of the machine falls on all of them alike."""
+    for _ in range(warmups):
+        warm = 0.0
+        for fn in fns.values():
+            start = time.perf_counter()
+            fn()
+            warm += time.perf_counter() - start
     rounds = max(min_rounds, min(max_rounds, int(budget_s / max(warm, 1e-9))))
     times = {name: [] for name in fns}
     for _ in range(rounds):
