@@ -179,6 +179,26 @@ def measure_fma_peak(sgemm_peak):
     return gflops
 
 
+def measure_copy_rate(mib=256, repeats=5):
+    """Print and return the machine's memory copy rate in GB/s (bytes read + written):
+    one thread copying a float32 array of ``mib`` MiB, far larger than the caches, with
+    NumPy; best and median of ``repeats`` copies after one warm-up. Steps bound by memory
+    traffic rather than products slow down with it when the host is busy."""
+    src = np.ones(mib * 2**18, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        rates.append(2 * src.nbytes / (time.perf_counter() - start) / 1e9)
+    best, median = max(rates), statistics.median(rates)
+    print(f"memory copy rate (NumPy, 1 thread, {mib} MiB, read + written): best {best:.1f} GB/s, "
+          f"median {median:.1f} GB/s of {repeats}")
+    print()
+    return best
+
+
 # ---------------------------------------------------------------- FLOP count
 
 GPT2_FLOP_FORMULA = (

@@ -149,6 +149,7 @@ def main(argv=None):
     print()
     peak = common.measure_sgemm_peak()
     fma = common.measure_fma_peak(peak)
+    common.measure_copy_rate()
     print(f"the step's matmul FLOPs (3x the forward's): {flops / 1e9:.0f} GFLOP")
     for name, t in times.items():
         rate = flops / t / 1e9
