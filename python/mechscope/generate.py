@@ -14,9 +14,9 @@ is the prompt's last token, at every step). Interventions that read another run 
 and SubspacePatch from a cache, an array or a Source; MeanAblate over a reference set)
 hold values for the prompt's positions only: they act on the prompt and leave the new
 tokens alone. A Source runs on its own prompt once, at the first step, beside the
-patched rows, with its own interventions. Noise draws its values over the whole [batch, pos] box,
-so a longer sequence draws other values at the same position (with the cache each
-position keeps the draws of the step that computed it).
+patched rows, with its own interventions. Noise draws its values over the whole
+[batch, pos] box, so a longer sequence draws other values at the same position (with
+the cache each position keeps the draws of the step that computed it).
 """
 import copy
 import numbers
@@ -76,6 +76,7 @@ def _sample(logits, rng, temperature, top_k, top_p):
 
 
 def _reads_another_run(iv):
+    """Its values are the prompt's positions of another run (or of a reference set)."""
     return isinstance(iv, (Patch, SubspacePatch, MeanAblate))
 
 

@@ -55,10 +55,10 @@ def time_median(fn, budget_s=2.0, min_repeats=3, max_repeats=25):
 
 def time_interleaved(fns, budget_s=6.0, min_rounds=3, max_rounds=25, warmups=1):
     """Median wall time in seconds of each of ``fns`` ({name: fn}), and the number of
-    timed calls each. ``warmups`` untimed calls each (the last sets the number of
-    rounds), then rounds in which every function runs once in turn, so that a slow
+    timed calls each. ``warmups`` (at least 1) untimed calls each (the last sets the
+    number of rounds), then rounds in which every function runs once in turn, so that a slow
     spell of the machine falls on all of them alike."""
-    for _ in range(warmups):
+    for _ in range(max(1, warmups)):
         warm = 0.0
         for fn in fns.values():
             start = time.perf_counter()
@@ -182,8 +182,8 @@ def measure_fma_peak(sgemm_peak):
 def measure_copy_rate(mib=256, repeats=5):
     """Print and return the machine's memory copy rate in GB/s (bytes read + written):
     one thread copying a float32 array of ``mib`` MiB, far larger than the caches, with
-    NumPy; best and median of ``repeats`` copies after one warm-up. Steps bound by memory
-    traffic rather than products slow down with it when the host is busy."""
+    NumPy; best and median of ``repeats`` copies after one warm-up, so that a run's
+    timings can be read beside the memory speed of the moment."""
     src = np.ones(mib * 2**18, np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
