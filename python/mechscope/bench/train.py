@@ -23,6 +23,8 @@ ratio to PyTorch says more about those than about the products.
     python -m mechscope.bench train [--threads N] [--size gpt2-small|demo|addition] [--shape 8x128]
 """
 import argparse
+import resource
+import statistics
 import tempfile
 import time
 
@@ -124,8 +126,9 @@ def main(argv=None):
     fp32 = {name: step for name, step in torch_steps.items() if "bf16" not in name}
     # two warm-up rounds: torch's second training step is still slower than its later
     # ones, so a single warm-up would leave that step in the first timed round
-    times, counts = common.time_interleaved({"mechscope": ms_step, **fp32}, budget_s=args.budget, min_rounds=5,
-                                            warmups=2)
+    usage = {name: [] for name in ("mechscope", *fp32)}
+    timed = {name: _with_usage(step, usage[name]) for name, step in {"mechscope": ms_step, **fp32}.items()}
+    times, counts = common.time_interleaved(timed, budget_s=args.budget, min_rounds=5, warmups=2)
     for name in torch_steps.keys() - fp32.keys():
         times[name], taken = common.time_median(torch_steps[name], budget_s=0.0, min_repeats=2)
         counts[name] = len(taken)
@@ -137,6 +140,15 @@ def main(argv=None):
     print(f"{'':28s} {'median s/step':>14s} {'tokens/s':>10s} {'rounds':>7s}")
     for name, t in times.items():
         print(f"{name:28s} {t:14.3f} {B * T / t:10.0f} {counts[name]:7d}")
+    print()
+    # the kernel's share: fresh memory is zeroed and mapped page by page at its first
+    # touch, and how much that costs depends on the machine (a virtual machine's page
+    # faults are dearer), so a run's ratio should be read with these figures beside it
+    print(f"{'per step (median of the timed calls)':36s} {'page faults':>12s} {'kernel CPU s':>13s} {'user CPU s':>11s}")
+    for name, rows in usage.items():
+        rows = rows[-counts[name]:]  # the timed calls, not the warm-ups
+        faults, system, user = (statistics.median(r[i] for r in rows) for i in range(3))
+        print(f"{name:36s} {faults:12.0f} {system:13.3f} {user:11.3f}")
     print()
     for impl in ("eager", "sdpa"):
         print(f"speedup vs torch ({impl} attention): {times[f'torch_{impl}'] / times['mechscope']:.2f}x")
@@ -170,3 +182,15 @@ def main(argv=None):
     print(f"mechscope step parts (one call): grad {t_grad:.3f}s ({flops / t_grad / 1e9:.0f} GFLOP/s by 3x the "
           f"forward matmul count), gradient norm + clipped AdamW {t_update:.3f}s")
     return 0
+
+
+def _with_usage(step, rows):
+    """``step`` that appends its minor page faults, kernel and user CPU seconds (of the
+    whole process: one contender runs at a time) to ``rows`` at each call."""
+    def counted():
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        step()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        rows.append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime,
+                     after.ru_utime - before.ru_utime))
+    return counted
