@@ -39,8 +39,10 @@ def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     assert printed[4] == "(4, 15)"
     assert printed[6] == "When Mary and John went to the store , John gave a book to Mary ."
     assert printed[7] == "When Mary and John went to the store , Mary gave a book to Mary ."
+    assert printed[8] == "L2H2"
     assert (tmp_path / "resid_pre.png").stat().st_size > 1000
     assert (tmp_path / "trace.png").stat().st_size > 1000
+    assert (tmp_path / "attribution.png").stat().st_size > 1000
 
 
 def test_demo_command(tmp_path):

@@ -65,3 +65,16 @@ def test_trace_plot(ms, tmp_path):
     assert labels == ["<bos>", "When", "Mary*", "and*", "John"]
     fig.savefig(tmp_path / "trace.png")
     assert (tmp_path / "trace.png").stat().st_size > 1000
+
+
+def test_components_plot(ms, tmp_path):
+    labels = ["embed", "pos_embed", "0_attn_out", "0_mlp_out"]
+    values = np.array([[1.0, 2.0], [-0.5, -0.7], [0.1, 0.3], [3.0, 2.5]])
+    fig = ms.plot.components(values, labels, top=3, title="attribution")
+    fig.savefig(tmp_path / "components.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["embed", "pos_embed", "0_mlp_out"]
+    assert np.allclose([b.get_height() for b in ax.patches], [1.5, -0.6, 2.75])
+    assert (tmp_path / "components.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="labels: 3 labels for 4 components"):
+        ms.plot.components(values, labels[:3])

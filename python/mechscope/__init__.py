@@ -35,6 +35,7 @@ from . import attribution  # noqa: E402  (ms.attribution.resid_pre, ...: patchin
 from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
 from . import train  # noqa: E402  (ms.train.fit, ms.train.AdamW, ...)
 from . import das  # noqa: E402  (ms.das.DAS, ms.das.iia)
+from . import lens  # noqa: E402  (ms.lens.logit_lens, ms.lens.logit_attribution, ...)
 
 __version__ = "0.1.0"
 

@@ -26,6 +26,25 @@ def last_positions(mask, batch, n_pos):
     return (n_pos - 1 - np.argmax(np.asarray(mask)[:, ::-1], axis=1)).astype(np.int32)
 
 
+def positions(pos, mask, batch, n_pos):
+    """The position each row reads: pos None (each row's last real token), an int (a
+    negative one counts from the block's end) or one int per row -> int32 [batch]."""
+    if pos is None:
+        return last_positions(mask, batch, n_pos)
+    pos = np.asarray(pos)
+    if pos.dtype == bool or not np.issubdtype(pos.dtype, np.integer):
+        raise TypeError("pos: expected an int or one int per row")
+    pos = np.broadcast_to(pos, (batch,)) if pos.ndim == 0 else pos
+    if pos.shape != (batch,):
+        raise ValueError(f"pos: expected one position per row ({batch}), got shape {list(pos.shape)}")
+    pos = np.where(pos < 0, pos + n_pos, pos)
+    if pos.min() < 0 or pos.max() >= n_pos:
+        raise ValueError(f"pos: position out of range [0, {n_pos})")
+    if mask is not None and not np.asarray(mask)[np.arange(batch), pos].all():
+        raise ValueError("pos: the metric reads a padding position")
+    return np.ascontiguousarray(pos, dtype=np.int32)
+
+
 class Metric:
     """Base class. pos: the position each row's metric reads (default: each row's
     last real token); an int or one per row."""
@@ -35,20 +54,7 @@ class Metric:
         self.pos = pos
 
     def _positions(self, mask, batch, n_pos):
-        if self.pos is None:
-            return last_positions(mask, batch, n_pos)
-        pos = np.asarray(self.pos)
-        if pos.dtype == bool or not np.issubdtype(pos.dtype, np.integer):
-            raise TypeError("pos: expected an int or one int per row")
-        pos = np.broadcast_to(pos, (batch,)) if pos.ndim == 0 else pos
-        if pos.shape != (batch,):
-            raise ValueError(f"pos: expected one position per row ({batch}), got shape {list(pos.shape)}")
-        pos = np.where(pos < 0, pos + n_pos, pos)
-        if pos.min() < 0 or pos.max() >= n_pos:
-            raise ValueError(f"pos: position out of range [0, {n_pos})")
-        if mask is not None and not np.asarray(mask)[np.arange(batch), pos].all():
-            raise ValueError("pos: the metric reads a padding position")
-        return np.ascontiguousarray(pos, dtype=np.int32)
+        return positions(self.pos, mask, batch, n_pos)
 
     def core_args(self, model, batch, n_pos, mask):
         """-> dict of the core's metric arguments for a [batch, n_pos] run."""

@@ -5,10 +5,13 @@
     fig.savefig("resid_pre.png")
 
     fig = ms.plot.trace(ms.tracing.trace(model, prompt, subject="Tom Baker"))
+
+    attrs, labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, return_labels=True)
+    fig = ms.plot.components(attrs, labels)
 """
 import numpy as np
 
-__all__ = ["heatmap", "trace"]
+__all__ = ["components", "heatmap", "trace"]
 
 # the axes of each sweep's result, in TransformerLens's order
 LAYOUTS = {
@@ -175,4 +178,38 @@ def trace(result, title=None, ax=None):
     ax.set_title(title or "Impact of restoring the state after corrupted input")
     answer = result.answer_str if result.answer_str is not None else result.answer
     fig.colorbar(image, ax=ax, label=f"p({str(answer).strip()})")
+    return fig
+
+
+def components(values, labels, title=None, top=None, xlabel="logit attribution", ax=None):
+    """Bar chart of one value per component (mechscope.lens's results): the mean over
+    the batch with its standard error where ``values`` is [components, batch].
+
+    top: show only the ``top`` components of largest mean magnitude, in their order.
+    Returns the matplotlib Figure.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim not in (1, 2):
+        raise ValueError(f"values: expected [components] or [components, batch], got shape {list(values.shape)}")
+    if len(labels) != values.shape[0]:
+        raise ValueError(f"labels: {len(labels)} labels for {values.shape[0]} components")
+    mean = values if values.ndim == 1 else values.mean(1)
+    err = None if values.ndim == 1 or values.shape[1] < 2 else values.std(1, ddof=1) / np.sqrt(values.shape[1])
+    keep = np.arange(len(mean))
+    if top is not None:
+        keep = np.sort(np.argsort(-np.abs(mean), kind="stable")[:top])
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4.0, min(16.0, 1.0 + 0.3 * len(keep))), 3.5), constrained_layout=True)
+    else:
+        fig = ax.figure
+    x = np.arange(len(keep))
+    colors = np.where(mean[keep] >= 0, "tab:blue", "tab:red")
+    ax.bar(x, mean[keep], yerr=None if err is None else err[keep], color=colors)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(labels[i]) for i in keep], rotation=90, fontsize=8)
+    ax.set_ylabel(xlabel)
+    if title:
+        ax.set_title(title)
     return fig

@@ -1,0 +1,192 @@
+"""The residual stream read through the unembedding: the logit lens, the residual
+stream's decomposition into what each part of the model wrote, and direct logit
+attribution.
+
+    lens = ms.lens.logit_lens(model, tokens)                        # [layers + 1, batch, vocab]
+    attrs, labels = ms.lens.logit_attribution(model, tokens, mary, john, by="head",
+                                              return_labels=True)   # [components, batch]
+
+The final residual stream is a sum: the embeddings, each attention layer's output
+(each head's, plus the output bias) and each MLP's output. The final norm divides it by
+one number per token (its scale), and the unembedding is linear, so with that scale held
+at its value in the run each part's share of a logit is a term of its own, and the terms
+add up to the logit the model computed. That is direct logit attribution; the logit lens
+instead applies the final norm, with its statistics recomputed, to the residual stream as
+it stands before each block.
+
+Labels, order and values follow TransformerLens's ActivationCache (`accumulated_resid`
+with `apply_ln=True`, `decompose_resid`, `get_full_resid_decomposition`, `logit_attrs`)
+on the unprocessed model; attributions equal TransformerLens's on a model loaded with
+`fold_ln` (which leaves the final norm's bias out: here it is one more row).
+"""
+import numpy as np
+
+from . import _dtypes
+from .architectures import NORM_LAYER
+from .metrics import _per_row, positions
+
+__all__ = ["logit_lens", "decompose", "logit_attribution"]
+
+_BY = ("layer", "head")
+
+
+def logit_lens(model, tokens, pos=None, *, mid=False, attention_mask=None, interventions=None,
+               return_labels=False):
+    """The logits the residual stream would give if the model stopped before each block.
+
+    At position ``pos`` of each row (None: each row's last real token; an int, or one per
+    row), the residual stream before each block (``blocks.L.hook_resid_pre``; with
+    ``mid=True`` also ``hook_resid_mid`` after each block's attention) and after the last
+    one goes through the final norm, its mean and scale recomputed for each, and the
+    unembedding. Returns logits [n, batch, vocab] with labels "0_pre", ("0_mid",) ...,
+    "final_post" (the last row is the model's own logits); ``return_labels=True`` returns
+    (logits, labels).
+    """
+    L = model.n_layers
+    labels, names = [], []
+    for layer in range(L):
+        labels.append(f"{layer}_pre")
+        names.append(f"blocks.{layer}.hook_resid_pre")
+        if mid:
+            labels.append(f"{layer}_mid")
+            names.append(f"blocks.{layer}.hook_resid_mid")
+    labels.append("final_post")
+    names.append(f"blocks.{L - 1}.hook_resid_post")
+    values = _run_at(model, tokens, pos, attention_mask, interventions, names)
+    stack = np.stack([values[n] for n in names])  # [n, batch, d_model]
+    w, b, eps = _final_norm(model)
+    if model.arch["norm"] == NORM_LAYER:
+        centred = stack - stack.mean(-1, keepdims=True)
+        normalized = centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + eps)
+    else:
+        normalized = stack / np.sqrt((stack * stack).mean(-1, keepdims=True) + eps)
+    normalized = normalized * w + (0.0 if b is None else b)
+    logits = normalized @ _unembedding(model).T  # [n, batch, vocab]
+    return (logits, labels) if return_labels else logits
+
+
+def decompose(model, tokens, pos=None, *, by="layer", attention_mask=None, interventions=None,
+              return_labels=False):
+    """The final residual stream at ``pos`` as the sum of what each part wrote into it.
+
+    by="layer": "embed", "pos_embed" (learned positions only), then "L_attn_out" and
+    "L_mlp_out" for each layer (TransformerLens's `decompose_resid`). by="head": each
+    head's output "LlHh" (its z times its rows of the output matrix), each
+    "L_mlp_out", "embed", "pos_embed" and "bias", the attention output biases of every
+    layer (TransformerLens's `get_full_resid_decomposition`). Either way the rows add
+    up to ``blocks.{last}.hook_resid_post``. Returns [components, batch, d_model]
+    (and the labels with ``return_labels=True``).
+
+    With by="head", an intervention at ``hook_attn_out`` itself is not seen by the
+    heads (they are read at ``hook_z``); interventions upstream of a head are.
+    """
+    stack, labels, _ = _decompose(model, tokens, pos, by, attention_mask, interventions, scale=False)
+    return (stack, labels) if return_labels else stack
+
+
+def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, by="layer", attention_mask=None,
+                      interventions=None, return_labels=False):
+    """Direct logit attribution: each component's share of a logit, or of a logit
+    difference, at ``pos``.
+
+    answer, incorrect: token ids (an int, or one per row); with ``incorrect`` the
+    attributions are those of logit[answer] - logit[incorrect]. Each component of
+    `decompose` (``by`` as there) is centred (LayerNorm models), divided by the final
+    norm's scale in the run (``ln_final.hook_scale``), multiplied by the norm's weight
+    and projected on the answer's unembedding row (minus the incorrect one's). A last
+    row "final_norm_bias" holds the final norm's bias term where the norm has a bias.
+    The rows add up to the logit (difference) the model computes.
+    Returns [components, batch] (and the labels with ``return_labels=True``).
+    """
+    stack, labels, (values, B) = _decompose(model, tokens, pos, by, attention_mask, interventions, scale=True)
+    direction = _directions(model, answer, incorrect, B)  # [batch, d_model]
+    w, b, _ = _final_norm(model)
+    if model.arch["norm"] == NORM_LAYER:
+        stack = stack - stack.mean(-1, keepdims=True)
+    scale = values["ln_final.hook_scale"].reshape(1, B, 1)
+    attrs = np.einsum("nbc,bc->nb", stack / scale * w, direction)
+    if b is not None:
+        attrs = np.concatenate([attrs, (direction @ b)[None]])
+        labels = labels + ["final_norm_bias"]
+    return (attrs, labels) if return_labels else attrs
+
+
+# ---------------------------------------------------------------- helpers
+
+def _run_at(model, tokens, pos, attention_mask, interventions, names):
+    """One run caching ``names`` -> ({name: value at each row's position [batch, ...]},)."""
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    B, T = tokens.shape
+    at = positions(pos, mask, B, T)
+    run = model.run(tokens, attention_mask=mask, cache=names, logits=None, interventions=interventions)
+    rows = np.arange(B)
+    # every site cached here is [batch, pos, ...]
+    return {n: np.asarray(run.cache[n][rows, at], dtype=np.float32) for n in names}
+
+
+def _decompose(model, tokens, pos, by, attention_mask, interventions, scale):
+    if by not in _BY:
+        raise ValueError(f"by: expected one of {list(_BY)}, got {by!r}")
+    L, H = model.n_layers, model.n_heads
+    learned_positions = "hook_pos_embed" in model.site_names
+    names = ["hook_embed"] + (["hook_pos_embed"] if learned_positions else [])
+    if by == "layer":
+        for layer in range(L):
+            names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+    else:
+        names += [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
+        names += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+    values = _run_at(model, tokens, pos, attention_mask, interventions,
+                     names + (["ln_final.hook_scale"] if scale else []))
+    B = values["hook_embed"].shape[0]
+    embeds = [values["hook_embed"]] + ([values["hook_pos_embed"]] if learned_positions else [])
+    embed_labels = ["embed"] + (["pos_embed"] if learned_positions else [])
+    if by == "layer":
+        rows = embeds + [values[n] for n in names[len(embeds):]]
+        labels = embed_labels + [f"{layer}_{part}" for layer in range(L) for part in ("attn_out", "mlp_out")]
+        return np.stack(rows), labels, (values, B)
+    heads = np.concatenate([
+        np.einsum("bhd,hdc->hbc", values[f"blocks.{layer}.attn.hook_z"], _output_matrix(model, layer))
+        for layer in range(L)])  # [L * H, batch, d_model]
+    mlps = np.stack([values[f"blocks.{layer}.hook_mlp_out"] for layer in range(L)])
+    bias = np.zeros((1, B, model.d_model), np.float32)
+    for layer in range(L):
+        b_o = model._core_weights.get(f"blocks.{layer}.attn.b_o")
+        if b_o is not None:
+            bias += _dtypes.to_float32(b_o)
+    labels = ([f"L{layer}H{h}" for layer in range(L) for h in range(H)] + [f"{layer}_mlp_out" for layer in range(L)]
+              + embed_labels + ["bias"])
+    return np.concatenate([heads, mlps, np.stack(embeds), bias]), labels, (values, B)
+
+
+def _output_matrix(model, layer):
+    """Layer's attention output matrix as [head, d_head, d_model] float32."""
+    w = _dtypes.to_float32(model._core_weights[f"blocks.{layer}.attn.w_o"])
+    if model.arch["linear_trans"]:  # stored [out, in] (Llama, GPT-NeoX); GPT-2's Conv1D is [in, out]
+        w = w.T
+    return w.reshape(model.n_heads, model.d_head, model.d_model)
+
+
+def _final_norm(model):
+    """(weight, bias or None, eps) of the final norm, float32."""
+    w = model._core_weights
+    b = w.get("ln_final.b")
+    return (_dtypes.to_float32(w["ln_final.w"]), None if b is None else _dtypes.to_float32(b),
+            float(model.arch["ln_eps"]))
+
+
+def _unembedding(model, ids=None):
+    """The unembedding [vocab, d_model] float32 (its rows ``ids`` only, if given)."""
+    u = model._core_weights.get("unembed")
+    if u is None:  # tied: the embedding
+        u = model._core_weights["embed"]
+    return _dtypes.to_float32(u if ids is None else u[ids])
+
+
+def _directions(model, answer, incorrect, batch):
+    """Each row's unembedding direction [batch, d_model]: answer's row, minus incorrect's."""
+    answer = _per_row(answer, batch, model.d_vocab, "answer")
+    direction = _unembedding(model, answer)
+    if incorrect is not None:
+        direction = direction - _unembedding(model, _per_row(incorrect, batch, model.d_vocab, "incorrect"))
+    return direction

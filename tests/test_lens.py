@@ -1,0 +1,185 @@
+"""ms.lens: the logit lens, the residual stream's decomposition and direct logit
+attribution, against TransformerLens's ActivationCache on the same weights (the
+unprocessed model, and for attributions the model with TransformerLens's weight
+processing) and against HuggingFace's logits for every architecture."""
+import numpy as np
+import pytest
+import torch
+
+import mechscope as ms
+from conftest import assert_close, hf_run, tl_model_from_hf
+from test_architectures import make_hf
+
+GPT2 = "deep4_eps"  # 4 layers, 6 heads, learned positions, LayerNorm with biases
+
+
+@pytest.fixture(scope="module")
+def gpt2(hf_models, ms_models):
+    hf = hf_models[GPT2]
+    return hf, ms_models[GPT2], tl_model_from_hf(hf)
+
+
+@pytest.fixture(scope="module")
+def tokens(gpt2):
+    return np.random.default_rng(5).integers(0, gpt2[1].d_vocab, size=(3, 11))
+
+
+def tl_cache(tl, tokens):
+    return tl.run_with_cache(torch.as_tensor(tokens, dtype=torch.long))[1]
+
+
+def test_logit_lens_matches_transformer_lens(gpt2, tokens):
+    hf, model, tl = gpt2
+    cache = tl_cache(tl, tokens)
+    for mid in (False, True):
+        lens, labels = ms.lens.logit_lens(model, tokens, mid=mid, return_labels=True)
+        resid, tl_labels = cache.accumulated_resid(incl_mid=mid, apply_ln=True, pos_slice=-1, return_labels=True)
+        assert labels == tl_labels
+        assert_close(lens, tl.unembed(resid[:, :, None]).squeeze(2).numpy(), what=f"lens mid={mid}")
+    # the last row is the model's own logits (HuggingFace's)
+    assert_close(lens[-1], hf_run(hf, tokens)["logits"][:, -1], what="final row")
+
+
+def test_decompose_matches_transformer_lens(gpt2, tokens):
+    _, model, tl = gpt2
+    cache = tl_cache(tl, tokens)
+    stack, labels = ms.lens.decompose(model, tokens, return_labels=True)
+    ref, ref_labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
+    assert labels == ref_labels
+    assert_close(stack, ref.numpy(), what="by layer")
+    heads, labels = ms.lens.decompose(model, tokens, by="head", return_labels=True)
+    ref, ref_labels = cache.get_full_resid_decomposition(pos_slice=-1, expand_neurons=False, return_labels=True)
+    assert labels == ref_labels
+    assert_close(heads, ref.numpy(), what="by head")
+    final = cache["blocks.3.hook_resid_post"][:, -1].numpy()
+    for s in (stack, heads):
+        assert_close(s.sum(0), final, what="the rows add up to the final residual stream")
+
+
+def test_logit_attribution_matches_transformer_lens(gpt2, tokens):
+    """TransformerLens's logit_attrs needs the final norm folded into W_U (fold_ln);
+    centring the writing weights and the unembedding changes no logit difference."""
+    hf, model, _ = gpt2
+    tl = tl_model_from_hf(hf)
+    tl.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    tl.setup()  # the new, parameter-free norms' hook points
+    cache = tl_cache(tl, tokens)
+    answer, incorrect = np.array([3, 40, 77]), np.array([9, 9, 200])
+    attrs, labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, return_labels=True)
+    stack, ref_labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
+    ref = cache.logit_attrs(stack, torch.as_tensor(answer), torch.as_tensor(incorrect), pos_slice=-1)
+    assert labels == ref_labels + ["final_norm_bias"]
+    assert_close(attrs[:-1], ref.numpy(), what="logit difference by layer")
+
+
+def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
+    hf, model, _ = gpt2
+    logits = hf_run(hf, tokens)["logits"][:, -1]
+    rows = np.arange(len(tokens))
+    answer, incorrect = np.array([3, 40, 77]), np.array([9, 9, 200])
+    for by in ("layer", "head"):
+        attrs = ms.lens.logit_attribution(model, tokens, answer, by=by)
+        assert_close(attrs.sum(0), logits[rows, answer], what=f"logit, by {by}")
+        diff = ms.lens.logit_attribution(model, tokens, answer, incorrect, by=by)
+        assert_close(diff.sum(0), logits[rows, answer] - logits[rows, incorrect], what=f"difference, by {by}")
+    # by head refines by layer: a layer's heads plus its share of the bias give its attn_out
+    by_layer, layer_labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, return_labels=True)
+    by_head, head_labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, by="head", return_labels=True)
+    H = model.n_heads
+    heads = by_head[:model.n_layers * H].reshape(model.n_layers, H, -1).sum(1)
+    attn = by_layer[[layer_labels.index(f"{l}_attn_out") for l in range(model.n_layers)]]
+    bias = by_head[head_labels.index("bias")]
+    assert_close(heads.sum(0) + bias, attn.sum(0), what="heads + bias = attention outputs")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa3",
+                                  "qwen2_bias", "neox_parallel"])
+def test_other_architectures(name, tmp_path):
+    hf = make_hf(name, seed=2)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(str(tmp_path))
+    tokens = np.random.default_rng(6).integers(0, model.d_vocab, size=(2, 9))
+    with torch.no_grad():
+        out = hf(input_ids=torch.as_tensor(tokens), output_hidden_states=True)
+    logits = out.logits[:, -1].numpy()
+    lens = ms.lens.logit_lens(model, tokens)
+    assert lens.shape == (model.n_layers + 1, 2, model.d_vocab)
+    assert_close(lens[-1], logits, what="the lens's last row")
+    for by in ("layer", "head"):
+        stack = ms.lens.decompose(model, tokens, by=by)
+        final = model.run(tokens, cache=[f"blocks.{model.n_layers - 1}.hook_resid_post"],
+                          logits=None).cache[f"blocks.{model.n_layers - 1}.hook_resid_post"][:, -1]
+        assert_close(stack.sum(0), final, what=f"{name} decomposition by {by}")
+        attrs = ms.lens.logit_attribution(model, tokens, [1, 2], [5, 0], by=by)
+        assert_close(attrs.sum(0), logits[[0, 1], [1, 2]] - logits[[0, 1], [5, 0]], what=f"{name} by {by}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_rows_give_what_they_give_alone(gpt2, side):
+    _, model, _ = gpt2
+    rng = np.random.default_rng(8)
+    rows = [rng.integers(0, model.d_vocab, size=n) for n in (7, 4, 9)]
+    T = max(len(r) for r in rows)
+    tokens = np.zeros((3, T), np.int64)
+    mask = np.zeros((3, T), np.int32)
+    for i, r in enumerate(rows):
+        at = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        tokens[i, at], mask[i, at] = r, 1
+    lens = ms.lens.logit_lens(model, tokens, attention_mask=mask)
+    attrs = ms.lens.logit_attribution(model, tokens, [1, 2, 3], [4, 5, 6], by="head", attention_mask=mask)
+    for i, r in enumerate(rows):
+        assert_close(lens[:, i], ms.lens.logit_lens(model, r)[:, 0], what=f"lens row {i}")
+        alone = ms.lens.logit_attribution(model, r, [1, 2, 3][i], [4, 5, 6][i], by="head")
+        assert_close(attrs[:, i], alone[:, 0], what=f"attribution row {i}")
+
+
+def test_positions_and_interventions(gpt2, tokens):
+    _, model, _ = gpt2
+    at3 = ms.lens.logit_lens(model, tokens, pos=3)
+    assert_close(at3[-1], model.run(tokens, logits=[3]).logits[:, 0], what="pos=3")
+    per_row = ms.lens.decompose(model, tokens, pos=[0, 5, -1])
+    full = ms.lens.decompose(model, tokens[1:2, :6])
+    assert_close(per_row[:, 1], full[:, 0], what="a position per row")
+    # under an intervention: zeroing a head zeroes its row and the rest still add up
+    zero = [ms.Zero("blocks.1.attn.hook_z", head=2)]
+    attrs, labels = ms.lens.logit_attribution(model, tokens, 3, 9, by="head", interventions=zero, return_labels=True)
+    assert np.all(attrs[labels.index("L1H2")] == 0)
+    logits = model.run(tokens, logits="last", interventions=zero).logits
+    assert_close(attrs.sum(0), logits[:, 3] - logits[:, 9], what="sum under the intervention")
+
+
+def test_bad_input(gpt2, tokens):
+    _, model, _ = gpt2
+    with pytest.raises(ValueError, match="by: expected one of"):
+        ms.lens.decompose(model, tokens, by="neuron")
+    with pytest.raises(ValueError, match="answer: token id out of range"):
+        ms.lens.logit_attribution(model, tokens, model.d_vocab)
+    with pytest.raises(ValueError, match="incorrect: expected one token per row"):
+        ms.lens.logit_attribution(model, tokens, 1, [1, 2])
+    with pytest.raises(TypeError, match="answer: expected token ids"):
+        ms.lens.logit_attribution(model, tokens, 1.5)
+    with pytest.raises(ValueError, match="pos: position out of range"):
+        ms.lens.logit_lens(model, tokens, pos=11)
+    mask = np.ones_like(tokens)
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="padding position"):
+        ms.lens.logit_lens(model, tokens, pos=-1, attention_mask=mask)
+    neox = ms.Model.from_config(dict(model_type="gpt_neox", hidden_size=16, num_attention_heads=2,
+                                     num_hidden_layers=1, intermediate_size=20, vocab_size=30,
+                                     max_position_embeddings=16))
+    with pytest.raises(ValueError, match="hook_resid_mid"):
+        ms.lens.logit_lens(neox, [1, 2, 3], mid=True)
+
+
+def test_two_byte_weights():
+    """A bfloat16 model's matrices stay 2-byte; the lens reads them widened."""
+    model = ms.Model.from_config(dict(model_type="llama", hidden_size=24, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, intermediate_size=40,
+                                      vocab_size=50, max_position_embeddings=40, initializer_range=0.4,
+                                      tie_word_embeddings=False), seed=1, dtype="bfloat16")
+    assert model.dtype == "bfloat16"
+    tokens = np.random.default_rng(2).integers(0, 50, size=(2, 7))
+    logits = model.run(tokens, logits="last").logits
+    assert_close(ms.lens.logit_lens(model, tokens)[-1], logits, what="the lens's last row")
+    attrs = ms.lens.logit_attribution(model, tokens, 4, 7, by="head")
+    assert_close(attrs.sum(0), logits[:, 4] - logits[:, 7], what="attributions")
