@@ -59,6 +59,11 @@ def parse_args(argv):
     parser.add_argument("--budget", type=float, default=60.0,
                         help="seconds of timed fp32 rounds (default 60; at least 5 rounds)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tell glibc's malloc to serve every allocation from its heap and keep what is "
+                             "freed, for the whole process: PyTorch's step then takes no page faults after "
+                             "its first steps (its default allocator maps and unmaps its large tensors at "
+                             "every step)")
     args = parser.parse_args(argv)
     args.config, shape, args.size_name = SIZES[args.size]
     args.shape = tuple(int(x) for x in (args.shape or shape).split("x"))
@@ -76,8 +81,13 @@ def main(argv=None):
     ms.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     B, T = args.shape
+    malloc = "glibc's defaults"
+    if args.keep_freed_memory:
+        _keep_freed_memory()
+        malloc = "glibc told to keep freed memory (--keep-freed-memory)"
     common.print_header(f"one training step (forward + backward + clip + AdamW), {args.size_name}, {B}x{T}",
-                        [f"threads: {args.threads} (mechscope and torch {torch.__version__})"])
+                        [f"threads: {args.threads} (mechscope and torch {torch.__version__})",
+                         f"malloc: {malloc}"])
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(0, args.config["vocab_size"], size=(B, T))
     mask = np.ones((B, T), np.int32)
@@ -194,3 +204,16 @@ def _with_usage(step, rows):
         rows.append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime,
                      after.ru_utime - before.ru_utime))
     return counted
+
+
+def _keep_freed_memory():
+    """glibc's malloc for the whole process: no allocation mapped on its own (each would
+    be unmapped at its free, and its pages faulted in afresh at the next step), and up
+    to 2 GiB of freed memory kept at the top of the heap instead of given back."""
+    import ctypes
+
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # glibc's malloc.h
+    libc = ctypes.CDLL("libc.so.6")
+    for option, value in ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 1 << 28)):
+        if libc.mallopt(option, value) != 1:
+            raise SystemExit(f"--keep-freed-memory: mallopt({option}, {value}) failed (not glibc?)")
