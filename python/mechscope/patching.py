@@ -43,6 +43,7 @@ __all__ = [
     "attn_head_pattern_all_pos", "attn_head_all_pos_every",
     "attn_head_out_by_pos", "attn_head_q_by_pos", "attn_head_k_by_pos", "attn_head_v_by_pos",
     "attn_head_pattern_by_pos", "attn_head_pattern_dest_src_pos", "attn_head_by_pos_every",
+    "path",
 ]
 
 
@@ -370,3 +371,6 @@ def block_every(model, corrupted_tokens, clean_cache, metric, *, attention_mask=
     grids = [_layer_pos_grid(model, suffix) for suffix in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
     return np.stack(_grids(model, corrupted_tokens, clean_cache, metric, grids, attention_mask,
                            interventions, progress))
+
+
+from .path_patching import path  # noqa: E402  (path patching: a sender head's effect along chosen paths)
