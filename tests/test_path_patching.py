@@ -26,12 +26,21 @@ def logit_diff(logits, correct, wrong):
     return float(np.mean(logits[rows, -1, correct] - logits[rows, -1, wrong]))
 
 
-def tl_path(tl, clean, corrupted, correct, wrong, receivers, freeze_mlps):
-    """The slow definition, one or two hooked TransformerLens runs per sender."""
+def zero_head(z, hook):
+    """The base intervention of the tests that have one: head 1 of layer 0 zeroed."""
+    z[:, :, 1] = 0.0
+    return z
+
+
+def tl_path(tl, clean, corrupted, correct, wrong, receivers, freeze_mlps, zeroed=False):
+    """The slow definition, one or two hooked TransformerLens runs per sender (every run
+    of the corrupted tokens with head 0.1 zeroed when ``zeroed``)."""
     L, H = tl.cfg.n_layers, tl.cfg.n_heads
     clean_t, corrupted_t = torch.as_tensor(clean), torch.as_tensor(corrupted)
     _, clean_cache = tl.run_with_cache(clean_t)
-    base, held = tl.run_with_cache(corrupted_t)
+    base = [("blocks.0.attn.hook_z", zero_head)] if zeroed else []  # first in every run of corrupted_t
+    with tl.hooks(fwd_hooks=base):
+        _, held = tl.run_with_cache(corrupted_t)
     grid = np.empty((L, H))
     for layer in range(L):
         for head in range(H):
@@ -46,9 +55,9 @@ def tl_path(tl, clean, corrupted, correct, wrong, receivers, freeze_mlps):
             if freeze_mlps:
                 hooks += [(f"blocks.{k}.hook_mlp_out", lambda x, hook: held[hook.name]) for k in range(layer, L)]
             if receivers is None:
-                logits = tl.run_with_hooks(corrupted_t, fwd_hooks=hooks)
+                logits = tl.run_with_hooks(corrupted_t, fwd_hooks=base + hooks)
             else:
-                with tl.hooks(fwd_hooks=hooks):
+                with tl.hooks(fwd_hooks=base + hooks):
                     _, sent = tl.run_with_cache(corrupted_t)
 
                 def write(x, hook, layer=layer):
@@ -57,7 +66,7 @@ def tl_path(tl, clean, corrupted, correct, wrong, receivers, freeze_mlps):
                             x[:, :, r_head] = sent[hook.name][:, :, r_head]
                     return x
 
-                logits = tl.run_with_hooks(corrupted_t, fwd_hooks=[
+                logits = tl.run_with_hooks(corrupted_t, fwd_hooks=base + [
                     (f"blocks.{r}.attn.hook_{k}", write) for r, _, k in receivers])
             grid[layer, head] = logit_diff(logits.numpy(), correct, wrong)
     return grid
@@ -74,6 +83,16 @@ def test_matches_hooked_transformer_lens(setup, receivers, freeze_mlps):
     assert grid.shape == (model.n_layers, model.n_heads)
     np.testing.assert_allclose(grid, expected, atol=1e-4)
     assert np.ptp(grid) > 0.05  # the senders differ: the test sees the paths
+
+
+@pytest.mark.parametrize("receivers", [None, [(2, 1, "q"), (3, 4, "k"), (3, 0, "v")]])
+def test_base_interventions_hold_in_every_run(setup, receivers):
+    model, tl, clean, corrupted, correct, wrong = setup
+    cache = model.run(clean, cache="blocks.*.attn.hook_z").cache
+    grid = ms.patching.path(model, corrupted, cache, ms.metrics.LogitDiff(correct, wrong), receivers,
+                            interventions=[ms.Zero("blocks.0.attn.hook_z", head=1)])
+    expected = tl_path(tl, clean, corrupted, correct, wrong, receivers, False, zeroed=True)
+    np.testing.assert_allclose(grid, expected, atol=1e-4)
 
 
 def test_the_last_layer_and_a_python_metric(setup):

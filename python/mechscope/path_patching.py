@@ -11,7 +11,7 @@ import numpy as np
 
 from . import metrics as _metrics
 from ._progress import progress_bar
-from .interventions import Patch, Source
+from .interventions import Patch, Source, _full_site_value
 
 _INPUTS = ("q", "k", "v")
 
@@ -31,7 +31,9 @@ def path(model, corrupted_tokens, clean_cache, metric, receivers=None, *, freeze
         input) with input "q", "k" or "v": the sender acts only through those inputs of
         those heads. The run with the sender patched and the other heads held gives the
         receivers' inputs; they are written into the corrupted run, whose rest then
-        runs freely (in one pass, the held run as a Source). For "k" and "v" the head
+        runs freely. Two plans: one run per layer with that layer's senders side by side
+        (the batch repeated once per head), then one sweep; with base interventions, one
+        pass per sender instead (the held run as a Source). For "k" and "v" the head
         is a key/value head. A sender in the last receiver's layer or after it has no
         such path: its value is the corrupted run's metric.
     clean_cache: the clean run's cache with every ``blocks.L.attn.hook_z``.
@@ -70,16 +72,71 @@ def path(model, corrupted_tokens, clean_cache, metric, receivers=None, *, freeze
     last = max(layer for layer, _, _ in receivers)
     out = np.empty((L, H), np.float32)
     out[last:] = _value(model, tokens, mask, metric, interventions)
+    if not interventions:
+        out[:last] = _through_receivers(model, tokens, mask, clean_cache, held, metric, receivers, last,
+                                        freeze_mlps, progress)
+        return out
+    # base interventions are written for the batch's own rows: one pass per sender, the
+    # held run as a Source of the receivers' run
     with progress_bar(progress, "path patching", "sender", total=last * H) as bar:
         for layer, head in senders:
             if layer >= last:
                 break
-            source = Source(tokens, mask, list(interventions or []) + patches_of(layer, head))
+            source = Source(tokens, mask, list(interventions) + patches_of(layer, head))
             into = [Patch(f"blocks.{r_layer}.attn.hook_{kind}", source, head=r_head)
                     for r_layer, r_head, kind in receivers if r_layer > layer]
-            out[layer, head] = _value(model, tokens, mask, metric, list(interventions or []) + into)
+            out[layer, head] = _value(model, tokens, mask, metric, list(interventions) + into)
             bar.update(1)
     return out
+
+
+def _through_receivers(model, tokens, mask, clean_cache, held, metric, receivers, last, freeze_mlps, progress):
+    """Path patching through receivers, senders of layers < last: [last, n_heads].
+
+    Two plans: for each layer, one run of its senders side by side (the batch repeated
+    once per head, each copy with its own head's clean output and the later heads held),
+    caching the receivers' inputs; then one sweep writing each sender's receiver inputs
+    into the corrupted run."""
+    from .patching import sweep
+
+    L, H = model.n_layers, model.n_heads
+    B = tokens.shape[0]
+    tiled = np.tile(tokens, (H, 1))
+    tiled_mask = None if mask is None else np.tile(mask, (H, 1))
+    with progress_bar(progress, "path patching: the senders' runs", "layer", total=last) as bar:
+        patches = _sent(model, tiled, tiled_mask, clean_cache, held, receivers, last, freeze_mlps, bar, B)
+    values = sweep(model, tokens, patches, metric, attention_mask=mask, progress=progress)
+    return np.asarray(values, np.float32).reshape(last, H)
+
+
+def _sent(model, tiled, tiled_mask, clean_cache, held, receivers, last, freeze_mlps, bar, B):
+    """The first plan of _through_receivers: each sender's patch of the receivers' inputs."""
+    L, H = model.n_layers, model.n_heads
+    patches = []
+    for layer in range(last):
+        site = f"blocks.{layer}.attn.hook_z"
+        # the held value of the layer's heads, with copy h's head h the clean one (the
+        # layer's other heads are the corrupted run's anyway: their inputs are unchanged)
+        z = np.tile(held[site], (H, 1, 1, 1))
+        clean = np.asarray(_full_site_value(clean_cache, site, "clean_cache"), np.float32)
+        if clean.shape != held[site].shape:
+            raise ValueError(f"clean_cache: {site!r} has shape {list(clean.shape)}, the corrupted run's is "
+                             f"{list(held[site].shape)}")
+        for h in range(H):
+            z[h * B:(h + 1) * B, :, h] = clean[:, :, h]
+        writes = [Patch(site, z)]
+        writes += [Patch(f"blocks.{k}.attn.hook_z", np.tile(held[f"blocks.{k}.attn.hook_z"], (H, 1, 1, 1)))
+                   for k in range(layer + 1, L)]
+        if freeze_mlps:
+            writes += [Patch(f"blocks.{k}.hook_mlp_out", np.tile(held[f"blocks.{k}.hook_mlp_out"], (H, 1, 1)))
+                       for k in range(layer, L)]
+        names = sorted({f"blocks.{r}.attn.hook_{kind}" for r, _, kind in receivers if r > layer})
+        sent = model.run(tiled, attention_mask=tiled_mask, cache=names, logits=None, interventions=writes).cache
+        bar.update(1)
+        for h in range(H):
+            patches.append([Patch(f"blocks.{r}.attn.hook_{kind}", sent[f"blocks.{r}.attn.hook_{kind}"][h * B:(h + 1) * B],
+                                  head=r_head) for r, r_head, kind in receivers if r > layer])
+    return patches
 
 
 def _check_receivers(model, receivers):
