@@ -162,7 +162,7 @@ def test_bad_input(gpt2, tokens):
         ms.lens.logit_lens(model, tokens, pos=11)
     mask = np.ones_like(tokens)
     mask[0, -1] = 0
-    with pytest.raises(ValueError, match="padding position"):
+    with pytest.raises(ValueError, match="pos: row 0 would be read at position 10, which is padding"):
         ms.lens.logit_lens(model, tokens, pos=-1, attention_mask=mask)
     neox = ms.Model.from_config(dict(model_type="gpt_neox", hidden_size=16, num_attention_heads=2,
                                      num_hidden_layers=1, intermediate_size=20, vocab_size=30,

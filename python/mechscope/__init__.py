@@ -36,6 +36,7 @@ from . import mediation  # noqa: E402  (ms.mediation.natural_effects, ...)
 from . import train  # noqa: E402  (ms.train.fit, ms.train.AdamW, ...)
 from . import das  # noqa: E402  (ms.das.DAS, ms.das.iia)
 from . import lens  # noqa: E402  (ms.lens.logit_lens, ms.lens.logit_attribution, ...)
+from . import heads  # noqa: E402  (ms.heads.detect, ms.heads.repeated_tokens)
 
 __version__ = "0.1.0"
 

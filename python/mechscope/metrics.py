@@ -40,8 +40,11 @@ def positions(pos, mask, batch, n_pos):
     pos = np.where(pos < 0, pos + n_pos, pos)
     if pos.min() < 0 or pos.max() >= n_pos:
         raise ValueError(f"pos: position out of range [0, {n_pos})")
-    if mask is not None and not np.asarray(mask)[np.arange(batch), pos].all():
-        raise ValueError("pos: the metric reads a padding position")
+    if mask is not None:
+        padding = np.flatnonzero(np.asarray(mask)[np.arange(batch), pos] == 0)
+        if padding.size:
+            row = int(padding[0])
+            raise ValueError(f"pos: row {row} would be read at position {int(pos[row])}, which is padding")
     return np.ascontiguousarray(pos, dtype=np.int32)
 
 
