@@ -78,3 +78,27 @@ def test_components_plot(ms, tmp_path):
     assert (tmp_path / "components.png").stat().st_size > 0
     with pytest.raises(ValueError, match="labels: 3 labels for 4 components"):
         ms.plot.components(values, labels[:3])
+
+
+def test_attention_plot(ms, tmp_path):
+    """One panel per head, tokens on both axes, the colours fixed to [0, 1]; from a run."""
+    model = ms.Model.from_config(dict(n_embd=16, n_head=4, n_layer=1, vocab_size=20, n_positions=8), seed=0)
+    pattern = model.run(np.arange(5)[None], cache="blocks.0.attn.hook_pattern").cache["blocks.0.attn.hook_pattern"][0]
+    fig = ms.plot.attention(pattern, tokens=TOKENS, heads=[0, 3], title="layer 0")
+    fig.savefig(tmp_path / "attention.png")
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("head")]
+    assert [ax.get_title() for ax in panels] == ["head 0", "head 3"]
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == [f"{t}|{i}" for i, t in enumerate(TOKENS)]
+    image = panels[1].get_images()[0]
+    assert image.get_clim() == (0.0, 1.0)
+    np.testing.assert_array_equal(image.get_array(), pattern[3])
+    fig, ax = plt.subplots()
+    assert ms.plot.attention(pattern[2], ax=ax) is fig
+    with pytest.raises(ValueError, match="tokens: 4 tokens for a pattern over 5 positions"):
+        ms.plot.attention(pattern, tokens=TOKENS[:4])
+    with pytest.raises(ValueError, match=r"pattern: expected \[heads, dest, src\]"):
+        ms.plot.attention(pattern[:, :, :3])
+    with pytest.raises(ValueError, match=r"heads: 4 out of range \[0, 4\)"):
+        ms.plot.attention(pattern, heads=[4])
+    with pytest.raises(ValueError, match="ax: the plot of these heads has 4 panels"):
+        ms.plot.attention(pattern, ax=ax)

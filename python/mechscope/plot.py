@@ -1,4 +1,5 @@
-"""Plots of patching sweeps and causal traces (matplotlib, imported when first used).
+"""Plots of patching sweeps, causal traces, attributions and attention patterns
+(matplotlib, imported when first used).
 
     grid = ms.patching.resid_pre(model, corrupted, clean.cache, metric)
     fig = ms.plot.heatmap(grid, tokens=model.to_str_tokens(corrupted[0]))
@@ -8,10 +9,13 @@
 
     attrs, labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, return_labels=True)
     fig = ms.plot.components(attrs, labels)
+
+    run = model.run(tokens, cache="blocks.1.attn.hook_pattern")
+    fig = ms.plot.attention(run.cache["blocks.1.attn.hook_pattern"][0], tokens=model.to_str_tokens(tokens[0]))
 """
 import numpy as np
 
-__all__ = ["components", "heatmap", "trace"]
+__all__ = ["attention", "components", "heatmap", "trace"]
 
 # the axes of each sweep's result, in TransformerLens's order
 LAYOUTS = {
@@ -124,10 +128,45 @@ def heatmap(values, tokens=None, layout=None, title=None, cmap="RdBu", center=0.
     else:
         span = max(np.abs(finite - center).max(), 1e-12)
         vmin, vmax = center - span, center + span
+    return _figure(panels, vmin, vmax, cmap, ncols, colorbar_label, title, ax, f"{layout!r} result")
+
+
+def attention(pattern, tokens=None, heads=None, title=None, cmap="Blues", ncols=None, ax=None):
+    """Attention patterns, one panel per head: destination (query) positions down,
+    source (key) positions across, labelled with the tokens; 0 white, 1 darkest.
+
+    pattern: one row's pattern [heads, dest, src] (``run.cache["blocks.L.attn.hook_pattern"][row]``)
+        or one head's [dest, src].
+    tokens: the row's token strings (model.to_str_tokens(tokens[row])).
+    heads: the heads to draw (default all).
+    ax: a matplotlib Axes to draw into (one head only).
+    Returns the matplotlib Figure.
+    """
+    values = np.asarray(pattern, dtype=np.float64)
+    if values.ndim == 2:
+        values = values[None]
+    if values.ndim != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"pattern: expected [heads, dest, src] or [dest, src] with dest == src, "
+                         f"got shape {list(np.shape(pattern))}")
+    if tokens is not None:
+        tokens = [str(t) for t in tokens]
+        if len(tokens) != values.shape[1]:
+            raise ValueError(f"tokens: {len(tokens)} tokens for a pattern over {values.shape[1]} positions")
+    heads = range(values.shape[0]) if heads is None else [int(h) for h in heads]
+    for h in heads:
+        if not 0 <= h < values.shape[0]:
+            raise ValueError(f"heads: {h} out of range [0, {values.shape[0]})")
+    ticks = [f"{t}|{i}" for i, t in enumerate(tokens)] if tokens is not None else None
+    panels = [(f"head {h}", values[h], "destination", "source", ticks) for h in heads]
+    return _figure(panels, 0.0, 1.0, cmap, ncols, "attention", title, ax, "plot of these heads")
+
+
+def _figure(panels, vmin, vmax, cmap, ncols, colorbar_label, title, ax, what):
+    """Panels drawn side by side with one colour bar (or into ``ax`` if there is one panel)."""
     plt = _pyplot()
     if ax is not None:
         if len(panels) != 1:
-            raise ValueError(f"ax: a {layout!r} result has {len(panels)} panels; leave ax=None")
+            raise ValueError(f"ax: the {what} has {len(panels)} panels; leave ax=None")
         image = _draw(ax, panels[0], vmin, vmax, cmap)
         if title:
             ax.set_title(title, fontsize=10)
