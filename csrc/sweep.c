@@ -186,18 +186,17 @@ static int plan_row(const ms_model *m, const ms_sweep_plan *s, const base_cache 
         if (order_key(c, w->site, w->layer) < first_key) continue;
         int slot = bc->slot[slot_index(c, w->site, w->layer)];
         if (order_key(c, w->site, w->layer) == first_key) {
-            write_changes(c, s, w, bc->values[slot], b, mpos, &start);
             int l = write_layer(c, w->site, w->layer);
             if (l < start_layer) start_layer = l;
-        } else {
-            /* a later write may restore a value that an earlier one changed: all its
-             * positions up to the metric's count */
-            for (int i2 = 0; i2 < w->na; i2++)
-                for (int j = 0; j < w->nb; j++) {
-                    int pos = entry_pos(w, i2, j);
-                    if (pos < start && pos <= mpos && is_real(s->mask, s->n_pos, b, pos)) start = pos;
-                }
         }
+        /* Positions before start are the base run's at every site (the row resumes from
+         * the base there), so a write, here or later in the run, acts before start only
+         * where it writes something else than the base's value; from start on, every
+         * write is applied as the row recomputes. One pass suffices: when a write moves
+         * start earlier, the positions it passes were checked against the base already
+         * for the writes before it. (A later write that writes the base's value at
+         * start or after may restore what an earlier one changed: it is applied there.) */
+        write_changes(c, s, w, bc->values[slot], b, mpos, &start);
     }
     row->patch = patch;
     row->base_row = b;
