@@ -51,8 +51,12 @@ def test_decompose_matches_transformer_lens(gpt2, tokens):
     ref, ref_labels = cache.get_full_resid_decomposition(pos_slice=-1, expand_neurons=False, return_labels=True)
     assert labels == ref_labels
     assert_close(heads, ref.numpy(), what="by head")
+    neurons, labels = ms.lens.decompose(model, tokens, by="neuron", return_labels=True)
+    ref, ref_labels = cache.get_full_resid_decomposition(pos_slice=-1, expand_neurons=True, return_labels=True)
+    assert labels == ref_labels
+    assert_close(neurons, ref.numpy(), what="by neuron")
     final = cache["blocks.3.hook_resid_post"][:, -1].numpy()
-    for s in (stack, heads):
+    for s in (stack, heads, neurons):
         assert_close(s.sum(0), final, what="the rows add up to the final residual stream")
 
 
@@ -77,7 +81,7 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
     logits = hf_run(hf, tokens)["logits"][:, -1]
     rows = np.arange(len(tokens))
     answer, incorrect = np.array([3, 40, 77]), np.array([9, 9, 200])
-    for by in ("layer", "head"):
+    for by in ("layer", "head", "neuron"):
         attrs = ms.lens.logit_attribution(model, tokens, answer, by=by)
         assert_close(attrs.sum(0), logits[rows, answer], what=f"logit, by {by}")
         diff = ms.lens.logit_attribution(model, tokens, answer, incorrect, by=by)
@@ -90,6 +94,26 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
     attn = by_layer[[layer_labels.index(f"{l}_attn_out") for l in range(model.n_layers)]]
     bias = by_head[head_labels.index("bias")]
     assert_close(heads.sum(0) + bias, attn.sum(0), what="heads + bias = attention outputs")
+    # by neuron, the attributions (computed without the neuron stack) are the stack's
+    # rows projected the slow way: centred, divided by the run's final scale, times
+    # the norm's weight, on the unembedding's direction
+    by_neuron, neuron_labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, by="neuron",
+                                                         return_labels=True)
+    stack, stack_labels = ms.lens.decompose(model, tokens, by="neuron", return_labels=True)
+    assert neuron_labels == stack_labels + ["final_norm_bias"]
+    scale = model.run(tokens, cache=["ln_final.hook_scale"], logits=None).cache["ln_final.hook_scale"][:, -1]
+    weight = hf.transformer.ln_f.weight.detach().numpy()
+    unembed = hf.lm_head.weight.detach().numpy()
+    for b in range(len(tokens)):
+        centred = stack[:, b] - stack[:, b].mean(-1, keepdims=True)
+        slow = centred / scale[b] * weight @ (unembed[answer[b]] - unembed[incorrect[b]])
+        assert_close(by_neuron[:-1, b], slow, what=f"neuron attributions, row {b}")
+    d_mlp = model.d_mlp
+    first = model.n_layers * H
+    per_layer = by_neuron[first:first + model.n_layers * d_mlp].reshape(model.n_layers, d_mlp, -1).sum(1)
+    mlps = by_layer[[layer_labels.index(f"{l}_mlp_out") for l in range(model.n_layers)]]
+    assert_close(per_layer.sum(0) + by_neuron[neuron_labels.index("bias")], mlps.sum(0) + bias,
+                 what="neurons + the MLP and attention output biases = MLP outputs + attention biases")
 
 
 @pytest.mark.parametrize("name", ["llama_gqa3",
@@ -105,7 +129,7 @@ def test_other_architectures(name, tmp_path):
     lens = ms.lens.logit_lens(model, tokens)
     assert lens.shape == (model.n_layers + 1, 2, model.d_vocab)
     assert_close(lens[-1], logits, what="the lens's last row")
-    for by in ("layer", "head"):
+    for by in ("layer", "head", "neuron"):
         stack = ms.lens.decompose(model, tokens, by=by)
         final = model.run(tokens, cache=[f"blocks.{model.n_layers - 1}.hook_resid_post"],
                           logits=None).cache[f"blocks.{model.n_layers - 1}.hook_resid_post"][:, -1]
@@ -151,7 +175,7 @@ def test_positions_and_interventions(gpt2, tokens):
 def test_bad_input(gpt2, tokens):
     _, model, _ = gpt2
     with pytest.raises(ValueError, match="by: expected one of"):
-        ms.lens.decompose(model, tokens, by="neuron")
+        ms.lens.decompose(model, tokens, by="neurons")
     with pytest.raises(ValueError, match="answer: token id out of range"):
         ms.lens.logit_attribution(model, tokens, model.d_vocab)
     with pytest.raises(ValueError, match="incorrect: expected one token per row"):

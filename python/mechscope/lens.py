@@ -27,7 +27,7 @@ from .metrics import _per_row, positions
 
 __all__ = ["logit_lens", "decompose", "logit_attribution"]
 
-_BY = ("layer", "head")
+_BY = ("layer", "head", "neuron")
 
 
 def logit_lens(model, tokens, pos=None, *, mid=False, attention_mask=None, interventions=None,
@@ -73,9 +73,14 @@ def decompose(model, tokens, pos=None, *, by="layer", attention_mask=None, inter
     "L_mlp_out" for each layer (TransformerLens's `decompose_resid`). by="head": each
     head's output "LlHh" (its z times its rows of the output matrix), each
     "L_mlp_out", "embed", "pos_embed" and "bias", the attention output biases of every
-    layer (TransformerLens's `get_full_resid_decomposition`). Either way the rows add
-    up to ``blocks.{last}.hook_resid_post``. Returns [components, batch, d_model]
-    (and the labels with ``return_labels=True``).
+    layer (TransformerLens's `get_full_resid_decomposition`). by="neuron": the heads,
+    then each MLP neuron "LlNn" (its activation ``mlp.hook_post`` times its row of the
+    MLP's output matrix), "embed", "pos_embed" and "bias", now with the MLP output biases
+    too (`get_full_resid_decomposition(expand_neurons=True)`); that stack has
+    layers x d_mlp rows per token (113 MB per token at GPT-2 small's size), which
+    `logit_attribution` never builds. Each way the rows add up to
+    ``blocks.{last}.hook_resid_post``. Returns [components, batch, d_model] (and the
+    labels with ``return_labels=True``).
 
     With by="head", an intervention at ``hook_attn_out`` itself is not seen by the
     heads (they are read at ``hook_z``); interventions upstream of a head are.
@@ -91,20 +96,33 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, by="la
 
     answer, incorrect: token ids (an int, or one per row); with ``incorrect`` the
     attributions are those of logit[answer] - logit[incorrect]. Each component of
-    `decompose` (``by`` as there) is centred (LayerNorm models), divided by the final
+    `decompose` (``by`` as there: "layer", "head" or "neuron") is centred (LayerNorm models), divided by the final
     norm's scale in the run (``ln_final.hook_scale``), multiplied by the norm's weight
     and projected on the answer's unembedding row (minus the incorrect one's). A last
     row "final_norm_bias" holds the final norm's bias term where the norm has a bias.
     The rows add up to the logit (difference) the model computes.
     Returns [components, batch] (and the labels with ``return_labels=True``).
     """
-    stack, labels, (values, B) = _decompose(model, tokens, pos, by, attention_mask, interventions, scale=True)
+    stack, labels, (values, B, neurons) = _decompose(model, tokens, pos, by, attention_mask, interventions,
+                                                     scale=True, expand_neurons=False)
     direction = _directions(model, answer, incorrect, B)  # [batch, d_model]
     w, b, _ = _final_norm(model)
-    if model.arch["norm"] == NORM_LAYER:
+    centre = model.arch["norm"] == NORM_LAYER
+    if centre:
         stack = stack - stack.mean(-1, keepdims=True)
     scale = values["ln_final.hook_scale"].reshape(1, B, 1)
     attrs = np.einsum("nbc,bc->nb", stack / scale * w, direction)
+    if neurons is not None:
+        # a neuron's part is its activation times its output row: project the rows once
+        # (centred as the parts are) on each row's direction, scaled like the parts
+        read = direction * w / scale[0]  # [batch, d_model]
+        per_layer = []
+        for post, w_out in neurons:
+            rows = w_out - w_out.mean(-1, keepdims=True) if centre else w_out
+            per_layer.append((rows @ read.T) * post.T)  # [d_mlp, batch]
+        n_heads = model.n_layers * model.n_heads
+        attrs = np.concatenate([attrs[:n_heads]] + per_layer + [attrs[n_heads:]])
+        labels = labels[:n_heads] + _neuron_labels(model) + labels[n_heads:]
     if b is not None:
         attrs = np.concatenate([attrs, (direction @ b)[None]])
         labels = labels + ["final_norm_bias"]
@@ -124,7 +142,11 @@ def _run_at(model, tokens, pos, attention_mask, interventions, names):
     return {n: np.asarray(run.cache[n][rows, at], dtype=np.float32) for n in names}
 
 
-def _decompose(model, tokens, pos, by, attention_mask, interventions, scale):
+def _decompose(model, tokens, pos, by, attention_mask, interventions, scale, expand_neurons=True):
+    """-> (stack [components, batch, d_model], labels, (values, batch, neurons)). With
+    by="neuron" and expand_neurons=False the neurons are left out of the stack and
+    labels (they would follow the heads) and returned as neurons: per layer
+    (hook_post at the position [batch, d_mlp], output matrix [d_mlp, d_model])."""
     if by not in _BY:
         raise ValueError(f"by: expected one of {list(_BY)}, got {by!r}")
     L, H = model.n_layers, model.n_heads
@@ -135,7 +157,8 @@ def _decompose(model, tokens, pos, by, attention_mask, interventions, scale):
             names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
     else:
         names += [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
-        names += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
+        mlp_site = "mlp.hook_post" if by == "neuron" else "hook_mlp_out"
+        names += [f"blocks.{layer}.{mlp_site}" for layer in range(L)]
     values = _run_at(model, tokens, pos, attention_mask, interventions,
                      names + (["ln_final.hook_scale"] if scale else []))
     B = values["hook_embed"].shape[0]
@@ -144,19 +167,40 @@ def _decompose(model, tokens, pos, by, attention_mask, interventions, scale):
     if by == "layer":
         rows = embeds + [values[n] for n in names[len(embeds):]]
         labels = embed_labels + [f"{layer}_{part}" for layer in range(L) for part in ("attn_out", "mlp_out")]
-        return np.stack(rows), labels, (values, B)
+        return np.stack(rows), labels, (values, B, None)
     heads = np.concatenate([
         np.einsum("bhd,hdc->hbc", values[f"blocks.{layer}.attn.hook_z"], _output_matrix(model, layer))
         for layer in range(L)])  # [L * H, batch, d_model]
-    mlps = np.stack([values[f"blocks.{layer}.hook_mlp_out"] for layer in range(L)])
+    head_labels = [f"L{layer}H{h}" for layer in range(L) for h in range(H)]
     bias = np.zeros((1, B, model.d_model), np.float32)
+    bias_names = ["attn.b_o"] + (["mlp.b_out"] if by == "neuron" else [])  # else in each MLP's output
     for layer in range(L):
-        b_o = model._core_weights.get(f"blocks.{layer}.attn.b_o")
-        if b_o is not None:
-            bias += _dtypes.to_float32(b_o)
-    labels = ([f"L{layer}H{h}" for layer in range(L) for h in range(H)] + [f"{layer}_mlp_out" for layer in range(L)]
-              + embed_labels + ["bias"])
-    return np.concatenate([heads, mlps, np.stack(embeds), bias]), labels, (values, B)
+        for name in bias_names:
+            b = model._core_weights.get(f"blocks.{layer}.{name}")
+            if b is not None:
+                bias += _dtypes.to_float32(b)
+    tail = np.concatenate([np.stack(embeds), bias])
+    tail_labels = embed_labels + ["bias"]
+    if by == "head":
+        mlps = np.stack([values[f"blocks.{layer}.hook_mlp_out"] for layer in range(L)])
+        labels = head_labels + [f"{layer}_mlp_out" for layer in range(L)] + tail_labels
+        return np.concatenate([heads, mlps, tail]), labels, (values, B, None)
+    neurons = [(values[f"blocks.{layer}.mlp.hook_post"], _mlp_output_matrix(model, layer)) for layer in range(L)]
+    if not expand_neurons:
+        return np.concatenate([heads, tail]), head_labels + tail_labels, (values, B, neurons)
+    stack = np.concatenate([heads] + [np.einsum("bn,nc->nbc", post, w) for post, w in neurons] + [tail])
+    labels = head_labels + _neuron_labels(model) + tail_labels
+    return stack, labels, (values, B, neurons)
+
+
+def _neuron_labels(model):
+    return [f"L{layer}N{n}" for layer in range(model.n_layers) for n in range(model.d_mlp)]
+
+
+def _mlp_output_matrix(model, layer):
+    """Layer's MLP output matrix as [d_mlp, d_model] float32."""
+    w = _dtypes.to_float32(model._core_weights[f"blocks.{layer}.mlp.w_out"])
+    return w.T if model.arch["linear_trans"] else w
 
 
 def _output_matrix(model, layer):
