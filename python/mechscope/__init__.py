@@ -37,6 +37,7 @@ from . import train  # noqa: E402  (ms.train.fit, ms.train.AdamW, ...)
 from . import das  # noqa: E402  (ms.das.DAS, ms.das.iia)
 from . import lens  # noqa: E402  (ms.lens.logit_lens, ms.lens.logit_attribution, ...)
 from . import heads  # noqa: E402  (ms.heads.detect, ms.heads.repeated_tokens)
+from . import steering  # noqa: E402  (ms.steering.vector, ms.steering.sweep)
 
 __version__ = "0.1.0"
 
