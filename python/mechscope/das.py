@@ -294,6 +294,13 @@ def iia(model, site, basis, base, source, labels, *, pos=-1, source_pos=None, me
     positions in both and in every pair this is mechscope.SubspacePatch from a Source
     computed in the same pass; otherwise the two inputs' values are read first and the
     base run adds Q Q^T (h_source - h_base) at each pair's positions."""
+    return float(_interchange_correct(model, site, basis, base, source, labels, pos, source_pos, metric_pos,
+                                      batch_size, progress, "IIA").mean())
+
+
+def _interchange_correct(model, site, basis, base, source, labels, pos, source_pos, metric_pos, batch_size,
+                         progress, what):
+    """Whether each pair's interchanged base run predicts its label (top-1): bool [n]."""
     width, _ = _site_width(model, site)
     Q = _check_basis(basis, width)
     bt, bm, st, sm, lab = _pairs(model, base, source, labels)
@@ -303,8 +310,8 @@ def iia(model, site, basis, base, source, labels, *, pos=-1, source_pos=None, me
     batch_size = _positive_int(batch_size, "batch_size")
     together = _shared(Pb) and np.array_equal(Pb, Ps)
     _, _, suffix = _sites.parse(site, model)
-    correct = 0
-    with progress_bar(progress, "IIA", "pair", total=n) as bar:
+    correct = np.zeros(n, bool)
+    with progress_bar(progress, what, "pair", total=n) as bar:
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
             m = None if bm is None else bm[i:j]
@@ -321,9 +328,9 @@ def iia(model, site, basis, base, source, labels, *, pos=-1, source_pos=None, me
             out = model.run(bt[i:j], attention_mask=m, logits="last" if metric_pos is None else [int(mpos[0])],
                             interventions=interventions)
             logits = out.logits if metric_pos is None else out.logits[:, 0]
-            correct += int((logits.argmax(axis=-1) == lab[i:j]).sum())
+            correct[i:j] = logits.argmax(axis=-1) == lab[i:j]
             bar.update(j - i)
-    return correct / n
+    return correct
 
 
 def _pair_positions(pos, source_pos, n_pos, n, base_mask, source_mask):
