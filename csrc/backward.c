@@ -763,6 +763,8 @@ static ms_status grad_check(const ms_model *m, const ms_plan *p, const ms_grad_p
     if (!g->value_out || !g->metric_out) FAIL("grad: outputs missing");
     if ((g->metric.kind != MS_METRIC_NONE) == (g->cross_entropy != 0))
         FAIL("metric: give exactly one of a metric and the cross-entropy");
+    if (g->metric.kind == MS_METRIC_ACCURACY)
+        FAIL("metric: Accuracy (0 or 1) has no gradient; differentiate LogitDiff, LogProb, Prob or KL");
     if (g->metric.kind != MS_METRIC_NONE) {
         ms_plan pc = *p;
         pc.metric = g->metric;

@@ -53,7 +53,7 @@ static int real_index(const ms_plan *p, int r, int t) {
 
 static int metric_needs_logits(const ms_plan *p) {
     return p->metric.kind == MS_METRIC_LOGPROB || p->metric.kind == MS_METRIC_PROB ||
-           p->metric.kind == MS_METRIC_KL;
+           p->metric.kind == MS_METRIC_KL || p->metric.kind == MS_METRIC_ACCURACY;
 }
 
 typedef struct {
@@ -768,6 +768,13 @@ static void metric_rows(void *ctx, long long lo, long long hi) {
     int V = j->L->m->cfg.d_vocab;
     for (long long r = lo; r < hi; r++) {
         const float *y = j->logits + (size_t)r * V;
+        if (mt->kind == MS_METRIC_ACCURACY) {
+            int top = 0;  /* the first of the largest logits, as numpy.argmax */
+            for (int v = 1; v < V; v++)
+                if (y[v] > y[top]) top = v;
+            p->metric_out[r] = top == mt->correct[r] ? 1.0f : 0.0f;
+            continue;
+        }
         double lz = ms_log_sum_exp(y, V);
         if (mt->kind == MS_METRIC_KL) {
             /* resuming rows share their base row's reference */

@@ -227,6 +227,7 @@ typedef enum {
     MS_METRIC_LOGPROB,    /* log softmax[correct] */
     MS_METRIC_PROB,       /* softmax[correct] */
     MS_METRIC_KL,         /* KL(reference || this run) over the vocabulary */
+    MS_METRIC_ACCURACY,   /* 1 if correct is the top logit (the first of equal ones), else 0; no gradient */
 } ms_metric_kind;
 
 typedef struct {

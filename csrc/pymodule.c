@@ -500,7 +500,7 @@ static ms_action *parse_actions(PyObject *keep, PyObject *oactions, const ms_mod
 /* The metric's arguments for B rows. */
 static int parse_metric(PyObject *keep, int kind, PyObject *opos, PyObject *ocorrect, PyObject *owrong,
                         PyObject *oref, npy_intp B, npy_intp V, ms_metric *mt) {
-    if (kind < MS_METRIC_LOGIT_DIFF || kind > MS_METRIC_KL) {
+    if (kind < MS_METRIC_LOGIT_DIFF || kind > MS_METRIC_ACCURACY) {
         PyErr_SetString(PyExc_ValueError, "metric: unknown kind");
         return -1;
     }

@@ -648,6 +648,11 @@ def test_bad_input(gpt2):
         model.grad(tokens, metric, sites=["blocks.7.hook_resid_pre"])
     with pytest.raises(ValueError, match="no_such_site"):
         model.grad(tokens, metric, sites=["blocks.0.no_such_site"])
+    with pytest.raises(ValueError, match="Accuracy .0 or 1. has no gradient"):
+        model.grad(tokens, ms.metrics.Accuracy(1), sites=["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="Accuracy .0 or 1. has no gradient"):
+        ms.attribution.resid_pre(model, tokens, model.run(tokens, cache="blocks.*.hook_resid_pre").cache,
+                                 ms.metrics.Accuracy(1))
     with pytest.raises(ValueError, match="h.9.mlp.c_fc.weight"):
         model.grad(tokens, metric, weights=["h.9.mlp.c_fc.weight"])
     with pytest.raises(TypeError, match="weights"):

@@ -88,21 +88,29 @@ def tl_metric(kind, clean_logits):
         return lambda logits: logprobs(logits)[rows, CORRECT].mean()
     if kind == "prob":
         return lambda logits: logprobs(logits)[rows, CORRECT].exp().mean()
+    if kind == "accuracy":
+        top = torch.as_tensor(clean_logits).argmax(-1)  # the clean run's answers
+        return lambda logits: (logits[:, -1].argmax(-1) == top).double().mean()
     ref = torch.log_softmax(torch.as_tensor(clean_logits).double(), dim=-1)
     return lambda logits: (ref.exp() * (ref - logprobs(logits))).sum(-1).mean()
 
 
-@pytest.mark.parametrize("kind", ["logprob", "prob", "kl"])
+@pytest.mark.parametrize("kind", ["logprob", "prob", "kl", "accuracy"])
 def test_other_metrics_as_transformer_lens(ms, kind, models, prompts, caches):
     model, tl = models
     clean, corrupted = prompts
     ms_cache, tl_cache = caches
     clean_last = model.run(clean, logits="last").logits
     metric = {"logprob": ms.metrics.LogProb(CORRECT), "prob": ms.metrics.Prob(CORRECT),
-              "kl": ms.metrics.KL(clean_last)}[kind]
+              "kl": ms.metrics.KL(clean_last), "accuracy": ms.metrics.Accuracy(clean_last.argmax(-1))}[kind]
     ours = ms.patching.attn_head_out_by_pos(model, corrupted, ms_cache, metric)
     theirs = tl_patching.get_act_patch_attn_head_out_by_pos(
         tl, torch.as_tensor(corrupted), tl_cache, tl_metric(kind, clean_last)).numpy()
+    if kind == "accuracy":
+        # a share of rows; two engines' roundings may order two nearly equal logits differently
+        assert np.isin(ours * B, np.arange(B + 1)).all() and 0 < ours.mean() < 1
+        assert np.mean(ours == theirs) > 0.99 and np.abs(ours - theirs).max() <= 1 / B
+        return
     assert_close(ours, theirs, what=kind)
 
 

@@ -25,8 +25,11 @@ for the whole site) at given positions.
 import numpy as np
 
 from . import das as _das
+from ._progress import progress_bar
+from .interventions import Patch
+from .metrics import Accuracy
 from .metrics import positions as _positions
-from .tokens import Tokens
+from .patching import sweep
 
 __all__ = ["counterfactual_simulation", "value_probe", "output_confidence", "is_correct"]
 
@@ -46,7 +49,11 @@ def counterfactual_simulation(model, site, basis, test, bases, expected, *, pos=
         int array [m, k] (each base its own); test_pos: where the test inputs hold it,
         in the same forms ([n, k] per test input; None: pos, when pos is shared).
     metric_pos: where the output is read (None: each base's last real token).
-    Returns float64 scores [n] in [0, 1] (n x m patched runs, batch_size at a time).
+    Returns float64 scores [n] in [0, 1].
+
+    The n x m patched runs are patching sweeps (``ms.patching.sweep`` with the
+    ``Accuracy`` metric), one for each distinct row of ``expected``: each base resumes
+    at the site's block from the first position the patch changes.
     """
     tt, tm = model._check_tokens(test, None)
     bt, bm = model._check_tokens(bases, None)
@@ -59,20 +66,43 @@ def counterfactual_simulation(model, site, basis, test, bases, expected, *, pos=
         raise TypeError("expected: the causal model's output token id for each (test input, base) pair (ints)")
     if expected.shape != (n, m):
         raise ValueError(f"expected: shape [{n}, {m}] (test inputs x bases), got {list(expected.shape)}")
-    basis = _whole_site(model, site) if basis is None else basis
-    tiled = Tokens(np.tile(bt, (n, 1)), None if bm is None else np.tile(bm, (n, 1)))
-    repeated = Tokens(np.repeat(tt, m, axis=0), None if tm is None else np.repeat(tm, m, axis=0))
-    # pair i * m + j is base j patched from test input i
-    if np.ndim(pos) == 2:
-        if test_pos is None:
-            raise ValueError("test_pos: needed when pos gives each base its own positions")
-        pos = np.tile(np.asarray(pos), (n, 1))
-    if test_pos is not None and np.ndim(test_pos) == 2:
-        test_pos = np.repeat(np.asarray(test_pos), m, axis=0)
-    correct = _das._interchange_correct(model, site, basis, tiled, repeated, expected.reshape(-1), pos,
-                                        test_pos, metric_pos, batch_size, progress,
-                                        "counterfactual simulation")
-    return correct.reshape(n, m).mean(axis=1)
+    width, suffix = _das._site_width(model, site)
+    Q = _das._check_basis(_whole_site(model, site) if basis is None else basis, width)
+    if np.ndim(pos) == 2 and test_pos is None:
+        raise ValueError("test_pos: needed when pos gives each base its own positions")
+    if expected.min() < 0 or expected.max() >= model.d_vocab:
+        raise ValueError(f"expected: token id out of range [0, {model.d_vocab})")
+    Pb = _das._positions(pos, bt.shape[1], m, [("base", bm)])
+    Pt = _das._positions(pos if test_pos is None else test_pos, tt.shape[1], n, [("test", tm)],
+                         "pos" if test_pos is None else "test_pos")
+    if Pt.shape[1] != Pb.shape[1]:
+        raise ValueError(f"test_pos: {Pt.shape[1]} positions per test input, pos has {Pb.shape[1]}")
+    batch_size = _das._positive_int(batch_size, "batch_size")
+    base_value = np.asarray(model.run(bt, attention_mask=bm, cache=[site], logits=None).cache[site], np.float32)
+    shape = base_value.shape
+    base_value = base_value.reshape(m, shape[1], width)
+    test_value = _das._site_values(model, site, tt, tm, Pt, batch_size)  # [n, k, width]
+    rows = np.arange(m)[:, None]
+    held = base_value[rows, Pb].astype(np.float64)  # [m, k, width]
+    # tests that expect the same outputs from every base share the metric: one sweep each
+    groups, which = np.unique(expected, axis=0, return_inverse=True)
+    per_test = max(1, (256 << 20) // (4 * base_value.size))  # patch arrays of at most 256 MiB at once
+    correct = np.zeros((n, m))
+    with progress_bar(progress, "counterfactual simulation", "test input", total=n) as bar:
+        for g, answers in enumerate(groups):
+            members = np.flatnonzero(which.reshape(-1) == g)
+            metric = Accuracy(answers, pos=metric_pos)
+            for lo in range(0, len(members), per_test):
+                chunk = members[lo:lo + per_test]
+                patches = []
+                for i in chunk:
+                    value = base_value.copy()  # the bases' own values, the variable's coordinates replaced
+                    value[rows, Pb] = held + ((test_value[i][None] - held) @ Q) @ Q.T
+                    patches.append(Patch(site, value.reshape(shape)))
+                correct[chunk] = sweep(model, bt, patches, metric, attention_mask=bm, per_row=True,
+                                       progress=False)
+                bar.update(len(chunk))
+    return correct.mean(axis=1)
 
 
 def value_probe(model, site, basis, train, train_values, test, test_values, *, pos=-1, test_pos=None,

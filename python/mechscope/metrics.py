@@ -4,7 +4,7 @@ returns a scalar also works where a metric is taken (on a slower path)."""
 import numpy as np
 
 # the core's metric codes
-_LOGIT_DIFF, _LOGPROB, _PROB, _KL = 1, 2, 3, 4
+_LOGIT_DIFF, _LOGPROB, _PROB, _KL, _ACCURACY = 1, 2, 3, 4, 5
 
 
 def _per_row(value, batch, vocab, argument):
@@ -133,6 +133,16 @@ class LogProb(Metric):
 class Prob(LogProb):
     """softmax(logits)[correct] at each row's position."""
     kind = _PROB
+
+
+class Accuracy(LogProb):
+    """1 where the answer is the top token at each row's position (the first of equal
+    logits, as numpy.argmax), else 0: the batch value is the share answered; per row,
+    whether each row is. Not differentiable (``model.grad`` refuses it)."""
+    kind = _ACCURACY
+
+    def __init__(self, answer, pos=None):
+        super().__init__(answer, pos)
 
 
 class KL(Metric):
