@@ -78,7 +78,9 @@ def test_value_probe_is_a_probe_of_the_coordinates(model, basis):
               for x in (train, test)]
     ref = LogisticRegression(max_iter=2000).fit(coords[0], train_values)
     proba = ref.predict_proba(coords[1])
-    np.testing.assert_allclose(scores[:9], proba[np.arange(9), test_values[:9]], atol=1e-6)
+    # lbfgs stops at its tolerance: coordinates that differ in the last float32 bits
+    # (batched runs against one row at a time) move the fit's probabilities by ~1e-5
+    np.testing.assert_allclose(scores[:9], proba[np.arange(9), test_values[:9]], atol=1e-4)
     assert scores[9] == 0.0
     np.testing.assert_array_equal(probe.classes_, [0, 1, 2])
 
