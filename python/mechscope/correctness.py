@@ -66,7 +66,7 @@ def counterfactual_simulation(model, site, basis, test, bases, expected, *, pos=
         raise TypeError("expected: the causal model's output token id for each (test input, base) pair (ints)")
     if expected.shape != (n, m):
         raise ValueError(f"expected: shape [{n}, {m}] (test inputs x bases), got {list(expected.shape)}")
-    width, suffix = _das._site_width(model, site)
+    width, _ = _das._site_width(model, site)
     Q = _das._check_basis(_whole_site(model, site) if basis is None else basis, width)
     if np.ndim(pos) == 2 and test_pos is None:
         raise ValueError("test_pos: needed when pos gives each base its own positions")
