@@ -78,6 +78,8 @@ def counterfactual_simulation(model, site, basis, test, bases, expected, *, pos=
     if Pt.shape[1] != Pb.shape[1]:
         raise ValueError(f"test_pos: {Pt.shape[1]} positions per test input, pos has {Pb.shape[1]}")
     batch_size = _das._positive_int(batch_size, "batch_size")
+    # the bases in one run, as the sweep's own base run: the same bits, so that the patch
+    # entries left at the bases' values are seen as unchanged and cost nothing
     base_value = np.asarray(model.run(bt, attention_mask=bm, cache=[site], logits=None).cache[site], np.float32)
     shape = base_value.shape
     base_value = base_value.reshape(m, shape[1], width)
