@@ -43,16 +43,28 @@ typedef struct {
     int any_pattern_action;
 } grad_sizes;
 
+/* per token and layer: the MLP's taped activations (hook_pre and hook_post), or a
+ * mixture of experts' routing before and after its actions (its experts' activations
+ * are recomputed in the backward pass) */
+static size_t mlp_tape_width(const ms_config *c) {
+    return c->n_experts ? 2 * (size_t)c->n_experts : mlp_width(c) + (size_t)c->d_mlp;
+}
+
+/* per token: a mixture of experts' buffers in the backward pass (see moe_block_backward) */
+static size_t moe_width(const ms_config *c) {
+    return c->n_experts ? 3 * (size_t)c->d_model + (size_t)c->d_mlp + 2 * (size_t)c->n_experts : 0;
+}
+
 static size_t tape_floats(const ms_config *c, grad_sizes s) {
     size_t N = s.N, C = (size_t)c->d_model, Lr = (size_t)c->n_layers;
-    size_t per_layer = N * (4 * C + 2 + qkv_width(c) + q_width(c) + mlp_width(c) + (size_t)c->d_mlp) +
+    size_t per_layer = N * (4 * C + 2 + qkv_width(c) + q_width(c) + mlp_tape_width(c)) +
                        s.att * (s.any_pattern_action ? 2 : 1);
     return Lr * per_layer + N * (2 * C + 1);
 }
 
 static size_t backward_floats(const ms_config *c, grad_sizes s) {
     size_t N = s.N, C = (size_t)c->d_model, ch = (size_t)head_chunk(c);
-    return N * (6 * C + qkv_width(c) + q_width(c) + (size_t)c->d_mlp + mlp_width(c) + 1 + 2) + s.att +
+    return N * (6 * C + qkv_width(c) + q_width(c) + (size_t)c->d_mlp + mlp_width(c) + 1 + 2 + moe_width(c)) + s.att +
            s.max_keys * (size_t)c->rotary_dim + ch * (2 * C + (size_t)c->d_vocab) + 64;
 }
 
@@ -101,6 +113,10 @@ typedef struct {
     float *dpost;  /* [N, F] */
     float *dpre;   /* [N, MW] */
     float *dscale; /* [N] */
+    /* mixtures of experts: one expert's tokens' inputs, their weighted output gradients,
+     * their outputs (then input gradients), the gradient of the hidden activations;
+     * every token's routing weights and their gradients */
+    float *moe_x, *moe_dy, *moe_o, *moe_dh, *moe_w, *moe_dw;
     float *datt;   /* [att] one layer's attention gradients */
     float *rope;   /* [max_keys, rotary_dim] */
     float *head_x, *head_y, *head_dx; /* [chunk, C], [chunk, V], [chunk, C] */
@@ -495,6 +511,96 @@ static void mlp_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     }
 }
 
+/* expert e's part of a stacked matrix (or of its gradient): offset numbers on */
+static ms_linear_weight expert_part(const ms_linear_weight *w, size_t offset) {
+    ms_linear_weight x = *w;
+    x.w += offset;
+    return x;
+}
+
+static float *grad_part(float *g, size_t offset) { return g ? g + offset : NULL; }
+
+/* A mixture of experts' backward, the gradient of hook_mlp_out -> dln (of ln2's
+ * output). Forward: p = softmax(x Wr) (hook_expert_weights, then its actions: q),
+ * w = q renormalised over each token's chosen experts, y = sum over them of
+ * w_e f_e(x), f_e a gated MLP. Each expert's activations are recomputed here from x:
+ *   dw_e = dy . f_e(x);  f_e's backward from w_e dy (its weights' gradients, dx);
+ *   dq_e = (dw_e - sum_j dw_j w_j) / S for the chosen e (S their q's sum), else 0
+ *   (which experts are chosen does not change under a small change of q);
+ *   dp = the actions taken back; d(x Wr) = p * (dp - p . dp). */
+static void moe_block_backward(bwd *b, int l, const ms_block_grad *wg) {
+    const ms_config *c = &b->m->cfg;
+    const ms_block *w = &b->m->blocks[l];
+    ms_tape *t = b->t;
+    int N = b->N, C = c->d_model, F = c->d_mlp, E = c->n_experts, K = c->experts_per_token;
+    size_t at = (size_t)l * b->L->N;
+    const float *q = t->route + at * E, *p = t->route_raw + at * E;
+    float *dy = output_grad(b, MS_SITE_MLP_OUT, l);
+    token_site(b, MS_SITE_MLP_OUT, l, dy, C);
+    const float *x = norm_output(b, t->ln2 + at * C, w->ln2_w, w->ln2_b, b->tmp);
+    for (int i = 0; i < N; i++) ms_expert_weights(b->moe_w + (size_t)i * E, q + (size_t)i * E, E, K);
+    ms_zero(b->moe_dw, (size_t)N * E, b->n_threads);
+    ms_zero(b->dln, (size_t)N * C, b->n_threads);
+    for (int e = 0; e < E; e++) {
+        int n = 0;
+        for (int i = 0; i < N; i++) {
+            float we = b->moe_w[(size_t)i * E + e];
+            if (we == 0.0f) continue; /* as the forward: the expert did not run for this token */
+            memcpy(b->moe_x + (size_t)n * C, x + (size_t)i * C, sizeof(float) * C);
+            for (int j = 0; j < C; j++) b->moe_dy[(size_t)n * C + j] = we * dy[(size_t)i * C + j];
+            n++;
+        }
+        if (!n) continue;
+        ms_linear_weight gate = expert_part(&w->mlp_gate, (size_t)e * w->expert_in_stride);
+        ms_linear_weight up = expert_part(&w->mlp_in, (size_t)e * w->expert_in_stride);
+        ms_linear_weight down = expert_part(&w->mlp_out, (size_t)e * w->expert_out_stride);
+        /* the expert's forward again: gate | up in dpre, the hidden activations in dpost */
+        ms_linear(b->dpre, 2 * F, b->moe_x, C, &gate, n, C, F, b->n_threads);
+        ms_linear(b->dpre + F, 2 * F, b->moe_x, C, &up, n, C, F, b->n_threads);
+        ms_gated_activation(b->dpost, F, b->dpre, 2 * F, n, F, c->activation, b->n_threads);
+        ms_linear(b->moe_o, C, b->dpost, F, &down, n, F, C, b->n_threads);
+        for (int i = 0, k = 0; i < N; i++) {
+            if (b->moe_w[(size_t)i * E + e] == 0.0f) continue;
+            b->moe_dw[(size_t)i * E + e] = (float)ms_dot_f64(dy + (size_t)i * C, b->moe_o + (size_t)k++ * C, C);
+        }
+        /* its backward from w_e dy */
+        size_t in_at = (size_t)e * w->expert_in_stride, out_at = (size_t)e * w->expert_out_stride;
+        ms_linear_backward(b->moe_dh, F, 0, wg ? grad_part(wg->mlp_out.w, out_at) : NULL, NULL, b->dpost, F,
+                           b->moe_dy, C, &down, n, F, C, b->n_threads);
+        ms_gated_backward(b->dpre, 2 * F, b->moe_dh, F, b->dpre, n, F, c->activation, b->n_threads);
+        ms_linear_backward(b->moe_o, C, 0, wg ? grad_part(wg->mlp_gate.w, in_at) : NULL, NULL, b->moe_x, C, b->dpre,
+                           2 * F, &gate, n, C, F, b->n_threads);
+        ms_linear_backward(b->moe_o, C, 1, wg ? grad_part(wg->mlp_in.w, in_at) : NULL, NULL, b->moe_x, C,
+                           b->dpre + F, 2 * F, &up, n, C, F, b->n_threads);
+        for (int i = 0, k = 0; i < N; i++) {
+            if (b->moe_w[(size_t)i * E + e] == 0.0f) continue;
+            float *dst = b->dln + (size_t)i * C;
+            const float *src = b->moe_o + (size_t)k++ * C;
+            for (int j = 0; j < C; j++) dst[j] += src[j];
+        }
+    }
+    /* the renormalisation, in place: moe_dw becomes dq */
+    for (int i = 0; i < N; i++) {
+        const float *qi = q + (size_t)i * E, *wi = b->moe_w + (size_t)i * E;
+        float *g = b->moe_dw + (size_t)i * E, sum = 0.0f, dot = 0.0f;
+        for (int e = 0; e < E; e++) {
+            if (ms_expert_rank(qi, E, e) < K) sum += qi[e];
+            dot += g[e] * wi[e];
+        }
+        for (int e = 0; e < E; e++) g[e] = wi[e] != 0.0f ? (g[e] - dot) / sum : 0.0f;
+    }
+    token_site(b, MS_SITE_EXPERT_WEIGHTS, l, b->moe_dw, E);
+    /* the softmax, in place: dp becomes the gradient of the router's logits */
+    for (int i = 0; i < N; i++) {
+        const float *pi = p + (size_t)i * E;
+        float *g = b->moe_dw + (size_t)i * E;
+        float dot = (float)ms_dot_f64(pi, g, E);
+        for (int e = 0; e < E; e++) g[e] = pi[e] * (g[e] - dot);
+    }
+    ms_linear_backward(b->dln, C, 1, wg ? wg->router.w : NULL, NULL, x, C, b->moe_dw, E, &w->router, N, C, E,
+                       b->n_threads);
+}
+
 /* dres: the gradient of hook_resid_post of block l -> of its hook_resid_pre */
 static void block_backward(bwd *b, int l) {
     const ms_config *c = &b->m->cfg;
@@ -506,7 +612,8 @@ static void block_backward(bwd *b, int l) {
     const float *x0 = t->resid_pre + at * C;
     token_site(b, MS_SITE_RESID_POST, l, b->dres, C);
     /* the MLP: its output adds to the stream */
-    mlp_block_backward(b, l, wg);
+    if (c->n_experts) moe_block_backward(b, l, wg);
+    else mlp_block_backward(b, l, wg);
     const float *x_mlp = c->parallel ? x0 : t->resid_mid + at * C;
     if (c->parallel) ms_zero(b->dpar, NC, b->n_threads);
     /* parallel blocks: ln2's input gradient waits in dpar, as resid_post's gradient
@@ -795,7 +902,7 @@ static int has_half_weights(const ms_model *m) {
     for (int l = 0; l < m->cfg.n_layers; l++) {
         const ms_block *b = &m->blocks[l];
         if (b->q.dtype || b->k.dtype || b->v.dtype || b->o.dtype || b->mlp_in.dtype || b->mlp_out.dtype ||
-            (m->cfg.gated_mlp && b->mlp_gate.dtype))
+            (m->cfg.gated_mlp && b->mlp_gate.dtype) || (m->cfg.n_experts && b->router.dtype))
             return 1;
     }
     return 0;
@@ -841,8 +948,13 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     CARVE(t.resid_mid, Lr * N * C);
     CARVE(t.ln2_scale, Lr * N);
     CARVE(t.ln2, Lr * N * C);
-    CARVE(t.mlp_pre, Lr * N * mlp_width(c));
-    CARVE(t.mlp_post, Lr * N * F);
+    if (c->n_experts) {
+        CARVE(t.route_raw, Lr * N * (size_t)c->n_experts);
+        CARVE(t.route, Lr * N * (size_t)c->n_experts);
+    } else {
+        CARVE(t.mlp_pre, Lr * N * mlp_width(c));
+        CARVE(t.mlp_post, Lr * N * F);
+    }
     CARVE(t.resid_final, N * C);
     CARVE(t.lnf_scale, N);
     CARVE(t.lnf, N * C);
@@ -857,6 +969,14 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     CARVE(b.dpost, N * F);
     CARVE(b.dpre, N * mlp_width(c));
     CARVE(b.dscale, N);
+    if (c->n_experts) {
+        CARVE(b.moe_x, N * C);
+        CARVE(b.moe_dy, N * C);
+        CARVE(b.moe_o, N * C);
+        CARVE(b.moe_dh, N * F);
+        CARVE(b.moe_w, N * (size_t)c->n_experts);
+        CARVE(b.moe_dw, N * (size_t)c->n_experts);
+    }
     CARVE(b.datt, s.att);
     CARVE(b.rope, s.max_keys * (size_t)c->rotary_dim);
     size_t ch = (size_t)head_chunk(c);

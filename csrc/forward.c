@@ -29,6 +29,9 @@ typedef struct {
     float *tmp_a;   /* [N, C]   embed, then attn_out */
     float *tmp_b;   /* [N, C]   pos_embed, then mlp_out */
     float *mlp;     /* [N, F] mlp pre, then post; gated: [N, 2F] gate (then post) | up */
+    float *route;   /* [N, E] the router's softmax (mixtures of experts; else these three are empty) */
+    float *gather;  /* [N, C] one expert's tokens, then its output */
+    float *gate_w;  /* [N]    their weights */
     float *rope;    /* [max_keys, rotary_dim] cos | sin of each position, rotary models */
     float *out_x;   /* [n_out_rows, C] final-normed rows whose logits are needed */
     float *out_y;   /* [n_out_rows, V] their logits, when a metric needs the whole row */
@@ -65,6 +68,10 @@ static size_t q_width(const ms_config *c) { return (size_t)c->n_heads * c->d_hea
 static size_t kv_width(const ms_config *c) { return (size_t)c->n_kv_heads * c->d_head; }
 static size_t qkv_width(const ms_config *c) { return q_width(c) + 2 * kv_width(c); }
 static size_t mlp_width(const ms_config *c) { return (size_t)c->d_mlp * (c->gated_mlp ? 2 : 1); }
+/* per token: route, gather and gate_w */
+static size_t expert_width(const ms_config *c) {
+    return c->n_experts ? (size_t)c->n_experts + (size_t)c->d_model + 1 : 0;
+}
 
 /* 1 when some action is at the scores or the pattern, of any layer: the run then
  * stores them */
@@ -117,7 +124,7 @@ static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p, int taped) {
 
 static size_t buffer_floats(const ms_config *c, ms_sizes s) {
     size_t C = (size_t)c->d_model;
-    return s.N * (C * 4 + 1 + qkv_width(c) + q_width(c) + mlp_width(c)) + s.att + s.scratch + s.rope +
+    return s.N * (C * 4 + 1 + qkv_width(c) + q_width(c) + mlp_width(c) + expert_width(c)) + s.att + s.scratch + s.rope +
            s.out_rows * C + s.out_full;
 }
 
@@ -233,7 +240,10 @@ static void carve_buffers(ms_buffers *b, float *base, const ms_config *c, ms_siz
     b->tmp_a = b->z + n * q_width(c);
     b->tmp_b = b->tmp_a + n * C;
     b->mlp = b->tmp_b + n * C;
-    b->rope = b->mlp + n * mlp_width(c);
+    b->route = b->mlp + n * mlp_width(c);
+    b->gather = b->route + (c->n_experts ? n * c->n_experts : 0);
+    b->gate_w = b->gather + (c->n_experts ? n * C : 0);
+    b->rope = b->route + n * expert_width(c);
     b->out_x = b->rope + s.rope;
     b->out_y = b->out_x + s.out_rows * C;
 }
@@ -595,12 +605,74 @@ static void qkv_forward(const ms_layout *L, ms_buffers *b, const ms_block *w, in
     ms_linear(b->qkv + QD + KD, QW, b->ln, C, &w->v, N, C, KD, L->n_threads);
 }
 
+/* expert e's part of a stacked expert matrix: `offset` numbers further on */
+static ms_linear_weight expert_part(const ms_linear_weight *w, size_t offset) {
+    ms_linear_weight x = *w;
+    if (x.w) x.w += offset;
+    if (x.w16) x.w16 += offset;
+    return x;
+}
+
+/* A mixture of experts on ln's rows (Mixtral's sparse MLP), into tmp_b:
+ *   route[N, E] = softmax(ln @ router)                        (hook_expert_weights)
+ *   tmp_b[t] = sum over the token's k chosen experts e of w[t, e] * expert_e(ln[t])
+ * each expert a gated MLP run on its own tokens only, the experts in order. */
+static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w, int l, int N,
+                           ms_error *err) {
+    const ms_config *c = &L->m->cfg;
+    int C = c->d_model, F = c->d_mlp, E = c->n_experts, K = c->experts_per_token;
+    ms_status st;
+    ms_linear(b->route, E, b->ln, C, &w->router, N, C, E, L->n_threads);
+    for (int t = 0; t < N; t++) ms_softmax(b->route + (size_t)t * E, E);
+    if (L->tape) tape_copy(L, L->tape->route_raw, l, b->route, (size_t)E);
+    if ((st = ms_visit_tokens(L, MS_SITE_EXPERT_WEIGHTS, l, b->route, E, err))) return st;
+    if (L->tape) tape_copy(L, L->tape->route, l, b->route, (size_t)E);
+    /* visited: the probabilities become the weights, in place (row by row) */
+    for (int t = 0; t < N; t++) {
+        float *row = b->route + (size_t)t * E;
+        memcpy(b->gather, row, sizeof(float) * E); /* gather is free until the first expert */
+        ms_expert_weights(row, b->gather, E, K);
+    }
+    ms_zero(b->tmp_b, (size_t)N * C, L->n_threads);
+    for (int e = 0; e < E; e++) {
+        int n = 0;
+        for (int t = 0; t < N; t++) {
+            float wt = b->route[(size_t)t * E + e];
+            if (wt == 0.0f) continue;
+            memcpy(b->gather + (size_t)n * C, b->ln + (size_t)t * C, sizeof(float) * C);
+            b->gate_w[n++] = wt;
+        }
+        if (!n) continue;
+        ms_linear_weight gate = expert_part(&w->mlp_gate, (size_t)e * w->expert_in_stride);
+        ms_linear_weight up = expert_part(&w->mlp_in, (size_t)e * w->expert_in_stride);
+        ms_linear_weight down = expert_part(&w->mlp_out, (size_t)e * w->expert_out_stride);
+        if (fused(&gate, &up, (size_t)F)) {
+            ms_linear(b->mlp, 2 * F, b->gather, C, &gate, n, C, 2 * F, L->n_threads);
+        } else {
+            ms_linear(b->mlp, 2 * F, b->gather, C, &gate, n, C, F, L->n_threads);
+            ms_linear(b->mlp + F, 2 * F, b->gather, C, &up, n, C, F, L->n_threads);
+        }
+        ms_gated_activation(b->mlp, 2 * F, b->mlp, 2 * F, n, F, c->activation, L->n_threads);
+        ms_linear(b->gather, C, b->mlp, 2 * F, &down, n, F, C, L->n_threads);
+        /* the same tokens in the same order: row i of gather is the i-th routed token */
+        for (int t = 0, i = 0; t < N; t++) {
+            if (b->route[(size_t)t * E + e] == 0.0f) continue;
+            float *out = b->tmp_b + (size_t)t * C;
+            const float *y = b->gather + (size_t)i * C;
+            float wt = b->gate_w[i++];
+            for (int j = 0; j < C; j++) out[j] += y[j] * wt;
+        }
+    }
+    return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
+}
+
 /* the MLP on ln's rows, from hook_pre to hook_mlp_out (in tmp_b) */
 static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w, int l, int N,
                            ms_error *err) {
     const ms_config *c = &L->m->cfg;
     int C = c->d_model, F = c->d_mlp, MW = (int)mlp_width(c);
     ms_status st;
+    if (c->n_experts) return moe_sites(L, b, w, l, N, err);
     /* A gradient run with every row computes hook_pre (gated: gate | up) in the tape's
      * slab and the activation from it into hook_post's slab, which then need no copy;
      * any other run computes both in b->mlp, hook_post over hook_pre. */

@@ -1258,3 +1258,27 @@ void ms_widen(float *dst, const uint16_t *src, size_t n, ms_dtype dtype) {
 #endif
     widen_f16_loops(dst, src, n);
 }
+
+/* ---- mixtures of experts ---------------------------------------------------------- */
+
+/* place of expert e among the E probabilities p: how many come before it (a higher
+ * probability, or an equal one of a lower index, as a stable descending sort) */
+int ms_expert_rank(const float *p, int E, int e) {
+    int rank = 0;
+    for (int j = 0; j < E; j++) rank += p[j] > p[e] || (p[j] == p[e] && j < e);
+    return rank;
+}
+
+/* w[E] <- each expert's weight for one token: its probability p[e] over the sum of
+ * the k most probable experts' (summed from the most probable down), 0 for the
+ * others; all 0 when that sum is 0 (an intervention routed the token nowhere) */
+void ms_expert_weights(float *w, const float *p, int E, int k) {
+    for (int e = 0; e < E; e++) {
+        int rank = ms_expert_rank(p, E, e);
+        if (rank < k) w[rank] = p[e]; /* w[0..k) <- the chosen, most probable first */
+    }
+    float sum = 0.0f;
+    for (int r = 0; r < k; r++) sum += w[r];
+    for (int e = 0; e < E; e++)
+        w[e] = ms_expert_rank(p, E, e) < k && sum != 0.0f ? p[e] / sum : 0.0f;
+}

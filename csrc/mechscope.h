@@ -62,6 +62,9 @@ typedef struct {
                                         dims of each q/k head are rotated (half-split, as HF) */
     int scale_attn_weights;          /* divide scores by sqrt(d_head) */
     int scale_attn_by_inverse_layer; /* also divide scores by (layer + 1) */
+    int n_experts;                   /* 0: one MLP; else a mixture of experts (Mixtral): a router
+                                        picks experts_per_token of n_experts gated MLPs per token */
+    int experts_per_token;
 } ms_config;
 
 /* How a weight matrix is stored: float32, or two bytes per number (bfloat16, the top
@@ -90,6 +93,11 @@ typedef struct {
     ms_linear_weight mlp_in;     /* d_model -> d_mlp (the "up" projection when gated) */
     ms_linear_weight mlp_gate;   /* d_model -> d_mlp, gated MLPs only */
     ms_linear_weight mlp_out;    /* d_mlp -> d_model */
+    /* mixture of experts (cfg.n_experts > 0): mlp_gate, mlp_in and mlp_out are expert 0's;
+     * expert e's are e * expert_in_stride (gate and up) and e * expert_out_stride numbers
+     * further into the same arrays */
+    ms_linear_weight router;     /* d_model -> n_experts */
+    size_t expert_in_stride, expert_out_stride;
 } ms_block;
 
 /* A run's working memory kept for the next run of the same model: large runs
@@ -140,6 +148,7 @@ typedef enum {
     MS_SITE_RESID_MID,
     MS_SITE_LN2_SCALE,
     MS_SITE_LN2_NORMALIZED,
+    MS_SITE_EXPERT_WEIGHTS, /* mlp.hook_expert_weights [b, p, n_experts] the router's softmax (mixtures of experts) */
     MS_SITE_MLP_PRE,        /* mlp.hook_pre        [b, p, d_mlp] (the gate, when gated) */
     MS_SITE_MLP_PRE_LINEAR, /* mlp.hook_pre_linear [b, p, d_mlp] the up projection (gated) */
     MS_SITE_MLP_POST,
@@ -154,7 +163,8 @@ typedef enum {
 int ms_site_width(const ms_config *cfg, ms_site site);
 /* 1 when the model's architecture has this site (hook_pos_embed only with learned
  * positions, hook_rot_* only with rotary, hook_pre_linear only gated, hook_resid_mid
- * only sequential blocks). */
+ * only sequential blocks; a mixture of experts has hook_expert_weights instead of
+ * hook_pre, hook_pre_linear and hook_post, which would hold each expert's own tokens). */
 int ms_site_exists(const ms_config *cfg, ms_site site);
 /* 1 for sites that exist once per block, 0 for the embedding and final sites. */
 int ms_site_per_layer(ms_site site);
@@ -368,7 +378,8 @@ typedef struct {
     float *ln1_w, *ln1_b;
     ms_linear_grad q, k, v, o;
     float *ln2_w, *ln2_b;
-    ms_linear_grad mlp_in, mlp_gate, mlp_out;
+    ms_linear_grad mlp_in, mlp_gate, mlp_out; /* mixtures of experts: every expert's, as the weights */
+    ms_linear_grad router;
 } ms_block_grad;
 
 typedef struct {

@@ -75,6 +75,27 @@ static ms_status check_linear(const ms_linear_weight *w, size_t n_in, size_t n_o
     return MS_OK;
 }
 
+/* a mixture of experts' router and every expert's three matrices */
+static ms_status check_experts(const ms_block *b, const ms_config *c, int layer, ms_error *err) {
+    size_t C = (size_t)c->d_model, F = (size_t)c->d_mlp;
+    ms_status st;
+    char name[64];
+    if ((st = check_linear(&b->router, C, (size_t)c->n_experts, "mlp.router", layer, err))) return st;
+    for (int e = 0; e < c->n_experts; e++) {
+        const ms_linear_weight *parts[3] = {&b->mlp_gate, &b->mlp_in, &b->mlp_out};
+        const char *names[3] = {"gate", "in", "out"};
+        for (int i = 0; i < 3; i++) {
+            ms_linear_weight w = *parts[i];
+            size_t offset = (size_t)e * (i < 2 ? b->expert_in_stride : b->expert_out_stride);
+            if (w.w) w.w += offset;
+            if (w.w16) w.w16 += offset;
+            snprintf(name, sizeof name, "mlp.experts.%d.%s", e, names[i]);
+            if ((st = check_linear(&w, i < 2 ? C : F, i < 2 ? F : C, name, layer, err))) return st;
+        }
+    }
+    return MS_OK;
+}
+
 ms_status ms_model_check(const ms_model *m, ms_error *err) {
     const ms_config *c = &m->cfg;
     if (c->n_layers < 1 || c->d_model < 1 || c->n_heads < 1 || c->d_mlp < 1 || c->d_vocab < 1 ||
@@ -90,6 +111,9 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
     if (c->rotary_dim < 0 || c->rotary_dim % 2 || c->rotary_dim > c->d_head)
         FAIL("config: rotary_dim %d must be even and within [0, d_head=%d]", c->rotary_dim, c->d_head);
     if (!(c->ln_eps >= 0.0f)) FAIL("config: layer_norm_epsilon must be >= 0");
+    if (c->n_experts < 0 || (c->n_experts && (c->experts_per_token < 1 || c->experts_per_token > c->n_experts)))
+        FAIL("config: experts_per_token (%d) must be within [1, n_experts=%d]", c->experts_per_token, c->n_experts);
+    if (c->n_experts && !c->gated_mlp) FAIL("config: a mixture of experts needs gated MLPs");
     if (!m->blocks) FAIL("weights: no blocks");
 
     size_t C = (size_t)c->d_model, F = (size_t)c->d_mlp, V = (size_t)c->d_vocab;
@@ -123,6 +147,10 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
         CHECK_LIN(b->o, QD, C, "attn.o", l);
         CHECK(b->ln2_w, C, "ln2.w", l);
         CHECK_OPT(b->ln2_b, C, "ln2.b", l);
+        if (c->n_experts) {
+            if ((st = check_experts(b, c, l, err))) return st;
+            continue;
+        }
         CHECK_LIN(b->mlp_in, C, F, "mlp.in", l);
         if (c->gated_mlp) CHECK_LIN(b->mlp_gate, C, F, "mlp.gate", l);
         CHECK_LIN(b->mlp_out, F, C, "mlp.out", l);

@@ -22,6 +22,8 @@ int ms_site_width(const ms_config *c, ms_site s) {
     case MS_SITE_MLP_PRE_LINEAR:
     case MS_SITE_MLP_POST:
         return c->d_mlp;
+    case MS_SITE_EXPERT_WEIGHTS:
+        return c->n_experts;
     case MS_SITE_Q:
     case MS_SITE_ROT_Q:
     case MS_SITE_Z:
@@ -46,7 +48,12 @@ int ms_site_exists(const ms_config *c, ms_site s) {
     case MS_SITE_ROT_K:
         return c->rotary_dim > 0;
     case MS_SITE_MLP_PRE_LINEAR:
-        return c->gated_mlp;
+        return c->gated_mlp && !c->n_experts;
+    case MS_SITE_MLP_PRE:
+    case MS_SITE_MLP_POST:
+        return !c->n_experts;
+    case MS_SITE_EXPERT_WEIGHTS:
+        return c->n_experts > 0;
     case MS_SITE_RESID_MID:
         return !c->parallel;
     default:

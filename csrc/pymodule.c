@@ -140,6 +140,13 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         config_int(config, "scale_attn_by_inverse_layer", &c.scale_attn_by_inverse_layer) ||
         config_int(config, "linear_trans", &trans))
         return -1;
+    if (PyDict_GetItemString(config, "n_experts") &&
+        (config_int(config, "n_experts", &c.n_experts) || config_int(config, "experts_per_token", &c.experts_per_token)))
+        return -1;
+    if (c.n_experts < 0 || c.n_experts > 100000 || (c.n_experts && !c.gated_mlp)) {
+        PyErr_SetString(PyExc_ValueError, "config: n_experts must be within [0, 100000], and experts gated MLPs");
+        return -1;
+    }
     if (c.n_layers < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.d_model < 1 || c.d_head < 1 ||
         c.d_mlp < 1 || c.d_vocab < 1 || c.n_ctx < 1 || c.n_layers > 100000 || c.rotary_dim < 0 ||
         c.n_heads % c.n_kv_heads) {
@@ -160,6 +167,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     size_t C = (size_t)c.d_model, F = (size_t)c.d_mlp, V = (size_t)c.d_vocab;
     size_t QD = (size_t)c.n_heads * c.d_head, KD = (size_t)c.n_kv_heads * c.d_head, QW = QD + 2 * KD;
     size_t FW = F * (c.gated_mlp ? 2 : 1);
+    size_t E = c.n_experts ? (size_t)c.n_experts : 1; /* a mixture's matrices: E experts' stacked */
     ms_model *m = &self->model;
     ms_workspace_free(m->workspace); /* __init__ may run twice */
     ms_workspace_free(m->grad_workspace);
@@ -204,10 +212,17 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         TAKE_OPT(b->o.b, NAME("attn.b_o"), C);
         TAKE(b->ln2_w, NAME("ln2.w"), C);
         TAKE_OPT(b->ln2_b, NAME("ln2.b"), C);
-        TAKE_MATRIX(win, hin, din, NAME("mlp.w_in"), C * FW);
-        TAKE_OPT(bin, NAME("mlp.b_in"), FW);
-        TAKE_MATRIX(b->mlp_out.w, b->mlp_out.w16, b->mlp_out.dtype, NAME("mlp.w_out"), F * C);
-        TAKE_OPT(b->mlp_out.b, NAME("mlp.b_out"), C);
+        TAKE_MATRIX(win, hin, din, NAME("mlp.w_in"), E * C * FW);
+        if (!c.n_experts) TAKE_OPT(bin, NAME("mlp.b_in"), FW);
+        TAKE_MATRIX(b->mlp_out.w, b->mlp_out.w16, b->mlp_out.dtype, NAME("mlp.w_out"), E * F * C);
+        if (c.n_experts) {
+            TAKE_MATRIX(b->router.w, b->router.w16, b->router.dtype, NAME("mlp.w_router"), C * E);
+            b->router.ld = trans ? (int)C : (int)E;
+            b->router.trans = trans;
+            b->expert_in_stride = C * FW;
+            b->expert_out_stride = F * C;
+        }
+        if (!c.n_experts) TAKE_OPT(b->mlp_out.b, NAME("mlp.b_out"), C);
 #undef NAME
         /* column blocks of the fused matrices: a column offset in [in, out], a row
          * offset in [out, in] */
@@ -949,13 +964,15 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         g->ln2_w = grad_array(grads, NAME("ln2.w"), C, &bad);
         if (b->ln2_b) g->ln2_b = grad_array(grads, NAME("ln2.b"), C, &bad);
         const ms_linear_weight *first = c->gated_mlp ? &b->mlp_gate : &b->mlp_in;
-        float *win = grad_array(grads, NAME("mlp.w_in"), C * FW, &bad);
+        size_t E = c->n_experts ? (size_t)c->n_experts : 1; /* a mixture's experts are stacked */
+        if (c->n_experts) g->router.w = grad_array(grads, NAME("mlp.w_router"), C * E, &bad);
+        float *win = grad_array(grads, NAME("mlp.w_in"), E * C * FW, &bad);
         float *bin = first->b ? grad_array(grads, NAME("mlp.b_in"), FW, &bad) : NULL;
         g->mlp_in = (ms_linear_grad){same_offset(win, b->mlp_in.w, first->w), same_offset(bin, b->mlp_in.b, first->b)};
         if (c->gated_mlp)
             g->mlp_gate = (ms_linear_grad){same_offset(win, b->mlp_gate.w, first->w),
                                            same_offset(bin, b->mlp_gate.b, first->b)};
-        g->mlp_out.w = grad_array(grads, NAME("mlp.w_out"), F * C, &bad);
+        g->mlp_out.w = grad_array(grads, NAME("mlp.w_out"), E * F * C, &bad);
         if (b->mlp_out.b) g->mlp_out.b = grad_array(grads, NAME("mlp.b_out"), C, &bad);
 #undef NAME
     }
@@ -1256,7 +1273,7 @@ static int module_exec(PyObject *m) {
         "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
         "attn.hook_attn_scores", "attn.hook_pattern",
         "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
-        "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale",
+        "mlp.hook_expert_weights", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale",
         "ln_final.hook_normalized"};
     PyObject *names = PyTuple_New(MS_N_SITES);
     if (!names) return -1;

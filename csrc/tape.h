@@ -22,7 +22,9 @@ typedef struct ms_tape {
     float *ln2_scale;    /* [L][N] */
     float *ln2;          /* [L][N, C] */
     float *mlp_pre;      /* [L][N, MW] hook_pre (gated: gate | up) after their actions */
-    float *mlp_post;     /* [L][N, F]  hook_post after its actions */
+    float *mlp_post;     /* [L][N, F]  hook_post after its actions (not for mixtures of experts) */
+    float *route_raw;    /* [L][N, E]  mixtures of experts: the router's softmax, before the actions */
+    float *route;        /* [L][N, E]  hook_expert_weights after them */
     float *resid_final;  /* [N, C]     input of ln_final */
     float *lnf_scale;    /* [N] */
     float *lnf;          /* [N, C]     ln_final.hook_normalized after its actions */

@@ -40,7 +40,8 @@ CONFIGS = {
 }
 
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+            "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):

@@ -272,3 +272,20 @@ def test_bad_input_before_work(demo, prompts, tmp_path):
     # overwrite=True replaces the other extraction
     acts = ms.extract(demo, prompts[:5], "blocks.0.hook_resid_pre", out=tmp_path / "a", overwrite=True)
     assert acts.sites == ["blocks.0.hook_resid_pre"]
+
+
+def test_sites_of_other_architectures():
+    """extract takes the sites of the model's own architecture: a rotary model's rotated
+    queries, a mixture of experts' routing; and refuses what it lacks by name."""
+    import mechscope as ms
+    from test_architectures import CONFIGS
+    from test_experts import MIXTRAL
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    for family, kw, site in (("llama", CONFIGS["llama_gqa3"][1], "blocks.1.attn.hook_rot_q"),
+                             ("mixtral", MIXTRAL[1], "blocks.2.mlp.hook_expert_weights")):
+        model = ms.Model.from_config(dict(model_type=family, **kw), seed=1)
+        got = ms.extract(model, prompts, site, positions="all")[site]
+        want = np.concatenate([model.run([p], cache=site).cache[site][0] for p in prompts])
+        np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
+            ms.extract(model, prompts, "hook_pos_embed")

@@ -39,6 +39,7 @@ from . import lens  # noqa: E402  (ms.lens.logit_lens, ms.lens.logit_attribution
 from . import heads  # noqa: E402  (ms.heads.detect, ms.heads.repeated_tokens)
 from . import steering  # noqa: E402  (ms.steering.vector, ms.steering.sweep)
 from . import correctness  # noqa: E402  (ms.correctness.counterfactual_simulation, ...)
+from . import experts  # noqa: E402  (ms.experts.routing, ms.experts.ablate, ms.experts.interaction)
 
 __version__ = "0.1.0"
 

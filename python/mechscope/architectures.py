@@ -5,8 +5,8 @@ read both ways).
 
 Families: GPT-2 (LayerNorm, learned positions, Conv1D weights), Llama / Mistral /
 SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
-biases) and GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and
-MLP). Anything in a config that would change the computation in a way the core
+biases), Mixtral (Mistral's block with a mixture of SwiGLU experts in place of the
+MLP) and GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
 does not run is refused by name.
 """
 import math
@@ -23,7 +23,7 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
 
 _GPT2_DEFAULTS = {
@@ -46,7 +46,7 @@ _NEOX_DEFAULTS = {
     "rope_scaling": None, "attention_bias": True, "tie_word_embeddings": False,
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-            "Qwen2ForCausalLM": "qwen2", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral", "GPTNeoXForCausalLM": "gpt_neox"}
 
 
 def _positive_int(cfg, key):
@@ -165,6 +165,8 @@ def _llama(config, family):
     cfg = dict(_LLAMA_DEFAULTS)
     if family == "qwen2":
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
+    if family == "mixtral":
+        cfg.update(num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5)
     cfg.update(config)
     cfg["model_type"] = family
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -184,7 +186,7 @@ def _llama(config, family):
     if family == "qwen2" and cfg.get("use_sliding_window"):
         raise ValueError("config: use_sliding_window=True is not supported (Qwen2 sliding-window attention)")
     n_ctx = cfg["max_position_embeddings"]
-    if family == "mistral" and cfg.get("sliding_window"):
+    if family in ("mistral", "mixtral") and cfg.get("sliding_window"):
         # within the window, sliding-window attention is ordinary causal attention
         n_ctx = min(n_ctx, int(cfg["sliding_window"]))
     theta = _number(cfg, "rope_theta", 1e-9)
@@ -196,7 +198,15 @@ def _llama(config, family):
                 tied=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
-                mlp_bias=bool(cfg.get("mlp_bias", False)))
+                mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0)
+    if family == "mixtral":
+        # router_jitter_noise and the auxiliary loss act in training only; mechscope runs
+        # the model as HuggingFace evaluates it
+        arch["n_experts"] = _positive_int(cfg, "num_local_experts")
+        arch["experts_per_token"] = _positive_int(cfg, "num_experts_per_tok")
+        if arch["experts_per_token"] > arch["n_experts"]:
+            raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
+                             f"num_local_experts ({arch['n_experts']})")
     arch["rope_inv_freq"] = rope_inv_freq(theta, d_head, cfg.get("rope_scaling"), n_ctx)
     return cfg, arch
 
@@ -322,7 +332,16 @@ _NEOX_WEIGHTS = Family(
     head=(_same("unembed", "embed_out.weight", "V C", "untied"),
           Pair("unembed", TIED, (("embed_in.weight", "V C"),), "tied")))
 
-_WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES}}
+# Mixtral: Llama's attention; in place of the MLP a router and experts, whose matrices
+# are stacked expert after expert ("{e}" stands for each expert's index)
+_MIXTRAL_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(p for p in _LLAMA_WEIGHTS.blocks if p.core.startswith(("ln", "attn."))) + (
+    _same("mlp.w_router", "block_sparse_moe.gate.weight", "E C"),
+    Pair("mlp.w_in", STACK, (("block_sparse_moe.experts.{e}.w1.weight", "F C"),
+                             ("block_sparse_moe.experts.{e}.w3.weight", "F C"))),
+    Pair("mlp.w_out", STACK, (("block_sparse_moe.experts.{e}.w2.weight", "C F"),))))
+
+_WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
+            "mixtral": _MIXTRAL_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -352,11 +371,16 @@ def _pairs(arch):
     flags = dict(arch, untied=not arch["tied"])
     QD, KD = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"]
     dims = {"C": arch["d_model"], "3C": 3 * arch["d_model"], "V": arch["d_vocab"], "P": arch["n_ctx"],
-            "F": arch["d_mlp"], "QD": QD, "KD": KD}
+            "F": arch["d_mlp"], "QD": QD, "KD": KD, "E": arch.get("n_experts", 0)}
+
+    def per_expert(hf):
+        if not any("{e}" in n for n, _ in hf):
+            return hf
+        return tuple((n.format(e=e), shape) for e in range(dims["E"]) for n, shape in hf)
 
     def expand(pairs, core_prefix="", hf_prefix=""):
         return [(core_prefix + p.core, p.how, tuple((hf_prefix + n, tuple(dims[d] for d in shape.split()))
-                                                   for n, shape in p.hf))
+                                                   for n, shape in per_expert(p.hf)))
                 for p in pairs if p.when is None or flags[p.when]]
 
     out = expand(fam.top)
@@ -483,7 +507,9 @@ def core_config(arch):
     keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "ln_eps",
             "norm", "activation", "gated_mlp", "parallel", "rotary_dim", "rope_scale", "scale_attn_weights",
             "scale_attn_by_inverse_layer", "linear_trans")
-    return {k: arch[k] for k in keys}
+    out = {k: arch[k] for k in keys}
+    out.update(n_experts=arch.get("n_experts", 0), experts_per_token=arch.get("experts_per_token", 0))
+    return out
 
 
 # The core's checks name the parts of its fused weights (csrc/model.c): the i-th part of
@@ -492,7 +518,7 @@ _CORE_PARTS = {"attn.w_qkv": ("attn.q", "attn.k", "attn.v"),
                "attn.b_qkv": ("attn.q.bias", "attn.k.bias", "attn.v.bias"),
                "attn.w_o": ("attn.o",), "attn.b_o": ("attn.o.bias",),
                "mlp.w_in": ("mlp.gate", "mlp.in"), "mlp.b_in": ("mlp.gate.bias", "mlp.in.bias"),
-               "mlp.w_out": ("mlp.out",), "mlp.b_out": ("mlp.out.bias",)}
+               "mlp.w_out": ("mlp.out",), "mlp.b_out": ("mlp.out.bias",), "mlp.w_router": ("mlp.router",)}
 
 
 def _message_names(arch):
@@ -503,6 +529,10 @@ def _message_names(arch):
         parts = _CORE_PARTS.get(short, (short,))
         if short in ("mlp.w_in", "mlp.b_in") and not arch["gated_mlp"]:
             parts = parts[1:]  # no gate: the core's one input matrix is "mlp.in"
+        if short in ("mlp.w_in", "mlp.w_out") and arch.get("n_experts"):
+            # the core names each expert's matrices: mlp.experts.{e}.gate | in | out
+            parts = [f"mlp.experts.{e}.{p}" for e in range(arch["n_experts"])
+                     for p in (("gate", "in") if short == "mlp.w_in" else ("out",))]
         if how == STACK:
             names.update({block + p: n for p, (n, _) in zip(parts, hf)})
         else:

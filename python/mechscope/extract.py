@@ -103,7 +103,7 @@ def extract(model, data, sites, positions="last", batch_size=32, out=None, *, bu
 def _check_sites(model, sites):
     if sites is None:
         raise ValueError("sites: expected a site name, a pattern or a list of them, got None")
-    names = site_names.resolve(sites, model.n_layers, "sites")
+    names = site_names.resolve(sites, model, "sites")
     if not names:
         raise ValueError("sites: no site given")
     for n in names:
@@ -131,7 +131,7 @@ def _check_positions(positions):
 
 
 def _token_shape(model, name):
-    _, _, suffix = site_names.parse(name, model.n_layers)
+    _, _, suffix = site_names.parse(name, model)
     return site_names.shape(suffix, model._shape_cfg, 1, 1)[2:]
 
 

@@ -246,8 +246,10 @@ class Model:
         self.d_vocab = arch["d_vocab"]
         self.n_ctx = arch["n_ctx"]
         self.tokenizer = tokenizer
+        self.n_experts = arch.get("n_experts", 0)  # 0: one MLP per block; else a mixture of experts
+        self.experts_per_token = arch.get("experts_per_token", 0)
         self._shape_cfg = {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_head": self.d_head,
-                           "d_mlp": self.d_mlp, "d_model": self.d_model}
+                           "d_mlp": self.d_mlp, "d_model": self.d_model, "n_experts": self.n_experts}
         self._grad_core = None  # for 2-byte weights: a float32 twin made at the first grad (gradients.py)
         try:
             self._core = _core.Model(architectures.core_config(arch),

@@ -19,6 +19,9 @@ _WHY_ABSENT = {
     "attn.hook_rot_k": "only rotary models rotate keys",
     "mlp.hook_pre_linear": "only gated MLPs have an up projection",
     "hook_resid_mid": "parallel attention and MLP blocks have no residual between them",
+    "mlp.hook_expert_weights": "only a mixture of experts routes tokens",
+    "mlp.hook_pre": "a mixture of experts runs each expert on its own tokens; its sites are "
+                    "mlp.hook_expert_weights and hook_mlp_out",
 }
 
 
@@ -31,9 +34,16 @@ def absent_sites(arch):
         absent.update(("attn.hook_rot_q", "attn.hook_rot_k"))
     if not arch["gated_mlp"]:
         absent.add("mlp.hook_pre_linear")
+    if arch.get("n_experts"):
+        absent.update(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"))
+    else:
+        absent.add("mlp.hook_expert_weights")
     if arch["parallel"]:
         absent.add("hook_resid_mid")
-    return {s: _WHY_ABSENT[s] for s in absent}
+    why = dict(_WHY_ABSENT)
+    if arch.get("n_experts"):  # one reason for the three MLP sites a mixture lacks
+        why["mlp.hook_pre_linear"] = why["mlp.hook_post"] = why["mlp.hook_pre"]
+    return {s: why[s] for s in absent}
 
 
 def _layers_and_absent(model):
@@ -113,6 +123,8 @@ def shape(suffix, cfg, batch, pos):
         return (batch, pos, cfg["n_heads"], cfg["d_head"])
     if suffix.endswith("hook_scale"):
         return (batch, pos, 1)
+    if suffix == "mlp.hook_expert_weights":
+        return (batch, pos, cfg["n_experts"])
     if suffix.startswith("mlp.") and suffix != "hook_mlp_out":
         return (batch, pos, cfg["d_mlp"])
     return (batch, pos, cfg["d_model"])

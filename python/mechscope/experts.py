@@ -1,0 +1,245 @@
+"""Mixtures of experts (Mixtral-style blocks): how the router sends tokens to the
+experts, what removing an expert does, and how independently the experts act.
+
+    routes = ms.experts.routing(model, tokens)
+    routes.weights             # [layers, batch, pos, experts] the router's probabilities
+    routes.chosen              # [layers, batch, pos, experts] each token's chosen experts
+    routes.load                # [layers, experts] share of the real tokens sent to each expert
+    routes.coactivation(1)     # [experts, experts] P(i and j chosen) / (P(i) P(j)) at layer 1
+    routes.mutual_information(0, 1)  # bits shared by the choices of two layers
+
+    effects = ms.experts.ablate(model, tokens, metric)    # [layers, experts]
+    pairs = ms.experts.interaction(model, tokens, metric, layer=1)
+    pairs.interaction          # [experts, experts]; 0 where two removals add up
+
+The router's probabilities are the site ``blocks.L.mlp.hook_expert_weights`` (its
+softmax over the experts, [batch, pos, experts]); each token goes to its
+``experts_per_token`` most probable experts (the lower index first among equal ones),
+weighted by their probabilities renormalised to sum 1. Any intervention there changes
+the routing: ``ms.Zero(site, index=e)`` removes expert e (every token that chose it goes
+to its next most probable expert instead), ``ms.Patch(site, clean.cache)`` routes each
+token as the clean run did, ``ms.Set`` routes by hand.
+
+Removing an expert is what ``ablate`` and ``interaction`` do, all removals in one
+patching sweep. The interaction of two experts i and j is
+m(without i and j) - m(without i) - m(without j) + m(all): zero when their effects on
+the metric add up, as they would if the experts worked independently.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import metrics as _metrics
+from .interventions import Patch
+
+__all__ = ["routing", "Routing", "ablate", "interaction", "Interaction"]
+
+_SITE = "blocks.{}.mlp.hook_expert_weights"
+
+
+def _check_moe(model):
+    if not getattr(model, "n_experts", 0):
+        raise ValueError("model: not a mixture of experts (its blocks have one MLP; see Model.n_experts)")
+
+
+def chosen_experts(weights, k):
+    """[..., experts] probabilities -> bool [..., experts], True for the k most
+    probable of each token (the lower index first among equal ones), as the core routes."""
+    order = np.argsort(-np.asarray(weights), axis=-1, kind="stable")[..., :k]
+    out = np.zeros(np.shape(weights), bool)
+    np.put_along_axis(out, order, True, axis=-1)
+    return out
+
+
+@dataclass
+class Routing:
+    """The routing of one run: router probabilities and chosen experts of every layer."""
+    weights: np.ndarray  # [layers, batch, pos, experts] float32
+    chosen: np.ndarray   # [layers, batch, pos, experts] bool, False at padding
+    mask: np.ndarray     # [batch, pos] 1 for real tokens
+
+    @property
+    def load(self):
+        """[layers, experts]: the share of real tokens that chose each expert."""
+        real = self.mask.astype(bool)
+        return self.chosen[:, real].mean(1)
+
+    def _layer(self, layer):
+        n = self.chosen.shape[0]
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n <= layer < n:
+            raise ValueError(f"layer: expected an int in [0, {n}), got {layer!r}")
+        return self.chosen[layer][self.mask.astype(bool)]  # [tokens, experts]
+
+    def coactivation(self, layer):
+        """[experts, experts] lift of choosing experts i and j for the same token:
+        P(i and j) / (P(i) P(j)) over the real tokens; 1 where the choices are
+        independent, NaN on the diagonal and for an expert no token chose."""
+        c = self._layer(layer).astype(np.float64)
+        joint = c.T @ c / len(c)
+        p = c.mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift = joint / np.outer(p, p)
+        lift[~np.isfinite(lift)] = np.nan
+        np.fill_diagonal(lift, np.nan)
+        return lift
+
+    def mutual_information(self, layer_a, layer_b):
+        """Bits of information the set of experts a token chose at one layer gives
+        about the set it chose at another, over the real tokens (the plug-in estimate
+        from the counts: 0 for independent choices, biased upwards on few tokens)."""
+        bits = 1 << np.arange(self.chosen.shape[-1], dtype=np.int64)
+        a = self._layer(layer_a) @ bits
+        b = self._layer(layer_b) @ bits
+        _, ia = np.unique(a, return_inverse=True)
+        _, ib = np.unique(b, return_inverse=True)
+        joint = np.zeros((ia.max() + 1, ib.max() + 1))
+        np.add.at(joint, (ia, ib), 1.0)
+        joint /= joint.sum()
+        pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+        nz = joint > 0
+        return float((joint[nz] * np.log2(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def routing(model, tokens, *, attention_mask=None, interventions=None):
+    """The router's probabilities and each token's chosen experts at every layer, from
+    one run (under ``interventions`` if given). Returns a Routing."""
+    _check_moe(model)
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    if mask is None:
+        mask = np.ones(tokens.shape, np.int32)
+    names = [_SITE.format(layer) for layer in range(model.n_layers)]
+    run = model.run(tokens, attention_mask=mask, cache=names, logits=None, interventions=interventions)
+    weights = np.stack([run.cache[n] for n in names])
+    chosen = chosen_experts(weights, model.experts_per_token) & mask.astype(bool)[None, :, :, None]
+    return Routing(weights=weights, chosen=chosen, mask=mask)
+
+
+def _removal(model, layer, experts, B, T):
+    """the patch that removes ``experts`` of ``layer`` from every token's routing"""
+    return Patch(_SITE.format(layer), np.zeros((B, T, model.n_experts), np.float32), index=list(experts))
+
+
+def _check_metric(metric):
+    if not isinstance(metric, _metrics.Metric):
+        raise TypeError(f"metric: expected a mechscope metric (e.g. ms.metrics.LogitDiff), "
+                        f"got {type(metric).__name__}")
+
+
+def _layers(model, layers):
+    if layers is None:
+        return list(range(model.n_layers))
+    layers = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < model.n_layers:
+            raise ValueError(f"layers: expected ints in [0, {model.n_layers}), got {layer!r}")
+    return [int(layer) for layer in layers]
+
+
+def ablate(model, tokens, metric, *, layers=None, attention_mask=None, interventions=None, per_row=False,
+           progress=None):
+    """The metric with each expert of each layer removed from the routing (its router
+    probability set to 0, so its tokens go to their next most probable experts), as
+    one patching sweep.
+
+    layers: the layers to sweep (None: all).
+    interventions: applied in every run, the unablated one too.
+    Returns [len(layers), n_experts] (per_row=True: [len(layers), n_experts, batch]);
+    subtract the unablated metric for effects.
+    """
+    _check_moe(model)
+    _check_metric(metric)
+    from .patching import sweep
+
+    layers = _layers(model, layers)
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    B, T = tokens.shape
+    patches = [_removal(model, layer, [e], B, T) for layer in layers for e in range(model.n_experts)]
+    values = sweep(model, tokens, patches, metric, attention_mask=mask, interventions=interventions,
+                   per_row=per_row, progress=progress)
+    return np.asarray(values).reshape((len(layers), model.n_experts) + np.shape(values)[1:])
+
+
+@dataclass
+class Interaction:
+    """Removing experts one and two at a time; units are (layer, expert) pairs."""
+    units: list
+    base: float               # the metric with every expert in place
+    single: np.ndarray        # [units] metric without unit i, minus base
+    pair: np.ndarray          # [units, units] metric without units i and j, minus base (single on the diagonal)
+
+    @property
+    def interaction(self):
+        """[units, units]: pair - single_i - single_j (0 on the diagonal); 0 where the
+        two removals' effects add up."""
+        out = self.pair - self.single[:, None] - self.single[None, :]
+        np.fill_diagonal(out, 0.0)
+        return out
+
+    def plot(self, ax=None, title=None, cmap="RdBu"):
+        """Heatmap of the interactions, with each unit's own effect on the diagonal."""
+        from .plot import _pyplot
+
+        values = self.interaction
+        np.fill_diagonal(values, self.single)
+        plt = _pyplot()
+        if ax is None:
+            size = 1.5 + 0.35 * len(self.units)
+            fig, ax = plt.subplots(figsize=(size + 1.0, size), constrained_layout=True)
+        else:
+            fig = ax.figure
+        span = max(float(np.abs(values).max()), 1e-12)
+        image = ax.imshow(values, cmap=cmap, vmin=-span, vmax=span, interpolation="nearest")
+        labels = [f"L{layer}E{e}" for layer, e in self.units]
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_title(title or "removing two experts: interaction (diagonal: one expert's effect)", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="metric")
+        return fig
+
+
+def interaction(model, tokens, metric, layer=None, *, units=None, attention_mask=None, interventions=None,
+                progress=None):
+    """How independently experts act on a metric: the metric with each expert removed
+    from the routing, and with each pair removed together, in one patching sweep.
+
+    layer: every expert of this layer; or units: a list of (layer, expert) pairs (experts
+        of different layers too).
+    Returns an Interaction (single, pair, interaction, plot), metrics averaged over the batch.
+    """
+    _check_moe(model)
+    _check_metric(metric)
+    from .patching import sweep
+
+    if (layer is None) == (units is None):
+        raise ValueError("give layer (all its experts) or units ((layer, expert) pairs), not both")
+    if units is None:
+        units = [(_layers(model, layer)[0], e) for e in range(model.n_experts)]
+    units = [tuple(u) for u in units]
+    for u in units:
+        if len(u) != 2 or not 0 <= u[0] < model.n_layers or not 0 <= u[1] < model.n_experts:
+            raise ValueError(f"units: expected (layer, expert) pairs within [0, {model.n_layers}) x "
+                             f"[0, {model.n_experts}), got {u!r}")
+    if len(set(units)) != len(units) or len(units) < 2:
+        raise ValueError("units: expected at least two different (layer, expert) pairs")
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    B, T = tokens.shape
+
+    def removal(group):
+        by_layer = {}
+        for layer_, e in group:
+            by_layer.setdefault(layer_, []).append(e)
+        return [_removal(model, layer_, es, B, T) for layer_, es in by_layer.items()]
+
+    n = len(units)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    patches = [removal([u]) for u in units] + [removal([units[i], units[j]]) for i, j in pairs]
+    values = np.asarray(sweep(model, tokens, patches, metric, attention_mask=mask, interventions=interventions,
+                              progress=progress), np.float64)
+    base = float(metric.evaluate(model, tokens, mask, interventions))
+    single = values[:n] - base
+    pair = np.diag(single)
+    for (i, j), v in zip(pairs, values[n:]):
+        pair[i, j] = pair[j, i] = v - base
+    return Interaction(units=units, base=base, single=single, pair=pair)
