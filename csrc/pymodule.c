@@ -1293,7 +1293,7 @@ static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}}
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, .m_name = "mechscope._core",
-    .m_doc = "mechscope's compute core: transformer forward passes (GPT-2, Llama, Qwen2, GPT-NeoX) with cached and intervened sites.",
+    .m_doc = "mechscope's compute core: transformer forward passes (GPT-2, Llama, Qwen2, Mixtral, GPT-NeoX) with cached and intervened sites.",
     .m_size = 0, .m_methods = module_methods, .m_slots = module_slots};
 
 PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&moduledef); }

@@ -386,6 +386,8 @@ def test_bad_input(pair, tmp_path):
         model.run([[1, 2]], interventions=[ms.Zero("blocks.0.mlp.hook_post")])
     with pytest.raises(ValueError, match="index"):
         model.run([[1, 2]], interventions=[ms.Zero("blocks.0.mlp.hook_expert_weights", index=5)])
+    with pytest.raises(ValueError, match="by='neuron'.*mixture of experts"):
+        ms.lens.logit_attribution(model, [[1, 2, 3]], 4, 5, by="neuron")
     metric = ms.metrics.LogitDiff(3, 5)
     with pytest.raises(ValueError, match="not both"):
         ms.experts.interaction(model, [[1, 2]], metric, layer=0, units=[(0, 1), (0, 2)])

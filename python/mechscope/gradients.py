@@ -208,7 +208,7 @@ _STREAM = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 _QK = ("attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores")
 # ln1's output feeds only the attention, ln2's only the MLP
 _ATTN = _QK + ("attn.hook_v", "attn.hook_pattern", "ln1.hook_scale", "ln1.hook_normalized")
-_MLP = ("mlp.hook_pre", "mlp.hook_pre_linear", "ln2.hook_scale", "ln2.hook_normalized")
+_MLP = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_expert_weights", "ln2.hook_scale", "ln2.hook_normalized")
 # a site overwritten whole -> the sites of the same block that reach the scalar only through it
 _ONLY_THROUGH = {
     "attn.hook_attn_scores": ("attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k"),

@@ -149,6 +149,9 @@ def _decompose(model, tokens, pos, by, attention_mask, interventions, scale, exp
     (hook_post at the position [batch, d_mlp], output matrix [d_mlp, d_model])."""
     if by not in _BY:
         raise ValueError(f"by: expected one of {list(_BY)}, got {by!r}")
+    if by == "neuron" and getattr(model, "n_experts", 0):
+        raise ValueError("by='neuron': a mixture of experts has no one MLP whose neurons every token "
+                         "writes through (each expert sees its own tokens); use by='layer' or by='head'")
     L, H = model.n_layers, model.n_heads
     learned_positions = "hook_pos_embed" in model.site_names
     names = ["hook_embed"] + (["hook_pos_embed"] if learned_positions else [])
