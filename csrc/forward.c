@@ -29,7 +29,8 @@ typedef struct {
     float *tmp_a;   /* [N, C]   embed, then attn_out */
     float *tmp_b;   /* [N, C]   pos_embed, then mlp_out */
     float *mlp;     /* [N, F] mlp pre, then post; gated: [N, 2F] gate (then post) | up */
-    float *route;   /* [N, E] the router's softmax (mixtures of experts; else these three are empty) */
+    float *route;   /* [N, E] the router's softmax (mixtures of experts; else these four are empty) */
+    float *expert_w;/* [N, E] each token's weight of each expert (0: not chosen) */
     float *gather;  /* [N, C] one expert's tokens, then its output */
     float *gate_w;  /* [N]    their weights */
     float *rope;    /* [max_keys, rotary_dim] cos | sin of each position, rotary models */
@@ -68,9 +69,9 @@ static size_t q_width(const ms_config *c) { return (size_t)c->n_heads * c->d_hea
 static size_t kv_width(const ms_config *c) { return (size_t)c->n_kv_heads * c->d_head; }
 static size_t qkv_width(const ms_config *c) { return q_width(c) + 2 * kv_width(c); }
 static size_t mlp_width(const ms_config *c) { return (size_t)c->d_mlp * (c->gated_mlp ? 2 : 1); }
-/* per token: route, gather and gate_w */
+/* per token: route, expert_w, gather and gate_w */
 static size_t expert_width(const ms_config *c) {
-    return c->n_experts ? (size_t)c->n_experts + (size_t)c->d_model + 1 : 0;
+    return c->n_experts ? 2 * (size_t)c->n_experts + (size_t)c->d_model + 1 : 0;
 }
 
 /* 1 when some action is at the scores or the pattern, of any layer: the run then
@@ -241,7 +242,8 @@ static void carve_buffers(ms_buffers *b, float *base, const ms_config *c, ms_siz
     b->tmp_b = b->tmp_a + n * C;
     b->mlp = b->tmp_b + n * C;
     b->route = b->mlp + n * mlp_width(c);
-    b->gather = b->route + (c->n_experts ? n * c->n_experts : 0);
+    b->expert_w = b->route + (c->n_experts ? n * c->n_experts : 0);
+    b->gather = b->expert_w + (c->n_experts ? n * c->n_experts : 0);
     b->gate_w = b->gather + (c->n_experts ? n * C : 0);
     b->rope = b->route + n * expert_width(c);
     b->out_x = b->rope + s.rope;
@@ -615,8 +617,10 @@ static ms_linear_weight expert_part(const ms_linear_weight *w, size_t offset) {
 
 /* A mixture of experts on ln's rows (Mixtral's sparse MLP), into tmp_b:
  *   route[N, E] = softmax(ln @ router)                        (hook_expert_weights)
- *   tmp_b[t] = sum over the token's k chosen experts e of w[t, e] * expert_e(ln[t])
- * each expert a gated MLP run on its own tokens only, the experts in order. */
+ *   expert_w[t] = route[t] renormalised over the token's k most probable experts
+ *   tmp_b[t] = sum over those experts e of expert_w[t, e] * expert_e(ln[t])
+ * each expert a gated MLP run on its own tokens only, the experts in order (as
+ * HuggingFace adds them up). */
 static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w, int l, int N,
                            ms_error *err) {
     const ms_config *c = &L->m->cfg;
@@ -627,17 +631,12 @@ static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
     if (L->tape) tape_copy(L, L->tape->route_raw, l, b->route, (size_t)E);
     if ((st = ms_visit_tokens(L, MS_SITE_EXPERT_WEIGHTS, l, b->route, E, err))) return st;
     if (L->tape) tape_copy(L, L->tape->route, l, b->route, (size_t)E);
-    /* visited: the probabilities become the weights, in place (row by row) */
-    for (int t = 0; t < N; t++) {
-        float *row = b->route + (size_t)t * E;
-        memcpy(b->gather, row, sizeof(float) * E); /* gather is free until the first expert */
-        ms_expert_weights(row, b->gather, E, K);
-    }
+    for (int t = 0; t < N; t++) ms_expert_weights(b->expert_w + (size_t)t * E, b->route + (size_t)t * E, E, K);
     ms_zero(b->tmp_b, (size_t)N * C, L->n_threads);
     for (int e = 0; e < E; e++) {
         int n = 0;
         for (int t = 0; t < N; t++) {
-            float wt = b->route[(size_t)t * E + e];
+            float wt = b->expert_w[(size_t)t * E + e];
             if (wt == 0.0f) continue;
             memcpy(b->gather + (size_t)n * C, b->ln + (size_t)t * C, sizeof(float) * C);
             b->gate_w[n++] = wt;
@@ -656,7 +655,7 @@ static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
         ms_linear(b->gather, C, b->mlp, 2 * F, &down, n, F, C, L->n_threads);
         /* the same tokens in the same order: row i of gather is the i-th routed token */
         for (int t = 0, i = 0; t < N; t++) {
-            if (b->route[(size_t)t * E + e] == 0.0f) continue;
+            if (b->expert_w[(size_t)t * E + e] == 0.0f) continue;
             float *out = b->tmp_b + (size_t)t * C;
             const float *y = b->gather + (size_t)i * C;
             float wt = b->gate_w[i++];

@@ -444,7 +444,7 @@ static size_t row_bytes(const ms_config *c, const ms_sweep_plan *s, const sweep_
     size_t C = (size_t)c->d_model, n = (size_t)n_real[sr->base_row], first = 0;
     for (int t = 0; t < sr->start_pos; t++) first += (size_t)is_real(s->mask, s->n_pos, sr->base_row, t);
     size_t nq = n - first;
-    size_t experts = c->n_experts ? (size_t)c->n_experts + 2 * C + 1 : 0; /* moe_sites' buffers */
+    size_t experts = c->n_experts ? 2 * (size_t)c->n_experts + C + 1 : 0; /* moe_sites' buffers */
     size_t floats = nq * (C * 9 + 1 + (size_t)c->d_mlp + experts) + (size_t)c->n_heads * nq * n + 2 * n * C + C;
     if (s->metric.kind != MS_METRIC_LOGIT_DIFF) floats += (size_t)c->d_vocab;
     size_t actions = 0, idx = 0, vals = 0;

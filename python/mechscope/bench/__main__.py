@@ -24,6 +24,8 @@ BENCHMARKS = {
             "DAS fit on SmolLM2-135M: each step from the site's block vs from the embedding"),
     "generate": ("mechscope.bench.generate",
                  "greedy generation with the key/value cache vs rerunning every step vs HuggingFace's generate"),
+    "experts": ("mechscope.bench.experts",
+                "a Mixtral-style model: forward pass and every expert removal vs HuggingFace"),
     "train": ("mechscope.bench.train",
               "one training step (forward + backward + AdamW) vs PyTorch: GPT-2 small size, or --size demo / addition"),
 }
