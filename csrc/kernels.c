@@ -1282,3 +1282,7 @@ void ms_expert_weights(float *w, const float *p, int E, int k) {
     for (int e = 0; e < E; e++)
         w[e] = ms_expert_rank(p, E, e) < k && sum != 0.0f ? p[e] / sum : 0.0f;
 }
+
+void ms_gated_post(float *out, const float *x, int n, int F, ms_activation act, int n_threads) {
+    ms_gated_activation(out, F, x, 2 * F, n, F, act, n_threads);
+}

@@ -406,6 +406,10 @@ size_t ms_grad_workspace_bytes(const ms_model *m, const ms_plan *plan, const ms_
 /* Forward (plan: no logits, metric, record or base; no callbacks) and backward. */
 ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g, ms_error *err);
 
+/* out[n, F] = act(x[n, :F]) * x[n, F:2F]: a gated MLP's hidden activations from its
+ * gate | up products (as the forward pass computes them) */
+void ms_gated_post(float *out, const float *x, int n, int F, ms_activation act, int n_threads);
+
 /* x[n] = 0, split over the threads of ms_set_num_threads */
 void ms_zero_floats(float *x, size_t n);
 

@@ -1224,6 +1224,39 @@ static PyObject *py_adamw(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* gated_post(x, activation) -> out: x a float32 array [n, 2F] (gate | up), out [n, F] =
+ * act(gate) * up with the core's activation of that code */
+static PyObject *py_gated_post(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *ox, *out = NULL;
+    int act;
+    if (!PyArg_ParseTuple(args, "Oi", &ox, &act)) return NULL;
+    if (act < 0 || act >= MS_N_ACTIVATIONS) {
+        PyErr_Format(PyExc_ValueError, "activation: unknown code %d", act);
+        return NULL;
+    }
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(ox, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    if (!x) return NULL;
+    if (PyArray_NDIM(x) != 2 || PyArray_DIM(x, 1) % 2 || PyArray_DIM(x, 0) > INT32_MAX || PyArray_DIM(x, 1) > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "x: expected [n, 2F] (gate | up)");
+        goto fail;
+    }
+    npy_intp dims[2] = {PyArray_DIM(x, 0), PyArray_DIM(x, 1) / 2};
+    out = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!out) goto fail;
+    int n = (int)dims[0], F = (int)dims[1], n_threads = ms_get_num_threads();
+    const float *xd = PyArray_DATA(x);
+    float *od = PyArray_DATA((PyArrayObject *)out);
+    Py_BEGIN_ALLOW_THREADS
+    if (n && F) ms_gated_post(od, xd, n, F, (ms_activation)act, n_threads);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(x);
+    return out;
+fail:
+    Py_DECREF(x);
+    return NULL;
+}
+
 /* sum_of_squares(arrays) -> float: the sum of the squares of every element of a
  * list of float32 arrays, in float64 */
 static PyObject *py_sum_of_squares(PyObject *mod, PyObject *arg) {
@@ -1253,6 +1286,7 @@ static PyObject *py_sum_of_squares(PyObject *mod, PyObject *arg) {
 
 static PyMethodDef module_methods[] = {
     {"sum_of_squares", py_sum_of_squares, METH_O, "sum_of_squares(arrays) -> float"},
+    {"gated_post", py_gated_post, METH_VARARGS, "gated_post(x [n, 2F], activation code) -> act(gate) * up [n, F]"},
     {"adamw", py_adamw, METH_VARARGS, "adamw(p, g, m, v, decay, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale)"},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},

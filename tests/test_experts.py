@@ -367,6 +367,48 @@ def test_ablate_and_interaction_equal_one_run_each(pair):
     np.testing.assert_allclose(per_row.mean(-1), grid[2:], atol=1e-5)
 
 
+def test_contributions_and_logit_attribution(pair):
+    hf, model = pair
+    tokens, mask = padded(model, 31, [8, 5, 6], 8, left=True)
+    pos = np.array([7, 5, 4])  # the last real token, the last, a middle one
+    parts = ms.experts.contributions(model, tokens, 1, pos, attention_mask=mask)
+    assert parts.shape == (3, 5, model.d_model)
+    # HuggingFace's experts on HuggingFace's ln2 output, weighted by its router
+    seen = {}
+    handle = hf.model.layers[1].post_attention_layernorm.register_forward_hook(
+        lambda m, a, o: seen.__setitem__("x", o))
+    try:
+        _, _, probs, block_out = hf_moe_outputs(hf, tokens, mask)
+    finally:
+        handle.remove()
+    rows = np.arange(3)
+    x = seen["x"][rows, pos]
+    p = torch.as_tensor(probs[1][rows, pos])
+    top = torch.topk(p, 2, dim=-1)
+    for r in range(3):
+        for e in range(5):
+            if e in top.indices[r]:
+                w = p[r, e] / top.values[r].sum()
+                want = (hf.model.layers[1].block_sparse_moe.experts[e](x[r:r + 1]) * w).numpy()[0]
+                np.testing.assert_allclose(parts[r, e], want, atol=ATOL, rtol=0)
+            else:
+                assert not parts[r, e].any()
+    np.testing.assert_allclose(parts.sum(1), block_out[1][rows, pos], atol=ATOL, rtol=0)
+    # onto the logits: a layer's experts add up to its MLP row of ms.lens.logit_attribution
+    answer, incorrect = np.array([3, 8, 20]), np.array([11, 1, 5])
+    attrs = ms.experts.logit_attribution(model, tokens, answer, incorrect, pos, attention_mask=mask)
+    layers, labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, pos, attention_mask=mask,
+                                               return_labels=True)
+    for layer in range(3):
+        np.testing.assert_allclose(attrs[layer].sum(0), layers[labels.index(f"{layer}_mlp_out")], atol=1e-4, rtol=0)
+    assert np.abs(attrs).max() > 0.1
+    # a removed expert writes nothing
+    zero = [ms.Zero("blocks.2.mlp.hook_expert_weights", index=4)]
+    attrs = ms.experts.logit_attribution(model, tokens, answer, incorrect, pos, attention_mask=mask,
+                                         interventions=zero)
+    assert not attrs[2, 4].any()
+
+
 def test_plot(pair):
     import matplotlib
     matplotlib.use("Agg")

@@ -9,6 +9,7 @@ experts, what removing an expert does, and how independently the experts act.
     routes.mutual_information(0, 1)  # bits shared by the choices of two layers
 
     effects = ms.experts.ablate(model, tokens, metric)    # [layers, experts]
+    attrs = ms.experts.logit_attribution(model, tokens, answer, incorrect)  # [layers, experts, batch]
     pairs = ms.experts.interaction(model, tokens, metric, layer=1)
     pairs.interaction          # [experts, experts]; 0 where two removals add up
 
@@ -21,7 +22,8 @@ to its next most probable expert instead), ``ms.Patch(site, clean.cache)`` route
 token as the clean run did, ``ms.Set`` routes by hand.
 
 Removing an expert is what ``ablate`` and ``interaction`` do, all removals in one
-patching sweep. The interaction of two experts i and j is
+patching sweep. ``contributions`` and ``logit_attribution`` split a block's output into
+what each expert wrote (its routing weight times its output), directly onto the logits. The interaction of two experts i and j is
 m(without i and j) - m(without i) - m(without j) + m(all): zero when their effects on
 the metric add up, as they would if the experts worked independently.
 """
@@ -29,10 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _dtypes
 from . import metrics as _metrics
+from ._runtime import _core
 from .interventions import Patch
 
-__all__ = ["routing", "Routing", "ablate", "interaction", "Interaction"]
+__all__ = ["routing", "Routing", "ablate", "interaction", "Interaction", "contributions", "logit_attribution"]
 
 _SITE = "blocks.{}.mlp.hook_expert_weights"
 
@@ -243,3 +247,74 @@ def interaction(model, tokens, metric, layer=None, *, units=None, attention_mask
     for (i, j), v in zip(pairs, values[n:]):
         pair[i, j] = pair[j, i] = v - base
     return Interaction(units=units, base=base, single=single, pair=pair)
+
+
+# ---- what each expert writes --------------------------------------------------------------
+
+def _expert_weights(model, probabilities):
+    """[..., experts] router probabilities -> each expert's weight: renormalised over the
+    chosen experts, 0 for the others (0 everywhere where the chosen ones sum to 0)."""
+    chosen = chosen_experts(probabilities, model.experts_per_token)
+    kept = np.where(chosen, probabilities, 0.0).astype(np.float32)
+    total = kept.sum(-1, keepdims=True)
+    return np.divide(kept, total, out=np.zeros_like(kept), where=total != 0)
+
+
+def _block_contributions(model, layer, normalized, probabilities):
+    """What each expert of ``layer`` writes for each token: [tokens, experts, d_model],
+    from ln2's hook_normalized [tokens, d_model] and the router's probabilities
+    [tokens, experts]; summed over the experts, the block's hook_mlp_out."""
+    w = model._core_weights
+    x = normalized * _dtypes.to_float32(w[f"blocks.{layer}.ln2.w"])  # RMSNorm: the weight comes after the site
+    if f"blocks.{layer}.ln2.b" in w:
+        x = x + _dtypes.to_float32(w[f"blocks.{layer}.ln2.b"])
+    E, F, C = model.n_experts, model.d_mlp, model.d_model
+    gate_up = _dtypes.to_float32(w[f"blocks.{layer}.mlp.w_in"]).reshape(E, 2 * F, C)
+    down = _dtypes.to_float32(w[f"blocks.{layer}.mlp.w_out"]).reshape(E, C, F)
+    weights = _expert_weights(model, probabilities)
+    out = np.zeros((len(x), E, C), np.float32)
+    for e in range(E):
+        rows = np.flatnonzero(weights[:, e])
+        if rows.size:
+            hidden = _core.gated_post(np.ascontiguousarray(x[rows] @ gate_up[e].T), model.arch["activation"])
+            out[rows, e] = weights[rows, e, None] * (hidden @ down[e].T)
+    return out
+
+
+def contributions(model, tokens, layer, pos=None, *, attention_mask=None, interventions=None):
+    """What each expert of a layer wrote at each row's position ``pos`` (default: its
+    last real token): its routing weight times its output, [batch, experts, d_model]
+    (0 for experts the token did not choose). The sum over the experts is the block's
+    ``hook_mlp_out`` there. From one run (under ``interventions``); the chosen experts'
+    outputs are recomputed from ln2's output with the model's weights."""
+    from . import lens
+
+    _check_moe(model)
+    layer = _layers(model, layer)[0]
+    names = [f"blocks.{layer}.ln2.hook_normalized", _SITE.format(layer)]
+    values = lens._run_at(model, tokens, pos, attention_mask, interventions, names)
+    return _block_contributions(model, layer, values[names[0]], values[names[1]])
+
+
+def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, attention_mask=None,
+                      interventions=None):
+    """Each expert's direct effect on the logit of ``answer`` (minus that of
+    ``incorrect``) at each row's position: what it wrote, through the final norm with
+    its scale held at its value in the run and the unembedding, as ``ms.lens.logit_attribution``
+    does for layers and heads. [layers, experts, batch]; summed over a layer's experts,
+    the layer's MLP row of ``ms.lens.logit_attribution``. One run."""
+    from . import lens
+
+    _check_moe(model)
+    names = ([f"blocks.{layer}.ln2.hook_normalized" for layer in range(model.n_layers)]
+             + [_SITE.format(layer) for layer in range(model.n_layers)] + ["ln_final.hook_scale"])
+    values = lens._run_at(model, tokens, pos, attention_mask, interventions, names)
+    batch = len(values["ln_final.hook_scale"])
+    direction = lens._directions(model, answer, incorrect, batch)  # [batch, d_model]
+    w, _, _ = lens._final_norm(model)
+    read = direction * w / values["ln_final.hook_scale"]  # [batch, d_model]
+    out = np.zeros((model.n_layers, model.n_experts, batch), np.float32)
+    for layer in range(model.n_layers):
+        parts = _block_contributions(model, layer, values[names[layer]], values[_SITE.format(layer)])
+        out[layer] = np.einsum("bec,bc->eb", parts, read)
+    return out
