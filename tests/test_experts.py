@@ -297,6 +297,23 @@ def test_training_a_mixture_lowers_its_loss():
     assert model.grad(np.array(data[:8]), "cross_entropy").value < 0.5
 
 
+def test_two_byte_experts_equal_their_float32_widening(tmp_path):
+    """bf16 expert matrices stay 2-byte (widened panel by panel in the products): the
+    same logits, removals and gradients as the checkpoint widened at load"""
+    make_hf(None, seed=2, spec=MIXTRAL).to(torch.bfloat16).save_pretrained(tmp_path)
+    half, wide = ms.Model.from_pretrained(tmp_path), ms.Model.from_pretrained(tmp_path, dtype="float32")
+    assert (half.dtype, wide.dtype) == ("bfloat16", "float32")
+    tokens = np.random.default_rng(6).integers(0, half.d_vocab, (2, 7))
+    np.testing.assert_allclose(half.run(tokens).logits, wide.run(tokens).logits, atol=1e-5, rtol=0)
+    metric = ms.metrics.LogProb([1, 2])
+    np.testing.assert_allclose(ms.experts.ablate(half, tokens, metric), ms.experts.ablate(wide, tokens, metric),
+                               atol=1e-5, rtol=0)
+    g_half = half.grad(tokens, "cross_entropy", weights=True)
+    g_wide = wide.grad(tokens, "cross_entropy", weights=True)
+    for name, g in g_wide.weights.items():
+        np.testing.assert_allclose(g_half.weights[name], g, atol=1e-6, rtol=0, err_msg=name)
+
+
 # ---- ms.experts against its definitions ---------------------------------------------------
 
 def test_routing_load_and_coactivation(pair):
