@@ -190,10 +190,11 @@ def test_random_model_saves_as_a_checkpoint_transformers_loads(tmp_path):
 
 # ---- gradients against autograd ------------------------------------------------------------
 
-def moe_forward(moe, deltas, layer, zero=None):
+def moe_forward(moe, deltas, layer, zero=None, drop=None):
     """HuggingFace's MixtralSparseMoeBlock.forward, step for step, with a leaf added to
     the router's probabilities (the site hook_expert_weights) so that autograd gives
-    its gradient; zero: experts whose probability is set to 0 before it (ms.Zero)."""
+    its gradient; zero: experts whose probability is set to 0 before it (ms.Zero);
+    drop: an expert whose output is left out (the others' weights as they are)."""
     def forward(hidden_states):
         B, T, C = hidden_states.shape
         x = hidden_states.view(-1, C)
@@ -209,6 +210,8 @@ def moe_forward(moe, deltas, layer, zero=None):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
         for e, expert in enumerate(moe.experts):
+            if e == drop:
+                continue
             top, idx = torch.where(selected == e)  # token, slot
             out = out.index_add(0, top, expert(x[top]) * weights[top, idx, None])
         return out.view(B, T, C), router_logits
@@ -424,6 +427,29 @@ def test_contributions_and_logit_attribution(pair):
     attrs = ms.experts.logit_attribution(model, tokens, answer, incorrect, pos, attention_mask=mask,
                                          interventions=zero)
     assert not attrs[2, 4].any()
+
+
+def test_dropping_an_expert_matches_hf(pair):
+    """ablate(reroute=False): the expert's weighted output left out, the routing kept"""
+    hf, model = pair
+    tokens, mask = padded(model, 13, [7, 5], 7, left=False)
+    correct, wrong = np.array([3, 8]), np.array([11, 1])
+    metric = ms.metrics.LogitDiff(correct, wrong)  # at each row's last real token
+    grid = ms.experts.ablate(model, tokens, metric, reroute=False, attention_mask=mask)
+    rerouted = ms.experts.ablate(model, tokens, metric, attention_mask=mask)
+    last = mask.sum(1) - 1
+    for layer in range(3):
+        moe = hf.model.layers[layer].block_sparse_moe
+        for e in range(5):
+            moe.forward = moe_forward(moe, {}, layer, drop=e)
+            try:
+                with torch.no_grad():
+                    logits = hf_run_grad(hf, tokens, mask)[0].numpy()[[0, 1], last]
+            finally:
+                del moe.forward
+            want = (logits[[0, 1], correct] - logits[[0, 1], wrong]).mean()
+            assert grid[layer, e] == pytest.approx(want, abs=1e-4), (layer, e)
+    assert np.abs(grid - rerouted).max() > 1e-2  # the two removals differ
 
 
 def test_plot(pair):

@@ -9,6 +9,7 @@ experts, what removing an expert does, and how independently the experts act.
     routes.mutual_information(0, 1)  # bits shared by the choices of two layers
 
     effects = ms.experts.ablate(model, tokens, metric)    # [layers, experts]
+    dropped = ms.experts.ablate(model, tokens, metric, reroute=False)  # outputs dropped, routing kept
     attrs = ms.experts.logit_attribution(model, tokens, answer, incorrect)  # [layers, experts, batch]
     pairs = ms.experts.interaction(model, tokens, metric, layer=1)
     pairs.interaction          # [experts, experts]; 0 where two removals add up
@@ -139,12 +140,15 @@ def _layers(model, layers):
     return [int(layer) for layer in layers]
 
 
-def ablate(model, tokens, metric, *, layers=None, attention_mask=None, interventions=None, per_row=False,
-           progress=None):
-    """The metric with each expert of each layer removed from the routing (its router
-    probability set to 0, so its tokens go to their next most probable experts), as
-    one patching sweep.
+def ablate(model, tokens, metric, *, layers=None, reroute=True, attention_mask=None, interventions=None,
+           per_row=False, progress=None):
+    """The metric with each expert of each layer removed, as one patching sweep.
 
+    reroute: True removes the expert from the routing (its router probability set to
+        0, so each of its tokens goes to its next most probable expert, the weights
+        renormalised); False drops its output only: the block writes what it wrote
+        minus that expert's weighted output (``contributions``), the other experts'
+        weights unchanged.
     layers: the layers to sweep (None: all).
     interventions: applied in every run, the unablated one too.
     Returns [len(layers), n_experts] (per_row=True: [len(layers), n_experts, batch]);
@@ -157,10 +161,32 @@ def ablate(model, tokens, metric, *, layers=None, attention_mask=None, intervent
     layers = _layers(model, layers)
     tokens, mask = model._check_tokens(tokens, attention_mask)
     B, T = tokens.shape
-    patches = [_removal(model, layer, [e], B, T) for layer in layers for e in range(model.n_experts)]
+    if reroute:
+        patches = [_removal(model, layer, [e], B, T) for layer in layers for e in range(model.n_experts)]
+    else:
+        patches = _drops(model, tokens, mask, layers, interventions)
     values = sweep(model, tokens, patches, metric, attention_mask=mask, interventions=interventions,
                    per_row=per_row, progress=progress)
     return np.asarray(values).reshape((len(layers), model.n_experts) + np.shape(values)[1:])
+
+
+def _drops(model, tokens, mask, layers, interventions):
+    """For each layer and expert, the patch of hook_mlp_out that drops the expert's
+    weighted output from the (intervened) base run's block output. Nothing before the
+    block changes under it, so its inputs and routing are the base run's."""
+    names = [f"blocks.{layer}.{s}" for layer in layers
+             for s in ("ln2.hook_normalized", "mlp.hook_expert_weights", "hook_mlp_out")]
+    cache = model.run(tokens, attention_mask=mask, cache=names, logits=None, interventions=interventions).cache
+    B, T = tokens.shape
+    patches = []
+    for layer in layers:
+        block = f"blocks.{layer}."
+        parts = _block_contributions(model, layer, cache[block + "ln2.hook_normalized"].reshape(B * T, -1),
+                                     cache[block + "mlp.hook_expert_weights"].reshape(B * T, -1))
+        out = cache[block + "hook_mlp_out"]
+        patches += [Patch(block + "hook_mlp_out", out - parts[:, e].reshape(out.shape))
+                    for e in range(model.n_experts)]
+    return patches
 
 
 @dataclass
@@ -206,7 +232,8 @@ class Interaction:
 def interaction(model, tokens, metric, layer=None, *, units=None, attention_mask=None, interventions=None,
                 progress=None):
     """How independently experts act on a metric: the metric with each expert removed
-    from the routing, and with each pair removed together, in one patching sweep.
+    from the routing (rerouted, as ``ablate``), and with each pair removed together, in
+    one patching sweep.
 
     layer: every expert of this layer; or units: a list of (layer, expert) pairs (experts
         of different layers too).
