@@ -57,7 +57,8 @@ static size_t moe_width(const ms_config *c) {
 
 static size_t tape_floats(const ms_config *c, grad_sizes s) {
     size_t N = s.N, C = (size_t)c->d_model, Lr = (size_t)c->n_layers;
-    size_t per_layer = N * (4 * C + 2 + qkv_width(c) + q_width(c) + mlp_tape_width(c)) +
+    size_t qk_pre = c->qk_norm ? q_width(c) + kv_width(c) : 0;
+    size_t per_layer = N * (4 * C + 2 + qkv_width(c) + q_width(c) + mlp_tape_width(c) + qk_pre) +
                        s.att * (s.any_pattern_action ? 2 : 1);
     return Lr * per_layer + N * (2 * C + 1);
 }
@@ -461,6 +462,13 @@ static void attn_block_backward(bwd *b, int l, const ms_block_grad *wg) {
         token_site(b, MS_SITE_ROT_Q, l, b->dqkv, QW);
         unrotate(b, b->dqkv, QW, c->n_heads);
         unrotate(b, b->dqkv + QD, QW, c->n_kv_heads);
+    }
+    if (c->qk_norm) {
+        const float *pre = t->qk_pre + at * (size_t)(QD + KD);
+        ms_head_rmsnorm_backward(b->dqkv, QW, pre, QD + KD, N, c->n_heads, c->d_head, w->q_norm_w,
+                                 wg ? wg->q_norm_w : NULL, c->ln_eps, b->n_threads);
+        ms_head_rmsnorm_backward(b->dqkv + QD, QW, pre + QD, QD + KD, N, c->n_kv_heads, c->d_head, w->k_norm_w,
+                                 wg ? wg->k_norm_w : NULL, c->ln_eps, b->n_threads);
     }
     token_site(b, MS_SITE_V, l, b->dqkv + QD + KD, QW);
     token_site(b, MS_SITE_K, l, b->dqkv + QD, QW);
@@ -942,6 +950,7 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     CARVE(t.ln1_scale, Lr * N);
     CARVE(t.ln1, Lr * N * C);
     CARVE(t.qkv, Lr * N * qkv_width(c));
+    if (c->qk_norm) CARVE(t.qk_pre, Lr * N * (q_width(c) + kv_width(c)));
     CARVE(t.pattern, Lr * s.att);
     if (s.any_pattern_action) CARVE(t.pattern_used, Lr * s.att);
     CARVE(t.z, Lr * N * q_width(c));

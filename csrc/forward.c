@@ -750,6 +750,12 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if ((st = ms_visit_tokens(L, MS_SITE_Q, l, b->qkv, QW, err))) return st;
     if ((st = ms_visit_tokens(L, MS_SITE_K, l, b->qkv + QD, QW, err))) return st;
     if ((st = ms_visit_tokens(L, MS_SITE_V, l, b->qkv + QD + KD, QW, err))) return st;
+    if (c->qk_norm) { /* the tape keeps q | k before it for the backward pass */
+        if (tape)
+            ms_copy_rows(tape->qk_pre + at * (size_t)(QD + KD), QD + KD, b->qkv, QW, N, QD + KD, L->n_threads);
+        ms_head_rmsnorm(b->qkv, QW, N, c->n_heads, c->d_head, w->q_norm_w, c->ln_eps, L->n_threads);
+        ms_head_rmsnorm(b->qkv + QD, QW, N, c->n_kv_heads, c->d_head, w->k_norm_w, c->ln_eps, L->n_threads);
+    }
     if (c->rotary_dim) {
         rotate(L, b->rope, b->qkv, QW, c->n_heads);
         rotate(L, b->rope, b->qkv + QD, QW, c->n_kv_heads);

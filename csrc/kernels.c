@@ -563,6 +563,30 @@ void ms_layernorm_apply(float *out, const float *scale, const float *in, const f
     }
 }
 
+typedef struct {
+    float *x;
+    int ld, heads, d;
+    const float *w;
+    float eps;
+} head_norm_job;
+
+static void head_norm_rows(void *ctx, long long lo, long long hi) {
+    const head_norm_job *j = ctx;
+    for (long long i = lo; i < hi; i++)
+        for (int h = 0; h < j->heads; h++) {
+            float *x = j->x + (size_t)i * j->ld + (size_t)h * j->d;
+            double sum = 0.0;
+            for (int c = 0; c < j->d; c++) sum += (double)x[c] * x[c];
+            float scale = sqrtf((float)(sum / j->d) + j->eps);
+            for (int c = 0; c < j->d; c++) x[c] = x[c] / scale * j->w[c];
+        }
+}
+
+void ms_head_rmsnorm(float *x, int ld, int N, int heads, int d, const float *w, float eps, int n_threads) {
+    head_norm_job job = {x, ld, heads, d, w, eps};
+    ms_parallel_for(N, 65536 / ((long long)heads * d + 1) + 1, n_threads, head_norm_rows, &job);
+}
+
 void ms_norm_weight(float *y, const float *w, const float *b, int N, int C) {
     for (int i = 0; i < N; i++) {
         float *row = y + (size_t)i * C;

@@ -45,6 +45,10 @@ void ms_layernorm_apply(float *out, const float *scale, const float *in, const f
 /* y[N, C] = y * w + b (b may be NULL): RMSNorm's weight */
 void ms_norm_weight(float *y, const float *w, const float *b, int N, int C);
 
+/* per-head RMSNorm in place (Qwen3's q_norm and k_norm): each of the N rows (stride ld)
+ * holds `heads` heads of d numbers, each x <- x / sqrt(mean(x^2) + eps) * w[d] */
+void ms_head_rmsnorm(float *x, int ld, int N, int heads, int d, const float *w, float eps, int n_threads);
+
 /* gated MLP: out[i, :F] = act(x[i, :F]) * x[i, F:2F] for the N rows (strides ld_out,
  * ld); out may be x (then in place) */
 void ms_gated_activation(float *out, int ld_out, const float *x, int ld, int N, int F, ms_activation act,

@@ -486,3 +486,45 @@ void ms_rotary_backward(float *g, const float *rope, int rotary_dim) {
         g[i + half] = g2 * cs[i] - g1 * sn[i];
     }
 }
+
+/* y = xhat * w, xhat = x / s, s = sqrt(mean(x^2) + eps): with g' = g * w,
+ * dx = (g' - xhat * mean(g' * xhat)) / s and dw += g * xhat */
+typedef struct {
+    float *g;
+    const float *x, *w;
+    int ld, ldx, heads, d;
+    float eps;
+} head_norm_back_job;
+
+static float head_scale(const float *x, int d, float eps) {
+    double sum = 0.0;
+    for (int c = 0; c < d; c++) sum += (double)x[c] * x[c];
+    return sqrtf((float)(sum / d) + eps);
+}
+
+static void head_norm_back_rows(void *ctx, long long lo, long long hi) {
+    const head_norm_back_job *j = ctx;
+    for (long long i = lo; i < hi; i++)
+        for (int h = 0; h < j->heads; h++) {
+            float *g = j->g + (size_t)i * j->ld + (size_t)h * j->d;
+            const float *x = j->x + (size_t)i * j->ldx + (size_t)h * j->d;
+            float s = head_scale(x, j->d, j->eps);
+            double dot = 0.0;
+            for (int c = 0; c < j->d; c++) dot += (double)(g[c] * j->w[c]) * (x[c] / s);
+            float mean = (float)(dot / j->d);
+            for (int c = 0; c < j->d; c++) g[c] = (g[c] * j->w[c] - x[c] / s * mean) / s;
+        }
+}
+
+void ms_head_rmsnorm_backward(float *g, int ld, const float *x, int ldx, int N, int heads, int d, const float *w,
+                              float *dw, float eps, int n_threads) {
+    if (dw) /* before g is overwritten; serial, so that the sums do not race */
+        for (int i = 0; i < N; i++)
+            for (int h = 0; h < heads; h++) {
+                const float *gi = g + (size_t)i * ld + (size_t)h * d, *xi = x + (size_t)i * ldx + (size_t)h * d;
+                float s = head_scale(xi, d, eps);
+                for (int c = 0; c < d; c++) dw[c] += gi[c] * (xi[c] / s);
+            }
+    head_norm_back_job job = {g, x, w, ld, ldx, heads, d, eps};
+    ms_parallel_for(N, 65536 / ((long long)heads * d + 1) + 1, n_threads, head_norm_back_rows, &job);
+}

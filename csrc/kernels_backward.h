@@ -75,6 +75,12 @@ void ms_activation_backward(float *dpre, int ld_dpre, const float *dpost, int ld
 void ms_gated_backward(float *dpre, int ld, const float *dpost, int ld_dpost, const float *pre, int N, int F,
                        ms_activation act, int n_threads);
 
+/* the backward of ms_head_rmsnorm: g [N, heads of d] (stride ld) the gradient of its
+ * output becomes that of its input x (stride ldx, the values before the norm); dw[d]
+ * (may be NULL) += the sum over rows and heads of g * x / scale */
+void ms_head_rmsnorm_backward(float *g, int ld, const float *x, int ldx, int N, int heads, int d, const float *w,
+                              float *dw, float eps, int n_threads);
+
 /* the transpose of ms_rotary: the gradient before the rotation from the one after */
 void ms_rotary_backward(float *g, const float *rope, int rotary_dim);
 

@@ -65,6 +65,8 @@ typedef struct {
     int n_experts;                   /* 0: one MLP; else a mixture of experts (Mixtral): a router
                                         picks experts_per_token of n_experts gated MLPs per token */
     int experts_per_token;
+    int qk_norm;                     /* queries and keys RMS-normalised per head (Qwen3's q_norm,
+                                        k_norm) after hook_q / hook_k, before the rotation */
 } ms_config;
 
 /* How a weight matrix is stored: float32, or two bytes per number (bfloat16, the top
@@ -89,6 +91,7 @@ typedef struct {
     const float *ln1_w, *ln1_b;  /* [d_model] */
     ms_linear_weight q, k, v;    /* d_model -> n_heads*d_head, n_kv_heads*d_head (x2) */
     ms_linear_weight o;          /* n_heads*d_head -> d_model */
+    const float *q_norm_w, *k_norm_w; /* [d_head] (qk_norm only) */
     const float *ln2_w, *ln2_b;  /* [d_model] */
     ms_linear_weight mlp_in;     /* d_model -> d_mlp (the "up" projection when gated) */
     ms_linear_weight mlp_gate;   /* d_model -> d_mlp, gated MLPs only */
@@ -377,6 +380,7 @@ typedef struct {
 typedef struct {
     float *ln1_w, *ln1_b;
     ms_linear_grad q, k, v, o;
+    float *q_norm_w, *k_norm_w;
     float *ln2_w, *ln2_b;
     ms_linear_grad mlp_in, mlp_gate, mlp_out; /* mixtures of experts: every expert's, as the weights */
     ms_linear_grad router;

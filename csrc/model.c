@@ -114,6 +114,7 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
     if (c->n_experts < 0 || (c->n_experts && (c->experts_per_token < 1 || c->experts_per_token > c->n_experts)))
         FAIL("config: experts_per_token (%d) must be within [1, n_experts=%d]", c->experts_per_token, c->n_experts);
     if (c->n_experts && !c->gated_mlp) FAIL("config: a mixture of experts needs gated MLPs");
+    if (c->qk_norm && !c->rotary_dim) FAIL("config: per-head query and key norms need rotary positions");
     if (!m->blocks) FAIL("weights: no blocks");
 
     size_t C = (size_t)c->d_model, F = (size_t)c->d_mlp, V = (size_t)c->d_vocab;
@@ -145,6 +146,10 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
         CHECK_LIN(b->k, C, KD, "attn.k", l);
         CHECK_LIN(b->v, C, KD, "attn.v", l);
         CHECK_LIN(b->o, QD, C, "attn.o", l);
+        if (c->qk_norm) {
+            CHECK(b->q_norm_w, (size_t)c->d_head, "attn.q_norm.w", l);
+            CHECK(b->k_norm_w, (size_t)c->d_head, "attn.k_norm.w", l);
+        }
         CHECK(b->ln2_w, C, "ln2.w", l);
         CHECK_OPT(b->ln2_b, C, "ln2.b", l);
         if (c->n_experts) {

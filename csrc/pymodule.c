@@ -140,6 +140,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         config_int(config, "scale_attn_by_inverse_layer", &c.scale_attn_by_inverse_layer) ||
         config_int(config, "linear_trans", &trans))
         return -1;
+    if (PyDict_GetItemString(config, "qk_norm") && config_int(config, "qk_norm", &c.qk_norm)) return -1;
     if (PyDict_GetItemString(config, "n_experts") &&
         (config_int(config, "n_experts", &c.n_experts) || config_int(config, "experts_per_token", &c.experts_per_token)))
         return -1;
@@ -210,6 +211,10 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         TAKE_OPT(bqkv, NAME("attn.b_qkv"), QW);
         TAKE_MATRIX(b->o.w, b->o.w16, b->o.dtype, NAME("attn.w_o"), QD * C);
         TAKE_OPT(b->o.b, NAME("attn.b_o"), C);
+        if (c.qk_norm) {
+            TAKE(b->q_norm_w, NAME("attn.q_norm.w"), (size_t)c.d_head);
+            TAKE(b->k_norm_w, NAME("attn.k_norm.w"), (size_t)c.d_head);
+        }
         TAKE(b->ln2_w, NAME("ln2.w"), C);
         TAKE_OPT(b->ln2_b, NAME("ln2.b"), C);
         TAKE_MATRIX(win, hin, din, NAME("mlp.w_in"), E * C * FW);
@@ -961,6 +966,10 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         g->v = (ms_linear_grad){same_offset(wqkv, b->v.w, b->q.w), same_offset(bqkv, b->v.b, b->q.b)};
         g->o.w = grad_array(grads, NAME("attn.w_o"), QD * C, &bad);
         if (b->o.b) g->o.b = grad_array(grads, NAME("attn.b_o"), C, &bad);
+        if (c->qk_norm) {
+            g->q_norm_w = grad_array(grads, NAME("attn.q_norm.w"), (size_t)c->d_head, &bad);
+            g->k_norm_w = grad_array(grads, NAME("attn.k_norm.w"), (size_t)c->d_head, &bad);
+        }
         g->ln2_w = grad_array(grads, NAME("ln2.w"), C, &bad);
         if (b->ln2_b) g->ln2_b = grad_array(grads, NAME("ln2.b"), C, &bad);
         const ms_linear_weight *first = c->gated_mlp ? &b->mlp_gate : &b->mlp_in;
@@ -1327,7 +1336,7 @@ static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}}
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, .m_name = "mechscope._core",
-    .m_doc = "mechscope's compute core: transformer forward passes (GPT-2, Llama, Qwen2, Mixtral, GPT-NeoX) with cached and intervened sites.",
+    .m_doc = "mechscope's compute core: transformer forward passes (GPT-2, Llama, Qwen2, Qwen3, Mixtral, GPT-NeoX) with cached and intervened sites.",
     .m_size = 0, .m_methods = module_methods, .m_slots = module_slots};
 
 PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&moduledef); }

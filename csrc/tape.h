@@ -14,7 +14,8 @@ typedef struct ms_tape {
     float *resid_pre;    /* [L][N, C]  input of ln1 (and of ln2 in parallel blocks) */
     float *ln1_scale;    /* [L][N]     ln1's divisor after its actions */
     float *ln1;          /* [L][N, C]  ln1.hook_normalized after its actions */
-    float *qkv;          /* [L][N, QW] q | k | v as attention read them (rotated) */
+    float *qkv;          /* [L][N, QW] q | k | v as attention read them (normalised, rotated) */
+    float *qk_pre;       /* [L][N, QD + KD] q | k before their per-head norm (qk_norm only) */
     float *pattern;      /* [L][att]   softmax of the scores, before the pattern's actions */
     float *pattern_used; /* [L][att]   after them; NULL when no action changes a pattern */
     float *z;            /* [L][N, QD] */

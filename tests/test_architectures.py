@@ -30,6 +30,9 @@ CONFIGS = {
     "qwen2_bias": ("qwen2", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
                                  num_hidden_layers=2, intermediate_size=44, vocab_size=83,
                                  max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen3_qk_norm": ("qwen3", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                    num_hidden_layers=2, intermediate_size=44, vocab_size=79,
+                                    max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6)),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -41,7 +44,7 @@ CONFIGS = {
 
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
-            "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -119,12 +122,13 @@ def tl_from_hf(hf, family):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import (convert_llama_weights, convert_mistral_weights,
                                                                  convert_neox_weights, convert_qwen2_weights)
+    from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
     c = hf.config
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
                   n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
                   act_fn=c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
                   dtype=torch.float32, device="cpu", use_attn_scale=True)
-    d_head = c.hidden_size // c.num_attention_heads
+    d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if family == "gpt_neox":
         cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.layer_norm_eps, normalization_type="LN",
                                       parallel_attn_mlp=c.use_parallel_residual,
@@ -135,11 +139,13 @@ def tl_from_hf(hf, family):
         cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.rms_norm_eps, normalization_type="RMS",
                                       final_rms=True, gated_mlp=True, rotary_dim=d_head,
                                       rotary_base=c.rope_theta, n_key_value_heads=c.num_key_value_heads,
+                                      use_qk_norm=family == "qwen3",
                                       original_architecture={"llama": "LlamaForCausalLM",
                                                              "mistral": "MistralForCausalLM",
-                                                             "qwen2": "Qwen2ForCausalLM"}[family])
+                                                             "qwen2": "Qwen2ForCausalLM",
+                                                             "qwen3": "Qwen3ForCausalLM"}[family])
         convert = {"llama": convert_llama_weights, "mistral": convert_mistral_weights,
-                   "qwen2": convert_qwen2_weights}[family]
+                   "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights}[family]
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,
@@ -163,7 +169,9 @@ def test_every_site_matches_transformer_lens(name, tmp_path):
     logits, cache = tl.run_with_cache(torch.as_tensor(tokens))
     ref = {k: v.numpy() for k, v in cache.items()}
     out = model.run(tokens, cache="*")
-    # the same sites, under the same names, in the same order
+    # the same sites, under the same names, in the same order; TransformerLens adds the
+    # per-head query and key norms' own hooks (flattened over batch, position and head)
+    ref = {k: v for k, v in ref.items() if ".q_norm." not in k and ".k_norm." not in k}
     assert list(out.cache) == list(ref), (set(out.cache) ^ set(ref))
     np.testing.assert_allclose(out.logits, logits.numpy(), atol=ATOL, rtol=0)
     for site, want in ref.items():
@@ -209,6 +217,8 @@ def test_absent_sites_are_refused_by_name(pair):
     (dict(hidden_act="mish"), "hidden_act 'mish'"),
     (dict(num_key_value_heads=4), "num_key_value_heads"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(layer_types=["sliding_attention", "full_attention", "full_attention"]), "layer_types"),
+    (dict(model_type="qwen3", use_sliding_window=True), "use_sliding_window"),
 ])
 def test_unsupported_config_is_refused_by_name(change, match):
     cfg = dict(model_type="llama", **CONFIGS["llama_gqa3"][1])
@@ -257,3 +267,15 @@ def test_patching_matches_transformer_lens(name, tmp_path):
         assert ours.shape == theirs.shape, fn
         np.testing.assert_allclose(ours, theirs, atol=ATOL, rtol=0, err_msg=fn)
         assert np.ptp(ours) > 1e-3, fn
+
+
+def test_qwen3_greedy_generation_matches_hf(tmp_path):
+    """the per-head query and key norms act on each new token in the cached steps too"""
+    hf = make_hf("qwen3_qk_norm", seed=4)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    prompt = np.array([[5, 17, 33, 2, 61]])
+    want = hf.generate(torch.as_tensor(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                       attention_mask=torch.ones(1, 5, dtype=torch.long)).numpy()
+    got = np.asarray(model.generate(prompt, 8, do_sample=False))
+    np.testing.assert_array_equal(got[:, :want.shape[1]], want)

@@ -452,7 +452,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             h.remove()
     cfg = hf.config
     H, C = cfg.num_attention_heads, cfg.hidden_size
-    dh = C // H
+    dh = getattr(cfg, "head_dim", None) or C // H
     out = {}
     for name in site_names:
         suffix = name.split(".", 2)[-1]

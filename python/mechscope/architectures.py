@@ -5,8 +5,9 @@ read both ways).
 
 Families: GPT-2 (LayerNorm, learned positions, Conv1D weights), Llama / Mistral /
 SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
-biases), Mixtral (Mistral's block with a mixture of SwiGLU experts in place of the
-MLP) and GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
+biases), Qwen3 (Llama's block with queries and keys RMS-normalised per head), Mixtral
+(Mistral's block with a mixture of SwiGLU experts in place of the MLP) and GPT-NeoX /
+Pythia (LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
 does not run is refused by name.
 """
 import math
@@ -23,7 +24,7 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
 
 _GPT2_DEFAULTS = {
@@ -46,7 +47,7 @@ _NEOX_DEFAULTS = {
     "rope_scaling": None, "attention_bias": True, "tie_word_embeddings": False,
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-            "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "GPTNeoXForCausalLM": "gpt_neox"}
 
 
 def _positive_int(cfg, key):
@@ -167,6 +168,8 @@ def _llama(config, family):
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
     if family == "mixtral":
         cfg.update(num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5)
+    if family == "qwen3":
+        cfg.update(head_dim=128, use_sliding_window=False, rope_theta=10000.0)
     cfg.update(config)
     cfg["model_type"] = family
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -183,8 +186,11 @@ def _llama(config, family):
     if cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
-    if family == "qwen2" and cfg.get("use_sliding_window"):
-        raise ValueError("config: use_sliding_window=True is not supported (Qwen2 sliding-window attention)")
+    if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise ValueError(f"config: use_sliding_window=True is not supported ({family} sliding-window attention)")
+    if any(t != "full_attention" for t in cfg.get("layer_types") or ()):
+        raise ValueError("config: layer_types other than 'full_attention' are not supported (sliding-window "
+                         "attention)")
     n_ctx = cfg["max_position_embeddings"]
     if family in ("mistral", "mixtral") and cfg.get("sliding_window"):
         # within the window, sliding-window attention is ordinary causal attention
@@ -198,7 +204,8 @@ def _llama(config, family):
                 tied=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
-                mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0)
+                mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
+                qk_norm=int(family == "qwen3"))
     if family == "mixtral":
         # router_jitter_noise and the auxiliary loss act in training only; mechscope runs
         # the model as HuggingFace evaluates it
@@ -340,8 +347,12 @@ _MIXTRAL_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(p for p in _LLAMA_WEIGHT
                              ("block_sparse_moe.experts.{e}.w3.weight", "F C"))),
     Pair("mlp.w_out", STACK, (("block_sparse_moe.experts.{e}.w2.weight", "C F"),))))
 
+# Qwen3: Llama's weights and each block's per-head query and key norms ("D": d_head)
+_QWEN3_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=_LLAMA_WEIGHTS.blocks + (
+    _same("attn.q_norm.w", "self_attn.q_norm.weight", "D"), _same("attn.k_norm.w", "self_attn.k_norm.weight", "D")))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
-            "mixtral": _MIXTRAL_WEIGHTS}
+            "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -371,7 +382,7 @@ def _pairs(arch):
     flags = dict(arch, untied=not arch["tied"])
     QD, KD = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"]
     dims = {"C": arch["d_model"], "3C": 3 * arch["d_model"], "V": arch["d_vocab"], "P": arch["n_ctx"],
-            "F": arch["d_mlp"], "QD": QD, "KD": KD, "E": arch.get("n_experts", 0)}
+            "F": arch["d_mlp"], "QD": QD, "KD": KD, "E": arch.get("n_experts", 0), "D": arch["d_head"]}
 
     def per_expert(hf):
         if not any("{e}" in n for n, _ in hf):
@@ -412,7 +423,7 @@ def weight_kinds(arch):
         if how == TIED:
             continue
         short = _in_block(core)[1]
-        if short.startswith("ln") and short.endswith(".w"):
+        if (short.startswith("ln") or short.endswith("_norm.w")) and short.endswith(".w"):
             kind = "norm"
         elif short.startswith("ln") or ".b_" in short:
             kind = "bias"
@@ -508,7 +519,8 @@ def core_config(arch):
             "norm", "activation", "gated_mlp", "parallel", "rotary_dim", "rope_scale", "scale_attn_weights",
             "scale_attn_by_inverse_layer", "linear_trans")
     out = {k: arch[k] for k in keys}
-    out.update(n_experts=arch.get("n_experts", 0), experts_per_token=arch.get("experts_per_token", 0))
+    out.update(n_experts=arch.get("n_experts", 0), experts_per_token=arch.get("experts_per_token", 0),
+               qk_norm=arch.get("qk_norm", 0))
     return out
 
 

