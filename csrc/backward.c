@@ -533,7 +533,8 @@ static float *grad_part(float *g, size_t offset) { return g ? g + offset : NULL;
  * w = q renormalised over each token's chosen experts, y = sum over them of
  * w_e f_e(x), f_e a gated MLP. Each expert's activations are recomputed here from x:
  *   dw_e = dy . f_e(x);  f_e's backward from w_e dy (its weights' gradients, dx);
- *   dq_e = (dw_e - sum_j dw_j w_j) / S for the chosen e (S their q's sum), else 0
+ *   dq_e = (dw_e - sum_j dw_j w_j) / S for the chosen e (S their q's sum; without the
+ *   renormalisation, dq_e = dw_e), else 0
  *   (which experts are chosen does not change under a small change of q);
  *   dp = the actions taken back; d(x Wr) = p * (dp - p . dp). */
 static void moe_block_backward(bwd *b, int l, const ms_block_grad *wg) {
@@ -546,7 +547,8 @@ static void moe_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     float *dy = output_grad(b, MS_SITE_MLP_OUT, l);
     token_site(b, MS_SITE_MLP_OUT, l, dy, C);
     const float *x = norm_output(b, t->ln2 + at * C, w->ln2_w, w->ln2_b, b->tmp);
-    for (int i = 0; i < N; i++) ms_expert_weights(b->moe_w + (size_t)i * E, q + (size_t)i * E, E, K);
+    for (int i = 0; i < N; i++)
+        ms_expert_weights(b->moe_w + (size_t)i * E, q + (size_t)i * E, E, K, c->expert_renormalize);
     ms_zero(b->moe_dw, (size_t)N * E, b->n_threads);
     ms_zero(b->dln, (size_t)N * C, b->n_threads);
     for (int e = 0; e < E; e++) {
@@ -587,8 +589,8 @@ static void moe_block_backward(bwd *b, int l, const ms_block_grad *wg) {
             for (int j = 0; j < C; j++) dst[j] += src[j];
         }
     }
-    /* the renormalisation, in place: moe_dw becomes dq */
-    for (int i = 0; i < N; i++) {
+    /* the renormalisation, in place: moe_dw becomes dq (without one, dq = dw for the chosen) */
+    for (int i = 0; i < N && c->expert_renormalize; i++) {
         const float *qi = q + (size_t)i * E, *wi = b->moe_w + (size_t)i * E;
         float *g = b->moe_dw + (size_t)i * E, sum = 0.0f, dot = 0.0f;
         for (int e = 0; e < E; e++) {

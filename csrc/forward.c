@@ -617,7 +617,8 @@ static ms_linear_weight expert_part(const ms_linear_weight *w, size_t offset) {
 
 /* A mixture of experts on ln's rows (Mixtral's sparse MLP), into tmp_b:
  *   route[N, E] = softmax(ln @ router)                        (hook_expert_weights)
- *   expert_w[t] = route[t] renormalised over the token's k most probable experts
+ *   expert_w[t] = route[t] at the token's k most probable experts (renormalised over
+ *                 them if expert_renormalize), 0 elsewhere
  *   tmp_b[t] = sum over those experts e of expert_w[t, e] * expert_e(ln[t])
  * each expert a gated MLP run on its own tokens only, the experts in order (as
  * HuggingFace adds them up). */
@@ -631,7 +632,8 @@ static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
     if (L->tape) tape_copy(L, L->tape->route_raw, l, b->route, (size_t)E);
     if ((st = ms_visit_tokens(L, MS_SITE_EXPERT_WEIGHTS, l, b->route, E, err))) return st;
     if (L->tape) tape_copy(L, L->tape->route, l, b->route, (size_t)E);
-    for (int t = 0; t < N; t++) ms_expert_weights(b->expert_w + (size_t)t * E, b->route + (size_t)t * E, E, K);
+    for (int t = 0; t < N; t++)
+        ms_expert_weights(b->expert_w + (size_t)t * E, b->route + (size_t)t * E, E, K, c->expert_renormalize);
     ms_zero(b->tmp_b, (size_t)N * C, L->n_threads);
     for (int e = 0; e < E; e++) {
         int n = 0;

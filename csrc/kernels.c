@@ -1293,10 +1293,13 @@ int ms_expert_rank(const float *p, int E, int e) {
     return rank;
 }
 
-/* w[E] <- each expert's weight for one token: its probability p[e] over the sum of
- * the k most probable experts' (summed from the most probable down), 0 for the
- * others; all 0 when that sum is 0 (an intervention routed the token nowhere) */
-void ms_expert_weights(float *w, const float *p, int E, int k) {
+/* w[E] <- each expert's weight for one token (see kernels.h); a sum of 0 means an
+ * intervention routed the token nowhere */
+void ms_expert_weights(float *w, const float *p, int E, int k, int renormalize) {
+    if (!renormalize) {
+        for (int e = 0; e < E; e++) w[e] = ms_expert_rank(p, E, e) < k ? p[e] : 0.0f;
+        return;
+    }
     for (int e = 0; e < E; e++) {
         int rank = ms_expert_rank(p, E, e);
         if (rank < k) w[rank] = p[e]; /* w[0..k) <- the chosen, most probable first */

@@ -107,11 +107,11 @@ double ms_kl_divergence(const float *ref_logprob, const float *y, double log_z, 
 
 /* Routing of a mixture of experts. The rank of expert e among the E probabilities p:
  * how many come before it (higher, or equal with a lower index: a stable descending
- * sort). w[E] <- each expert's weight for the token: p[e] over the sum of the k most
- * probable experts' p (summed from the most probable down) for those k, 0 for the
+ * sort). w[E] <- each expert's weight for the token: for the k most probable experts
+ * p[e], over their sum (summed from the most probable down) if renormalize; 0 for the
  * others; all 0 when that sum is 0. w must not be p. */
 int ms_expert_rank(const float *p, int E, int e);
-void ms_expert_weights(float *w, const float *p, int E, int k);
+void ms_expert_weights(float *w, const float *p, int E, int k, int renormalize);
 
 /* out[M, V] = x[M, C] @ unembed[V, C]^T */
 void ms_unembed(float *out, const float *x, const float *unembed, int M, int C, int V, int n_threads);

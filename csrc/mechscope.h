@@ -65,6 +65,8 @@ typedef struct {
     int n_experts;                   /* 0: one MLP; else a mixture of experts (Mixtral): a router
                                         picks experts_per_token of n_experts gated MLPs per token */
     int experts_per_token;
+    int expert_renormalize;          /* 1: the chosen experts' probabilities are renormalised to sum 1
+                                        (Mixtral; Qwen3-MoE's norm_topk_prob); 0: used as they are */
     int qk_norm;                     /* queries and keys RMS-normalised per head (Qwen3's q_norm,
                                         k_norm) after hook_q / hook_k, before the rotation */
 } ms_config;

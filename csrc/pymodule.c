@@ -141,6 +141,10 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         config_int(config, "linear_trans", &trans))
         return -1;
     if (PyDict_GetItemString(config, "qk_norm") && config_int(config, "qk_norm", &c.qk_norm)) return -1;
+    c.expert_renormalize = 1;
+    if (PyDict_GetItemString(config, "expert_renormalize") &&
+        config_int(config, "expert_renormalize", &c.expert_renormalize))
+        return -1;
     if (PyDict_GetItemString(config, "n_experts") &&
         (config_int(config, "n_experts", &c.n_experts) || config_int(config, "experts_per_token", &c.experts_per_token)))
         return -1;
@@ -1336,7 +1340,7 @@ static PyModuleDef_Slot module_slots[] = {{Py_mod_exec, module_exec}, {0, NULL}}
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, .m_name = "mechscope._core",
-    .m_doc = "mechscope's compute core: transformer forward passes (GPT-2, Llama, Qwen2, Qwen3, Mixtral, GPT-NeoX) with cached and intervened sites.",
+    .m_doc = "mechscope's compute core: transformer forward passes (GPT-2, Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE, GPT-NeoX) with cached and intervened sites.",
     .m_size = 0, .m_methods = module_methods, .m_slots = module_slots};
 
 PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&moduledef); }

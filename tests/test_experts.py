@@ -1,7 +1,8 @@
-"""Mixtures of experts (Mixtral): the forward pass and its sites against transformers
-(fp32, eager) and TransformerLens, interventions on the routing against HuggingFace
-with a hook on its router, and ms.experts against its definitions computed one run at
-a time."""
+"""Mixtures of experts (Mixtral, and Qwen3-MoE: per-head query and key norms, the chosen
+experts' probabilities used without renormalising): the forward pass and its sites
+against transformers (fp32, eager) and TransformerLens, interventions on the routing
+against HuggingFace with a hook on its router, gradients against autograd, and
+ms.experts against its definitions computed one run at a time."""
 import numpy as np
 import pytest
 import torch
@@ -17,14 +18,25 @@ torch.set_grad_enabled(False)
 MIXTRAL = ("mixtral", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=3,
                            intermediate_size=28, vocab_size=89, max_position_embeddings=64, num_local_experts=5,
                            num_experts_per_tok=2, rope_theta=1e4))
+# the same sizes as Qwen3-MoE, with a head width of its own and no renormalisation
+QWEN3_MOE = ("qwen3_moe", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                               num_hidden_layers=3, intermediate_size=50, moe_intermediate_size=28, vocab_size=89,
+                               max_position_embeddings=64, num_experts=5, num_experts_per_tok=2,
+                               norm_topk_prob=False, rope_theta=1e4))
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = make_hf(None, seed=2, spec=MIXTRAL)
-    folder = tmp_path_factory.mktemp("mixtral")
+@pytest.fixture(scope="module", params=[MIXTRAL, QWEN3_MOE], ids=lambda spec: spec[0])
+def pair(request, tmp_path_factory):
+    hf = make_hf(None, seed=2, spec=request.param)
+    folder = tmp_path_factory.mktemp(request.param[0])
     hf.save_pretrained(folder)
     return hf, ms.Model.from_pretrained(folder)
+
+
+def moe_of(hf, layer):
+    """a decoder layer's sparse MoE block (Mixtral's block_sparse_moe, Qwen3-MoE's mlp)"""
+    block = hf.model.layers[layer]
+    return block.block_sparse_moe if hasattr(block, "block_sparse_moe") else block.mlp
 
 
 def padded(model, seed, lengths, T, left):
@@ -42,8 +54,8 @@ def hf_moe_outputs(hf, tokens, mask, gate_hooks=None):
     """logits, hidden states, router probabilities [layers, B, T, E] and MoE block
     outputs [layers, B, T, C] of HF's run; gate_hooks {layer: fn(router_logits)}"""
     outs, handles = {}, []
-    for layer, block in enumerate(hf.model.layers):
-        moe = block.block_sparse_moe
+    for layer in range(len(hf.model.layers)):
+        moe = moe_of(hf, layer)
         handles.append(moe.register_forward_hook(lambda m, i, o, layer=layer: outs.__setitem__(layer, o)))
         if gate_hooks and layer in gate_hooks:
             handles.append(moe.gate.register_forward_hook(lambda m, i, o, f=gate_hooks[layer]: f(o)))
@@ -80,10 +92,13 @@ def test_logits_and_sites_match_hf(pair, left):
     assert np.abs(block_out).max() > 0.1
 
 
-def test_every_site_matches_transformer_lens(pair):
+def test_every_site_matches_transformer_lens(tmp_path):
+    """Mixtral (TransformerLens 2.18 has no Qwen3-MoE)"""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_mixtral_weights
-    hf, model = pair
+    hf = make_hf(None, seed=2, spec=MIXTRAL)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
     c = hf.config
     cfg = HookedTransformerConfig(
         d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
@@ -145,10 +160,19 @@ def test_routing_interventions_match_hf_with_a_router_hook(pair):
     tokens, mask = padded(model, 9, [8, 5], 8, left=True)
     real = mask.astype(bool)
 
-    # removing expert 3 at layer 1: HF with its router logit at -inf
-    def drop(o):
-        o[:, 3] = -torch.inf
-    logits, _, _, _ = hf_moe_outputs(hf, tokens, mask, {1: drop})
+    # removing expert 3 at layer 1: where the chosen experts' probabilities are
+    # renormalised, HF with its router logit at -inf; else HF's forward step for step
+    # with its probability at 0 (-inf would rescale the others)
+    if getattr(moe_of(hf, 1), "norm_topk_prob", True):
+        def drop(o):
+            o[:, 3] = -torch.inf
+        logits, _, _, _ = hf_moe_outputs(hf, tokens, mask, {1: drop})
+    else:
+        moe_of(hf, 1).forward = moe_forward(moe_of(hf, 1), {}, 1, zero=3)
+        try:
+            logits, _, _, _ = hf_moe_outputs(hf, tokens, mask)
+        finally:
+            del moe_of(hf, 1).forward
     ours = model.run(tokens, attention_mask=mask, logits="all",
                      interventions=[ms.Zero("blocks.1.mlp.hook_expert_weights", index=3)]).logits
     np.testing.assert_allclose(ours[real], logits[real], atol=ATOL, rtol=0)
@@ -177,12 +201,13 @@ def test_greedy_generation_matches_hf(pair):
     np.testing.assert_array_equal(np.asarray(got)[:, :want.shape[1]], want)
 
 
-def test_random_model_saves_as_a_checkpoint_transformers_loads(tmp_path):
-    config = dict(model_type="mixtral", **MIXTRAL[1])
+@pytest.mark.parametrize("spec", [MIXTRAL, QWEN3_MOE], ids=lambda spec: spec[0])
+def test_random_model_saves_as_a_checkpoint_transformers_loads(tmp_path, spec):
+    config = dict(model_type=spec[0], **spec[1])
     model = ms.Model.from_config(config, seed=4)
     ms.train.save_pretrained(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert type(hf).__name__ == "MixtralForCausalLM"
+    assert type(hf).__name__ == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[spec[0]]
     tokens = np.random.default_rng(1).integers(0, model.d_vocab, (2, 7))
     want = hf(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
@@ -207,7 +232,8 @@ def moe_forward(moe, deltas, layer, zero=None, drop=None):
         deltas[f"blocks.{layer}.mlp.hook_expert_weights"] = d
         p = p + d
         weights, selected = torch.topk(p, moe.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if getattr(moe, "norm_topk_prob", True):  # Mixtral always; Qwen3-MoE by its config
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
         for e, expert in enumerate(moe.experts):
             if e == drop:
@@ -228,7 +254,7 @@ def autograd(hf, tokens, mask, scalar_fn, zero=None):
         return value + d
 
     for layer, block in enumerate(hf.model.layers):
-        moe = block.block_sparse_moe
+        moe = moe_of(hf, layer)
         moe.forward = moe_forward(moe, deltas, layer, zero if layer == 1 else None)
         handles.append(block.register_forward_pre_hook(
             lambda m, a, kw, layer=layer: ((leaf(f"blocks.{layer}.hook_resid_pre", a[0]),) + a[1:], kw)
@@ -247,8 +273,8 @@ def autograd(hf, tokens, mask, scalar_fn, zero=None):
     finally:
         for h in handles:
             h.remove()
-        for block in hf.model.layers:
-            del block.block_sparse_moe.forward  # back to the class's own
+        for layer in range(len(hf.model.layers)):
+            del moe_of(hf, layer).forward  # back to the class's own
     B, T = np.shape(tokens)
     sites = {k: v.grad.numpy().reshape(B, T, -1) for k, v in deltas.items()}
     params = {n[len("model."):] if n.startswith("model.") else n: p.grad.numpy().copy()
@@ -408,8 +434,8 @@ def test_contributions_and_logit_attribution(pair):
     for r in range(3):
         for e in range(5):
             if e in top.indices[r]:
-                w = p[r, e] / top.values[r].sum()
-                want = (hf.model.layers[1].block_sparse_moe.experts[e](x[r:r + 1]) * w).numpy()[0]
+                w = p[r, e] / top.values[r].sum() if getattr(moe_of(hf, 1), "norm_topk_prob", True) else p[r, e]
+                want = (moe_of(hf, 1).experts[e](x[r:r + 1]) * w).numpy()[0]
                 np.testing.assert_allclose(parts[r, e], want, atol=ATOL, rtol=0)
             else:
                 assert not parts[r, e].any()
@@ -439,7 +465,7 @@ def test_dropping_an_expert_matches_hf(pair):
     rerouted = ms.experts.ablate(model, tokens, metric, attention_mask=mask)
     last = mask.sum(1) - 1
     for layer in range(3):
-        moe = hf.model.layers[layer].block_sparse_moe
+        moe = moe_of(hf, layer)
         for e in range(5):
             moe.forward = moe_forward(moe, {}, layer, drop=e)
             try:
@@ -487,13 +513,22 @@ def test_bad_input(pair, tmp_path):
         ms.experts.routing(dense, [[1, 2]])
     with pytest.raises(ValueError, match="hook_expert_weights.*routes"):
         dense.run([[1, 2]], cache="blocks.0.mlp.hook_expert_weights")
-    bad = dict(model_type="mixtral", **MIXTRAL[1])
-    bad["num_experts_per_tok"] = 6
-    with pytest.raises(ValueError, match="num_experts_per_tok"):
-        ms.Model.from_config(bad)
-    # a non-finite expert weight is named as HuggingFace names it
-    hf2 = make_hf(None, seed=2, spec=MIXTRAL)
-    hf2.model.layers[1].block_sparse_moe.experts[3].w3.weight[0, 0] = float("nan")
-    hf2.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight.*non-finite"):
+    for spec in (MIXTRAL, QWEN3_MOE):
+        bad = dict(model_type=spec[0], **spec[1])
+        bad["num_experts_per_tok"] = 6
+        with pytest.raises(ValueError, match="num_experts_per_tok"):
+            ms.Model.from_config(bad)
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        ms.Model.from_config(dict(model_type="qwen3_moe", **QWEN3_MOE[1], mlp_only_layers=[1]))
+
+
+@pytest.mark.parametrize("spec, part, name", [
+    (MIXTRAL, "w3", r"layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight"),
+    (QWEN3_MOE, "up_proj", r"layers\.1\.mlp\.experts\.3\.up_proj\.weight")], ids=["mixtral", "qwen3_moe"])
+def test_a_non_finite_expert_weight_is_named(tmp_path, spec, part, name):
+    """named as HuggingFace names it"""
+    hf = make_hf(None, seed=2, spec=spec)
+    getattr(moe_of(hf, 1).experts[3], part).weight[0, 0] = float("nan")
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=name + ".*non-finite"):
         ms.Model.from_pretrained(tmp_path)

@@ -6,8 +6,9 @@ read both ways).
 Families: GPT-2 (LayerNorm, learned positions, Conv1D weights), Llama / Mistral /
 SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
 biases), Qwen3 (Llama's block with queries and keys RMS-normalised per head), Mixtral
-(Mistral's block with a mixture of SwiGLU experts in place of the MLP) and GPT-NeoX /
-Pythia (LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
+(Mistral's block with a mixture of SwiGLU experts in place of the MLP), Qwen3-MoE
+(Qwen3's attention, a mixture of experts) and GPT-NeoX / Pythia (LayerNorm, partial
+rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
 does not run is refused by name.
 """
 import math
@@ -24,7 +25,7 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
 
 _GPT2_DEFAULTS = {
@@ -47,7 +48,8 @@ _NEOX_DEFAULTS = {
     "rope_scaling": None, "attention_bias": True, "tie_word_embeddings": False,
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
+            "Qwen3MoeForCausalLM": "qwen3_moe", "GPTNeoXForCausalLM": "gpt_neox"}
 
 
 def _positive_int(cfg, key):
@@ -168,8 +170,11 @@ def _llama(config, family):
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
     if family == "mixtral":
         cfg.update(num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5)
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         cfg.update(head_dim=128, use_sliding_window=False, rope_theta=10000.0)
+    if family == "qwen3_moe":
+        cfg.update(num_experts=128, num_experts_per_tok=8, norm_topk_prob=False, moe_intermediate_size=768,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     cfg.update(config)
     cfg["model_type"] = family
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -186,7 +191,7 @@ def _llama(config, family):
     if cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
-    if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+    if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
         raise ValueError(f"config: use_sliding_window=True is not supported ({family} sliding-window attention)")
     if any(t != "full_attention" for t in cfg.get("layer_types") or ()):
         raise ValueError("config: layer_types other than 'full_attention' are not supported (sliding-window "
@@ -205,7 +210,7 @@ def _llama(config, family):
                 qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
-                qk_norm=int(family == "qwen3"))
+                qk_norm=int(family in ("qwen3", "qwen3_moe")), expert_renormalize=1)
     if family == "mixtral":
         # router_jitter_noise and the auxiliary loss act in training only; mechscope runs
         # the model as HuggingFace evaluates it
@@ -214,6 +219,18 @@ def _llama(config, family):
         if arch["experts_per_token"] > arch["n_experts"]:
             raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
                              f"num_local_experts ({arch['n_experts']})")
+    if family == "qwen3_moe":
+        # every block a mixture (its config can also make some blocks plain MLPs)
+        if cfg["decoder_sparse_step"] != 1 or cfg["mlp_only_layers"]:
+            raise ValueError("config: decoder_sparse_step other than 1 and mlp_only_layers are not supported "
+                             "(blocks of two kinds in one model)")
+        arch["n_experts"] = _positive_int(cfg, "num_experts")
+        arch["experts_per_token"] = _positive_int(cfg, "num_experts_per_tok")
+        arch["d_mlp"] = _positive_int(cfg, "moe_intermediate_size")
+        arch["expert_renormalize"] = int(bool(cfg["norm_topk_prob"]))
+        if arch["experts_per_token"] > arch["n_experts"]:
+            raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
+                             f"num_experts ({arch['n_experts']})")
     arch["rope_inv_freq"] = rope_inv_freq(theta, d_head, cfg.get("rope_scaling"), n_ctx)
     return cfg, arch
 
@@ -351,8 +368,15 @@ _MIXTRAL_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(p for p in _LLAMA_WEIGHT
 _QWEN3_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=_LLAMA_WEIGHTS.blocks + (
     _same("attn.q_norm.w", "self_attn.q_norm.weight", "D"), _same("attn.k_norm.w", "self_attn.k_norm.weight", "D")))
 
+# Qwen3-MoE: Qwen3's attention and norms; a router and experts as Mixtral's, under other names
+_QWEN3_MOE_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
+    p for p in _QWEN3_WEIGHTS.blocks if not p.core.startswith("mlp.")) + (
+    _same("mlp.w_router", "mlp.gate.weight", "E C"),
+    Pair("mlp.w_in", STACK, (("mlp.experts.{e}.gate_proj.weight", "F C"), ("mlp.experts.{e}.up_proj.weight", "F C"))),
+    Pair("mlp.w_out", STACK, (("mlp.experts.{e}.down_proj.weight", "C F"),))))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
-            "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS}
+            "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -520,7 +544,7 @@ def core_config(arch):
             "scale_attn_by_inverse_layer", "linear_trans")
     out = {k: arch[k] for k in keys}
     out.update(n_experts=arch.get("n_experts", 0), experts_per_token=arch.get("experts_per_token", 0),
-               qk_norm=arch.get("qk_norm", 0))
+               qk_norm=arch.get("qk_norm", 0), expert_renormalize=arch.get("expert_renormalize", 1))
     return out
 
 

@@ -279,10 +279,13 @@ def interaction(model, tokens, metric, layer=None, *, units=None, attention_mask
 # ---- what each expert writes --------------------------------------------------------------
 
 def _expert_weights(model, probabilities):
-    """[..., experts] router probabilities -> each expert's weight: renormalised over the
-    chosen experts, 0 for the others (0 everywhere where the chosen ones sum to 0)."""
+    """[..., experts] router probabilities -> each expert's weight: the chosen experts'
+    probabilities, renormalised to sum 1 where the model does (Mixtral; Qwen3-MoE's
+    norm_topk_prob; 0 everywhere where they sum to 0), 0 for the others."""
     chosen = chosen_experts(probabilities, model.experts_per_token)
     kept = np.where(chosen, probabilities, 0.0).astype(np.float32)
+    if not model.arch.get("expert_renormalize", 1):
+        return kept
     total = kept.sum(-1, keepdims=True)
     return np.divide(kept, total, out=np.zeros_like(kept), where=total != 0)
 

