@@ -296,3 +296,218 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
     with torch.no_grad():
         ids = ref("The quick brown fox", return_tensors="pt").input_ids
         np.testing.assert_allclose(model.run(ids.numpy()).logits, hf(ids).logits.numpy(), atol=1e-4, rtol=0)
+
+
+# the other architectures, each as llama.cpp's converter writes it (widths multiples of
+# 32, as Q8_0 blocks need): HuggingFace names
+# mapped by the gguf package's own name table, every expert of a projection stacked
+# into one [experts, out, in] tensor, GPT-2's Conv1D matrices stored [out, in], the
+# rows of q and k permuted for llama files only; (GGUF architecture, HF model spec)
+_SMALL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+              intermediate_size=64, vocab_size=96, max_position_embeddings=64, rms_norm_eps=1e-6)
+FAMILIES = {
+    "qwen2": ("qwen2", ("qwen2", dict(_SMALL, tie_word_embeddings=True, rope_theta=1e6))),
+    "qwen3": ("qwen3", ("qwen3", dict(_SMALL, head_dim=16, rope_theta=1e6))),
+    "qwen3_moe": ("qwen3moe", ("qwen3_moe", dict(_SMALL, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=32, norm_topk_prob=True, rope_theta=1e4))),
+    "mixtral": ("llama", ("mixtral", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4))),
+    "gpt2": ("gpt2", None),
+}
+
+
+def _small_gpt2(seed, n_inner=64):
+    # 1024 positions: transformers does not read a gpt2 file's context length (it keeps
+    # GPT-2's 1024), nor its MLP width (it keeps 4 x n_embd); mechscope reads both
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_head=4, n_layer=2, n_positions=1024, vocab_size=96, n_inner=n_inner, layer_norm_epsilon=1e-4,
+        attn_implementation="eager")).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in hf.named_parameters():
+        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("ln_1.weight") or "ln_2.w" in name
+                or "ln_f.w" in name else torch.randn(p.shape, generator=g) / p.shape[0] ** 0.5)
+    return hf
+
+
+def write_family(hf, arch, path, kind="F32"):
+    """`hf` written as llama.cpp's converter writes a model of GGUF architecture `arch`."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "gpt2":
+        w.add_block_count(c.n_layer)
+        w.add_context_length(c.n_positions)
+        w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(c.n_inner)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+    else:
+        w.add_block_count(c.num_hidden_layers)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        if arch.startswith("qwen3"):
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+        experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+        if experts:
+            w.add_expert_count(experts)
+            w.add_expert_used_count(c.num_experts_per_tok)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    w.add_vocab_size(c.vocab_size)
+    # a byte-level BPE vocabulary of the model's size (transformers sizes a gpt2 file's
+    # vocabulary by it)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) if i >= 26 else chr(ord("a") + i) for i in range(c.vocab_size)])
+    w.add_token_merges([])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf.config.num_hidden_layers)
+    stacks = {}
+    for name, p in hf.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        if name == "lm_head.weight" and c.tie_word_embeddings:  # a tied model's file has no output.weight
+            continue
+        a = p.numpy().astype(np.float32)
+        stem, suffix = name.rsplit(".", 1)
+        parts = stem.split(".")
+        if "experts" in parts:  # experts.<e>.<projection>: stacked, in expert order
+            at = parts.index("experts")
+            stacks.setdefault(".".join(parts[:at + 1] + parts[at + 2:]) + "." + suffix, []).append(a)
+            continue
+        gg = names.get_name(stem) + "." + suffix
+        if arch == "gpt2" and a.ndim == 2 and gg.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+            a = a.T.copy()
+        if arch == "llama" and gg.endswith("attn_q.weight"):
+            a = _permute(a, c.num_attention_heads)
+        elif arch == "llama" and gg.endswith("attn_k.weight"):
+            a = _permute(a, c.num_key_value_heads)
+        _add(w, gg, a, kind)
+    for name, arrays in stacks.items():
+        stem, suffix = name.rsplit(".", 1)
+        _add(w, names.get_name(stem) + "." + suffix, np.stack(arrays), kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _add(w, name, a, kind):
+    if a.ndim == 1 or kind == "F32":
+        w.add_tensor(name, a)
+    else:
+        qt = gguf.GGMLQuantizationType[kind]
+        w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_file(request, tmp_path_factory):
+    arch, spec = FAMILIES[request.param]
+    hf = _small_gpt2(5) if spec is None else make_hf(None, seed=5, spec=spec)
+    folder = tmp_path_factory.mktemp(request.param)
+    path = folder / f"{request.param}.gguf"
+    write_family(hf, arch, path)
+    return request.param, hf, path
+
+
+def test_other_architectures_match_the_model_they_were_written_from(family_file):
+    family, hf, path = family_file
+    model = ms.Model.from_pretrained(path)
+    assert model.arch["family"] == family
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 96, (3, 9))
+    mask = np.ones((3, 9), np.int32)
+    mask[1, :3] = 0  # left padding
+    mask[2, 6:] = 0  # right padding
+    got = model.run(tokens, attention_mask=mask).logits
+    t, m = torch.as_tensor(tokens), torch.as_tensor(mask, dtype=torch.long)
+    with torch.no_grad():
+        want = hf(t, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0)).logits.numpy()
+    keep = mask == 1
+    np.testing.assert_allclose(got[keep], want[keep], atol=1e-4, rtol=0)
+
+
+# transformers' GGUF loader reads no head width for qwen3 (it keeps Qwen3's 128), no
+# expert width for qwen3moe (it keeps 768) and no renormalisation flag (it keeps
+# none, where llama.cpp renormalises; with every expert chosen the two agree)
+_FOR_TRANSFORMERS = {"qwen3": dict(head_dim=128),
+                     "qwen3_moe": dict(head_dim=128, moe_intermediate_size=768, num_experts_per_tok=4)}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "gpt2"])
+def test_other_architectures_match_transformers_gguf_loading(family, tmp_path):
+    """transformers' own GGUF loader, which knows llama.cpp's layouts independently,
+    reads the same file to the same logits (a quantized file: Q8_0)"""
+    arch, spec = FAMILIES[family]
+    if spec is None:
+        hf = _small_gpt2(6, n_inner=128)
+    else:
+        hf = make_hf(None, seed=6, spec=(spec[0], dict(spec[1], **_FOR_TRANSFORMERS.get(family, {}))))
+    path = tmp_path / f"{family}.gguf"
+    write_family(hf, arch, path, kind="Q8_0")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    tokens = np.random.default_rng(1).integers(0, 96, (2, 7))
+    with torch.no_grad():
+        want = ref(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ms.Model.from_pretrained(path).run(tokens).logits, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt2"])
+def test_two_byte_experts_and_transposed_matrices_stay_two_byte(family, tmp_path):
+    """an F16 file: experts split from one 2-byte tensor, GPT-2's matrices transposed
+    in 2 bytes; the same logits as the file widened to float32 at load"""
+    arch, spec = FAMILIES[family]
+    hf = _small_gpt2(7) if spec is None else make_hf(None, seed=7, spec=spec)
+    path = tmp_path / f"{family}.f16.gguf"
+    write_family(hf, arch, path, kind="F16")
+    half, full = ms.Model.from_pretrained(path), ms.Model.from_pretrained(path, dtype="float32")
+    assert half.dtype == "float16" and full.dtype == "float32"
+    for key, a in half._core_weights.items():  # matrices 2 bytes; norms, biases, wpe float32
+        assert a.dtype.itemsize == (2 if key in ("embed", "unembed") or ".w_" in key else 4), key
+    tokens = np.random.default_rng(2).integers(0, 96, (2, 8))
+    np.testing.assert_allclose(half.run(tokens).logits, full.run(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_bad_expert_files_are_refused_by_name(tmp_path):
+    arch, spec = FAMILIES["mixtral"]
+    hf = make_hf(None, seed=8, spec=spec)
+    path = tmp_path / "mixtral.gguf"
+    write_family(hf, arch, path)
+    reader = gguf.GGUFReader(str(path))
+    fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+
+    def rewrite(out, drop=(), tensors=None):
+        w = gguf.GGUFWriter(str(out), "llama")
+        for key, value in fields.items():
+            if key not in drop and key != "general.architecture":
+                if isinstance(value, list):
+                    w.add_array(key, value)
+                elif isinstance(value, str):
+                    w.add_string(key, value)
+                elif isinstance(value, float):
+                    w.add_float32(key, value)
+                else:
+                    w.add_uint32(key, value)
+        for t in reader.tensors:
+            data = np.array(t.data).reshape([int(n) for n in reversed(t.shape)])
+            name, data = (tensors or (lambda n, d: (n, d)))(t.name, data)
+            w.add_tensor(name, data)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return out
+
+    assert ms.Model.from_pretrained(rewrite(tmp_path / "same.gguf")).arch["n_experts"] == 4
+    with pytest.raises(ValueError, match="llama.expert_used_count is missing"):
+        ms.Model.from_pretrained(rewrite(tmp_path / "a.gguf", drop=("llama.expert_used_count",)))
+    with pytest.raises(ValueError, match=r"ffn_up_exps.weight has shape \[3, 64, 32\], not \[4 experts"):
+        ms.Model.from_pretrained(rewrite(tmp_path / "b.gguf", tensors=lambda n, d: (n, d[:3] if "up_exps" in n else d)))
+    # the older layout, one tensor per expert, is named
+    with pytest.raises(ValueError, match="ffn_gate.0.weight is not part of a llama model with experts"):
+        ms.Model.from_pretrained(rewrite(tmp_path / "c.gguf", tensors=lambda n, d: (
+            n.replace("ffn_gate_exps", "ffn_gate.0") if "gate_exps" in n else n, d[0] if "gate_exps" in n else d)))

