@@ -329,8 +329,9 @@ def _small_gpt2(seed, n_inner=64):
     return hf
 
 
-def write_family(hf, arch, path, kind="F32"):
-    """`hf` written as llama.cpp's converter writes a model of GGUF architecture `arch`."""
+def write_family(hf, arch, path, kind="F32", tokenizer=None):
+    """`hf` written as llama.cpp's converter writes a model of GGUF architecture `arch`;
+    tokenizer: (tokens, merges, token types) of a byte-level BPE vocabulary."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     if arch == "gpt2":
@@ -362,8 +363,13 @@ def write_family(hf, arch, path, kind="F32"):
     # a byte-level BPE vocabulary of the model's size (transformers sizes a gpt2 file's
     # vocabulary by it)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(0x100 + i) if i >= 26 else chr(ord("a") + i) for i in range(c.vocab_size)])
-    w.add_token_merges([])
+    if tokenizer is None:
+        w.add_token_list([chr(0x100 + i) if i >= 26 else chr(ord("a") + i) for i in range(c.vocab_size)])
+        w.add_token_merges([])
+    else:
+        w.add_token_list(tokenizer[0])
+        w.add_token_merges(tokenizer[1])
+        w.add_token_types(tokenizer[2])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf.config.num_hidden_layers)
     stacks = {}
     for name, p in hf.state_dict().items():
@@ -511,3 +517,27 @@ def test_bad_expert_files_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="ffn_gate.0.weight is not part of a llama model with experts"):
         ms.Model.from_pretrained(rewrite(tmp_path / "c.gguf", tensors=lambda n, d: (
             n.replace("ffn_gate_exps", "ffn_gate.0") if "gate_exps" in n else n, d[0] if "gate_exps" in n else d)))
+
+
+def test_qwen_files_split_text_as_qwen_does(tmp_path):
+    """a qwen2 file's byte-level BPE splits text with Qwen's pattern (single digits, a
+    leading non-letter kept on a word), as transformers' GGUF loader builds it; the
+    vocabulary and merges here are SmolLM2's"""
+    src = gguf.GGUFReader(gguf_file.smollm2_path())
+    tokens = list(gguf_file._value(src, "tokenizer.ggml.tokens"))
+    arch, spec = FAMILIES["qwen2"]
+    hf = make_hf(None, seed=9, spec=(spec[0], dict(spec[1], vocab_size=len(tokens))))
+    path = tmp_path / "qwen2-tok.gguf"
+    write_family(hf, arch, path, tokenizer=(tokens, list(gguf_file._value(src, "tokenizer.ggml.merges")),
+                                            [int(t) for t in gguf_file._value(src, "tokenizer.ggml.token_type")]))
+    model = ms.Model.from_pretrained(path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    strings = varied_strings(2000, seed=5) + ["In 2024, 12345 + 678 = 13023.", "(hello) [world] {x}",
+                                              "<|im_start|>user\nHi<|im_end|>", "naïve café 東京 🙂"]
+    want = ref(strings, add_special_tokens=False)["input_ids"]
+    got = [e.ids for e in model.tokenizer.backend.encode_batch(strings, add_special_tokens=False)]
+    bad = [s for s, a, b in zip(strings, got, want) if a != b]
+    assert not bad, f"{len(bad)} strings differ, e.g. {bad[:3]!r}"
+    assert model.to_tokens("12345", prepend_bos=False).shape[1] == 5  # one token per digit
+    for s in strings[:200]:
+        assert model.tokenizer.decode(model.tokenizer.encode(s)) == s

@@ -181,7 +181,7 @@ def read(path, keep_half=False):
                 weights[name.format(e=e)] = w[e]
         else:
             weights[name] = w
-    return config, weights, tokenizer_from_reader(reader, path)
+    return config, weights, tokenizer_from_reader(reader, path, arch)
 
 
 def _gpt2_config(need, vocab_size, tied):
@@ -266,10 +266,18 @@ def _spm_tokenizer(reader, tokens, types, unk, decoders, normalizers, models, To
     return tok
 
 
-def tokenizer_from_reader(reader, path):
+# Qwen's pre-tokenization: contractions, words with one leading non-letter, single
+# digits, punctuation runs, newlines, spaces (the split of Qwen2's tokenizer.json)
+_QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_ARCHITECTURES = ("qwen2", "qwen3", "qwen3moe")
+
+
+def tokenizer_from_reader(reader, path, arch=None):
     """The file's tokenizer (byte-level BPE, or SentencePiece-style BPE) as a
     `tokenizers.Tokenizer` behind mechscope's encode/decode adapter; None if the file
-    has none."""
+    has none. Byte-level BPE splits text as GPT-2 does, or as Qwen does in files of
+    Qwen's architectures (as transformers' GGUF loader decides, by architecture)."""
     kind = _value(reader, "tokenizer.ggml.model")
     if kind is None:
         return None
@@ -277,7 +285,7 @@ def tokenizer_from_reader(reader, path):
         raise ValueError(f"checkpoint {path}: tokenizer model {kind!r} is not supported "
                          "(supported: gpt2, byte-level BPE; llama, SentencePiece-style BPE)")
     try:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     except ImportError:
         raise ImportError("the tokenizer of a .gguf file needs the optional package `tokenizers` "
                           "(pip install 'mechscope[gguf]')") from None
@@ -287,6 +295,16 @@ def tokenizer_from_reader(reader, path):
     unk = _value(reader, "tokenizer.ggml.unknown_token_id")
     if kind == "llama":
         tok = _spm_tokenizer(reader, tokens, types, unk, decoders, normalizers, models, Tokenizer)
+    elif arch in _QWEN_ARCHITECTURES:
+        tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, byte_fallback=False))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        # Qwen's chat markers are special wherever the vocabulary has them
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>") if t in tokens])
     else:
         vocab = {tok: i for i, tok in enumerate(tokens)}
         bpe = models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True,

@@ -401,7 +401,9 @@ class Model:
     def _bos(self):
         tok = self.tokenizer
         bos = getattr(tok, "bos_token_id", None) if tok is not None else None
-        return bos if bos is not None else self.config.get("bos_token_id", 0)
+        if bos is None:
+            bos = self.config.get("bos_token_id")  # a config may hold None (a file without one)
+        return bos if bos is not None else 0
 
     def _encode(self, text):
         ids = self._need_tokenizer().encode(text)
