@@ -146,8 +146,9 @@ def rng():
 
 # ------------------------------------------------------- TransformerLens
 
-def tl_model_from_hf(hf_model):
-    """HookedTransformer with the HF model's exact weights and NO processing.
+def tl_model_from_hf(hf_model, cls=None):
+    """HookedTransformer (or its subclass `cls`) with the HF model's exact weights and
+    NO processing.
 
     TL's from_pretrained only knows official names (and would go to the hub),
     so the config is built by hand, mirroring TL's own GPT2LMHeadModel mapping
@@ -167,7 +168,7 @@ def tl_model_from_hf(hf_model):
         normalization_type="LN", positional_embedding_type="standard",
         original_architecture="GPT2LMHeadModel", dtype=torch.float32, device="cpu",
     )
-    tl = HookedTransformer(cfg)
+    tl = (cls or HookedTransformer)(cfg)
     state = convert_gpt2_weights(hf_model, cfg)
     tl.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,

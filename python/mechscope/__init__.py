@@ -40,6 +40,7 @@ from . import heads  # noqa: E402  (ms.heads.detect, ms.heads.repeated_tokens)
 from . import steering  # noqa: E402  (ms.steering.vector, ms.steering.sweep)
 from . import correctness  # noqa: E402  (ms.correctness.counterfactual_simulation, ...)
 from . import experts  # noqa: E402  (ms.experts.routing, ms.experts.ablate, ms.experts.interaction)
+from . import sae  # noqa: E402  (ms.sae.SAE, ms.sae.features, ms.sae.attribution, ...)
 
 __version__ = "0.1.0"
 

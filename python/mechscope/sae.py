@@ -1,0 +1,349 @@
+"""Sparse autoencoders (SAEs) at a site of a model: their features on any text, what
+removing features does, how much of the model a spliced-in SAE keeps, and each
+feature's attribution to a metric from one backward pass.
+
+    sae = ms.sae.SAE.load("path/to/sae")              # a SAELens folder: cfg.json + sae_weights.safetensors
+    f = ms.sae.features(model, tokens, sae)           # [batch, pos, d_sae]
+    model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, [12, 40])])
+    ms.sae.reconstruction_loss(model, tokens, sae)    # cross-entropy clean / spliced / zero-ablated
+    a = ms.sae.attribution(model, tokens, sae, metric)  # [batch, pos, d_sae]
+
+An SAE reads the site's value x (per token; a site with heads, such as
+``blocks.L.attn.hook_z``, flattened to heads x d_head) and computes
+
+    pre = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc
+    features = ReLU(pre)                                  architecture "standard"
+               ReLU(pre) where pre > threshold, else 0    "jumprelu" (a threshold per feature)
+               ReLU(pre) at the k largest pre, else 0     "topk"
+    reconstruction = features @ W_dec + b_dec
+
+as SAELens defines them, with its names and shapes (W_enc [d_in, d_sae], W_dec
+[d_sae, d_in]). ``ablate`` removes features' decoded parts from the site and keeps the
+SAE's error (x minus its reconstruction), so only the removed features change; ``splice``
+replaces the site by the reconstruction, error and all. ``attribution`` is attribution
+patching on the features (as in sparse feature circuits, Marks et al. 2024): the change
+of the metric when feature i at position p is removed, estimated to first order as
+-features[p, i] * (W_dec[i] . d metric / d x[p]), for every feature and position at once.
+
+The products are NumPy's (one matrix product each); the runs and the gradient are the C
+core's.
+"""
+import json
+import os
+
+import numpy as np
+
+from . import sites as _sites
+from .checkpoint import is_present, open_regular, read_safetensors
+from .interventions import Add, Set, Zero
+
+__all__ = ["SAE", "features", "ablate", "splice", "reconstruction_loss", "attribution"]
+
+ARCHITECTURES = ("standard", "jumprelu", "topk")
+
+
+class SAE:
+    """A sparse autoencoder at one site (see the module's docstring for what it computes).
+
+    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; site: the
+    site name it reads (TransformerLens's, as SAELens's hook_name); threshold [d_sae]
+    for "jumprelu"; k for "topk"; apply_b_dec_to_input: subtract b_dec from x before
+    encoding (SAELens's default, True)."""
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, site, *, architecture="standard", threshold=None, k=None,
+                 apply_b_dec_to_input=True):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture: expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+        if not isinstance(site, str):
+            raise TypeError(f"site: expected a site name, got {type(site).__name__}")
+        self.W_enc = _matrix(W_enc, "W_enc")
+        d_in, d_sae = self.W_enc.shape
+        self.W_dec = _matrix(W_dec, "W_dec", (d_sae, d_in))
+        self.b_enc = _vector(b_enc, "b_enc", d_sae)
+        self.b_dec = _vector(b_dec, "b_dec", d_in)
+        self.site, self.architecture = site, architecture
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.threshold = self.k = None
+        if architecture == "jumprelu":
+            if threshold is None:
+                raise ValueError("threshold: a jumprelu SAE needs one threshold per feature")
+            self.threshold = _vector(threshold, "threshold", d_sae)
+        elif threshold is not None:
+            raise ValueError(f"threshold: only used by jumprelu SAEs, not {architecture!r}")
+        if architecture == "topk":
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d_sae:
+                raise ValueError(f"k: a topk SAE needs an int in [1, {d_sae}], got {k!r}")
+            self.k = int(k)
+        elif k is not None:
+            raise ValueError(f"k: only used by topk SAEs, not {architecture!r}")
+
+    @property
+    def d_in(self):
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self):
+        return self.W_enc.shape[1]
+
+    def __repr__(self):
+        extra = f", k={self.k}" if self.k else ""
+        return f"SAE({self.site!r}, d_in={self.d_in}, d_sae={self.d_sae}, {self.architecture!r}{extra})"
+
+    # ---- the maps ----------------------------------------------------------------------
+
+    def encode(self, x):
+        """[..., d_in] -> features [..., d_sae] (float32)."""
+        x = self._input(x)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = x @ self.W_enc + self.b_enc
+        if self.architecture == "standard":
+            return np.maximum(pre, 0.0)
+        if self.architecture == "jumprelu":
+            return np.where(pre > self.threshold, np.maximum(pre, 0.0), 0.0).astype(np.float32)
+        # topk: the k largest pre-activations of each token, through a ReLU
+        flat = pre.reshape(-1, self.d_sae)
+        top = np.argpartition(-flat, self.k - 1, axis=1)[:, :self.k]
+        out = np.zeros_like(flat)
+        rows = np.arange(flat.shape[0])[:, None]
+        out[rows, top] = np.maximum(flat[rows, top], 0.0)
+        return out.reshape(pre.shape)
+
+    def decode(self, f):
+        """features [..., d_sae] -> reconstruction [..., d_in] (float32)."""
+        f = np.asarray(f, dtype=np.float32)
+        if f.ndim < 1 or f.shape[-1] != self.d_sae:
+            raise ValueError(f"features: expected shape [..., {self.d_sae}], got {list(f.shape)}")
+        return f @ self.W_dec + self.b_dec
+
+    def reconstruct(self, x):
+        """[..., d_in] -> decode(encode(x))."""
+        return self.decode(self.encode(x))
+
+    def _input(self, x):
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim < 1 or x.shape[-1] != self.d_in:
+            raise ValueError(f"x: expected shape [..., {self.d_in}] (the SAE's d_in), got {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise ValueError("x: contains NaN or infinity")
+        return x
+
+    # ---- files -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, folder):
+        """A SAELens folder: cfg.json and sae_weights.safetensors (SAELens 6's config,
+        with hook_name under "metadata", or an older one with it at the top)."""
+        folder = os.fspath(folder)
+        cfg_path, weights_path = os.path.join(folder, "cfg.json"), os.path.join(folder, "sae_weights.safetensors")
+        for path in (cfg_path, weights_path):
+            if not is_present(path, "SAE"):
+                raise ValueError(f"SAE {folder}: no {os.path.basename(path)} (a SAELens folder has cfg.json "
+                                 "and sae_weights.safetensors)")
+        with open_regular(cfg_path, "SAE") as f:
+            try:
+                cfg = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"SAE {cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"SAE {cfg_path}: not a JSON object")
+        meta = cfg.get("metadata") or {}
+        site = meta.get("hook_name", cfg.get("hook_name"))
+        if not isinstance(site, str):
+            raise ValueError(f"SAE {cfg_path}: no hook_name (the site the SAE reads)")
+        head = meta.get("hook_head_index", cfg.get("hook_head_index"))
+        if head is not None:
+            raise ValueError(f"SAE {cfg_path}: hook_head_index {head!r} (an SAE of one head) is not supported")
+        norm = cfg.get("normalize_activations", "none") or "none"
+        if norm != "none":
+            raise ValueError(f"SAE {cfg_path}: normalize_activations {norm!r} is not supported (only 'none')")
+        arch = cfg.get("architecture", "standard")
+        kwargs = cfg.get("activation_fn_kwargs") or {}
+        if arch == "standard" and cfg.get("activation_fn_str") == "topk":  # SAELens 5's topk
+            arch = "topk"
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"SAE {cfg_path}: architecture {arch!r} is not supported "
+                             f"(supported: {', '.join(ARCHITECTURES)})")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise ValueError(f"SAE {cfg_path}: rescale_acts_by_decoder_norm is not supported")
+        if cfg.get("activation_fn_str", "relu") not in ("relu", "topk"):
+            raise ValueError(f"SAE {cfg_path}: activation_fn_str {cfg['activation_fn_str']!r} is not supported")
+        w = read_safetensors(weights_path)
+        missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in w]
+        if missing:
+            raise ValueError(f"SAE {weights_path}: no tensor {missing[0]}")
+        threshold = w.get("threshold")
+        if threshold is None and "log_threshold" in w:
+            threshold = np.exp(w["log_threshold"])
+        sae = cls(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], site, architecture=arch,
+                  threshold=threshold if arch == "jumprelu" else None,
+                  k=cfg.get("k", kwargs.get("k")) if arch == "topk" else None,
+                  apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True))
+        for key in ("d_in", "d_sae"):
+            if key in cfg and cfg[key] != getattr(sae, key):
+                raise ValueError(f"SAE {cfg_path}: {key} is {cfg[key]!r}, but the weights have "
+                                 f"{getattr(sae, key)}")
+        return sae
+
+    def save(self, folder):
+        """Write cfg.json and sae_weights.safetensors as SAELens 6 does (what load reads)."""
+        from .train import write_safetensors
+
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
+               "device": "cpu", "apply_b_dec_to_input": self.apply_b_dec_to_input,
+               "normalize_activations": "none",
+               "reshape_activations": "hook_z" if self.site.endswith("hook_z") else "none",
+               "metadata": {"hook_name": self.site, "hook_head_index": None}}
+        if self.k is not None:
+            cfg["k"] = self.k
+        with open(os.path.join(folder, "cfg.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            tensors["threshold"] = self.threshold
+        write_safetensors(os.path.join(folder, "sae_weights.safetensors"), tensors)
+
+
+def _matrix(a, name, shape=None):
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.ndim != 2 or (shape is not None and a.shape != shape):
+        want = f"[{shape[0]}, {shape[1]}]" if shape else "a matrix"
+        raise ValueError(f"{name}: expected {want}, got shape {list(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: contains NaN or infinity")
+    return a
+
+
+def _vector(a, name, n):
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if a.shape != (n,):
+        raise ValueError(f"{name}: expected shape [{n}], got {list(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: contains NaN or infinity")
+    return a
+
+
+# ---- on a model ------------------------------------------------------------------------------
+
+def _check(model, sae):
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae: expected a mechscope.sae.SAE, got {type(sae).__name__}")
+    code, layer, suffix = _sites.parse(sae.site, model)
+    if suffix in _sites.ATTENTION:
+        raise ValueError(f"sae: site {sae.site!r} is an attention pattern, not a per-token activation")
+    width = int(np.prod(_sites.shape(suffix, model._shape_cfg, 1, 1)[2:]))
+    if width != sae.d_in:
+        raise ValueError(f"sae: site {sae.site!r} has {width} numbers per token in this model, "
+                         f"but the SAE reads {sae.d_in}")
+
+
+def _site_values(model, tokens, sae, attention_mask, interventions):
+    """(tokens, mask or None, the site's value [batch, pos, ...], the same [batch, pos, d_in])"""
+    _check(model, sae)
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    x = model.run(tokens, attention_mask=mask, cache=[sae.site], logits=None,
+                  interventions=interventions).cache[sae.site]
+    return tokens, mask, x, x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _real(mask, shape):
+    """1 at real tokens, 0 at padding, broadcastable to [batch, pos, ...]"""
+    if mask is None:
+        return np.ones(shape[:2] + (1,), np.float32)
+    return np.asarray(mask, np.float32)[:, :, None]
+
+
+def features(model, tokens, sae, *, attention_mask=None, interventions=None):
+    """The SAE's features at every token: [batch, pos, d_sae] (0 at padding), from one run
+    (with `interventions`, if given)."""
+    tokens, mask, _, x = _site_values(model, tokens, sae, attention_mask, interventions)
+    return sae.encode(x) * _real(mask, x.shape)
+
+
+def ablate(model, tokens, sae, features, *, pos=None, attention_mask=None, interventions=None):
+    """An intervention (ms.Add) that removes the given features' decoded parts from the
+    site, at every position or at `pos`, and keeps the rest of the site's value (other
+    features, b_dec and the SAE's error): x -> x - sum over features i of f_i W_dec[i].
+
+    It holds the values of these tokens' run (with `interventions`): use it in runs of
+    the same tokens, after the same interventions."""
+    feats = _feature_index(features, sae.d_sae)
+    tokens, mask, x_full, x = _site_values(model, tokens, sae, attention_mask, interventions)
+    f = sae.encode(x)[..., feats]
+    delta = -(f @ sae.W_dec[feats]) * _real(mask, x.shape)
+    delta = delta.reshape(x_full.shape)
+    if pos is not None:
+        delta = delta[:, _positions(pos, x.shape[1])]
+    return Add(sae.site, delta, pos=pos)
+
+
+def splice(model, tokens, sae, *, attention_mask=None, interventions=None):
+    """An intervention (ms.Set) that replaces the site's value by the SAE's
+    reconstruction at every token: the model run with the SAE spliced in."""
+    tokens, mask, x_full, x = _site_values(model, tokens, sae, attention_mask, interventions)
+    return Set(sae.site, sae.reconstruct(x).reshape(x_full.shape))
+
+
+def reconstruction_loss(model, tokens, sae, *, attention_mask=None):
+    """The mean next-token cross-entropy of the model as it is ("clean"), with the SAE
+    spliced in ("spliced") and with the site zero-ablated ("zero"), and the share of
+    the zero-ablation's loss the SAE recovers, ("zero" - "spliced") / ("zero" - "clean")
+    ("recovered", SAELens's CE loss score). Positions are those whose token and next
+    token are both real."""
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    ce = {}
+    for name, edit in (("clean", None), ("spliced", splice(model, tokens, sae, attention_mask=mask)),
+                       ("zero", Zero(sae.site))):
+        logits = model.run(tokens, attention_mask=mask, interventions=None if edit is None else [edit]).logits
+        ce[name] = _cross_entropy(logits, tokens, mask)
+    gap = ce["zero"] - ce["clean"]
+    ce["recovered"] = (ce["zero"] - ce["spliced"]) / gap if gap != 0 else float("nan")
+    return ce
+
+
+def attribution(model, tokens, sae, metric, *, attention_mask=None, interventions=None):
+    """Each feature's estimated effect on `metric` when it is removed at one position,
+    [batch, pos, d_sae]: -f[b, p, i] * (W_dec[i] . d metric[b] / d x[b, p]), from one
+    forward and one backward pass (0 at padding). metric: as model.grad's (a metric
+    object, or "cross_entropy")."""
+    _check(model, sae)
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    g = model.grad(tokens, metric, sites=[sae.site], attention_mask=mask, interventions=interventions,
+                   progress=False)
+    x, dx = g.activations[sae.site], g[sae.site]
+    B, T = x.shape[:2]
+    f = sae.encode(x.reshape(B, T, -1))
+    return -f * (dx.reshape(B, T, -1) @ sae.W_dec.T) * _real(mask, f.shape)
+
+
+def _feature_index(features, d_sae):
+    idx = np.asarray(features)
+    if idx.ndim == 0:
+        idx = idx[None]
+    if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu" or idx.min() < 0 or idx.max() >= d_sae:
+        raise ValueError(f"features: expected feature indices in [0, {d_sae}), got {features!r}")
+    return idx.astype(np.int64)
+
+
+def _positions(pos, n_pos):
+    idx = np.asarray(pos)
+    if idx.ndim == 0:
+        idx = idx[None]
+    if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu" or idx.min() < -n_pos or idx.max() >= n_pos:
+        raise ValueError(f"pos: expected positions in [0, {n_pos}), got {pos!r}")
+    return idx % n_pos
+
+
+def _cross_entropy(logits, tokens, mask):
+    """mean -log p(next token) over positions whose token and next token are real"""
+    logits = np.asarray(logits, np.float64)[:, :-1]
+    nxt = np.asarray(tokens)[:, 1:]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, nxt[..., None], -1)[..., 0]
+    keep = np.ones_like(nll, bool) if mask is None else (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+    if not keep.any():
+        raise ValueError("tokens: no position has a real token and a real next token")
+    return float(nll[keep].mean())

@@ -1,0 +1,279 @@
+"""mechscope.sae against SAELens: its files and SAEs (standard, JumpReLU, TopK), and its
+HookedSAETransformer on the same GPT-2 weights (features, the spliced-in SAE, feature
+ablations with the error term kept, the cross-entropy with the SAE spliced in, and the
+gradient through the features that attribution uses)."""
+import numpy as np
+import pytest
+import torch
+from conftest import hf_run, tl_model_from_hf
+from sae_lens import (HookedSAETransformer, JumpReLUSAE, JumpReLUSAEConfig, SAE as LensSAE, StandardSAE,
+                      StandardSAEConfig, TopKSAE, TopKSAEConfig)
+from sae_lens.saes.sae import SAEMetadata
+from scipy.stats import spearmanr
+
+import mechscope as ms
+
+KINDS = {"standard": (StandardSAEConfig, StandardSAE), "jumprelu": (JumpReLUSAEConfig, JumpReLUSAE),
+         "topk": (TopKSAEConfig, TopKSAE)}
+# the small model's sites of 30 numbers per token: the residual stream, the heads'
+# outputs before W_O (5 heads x 6, flattened as SAELens's hook_z SAEs read them), an MLP's output
+SITES = ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
+
+
+def lens_sae(kind, site, seed, d_in=30, d_sae=48, apply_b_dec_to_input=True):
+    """A SAELens SAE with random weights, about a third of its features active."""
+    cfg_cls, sae_cls = KINDS[kind]
+    extra = {"k": 7} if kind == "topk" else {}
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec_to_input,
+                  reshape_activations="hook_z" if site.endswith("hook_z") else "none",
+                  metadata=SAEMetadata(hook_name=site), **extra)
+    sae = sae_cls(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5)
+        sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g) - 0.2)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_sae ** 0.5)
+        sae.b_dec.copy_(0.2 * torch.randn(d_in, generator=g))
+        if kind == "jumprelu":
+            sae.threshold.copy_(0.3 * torch.rand(d_sae, generator=g))
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def models(small):
+    hf, _, model = small
+    return hf, model, tl_model_from_hf(hf, cls=HookedSAETransformer)
+
+
+def _tokens(model, seed, batch=3, pos=8):
+    return np.random.default_rng(seed).integers(0, model.d_vocab, (batch, pos))
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_saelens_files_load_and_encode_as_saelens(kind, apply_b_dec, tmp_path):
+    lens = lens_sae(kind, "blocks.1.hook_resid_pre", seed=1, apply_b_dec_to_input=apply_b_dec)
+    lens.save_model(tmp_path / "lens")
+    sae = ms.sae.SAE.load(tmp_path / "lens")
+    assert (sae.architecture, sae.site, sae.d_in, sae.d_sae) == (kind, "blocks.1.hook_resid_pre", 30, 48)
+    x = np.random.default_rng(2).normal(size=(4, 5, 30)).astype(np.float32)
+    with torch.no_grad():
+        want_f = lens.encode(torch.from_numpy(x)).numpy()
+        want_x = lens.decode(torch.from_numpy(want_f)).numpy()
+    f = sae.encode(x)
+    assert 0.1 < (want_f > 0).mean() < 0.6  # sparse, not empty
+    np.testing.assert_allclose(f, want_f, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sae.decode(f), want_x, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sae.reconstruct(x), want_x, atol=1e-5, rtol=0)
+    # and back: what mechscope writes, SAELens reads
+    sae.save(tmp_path / "ours")
+    again = LensSAE.load_from_disk(tmp_path / "ours")
+    assert type(again) is type(lens)
+    with torch.no_grad():
+        np.testing.assert_allclose(again.encode(torch.from_numpy(x)).numpy(), want_f, atol=1e-5, rtol=0)
+
+
+def test_encode_follows_the_definitions():
+    """each architecture computed the slow way, one token and one feature at a time"""
+    rng = np.random.default_rng(3)
+    W_enc, b_enc = rng.normal(size=(6, 10)), rng.normal(size=10) * 0.5
+    W_dec, b_dec, theta = rng.normal(size=(10, 6)), rng.normal(size=6), rng.random(10)
+    x = rng.normal(size=(5, 6))
+    for kind, extra in (("standard", {}), ("jumprelu", {"threshold": theta}), ("topk", {"k": 3})):
+        sae = ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture=kind, **extra)
+        got = sae.encode(x)
+        for t in range(5):
+            pre = [sum((x[t, j] - b_dec[j]) * W_enc[j, i] for j in range(6)) + b_enc[i] for i in range(10)]
+            kth = sorted(pre)[-3]
+            for i in range(10):
+                keep = {"standard": True, "jumprelu": pre[i] > theta[i], "topk": pre[i] >= kth}[kind]
+                want = max(pre[i], 0.0) if keep else 0.0
+                assert abs(got[t, i] - want) < 1e-5, (kind, t, i)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_features_splice_and_ablation_match_hooked_sae_transformer(models, site):
+    hf, model, tl = models
+    lens = lens_sae("topk" if site.endswith("hook_z") else "standard", site, seed=4)
+    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
+                     lens.b_dec.detach().numpy(), site, architecture=lens.cfg.architecture(),
+                     k=getattr(lens.cfg, "k", None))
+    tokens = _tokens(model, 5)
+    t = torch.as_tensor(tokens)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache_with_saes(t, saes=[lens])
+        spliced = tl.run_with_saes(t, saes=[lens]).numpy()
+    f = ms.sae.features(model, tokens, sae)
+    np.testing.assert_allclose(f, cache[f"{site}.hook_sae_acts_post"].numpy(), atol=1e-4, rtol=0)
+    got = model.run(tokens, interventions=[ms.sae.splice(model, tokens, sae)]).logits
+    np.testing.assert_allclose(got, spliced, atol=1e-4, rtol=0)
+    assert np.abs(spliced - model.run(tokens).logits).max() > 1e-2  # the splice changes the run
+
+    # features removed everywhere, the SAE's error kept (use_error_term)
+    active = np.argsort(-(f > 0).sum((0, 1)))[:3]
+
+    def remove(acts, hook):
+        acts[..., torch.as_tensor(active)] = 0.0
+        return acts
+
+    tl.add_sae(lens, use_error_term=True)
+    try:
+        with torch.no_grad():
+            want = tl.run_with_hooks(t, fwd_hooks=[(f"{site}.hook_sae_acts_post", remove)]).numpy()
+    finally:
+        tl.reset_saes()
+    got = model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, active)]).logits
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(want - model.run(tokens).logits).max() > 1e-2
+
+
+def test_ablation_at_some_positions_and_in_padded_rows(models):
+    """pos= removes the features at those positions only; a padded row's real tokens get
+    what the row gets alone (HF with the same edit at its block's input)"""
+    hf, model, _ = models
+    site = "blocks.1.hook_resid_pre"
+    lens = lens_sae("jumprelu", site, seed=6)
+    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
+                     lens.b_dec.detach().numpy(), site, architecture="jumprelu",
+                     threshold=lens.threshold.detach().numpy())
+    tokens = _tokens(model, 7)
+    mask = np.ones_like(tokens)
+    mask[1, :3] = 0  # left padding
+    mask[2, 6:] = 0  # right padding
+    feats, pos = [0, 5, 11, 20], [4, 5]
+    got = model.run(tokens, attention_mask=mask,
+                    interventions=[ms.sae.ablate(model, tokens, sae, feats, pos=pos, attention_mask=mask)]).logits
+    for row in range(3):
+        real = np.flatnonzero(mask[row])
+        x = hf_run(hf, tokens[row:row + 1, real])["hidden"][1][0]  # blocks.1.hook_resid_pre
+        f = sae.encode(x)
+        delta = np.zeros_like(x)
+        for p in pos:
+            if mask[row, p]:
+                k = int(np.searchsorted(real, p))
+                delta[k] = -(f[k, feats] @ sae.W_dec[feats])
+        handle = hf.transformer.h[1].register_forward_pre_hook(
+            lambda mod, args, kwargs: ((args[0] + torch.from_numpy(delta),) + args[1:], kwargs), with_kwargs=True)
+        try:
+            want = hf_run(hf, tokens[row:row + 1, real])["logits"][0]
+        finally:
+            handle.remove()
+        np.testing.assert_allclose(got[row, real], want, atol=1e-4, rtol=0)
+
+
+def test_reconstruction_loss_matches_hooked_sae_transformer(models):
+    _, model, tl = models
+    site = "blocks.1.hook_mlp_out"
+    lens = lens_sae("standard", site, seed=8)
+    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
+                     lens.b_dec.detach().numpy(), site)
+    tokens = _tokens(model, 9, batch=4, pos=10)
+    t = torch.as_tensor(tokens)
+    with torch.no_grad():
+        clean = float(tl(t, return_type="loss"))
+        spliced = float(tl.run_with_saes(t, saes=[lens], return_type="loss"))
+        zero = float(tl.run_with_hooks(t, return_type="loss", fwd_hooks=[(site, lambda a, hook: a * 0.0)]))
+    got = ms.sae.reconstruction_loss(model, tokens, sae)
+    for name, want in (("clean", clean), ("spliced", spliced), ("zero", zero)):
+        assert abs(got[name] - want) < 1e-4, (name, got[name], want)
+    assert abs(got["recovered"] - (zero - spliced) / (zero - clean)) < 1e-3
+
+
+def test_attribution_is_the_gradient_through_the_features(models):
+    """-f * d metric / d f, with the SAE spliced in and its error kept (SAELens's
+    use_error_term), by PyTorch's autograd; the metric: each row's logit difference
+    at its last token, summed over the rows"""
+    _, model, tl = models
+    site = "blocks.1.hook_resid_pre"
+    lens = lens_sae("standard", site, seed=10)
+    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
+                     lens.b_dec.detach().numpy(), site)
+    tokens = _tokens(model, 11)
+    answer, wrong = np.array([3, 17, 40]), np.array([9, 2, 33])
+    got = ms.sae.attribution(model, tokens, sae, ms.metrics.LogitDiff(answer, wrong))
+    kept = {}
+
+    def keep(acts, hook):
+        acts.retain_grad()
+        kept["f"] = acts
+        return acts
+
+    tl.add_sae(lens, use_error_term=True)
+    try:
+        with torch.enable_grad():
+            logits = tl.run_with_hooks(torch.as_tensor(tokens), fwd_hooks=[(f"{site}.hook_sae_acts_post", keep)])
+            rows = torch.arange(3)
+            diff = logits[rows, -1, torch.as_tensor(answer)] - logits[rows, -1, torch.as_tensor(wrong)]
+            diff.sum().backward()
+    finally:
+        tl.reset_saes()
+    f = kept["f"]
+    want = (-f * f.grad).detach().numpy()
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_attribution_ranks_the_exact_removals(models):
+    """each (position, feature) removed alone, exactly, in one run each: attribution's
+    first-order estimates order them alike (Spearman's rho printed)"""
+    _, model, _ = models
+    site = "blocks.1.hook_resid_pre"
+    lens = lens_sae("standard", site, seed=12, d_sae=24)
+    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
+                     lens.b_dec.detach().numpy(), site)
+    tokens = _tokens(model, 13, batch=1, pos=6)
+    metric = ms.metrics.LogitDiff(np.array([5]), np.array([8]))
+    estimate = ms.sae.attribution(model, tokens, sae, metric)[0]
+    base = float(metric.evaluate(model, tokens, None, None))
+    active = np.argwhere(ms.sae.features(model, tokens, sae)[0] > 0)
+    exact = np.array([float(metric.evaluate(model, tokens, None,
+                                            [ms.sae.ablate(model, tokens, sae, [i], pos=[p])])) - base
+                      for p, i in active])
+    rho = spearmanr(estimate[active[:, 0], active[:, 1]], exact).statistic
+    print(f"attribution vs exact removal of {len(active)} (position, feature) pairs: Spearman {rho:.3f}")
+    assert rho > 0.8
+
+
+def test_bad_input_is_refused_by_name(models, tmp_path):
+    _, model, _ = models
+    rng = np.random.default_rng(0)
+    W_enc, b_enc, W_dec, b_dec = rng.normal(size=(30, 8)), np.zeros(8), rng.normal(size=(8, 30)), np.zeros(30)
+    with pytest.raises(ValueError, match="W_dec: expected \\[8, 30\\]"):
+        ms.sae.SAE(W_enc, b_enc, W_dec.T, b_dec, "blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="architecture: expected one of"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture="gated")
+    with pytest.raises(ValueError, match="threshold: a jumprelu SAE needs"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture="jumprelu")
+    with pytest.raises(ValueError, match="k: a topk SAE needs an int in \\[1, 8\\]"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture="topk", k=9)
+    bad = W_enc.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="W_enc: contains NaN"):
+        ms.sae.SAE(bad, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre")
+    sae = ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="x: expected shape \\[..., 30\\]"):
+        sae.encode(np.zeros((2, 29)))
+    tokens = _tokens(model, 1)
+    with pytest.raises(ValueError, match="has 120 numbers per token in this model, but the SAE reads 30"):
+        ms.sae.features(model, tokens, ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.mlp.hook_post"))
+    with pytest.raises(ValueError, match="attention pattern"):
+        ms.sae.features(model, tokens, ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.attn.hook_pattern"))
+    with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 8\\)"):
+        ms.sae.ablate(model, tokens, sae, [8])
+    with pytest.raises(ValueError, match="pos: expected positions in \\[0, 8\\)"):
+        ms.sae.ablate(model, tokens, sae, [1], pos=[8])
+    # files
+    with pytest.raises(ValueError, match="no cfg.json"):
+        ms.sae.SAE.load(tmp_path)
+    lens = lens_sae("standard", "blocks.0.hook_resid_pre", seed=1)
+    lens.save_model(tmp_path / "a")
+    import json
+    cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
+    for change, message in ((dict(normalize_activations="layer_norm"), "normalize_activations 'layer_norm'"),
+                            (dict(architecture="gated"), "architecture 'gated' is not supported"),
+                            (dict(d_sae=47), "d_sae is 47, but the weights have 48"),
+                            (dict(metadata=dict(cfg["metadata"], hook_head_index=2)), "hook_head_index 2"),
+                            (dict(metadata={}), "no hook_name")):
+        (tmp_path / "a" / "cfg.json").write_text(json.dumps(dict(cfg, **change)))
+        with pytest.raises(ValueError, match=message):
+            ms.sae.SAE.load(tmp_path / "a")
