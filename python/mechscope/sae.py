@@ -7,6 +7,8 @@ feature's attribution to a metric from one backward pass.
     model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, [12, 40])])
     ms.sae.reconstruction_loss(model, tokens, sae)    # cross-entropy clean / spliced / zero-ablated
     a = ms.sae.attribution(model, tokens, sae, metric)  # [batch, pos, d_sae]
+    x = ms.extract(model, texts, site, positions="all")[site]  # activations to train one on
+    sae = ms.sae.train(x, d_sae=512, site=site, k=16)   # TopK (or l1=... for ReLU + L1)
 
 An SAE reads the site's value x (per token; a site with heads, such as
 ``blocks.L.attn.hook_z``, flattened to heads x d_head) and computes
@@ -37,7 +39,7 @@ from . import sites as _sites
 from .checkpoint import is_present, open_regular, read_safetensors
 from .interventions import Add, Set, Zero
 
-__all__ = ["SAE", "features", "ablate", "splice", "reconstruction_loss", "attribution"]
+__all__ = ["SAE", "train", "features", "ablate", "splice", "reconstruction_loss", "attribution"]
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 
@@ -347,3 +349,6 @@ def _cross_entropy(logits, tokens, mask):
     if not keep.any():
         raise ValueError("tokens: no position has a real token and a real next token")
     return float(nll[keep].mean())
+
+
+from .sae_training import train  # noqa: E402  (ms.sae.train; it builds SAEs of this module)
