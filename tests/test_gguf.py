@@ -129,46 +129,93 @@ def _k_quant_blocks(rows, cols, kind, rng):
     return raw.reshape(rows, -1)
 
 
-def llama_writer(hf, path):
-    """A GGUF writer holding the hyperparameters of the Llama model `hf`."""
+def gguf_writer(hf, arch, path):
+    """A GGUF writer of architecture `arch` holding `hf`'s hyperparameters, as llama.cpp's
+    converter writes them."""
     c = hf.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "gpt2":
+        w.add_block_count(c.n_layer)
+        w.add_context_length(c.n_positions)
+        w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(c.n_inner)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+    else:
+        w.add_block_count(c.num_hidden_layers)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        if arch == "llama":
+            w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        if arch.startswith("qwen3"):
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+        experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+        if experts:
+            w.add_expert_count(experts)
+            w.add_expert_used_count(c.num_experts_per_tok)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
     w.add_vocab_size(c.vocab_size)
     return w
 
 
-def write_tensors(w, hf, kind="F32", rng=None):
-    """Adds `hf`'s weights as tensors of type `kind` (q/k rows in GGUF's order) and writes the file."""
+def llama_writer(hf, path):
+    return gguf_writer(hf, "llama", path)
+
+
+def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
+    """Adds `hf`'s weights as tensors of type `kind`, as llama.cpp's converter writes a
+    model of GGUF architecture `arch`, and writes the file: HuggingFace names mapped by
+    the gguf package's own name table, every expert of a projection stacked into one
+    [experts, out, in] tensor, GPT-2's Conv1D matrices stored [out, in], the rows of q
+    and k permuted for llama files only; a tied model's file has no output.weight."""
     c = hf.config
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    for hf_name, gg in gguf_file._BLOCK_NAMES.items():
-        for layer in range(c.num_hidden_layers):
-            names[f"model.layers.{layer}.{gg}"] = f"blk.{layer}.{hf_name}"
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    stacks = {}
     for name, p in hf.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
         a = p.numpy().astype(np.float32)
-        if name.endswith("q_proj.weight"):
+        stem, suffix = name.rsplit(".", 1)
+        parts = stem.split(".")
+        if "experts" in parts:  # experts.<e>.<projection>: stacked, in expert order
+            at = parts.index("experts")
+            stacks.setdefault(".".join(parts[:at + 1] + parts[at + 2:]) + "." + suffix, []).append(a)
+            continue
+        gg = names.get_name(stem) + "." + suffix
+        if arch == "gpt2" and a.ndim == 2 and gg.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+            a = a.T.copy()
+        if arch == "llama" and gg.endswith("attn_q.weight"):
             a = _permute(a, c.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and gg.endswith("attn_k.weight"):
             a = _permute(a, c.num_key_value_heads)
-        if a.ndim == 1 or kind == "F32":
-            w.add_tensor(names[name], a)
-        elif kind in ("Q4_K", "Q5_K", "Q6_K"):
-            qt = gguf.GGMLQuantizationType[kind]
-            w.add_tensor(names[name], _k_quant_blocks(*a.shape, kind, rng), raw_dtype=qt)
-        else:
-            qt = gguf.GGMLQuantizationType[kind]
-            # the bytes [rows, bytes per row] give the shape
-            w.add_tensor(names[name], gguf.quants.quantize(a, qt), raw_dtype=qt)
+        _add(w, gg, a, kind, rng)
+    for name, arrays in stacks.items():
+        stem, suffix = name.rsplit(".", 1)
+        _add(w, names.get_name(stem) + "." + suffix, np.stack(arrays), kind, rng)
+    _finish(w)
+
+
+def _add(w, name, a, kind, rng=None):
+    if a.ndim == 1 or kind == "F32":
+        w.add_tensor(name, a)
+    elif kind in ("Q4_K", "Q5_K", "Q6_K"):
+        w.add_tensor(name, _k_quant_blocks(*a.shape, kind, rng), raw_dtype=gguf.GGMLQuantizationType[kind])
+    else:
+        qt = gguf.GGMLQuantizationType[kind]
+        # the bytes [rows, bytes per row] give the shape
+        w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+
+
+def _finish(w):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -214,18 +261,12 @@ def test_unsupported_gguf_contents_are_refused_by_name(small_llama, tmp_path):
     a = np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32)
     w.add_tensor("token_embd.weight", gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q5_0),
                  raw_dtype=gguf.GGMLQuantizationType.Q5_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ValueError, match="token_embd.weight has GGUF type Q5_0"):
         ms.Model.from_pretrained(path)
     path2 = tmp_path / "falcon.gguf"
     w = gguf.GGUFWriter(str(path2), "falcon")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ValueError, match="GGUF architecture 'falcon'"):
         ms.Model.from_pretrained(path2)
     assert hf is not None
@@ -235,10 +276,7 @@ def test_unsupported_tokenizer_model_is_refused_by_name(tmp_path):
     path = tmp_path / "spm.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("bert")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     reader = gguf.GGUFReader(str(path))
     with pytest.raises(ValueError, match="tokenizer model 'bert'"):
         gguf_file.tokenizer_from_reader(reader, str(path))
@@ -298,11 +336,8 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
         np.testing.assert_allclose(model.run(ids.numpy()).logits, hf(ids).logits.numpy(), atol=1e-4, rtol=0)
 
 
-# the other architectures, each as llama.cpp's converter writes it (widths multiples of
-# 32, as Q8_0 blocks need): HuggingFace names
-# mapped by the gguf package's own name table, every expert of a projection stacked
-# into one [experts, out, in] tensor, GPT-2's Conv1D matrices stored [out, in], the
-# rows of q and k permuted for llama files only; (GGUF architecture, HF model spec)
+# the other architectures, each written as llama.cpp's converter writes it (see
+# write_tensors), widths multiples of 32 as Q8_0 blocks need; (GGUF architecture, HF spec)
 _SMALL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
               intermediate_size=64, vocab_size=96, max_position_embeddings=64, rms_norm_eps=1e-6)
 FAMILIES = {
@@ -331,82 +366,18 @@ def _small_gpt2(seed, n_inner=64):
 
 def write_family(hf, arch, path, kind="F32", tokenizer=None):
     """`hf` written as llama.cpp's converter writes a model of GGUF architecture `arch`;
-    tokenizer: (tokens, merges, token types) of a byte-level BPE vocabulary."""
-    c = hf.config
-    w = gguf.GGUFWriter(str(path), arch)
-    if arch == "gpt2":
-        w.add_block_count(c.n_layer)
-        w.add_context_length(c.n_positions)
-        w.add_embedding_length(c.n_embd)
-        w.add_feed_forward_length(c.n_inner)
-        w.add_head_count(c.n_head)
-        w.add_layer_norm_eps(c.layer_norm_epsilon)
-    else:
-        w.add_block_count(c.num_hidden_layers)
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
-        w.add_rope_freq_base(c.rope_theta)
-        w.add_layer_norm_rms_eps(c.rms_norm_eps)
-        if arch.startswith("qwen3"):
-            w.add_key_length(c.head_dim)
-            w.add_value_length(c.head_dim)
-        experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
-        if experts:
-            w.add_expert_count(experts)
-            w.add_expert_used_count(c.num_experts_per_tok)
-        if arch == "qwen3moe":
-            w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    w.add_vocab_size(c.vocab_size)
-    # a byte-level BPE vocabulary of the model's size (transformers sizes a gpt2 file's
-    # vocabulary by it)
+    tokenizer: (tokens, merges, token types) of a byte-level BPE vocabulary, else one
+    of the model's size without merges (transformers sizes a gpt2 file's vocabulary by it)."""
+    w = gguf_writer(hf, arch, path)
     w.add_tokenizer_model("gpt2")
     if tokenizer is None:
-        w.add_token_list([chr(0x100 + i) if i >= 26 else chr(ord("a") + i) for i in range(c.vocab_size)])
+        w.add_token_list([chr(0x100 + i) if i >= 26 else chr(ord("a") + i) for i in range(hf.config.vocab_size)])
         w.add_token_merges([])
     else:
         w.add_token_list(tokenizer[0])
         w.add_token_merges(tokenizer[1])
         w.add_token_types(tokenizer[2])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf.config.num_hidden_layers)
-    stacks = {}
-    for name, p in hf.state_dict().items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        if name == "lm_head.weight" and c.tie_word_embeddings:  # a tied model's file has no output.weight
-            continue
-        a = p.numpy().astype(np.float32)
-        stem, suffix = name.rsplit(".", 1)
-        parts = stem.split(".")
-        if "experts" in parts:  # experts.<e>.<projection>: stacked, in expert order
-            at = parts.index("experts")
-            stacks.setdefault(".".join(parts[:at + 1] + parts[at + 2:]) + "." + suffix, []).append(a)
-            continue
-        gg = names.get_name(stem) + "." + suffix
-        if arch == "gpt2" and a.ndim == 2 and gg.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
-            a = a.T.copy()
-        if arch == "llama" and gg.endswith("attn_q.weight"):
-            a = _permute(a, c.num_attention_heads)
-        elif arch == "llama" and gg.endswith("attn_k.weight"):
-            a = _permute(a, c.num_key_value_heads)
-        _add(w, gg, a, kind)
-    for name, arrays in stacks.items():
-        stem, suffix = name.rsplit(".", 1)
-        _add(w, names.get_name(stem) + "." + suffix, np.stack(arrays), kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _add(w, name, a, kind):
-    if a.ndim == 1 or kind == "F32":
-        w.add_tensor(name, a)
-    else:
-        qt = gguf.GGMLQuantizationType[kind]
-        w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    write_tensors(w, hf, kind, arch=arch)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -502,10 +473,7 @@ def test_bad_expert_files_are_refused_by_name(tmp_path):
             data = np.array(t.data).reshape([int(n) for n in reversed(t.shape)])
             name, data = (tensors or (lambda n, d: (n, d)))(t.name, data)
             w.add_tensor(name, data)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _finish(w)
         return out
 
     assert ms.Model.from_pretrained(rewrite(tmp_path / "same.gguf")).arch["n_experts"] == 4

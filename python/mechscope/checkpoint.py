@@ -59,6 +59,18 @@ def open_regular(path, what="checkpoint"):
         raise
 
 
+def read_json_object(path, what="checkpoint"):
+    """The JSON object (a dict) in a regular file; ValueError naming the file otherwise."""
+    with open_regular(path, what) as f:
+        try:
+            value = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{what} {path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path}: not a JSON object")
+    return value
+
+
 def is_present(path, what="checkpoint"):
     """True for a regular file, False if nothing is there, ValueError for anything else."""
     if not os.path.lexists(path):

@@ -9,7 +9,7 @@ import numpy as np
 from . import _dtypes, architectures, gguf_file, sites
 from ._progress import progress_bar
 from ._runtime import _core, format_bytes, get_memory_budget
-from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder
+from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder, read_json_object
 from .tokens import Tokens
 from .interventions import _CACHE, _CALLBACK, Intervention, Source, place_rows
 
@@ -303,14 +303,8 @@ class Model:
         config_path = os.path.join(folder, "config.json")
         if not is_present(config_path):
             raise ValueError(f"name_or_path: {folder} has no config.json")
-        with open_regular(config_path) as f:
-            try:
-                config = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"checkpoint {config_path}: not valid JSON ({e})") from None
+        config = read_json_object(config_path)
         # the sizes first: an absurd config is refused before any weight is read
-        if not isinstance(config, dict):
-            raise ValueError(f"checkpoint {config_path}: not a JSON object")
         if architectures.model_type(config) == "gpt2":
             cfg = _normalize_config(config, unknown="warn")
             _check_sizes(cfg)

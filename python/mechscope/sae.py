@@ -36,7 +36,7 @@ import os
 import numpy as np
 
 from . import sites as _sites
-from .checkpoint import is_present, open_regular, read_safetensors
+from .checkpoint import is_present, read_json_object, read_safetensors
 from .interventions import Add, Set, Zero
 
 __all__ = ["SAE", "train", "features", "ablate", "splice", "reconstruction_loss", "attribution"]
@@ -142,13 +142,7 @@ class SAE:
             if not is_present(path, "SAE"):
                 raise ValueError(f"SAE {folder}: no {os.path.basename(path)} (a SAELens folder has cfg.json "
                                  "and sae_weights.safetensors)")
-        with open_regular(cfg_path, "SAE") as f:
-            try:
-                cfg = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"SAE {cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"SAE {cfg_path}: not a JSON object")
+        cfg = read_json_object(cfg_path, "SAE")
         meta = cfg.get("metadata") or {}
         site = meta.get("hook_name", cfg.get("hook_name"))
         if not isinstance(site, str):
