@@ -127,6 +127,52 @@ def test_features_splice_and_ablation_match_hooked_sae_transformer(models, site)
     assert np.abs(want - model.run(tokens).logits).max() > 1e-2
 
 
+def test_edit_hook_matches_ablate_and_hooked_sae_transformer(models):
+    """the hook's removal equals ablate's, also after an intervention upstream; clamping
+    and scaling features equal SAELens's, with the error term kept"""
+    _, model, tl = models
+    site = "blocks.1.hook_resid_pre"
+    lens = lens_sae("standard", site, seed=14)
+    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
+                     lens.b_dec.detach().numpy(), site)
+    tokens = _tokens(model, 15)
+    feats = [1, 7, 30]
+    got = model.run(tokens, hooks={site: ms.sae.edit(sae, ablate=feats)}).logits
+    want = model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, feats)]).logits
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    upstream = ms.Zero("blocks.0.hook_attn_out")
+    got = model.run(tokens, interventions=[upstream], hooks={site: ms.sae.edit(sae, ablate=feats)}).logits
+    want = model.run(tokens, interventions=[upstream, ms.sae.ablate(model, tokens, sae, feats,
+                                                                    interventions=[upstream])]).logits
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+    clamp, scale = {3: 4.0, 11: 0.0}, {20: 3.0, 41: -1.0}
+
+    def set_features(acts, hook):
+        for i, v in clamp.items():
+            acts[..., i] = v
+        for i, v in scale.items():
+            acts[..., i] = acts[..., i] * v
+        return acts
+
+    tl.add_sae(lens, use_error_term=True)
+    try:
+        with torch.no_grad():
+            want = tl.run_with_hooks(torch.as_tensor(tokens),
+                                     fwd_hooks=[(f"{site}.hook_sae_acts_post", set_features)]).numpy()
+    finally:
+        tl.reset_saes()
+    got = model.run(tokens, hooks={site: ms.sae.edit(sae, clamp=clamp, scale=scale)}).logits
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(got - model.run(tokens).logits).max() > 1e-2
+    with pytest.raises(ValueError, match="give the features to edit"):
+        ms.sae.edit(sae)
+    with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 48\\)"):
+        ms.sae.edit(sae, clamp={48: 1.0})
+    with pytest.raises(ValueError, match="clamp: values must be finite"):
+        ms.sae.edit(sae, clamp={2: float("nan")})
+
+
 def test_ablation_at_some_positions_and_in_padded_rows(models):
     """pos= removes the features at those positions only; a padded row's real tokens get
     what the row gets alone (HF with the same edit at its block's input)"""

@@ -7,6 +7,7 @@ feature's attribution to a metric from one backward pass.
     model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, [12, 40])])
     ms.sae.reconstruction_loss(model, tokens, sae)    # cross-entropy clean / spliced / zero-ablated
     a = ms.sae.attribution(model, tokens, sae, metric)  # [batch, pos, d_sae]
+    model.run(tokens, hooks={sae.site: ms.sae.edit(sae, clamp={7: 5.0})})  # features edited as the run goes
     x = ms.extract(model, texts, site, positions="all")[site]  # activations to train one on
     sae = ms.sae.train(x, d_sae=512, site=site, k=16)   # TopK (or l1=... for ReLU + L1)
 
@@ -39,7 +40,7 @@ from . import sites as _sites
 from .checkpoint import is_present, read_json_object, read_safetensors
 from .interventions import Add, Set, Zero
 
-__all__ = ["SAE", "train", "features", "ablate", "splice", "reconstruction_loss", "attribution"]
+__all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstruction_loss", "attribution"]
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 
@@ -280,6 +281,40 @@ def splice(model, tokens, sae, *, attention_mask=None, interventions=None):
     reconstruction at every token: the model run with the SAE spliced in."""
     tokens, mask, x_full, x = _site_values(model, tokens, sae, attention_mask, interventions)
     return Set(sae.site, sae.reconstruct(x).reshape(x_full.shape))
+
+
+def edit(sae, *, ablate=(), clamp=None, scale=None):
+    """A hook for ``model.run(tokens, hooks={sae.site: ...})`` that edits features as the
+    run goes: at every token, the site's value x becomes x + (f' - f) @ W_dec, where f
+    are its features and f' the same with `ablate` features set to 0, `clamp` ({feature:
+    value}) set to a value and `scale` ({feature: factor}) multiplied; the SAE's error
+    and the other features are kept. Unlike ``ablate``, which holds the values of one
+    run, the hook encodes whatever reaches the site, so it stays exact after any other
+    intervention upstream (at the cost of a call into Python at the site)."""
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae: expected a mechscope.sae.SAE, got {type(sae).__name__}")
+    removed = _feature_index(list(ablate), sae.d_sae) if len(ablate) else np.zeros(0, np.int64)
+    clamp, scale = dict(clamp or {}), dict(scale or {})
+    if not (removed.size or clamp or scale):
+        raise ValueError("give the features to edit: ablate=[...], clamp={feature: value} or scale={feature: factor}")
+    for name, given in (("clamp", clamp), ("scale", scale)):
+        if given:
+            _feature_index(list(given), sae.d_sae)
+            if not all(np.isfinite(float(v)) for v in given.values()):
+                raise ValueError(f"{name}: values must be finite numbers")
+    c_idx, c_val = np.array(list(clamp), np.int64), np.array(list(clamp.values()), np.float32)
+    s_idx, s_val = np.array(list(scale), np.int64), np.array(list(scale.values()), np.float32)
+
+    def hook(value, site):
+        x = value.reshape(value.shape[0], value.shape[1], -1)
+        f = sae.encode(x)
+        g = f.copy()
+        g[..., removed] = 0.0
+        g[..., s_idx] *= s_val
+        g[..., c_idx] = c_val
+        return (x + (g - f) @ sae.W_dec).reshape(value.shape)
+
+    return hook
 
 
 def reconstruction_loss(model, tokens, sae, *, attention_mask=None):
