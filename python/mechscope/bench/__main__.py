@@ -26,6 +26,8 @@ BENCHMARKS = {
                  "greedy generation with the key/value cache vs rerunning every step vs HuggingFace's generate"),
     "experts": ("mechscope.bench.experts",
                 "a Mixtral-style model: forward pass and every expert removal vs HuggingFace"),
+    "sae": ("mechscope.bench.sae",
+            "sparse-autoencoder features, spliced loss and attribution vs SAELens's HookedSAETransformer"),
     "train": ("mechscope.bench.train",
               "one training step (forward + backward + AdamW) vs PyTorch: GPT-2 small size, or --size demo / addition"),
 }

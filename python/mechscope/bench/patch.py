@@ -49,8 +49,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def tl_from_hf(folder):
-    """HookedTransformer with the checkpoint's exact weights and no processing."""
+def tl_from_hf(folder, cls=None):
+    """HookedTransformer (or its subclass `cls`) with the checkpoint's exact weights and
+    no processing."""
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
@@ -63,7 +64,7 @@ def tl_from_hf(folder):
         n_layers=c.n_layer, n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
         act_fn=c.activation_function, normalization_type="LN", positional_embedding_type="standard",
         original_architecture="GPT2LMHeadModel", dtype=torch.float32, device="cpu")
-    tl = HookedTransformer(cfg)
+    tl = (cls or HookedTransformer)(cfg)
     tl.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,
                                    refactor_factored_attn_matrices=False)
