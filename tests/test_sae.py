@@ -223,6 +223,12 @@ def test_reconstruction_loss_matches_hooked_sae_transformer(models):
     for name, want in (("clean", clean), ("spliced", spliced), ("zero", zero)):
         assert abs(got[name] - want) < 1e-4, (name, got[name], want)
     assert abs(got["recovered"] - (zero - spliced) / (zero - clean)) < 1e-3
+    # padded rows: the positions whose token and next token are real, as model.grad's cross-entropy
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0
+    mask[2, 7:] = 0
+    padded = ms.sae.reconstruction_loss(model, tokens, sae, attention_mask=mask)
+    assert abs(padded["clean"] - model.grad(tokens, "cross_entropy", attention_mask=mask).value) < 1e-5
 
 
 def test_attribution_is_the_gradient_through_the_features(models):

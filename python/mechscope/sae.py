@@ -368,16 +368,26 @@ def _positions(pos, n_pos):
 
 
 def _cross_entropy(logits, tokens, mask):
-    """mean -log p(next token) over positions whose token and next token are real"""
-    logits = np.asarray(logits, np.float64)[:, :-1]
-    nxt = np.asarray(tokens)[:, 1:]
-    top = logits.max(-1, keepdims=True)
-    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, nxt[..., None], -1)[..., 0]
-    keep = np.ones_like(nll, bool) if mask is None else (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
-    if not keep.any():
+    """mean -log p(next token) over positions whose token and next token are real;
+    one row at a time in float32 (the log-sum-exp after subtracting the row's maximum,
+    summed in float64), so that a large vocabulary needs no float64 copy of the logits"""
+    tokens = np.asarray(tokens)
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):
+        if mask is None:
+            keep = np.arange(logits.shape[1] - 1)
+        else:
+            keep = np.flatnonzero((mask[b, :-1] == 1) & (mask[b, 1:] == 1))
+        if keep.size == 0:
+            continue
+        rows = logits[b, keep]
+        top = rows.max(1, keepdims=True)
+        lse = np.log(np.exp(rows - top).sum(1, dtype=np.float64)) + top[:, 0]
+        total += float((lse - rows[np.arange(keep.size), tokens[b, keep + 1]]).sum())
+        count += keep.size
+    if count == 0:
         raise ValueError("tokens: no position has a real token and a real next token")
-    return float(nll[keep].mean())
+    return total / count
 
 
 from .sae_training import train  # noqa: E402  (ms.sae.train; it builds SAEs of this module)
