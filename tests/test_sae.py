@@ -39,6 +39,26 @@ def lens_sae(kind, site, seed, d_in=30, d_sae=48, apply_b_dec_to_input=True):
     return sae.eval()
 
 
+def ours(lens):
+    """mechscope's SAE with the weights of SAELens's `lens`"""
+    arch = lens.cfg.architecture()
+    return ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
+                      lens.b_dec.detach().numpy(), lens.cfg.metadata.hook_name, architecture=arch,
+                      threshold=lens.threshold.detach().numpy() if arch == "jumprelu" else None,
+                      k=lens.cfg.k if arch == "topk" else None)
+
+
+def with_error_term(tl, lens, tokens, edit_features):
+    """SAELens's logits with `lens` spliced in, its error term kept, and
+    edit_features(acts, hook) at its features (hook_sae_acts_post)"""
+    tl.add_sae(lens, use_error_term=True)
+    try:
+        return tl.run_with_hooks(torch.as_tensor(tokens),
+                                 fwd_hooks=[(f"{lens.cfg.metadata.hook_name}.hook_sae_acts_post", edit_features)])
+    finally:
+        tl.reset_saes()
+
+
 @pytest.fixture(scope="module")
 def models(small):
     hf, _, model = small
@@ -95,9 +115,7 @@ def test_encode_follows_the_definitions():
 def test_features_splice_and_ablation_match_hooked_sae_transformer(models, site):
     hf, model, tl = models
     lens = lens_sae("topk" if site.endswith("hook_z") else "standard", site, seed=4)
-    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                     lens.b_dec.detach().numpy(), site, architecture=lens.cfg.architecture(),
-                     k=getattr(lens.cfg, "k", None))
+    sae = ours(lens)
     tokens = _tokens(model, 5)
     t = torch.as_tensor(tokens)
     with torch.no_grad():
@@ -116,12 +134,7 @@ def test_features_splice_and_ablation_match_hooked_sae_transformer(models, site)
         acts[..., torch.as_tensor(active)] = 0.0
         return acts
 
-    tl.add_sae(lens, use_error_term=True)
-    try:
-        with torch.no_grad():
-            want = tl.run_with_hooks(t, fwd_hooks=[(f"{site}.hook_sae_acts_post", remove)]).numpy()
-    finally:
-        tl.reset_saes()
+    want = with_error_term(tl, lens, tokens, remove).numpy()
     got = model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, active)]).logits
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(want - model.run(tokens).logits).max() > 1e-2
@@ -133,8 +146,7 @@ def test_edit_hook_matches_ablate_and_hooked_sae_transformer(models):
     _, model, tl = models
     site = "blocks.1.hook_resid_pre"
     lens = lens_sae("standard", site, seed=14)
-    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                     lens.b_dec.detach().numpy(), site)
+    sae = ours(lens)
     tokens = _tokens(model, 15)
     feats = [1, 7, 30]
     got = model.run(tokens, hooks={site: ms.sae.edit(sae, ablate=feats)}).logits
@@ -155,13 +167,7 @@ def test_edit_hook_matches_ablate_and_hooked_sae_transformer(models):
             acts[..., i] = acts[..., i] * v
         return acts
 
-    tl.add_sae(lens, use_error_term=True)
-    try:
-        with torch.no_grad():
-            want = tl.run_with_hooks(torch.as_tensor(tokens),
-                                     fwd_hooks=[(f"{site}.hook_sae_acts_post", set_features)]).numpy()
-    finally:
-        tl.reset_saes()
+    want = with_error_term(tl, lens, tokens, set_features).numpy()
     got = model.run(tokens, hooks={site: ms.sae.edit(sae, clamp=clamp, scale=scale)}).logits
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(got - model.run(tokens).logits).max() > 1e-2
@@ -179,9 +185,7 @@ def test_ablation_at_some_positions_and_in_padded_rows(models):
     hf, model, _ = models
     site = "blocks.1.hook_resid_pre"
     lens = lens_sae("jumprelu", site, seed=6)
-    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                     lens.b_dec.detach().numpy(), site, architecture="jumprelu",
-                     threshold=lens.threshold.detach().numpy())
+    sae = ours(lens)
     tokens = _tokens(model, 7)
     mask = np.ones_like(tokens)
     mask[1, :3] = 0  # left padding
@@ -211,8 +215,7 @@ def test_reconstruction_loss_matches_hooked_sae_transformer(models):
     _, model, tl = models
     site = "blocks.1.hook_mlp_out"
     lens = lens_sae("standard", site, seed=8)
-    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                     lens.b_dec.detach().numpy(), site)
+    sae = ours(lens)
     tokens = _tokens(model, 9, batch=4, pos=10)
     t = torch.as_tensor(tokens)
     with torch.no_grad():
@@ -238,8 +241,7 @@ def test_attribution_is_the_gradient_through_the_features(models):
     _, model, tl = models
     site = "blocks.1.hook_resid_pre"
     lens = lens_sae("standard", site, seed=10)
-    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                     lens.b_dec.detach().numpy(), site)
+    sae = ours(lens)
     tokens = _tokens(model, 11)
     answer, wrong = np.array([3, 17, 40]), np.array([9, 2, 33])
     got = ms.sae.attribution(model, tokens, sae, ms.metrics.LogitDiff(answer, wrong))
@@ -250,15 +252,11 @@ def test_attribution_is_the_gradient_through_the_features(models):
         kept["f"] = acts
         return acts
 
-    tl.add_sae(lens, use_error_term=True)
-    try:
-        with torch.enable_grad():
-            logits = tl.run_with_hooks(torch.as_tensor(tokens), fwd_hooks=[(f"{site}.hook_sae_acts_post", keep)])
-            rows = torch.arange(3)
-            diff = logits[rows, -1, torch.as_tensor(answer)] - logits[rows, -1, torch.as_tensor(wrong)]
-            diff.sum().backward()
-    finally:
-        tl.reset_saes()
+    with torch.enable_grad():
+        logits = with_error_term(tl, lens, tokens, keep)
+        rows = torch.arange(3)
+        diff = logits[rows, -1, torch.as_tensor(answer)] - logits[rows, -1, torch.as_tensor(wrong)]
+        diff.sum().backward()
     f = kept["f"]
     want = (-f * f.grad).detach().numpy()
     assert np.abs(want).max() > 1e-2
@@ -271,8 +269,7 @@ def test_attribution_ranks_the_exact_removals(models):
     _, model, _ = models
     site = "blocks.1.hook_resid_pre"
     lens = lens_sae("standard", site, seed=12, d_sae=24)
-    sae = ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                     lens.b_dec.detach().numpy(), site)
+    sae = ours(lens)
     tokens = _tokens(model, 13, batch=1, pos=6)
     metric = ms.metrics.LogitDiff(np.array([5]), np.array([8]))
     estimate = ms.sae.attribution(model, tokens, sae, metric)[0]

@@ -99,18 +99,7 @@ class SAE:
         x = self._input(x)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc
-        if self.architecture == "standard":
-            return np.maximum(pre, 0.0)
-        if self.architecture == "jumprelu":
-            return np.where(pre > self.threshold, np.maximum(pre, 0.0), 0.0).astype(np.float32)
-        # topk: the k largest pre-activations of each token, through a ReLU
-        flat = pre.reshape(-1, self.d_sae)
-        top = np.argpartition(-flat, self.k - 1, axis=1)[:, :self.k]
-        out = np.zeros_like(flat)
-        rows = np.arange(flat.shape[0])[:, None]
-        out[rows, top] = np.maximum(flat[rows, top], 0.0)
-        return out.reshape(pre.shape)
+        return _activation(x @ self.W_enc + self.b_enc, self.architecture, self.threshold, self.k)
 
     def decode(self, f):
         """features [..., d_sae] -> reconstruction [..., d_in] (float32)."""
@@ -201,6 +190,21 @@ class SAE:
         if self.threshold is not None:
             tensors["threshold"] = self.threshold
         write_safetensors(os.path.join(folder, "sae_weights.safetensors"), tensors)
+
+
+def _activation(pre, architecture, threshold=None, k=None):
+    """An SAE's features from its pre-activations [..., d_sae] (float32), by architecture."""
+    if architecture == "standard":
+        return np.maximum(pre, 0.0)
+    if architecture == "jumprelu":
+        return np.where(pre > threshold, np.maximum(pre, 0.0), 0.0).astype(np.float32)
+    # topk: the k largest pre-activations of each token, through a ReLU
+    flat = pre.reshape(-1, pre.shape[-1])
+    top = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+    out = np.zeros_like(flat)
+    rows = np.arange(flat.shape[0])[:, None]
+    out[rows, top] = np.maximum(flat[rows, top], 0.0)
+    return out.reshape(pre.shape)
 
 
 def _matrix(a, name, shape=None):

@@ -18,16 +18,11 @@ from ._progress import progress_bar
 
 
 def _forward(p, x, k):
-    """(pre-activations, features, reconstruction) of the batch x"""
-    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
-    if k is None:
-        f = np.maximum(pre, 0.0)
-    else:
-        top = np.argpartition(-pre, k - 1, axis=1)[:, :k]
-        rows = np.arange(x.shape[0])[:, None]
-        f = np.zeros_like(pre)
-        f[rows, top] = np.maximum(pre[rows, top], 0.0)
-    return pre, f, f @ p["W_dec"] + p["b_dec"]
+    """(features, reconstruction) of the batch x, as the SAE it trains computes them"""
+    from .sae import _activation  # noqa: PLC0415  (sae imports this module)
+
+    f = _activation((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"], "standard" if k is None else "topk", k=k)
+    return f, f @ p["W_dec"] + p["b_dec"]
 
 
 def loss_and_grads(p, x, k=None, l1=0.0):
@@ -35,7 +30,7 @@ def loss_and_grads(p, x, k=None, l1=0.0):
     module's docstring defines them. p: W_enc [d_in, d_sae], b_enc [d_sae], W_dec
     [d_sae, d_in], b_dec [d_in]."""
     B = x.shape[0]
-    _, f, x_hat = _forward(p, x, k)
+    f, x_hat = _forward(p, x, k)
     err = x_hat - x
     loss = float((err.astype(np.float64) ** 2).sum() / B)
     d_hat = (2.0 / B) * err                              # [B, d_in]
