@@ -4,7 +4,8 @@ softmax(logits / temperature) restricted by top_k and top_p, EOS ends a row, tex
 gives text out, the key/value cache gives what rerunning the whole sequence gives
 (GPT-2 and a Llama with rotary and grouped keys; interventions at every position, at
 one position, on the attention pattern), patches from another run act on the prompt
-as a HuggingFace hook at the prompt step does, and bad arguments get clear errors."""
+as a HuggingFace hook at the prompt step does, Python hooks act at every step (with and
+without the cache, beside interventions), and bad arguments get clear errors."""
 import numpy as np
 import pytest
 import torch
@@ -179,6 +180,97 @@ def test_the_cache_gives_what_rerunning_gives(models, family, side):
             plain = model.generate(tokens, 10, use_cache=False, **dict(kw, interventions=None))
             changed += not np.array_equal(np.asarray(plain), np.asarray(rerun))
     assert changed >= 4  # the interventions change the continuations, so the equalities above mean something
+
+
+def steering_hook(vector, seen=None):
+    """a Python hook that adds `vector` at every position it is given (and notes the
+    shapes it sees)"""
+    def hook(value, site):
+        if seen is not None:
+            seen.append(value.shape)
+        value += vector
+    return hook
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_steering_hook_matches_hf_generate(models, side):
+    """hooks act at every step: a hook adding a vector at block 1's input gives HF's
+    greedy continuations with the vector added there; with the cache the hook sees
+    the prompt, then each row's newest token"""
+    hf, model = models
+    vector = 4.0 * np.random.default_rng(5).standard_normal(CONFIG["n_embd"]).astype(np.float32)
+    tokens, mask = padded(PROMPTS, side)
+    seen = []
+    out = model.generate(tokens, 12, do_sample=False, stop_at_eos=False, attention_mask=mask,
+                         hooks={"blocks.1.hook_resid_pre": steering_hook(vector, seen)}, progress=False)
+    want = [hf_greedy(hf, p, 12, vector) for p in PROMPTS]
+    assert rows_of(out) == want
+    assert want != [hf_greedy(hf, p, 12) for p in PROMPTS]
+    assert seen == [(3, 9, CONFIG["n_embd"])] + [(3, 1, CONFIG["n_embd"])] * 11
+    seen.clear()
+    rerun = model.generate(tokens, 12, do_sample=False, stop_at_eos=False, attention_mask=mask, use_cache=False,
+                           hooks={"blocks.1.hook_resid_pre": steering_hook(vector, seen)}, progress=False)
+    assert rows_of(rerun) == want
+    assert seen == [(3, 9 + i, CONFIG["n_embd"]) for i in range(12)]  # the whole sequence at every step
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_hooks_with_and_without_the_cache(models, family, side):
+    """hooks that act on each position alone give the same tokens whether a step
+    computes only the newest token (the cache) or reruns everything: on the residual
+    stream (a new array returned), on an MLP's output (changed in place), on the keys
+    (which the cache then keeps as changed) and on the attention pattern ([batch,
+    heads, 1, keys] at a cached step)"""
+    model = models[1] if family == "gpt2" else ms.Model.from_config(LLAMA, seed=3)
+    key = "blocks.0.attn.hook_k" if family == "gpt2" else "blocks.0.attn.hook_rot_k"
+
+    def clamp_one(value, site):
+        value[..., 3] = np.maximum(value[..., 3], 2.0)
+
+    def squash(value, site):
+        return 3.0 * np.tanh(value)
+
+    def no_first_key(value, site):
+        assert value.ndim == 4 and value.shape[1] == model.n_heads
+        value[:, 1, :, 0] = 0.0
+
+    tokens, mask = padded(PROMPTS, side)
+    changed = 0
+    for hooks in ({"blocks.*.hook_resid_mid": squash}, {"blocks.0.hook_mlp_out": clamp_one}, {key: squash},
+                  {"blocks.1.attn.hook_pattern": no_first_key}):
+        for sample in (False, True):
+            kw = dict(do_sample=sample, seed=11, stop_at_eos=False, attention_mask=mask, hooks=hooks, progress=False)
+            cached = model.generate(tokens, 10, use_cache=True, **kw)
+            rerun = model.generate(tokens, 10, use_cache=False, **kw)
+            assert np.array_equal(np.asarray(cached), np.asarray(rerun))
+            assert np.array_equal(cached.attention_mask, rerun.attention_mask)
+            plain = model.generate(tokens, 10, use_cache=False, **dict(kw, hooks=None))
+            changed += not np.array_equal(np.asarray(plain), np.asarray(rerun))
+    assert changed >= 6  # the hooks change the continuations, so the equalities above mean something
+
+
+def test_hooks_and_interventions_together(models):
+    """at one site the interventions act first and the hook sees their result, at
+    every step, as in a run"""
+    _, model = models
+    tokens, mask = padded(PROMPTS, "left")
+    vector = np.random.default_rng(6).standard_normal(CONFIG["n_embd"]).astype(np.float32)
+    site = "blocks.1.hook_resid_pre"
+    seen = []
+
+    def double(value, site):
+        seen.append(value.copy())
+        return 2.0 * value
+
+    kw = dict(do_sample=False, stop_at_eos=False, attention_mask=mask, progress=False)
+    both = model.generate(tokens, 6, interventions=[ms.Add(site, vector)], hooks={site: double}, **kw)
+    # the same as one hook that adds, then doubles
+    alone = model.generate(tokens, 6, hooks={site: lambda v, s: 2.0 * (v + vector)}, **kw)
+    assert np.array_equal(np.asarray(both), np.asarray(alone))
+    # what the hook saw at the first step is the run's value after the Add
+    first = model.run(tokens, attention_mask=mask, interventions=[ms.Add(site, vector)], cache=site).cache[site]
+    np.testing.assert_allclose(seen[0][mask != 0], first[mask != 0], atol=1e-6)
 
 
 def hf_greedy_patched(hf, prompts, n, clean, pos):
@@ -420,5 +512,32 @@ def test_bad_input(models):
     with pytest.raises(ValueError, match=r"source: 'blocks.1.hook_resid_pre' has shape \[3, 9, 32\], this run "
                                          r"needs \[1, 5, 32\]"):
         model.generate(tokens, 2, interventions=[ms.Patch("blocks.1.hook_resid_pre", cache)], progress=False)
+    # hooks: a dict of callables, each returning the shape it was given (or None)
+    with pytest.raises(TypeError, match="hooks: expected a dict"):
+        model.generate(tokens, 2, hooks=[lambda v, s: v], progress=False)
+    with pytest.raises(TypeError, match="is not callable"):
+        model.generate(tokens, 2, hooks={"blocks.0.hook_resid_post": 3}, progress=False)
+    with pytest.raises(ValueError, match="matches no site"):
+        model.generate(tokens, 2, hooks={"blocks.9.*": lambda v, s: v}, progress=False)
+    for use_cache in (True, False):
+        steps = []
+
+        def wrong_at_step_2(value, site):
+            steps.append(value.shape)
+            return value if len(steps) < 2 else value[:, :0]
+
+        with pytest.raises(ValueError, match=r"returned shape \[1, 0, 32\], expected \[1, 1, 32\]" if use_cache
+                           else r"returned shape \[1, 0, 32\], expected \[1, 6, 32\]"):
+            model.generate(tokens, 4, hooks={"blocks.0.hook_resid_post": wrong_at_step_2}, use_cache=use_cache,
+                           progress=False)
+
+        def raises(value, site):
+            raise KeyError("from the hook")
+
+        with pytest.raises(KeyError, match="from the hook"):
+            model.generate(tokens, 2, hooks={"blocks.0.hook_resid_post": raises}, use_cache=use_cache,
+                           progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        model.generate(tokens, 2, hooks={"blocks.0.hook_resid_post": lambda v, s: v * np.nan}, progress=False)
     # greedy ignores the sampling arguments, as HF does
     assert model.generate(tokens, 2, do_sample=False, temperature=0, progress=False).shape == (1, 7)

@@ -179,6 +179,39 @@ def test_edit_hook_matches_ablate_and_hooked_sae_transformer(models):
         ms.sae.edit(sae, clamp={2: float("nan")})
 
 
+def test_feature_clamping_during_generation_matches_hooked_sae_transformer(models):
+    """ms.sae.edit as a generate hook: the greedy continuation with a feature clamped
+    at every step is SAELens's (its SAE spliced in with the error term, the feature
+    set at hook_sae_acts_post), for each prompt of a left-padded batch"""
+    _, model, tl = models
+    site = "blocks.1.hook_resid_pre"
+    lens = lens_sae("standard", site, seed=16)
+    sae = ours(lens)
+    prompts = [[5, 17, 3, 40, 22, 8], [9, 1, 33], [30, 2, 2, 41]]
+    width = max(map(len, prompts))
+    tokens = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros(tokens.shape, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    clamp = {5: 6.0}
+
+    def set_feature(acts, hook):
+        acts[..., 5] = 6.0
+        return acts
+
+    kw = dict(do_sample=False, stop_at_eos=False, attention_mask=mask, progress=False)
+    got = model.generate(tokens, 10, hooks={site: ms.sae.edit(sae, clamp=clamp)}, **kw)
+    plain = model.generate(tokens, 10, **kw)
+    want = []
+    for p in prompts:  # SAELens's greedy decoding, the whole sequence rerun at each step
+        for _ in range(10):
+            p = p + [int(with_error_term(tl, lens, [p], set_feature)[0, -1].argmax())]
+        want.append(p)
+    rows = [np.asarray(r)[m != 0].tolist() for r, m in zip(got, got.attention_mask)]
+    assert rows == want
+    assert not np.array_equal(np.asarray(got), np.asarray(plain))  # the clamp changes what the model says
+
+
 def test_ablation_at_some_positions_and_in_padded_rows(models):
     """pos= removes the features at those positions only; a padded row's real tokens get
     what the row gets alone (HF with the same edit at its block's input)"""

@@ -147,9 +147,9 @@ class _CachedSteps:
     steps compute the new tokens with the interventions that act on them (those that
     read another run act on the prompt only), the patched rows alone."""
 
-    def __init__(self, model, interventions, capacity):
+    def __init__(self, model, interventions, hook_fns, capacity):
         self.model, self.state = model, None
-        self.interventions = interventions
+        self.interventions, self.hook_fns = interventions, hook_fns
         self.later = [iv for iv in interventions if not _reads_another_run(iv)]
         self.capacity = capacity  # the most real tokens a row will have
 
@@ -160,27 +160,33 @@ class _CachedSteps:
         tokens, full_mask, actions = model._plan(ids.astype(np.int32), mask, interventions)
         R, T = tokens.shape  # R > B at the first step when Sources add rows
         last, _ = model._logit_positions("last", R, T, full_mask)
+        # hooks see the positions this step computes: the prompt's, then each row's newest
+        hook_actions, call_hook = model._hook_actions(self.hook_fns, len(ids), R, T,
+                                                      None if self.state is None else start)
         if self.state is None:
             kept = 4 * 2 * model.n_layers * R * self.capacity * model.n_kv_heads * model.d_head
-            model._check_budget(4 * R * model.d_vocab + kept, full_mask, R, T, 1)
+            hooked = sum(a[11].nbytes for a in hook_actions)
+            model._check_budget(4 * R * model.d_vocab + kept + hooked, full_mask, R, T, 1)
         out = np.empty((R, 1, model.d_vocab), np.float32)
         # the first step records the prompt's keys and values with room for the rest; each
         # later step appends its tokens' to them (row r to row r: a Source's rows, after
         # the patched ones, stay as the first step left them)
         kw = {"capacity": self.capacity} if self.state is None else \
             {"state": self.state, "start_pos": start.astype(np.int32)}
-        _, self.state = model._core.run(tokens, full_mask, actions, last, out, None, record=True, **kw)
+        _, self.state = model._core.run(tokens, full_mask, actions + hook_actions, last, out, call_hook,
+                                        record=True, **kw)
         return out[:len(ids), 0]
 
 
 def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
              seed=None, stop_at_eos=True, eos_token_id=None, interventions=None, attention_mask=None,
-             progress=None, use_cache=True):
+             progress=None, use_cache=True, hooks=None):
     """See Model.generate."""
     _check(max_new_tokens, do_sample, temperature, top_k, top_p)
     if not isinstance(use_cache, bool):
         raise ValueError(f"use_cache: expected True or False, got {use_cache!r}")
     interventions = model._check_interventions(interventions)
+    hook_fns = model._resolve_hooks(hooks)
     text_in = isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str))
     single = isinstance(tokens, str)
     ids, mask = model._check_tokens(tokens, attention_mask)  # text -> tokens; shapes, ids and mask checked
@@ -206,7 +212,7 @@ def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.
     ids, mask = ids.astype(np.int64), mask.copy()
     done = np.zeros(len(ids), bool)
     rows = np.arange(len(ids))
-    cached = _CachedSteps(model, interventions, max(longest, n_prompt)) if use_cache else None
+    cached = _CachedSteps(model, interventions, hook_fns, max(longest, n_prompt)) if use_cache else None
     start = None
     with progress_bar(progress, "generating", "token", total=max_new_tokens) as bar:
         for _ in range(max_new_tokens):
@@ -217,7 +223,7 @@ def generate(model, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.
             else:
                 now = interventions if ids.shape[1] == n_prompt else \
                     _at_length(model, interventions, n_prompt, ids.shape[1], {})
-                logits = model.run(Tokens(ids, mask), logits="last", interventions=now).logits
+                logits = model.run(Tokens(ids, mask), logits="last", interventions=now, hooks=hooks).logits
             if np.isnan(logits[~done]).any():
                 raise ValueError("generate: the logits of a row are NaN (an intervention wrote NaN?)")
             if do_sample:

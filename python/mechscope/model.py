@@ -563,11 +563,12 @@ class Model:
         R = full_tokens.shape[0]
 
         shapes = {}
-        for name in list(names) + [n for n, _ in hook_fns]:
+        for name in names:
             _, _, suffix = sites.parse(name, self)
             shapes[name] = sites.shape(suffix, self._shape_cfg, R, T)
         out_bytes = 4 * sum(int(np.prod(shapes[n])) for n in names)
-        out_bytes += 4 * sum(int(np.prod(shapes[n])) for n, _ in hook_fns)
+        hook_actions, call_hook = self._hook_actions(hook_fns, B, R, T)
+        out_bytes += sum(a[11].nbytes for a in hook_actions)
         if logit_shape is not None:
             out_bytes += 4 * R * int(np.prod(logit_shape[1:]))
         self._check_budget(out_bytes, full_mask, R, T, 0 if logit_pos is None else logit_pos.shape[1])
@@ -578,39 +579,23 @@ class Model:
             out = np.empty(shapes[name], np.float32)
             result.cache[name] = out[:B]
             actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, out, 0))
-        callbacks = []
-        for ident, (name, fn) in enumerate(hook_fns):
-            code, layer, _ = sites.parse(name, self)
-            buf = np.empty(shapes[name], np.float32)
-            callbacks.append((name, fn, buf))
-            actions.append((_CALLBACK, code, layer, -1, 0, None, None, None, None, None, 0, buf, ident))
+        actions += hook_actions
         # at one site: interventions first, then hooks, then caches see the final value
         actions.sort(key=lambda a: {_CALLBACK: 1, _CACHE: 2}.get(a[0], 0))
-
-        def call_hook(ident):
-            name, fn, buf = callbacks[ident]
-            view = buf[:B]
-            new = fn(view, name)
-            if new is not None and new is not view:
-                new = np.asarray(new, np.float32)
-                if new.shape != view.shape:
-                    raise ValueError(f"hook for {name!r} returned shape {list(new.shape)}, expected {list(view.shape)}")
-                view[...] = new
 
         logits_out = None
         if logit_pos is not None:
             logits_out = np.empty((R, logit_pos.shape[1], self.d_vocab), np.float32)
             if R > B:
                 logit_pos = np.concatenate([logit_pos, np.broadcast_to(logit_pos[:1], (R - B, logit_pos.shape[1]))])
-        self._core.run(full_tokens, full_mask, actions, logit_pos, logits_out,
-                       call_hook if callbacks else None)
+        self._core.run(full_tokens, full_mask, actions, logit_pos, logits_out, call_hook)
         if logits_out is not None:
             result.logits = logits_out[:B].reshape(logit_shape)
         return result
 
     def generate(self, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
                  seed=None, stop_at_eos=True, eos_token_id=None, interventions=None, attention_mask=None,
-                 progress=None, use_cache=True):
+                 progress=None, use_cache=True, hooks=None):
         """A continuation of each row, one token at a time, with the interventions
         applied at every step (a steering vector: ms.Add at a site, every position).
 
@@ -635,12 +620,19 @@ class Model:
             step computes only each row's newest token (interventions act on every
             position once: the prompt's at the first step, each new token's at its
             own); False reruns the whole sequence at every step. Both give the same
-            tokens."""
+            tokens.
+        hooks: as run's, called at every step, after the interventions. With the
+            cache a hook sees the positions the step computes: the prompt's at the
+            first step ([batch, pos, ...]), then each row's newest token ([batch, 1,
+            ...]; attention patterns [batch, heads, 1, keys]), as TransformerLens's
+            hooks see them with its key-value cache; without it, the whole sequence
+            at every step. A hook that acts on each position alone (ms.sae.edit, a
+            steering function) gives the same tokens either way."""
         from .generate import generate  # noqa: PLC0415
         return generate(self, tokens, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
                         interventions=interventions, attention_mask=attention_mask, progress=progress,
-                        use_cache=use_cache)
+                        use_cache=use_cache, hooks=hooks)
 
     def grad(self, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
              progress=None, hooks=None, out=None):
@@ -749,6 +741,40 @@ class Model:
                              f"{format_bytes(out_bytes)}), over the memory budget of "
                              f"{format_bytes(budget)}; cache fewer sites or raise it with "
                              "mechscope.set_memory_budget")
+
+    def _hook_actions(self, hook_fns, B, R, T, at=None):
+        """The callback actions of hooks [(name, fn)] in a run of R rows and T
+        positions, and the function the core calls at each ((actions, None) without
+        hooks). A hook sees the first B rows (the run's own, not a Source's); at: one
+        position per row ([B] ints) for a run that computes only those, which the hook
+        then sees alone ([B, 1, ...]; attention [B, heads, 1, keys])."""
+        actions, callbacks = [], []
+        for ident, (name, fn) in enumerate(hook_fns):
+            code, layer, suffix = sites.parse(name, self)
+            buf = np.empty(sites.shape(suffix, self._shape_cfg, R, T), np.float32)
+            callbacks.append((name, fn, buf, suffix in sites.ATTENTION))
+            actions.append((_CALLBACK, code, layer, -1, 0, None, None, None, None, None, 0, buf, ident))
+        rows = np.arange(B)
+
+        def call_hook(ident):
+            name, fn, buf, attention = callbacks[ident]
+            if at is None:
+                view = buf[:B]
+            else:  # each row's computed position, kept as an axis of length 1
+                view = buf[rows, :, at][:, :, None] if attention else buf[rows, at][:, None]
+            new = fn(view, name)
+            if new is not None and new is not view:
+                new = np.asarray(new, np.float32)
+                if new.shape != view.shape:
+                    raise ValueError(f"hook for {name!r} returned shape {list(new.shape)}, expected {list(view.shape)}")
+                view[...] = new
+            if at is not None:
+                if attention:
+                    buf[rows, :, at] = view[:, :, 0]
+                else:
+                    buf[rows, at] = view[:, 0]
+
+        return actions, (call_hook if callbacks else None)
 
     def _resolve_hooks(self, hooks):
         if hooks is None:
