@@ -167,19 +167,25 @@ def test_the_cache_gives_what_rerunning_gives(models, family, side):
         [ms.Scale("blocks.1.attn.hook_pattern", 0.0, head=1, key_pos=0),
          ms.Scale("blocks.0.mlp.hook_post", 2.0, index=[0, 3, 5])],
     ]
+    changed = sum(cached_equals_rerun(model, side, interventions=interventions) for interventions in cases)
+    assert changed >= 4  # the interventions change the continuations, so the equalities above mean something
+
+
+def cached_equals_rerun(model, side, **edits):
+    """asserts that generating PROMPTS (padded on `side`) with `edits` (interventions= or
+    hooks=) gives the same tokens with the cache and rerunning, greedy and sampled;
+    returns how many of the two differ from generating without the edits"""
     tokens, mask = padded(PROMPTS, side)
     changed = 0
-    for interventions in cases:
-        for sample in (False, True):
-            kw = dict(do_sample=sample, seed=11, stop_at_eos=False, attention_mask=mask,
-                      interventions=interventions, progress=False)
-            cached = model.generate(tokens, 10, use_cache=True, **kw)
-            rerun = model.generate(tokens, 10, use_cache=False, **kw)
-            assert np.array_equal(np.asarray(cached), np.asarray(rerun))
-            assert np.array_equal(cached.attention_mask, rerun.attention_mask)
-            plain = model.generate(tokens, 10, use_cache=False, **dict(kw, interventions=None))
-            changed += not np.array_equal(np.asarray(plain), np.asarray(rerun))
-    assert changed >= 4  # the interventions change the continuations, so the equalities above mean something
+    for sample in (False, True):
+        kw = dict(do_sample=sample, seed=11, stop_at_eos=False, attention_mask=mask, progress=False)
+        cached = model.generate(tokens, 10, use_cache=True, **kw, **edits)
+        rerun = model.generate(tokens, 10, use_cache=False, **kw, **edits)
+        assert np.array_equal(np.asarray(cached), np.asarray(rerun))
+        assert np.array_equal(cached.attention_mask, rerun.attention_mask)
+        plain = model.generate(tokens, 10, use_cache=False, **kw)
+        changed += not np.array_equal(np.asarray(plain), np.asarray(rerun))
+    return changed
 
 
 def steering_hook(vector, seen=None):
@@ -235,18 +241,9 @@ def test_hooks_with_and_without_the_cache(models, family, side):
         assert value.ndim == 4 and value.shape[1] == model.n_heads
         value[:, 1, :, 0] = 0.0
 
-    tokens, mask = padded(PROMPTS, side)
-    changed = 0
-    for hooks in ({"blocks.*.hook_resid_mid": squash}, {"blocks.0.hook_mlp_out": clamp_one}, {key: squash},
-                  {"blocks.1.attn.hook_pattern": no_first_key}):
-        for sample in (False, True):
-            kw = dict(do_sample=sample, seed=11, stop_at_eos=False, attention_mask=mask, hooks=hooks, progress=False)
-            cached = model.generate(tokens, 10, use_cache=True, **kw)
-            rerun = model.generate(tokens, 10, use_cache=False, **kw)
-            assert np.array_equal(np.asarray(cached), np.asarray(rerun))
-            assert np.array_equal(cached.attention_mask, rerun.attention_mask)
-            plain = model.generate(tokens, 10, use_cache=False, **dict(kw, hooks=None))
-            changed += not np.array_equal(np.asarray(plain), np.asarray(rerun))
+    changed = sum(cached_equals_rerun(model, side, hooks=hooks)
+                  for hooks in ({"blocks.*.hook_resid_mid": squash}, {"blocks.0.hook_mlp_out": clamp_one},
+                                {key: squash}, {"blocks.1.attn.hook_pattern": no_first_key}))
     assert changed >= 6  # the hooks change the continuations, so the equalities above mean something
 
 

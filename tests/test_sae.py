@@ -1,7 +1,8 @@
 """mechscope.sae against SAELens: its files and SAEs (standard, JumpReLU, TopK), and its
 HookedSAETransformer on the same GPT-2 weights (features, the spliced-in SAE, feature
-ablations with the error term kept, the cross-entropy with the SAE spliced in, and the
-gradient through the features that attribution uses)."""
+ablations with the error term kept, the cross-entropy with the SAE spliced in, the
+gradient through the features that attribution uses, and features clamped during
+generation), and each feature's most active tokens against sorting every token."""
 import numpy as np
 import pytest
 import torch
@@ -316,6 +317,93 @@ def test_attribution_ranks_the_exact_removals(models):
     assert rho > 0.8
 
 
+def _brute_top(f, real, k):
+    """each feature's k largest activations > 0 over the real tokens, ties by (row, pos),
+    by sorting every candidate: (values, rows, pos) [F, k], NaN / -1 past the last"""
+    n, T, F = f.shape
+    values, rows, pos = np.full((F, k), np.nan), np.full((F, k), -1), np.full((F, k), -1)
+    for j in range(F):
+        found = sorted((-f[r, p, j], r, p) for r in range(n) for p in range(T) if real[r, p] and f[r, p, j] > 0)
+        for i, (v, r, p) in enumerate(found[:k]):
+            values[j, i], rows[j, i], pos[j, i] = -v, r, p
+    return values, rows, pos
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 13])
+def test_top_activations_are_each_features_largest(models, batch_size):
+    """the k largest activations of each feature over the real tokens of a padded set,
+    where they are, and how often each feature is active, as sorting every token's
+    features (from runs of the same batches) gives them"""
+    _, model, _ = models
+    site = "blocks.1.hook_resid_pre"
+    sae = ours(lens_sae("standard", site, seed=17))
+    rng = np.random.default_rng(18)
+    tokens = rng.integers(0, model.d_vocab, (13, 9))
+    mask = np.ones(tokens.shape, np.int32)
+    for r, n in enumerate(rng.integers(2, 10, 13)):
+        mask[r, n:] = 0  # rows padded on the right
+    f = np.concatenate([ms.sae.features(model, tokens[lo:lo + batch_size], sae, attention_mask=mask[lo:lo + batch_size])
+                        for lo in range(0, 13, batch_size)])
+    real = mask != 0
+    top = ms.sae.top_activations(model, tokens, sae, k=6, attention_mask=mask, batch_size=batch_size, progress=False)
+    values, rows, pos = _brute_top(f, real, 6)
+    np.testing.assert_array_equal(top.features, np.arange(48))
+    np.testing.assert_array_equal(top.values, values.astype(np.float32))
+    np.testing.assert_array_equal(top.rows, rows)
+    np.testing.assert_array_equal(top.pos, pos)
+    np.testing.assert_allclose(top.density, (f[real] > 0).mean(axis=0))
+    assert np.isnan(top.values).any() and not np.isnan(top.values).all()  # some features have fewer than 6
+    assert real[top.rows[top.rows >= 0], top.pos[top.pos >= 0]].all()
+    some = ms.sae.top_activations(model, tokens, sae, k=2, features=[40, 3], attention_mask=mask,
+                                  batch_size=batch_size, progress=False)
+    np.testing.assert_array_equal(some.features, [40, 3])
+    np.testing.assert_array_equal(some.rows, rows[[40, 3], :2])
+    np.testing.assert_array_equal(some.values, top.values[[40, 3], :2])
+
+
+def test_top_activations_break_ties_by_the_earliest_token(models):
+    """rows that are the same tokens give the same activations (each run alone): the
+    earliest rows win, whatever the batch that found them"""
+    _, model, _ = models
+    sae = ours(lens_sae("standard", "blocks.1.hook_resid_pre", seed=19))
+    row = np.random.default_rng(20).integers(0, model.d_vocab, 7)
+    tokens = np.stack([row] * 9)
+    top = ms.sae.top_activations(model, tokens, sae, k=4, batch_size=1, progress=False)
+    f = ms.sae.features(model, row[None], sae)[0]  # [pos, d_sae]
+    for j in range(48):
+        if (f[:, j] > 0).any():
+            best = int(np.argmax(f[:, j]))
+            np.testing.assert_array_equal(top.rows[j], [0, 1, 2, 3])
+            np.testing.assert_array_equal(top.pos[j], [best] * 4)
+
+
+def test_top_activation_examples_mark_the_token():
+    """examples: the text before each top token, the token marked, and what follows"""
+    model = ms.demo.load_model()
+    rng = np.random.default_rng(21)
+    d = model.d_model
+    sae = ms.sae.SAE(rng.normal(size=(d, 40)) / d ** 0.5, rng.normal(size=40) * 0.3 - 1.0, rng.normal(size=(40, d)),
+                     np.zeros(d), "blocks.1.hook_resid_post")
+    texts = ms.demo.ioi_prompts(model, n=12)["text"]
+    texts = texts[:6] + [" ".join(t.split()[:5]) for t in texts[6:]]  # some rows padded
+    tokens = model.to_tokens(texts)
+    top = ms.sae.top_activations(model, tokens, sae, k=3, progress=False)
+    feature = int(np.nanargmax(top.values[:, 0]))
+    shown = top.examples(model, tokens, feature, window=3)
+    assert [v for v, _ in shown] == [float(v) for v in top.values[feature] if np.isfinite(v)]
+    for (_, text), r, p in zip(shown, top.rows[feature], top.pos[feature]):
+        words = model.to_str_tokens(tokens[r])
+        n_real = int(tokens.attention_mask[r].sum())
+        want = words[max(p - 3, 0):p] + ["\u00ab" + words[p] + "\u00bb"] + words[p + 1:min(p + 3, n_real)]
+        assert text == " ".join(want)
+    with pytest.raises(ValueError, match="feature: 40 is not among these features"):
+        top.examples(model, tokens, 40)
+    with pytest.raises(ValueError, match="window: expected an integer >= 0"):
+        top.examples(model, tokens, feature, window=-1)
+    with pytest.raises(ValueError, match="pass the tokens top_activations read"):
+        top.examples(model, tokens[:1, :2], feature)
+
+
 def test_bad_input_is_refused_by_name(models, tmp_path):
     _, model, _ = models
     rng = np.random.default_rng(0)
@@ -344,6 +432,13 @@ def test_bad_input_is_refused_by_name(models, tmp_path):
         ms.sae.ablate(model, tokens, sae, [8])
     with pytest.raises(ValueError, match="pos: expected positions in \\[0, 8\\)"):
         ms.sae.ablate(model, tokens, sae, [1], pos=[8])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="k: expected an integer >= 1"):
+            ms.sae.top_activations(model, tokens, sae, k=bad)
+        with pytest.raises(ValueError, match="batch_size: expected an integer >= 1"):
+            ms.sae.top_activations(model, tokens, sae, batch_size=bad)
+    with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 8\\)"):
+        ms.sae.top_activations(model, tokens, sae, features=[-1])
     # files
     with pytest.raises(ValueError, match="no cfg.json"):
         ms.sae.SAE.load(tmp_path)

@@ -7,6 +7,8 @@ feature's attribution to a metric from one backward pass.
     model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, [12, 40])])
     ms.sae.reconstruction_loss(model, tokens, sae)    # cross-entropy clean / spliced / zero-ablated
     a = ms.sae.attribution(model, tokens, sae, metric)  # [batch, pos, d_sae]
+    top = ms.sae.top_activations(model, tokens, sae, k=10)  # each feature's most active tokens
+    top.examples(model, tokens, feature=7)            # ... as text, the token marked
     model.run(tokens, hooks={sae.site: ms.sae.edit(sae, clamp={7: 5.0})})  # features edited as the run goes
     x = ms.extract(model, texts, site, positions="all")[site]  # activations to train one on
     sae = ms.sae.train(x, d_sae=512, site=site, k=16)   # TopK (or l1=... for ReLU + L1)
@@ -32,15 +34,18 @@ The products are NumPy's (one matrix product each); the runs and the gradient ar
 core's.
 """
 import json
+import numbers
 import os
 
 import numpy as np
 
+from ._progress import progress_bar
 from . import sites as _sites
 from .checkpoint import is_present, read_json_object, read_safetensors
 from .interventions import Add, Set, Zero
 
-__all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstruction_loss", "attribution"]
+__all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstruction_loss", "attribution",
+           "top_activations", "TopActivations"]
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
 
@@ -351,6 +356,120 @@ def attribution(model, tokens, sae, metric, *, attention_mask=None, intervention
     B, T = x.shape[:2]
     f = sae.encode(x.reshape(B, T, -1))
     return -f * (dx.reshape(B, T, -1) @ sae.W_dec.T) * _real(mask, f.shape)
+
+
+class TopActivations:
+    """Each feature's most active tokens in a set of texts (top_activations' result).
+
+    features [F]: the SAE's feature indices, in the order asked.
+    values [F, k]: the k largest activations of each feature, largest first (NaN where
+        the feature is active at fewer than k tokens).
+    rows, pos [F, k]: where each was found (row of the tokens, padded position; -1
+        where values is NaN).
+    density [F]: the share of real tokens at which the feature is active (> 0).
+    """
+
+    def __init__(self, features, values, rows, pos, density):
+        self.features, self.values, self.rows, self.pos, self.density = features, values, rows, pos, density
+
+    def __repr__(self):
+        return (f"TopActivations({len(self.features)} features, k={self.values.shape[1]}, "
+                f"median density {float(np.median(self.density)):.3g})")
+
+    def examples(self, model, tokens, feature, *, window=8, attention_mask=None, mark=("\u00ab", "\u00bb")):
+        """The texts around each of a feature's top tokens: [(activation, text)], the
+        `window` tokens before the token and up to 2 after it, the token between the
+        `mark` pair. tokens (and attention_mask): those top_activations read;
+        feature: an SAE feature index among self.features."""
+        hit = np.flatnonzero(self.features == feature) if isinstance(feature, numbers.Integral) else []
+        if isinstance(feature, bool) or len(hit) == 0:
+            raise ValueError(f"feature: {feature!r} is not among these features")
+        if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 0:
+            raise ValueError(f"window: expected an integer >= 0, got {window!r}")
+        ids, mask = model._check_tokens(tokens, attention_mask)
+        out = []
+        for value, r, p in zip(self.values[hit[0]], self.rows[hit[0]], self.pos[hit[0]]):
+            if r < 0:
+                break
+            if r >= ids.shape[0] or p >= ids.shape[1]:
+                raise ValueError(f"tokens: shape {list(ids.shape)} has no position ({r}, {p}); pass the tokens "
+                                 "top_activations read")
+            real = np.ones(ids.shape[1], bool) if mask is None else mask[r] != 0
+            keep = np.flatnonzero(real)
+            at = int(np.searchsorted(keep, p))
+            before, after = keep[max(at - window, 0):at], keep[at + 1:at + 3]
+            decode = model._need_tokenizer().decode
+            head = decode([int(t) for t in ids[r, before]])
+            upto = decode([int(t) for t in ids[r, [*before, p]]])
+            whole = decode([int(t) for t in ids[r, [*before, p, *after]]])
+            word = upto[len(head):]  # the token's text as it reads in context (with its space)
+            space = word[:len(word) - len(word.lstrip())]
+            out.append((float(value), head + space + mark[0] + word.lstrip() + mark[1] + whole[len(upto):]))
+        return out
+
+
+def top_activations(model, tokens, sae, *, k=10, features=None, attention_mask=None, batch_size=32,
+                    progress=None):
+    """The k tokens at which each feature is most active, over every real token of
+    `tokens` ([n, pos] ids or texts; run batch_size rows at a time, so n can be large),
+    and how often each feature is active. features: the SAE's feature indices to keep
+    (default: all). Ties are broken by row, then position. Returns TopActivations."""
+    _check(model, sae)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    feats = np.arange(sae.d_sae) if features is None else _feature_index(features, sae.d_sae)
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    n, T = tokens.shape
+    F = len(feats)
+    # the best k so far, kept as [k, F] (a candidate's row * T + pos identifies it)
+    best_v = np.full((k, F), -np.inf, np.float32)
+    best_at = np.full((k, F), -1, np.int64)
+    active = np.zeros(F, np.int64)
+    n_real = 0
+    with progress_bar(progress, "top activations", "row", total=n) as bar:
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            sub_mask = None if mask is None else mask[lo:hi]
+            f = sae.encode(_site_values(model, tokens[lo:hi], sae, sub_mask, None)[3])
+            real = np.ones((hi - lo, T), bool) if sub_mask is None else sub_mask != 0
+            at = (np.arange(lo, hi)[:, None] * T + np.arange(T)[None, :])[real]
+            f = f[real][:, feats]  # [tokens, F], real tokens only, in row-major order
+            n_real += len(f)
+            active += (f > 0).sum(axis=0)
+            best_v, best_at = _merge_top(best_v, best_at, f, at)
+            bar.update(hi - lo)
+    found = np.isfinite(best_v)
+    values = np.where(found, best_v, np.nan).T.copy()
+    rows = np.where(found, best_at // T, -1).T.copy()
+    pos = np.where(found, best_at % T, -1).T.copy()
+    density = active / max(n_real, 1)
+    return TopActivations(feats, values, rows, pos, density)
+
+
+def _merge_top(best_v, best_at, f, at):
+    """The k largest activations > 0 of each feature in best_v [k, F] (found at tokens
+    best_at [k, F]; sorted by value, then token; -inf past the last) and in f [n, F]
+    (found at tokens at [n], later than all of best_at's), sorted the same way. Only the
+    new values above a feature's k-th best are candidates (a tie goes to the earlier
+    token, which is already kept), so a batch costs one comparison of f and a sort of
+    its few candidates."""
+    k, F = best_v.shape
+    tok, feat = np.nonzero(f > np.maximum(best_v[-1], 0)[None, :])
+    kept_i, kept_j = np.nonzero(np.isfinite(best_v))
+    cand_j = np.concatenate([kept_j, feat])
+    cand_v = np.concatenate([best_v[kept_i, kept_j], f[tok, feat]])
+    cand_at = np.concatenate([best_at[kept_i, kept_j], at[tok]])
+    order = np.lexsort((cand_at, -cand_v, cand_j))  # by feature, then value (largest first), then token
+    cand_j, cand_v, cand_at = cand_j[order], cand_v[order], cand_at[order]
+    rank = np.arange(len(cand_j)) - np.searchsorted(cand_j, np.arange(F))[cand_j]  # place within its feature
+    top = rank < k
+    new_v = np.full((k, F), -np.inf, np.float32)
+    new_at = np.full((k, F), -1, np.int64)
+    new_v[rank[top], cand_j[top]] = cand_v[top]
+    new_at[rank[top], cand_j[top]] = cand_at[top]
+    return new_v, new_at
 
 
 def _feature_index(features, d_sae):
