@@ -3,12 +3,17 @@ HookedSAETransformer on the same GPT-2 weights (features, the spliced-in SAE, fe
 ablations with the error term kept, the cross-entropy with the SAE spliced in, the
 gradient through the features that attribution uses, and features clamped during
 generation), and each feature's most active tokens against sorting every token."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import hf_run, tl_model_from_hf
 from sae_lens import (HookedSAETransformer, JumpReLUSAE, JumpReLUSAEConfig, SAE as LensSAE, StandardSAE,
                       StandardSAEConfig, TopKSAE, TopKSAEConfig)
+from sae_lens.saes.transcoder import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder,
+                                      JumpReLUTranscoderConfig, SkipTranscoder, SkipTranscoderConfig, Transcoder,
+                                      TranscoderConfig)
 from sae_lens.saes.sae import SAEMetadata
 from scipy.stats import spearmanr
 
@@ -28,34 +33,61 @@ def lens_sae(kind, site, seed, d_in=30, d_sae=48, apply_b_dec_to_input=True):
     cfg = cfg_cls(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec_to_input,
                   reshape_activations="hook_z" if site.endswith("hook_z") else "none",
                   metadata=SAEMetadata(hook_name=site), **extra)
-    sae = sae_cls(cfg)
+    return random_weights(sae_cls(cfg), seed)
+
+
+def random_weights(sae, seed):
+    """SAELens's `sae` (or transcoder) with random weights of its shapes, about a third of
+    its features active, in eval mode"""
+    (d_in, d_sae), d_out = sae.W_enc.shape, sae.W_dec.shape[1]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5)
         sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g) - 0.2)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_sae ** 0.5)
-        sae.b_dec.copy_(0.2 * torch.randn(d_in, generator=g))
-        if kind == "jumprelu":
+        sae.W_dec.copy_(torch.randn(d_sae, d_out, generator=g) / d_sae ** 0.5)
+        sae.b_dec.copy_(0.2 * torch.randn(d_out, generator=g))
+        if hasattr(sae, "threshold"):
             sae.threshold.copy_(0.3 * torch.rand(d_sae, generator=g))
+        if hasattr(sae, "W_skip"):
+            sae.W_skip.copy_(0.3 * torch.randn(d_out, d_in, generator=g))
     return sae.eval()
 
 
+TRANSCODERS = {"transcoder": (TranscoderConfig, Transcoder), "skip_transcoder": (SkipTranscoderConfig, SkipTranscoder),
+               "jumprelu_transcoder": (JumpReLUTranscoderConfig, JumpReLUTranscoder),
+               "jumprelu_skip_transcoder": (JumpReLUSkipTranscoderConfig, JumpReLUSkipTranscoder)}
+# an MLP's input and output in the small model (30 numbers per token each)
+MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+def lens_transcoder(kind, seed, site=MLP_IN, site_out=MLP_OUT, d_in=30, d_sae=48, d_out=30):
+    """A SAELens transcoder with random weights, about a third of its features active"""
+    cfg_cls, cls = TRANSCODERS[kind]
+    return random_weights(cls(cfg_cls(d_in=d_in, d_sae=d_sae, d_out=d_out, apply_b_dec_to_input=False,
+                                      metadata=SAEMetadata(hook_name=site, hook_name_out=site_out))), seed)
+
+
 def ours(lens):
-    """mechscope's SAE with the weights of SAELens's `lens`"""
+    """mechscope's SAE (or transcoder) with the weights of SAELens's `lens`"""
     arch = lens.cfg.architecture()
+    transcoder = arch in TRANSCODERS
+    kind = ("jumprelu" if "jumprelu" in arch else "standard") if transcoder else arch
     return ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                      lens.b_dec.detach().numpy(), lens.cfg.metadata.hook_name, architecture=arch,
-                      threshold=lens.threshold.detach().numpy() if arch == "jumprelu" else None,
-                      k=lens.cfg.k if arch == "topk" else None)
+                      lens.b_dec.detach().numpy(), lens.cfg.metadata.hook_name, architecture=kind,
+                      threshold=lens.threshold.detach().numpy() if kind == "jumprelu" else None,
+                      k=lens.cfg.k if arch == "topk" else None,
+                      site_out=lens.cfg.metadata.hook_name_out if transcoder else None,
+                      W_skip=lens.W_skip.detach().numpy() if "skip" in arch else None)
 
 
 def with_error_term(tl, lens, tokens, edit_features):
     """SAELens's logits with `lens` spliced in, its error term kept, and
-    edit_features(acts, hook) at its features (hook_sae_acts_post)"""
+    edit_features(acts, hook) at its features (hook_sae_acts_post; a transcoder's hooks
+    are at its output site)"""
     tl.add_sae(lens, use_error_term=True)
+    at = lens.cfg.metadata.hook_name_out or lens.cfg.metadata.hook_name
     try:
-        return tl.run_with_hooks(torch.as_tensor(tokens),
-                                 fwd_hooks=[(f"{lens.cfg.metadata.hook_name}.hook_sae_acts_post", edit_features)])
+        return tl.run_with_hooks(torch.as_tensor(tokens), fwd_hooks=[(f"{at}.hook_sae_acts_post", edit_features)])
     finally:
         tl.reset_saes()
 
@@ -89,9 +121,30 @@ def test_saelens_files_load_and_encode_as_saelens(kind, apply_b_dec, tmp_path):
     # and back: what mechscope writes, SAELens reads
     sae.save(tmp_path / "ours")
     again = LensSAE.load_from_disk(tmp_path / "ours")
-    assert type(again) is type(lens)
+    assert type(again) is type(lens) and again.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
     with torch.no_grad():
         np.testing.assert_allclose(again.encode(torch.from_numpy(x)).numpy(), want_f, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSCODERS))
+def test_saelens_transcoder_files_load_and_map_as_saelens(kind, tmp_path):
+    lens = lens_transcoder(kind, seed=22, d_out=20)
+    lens.save_model(tmp_path / "lens")
+    tc = ms.sae.SAE.load(tmp_path / "lens")
+    assert tc.is_transcoder and (tc.site, tc.site_out, tc.d_in, tc.d_sae, tc.d_out) == (MLP_IN, MLP_OUT, 30, 48, 20)
+    assert (tc.W_skip is not None) == ("skip" in kind) and not tc.apply_b_dec_to_input
+    x = np.random.default_rng(23).normal(size=(4, 5, 30)).astype(np.float32)
+    with torch.no_grad():
+        want_f = lens.encode(torch.from_numpy(x)).numpy()
+        want_y = lens(torch.from_numpy(x)).numpy()
+    assert 0.1 < (want_f > 0).mean() < 0.6
+    np.testing.assert_allclose(tc.encode(x), want_f, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(tc.reconstruct(x), want_y, atol=1e-5, rtol=0)
+    tc.save(tmp_path / "ours")
+    again = LensSAE.load_from_disk(tmp_path / "ours")
+    assert type(again) is type(lens) and again.cfg.metadata.hook_name_out == MLP_OUT
+    with torch.no_grad():
+        np.testing.assert_allclose(again(torch.from_numpy(x)).numpy(), want_y, atol=1e-5, rtol=0)
 
 
 def test_encode_follows_the_definitions():
@@ -141,6 +194,69 @@ def test_features_splice_and_ablation_match_hooked_sae_transformer(models, site)
     assert np.abs(want - model.run(tokens).logits).max() > 1e-2
 
 
+@pytest.mark.parametrize("kind", ["transcoder", "jumprelu_skip_transcoder"])
+def test_transcoders_on_the_model_match_hooked_sae_transformer(models, kind):
+    """a transcoder from an MLP's input to its output: features, splice, removals and
+    clamped features with the error term, the spliced cross-entropy, generation with a
+    clamped feature, and attribution (autograd through SAELens's features)"""
+    _, model, tl = models
+    lens = lens_transcoder(kind, seed=24)
+    tc = ours(lens)
+    tokens = _tokens(model, 25)
+    t = torch.as_tensor(tokens)
+    read = {}
+    # spliced: the transcoder's output (its forward) in place of the MLP's. SAELens's
+    # HookedSAETransformer splices encode + decode, which leaves a skip connection out,
+    # so the spliced run is written with hooks, and compared to it only without a skip
+    spliced_hooks = [(MLP_IN, lambda x, hook: read.update(x=x)), (MLP_OUT, lambda y, hook: lens(read["x"]))]
+    with torch.no_grad():
+        _, cache = tl.run_with_cache_with_saes(t, saes=[lens])
+        spliced = tl.run_with_hooks(t, fwd_hooks=spliced_hooks).numpy()
+        spliced_loss = float(tl.run_with_hooks(t, return_type="loss", fwd_hooks=spliced_hooks))
+        if "skip" not in kind:
+            np.testing.assert_allclose(tl.run_with_saes(t, saes=[lens]).numpy(), spliced, atol=1e-5, rtol=0)
+    f = ms.sae.features(model, tokens, tc)
+    np.testing.assert_allclose(f, cache[f"{MLP_OUT}.hook_sae_acts_post"].numpy(), atol=1e-4, rtol=0)
+    got = model.run(tokens, interventions=[ms.sae.splice(model, tokens, tc)]).logits
+    np.testing.assert_allclose(got, spliced, atol=1e-4, rtol=0)
+    assert np.abs(spliced - model.run(tokens).logits).max() > 1e-2
+    assert abs(ms.sae.reconstruction_loss(model, tokens, tc)["spliced"] - spliced_loss) < 1e-4
+
+    active = np.argsort(-(f > 0).sum((0, 1)))[:3]
+
+    def remove(acts, hook):
+        acts[..., torch.as_tensor(active)] = 0.0
+        return acts
+
+    want = with_error_term(tl, lens, tokens, remove).numpy()
+    np.testing.assert_allclose(model.run(tokens, interventions=[ms.sae.ablate(model, tokens, tc, active)]).logits,
+                               want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model.run(tokens, hooks=ms.sae.edit(tc, ablate=active)).logits, want, atol=1e-4, rtol=0)
+    assert np.abs(want - model.run(tokens).logits).max() > 1e-2
+
+    def clamp(acts, hook):
+        acts[..., 7] = 5.0
+        return acts
+
+    hooks = ms.sae.edit(tc, clamp={7: 5.0})
+    assert list(hooks) == [MLP_IN, MLP_OUT]
+    want = with_error_term(tl, lens, tokens, clamp).numpy()
+    np.testing.assert_allclose(model.run(tokens, hooks=hooks).logits, want, atol=1e-4, rtol=0)
+    # generation: greedy, the feature clamped at every step, each prompt alone in SAELens
+    prompt = [int(v) for v in tokens[0, :4]]
+    ids = prompt
+    for _ in range(6):
+        ids = ids + [int(with_error_term(tl, lens, [ids], clamp)[0, -1].argmax())]
+    out = model.generate(np.array([prompt]), 6, do_sample=False, stop_at_eos=False, hooks=hooks, progress=False)
+    assert np.asarray(out)[0].tolist() == ids
+
+    # attribution: -f * d metric / d f through SAELens's features, error kept
+    answer, wrong = np.array([3, 17, 40]), np.array([9, 2, 33])
+    got = ms.sae.attribution(model, tokens, tc, ms.metrics.LogitDiff(answer, wrong))
+    want = autograd_attribution(tl, lens, tokens, answer, wrong)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
 def test_edit_hook_matches_ablate_and_hooked_sae_transformer(models):
     """the hook's removal equals ablate's, also after an intervention upstream; clamping
     and scaling features equal SAELens's, with the error term kept"""
@@ -150,11 +266,11 @@ def test_edit_hook_matches_ablate_and_hooked_sae_transformer(models):
     sae = ours(lens)
     tokens = _tokens(model, 15)
     feats = [1, 7, 30]
-    got = model.run(tokens, hooks={site: ms.sae.edit(sae, ablate=feats)}).logits
+    got = model.run(tokens, hooks=ms.sae.edit(sae, ablate=feats)).logits
     want = model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, feats)]).logits
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     upstream = ms.Zero("blocks.0.hook_attn_out")
-    got = model.run(tokens, interventions=[upstream], hooks={site: ms.sae.edit(sae, ablate=feats)}).logits
+    got = model.run(tokens, interventions=[upstream], hooks=ms.sae.edit(sae, ablate=feats)).logits
     want = model.run(tokens, interventions=[upstream, ms.sae.ablate(model, tokens, sae, feats,
                                                                     interventions=[upstream])]).logits
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -169,7 +285,7 @@ def test_edit_hook_matches_ablate_and_hooked_sae_transformer(models):
         return acts
 
     want = with_error_term(tl, lens, tokens, set_features).numpy()
-    got = model.run(tokens, hooks={site: ms.sae.edit(sae, clamp=clamp, scale=scale)}).logits
+    got = model.run(tokens, hooks=ms.sae.edit(sae, clamp=clamp, scale=scale)).logits
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(got - model.run(tokens).logits).max() > 1e-2
     with pytest.raises(ValueError, match="give the features to edit"):
@@ -201,7 +317,7 @@ def test_feature_clamping_during_generation_matches_hooked_sae_transformer(model
         return acts
 
     kw = dict(do_sample=False, stop_at_eos=False, attention_mask=mask, progress=False)
-    got = model.generate(tokens, 10, hooks={site: ms.sae.edit(sae, clamp=clamp)}, **kw)
+    got = model.generate(tokens, 10, hooks=ms.sae.edit(sae, clamp=clamp), **kw)
     plain = model.generate(tokens, 10, **kw)
     want = []
     for p in prompts:  # SAELens's greedy decoding, the whole sequence rerun at each step
@@ -279,6 +395,14 @@ def test_attribution_is_the_gradient_through_the_features(models):
     tokens = _tokens(model, 11)
     answer, wrong = np.array([3, 17, 40]), np.array([9, 2, 33])
     got = ms.sae.attribution(model, tokens, sae, ms.metrics.LogitDiff(answer, wrong))
+    want = autograd_attribution(tl, lens, tokens, answer, wrong)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def autograd_attribution(tl, lens, tokens, answer, wrong):
+    """-f * d metric / d f by PyTorch's autograd through SAELens's features (its SAE
+    spliced in, error kept); the metric: each row's logit difference answer - wrong at
+    its last token, summed over the rows"""
     kept = {}
 
     def keep(acts, hook):
@@ -288,13 +412,11 @@ def test_attribution_is_the_gradient_through_the_features(models):
 
     with torch.enable_grad():
         logits = with_error_term(tl, lens, tokens, keep)
-        rows = torch.arange(3)
-        diff = logits[rows, -1, torch.as_tensor(answer)] - logits[rows, -1, torch.as_tensor(wrong)]
-        diff.sum().backward()
-    f = kept["f"]
-    want = (-f * f.grad).detach().numpy()
-    assert np.abs(want).max() > 1e-2
-    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+        rows = torch.arange(len(answer))
+        (logits[rows, -1, torch.as_tensor(answer)] - logits[rows, -1, torch.as_tensor(wrong)]).sum().backward()
+    want = (-kept["f"] * kept["f"].grad).detach().numpy()
+    assert np.abs(want).max() > 1e-2  # not all zero, so the comparison means something
+    return want
 
 
 def test_attribution_ranks_the_exact_removals(models):
@@ -439,12 +561,33 @@ def test_bad_input_is_refused_by_name(models, tmp_path):
             ms.sae.top_activations(model, tokens, sae, batch_size=bad)
     with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 8\\)"):
         ms.sae.top_activations(model, tokens, sae, features=[-1])
+    # transcoders
+    W30 = rng.normal(size=(8, 30))
+    with pytest.raises(ValueError, match="apply_b_dec_to_input: a transcoder's b_dec"):
+        ms.sae.SAE(W_enc, b_enc, W30, b_dec, MLP_IN, site_out=MLP_OUT, apply_b_dec_to_input=True)
+    with pytest.raises(ValueError, match="W_skip: only a transcoder"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, MLP_IN, W_skip=np.zeros((30, 30)))
+    with pytest.raises(ValueError, match="W_skip: expected \\[30, 30\\]"):
+        ms.sae.SAE(W_enc, b_enc, W30, b_dec, MLP_IN, site_out=MLP_OUT, W_skip=np.zeros((30, 20)))
+    with pytest.raises(ValueError, match="b_dec: expected shape \\[20\\]"):
+        ms.sae.SAE(W_enc, b_enc, rng.normal(size=(8, 20)), b_dec, MLP_IN, site_out=MLP_OUT)
+    wide = ms.sae.SAE(W_enc, b_enc, rng.normal(size=(8, 20)), np.zeros(20), MLP_IN, site_out=MLP_OUT)
+    with pytest.raises(ValueError, match="has 30 numbers per token in this model, but the SAE writes 20"):
+        ms.sae.features(model, tokens, wide)
+    backwards = ms.sae.SAE(W_enc, b_enc, W30, b_dec, "blocks.1.hook_mlp_out", site_out="blocks.0.hook_mlp_out")
+    with pytest.raises(ValueError, match="output site 'blocks.0.hook_mlp_out' came before its input"):
+        model.run(tokens, hooks=ms.sae.edit(backwards, clamp={1: 2.0}))
+    lens_transcoder("transcoder", seed=2).save_model(tmp_path / "tc")
+    tc_cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    del tc_cfg["metadata"]["hook_name_out"]
+    (tmp_path / "tc" / "cfg.json").write_text(json.dumps(tc_cfg))
+    with pytest.raises(ValueError, match="a transcoder with no hook_name_out"):
+        ms.sae.SAE.load(tmp_path / "tc")
     # files
     with pytest.raises(ValueError, match="no cfg.json"):
         ms.sae.SAE.load(tmp_path)
     lens = lens_sae("standard", "blocks.0.hook_resid_pre", seed=1)
     lens.save_model(tmp_path / "a")
-    import json
     cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
     for change, message in ((dict(normalize_activations="layer_norm"), "normalize_activations 'layer_norm'"),
                             (dict(architecture="gated"), "architecture 'gated' is not supported"),

@@ -1,4 +1,4 @@
-"""Sparse autoencoders (SAEs) at a site of a model: their features on any text, what
+"""Sparse autoencoders (SAEs) and transcoders at a site of a model: their features on any text, what
 removing features does, how much of the model a spliced-in SAE keeps, and each
 feature's attribution to a metric from one backward pass.
 
@@ -9,7 +9,7 @@ feature's attribution to a metric from one backward pass.
     a = ms.sae.attribution(model, tokens, sae, metric)  # [batch, pos, d_sae]
     top = ms.sae.top_activations(model, tokens, sae, k=10)  # each feature's most active tokens
     top.examples(model, tokens, feature=7)            # ... as text, the token marked
-    model.run(tokens, hooks={sae.site: ms.sae.edit(sae, clamp={7: 5.0})})  # features edited as the run goes
+    model.run(tokens, hooks=ms.sae.edit(sae, clamp={7: 5.0}))  # features edited as the run goes
     x = ms.extract(model, texts, site, positions="all")[site]  # activations to train one on
     sae = ms.sae.train(x, d_sae=512, site=site, k=16)   # TopK (or l1=... for ReLU + L1)
 
@@ -30,6 +30,11 @@ patching on the features (as in sparse feature circuits, Marks et al. 2024): the
 of the metric when feature i at position p is removed, estimated to first order as
 -features[p, i] * (W_dec[i] . d metric / d x[p]), for every feature and position at once.
 
+A transcoder (SAELens's transcoder, skip_transcoder, jumprelu_transcoder and
+jumprelu_skip_transcoder) encodes one site and stands in for another, usually an MLP's
+input and output: the same functions take it, reading its input site and writing its
+output site (``site_out``), with the gradient at the output in ``attribution``.
+
 The products are NumPy's (one matrix product each); the runs and the gradient are the C
 core's.
 """
@@ -48,29 +53,52 @@ __all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstructi
            "top_activations", "TopActivations"]
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
+# SAELens's transcoder architectures: (how features are computed, has a skip connection)
+TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
+               "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
 
 
 class SAE:
-    """A sparse autoencoder at one site (see the module's docstring for what it computes).
+    """A sparse autoencoder at one site (see the module's docstring for what it computes),
+    or a transcoder from one site to another.
 
     W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; site: the
     site name it reads (TransformerLens's, as SAELens's hook_name); threshold [d_sae]
     for "jumprelu"; k for "topk"; apply_b_dec_to_input: subtract b_dec from x before
-    encoding (SAELens's default, True)."""
+    encoding (an SAE's default, SAELens's; a transcoder cannot).
+
+    A transcoder (site_out given, SAELens's hook_name_out) reads `site` and stands in
+    for `site_out`, often an MLP's input and output (blocks.L.ln2.hook_normalized ->
+    blocks.L.hook_mlp_out): W_dec [d_sae, d_out], b_dec [d_out], and with W_skip
+    [d_out, d_in] a skip connection, reconstruct(x) = decode(encode(x)) + x @ W_skip.T."""
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, site, *, architecture="standard", threshold=None, k=None,
-                 apply_b_dec_to_input=True):
+                 apply_b_dec_to_input=None, site_out=None, W_skip=None):
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture: expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
-        if not isinstance(site, str):
-            raise TypeError(f"site: expected a site name, got {type(site).__name__}")
+        for name, value in (("site", site), ("site_out", site_out)):
+            if not isinstance(value, str) and (name == "site" or value is not None):
+                raise TypeError(f"{name}: expected a site name, got {type(value).__name__}")
+        self.is_transcoder = site_out is not None
         self.W_enc = _matrix(W_enc, "W_enc")
         d_in, d_sae = self.W_enc.shape
-        self.W_dec = _matrix(W_dec, "W_dec", (d_sae, d_in))
+        self.W_dec = _matrix(W_dec, "W_dec", None if self.is_transcoder else (d_sae, d_in))
+        if self.W_dec.shape[0] != d_sae:
+            raise ValueError(f"W_dec: expected [{d_sae}, d_out], got shape {list(self.W_dec.shape)}")
         self.b_enc = _vector(b_enc, "b_enc", d_sae)
-        self.b_dec = _vector(b_dec, "b_dec", d_in)
+        self.b_dec = _vector(b_dec, "b_dec", self.W_dec.shape[1])
         self.site, self.architecture = site, architecture
+        self.site_out = site_out if self.is_transcoder else site
+        if apply_b_dec_to_input is None:
+            apply_b_dec_to_input = not self.is_transcoder
+        if apply_b_dec_to_input and self.is_transcoder:
+            raise ValueError("apply_b_dec_to_input: a transcoder's b_dec is of its output site, not its input")
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.W_skip = None
+        if W_skip is not None:
+            if not self.is_transcoder:
+                raise ValueError("W_skip: only a transcoder (site_out given) has a skip connection")
+            self.W_skip = _matrix(W_skip, "W_skip", (self.d_out, d_in))
         self.threshold = self.k = None
         if architecture == "jumprelu":
             if threshold is None:
@@ -93,8 +121,16 @@ class SAE:
     def d_sae(self):
         return self.W_enc.shape[1]
 
+    @property
+    def d_out(self):
+        return self.W_dec.shape[1]
+
     def __repr__(self):
         extra = f", k={self.k}" if self.k else ""
+        if self.is_transcoder:
+            skip = ", skip" if self.W_skip is not None else ""
+            return (f"SAE(transcoder {self.site!r} -> {self.site_out!r}, d_in={self.d_in}, d_sae={self.d_sae}, "
+                    f"d_out={self.d_out}, {self.architecture!r}{extra}{skip})")
         return f"SAE({self.site!r}, d_in={self.d_in}, d_sae={self.d_sae}, {self.architecture!r}{extra})"
 
     # ---- the maps ----------------------------------------------------------------------
@@ -107,15 +143,19 @@ class SAE:
         return _activation(x @ self.W_enc + self.b_enc, self.architecture, self.threshold, self.k)
 
     def decode(self, f):
-        """features [..., d_sae] -> reconstruction [..., d_in] (float32)."""
+        """features [..., d_sae] -> reconstruction [..., d_in] (float32; a transcoder's
+        [..., d_out], without its skip connection)."""
         f = np.asarray(f, dtype=np.float32)
         if f.ndim < 1 or f.shape[-1] != self.d_sae:
             raise ValueError(f"features: expected shape [..., {self.d_sae}], got {list(f.shape)}")
         return f @ self.W_dec + self.b_dec
 
     def reconstruct(self, x):
-        """[..., d_in] -> decode(encode(x))."""
-        return self.decode(self.encode(x))
+        """[..., d_in] -> decode(encode(x)) (+ x @ W_skip.T for a skip transcoder)."""
+        out = self.decode(self.encode(x))
+        if self.W_skip is not None:
+            out += self._input(x) @ self.W_skip.T
+        return out
 
     def _input(self, x):
         x = np.asarray(x, dtype=np.float32)
@@ -149,6 +189,12 @@ class SAE:
         if norm != "none":
             raise ValueError(f"SAE {cfg_path}: normalize_activations {norm!r} is not supported (only 'none')")
         arch = cfg.get("architecture", "standard")
+        site_out, skip = None, False
+        if arch in TRANSCODERS:
+            arch, skip = TRANSCODERS[arch]
+            site_out = meta.get("hook_name_out", cfg.get("hook_name_out"))
+            if not isinstance(site_out, str):
+                raise ValueError(f"SAE {cfg_path}: a transcoder with no hook_name_out (the site it writes)")
         kwargs = cfg.get("activation_fn_kwargs") or {}
         if arch == "standard" and cfg.get("activation_fn_str") == "topk":  # SAELens 5's topk
             arch = "topk"
@@ -160,7 +206,7 @@ class SAE:
         if cfg.get("activation_fn_str", "relu") not in ("relu", "topk"):
             raise ValueError(f"SAE {cfg_path}: activation_fn_str {cfg['activation_fn_str']!r} is not supported")
         w = read_safetensors(weights_path)
-        missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in w]
+        missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if skip else ()) if n not in w]
         if missing:
             raise ValueError(f"SAE {weights_path}: no tensor {missing[0]}")
         threshold = w.get("threshold")
@@ -169,8 +215,9 @@ class SAE:
         sae = cls(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], site, architecture=arch,
                   threshold=threshold if arch == "jumprelu" else None,
                   k=cfg.get("k", kwargs.get("k")) if arch == "topk" else None,
-                  apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True))
-        for key in ("d_in", "d_sae"):
+                  apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", site_out is None),
+                  site_out=site_out, W_skip=w["W_skip"] if skip else None)
+        for key in ("d_in", "d_sae") + (("d_out",) if site_out is not None else ()):
             if key in cfg and cfg[key] != getattr(sae, key):
                 raise ValueError(f"SAE {cfg_path}: {key} is {cfg[key]!r}, but the weights have "
                                  f"{getattr(sae, key)}")
@@ -182,19 +229,35 @@ class SAE:
 
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
+        cfg = {"architecture": self._saelens_architecture(), "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
                "device": "cpu", "apply_b_dec_to_input": self.apply_b_dec_to_input,
                "normalize_activations": "none",
                "reshape_activations": "hook_z" if self.site.endswith("hook_z") else "none",
-               "metadata": {"hook_name": self.site, "hook_head_index": None}}
+               # SAELens reads a file without a version of 6 or later in its older layout,
+               # hook_name at the top, and would lose the site: this file is in 6's layout
+               "metadata": {"sae_lens_version": "6.0.0", "hook_name": self.site, "hook_head_index": None}}
         if self.k is not None:
             cfg["k"] = self.k
+        if self.is_transcoder:
+            cfg["d_out"] = self.d_out
+            cfg["metadata"]["hook_name_out"] = self.site_out
         with open(os.path.join(folder, "cfg.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.threshold is not None:
             tensors["threshold"] = self.threshold
+        if self.W_skip is not None:
+            tensors["W_skip"] = self.W_skip
         write_safetensors(os.path.join(folder, "sae_weights.safetensors"), tensors)
+
+
+    def _saelens_architecture(self):
+        if not self.is_transcoder:
+            return self.architecture
+        for name, (arch, skip) in TRANSCODERS.items():
+            if arch == self.architecture and skip == (self.W_skip is not None):
+                return name
+        raise ValueError(f"save: SAELens has no {self.architecture!r} transcoder")
 
 
 def _activation(pre, architecture, threshold=None, k=None):
@@ -236,13 +299,19 @@ def _vector(a, name, n):
 def _check(model, sae):
     if not isinstance(sae, SAE):
         raise TypeError(f"sae: expected a mechscope.sae.SAE, got {type(sae).__name__}")
-    code, layer, suffix = _sites.parse(sae.site, model)
-    if suffix in _sites.ATTENTION:
-        raise ValueError(f"sae: site {sae.site!r} is an attention pattern, not a per-token activation")
-    width = int(np.prod(_sites.shape(suffix, model._shape_cfg, 1, 1)[2:]))
-    if width != sae.d_in:
-        raise ValueError(f"sae: site {sae.site!r} has {width} numbers per token in this model, "
-                         f"but the SAE reads {sae.d_in}")
+    for site, d, verb in ((sae.site, sae.d_in, "reads"), (sae.site_out, sae.d_out, "writes")):
+        code, layer, suffix = _sites.parse(site, model)
+        if suffix in _sites.ATTENTION:
+            raise ValueError(f"sae: site {site!r} is an attention pattern, not a per-token activation")
+        width = int(np.prod(_sites.shape(suffix, model._shape_cfg, 1, 1)[2:]))
+        if width != d:
+            raise ValueError(f"sae: site {site!r} has {width} numbers per token in this model, "
+                             f"but the SAE {verb} {d}")
+
+
+def _out_shape(model, sae, batch, pos):
+    """the shape of the site the SAE writes (its own site, or a transcoder's site_out)"""
+    return _sites.shape(_sites.parse(sae.site_out, model)[2], model._shape_cfg, batch, pos)
 
 
 def _site_values(model, tokens, sae, attention_mask, interventions):
@@ -279,27 +348,32 @@ def ablate(model, tokens, sae, features, *, pos=None, attention_mask=None, inter
     tokens, mask, x_full, x = _site_values(model, tokens, sae, attention_mask, interventions)
     f = sae.encode(x)[..., feats]
     delta = -(f @ sae.W_dec[feats]) * _real(mask, x.shape)
-    delta = delta.reshape(x_full.shape)
+    delta = delta.reshape(_out_shape(model, sae, *x.shape[:2]))
     if pos is not None:
         delta = delta[:, _positions(pos, x.shape[1])]
-    return Add(sae.site, delta, pos=pos)
+    return Add(sae.site_out, delta, pos=pos)
 
 
 def splice(model, tokens, sae, *, attention_mask=None, interventions=None):
     """An intervention (ms.Set) that replaces the site's value by the SAE's
     reconstruction at every token: the model run with the SAE spliced in."""
     tokens, mask, x_full, x = _site_values(model, tokens, sae, attention_mask, interventions)
-    return Set(sae.site, sae.reconstruct(x).reshape(x_full.shape))
+    return Set(sae.site_out, sae.reconstruct(x).reshape(_out_shape(model, sae, *x.shape[:2])))
 
 
 def edit(sae, *, ablate=(), clamp=None, scale=None):
-    """A hook for ``model.run(tokens, hooks={sae.site: ...})`` that edits features as the
-    run goes: at every token, the site's value x becomes x + (f' - f) @ W_dec, where f
-    are its features and f' the same with `ablate` features set to 0, `clamp` ({feature:
-    value}) set to a value and `scale` ({feature: factor}) multiplied; the SAE's error
-    and the other features are kept. Unlike ``ablate``, which holds the values of one
-    run, the hook encodes whatever reaches the site, so it stays exact after any other
-    intervention upstream (at the cost of a call into Python at the site)."""
+    """Hooks for ``model.run(tokens, hooks=...)`` and ``model.generate(..., hooks=...)``
+    that edit features as the run goes: at every token, the site's value x becomes
+    x + (f' - f) @ W_dec, where f are its features and f' the same with `ablate`
+    features set to 0, `clamp` ({feature: value}) set to a value and `scale` ({feature:
+    factor}) multiplied; the SAE's error and the other features are kept. Unlike
+    ``ablate``, which holds the values of one run, the hooks encode whatever reaches the
+    site, so they stay exact after any other intervention upstream (at the cost of a
+    call into Python at the site).
+
+    Returns {site: hook} for an SAE; for a transcoder, one hook that reads its input
+    site and one that adds (f' - f) @ W_dec at its output site. Merge with other hooks
+    as a dict: hooks={**ms.sae.edit(...), other_site: fn}."""
     if not isinstance(sae, SAE):
         raise TypeError(f"sae: expected a mechscope.sae.SAE, got {type(sae).__name__}")
     removed = _feature_index(list(ablate), sae.d_sae) if len(ablate) else np.zeros(0, np.int64)
@@ -314,16 +388,33 @@ def edit(sae, *, ablate=(), clamp=None, scale=None):
     c_idx, c_val = np.array(list(clamp), np.int64), np.array(list(clamp.values()), np.float32)
     s_idx, s_val = np.array(list(scale), np.int64), np.array(list(scale.values()), np.float32)
 
-    def hook(value, site):
-        x = value.reshape(value.shape[0], value.shape[1], -1)
+    def change(x):  # x [batch, pos, d_in] -> what the edit adds to the output [batch, pos, d_out]
         f = sae.encode(x)
         g = f.copy()
         g[..., removed] = 0.0
         g[..., s_idx] *= s_val
         g[..., c_idx] = c_val
-        return (x + (g - f) @ sae.W_dec).reshape(value.shape)
+        return (g - f) @ sae.W_dec
 
-    return hook
+    if not sae.is_transcoder:
+        def hook(value, site):
+            x = value.reshape(value.shape[0], value.shape[1], -1)
+            return (x + change(x)).reshape(value.shape)
+        return {sae.site: hook}
+
+    read = {}
+
+    def read_input(value, site):
+        read["x"] = value.reshape(value.shape[0], value.shape[1], -1).copy()
+
+    def write_output(value, site):
+        if "x" not in read:
+            raise ValueError(f"edit: the transcoder's output site {sae.site_out!r} came before its input "
+                             f"site {sae.site!r} in the run")
+        x = read.pop("x")
+        return value + change(x).reshape(value.shape)
+
+    return {sae.site: read_input, sae.site_out: write_output}
 
 
 def reconstruction_loss(model, tokens, sae, *, attention_mask=None):
@@ -335,7 +426,7 @@ def reconstruction_loss(model, tokens, sae, *, attention_mask=None):
     tokens, mask = model._check_tokens(tokens, attention_mask)
     ce = {}
     for name, edit in (("clean", None), ("spliced", splice(model, tokens, sae, attention_mask=mask)),
-                       ("zero", Zero(sae.site))):
+                       ("zero", Zero(sae.site_out))):
         logits = model.run(tokens, attention_mask=mask, interventions=None if edit is None else [edit]).logits
         ce[name] = _cross_entropy(logits, tokens, mask)
     gap = ce["zero"] - ce["clean"]
@@ -350,12 +441,12 @@ def attribution(model, tokens, sae, metric, *, attention_mask=None, intervention
     object, or "cross_entropy")."""
     _check(model, sae)
     tokens, mask = model._check_tokens(tokens, attention_mask)
-    g = model.grad(tokens, metric, sites=[sae.site], attention_mask=mask, interventions=interventions,
-                   progress=False)
-    x, dx = g.activations[sae.site], g[sae.site]
+    g = model.grad(tokens, metric, sites=list(dict.fromkeys([sae.site, sae.site_out])), attention_mask=mask,
+                   interventions=interventions, progress=False)
+    x, dy = g.activations[sae.site], g[sae.site_out]
     B, T = x.shape[:2]
     f = sae.encode(x.reshape(B, T, -1))
-    return -f * (dx.reshape(B, T, -1) @ sae.W_dec.T) * _real(mask, f.shape)
+    return -f * (dy.reshape(B, T, -1) @ sae.W_dec.T) * _real(mask, f.shape)
 
 
 class TopActivations:
