@@ -601,34 +601,38 @@ def test_bad_input_is_refused_by_name(models, tmp_path):
 
 # ---- training ---------------------------------------------------------------------------
 
-def _torch_loss(p, x, k, l1):
-    """the training loss of mechscope.sae_training's docstring, in PyTorch"""
-    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+def _torch_loss(p, x, k, l1, y=None):
+    """the training loss of mechscope.sae_training's docstring, in PyTorch (a
+    transcoder's, to targets y, if given)"""
+    pre = (x if y is not None else x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
     if k is None:
         f = torch.relu(pre)
     else:
         vals, idx = torch.topk(pre, k, dim=-1)
         f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
     x_hat = f @ p["W_dec"] + p["b_dec"]
-    loss = ((x_hat - x) ** 2).sum() / x.shape[0]
+    loss = ((x_hat - (x if y is None else y)) ** 2).sum() / x.shape[0]
     if l1:
         loss = loss + l1 * (f * p["W_dec"].norm(dim=1)).sum() / x.shape[0]
     return loss
 
 
+@pytest.mark.parametrize("transcoder", [False, True])
 @pytest.mark.parametrize("k, l1", [(5, None), (None, 0.3)])
-def test_training_gradients_match_autograd(k, l1):
+def test_training_gradients_match_autograd(k, l1, transcoder):
     from mechscope.sae_training import loss_and_grads
 
     rng = np.random.default_rng(4)
+    d_out = 9 if transcoder else 12
     p = {"W_enc": rng.normal(size=(12, 20)), "b_enc": rng.normal(size=20) * 0.3,
-         "W_dec": rng.normal(size=(20, 12)), "b_dec": rng.normal(size=12) * 0.3}
+         "W_dec": rng.normal(size=(20, d_out)), "b_dec": rng.normal(size=d_out) * 0.3}
     p = {n: a.astype(np.float32) for n, a in p.items()}
     x = rng.normal(size=(16, 12)).astype(np.float32)
-    loss, grads, _, _ = loss_and_grads(p, x, k, l1 or 0.0)
+    y = rng.normal(size=(16, d_out)).astype(np.float32) if transcoder else None
+    loss, grads, _, _ = loss_and_grads(p, x, k, l1 or 0.0, y)
     tp = {n: torch.tensor(a, requires_grad=True) for n, a in p.items()}
     with torch.enable_grad():
-        want = _torch_loss(tp, torch.from_numpy(x), k, l1)
+        want = _torch_loss(tp, torch.from_numpy(x), k, l1, None if y is None else torch.from_numpy(y))
         want.backward()
     assert abs(loss - float(want)) < 1e-4 * abs(float(want))
     for n in p:
@@ -636,15 +640,16 @@ def test_training_gradients_match_autograd(k, l1):
         np.testing.assert_allclose(grads[n], ref, atol=1e-4 * np.abs(ref).max(), rtol=0, err_msg=n)
 
 
-def _planted(seed, n=6000, d_in=16, m=24, active=3):
-    """activations made of `active` of m unit directions at a time (the planted features)"""
+def _planted(seed, n=6000, d_in=16, m=24, active=3, codes=False):
+    """activations made of `active` of m unit directions at a time (the planted
+    features): (x, directions), and the codes if asked"""
     rng = np.random.default_rng(seed)
     D = rng.normal(size=(m, d_in))
     D /= np.linalg.norm(D, axis=1, keepdims=True)
-    codes = np.zeros((n, m))
-    for row in codes:
+    c = np.zeros((n, m))
+    for row in c:
         row[rng.choice(m, active, replace=False)] = rng.uniform(0.5, 1.5, active)
-    return (codes @ D).astype(np.float32), D
+    return ((c @ D).astype(np.float32), D) + ((c,) if codes else ())
 
 
 # an L1 penalty shrinks the features, so its reconstruction leaves more unexplained
@@ -663,6 +668,24 @@ def test_training_recovers_planted_features(k, l1, max_fvu):
           f"FVU {fvu:.4f}; L0 {sae.history['l0'][-100:].mean():.2f}")
     assert best.mean() > 0.95 and fvu < max_fvu
     assert sae.history["loss"][-100:].mean() < 0.2 * sae.history["loss"][:10].mean()
+
+
+def test_training_a_transcoder_recovers_planted_features():
+    """pairs (x, y) that share sparse codes, x = codes @ A and y = codes @ D: the trained
+    transcoder's decoder rows find D's directions, and it maps x to y"""
+    x, A, codes = _planted(6, d_in=16, codes=True)
+    rng = np.random.default_rng(7)
+    D = rng.normal(size=(A.shape[0], 10))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    y = (codes @ D).astype(np.float32)
+    tc = ms.sae.train(x, d_sae=48, site=MLP_IN, k=3, targets=y, site_out=MLP_OUT, steps=3000, batch_size=128,
+                      lr=3e-3, seed=1, progress=False)
+    assert tc.is_transcoder and (tc.d_in, tc.d_out, tc.site_out) == (16, 10, MLP_OUT)
+    rows = tc.W_dec / np.linalg.norm(tc.W_dec, axis=1, keepdims=True)
+    best = (D @ rows.T).max(1)
+    fvu = float(((tc.reconstruct(x) - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    print(f"transcoder: best cosine per planted feature mean {best.mean():.3f} min {best.min():.3f}; FVU {fvu:.4f}")
+    assert best.mean() > 0.95 and fvu < 0.1
 
 
 def test_training_bad_input_is_refused_by_name():
@@ -684,3 +707,9 @@ def test_training_bad_input_is_refused_by_name():
         ms.sae.train(x, 16, site=site, k=2, lr=-1.0)
     with pytest.raises(TypeError, match="site: expected the site name"):
         ms.sae.train(x, 16, site=None, k=2)
+    with pytest.raises(ValueError, match="a transcoder needs both targets"):
+        ms.sae.train(x, 16, site=site, k=2, targets=x)
+    with pytest.raises(ValueError, match="targets: 49 rows, but activations have 50"):
+        ms.sae.train(x, 16, site=site, k=2, targets=x[1:], site_out="blocks.0.hook_mlp_out")
+    with pytest.raises(ValueError, match="targets: contain NaN"):
+        ms.sae.train(x, 16, site=site, k=2, targets=bad, site_out="blocks.0.hook_mlp_out")
