@@ -476,6 +476,17 @@ def test_top_activations_are_each_features_largest(models, batch_size):
     np.testing.assert_allclose(top.density, (f[real] > 0).mean(axis=0))
     assert np.isnan(top.values).any() and not np.isnan(top.values).all()  # some features have fewer than 6
     assert real[top.rows[top.rows >= 0], top.pos[top.pos >= 0]].all()
+    # some tokens left out: the same as their positions being padding, for the same runs
+    ignored = tokens[0, :2]
+    skip = ms.sae.top_activations(model, tokens, sae, k=6, attention_mask=mask, ignore_tokens=ignored,
+                                  batch_size=batch_size, progress=False)
+    kept = real & ~np.isin(tokens, ignored)
+    assert kept.sum() < real.sum()
+    values, rows, pos = _brute_top(f, kept, 6)
+    np.testing.assert_array_equal(skip.values, values.astype(np.float32))
+    np.testing.assert_array_equal(skip.rows, rows)
+    np.testing.assert_array_equal(skip.pos, pos)
+    np.testing.assert_allclose(skip.density, (f[kept] > 0).mean(axis=0))
     some = ms.sae.top_activations(model, tokens, sae, k=2, features=[40, 3], attention_mask=mask,
                                   batch_size=batch_size, progress=False)
     np.testing.assert_array_equal(some.features, [40, 3])
@@ -561,6 +572,8 @@ def test_bad_input_is_refused_by_name(models, tmp_path):
             ms.sae.top_activations(model, tokens, sae, batch_size=bad)
     with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 8\\)"):
         ms.sae.top_activations(model, tokens, sae, features=[-1])
+    with pytest.raises(ValueError, match="ignore_tokens: expected token ids"):
+        ms.sae.top_activations(model, tokens, sae, ignore_tokens=["<bos>"])
     # transcoders
     W30 = rng.normal(size=(8, 30))
     with pytest.raises(ValueError, match="apply_b_dec_to_input: a transcoder's b_dec"):

@@ -499,18 +499,23 @@ class TopActivations:
         return out
 
 
-def top_activations(model, tokens, sae, *, k=10, features=None, attention_mask=None, batch_size=32,
-                    progress=None):
+def top_activations(model, tokens, sae, *, k=10, features=None, attention_mask=None, ignore_tokens=(),
+                    batch_size=32, progress=None):
     """The k tokens at which each feature is most active, over every real token of
     `tokens` ([n, pos] ids or texts; run batch_size rows at a time, so n can be large),
     and how often each feature is active. features: the SAE's feature indices to keep
-    (default: all). Ties are broken by row, then position. Returns TopActivations."""
+    (default: all). ignore_tokens: token ids left out of both (e.g. BOS, whose
+    activations are often far larger than the rest; the runs still see them). Ties
+    are broken by row, then position. Returns TopActivations."""
     _check(model, sae)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     feats = np.arange(sae.d_sae) if features is None else _feature_index(features, sae.d_sae)
+    ignore = np.asarray(list(ignore_tokens) if not isinstance(ignore_tokens, numbers.Integral) else [ignore_tokens])
+    if ignore.size and (ignore.dtype.kind not in "iu" or ignore.ndim != 1):
+        raise ValueError(f"ignore_tokens: expected token ids, got {ignore_tokens!r}")
     tokens, mask = model._check_tokens(tokens, attention_mask)
     n, T = tokens.shape
     F = len(feats)
@@ -525,6 +530,7 @@ def top_activations(model, tokens, sae, *, k=10, features=None, attention_mask=N
             sub_mask = None if mask is None else mask[lo:hi]
             f = sae.encode(_site_values(model, tokens[lo:hi], sae, sub_mask, None)[3])
             real = np.ones((hi - lo, T), bool) if sub_mask is None else sub_mask != 0
+            real &= ~np.isin(tokens[lo:hi], ignore)
             at = (np.arange(lo, hi)[:, None] * T + np.arange(T)[None, :])[real]
             f = f[real][:, feats]  # [tokens, F], real tokens only, in row-major order
             n_real += len(f)
