@@ -537,6 +537,35 @@ def test_top_activation_examples_mark_the_token():
         top.examples(model, tokens[:1, :2], feature)
 
 
+def test_top_activation_examples_of_byte_level_tokens():
+    """with a byte-level BPE tokenizer (SmolLM2's), where a token can be part of a
+    character: each example is the decoded window with one non-empty marked span, and
+    a token inside a character marks the whole character"""
+    model = ms.Model.from_pretrained("smollm2")
+    rng = np.random.default_rng(26)
+    d = model.d_model
+    sae = ms.sae.SAE(rng.normal(size=(d, 64)) / d ** 0.5, rng.normal(size=64) * 0.3 - 0.5, rng.normal(size=(64, d)),
+                     np.zeros(d), "blocks.3.hook_resid_post")
+    texts = ["\u00dcn\u00efc\u00f6d\u00e9, \u65e5\u672c\u8a9e and emoji \U0001f642 in one line.",
+             "When Mary and John went to the store, John gave a drink to",
+             "def fibonacci(n):\n    return n if n < 2 else"]
+    tokens = model.to_tokens(texts)
+    top = ms.sae.top_activations(model, tokens, sae, k=40, progress=False)
+    shown = 0
+    marked = set()
+    for i, feature in enumerate(top.features):
+        for (_, text), r, p in zip(top.examples(model, tokens, int(feature), window=3), top.rows[i], top.pos[i]):
+            real = np.flatnonzero(tokens.attention_mask[r] != 0)
+            at = int(np.searchsorted(real, p))
+            window = [int(t) for t in tokens[r, real[max(at - 3, 0):at + 3]]]
+            assert text.count("\u00ab") == 1 and text.count("\u00bb") == 1 and "\u00ab\u00bb" not in text
+            assert text.replace("\u00ab", "").replace("\u00bb", "") == model.tokenizer.decode(window)
+            marked.add(text[text.index("\u00ab") + 1:text.index("\u00bb")])
+            shown += 1
+    assert shown > 500
+    assert "\u8a9e" in marked  # a character of three bytes, each its own token: marked whole
+
+
 def test_bad_input_is_refused_by_name(models, tmp_path):
     _, model, _ = models
     rng = np.random.default_rng(0)

@@ -470,14 +470,20 @@ class TopActivations:
     def examples(self, model, tokens, feature, *, window=8, attention_mask=None, mark=("\u00ab", "\u00bb")):
         """The texts around each of a feature's top tokens: [(activation, text)], the
         `window` tokens before the token and up to 2 after it, the token between the
-        `mark` pair. tokens (and attention_mask): those top_activations read;
-        feature: an SAE feature index among self.features."""
+        `mark` pair (a token that is part of a character marks the character).
+        tokens (and attention_mask): those top_activations read; feature: an SAE
+        feature index among self.features."""
         hit = np.flatnonzero(self.features == feature) if isinstance(feature, numbers.Integral) else []
         if isinstance(feature, bool) or len(hit) == 0:
             raise ValueError(f"feature: {feature!r} is not among these features")
         if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 0:
             raise ValueError(f"window: expected an integer >= 0, got {window!r}")
         ids, mask = model._check_tokens(tokens, attention_mask)
+        decode = model._need_tokenizer().decode
+
+        def text(row, positions):
+            return decode([int(t) for t in ids[row, positions]])
+
         out = []
         for value, r, p in zip(self.values[hit[0]], self.rows[hit[0]], self.pos[hit[0]]):
             if r < 0:
@@ -489,13 +495,18 @@ class TopActivations:
             keep = np.flatnonzero(real)
             at = int(np.searchsorted(keep, p))
             before, after = keep[max(at - window, 0):at], keep[at + 1:at + 3]
-            decode = model._need_tokenizer().decode
-            head = decode([int(t) for t in ids[r, before]])
-            upto = decode([int(t) for t in ids[r, [*before, p]]])
-            whole = decode([int(t) for t in ids[r, [*before, p, *after]]])
-            word = upto[len(head):]  # the token's text as it reads in context (with its space)
-            space = word[:len(word) - len(word.lstrip())]
-            out.append((float(value), head + space + mark[0] + word.lstrip() + mark[1] + whole[len(upto):]))
+            whole = text(r, [*before, p, *after])
+            # the token's text is what it adds to the text before it. Compared, not cut at
+            # lengths: with byte-level BPE a token can be part of a character, which then
+            # shows once the tokens after it complete it (the whole character is marked)
+            a = len(os.path.commonprefix([text(r, before), whole]))
+            for j in range(len(after) + 1):
+                b = len(os.path.commonprefix([text(r, [*before, p, *after[:j]]), whole]))
+                if b > a:
+                    break
+            word = whole[a:max(a, b)]
+            space = word[:len(word) - len(word.lstrip())] if word.strip() else ""
+            out.append((float(value), whole[:a] + space + mark[0] + word[len(space):] + mark[1] + whole[a + len(word):]))
         return out
 
 
