@@ -250,7 +250,6 @@ class SAE:
             tensors["W_skip"] = self.W_skip
         write_safetensors(os.path.join(folder, "sae_weights.safetensors"), tensors)
 
-
     def _saelens_architecture(self):
         if not self.is_transcoder:
             return self.architecture
@@ -315,12 +314,12 @@ def _out_shape(model, sae, batch, pos):
 
 
 def _site_values(model, tokens, sae, attention_mask, interventions):
-    """(tokens, mask or None, the site's value [batch, pos, ...], the same [batch, pos, d_in])"""
+    """(tokens, mask or None, the site's value as the SAE reads it, [batch, pos, d_in])"""
     _check(model, sae)
     tokens, mask = model._check_tokens(tokens, attention_mask)
     x = model.run(tokens, attention_mask=mask, cache=[sae.site], logits=None,
                   interventions=interventions).cache[sae.site]
-    return tokens, mask, x, x.reshape(x.shape[0], x.shape[1], -1)
+    return tokens, mask, x.reshape(x.shape[0], x.shape[1], -1)
 
 
 def _real(mask, shape):
@@ -333,7 +332,7 @@ def _real(mask, shape):
 def features(model, tokens, sae, *, attention_mask=None, interventions=None):
     """The SAE's features at every token: [batch, pos, d_sae] (0 at padding), from one run
     (with `interventions`, if given)."""
-    tokens, mask, _, x = _site_values(model, tokens, sae, attention_mask, interventions)
+    tokens, mask, x = _site_values(model, tokens, sae, attention_mask, interventions)
     return sae.encode(x) * _real(mask, x.shape)
 
 
@@ -345,7 +344,7 @@ def ablate(model, tokens, sae, features, *, pos=None, attention_mask=None, inter
     It holds the values of these tokens' run (with `interventions`): use it in runs of
     the same tokens, after the same interventions."""
     feats = _feature_index(features, sae.d_sae)
-    tokens, mask, x_full, x = _site_values(model, tokens, sae, attention_mask, interventions)
+    tokens, mask, x = _site_values(model, tokens, sae, attention_mask, interventions)
     f = sae.encode(x)[..., feats]
     delta = -(f @ sae.W_dec[feats]) * _real(mask, x.shape)
     delta = delta.reshape(_out_shape(model, sae, *x.shape[:2]))
@@ -357,7 +356,7 @@ def ablate(model, tokens, sae, features, *, pos=None, attention_mask=None, inter
 def splice(model, tokens, sae, *, attention_mask=None, interventions=None):
     """An intervention (ms.Set) that replaces the site's value by the SAE's
     reconstruction at every token: the model run with the SAE spliced in."""
-    tokens, mask, x_full, x = _site_values(model, tokens, sae, attention_mask, interventions)
+    tokens, mask, x = _site_values(model, tokens, sae, attention_mask, interventions)
     return Set(sae.site_out, sae.reconstruct(x).reshape(_out_shape(model, sae, *x.shape[:2])))
 
 
@@ -539,7 +538,7 @@ def top_activations(model, tokens, sae, *, k=10, features=None, attention_mask=N
         for lo in range(0, n, batch_size):
             hi = min(lo + batch_size, n)
             sub_mask = None if mask is None else mask[lo:hi]
-            f = sae.encode(_site_values(model, tokens[lo:hi], sae, sub_mask, None)[3])
+            f = sae.encode(_site_values(model, tokens[lo:hi], sae, sub_mask, None)[2])
             real = np.ones((hi - lo, T), bool) if sub_mask is None else sub_mask != 0
             real &= ~np.isin(tokens[lo:hi], ignore)
             at = (np.arange(lo, hi)[:, None] * T + np.arange(T)[None, :])[real]

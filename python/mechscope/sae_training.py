@@ -138,7 +138,8 @@ def train(activations, d_sae, *, site, k=None, l1=None, targets=None, site_out=N
                 order, at = rng.permutation(n), 0
             rows = order[at:at + batch_size]
             at += batch_size
-            batch, want = x[rows], (x[rows] if y is None else y[rows])
+            batch = x[rows]
+            want = batch if y is None else y[rows]
             loss, grads, f, x_hat = loss_and_grads(p, batch, k, l1 or 0.0, None if y is None else want)
             history["loss"].append(loss)
             history["fvu"].append(float(((x_hat - want) ** 2).sum() / ((want - want.mean(0)) ** 2).sum()))
