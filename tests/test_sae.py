@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import hf_run, tl_model_from_hf
-from sae_lens import (HookedSAETransformer, JumpReLUSAE, JumpReLUSAEConfig, SAE as LensSAE, StandardSAE,
-                      StandardSAEConfig, TopKSAE, TopKSAEConfig)
+from sae_lens import (GatedSAE, GatedSAEConfig, HookedSAETransformer, JumpReLUSAE, JumpReLUSAEConfig, SAE as LensSAE,
+                      StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig)
 from sae_lens.saes.transcoder import (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, JumpReLUTranscoder,
                                       JumpReLUTranscoderConfig, SkipTranscoder, SkipTranscoderConfig, Transcoder,
                                       TranscoderConfig)
@@ -20,19 +20,21 @@ from scipy.stats import spearmanr
 import mechscope as ms
 
 KINDS = {"standard": (StandardSAEConfig, StandardSAE), "jumprelu": (JumpReLUSAEConfig, JumpReLUSAE),
-         "topk": (TopKSAEConfig, TopKSAE)}
+         "topk": (TopKSAEConfig, TopKSAE), "gated": (GatedSAEConfig, GatedSAE)}
 # the small model's sites of 30 numbers per token: the residual stream, the heads'
 # outputs before W_O (5 heads x 6, flattened as SAELens's hook_z SAEs read them), an MLP's output
 SITES = ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
 
 
-def lens_sae(kind, site, seed, d_in=30, d_sae=48, apply_b_dec_to_input=True):
-    """A SAELens SAE with random weights, about a third of its features active."""
+def lens_sae(kind, site, seed, d_in=30, d_sae=48, apply_b_dec_to_input=True, **cfg):
+    """A SAELens SAE with random weights, about a third of its features active; cfg:
+    more of its config (normalize_activations, rescale_acts_by_decoder_norm)"""
     cfg_cls, sae_cls = KINDS[kind]
-    extra = {"k": 7} if kind == "topk" else {}
+    if kind == "topk":
+        cfg.setdefault("k", 7)
     cfg = cfg_cls(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec_to_input,
                   reshape_activations="hook_z" if site.endswith("hook_z") else "none",
-                  metadata=SAEMetadata(hook_name=site), **extra)
+                  metadata=SAEMetadata(hook_name=site), **cfg)
     return random_weights(sae_cls(cfg), seed)
 
 
@@ -43,7 +45,12 @@ def random_weights(sae, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5)
-        sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g) - 0.2)
+        if hasattr(sae, "b_gate"):  # gated: a gate and a magnitude path through W_enc
+            sae.b_gate.copy_(0.3 * torch.randn(d_sae, generator=g) - 0.2)
+            sae.b_mag.copy_(0.3 * torch.randn(d_sae, generator=g))
+            sae.r_mag.copy_(0.5 * torch.randn(d_sae, generator=g))
+        else:
+            sae.b_enc.copy_(0.3 * torch.randn(d_sae, generator=g) - 0.2)
         sae.W_dec.copy_(torch.randn(d_sae, d_out, generator=g) / d_sae ** 0.5)
         sae.b_dec.copy_(0.2 * torch.randn(d_out, generator=g))
         if hasattr(sae, "threshold"):
@@ -72,12 +79,19 @@ def ours(lens):
     arch = lens.cfg.architecture()
     transcoder = arch in TRANSCODERS
     kind = ("jumprelu" if "jumprelu" in arch else "standard") if transcoder else arch
-    return ms.sae.SAE(lens.W_enc.detach().numpy(), lens.b_enc.detach().numpy(), lens.W_dec.detach().numpy(),
-                      lens.b_dec.detach().numpy(), lens.cfg.metadata.hook_name, architecture=kind,
-                      threshold=lens.threshold.detach().numpy() if kind == "jumprelu" else None,
+    gated = kind == "gated"
+
+    def a(name):
+        return getattr(lens, name).detach().numpy()
+
+    return ms.sae.SAE(a("W_enc"), a("b_gate" if gated else "b_enc"), a("W_dec"), a("b_dec"), lens.cfg.metadata.hook_name,
+                      architecture=kind, threshold=a("threshold") if kind == "jumprelu" else None,
                       k=lens.cfg.k if arch == "topk" else None,
                       site_out=lens.cfg.metadata.hook_name_out if transcoder else None,
-                      W_skip=lens.W_skip.detach().numpy() if "skip" in arch else None)
+                      W_skip=a("W_skip") if "skip" in arch else None,
+                      b_mag=a("b_mag") if gated else None, r_mag=a("r_mag") if gated else None,
+                      normalize_activations=lens.cfg.normalize_activations,
+                      rescale_acts_by_decoder_norm=getattr(lens.cfg, "rescale_acts_by_decoder_norm", False))
 
 
 def with_error_term(tl, lens, tokens, edit_features):
@@ -163,6 +177,160 @@ def test_encode_follows_the_definitions():
                 keep = {"standard": True, "jumprelu": pre[i] > theta[i], "topk": pre[i] >= kth}[kind]
                 want = max(pre[i], 0.0) if keep else 0.0
                 assert abs(got[t, i] - want) < 1e-5, (kind, t, i)
+
+
+def test_gated_and_normalized_encode_follow_the_definitions():
+    """gated features, normalize_activations and rescale_acts_by_decoder_norm computed
+    the slow way, one token and one feature at a time"""
+    rng = np.random.default_rng(31)
+    n, d, m = 4, 6, 10
+    W_enc, b_enc, b_mag, r_mag = rng.normal(size=(d, m)), rng.normal(size=m) * 0.5, rng.normal(size=m), rng.normal(size=m)
+    W_dec, b_dec = rng.normal(size=(m, d)), rng.normal(size=d)
+    x = rng.normal(size=(n, d)) * 3 + 1
+    site = "blocks.0.hook_resid_pre"
+
+    def normalized(v, how):
+        if how == "constant_norm_rescale":
+            return [vi * d ** 0.5 / sum(u * u for u in v) ** 0.5 for vi in v]
+        mu = sum(v) / d
+        sd = (sum((u - mu) ** 2 for u in v) / (d - 1)) ** 0.5
+        return [(vi - mu) / (sd + 1e-5) for vi in v]
+
+    def mapped_back(y, v, how):
+        if how == "constant_norm_rescale":
+            return [yi * sum(u * u for u in v) ** 0.5 / d ** 0.5 for yi in y]
+        mu = sum(v) / d
+        sd = (sum((u - mu) ** 2 for u in v) / (d - 1)) ** 0.5
+        return [yi * sd + mu for yi in y]
+
+    for kind, how, rescale in (("gated", "none", False), ("gated", "layer_norm", False),
+                               ("standard", "constant_norm_rescale", False), ("topk", "layer_norm", True)):
+        extra = {"b_mag": b_mag, "r_mag": r_mag} if kind == "gated" else {"k": 3} if kind == "topk" else {}
+        sae = ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site, architecture=kind, normalize_activations=how,
+                         rescale_acts_by_decoder_norm=rescale, **extra)
+        f, recon = sae.encode(x), sae.reconstruct(x)
+        norms = [sum(W_dec[i, j] ** 2 for j in range(d)) ** 0.5 for i in range(m)]
+        for t in range(n):
+            v = list(x[t]) if how == "none" else normalized(list(x[t]), how)
+            lin = [sum((v[j] - b_dec[j]) * W_enc[j, i] for j in range(d)) for i in range(m)]
+            if kind == "gated":
+                want = [max(lin[i] * np.exp(r_mag[i]) + b_mag[i], 0.0) if lin[i] + b_enc[i] > 0 else 0.0
+                        for i in range(m)]
+            else:
+                pre = [(lin[i] + b_enc[i]) * (norms[i] if rescale else 1.0) for i in range(m)]
+                kth = sorted(pre)[-3]
+                want = [max(p, 0.0) if kind == "standard" or p >= kth else 0.0 for p in pre]
+            np.testing.assert_allclose(f[t], want, atol=1e-5, rtol=1e-5, err_msg=f"{kind} {how}")
+            units = [want[i] / norms[i] if rescale else want[i] for i in range(m)]
+            y = [sum(units[i] * W_dec[i, j] for i in range(m)) + b_dec[j] for j in range(d)]
+            if how != "none":
+                y = mapped_back(y, list(x[t]), how)
+            np.testing.assert_allclose(recon[t], y, atol=1e-4, rtol=1e-5, err_msg=f"{kind} {how}")
+
+
+# SAELens's SAEs that normalize each token or rescale by the decoder's norms: (kind, config)
+NORMALIZED = [("standard", {"normalize_activations": "constant_norm_rescale"}),
+              ("gated", {"normalize_activations": "layer_norm"}),
+              ("jumprelu", {"normalize_activations": "layer_norm"}),
+              ("topk", {"rescale_acts_by_decoder_norm": True}),
+              ("topk", {"normalize_activations": "constant_norm_rescale", "rescale_acts_by_decoder_norm": True})]
+
+
+@pytest.mark.parametrize("kind, cfg", NORMALIZED)
+def test_normalized_saelens_files_load_and_map_as_saelens(kind, cfg, tmp_path):
+    lens = lens_sae(kind, "blocks.1.hook_resid_pre", seed=32, **cfg)
+    lens.save_model(tmp_path / "lens")
+    sae = ms.sae.SAE.load(tmp_path / "lens")
+    assert sae.normalize_activations == cfg.get("normalize_activations", "none")
+    assert sae.rescale_acts_by_decoder_norm == cfg.get("rescale_acts_by_decoder_norm", False)
+    x = (np.random.default_rng(33).normal(size=(4, 5, 30)) * 4 + 1).astype(np.float32)
+    with torch.no_grad():
+        want_f = lens.encode(torch.from_numpy(x)).numpy()
+        want_x = lens.decode(torch.from_numpy(want_f)).numpy()  # maps back with the last encode's numbers
+    assert 0.1 < (want_f > 0).mean() < 0.6
+    f = sae.encode(x)
+    np.testing.assert_allclose(f, want_f, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sae.decode(f, x), want_x, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(sae.reconstruct(x), want_x, atol=1e-4, rtol=0)
+    if sae.normalize_activations != "none":
+        with pytest.raises(ValueError, match="decoding needs the tokens' values: decode\\(f, x\\)"):
+            sae.decode(f)
+    sae.save(tmp_path / "ours")
+    again = LensSAE.load_from_disk(tmp_path / "ours")
+    assert type(again) is type(lens)
+    with torch.no_grad():
+        np.testing.assert_allclose(again(torch.from_numpy(x)).numpy(), want_x, atol=1e-4, rtol=0)
+
+
+def test_a_dataset_wide_scaling_factor_is_folded_in(tmp_path):
+    """normalize_activations="expected_average_only_in": the SAE read x * s; loaded with
+    norm_scaling_factor=s it reads x, and reconstructs x (its output divided by s)"""
+    lens = lens_sae("standard", "blocks.1.hook_resid_pre", seed=34, normalize_activations="expected_average_only_in")
+    lens.save_model(tmp_path / "lens")
+    with pytest.raises(ValueError, match="give it as SAE.load\\(..., norm_scaling_factor=...\\)"):
+        ms.sae.SAE.load(tmp_path / "lens")
+    s = 0.37
+    sae = ms.sae.SAE.load(tmp_path / "lens", norm_scaling_factor=s)
+    assert sae.normalize_activations == "none"
+    x = (np.random.default_rng(35).normal(size=(6, 30)) / s).astype(np.float32)
+    with torch.no_grad():
+        want_f = lens.encode(torch.from_numpy(x * s)).numpy()
+        want_x = lens.decode(torch.from_numpy(want_f)).numpy() / s
+    assert 0.1 < (want_f > 0).mean() < 0.6
+    np.testing.assert_allclose(sae.encode(x), want_f, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sae.reconstruct(x), want_x, atol=1e-4, rtol=0)
+    lens.fold_activation_norm_scaling_factor(s)  # SAELens's own fold gives the same SAE
+    np.testing.assert_allclose(sae.W_enc, lens.W_enc.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(sae.W_dec, lens.W_dec.detach().numpy(), rtol=1e-6)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="norm_scaling_factor: expected a positive finite number"):
+            ms.sae.SAE.load(tmp_path / "lens", norm_scaling_factor=bad)
+    plain = lens_sae("standard", "blocks.1.hook_resid_pre", seed=34)
+    plain.save_model(tmp_path / "plain")
+    with pytest.raises(ValueError, match="norm_scaling_factor: the SAE in .* has normalize_activations 'none'"):
+        ms.sae.SAE.load(tmp_path / "plain", norm_scaling_factor=s)
+
+
+@pytest.mark.parametrize("kind, cfg, site", [(*NORMALIZED[0], "blocks.1.hook_resid_pre"),
+                                             (*NORMALIZED[1], "blocks.0.attn.hook_z"),
+                                             (*NORMALIZED[4], "blocks.1.hook_mlp_out")])
+def test_normalized_and_gated_saes_on_the_model_match_hooked_sae_transformer(models, kind, cfg, site):
+    """features, the splice, removals and clamps with the error term kept, and
+    attribution (autograd through SAELens's features), for SAEs that map their output
+    back per token"""
+    _, model, tl = models
+    lens = lens_sae(kind, site, seed=36, **cfg)
+    sae = ours(lens)
+    tokens = _tokens(model, 37)
+    t = torch.as_tensor(tokens)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache_with_saes(t, saes=[lens])
+        spliced = tl.run_with_saes(t, saes=[lens]).numpy()
+    f = ms.sae.features(model, tokens, sae)
+    np.testing.assert_allclose(f, cache[f"{site}.hook_sae_acts_post"].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model.run(tokens, interventions=[ms.sae.splice(model, tokens, sae)]).logits, spliced,
+                               atol=1e-4, rtol=0)
+    active = np.argsort(-(f > 0).sum((0, 1)))[:3]
+
+    def remove(acts, hook):
+        acts[..., torch.as_tensor(active)] = 0.0
+        return acts
+
+    def clamp(acts, hook):
+        acts[..., 7] = 5.0
+        return acts
+
+    want = with_error_term(tl, lens, tokens, remove).numpy()
+    assert np.abs(want - model.run(tokens).logits).max() > 1e-2
+    np.testing.assert_allclose(model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, active)]).logits,
+                               want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model.run(tokens, hooks=ms.sae.edit(sae, ablate=active)).logits, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model.run(tokens, hooks=ms.sae.edit(sae, clamp={7: 5.0})).logits,
+                               with_error_term(tl, lens, tokens, clamp).numpy(), atol=1e-4, rtol=0)
+    answer, wrong = np.array([3, 17, 40]), np.array([9, 2, 33])
+    got = ms.sae.attribution(model, tokens, sae, ms.metrics.LogitDiff(answer, wrong))
+    want = autograd_attribution(tl, lens, tokens, answer, wrong)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -573,11 +741,30 @@ def test_bad_input_is_refused_by_name(models, tmp_path):
     with pytest.raises(ValueError, match="W_dec: expected \\[8, 30\\]"):
         ms.sae.SAE(W_enc, b_enc, W_dec.T, b_dec, "blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="architecture: expected one of"):
-        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture="gated")
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture="matching_pursuit")
     with pytest.raises(ValueError, match="threshold: a jumprelu SAE needs"):
         ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture="jumprelu")
     with pytest.raises(ValueError, match="k: a topk SAE needs an int in \\[1, 8\\]"):
         ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, "blocks.0.hook_resid_pre", architecture="topk", k=9)
+    site = "blocks.0.hook_resid_pre"
+    with pytest.raises(ValueError, match="b_mag, r_mag: a gated SAE needs"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site, architecture="gated", b_mag=np.zeros(8))
+    with pytest.raises(ValueError, match="b_mag, r_mag: only used by gated SAEs"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site, b_mag=np.zeros(8), r_mag=np.zeros(8))
+    with pytest.raises(ValueError, match="r_mag: expected shape \\[8\\]"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site, architecture="gated", b_mag=np.zeros(8), r_mag=np.zeros(7))
+    with pytest.raises(ValueError, match="normalize_activations: expected one of none, constant_norm_rescale, "
+                                         "layer_norm, got 'expected_average_only_in' \\(fold"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site, normalize_activations="expected_average_only_in")
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm: only used by topk SAEs"):
+        ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site, rescale_acts_by_decoder_norm=True)
+    zero_row = W_dec.copy()
+    zero_row[3] = 0.0
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm: W_dec has a row of zeros"):
+        ms.sae.SAE(W_enc, b_enc, zero_row, b_dec, site, architecture="topk", k=2, rescale_acts_by_decoder_norm=True)
+    normed = ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site, normalize_activations="layer_norm")
+    with pytest.raises(ValueError, match="x: expected shape \\[2, 30\\] \\(the features' tokens\\)"):
+        normed.decode(np.zeros((2, 8)), np.ones((3, 30)))
     bad = W_enc.copy()
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="W_enc: contains NaN"):
@@ -631,8 +818,12 @@ def test_bad_input_is_refused_by_name(models, tmp_path):
     lens = lens_sae("standard", "blocks.0.hook_resid_pre", seed=1)
     lens.save_model(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
-    for change, message in ((dict(normalize_activations="layer_norm"), "normalize_activations 'layer_norm'"),
-                            (dict(architecture="gated"), "architecture 'gated' is not supported"),
+    for change, message in ((dict(normalize_activations="covariance_whitening"),
+                             "normalize_activations 'covariance_whitening' is not supported"),
+                            (dict(architecture="matching_pursuit"), "architecture 'matching_pursuit' is not supported"),
+                            (dict(architecture="gated"), "no tensor b_gate"),
+                            (dict(rescale_acts_by_decoder_norm=True), "rescale_acts_by_decoder_norm is supported "
+                                                                      "for topk SAEs only"),
                             (dict(d_sae=47), "d_sae is 47, but the weights have 48"),
                             (dict(metadata=dict(cfg["metadata"], hook_head_index=2)), "hook_head_index 2"),
                             (dict(metadata={}), "no hook_name")):

@@ -20,7 +20,11 @@ An SAE reads the site's value x (per token; a site with heads, such as
     features = ReLU(pre)                                  architecture "standard"
                ReLU(pre) where pre > threshold, else 0    "jumprelu" (a threshold per feature)
                ReLU(pre) at the k largest pre, else 0     "topk"
+               (pre > 0) * ReLU(magnitude path's pre)     "gated" (see SAE)
     reconstruction = features @ W_dec + b_dec
+
+(with SAELens's normalize_activations "constant_norm_rescale" or "layer_norm", x is
+normalized per token first and the reconstruction mapped back; see SAE)
 
 as SAELens defines them, with its names and shapes (W_enc [d_in, d_sae], W_dec
 [d_sae, d_in]). ``ablate`` removes features' decoded parts from the site and keeps the
@@ -52,7 +56,10 @@ from .interventions import Add, Set, Zero
 __all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstruction_loss", "attribution",
            "top_activations", "TopActivations"]
 
-ARCHITECTURES = ("standard", "jumprelu", "topk")
+ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
+# how an SAE normalizes each token before encoding (SAELens's normalize_activations; the
+# reconstruction is mapped back with the same token's numbers)
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 # SAELens's transcoder architectures: (how features are computed, has a skip connection)
 TRANSCODERS = {"transcoder": ("standard", False), "skip_transcoder": ("standard", True),
                "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True)}
@@ -67,13 +74,26 @@ class SAE:
     for "jumprelu"; k for "topk"; apply_b_dec_to_input: subtract b_dec from x before
     encoding (an SAE's default, SAELens's; a transcoder cannot).
 
+    A "gated" SAE (Rajamanoharan et al. 2024) has two paths through W_enc: b_enc is the
+    gate's bias (SAELens's b_gate), and b_mag, r_mag [d_sae] the magnitude path's,
+    features = (pre + b_enc > 0) * ReLU(pre * exp(r_mag) + b_mag), pre = x' @ W_enc.
+
+    normalize_activations (SAELens's): "none"; "constant_norm_rescale", each token
+    scaled to norm sqrt(d_in) before encoding and the reconstruction scaled back;
+    "layer_norm", each token centred and divided by its standard deviation (+ 1e-5)
+    and the reconstruction multiplied by it and the mean added back. A transcoder
+    normalizes its input only. rescale_acts_by_decoder_norm (topk only): the
+    pre-activations are multiplied by the decoder rows' norms and the features divided
+    by them before decoding, as if the decoder's rows had unit norm.
+
     A transcoder (site_out given, SAELens's hook_name_out) reads `site` and stands in
     for `site_out`, often an MLP's input and output (blocks.L.ln2.hook_normalized ->
     blocks.L.hook_mlp_out): W_dec [d_sae, d_out], b_dec [d_out], and with W_skip
     [d_out, d_in] a skip connection, reconstruct(x) = decode(encode(x)) + x @ W_skip.T."""
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, site, *, architecture="standard", threshold=None, k=None,
-                 apply_b_dec_to_input=None, site_out=None, W_skip=None):
+                 apply_b_dec_to_input=None, site_out=None, W_skip=None, b_mag=None, r_mag=None,
+                 normalize_activations="none", rescale_acts_by_decoder_norm=False):
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture: expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
         for name, value in (("site", site), ("site_out", site_out)):
@@ -112,6 +132,33 @@ class SAE:
             self.k = int(k)
         elif k is not None:
             raise ValueError(f"k: only used by topk SAEs, not {architecture!r}")
+        self.b_mag = self.r_mag = None
+        if architecture == "gated":
+            if b_mag is None or r_mag is None:
+                raise ValueError("b_mag, r_mag: a gated SAE needs its magnitude path's bias and log-scale per feature")
+            self.b_mag, self.r_mag = _vector(b_mag, "b_mag", d_sae), _vector(r_mag, "r_mag", d_sae)
+        elif b_mag is not None or r_mag is not None:
+            raise ValueError(f"b_mag, r_mag: only used by gated SAEs, not {architecture!r}")
+        if normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"normalize_activations: expected one of {', '.join(NORMALIZATIONS)}, got "
+                             f"{normalize_activations!r} (fold a dataset-wide scaling factor into the weights: "
+                             "SAE.load(..., norm_scaling_factor=...))")
+        if normalize_activations == "layer_norm" and d_in < 2:
+            raise ValueError("normalize_activations: layer_norm needs d_in >= 2 (a standard deviation)")
+        self.normalize_activations = normalize_activations
+        if rescale_acts_by_decoder_norm and architecture != "topk":
+            raise ValueError(f"rescale_acts_by_decoder_norm: only used by topk SAEs, not {architecture!r}")
+        self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
+        # what one unit of each feature adds to the SAE's output (before the output is
+        # mapped back from the normalized scale): W_dec's rows, or with
+        # rescale_acts_by_decoder_norm those rows divided by their norms
+        self._W_out = self.W_dec
+        if self.rescale_acts_by_decoder_norm:
+            norms = np.linalg.norm(self.W_dec.astype(np.float64), axis=1).astype(np.float32)
+            if not (norms > 0).all():
+                raise ValueError("rescale_acts_by_decoder_norm: W_dec has a row of zeros")
+            self._decoder_norms = norms
+            self._W_out = self.W_dec / norms[:, None]
 
     @property
     def d_in(self):
@@ -127,6 +174,8 @@ class SAE:
 
     def __repr__(self):
         extra = f", k={self.k}" if self.k else ""
+        if self.normalize_activations != "none":
+            extra += f", normalize_activations={self.normalize_activations!r}"
         if self.is_transcoder:
             skip = ", skip" if self.W_skip is not None else ""
             return (f"SAE(transcoder {self.site!r} -> {self.site_out!r}, d_in={self.d_in}, d_sae={self.d_sae}, "
@@ -137,25 +186,70 @@ class SAE:
 
     def encode(self, x):
         """[..., d_in] -> features [..., d_sae] (float32)."""
-        x = self._input(x)
+        x = self._normalized(self._input(x))
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return _activation(x @ self.W_enc + self.b_enc, self.architecture, self.threshold, self.k)
+        pre = x @ self.W_enc
+        if self.architecture == "gated":
+            magnitude = np.maximum(pre * np.exp(self.r_mag) + self.b_mag, 0.0)
+            return np.where(pre + self.b_enc > 0, magnitude, 0.0).astype(np.float32)
+        pre += self.b_enc
+        if self.rescale_acts_by_decoder_norm:
+            pre *= self._decoder_norms
+        return _activation(pre, self.architecture, self.threshold, self.k)
 
-    def decode(self, f):
+    def decode(self, f, x=None):
         """features [..., d_sae] -> reconstruction [..., d_in] (float32; a transcoder's
-        [..., d_out], without its skip connection)."""
+        [..., d_out], without its skip connection). An SAE that normalizes each token
+        maps the reconstruction back with x's numbers, so it needs x [..., d_in] too."""
         f = np.asarray(f, dtype=np.float32)
         if f.ndim < 1 or f.shape[-1] != self.d_sae:
             raise ValueError(f"features: expected shape [..., {self.d_sae}], got {list(f.shape)}")
-        return f @ self.W_dec + self.b_dec
+        scale, shift = self._output_scale(x, f.shape[:-1])
+        return (f @ self._W_out + self.b_dec) * scale + shift
 
     def reconstruct(self, x):
-        """[..., d_in] -> decode(encode(x)) (+ x @ W_skip.T for a skip transcoder)."""
-        out = self.decode(self.encode(x))
+        """[..., d_in] -> decode(encode(x), x) (+ x @ W_skip.T for a skip transcoder)."""
+        x = self._input(x)
+        out = self.decode(self.encode(x), x)
         if self.W_skip is not None:
-            out += self._input(x) @ self.W_skip.T
+            out += x @ self.W_skip.T
         return out
+
+    def _decoded(self, f, x, rows=None):
+        """what features f [..., n] (W_dec's `rows`, or all) add to the SAE's output at
+        tokens x [..., d_in]: the reconstruction's part that removing them takes away"""
+        W = self._W_out if rows is None else self._W_out[rows]
+        scale, _ = self._output_scale(x, f.shape[:-1])
+        return (f @ W) * scale
+
+    def _normalized(self, x):
+        """x [..., d_in] as the encoder reads it (normalize_activations)"""
+        if self.normalize_activations == "constant_norm_rescale":
+            norm = np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-30))
+            return x * (np.float32(self.d_in ** 0.5) / norm)
+        if self.normalize_activations == "layer_norm":
+            centred = x - x.mean(-1, keepdims=True)
+            return centred / (centred.std(-1, ddof=1, keepdims=True) + np.float32(1e-5))
+        return x
+
+    def _output_scale(self, x, lead_shape):
+        """(scale, shift) that map the decoder's output back to the site's scale at
+        tokens x: (1, 0) unless the SAE normalizes each token (a transcoder never maps
+        back: its output is another site)"""
+        if self.normalize_activations == "none" or self.is_transcoder:
+            return np.float32(1.0), np.float32(0.0)
+        if x is None:
+            raise ValueError(f"x: this SAE normalizes each token (normalize_activations="
+                             f"{self.normalize_activations!r}), so decoding needs the tokens' values: decode(f, x)")
+        x = self._input(x)
+        if x.shape[:-1] != tuple(lead_shape):
+            raise ValueError(f"x: expected shape {list(lead_shape) + [self.d_in]} (the features' tokens), "
+                             f"got {list(x.shape)}")
+        if self.normalize_activations == "constant_norm_rescale":
+            return np.linalg.norm(x, axis=-1, keepdims=True) / np.float32(self.d_in ** 0.5), np.float32(0.0)
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean).std(-1, ddof=1, keepdims=True), mean
 
     def _input(self, x):
         x = np.asarray(x, dtype=np.float32)
@@ -168,9 +262,14 @@ class SAE:
     # ---- files -----------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, folder):
+    def load(cls, folder, *, norm_scaling_factor=None):
         """A SAELens folder: cfg.json and sae_weights.safetensors (SAELens 6's config,
-        with hook_name under "metadata", or an older one with it at the top)."""
+        with hook_name under "metadata", or an older one with it at the top).
+
+        An SAE trained with normalize_activations="expected_average_only_in" read
+        activations multiplied by one dataset-wide factor, which its folder does not
+        hold: give it as norm_scaling_factor and it is folded into the weights (W_enc
+        times it, W_dec and b_dec divided by it), as SAELens does."""
         folder = os.fspath(folder)
         cfg_path, weights_path = os.path.join(folder, "cfg.json"), os.path.join(folder, "sae_weights.safetensors")
         for path in (cfg_path, weights_path):
@@ -186,8 +285,17 @@ class SAE:
         if head is not None:
             raise ValueError(f"SAE {cfg_path}: hook_head_index {head!r} (an SAE of one head) is not supported")
         norm = cfg.get("normalize_activations", "none") or "none"
-        if norm != "none":
-            raise ValueError(f"SAE {cfg_path}: normalize_activations {norm!r} is not supported (only 'none')")
+        if norm == "expected_average_only_in":
+            if norm_scaling_factor is None:
+                raise ValueError(f"SAE {cfg_path}: normalize_activations 'expected_average_only_in': the SAE read "
+                                 "activations scaled by a dataset-wide factor that its folder does not hold; give it "
+                                 "as SAE.load(..., norm_scaling_factor=...)")
+        elif norm_scaling_factor is not None:
+            raise ValueError(f"norm_scaling_factor: the SAE in {folder} has normalize_activations {norm!r}, "
+                             "not 'expected_average_only_in'")
+        elif norm not in NORMALIZATIONS:
+            raise ValueError(f"SAE {cfg_path}: normalize_activations {norm!r} is not supported "
+                             f"(supported: {', '.join(NORMALIZATIONS)}, expected_average_only_in)")
         arch = cfg.get("architecture", "standard")
         site_out, skip = None, False
         if arch in TRANSCODERS:
@@ -201,22 +309,38 @@ class SAE:
         if arch not in ARCHITECTURES:
             raise ValueError(f"SAE {cfg_path}: architecture {arch!r} is not supported "
                              f"(supported: {', '.join(ARCHITECTURES)})")
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            raise ValueError(f"SAE {cfg_path}: rescale_acts_by_decoder_norm is not supported")
+        rescale = bool(cfg.get("rescale_acts_by_decoder_norm"))
+        if rescale and arch != "topk":
+            raise ValueError(f"SAE {cfg_path}: rescale_acts_by_decoder_norm is supported for topk SAEs only")
         if cfg.get("activation_fn_str", "relu") not in ("relu", "topk"):
             raise ValueError(f"SAE {cfg_path}: activation_fn_str {cfg['activation_fn_str']!r} is not supported")
+        if norm_scaling_factor is not None:
+            if (isinstance(norm_scaling_factor, bool) or not isinstance(norm_scaling_factor, numbers.Real)
+                    or not np.isfinite(norm_scaling_factor) or norm_scaling_factor <= 0):
+                raise ValueError(f"norm_scaling_factor: expected a positive finite number, got {norm_scaling_factor!r}")
+            if site_out is not None:
+                raise ValueError(f"norm_scaling_factor: folding a scaling factor into a transcoder ({cfg_path}) "
+                                 "is not supported")
         w = read_safetensors(weights_path)
-        missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if skip else ()) if n not in w]
+        names = ("W_enc", "b_gate", "b_mag", "r_mag") if arch == "gated" else ("W_enc", "b_enc")
+        missing = [n for n in names + ("W_dec", "b_dec") + (("W_skip",) if skip else ()) if n not in w]
         if missing:
             raise ValueError(f"SAE {weights_path}: no tensor {missing[0]}")
         threshold = w.get("threshold")
         if threshold is None and "log_threshold" in w:
             threshold = np.exp(w["log_threshold"])
-        sae = cls(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], site, architecture=arch,
+        W_enc, W_dec, b_dec = w["W_enc"], w["W_dec"], w["b_dec"]
+        if norm_scaling_factor is not None:
+            s = np.float32(norm_scaling_factor)
+            W_enc, W_dec, b_dec, norm = W_enc * s, W_dec / s, b_dec / s, "none"
+        gated = arch == "gated"
+        sae = cls(W_enc, w["b_gate"] if gated else w["b_enc"], W_dec, b_dec, site, architecture=arch,
                   threshold=threshold if arch == "jumprelu" else None,
                   k=cfg.get("k", kwargs.get("k")) if arch == "topk" else None,
                   apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", site_out is None),
-                  site_out=site_out, W_skip=w["W_skip"] if skip else None)
+                  site_out=site_out, W_skip=w["W_skip"] if skip else None,
+                  b_mag=w["b_mag"] if gated else None, r_mag=w["r_mag"] if gated else None,
+                  normalize_activations=norm, rescale_acts_by_decoder_norm=rescale)
         for key in ("d_in", "d_sae") + (("d_out",) if site_out is not None else ()):
             if key in cfg and cfg[key] != getattr(sae, key):
                 raise ValueError(f"SAE {cfg_path}: {key} is {cfg[key]!r}, but the weights have "
@@ -231,19 +355,24 @@ class SAE:
         os.makedirs(folder, exist_ok=True)
         cfg = {"architecture": self._saelens_architecture(), "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
                "device": "cpu", "apply_b_dec_to_input": self.apply_b_dec_to_input,
-               "normalize_activations": "none",
+               "normalize_activations": self.normalize_activations,
                "reshape_activations": "hook_z" if self.site.endswith("hook_z") else "none",
                # SAELens reads a file without a version of 6 or later in its older layout,
                # hook_name at the top, and would lose the site: this file is in 6's layout
                "metadata": {"sae_lens_version": "6.0.0", "hook_name": self.site, "hook_head_index": None}}
         if self.k is not None:
             cfg["k"] = self.k
+            cfg["rescale_acts_by_decoder_norm"] = self.rescale_acts_by_decoder_norm
         if self.is_transcoder:
             cfg["d_out"] = self.d_out
             cfg["metadata"]["hook_name_out"] = self.site_out
         with open(os.path.join(folder, "cfg.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.architecture == "gated":
+            tensors.update(b_gate=self.b_enc, b_mag=self.b_mag, r_mag=self.r_mag)
+        else:
+            tensors["b_enc"] = self.b_enc
         if self.threshold is not None:
             tensors["threshold"] = self.threshold
         if self.W_skip is not None:
@@ -339,14 +468,15 @@ def features(model, tokens, sae, *, attention_mask=None, interventions=None):
 def ablate(model, tokens, sae, features, *, pos=None, attention_mask=None, interventions=None):
     """An intervention (ms.Add) that removes the given features' decoded parts from the
     site, at every position or at `pos`, and keeps the rest of the site's value (other
-    features, b_dec and the SAE's error): x -> x - sum over features i of f_i W_dec[i].
+    features, b_dec and the SAE's error): x -> x - sum over features i of f_i W_dec[i]
+    (scaled back per token if the SAE normalizes its input).
 
     It holds the values of these tokens' run (with `interventions`): use it in runs of
     the same tokens, after the same interventions."""
     feats = _feature_index(features, sae.d_sae)
     tokens, mask, x = _site_values(model, tokens, sae, attention_mask, interventions)
     f = sae.encode(x)[..., feats]
-    delta = -(f @ sae.W_dec[feats]) * _real(mask, x.shape)
+    delta = -sae._decoded(f, x, feats) * _real(mask, x.shape)
     delta = delta.reshape(_out_shape(model, sae, *x.shape[:2]))
     if pos is not None:
         delta = delta[:, _positions(pos, x.shape[1])]
@@ -393,7 +523,7 @@ def edit(sae, *, ablate=(), clamp=None, scale=None):
         g[..., removed] = 0.0
         g[..., s_idx] *= s_val
         g[..., c_idx] = c_val
-        return (g - f) @ sae.W_dec
+        return sae._decoded(g - f, x)
 
     if not sae.is_transcoder:
         def hook(value, site):
@@ -435,8 +565,9 @@ def reconstruction_loss(model, tokens, sae, *, attention_mask=None):
 
 def attribution(model, tokens, sae, metric, *, attention_mask=None, interventions=None):
     """Each feature's estimated effect on `metric` when it is removed at one position,
-    [batch, pos, d_sae]: -f[b, p, i] * (W_dec[i] . d metric[b] / d x[b, p]), from one
-    forward and one backward pass (0 at padding). metric: as model.grad's (a metric
+    [batch, pos, d_sae]: -f[b, p, i] * (W_dec[i] . d metric[b] / d x[b, p]) (W_dec[i]
+    scaled back per token if the SAE normalizes its input), from one forward and one
+    backward pass (0 at padding). metric: as model.grad's (a metric
     object, or "cross_entropy")."""
     _check(model, sae)
     tokens, mask = model._check_tokens(tokens, attention_mask)
@@ -444,8 +575,10 @@ def attribution(model, tokens, sae, metric, *, attention_mask=None, intervention
                    interventions=interventions, progress=False)
     x, dy = g.activations[sae.site], g[sae.site_out]
     B, T = x.shape[:2]
-    f = sae.encode(x.reshape(B, T, -1))
-    return -f * (dy.reshape(B, T, -1) @ sae.W_dec.T) * _real(mask, f.shape)
+    x = x.reshape(B, T, -1)
+    f = sae.encode(x)
+    scale, _ = sae._output_scale(x, f.shape[:-1])
+    return -f * scale * (dy.reshape(B, T, -1) @ sae._W_out.T) * _real(mask, f.shape)
 
 
 class TopActivations:
