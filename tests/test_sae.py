@@ -695,7 +695,7 @@ def test_top_activation_examples_mark_the_token():
     for (_, text), r, p in zip(shown, top.rows[feature], top.pos[feature]):
         words = model.to_str_tokens(tokens[r])
         n_real = int(tokens.attention_mask[r].sum())
-        want = words[max(p - 3, 0):p] + ["\u00ab" + words[p] + "\u00bb"] + words[p + 1:min(p + 3, n_real)]
+        want = words[max(p - 3, 0):p] + ["\u00ab" + words[p] + "\u00bb"] + words[p + 1:min(p + 4, n_real)]
         assert text == " ".join(want)
     with pytest.raises(ValueError, match="feature: 40 is not among these features"):
         top.examples(model, tokens, 40)
@@ -725,13 +725,19 @@ def test_top_activation_examples_of_byte_level_tokens():
         for (_, text), r, p in zip(top.examples(model, tokens, int(feature), window=3), top.rows[i], top.pos[i]):
             real = np.flatnonzero(tokens.attention_mask[r] != 0)
             at = int(np.searchsorted(real, p))
-            window = [int(t) for t in tokens[r, real[max(at - 3, 0):at + 3]]]
+            window = [int(t) for t in tokens[r, real[max(at - 3, 0):at + 4]]]
             assert text.count("\u00ab") == 1 and text.count("\u00bb") == 1 and "\u00ab\u00bb" not in text
             assert text.replace("\u00ab", "").replace("\u00bb", "") == model.tokenizer.decode(window)
             marked.add(text[text.index("\u00ab") + 1:text.index("\u00bb")])
             shown += 1
     assert shown > 500
     assert "\u8a9e" in marked  # a character of three bytes, each its own token: marked whole
+    # a character of four bytes, each its own token, found at its first byte: the three
+    # tokens after it complete it
+    tokens = model.to_tokens(["a\U00010348 b c"])
+    assert len(tokens[0]) == 7  # a, the four bytes, " b", " c"
+    top = ms.sae.TopActivations(np.array([0]), np.array([[1.0]]), np.array([[0]]), np.array([[1]]), np.array([1.0]))
+    assert top.examples(model, tokens, 0) == [(1.0, "a\u00ab\U00010348\u00bb")]
 
 
 def test_bad_input_is_refused_by_name(models, tmp_path):

@@ -601,8 +601,9 @@ class TopActivations:
 
     def examples(self, model, tokens, feature, *, window=8, attention_mask=None, mark=("\u00ab", "\u00bb")):
         """The texts around each of a feature's top tokens: [(activation, text)], the
-        `window` tokens before the token and up to 2 after it, the token between the
-        `mark` pair (a token that is part of a character marks the character).
+        `window` tokens before the token and up to 3 after it, the token between the
+        `mark` pair (a token that is part of a character marks the character: with
+        byte-level BPE a character of 4 bytes can need 3 tokens after the one marked).
         tokens (and attention_mask): those top_activations read; feature: an SAE
         feature index among self.features."""
         hit = np.flatnonzero(self.features == feature) if isinstance(feature, numbers.Integral) else []
@@ -626,7 +627,7 @@ class TopActivations:
             real = np.ones(ids.shape[1], bool) if mask is None else mask[r] != 0
             keep = np.flatnonzero(real)
             at = int(np.searchsorted(keep, p))
-            before, after = keep[max(at - window, 0):at], keep[at + 1:at + 3]
+            before, after = keep[max(at - window, 0):at], keep[at + 1:at + 4]
             whole = text(r, [*before, p, *after])
             # the token's text is what it adds to the text before it. Compared, not cut at
             # lengths: with byte-level BPE a token can be part of a character, which then
