@@ -138,6 +138,88 @@ def test_other_architectures(name, tmp_path):
         assert_close(attrs.sum(0), logits[[0, 1], [1, 2]] - logits[[0, 1], [5, 0]], what=f"{name} by {by}")
 
 
+def test_direction_logits_match_transformer_lens(gpt2):
+    """vectors at residual sites, at the heads' hook_z (through W_O) and at an MLP's
+    hook_post (through W_out), centred and read through TransformerLens's W_U with the
+    final LayerNorm's weight folded in (fold_ln)"""
+    hf, model, _ = gpt2
+    tl = tl_model_from_hf(hf)
+    tl.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
+    W_U, W_O, W_out = (tl.W_U.detach().numpy(), tl.W_O[2].detach().numpy(), tl.W_out[2].detach().numpy())
+    H, dh = model.n_heads, model.d_head
+    rng = np.random.default_rng(8)
+    for site, width, into_residual in (("hook_embed", model.d_model, lambda v: v),
+                                       ("blocks.2.hook_resid_mid", model.d_model, lambda v: v),
+                                       ("blocks.1.hook_mlp_out", model.d_model, lambda v: v),
+                                       ("blocks.2.attn.hook_z", H * dh,
+                                        lambda v: np.einsum("nhd,hdm->nm", v.reshape(-1, H, dh), W_O)),
+                                       ("blocks.2.mlp.hook_post", model.d_mlp, lambda v: v @ W_out)):
+        v = rng.normal(size=(5, width)).astype(np.float32)
+        r = into_residual(v)
+        want = (r - r.mean(-1, keepdims=True)) @ W_U
+        got = ms.lens.direction_logits(model, v, site)
+        assert got.shape == (5, model.d_vocab)
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0, err_msg=site)
+        tol = 1e-6 * np.abs(got).max()  # one vector or several: other product kernels
+        np.testing.assert_allclose(ms.lens.direction_logits(model, v[2], site), got[2], rtol=0, atol=tol)
+        if site.endswith("hook_z"):  # also with the heads as an axis
+            np.testing.assert_allclose(ms.lens.direction_logits(model, v.reshape(5, H, dh), site), got,
+                                       rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("name", [GPT2, "llama_gqa3", "neox_parallel"])
+def test_direction_logits_add_up_to_the_logits(name, hf_models, ms_models, tmp_path):
+    """the final residual stream's direction_logits over its final-norm scale, plus the
+    norm's bias through the unembedding, are the model's logits (HuggingFace's); and
+    the heads' hook_z and the MLP's hook_post give the sums of logit_attribution's
+    heads and neurons of their layer"""
+    if name == GPT2:
+        hf, model = hf_models[name], ms_models[name]
+    else:
+        hf = make_hf(name, seed=3)
+        hf.save_pretrained(tmp_path)
+        model = ms.Model.from_pretrained(str(tmp_path))
+    tokens = np.random.default_rng(9).integers(0, model.d_vocab, size=(3, 7))
+    with torch.no_grad():
+        logits = hf(input_ids=torch.as_tensor(tokens)).logits.numpy()
+    last, layer = model.n_layers - 1, model.n_layers - 1
+    sites = [f"blocks.{last}.hook_resid_post", "ln_final.hook_scale", f"blocks.{layer}.attn.hook_z",
+             f"blocks.{layer}.mlp.hook_post"]
+    cache = model.run(tokens, cache=sites, logits=None).cache
+    x, scale = cache[sites[0]], cache[sites[1]]
+    rest = logits - ms.lens.direction_logits(model, x.reshape(-1, model.d_model), sites[0]).reshape(
+        logits.shape) / scale
+    norm = hf.get_decoder().norm if hasattr(hf, "get_decoder") and hasattr(hf.get_decoder(), "norm") else None
+    bias = {GPT2: lambda: hf.transformer.ln_f.bias, "neox_parallel": lambda: hf.gpt_neox.final_layer_norm.bias,
+            "llama_gqa3": lambda: None}[name]()
+    want = np.zeros(model.d_vocab) if bias is None else \
+        bias.detach().numpy() @ hf.get_output_embeddings().weight.detach().numpy().T
+    assert norm is None or not hasattr(norm, "bias") or norm.bias is None
+    np.testing.assert_allclose(rest, np.broadcast_to(want, rest.shape), atol=1e-4 * np.abs(logits).max(), rtol=0)
+
+    answer, incorrect = np.array([1, 4, 7]), np.array([2, 2, 0])
+    rows = np.arange(3)
+    for by, site in (("head", sites[2]), ("neuron", sites[3])):
+        attrs, labels = ms.lens.logit_attribution(model, tokens, answer, incorrect, by=by, return_labels=True)
+        mine = [i for i, label in enumerate(labels) if label.startswith(f"L{layer}{by[0].upper()}")]
+        want = attrs[mine].sum(0)
+        d = ms.lens.direction_logits(model, cache[site][:, -1].reshape(3, -1), site) / scale[:, -1]
+        np.testing.assert_allclose(d[rows, answer] - d[rows, incorrect], want, atol=1e-4 * np.abs(want).max(),
+                                   rtol=0, err_msg=f"{name} {by}")
+
+
+def test_direction_logits_bad_input(gpt2):
+    _, model, _ = gpt2
+    with pytest.raises(ValueError, match="site 'blocks.0.attn.hook_q': does not add into the residual stream"):
+        ms.lens.direction_logits(model, np.ones(model.d_model), "blocks.0.attn.hook_q")
+    with pytest.raises(ValueError, match="vectors: expected shape \\[n, 48\\] or \\[48\\]"):
+        ms.lens.direction_logits(model, np.ones((2, 23)), "blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="vectors: contains NaN"):
+        ms.lens.direction_logits(model, np.full(model.d_model, np.nan), "blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="unknown site name"):
+        ms.lens.direction_logits(model, np.ones(model.d_model), "blocks.0.hook_resid")
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_rows_give_what_they_give_alone(gpt2, side):
     _, model, _ = gpt2

@@ -106,6 +106,37 @@ def with_error_term(tl, lens, tokens, edit_features):
         tl.reset_saes()
 
 
+def zeroing(features):
+    """a SAELens hook (at hook_sae_acts_post) that sets these features to 0"""
+    def hook(acts, hook):
+        acts[..., torch.as_tensor(features)] = 0.0
+        return acts
+    return hook
+
+
+def setting(feature, value):
+    """a SAELens hook (at hook_sae_acts_post) that sets one feature to a value"""
+    def hook(acts, hook):
+        acts[..., feature] = value
+        return acts
+    return hook
+
+
+def features_and_splice_as_saelens(model, tl, lens, sae, tokens):
+    """checks that mechscope's features and spliced run of `sae` are HookedSAETransformer's
+    of `lens`, and that the splice changes the run; returns the features"""
+    t = torch.as_tensor(tokens)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache_with_saes(t, saes=[lens])
+        spliced = tl.run_with_saes(t, saes=[lens]).numpy()
+    f = ms.sae.features(model, tokens, sae)
+    np.testing.assert_allclose(f, cache[f"{sae.site}.hook_sae_acts_post"].numpy(), atol=1e-4, rtol=0)
+    got = model.run(tokens, interventions=[ms.sae.splice(model, tokens, sae)]).logits
+    np.testing.assert_allclose(got, spliced, atol=1e-4, rtol=0)
+    assert np.abs(spliced - model.run(tokens).logits).max() > 1e-2  # the splice changes the run
+    return f
+
+
 @pytest.fixture(scope="module")
 def models(small):
     hf, _, model = small
@@ -302,31 +333,16 @@ def test_normalized_and_gated_saes_on_the_model_match_hooked_sae_transformer(mod
     lens = lens_sae(kind, site, seed=36, **cfg)
     sae = ours(lens)
     tokens = _tokens(model, 37)
-    t = torch.as_tensor(tokens)
-    with torch.no_grad():
-        _, cache = tl.run_with_cache_with_saes(t, saes=[lens])
-        spliced = tl.run_with_saes(t, saes=[lens]).numpy()
-    f = ms.sae.features(model, tokens, sae)
-    np.testing.assert_allclose(f, cache[f"{site}.hook_sae_acts_post"].numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(model.run(tokens, interventions=[ms.sae.splice(model, tokens, sae)]).logits, spliced,
-                               atol=1e-4, rtol=0)
+    f = features_and_splice_as_saelens(model, tl, lens, sae, tokens)
     active = np.argsort(-(f > 0).sum((0, 1)))[:3]
 
-    def remove(acts, hook):
-        acts[..., torch.as_tensor(active)] = 0.0
-        return acts
-
-    def clamp(acts, hook):
-        acts[..., 7] = 5.0
-        return acts
-
-    want = with_error_term(tl, lens, tokens, remove).numpy()
+    want = with_error_term(tl, lens, tokens, zeroing(active)).numpy()
     assert np.abs(want - model.run(tokens).logits).max() > 1e-2
     np.testing.assert_allclose(model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, active)]).logits,
                                want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(model.run(tokens, hooks=ms.sae.edit(sae, ablate=active)).logits, want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(model.run(tokens, hooks=ms.sae.edit(sae, clamp={7: 5.0})).logits,
-                               with_error_term(tl, lens, tokens, clamp).numpy(), atol=1e-4, rtol=0)
+                               with_error_term(tl, lens, tokens, setting(7, 5.0)).numpy(), atol=1e-4, rtol=0)
     answer, wrong = np.array([3, 17, 40]), np.array([9, 2, 33])
     got = ms.sae.attribution(model, tokens, sae, ms.metrics.LogitDiff(answer, wrong))
     want = autograd_attribution(tl, lens, tokens, answer, wrong)
@@ -339,24 +355,12 @@ def test_features_splice_and_ablation_match_hooked_sae_transformer(models, site)
     lens = lens_sae("topk" if site.endswith("hook_z") else "standard", site, seed=4)
     sae = ours(lens)
     tokens = _tokens(model, 5)
-    t = torch.as_tensor(tokens)
-    with torch.no_grad():
-        _, cache = tl.run_with_cache_with_saes(t, saes=[lens])
-        spliced = tl.run_with_saes(t, saes=[lens]).numpy()
-    f = ms.sae.features(model, tokens, sae)
-    np.testing.assert_allclose(f, cache[f"{site}.hook_sae_acts_post"].numpy(), atol=1e-4, rtol=0)
-    got = model.run(tokens, interventions=[ms.sae.splice(model, tokens, sae)]).logits
-    np.testing.assert_allclose(got, spliced, atol=1e-4, rtol=0)
-    assert np.abs(spliced - model.run(tokens).logits).max() > 1e-2  # the splice changes the run
+    f = features_and_splice_as_saelens(model, tl, lens, sae, tokens)
 
     # features removed everywhere, the SAE's error kept (use_error_term)
     active = np.argsort(-(f > 0).sum((0, 1)))[:3]
 
-    def remove(acts, hook):
-        acts[..., torch.as_tensor(active)] = 0.0
-        return acts
-
-    want = with_error_term(tl, lens, tokens, remove).numpy()
+    want = with_error_term(tl, lens, tokens, zeroing(active)).numpy()
     got = model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, active)]).logits
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(want - model.run(tokens).logits).max() > 1e-2
@@ -392,20 +396,13 @@ def test_transcoders_on_the_model_match_hooked_sae_transformer(models, kind):
 
     active = np.argsort(-(f > 0).sum((0, 1)))[:3]
 
-    def remove(acts, hook):
-        acts[..., torch.as_tensor(active)] = 0.0
-        return acts
-
-    want = with_error_term(tl, lens, tokens, remove).numpy()
+    want = with_error_term(tl, lens, tokens, zeroing(active)).numpy()
     np.testing.assert_allclose(model.run(tokens, interventions=[ms.sae.ablate(model, tokens, tc, active)]).logits,
                                want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(model.run(tokens, hooks=ms.sae.edit(tc, ablate=active)).logits, want, atol=1e-4, rtol=0)
     assert np.abs(want - model.run(tokens).logits).max() > 1e-2
 
-    def clamp(acts, hook):
-        acts[..., 7] = 5.0
-        return acts
-
+    clamp = setting(7, 5.0)
     hooks = ms.sae.edit(tc, clamp={7: 5.0})
     assert list(hooks) == [MLP_IN, MLP_OUT]
     want = with_error_term(tl, lens, tokens, clamp).numpy()
@@ -605,6 +602,59 @@ def test_attribution_ranks_the_exact_removals(models):
     rho = spearmanr(estimate[active[:, 0], active[:, 1]], exact).statistic
     print(f"attribution vs exact removal of {len(active)} (position, feature) pairs: Spearman {rho:.3f}")
     assert rho > 0.8
+
+
+@pytest.mark.parametrize("which", ["resid", "hook_z", "topk_rescaled", "transcoder"])
+def test_logit_effects_are_each_features_extreme_tokens(models, which):
+    """each feature's k most promoted and most suppressed tokens are those of its decoder
+    row's direction_logits at the site it writes (sorted in full), in batches of any size;
+    an SAE that rescales by the decoder's norms reads each row at unit norm"""
+    _, model, _ = models
+    lens = {"resid": lambda: lens_sae("standard", "blocks.1.hook_resid_pre", seed=40),
+            "hook_z": lambda: lens_sae("jumprelu", "blocks.0.attn.hook_z", seed=41),
+            "topk_rescaled": lambda: lens_sae("topk", "blocks.1.hook_mlp_out", seed=42,
+                                              rescale_acts_by_decoder_norm=True),
+            "transcoder": lambda: lens_transcoder("skip_transcoder", seed=43)}[which]()
+    sae = ours(lens)
+    rows = sae.W_dec / np.linalg.norm(sae.W_dec, axis=1, keepdims=True) if which == "topk_rescaled" else sae.W_dec
+    full = ms.lens.direction_logits(model, rows, sae.site_out)  # [d_sae, vocab]
+    for features, batch_size in ((None, 7), ([30, 2, 17], 256)):
+        eff = ms.sae.logit_effects(model, sae, features=features, k=5, batch_size=batch_size)
+        feats = np.arange(sae.d_sae) if features is None else np.array(features)
+        assert eff.features.tolist() == feats.tolist() and eff.promoted.shape == (len(feats), 5)
+        for i, j in enumerate(feats):
+            order = np.argsort(-full[j], kind="stable")
+            assert eff.promoted[i].tolist() == order[:5].tolist(), (which, j)
+            assert eff.suppressed[i].tolist() == order[::-1][:5].tolist(), (which, j)
+            np.testing.assert_allclose(eff.promoted_values[i], full[j, order[:5]], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(eff.suppressed_values[i], full[j, order[::-1][:5]], rtol=1e-5, atol=1e-5)
+
+
+def test_logit_effects_table_and_bad_input(models):
+    model = ms.demo.load_model()
+    rng = np.random.default_rng(44)
+    d = model.d_model
+    sae = ms.sae.SAE(rng.normal(size=(d, 12)), np.zeros(12), rng.normal(size=(12, d)), np.zeros(d),
+                     "blocks.1.hook_resid_post")
+    eff = ms.sae.logit_effects(model, sae, k=3)
+    table = eff.table(model, 4)
+    assert [t for t, _ in table["promoted"]] == [model.tokenizer.decode([int(t)]) for t in eff.promoted[4]]
+    assert [v for _, v in table["suppressed"]] == eff.suppressed_values[4].tolist()
+    assert table["promoted"][0][1] > table["promoted"][2][1] > 0 > table["suppressed"][2][1] > table["suppressed"][0][1]
+    with pytest.raises(ValueError, match="feature: 12 is not among these features"):
+        eff.table(model, 12)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="k: expected an integer >= 1"):
+            ms.sae.logit_effects(model, sae, k=bad)
+    with pytest.raises(ValueError, match=f"k: the model has {model.d_vocab} tokens"):
+        ms.sae.logit_effects(model, sae, k=model.d_vocab + 1)
+    with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 12\\)"):
+        ms.sae.logit_effects(model, sae, features=[12])
+    assert d == model.n_heads * model.d_head  # so an SAE of the queries has this width
+    q = ms.sae.SAE(rng.normal(size=(d, 12)), np.zeros(12), rng.normal(size=(12, d)), np.zeros(d),
+                   "blocks.1.attn.hook_q")
+    with pytest.raises(ValueError, match="does not add into the residual stream"):
+        ms.sae.logit_effects(model, q)
 
 
 def _brute_top(f, real, k):

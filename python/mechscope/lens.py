@@ -5,6 +5,7 @@ attribution.
     lens = ms.lens.logit_lens(model, tokens)                        # [layers + 1, batch, vocab]
     attrs, labels = ms.lens.logit_attribution(model, tokens, mary, john, by="head",
                                               return_labels=True)   # [components, batch]
+    effects = ms.lens.direction_logits(model, vectors, "blocks.3.hook_mlp_out")  # [n, vocab]
 
 The final residual stream is a sum: the embeddings, each attention layer's output
 (each head's, plus the output bias) and each MLP's output. The final norm divides it by
@@ -22,10 +23,11 @@ on the unprocessed model; attributions equal TransformerLens's on a model loaded
 import numpy as np
 
 from . import _dtypes
+from . import sites as _sites
 from .architectures import NORM_LAYER
 from .metrics import _per_row, positions
 
-__all__ = ["logit_lens", "decompose", "logit_attribution"]
+__all__ = ["logit_lens", "decompose", "logit_attribution", "direction_logits"]
 
 _BY = ("layer", "head", "neuron")
 
@@ -130,6 +132,59 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, by="la
 
 
 # ---------------------------------------------------------------- helpers
+
+def direction_logits(model, vectors, site):
+    """What each vector, written at `site`, does to the logits directly: [n, vocab]
+    (or [vocab] for one vector), the tokens it promotes (large) and suppresses (small).
+
+    The vector is carried into the residual stream by what the site adds there: a
+    residual stream, the embedding or a block's attention or MLP output is itself; the
+    heads' ``attn.hook_z`` [n_heads * d_head, or n_heads x d_head] goes through W_O;
+    ``mlp.hook_post`` [d_mlp] through the MLP's output matrix. Then through the final
+    norm's linear part with its scale held at 1 (centred for LayerNorm, times its
+    weight) and the unembedding; biases are left out. Divided by a token's final-norm
+    scale (``ln_final.hook_scale``), a residual-stream value's direction_logits plus the
+    norm's bias through the unembedding and the unembedding's bias are the model's
+    logits. The order of the tokens does not depend on the scale.
+
+    Used for a feature's decoder row (``ms.sae.logit_effects``), a steering vector, a
+    probe's or a subspace's directions."""
+    _, layer, suffix = _sites.parse(site, model)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    one = vectors.ndim == 1
+    if suffix == "attn.hook_z" and vectors.ndim >= 2 and vectors.shape[-2:] == (model.n_heads, model.d_head):
+        vectors = vectors.reshape(vectors.shape[:-2] + (model.n_heads * model.d_head,))
+        one = vectors.ndim == 1
+    widths = {"attn.hook_z": model.n_heads * model.d_head, "mlp.hook_post": model.d_mlp}
+    if suffix in widths:
+        width = widths[suffix]
+    elif suffix in _RESIDUAL:
+        width = model.d_model
+    else:
+        raise ValueError(f"site {site!r}: does not add into the residual stream directly (sites that do: "
+                         "hook_embed, hook_pos_embed, blocks.L.hook_resid_pre / _mid / _post, hook_attn_out, "
+                         "hook_mlp_out, attn.hook_z, mlp.hook_post)")
+    if vectors.ndim not in (1, 2) or vectors.shape[-1] != width:
+        raise ValueError(f"vectors: expected shape [n, {width}] or [{width}] (site {site!r}), "
+                         f"got {list(vectors.shape)}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors: contains NaN or infinity")
+    vectors = vectors.reshape(-1, width)
+    if suffix == "attn.hook_z":
+        w_o = _output_matrix(model, layer)  # [head, d_head, d_model]
+        vectors = vectors @ w_o.reshape(-1, model.d_model)
+    elif suffix == "mlp.hook_post":
+        vectors = vectors @ _mlp_output_matrix(model, layer)
+    if model.arch["norm"] == NORM_LAYER:
+        vectors = vectors - vectors.mean(-1, keepdims=True)
+    logits = (vectors * _final_norm(model)[0]) @ _unembedding(model).T
+    return logits[0] if one else logits
+
+
+# the sites whose value is added into the residual stream as it is (or is the residual stream)
+_RESIDUAL = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+             "hook_attn_out", "hook_mlp_out")
+
 
 def _run_at(model, tokens, pos, attention_mask, interventions, names):
     """One run caching ``names`` -> ({name: value at each row's position [batch, ...]},)."""

@@ -9,6 +9,7 @@ feature's attribution to a metric from one backward pass.
     a = ms.sae.attribution(model, tokens, sae, metric)  # [batch, pos, d_sae]
     top = ms.sae.top_activations(model, tokens, sae, k=10)  # each feature's most active tokens
     top.examples(model, tokens, feature=7)            # ... as text, the token marked
+    ms.sae.logit_effects(model, sae).table(model, 7)  # the tokens feature 7 promotes and suppresses
     model.run(tokens, hooks=ms.sae.edit(sae, clamp={7: 5.0}))  # features edited as the run goes
     x = ms.extract(model, texts, site, positions="all")[site]  # activations to train one on
     sae = ms.sae.train(x, d_sae=512, site=site, k=16)   # TopK (or l1=... for ReLU + L1)
@@ -54,7 +55,7 @@ from .checkpoint import is_present, read_json_object, read_safetensors
 from .interventions import Add, Set, Zero
 
 __all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstruction_loss", "attribution",
-           "top_activations", "TopActivations"]
+           "top_activations", "TopActivations", "logit_effects", "LogitEffects"]
 
 ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
 # how an SAE normalizes each token before encoding (SAELens's normalize_activations; the
@@ -687,6 +688,65 @@ def top_activations(model, tokens, sae, *, k=10, features=None, attention_mask=N
     pos = np.where(found, best_at % T, -1).T.copy()
     density = active / max(n_real, 1)
     return TopActivations(feats, values, rows, pos, density)
+
+
+class LogitEffects:
+    """The tokens each feature promotes and suppresses directly (logit_effects' result).
+
+    features [F]: the SAE's feature indices, in the order asked.
+    promoted, promoted_values [F, k]: the k tokens whose logits the feature's decoder row
+        raises most (ms.lens.direction_logits), largest first.
+    suppressed, suppressed_values [F, k]: the k it lowers most, most negative first.
+    """
+
+    def __init__(self, features, promoted, promoted_values, suppressed, suppressed_values):
+        self.features, self.promoted, self.promoted_values = features, promoted, promoted_values
+        self.suppressed, self.suppressed_values = suppressed, suppressed_values
+
+    def __repr__(self):
+        return f"LogitEffects({len(self.features)} features, k={self.promoted.shape[1]})"
+
+    def table(self, model, feature):
+        """{"promoted": [(token text, value)], "suppressed": [...]} of one feature."""
+        hit = np.flatnonzero(self.features == feature) if isinstance(feature, numbers.Integral) else []
+        if isinstance(feature, bool) or len(hit) == 0:
+            raise ValueError(f"feature: {feature!r} is not among these features")
+        decode = model._need_tokenizer().decode
+        i = hit[0]
+        return {name: [(decode([int(t)]), float(v)) for t, v in zip(ids[i], values[i])]
+                for name, ids, values in (("promoted", self.promoted, self.promoted_values),
+                                          ("suppressed", self.suppressed, self.suppressed_values))}
+
+
+def logit_effects(model, sae, *, features=None, k=10, batch_size=256):
+    """For each feature, the k tokens its decoder row promotes and the k it suppresses
+    directly: the row written at the SAE's output site (a transcoder's site_out) and read
+    through the final norm's linear part and the unembedding, as
+    ``ms.lens.direction_logits`` (an attn.hook_z SAE's row goes through W_O first).
+    features: indices (None: all), computed `batch_size` at a time ([batch_size, vocab]
+    logits at once). Returns a LogitEffects."""
+    from .lens import direction_logits  # noqa: PLC0415  (lens is heavier; only this needs it)
+
+    _check(model, sae)
+    feats = np.arange(sae.d_sae) if features is None else _feature_index(features, sae.d_sae)
+    for name, value in (("k", k), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    if k > model.d_vocab:
+        raise ValueError(f"k: the model has {model.d_vocab} tokens, got k={k}")
+    F = len(feats)
+    out = {name: np.zeros((F, k), dtype) for name, dtype in (("up", np.int64), ("up_v", np.float32),
+                                                                ("down", np.int64), ("down_v", np.float32))}
+    for start in range(0, F, batch_size):
+        rows = feats[start:start + batch_size]
+        logits = direction_logits(model, sae._W_out[rows], sae.site_out)  # [n, vocab]
+        for key, sign in (("up", -1.0), ("down", 1.0)):
+            part = np.argpartition(sign * logits, k - 1, axis=1)[:, :k]
+            vals = np.take_along_axis(logits, part, 1)
+            order = np.argsort(sign * vals, axis=1, kind="stable")
+            out[key][start:start + len(rows)] = np.take_along_axis(part, order, 1)
+            out[key + "_v"][start:start + len(rows)] = np.take_along_axis(vals, order, 1)
+    return LogitEffects(feats, out["up"], out["up_v"], out["down"], out["down_v"])
 
 
 def _merge_top(best_v, best_at, f, at):
