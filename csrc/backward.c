@@ -186,17 +186,41 @@ static void undo_token_action(const bwd *b, const ms_action *a, float *g, int ld
     }
 }
 
-/* whether the gradient at (site, layer) is read (a gradient site) or changed (an
- * action there, which token_site takes back) */
+
+/* g [N, w] (row stride ld) += a seed's value [R, T, w] at the computed tokens */
+static void add_seed(const bwd *b, const float *value, int w, float *g, int ld) {
+    const ms_plan *p = b->plan;
+    for (size_t i = 0; i < (size_t)p->n_rows * p->n_pos; i++) {
+        int k = b->L->packed_of[i];
+        if (k < 0) continue;
+        float *x = g + (size_t)k * ld;
+        const float *v = value + i * w;
+        for (int j = 0; j < w; j++) x[j] += v[j];
+    }
+}
+
+static int seeded(const bwd *b, ms_site site, int layer) {
+    for (int i = 0; i < b->g->n_seeds; i++)
+        if (at_site(b->g->seeds[i].site, b->g->seeds[i].layer, site, layer)) return 1;
+    return 0;
+}
+
+/* whether the gradient at (site, layer) is read (a gradient site) or changed (a seed
+ * or an action there, which token_site adds or takes back) */
 static int touched(const bwd *b, ms_site site, int layer) {
     for (int i = 0; i < b->g->n_sites; i++)
         if (at_site(b->g->sites[i].site, b->g->sites[i].layer, site, layer)) return 1;
-    return ms_plan_touches(b->plan, site, layer);
+    return seeded(b, site, layer) || ms_plan_touches(b->plan, site, layer);
 }
 
-/* At a token site: store g if asked for, then take the site's actions back. */
+/* At a token site: add the seeds' read-outs of it to g (they read the value after the
+ * site's actions), store g if asked for, then take the site's actions back. */
 static void token_site(const bwd *b, ms_site site, int layer, float *g, int ld) {
     int w = ms_site_width(&b->m->cfg, site);
+    for (int i = 0; i < b->g->n_seeds; i++) {
+        const ms_grad_seed *s = &b->g->seeds[i];
+        if (at_site(s->site, s->layer, site, layer)) add_seed(b, s->value, w, g, ld);
+    }
     for (int i = 0; i < b->g->n_sites; i++) {
         const ms_grad_site *s = &b->g->sites[i];
         if (at_site(s->site, s->layer, site, layer)) store_tokens(b, g, ld, w, s->out);
@@ -435,11 +459,11 @@ static int fused(const ms_linear_weight *a, const ms_linear_weight *b, size_t a_
 }
 
 /* The gradient of a block's output (hook_attn_out or hook_mlp_out): dres itself, as
- * the output adds to the stream, unless an action at the site changes it on the way
- * back; then a copy of it in dout. (dres is read here before the block's norm
+ * the output adds to the stream, unless a seed or an action at the site changes it on
+ * the way back; then a copy of it in dout. (dres is read here before the block's norm
  * backward adds to it.) */
 static float *output_grad(bwd *b, ms_site site, int l) {
-    if (!ms_plan_touches(b->plan, site, l)) return b->dres;
+    if (!seeded(b, site, l) && !ms_plan_touches(b->plan, site, l)) return b->dres;
     ms_copy(b->dout, b->dres, (size_t)b->N * b->m->cfg.d_model, b->n_threads);
     return b->dout;
 }
@@ -737,7 +761,11 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
     int *rows = (int *)(sums + R), *count = rows + n_max;
     memset(b->dln, 0, sizeof(float) * (size_t)b->N * C);
     double total = 0.0;
-    if (g->cross_entropy) {
+    if (!g->cross_entropy && g->metric.kind == MS_METRIC_NONE) {
+        /* the seeds alone: nothing from the logits */
+        for (int r = 0; r < R; r++) g->metric_out[r] = 0.0f;
+        *g->value_out = 0.0;
+    } else if (g->cross_entropy) {
         int n = 0;
         for (int r = 0; r < R; r++)
             for (int t = 0; t + 1 < T; t++)
@@ -797,7 +825,8 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
 /* ---- the whole pass ---------------------------------------------------------------------------- */
 
 /* the lowest block the backward must go through: -1 for the embedding (weights, or
- * an embedding site), n_layers when only ln_final's sites are asked for */
+ * an embedding site), n_layers when only ln_final's sites are asked for (a seed
+ * changes only the gradients of sites at or before its own, which set this already) */
 static int lowest_block(const ms_model *m, const ms_grad_plan *g) {
     if (g->weights) return -1;
     int low = m->cfg.n_layers;
@@ -878,8 +907,20 @@ static ms_status grad_check(const ms_model *m, const ms_plan *p, const ms_grad_p
     if (g->n_metric_rows < 1 || g->n_metric_rows > p->n_rows)
         FAIL("grad: n_metric_rows %d out of range [1, %d]", g->n_metric_rows, p->n_rows);
     if (!g->value_out || !g->metric_out) FAIL("grad: outputs missing");
-    if ((g->metric.kind != MS_METRIC_NONE) == (g->cross_entropy != 0))
-        FAIL("metric: give exactly one of a metric and the cross-entropy");
+    if (g->metric.kind != MS_METRIC_NONE && g->cross_entropy)
+        FAIL("metric: give one of a metric and the cross-entropy, not both");
+    if (g->metric.kind == MS_METRIC_NONE && !g->cross_entropy && g->n_seeds < 1)
+        FAIL("metric: give a metric, the cross-entropy or seeds (the scalar would be 0)");
+    if (g->n_seeds < 0 || (g->n_seeds > 0 && !g->seeds)) FAIL("seeds: missing");
+    for (int i = 0; i < g->n_seeds; i++) {
+        const ms_grad_seed *s = &g->seeds[i];
+        if ((int)s->site < 0 || s->site >= MS_N_SITES || !ms_site_exists(&m->cfg, s->site))
+            FAIL("seeds: site %d does not exist in this model", s->site);
+        if (ms_site_is_attention(s->site)) FAIL("seeds: an attention pattern cannot be a seed's site");
+        if (ms_site_per_layer(s->site) && (s->layer < 0 || s->layer >= m->cfg.n_layers))
+            FAIL("seeds: layer %d out of range [0, %d)", s->layer, m->cfg.n_layers);
+        if (!s->value) FAIL("seeds: no value");
+    }
     if (g->metric.kind == MS_METRIC_ACCURACY)
         FAIL("metric: Accuracy (0 or 1) has no gradient; differentiate LogitDiff, LogProb, Prob or KL");
     if (g->metric.kind != MS_METRIC_NONE) {
@@ -887,7 +928,7 @@ static ms_status grad_check(const ms_model *m, const ms_plan *p, const ms_grad_p
         pc.metric = g->metric;
         pc.metric_out = g->metric_out;
         if ((st = ms_plan_check(m, &pc, err))) return st;
-    } else {
+    } else if (g->cross_entropy) {
         int pairs = 0;
         for (int r = 0; r < g->n_metric_rows && !pairs; r++)
             for (int t = 0; t + 1 < p->n_pos; t++) pairs += is_real(p, r, t) && is_real(p, r, t + 1);

@@ -393,11 +393,21 @@ typedef struct {
     ms_block_grad *blocks; /* [n_layers] */
 } ms_weight_grad;
 
+/* A linear read-out of a token site that the scalar adds: the sum over rows, positions
+ * and numbers of value * the site's value (after the site's actions). */
+typedef struct {
+    ms_site site;        /* a token site (not an attention pattern) */
+    int layer;           /* for per-layer sites */
+    const float *value;  /* [n_rows, n_pos, width]; ignored at padding */
+} ms_grad_seed;
+
 typedef struct {
     ms_metric metric;        /* kind != NONE: the scalar is the sum of the metric over rows */
     int cross_entropy;       /* 1: the scalar is the mean next-token cross-entropy over pairs of
                                 real tokens (metric.kind must be NONE) */
     int n_metric_rows;       /* rows 0 .. n_metric_rows - 1 count (later rows: sources) */
+    int n_seeds;             /* the scalar also adds these read-outs; with neither a metric nor */
+    const ms_grad_seed *seeds; /* the cross-entropy it is their sum alone (value_out, metric_out 0) */
     int n_sites;
     const ms_grad_site *sites;
     ms_weight_grad *weights; /* NULL: no weight gradients */

@@ -1000,12 +1000,14 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
 static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "mask", "actions", "n_metric_rows", "metric", "metric_pos", "correct",
                              "wrong", "ref_logprob", "cross_entropy", "sites", "weight_grads", "start_block",
-                             "start_resid", NULL};
+                             "start_resid", "seeds", NULL};
     PyObject *otok, *omask, *oactions, *opos, *ocorrect, *owrong, *oref, *osites, *ograds, *ostart = Py_None;
+    PyObject *oseeds = Py_None;
     int n_metric_rows, metric, cross_entropy, start_block = -1;
     PyObject *keep = NULL, *result = NULL;
     ms_action *actions = NULL;
     ms_grad_site *gsites = NULL;
+    ms_grad_seed *gseeds = NULL;
     ms_weight_grad wg = {0};
     grad_arrays all = {0};
     ms_plan plan = {0};
@@ -1015,9 +1017,9 @@ static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     double value = 0.0;
     void *grad_args[4] = {&self->model, &plan, &gp, &all};
     core_call call = {run_grad, grad_args, &err, 0, MS_OK, 0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiiOOOOiOO|iO", kwlist, &otok, &omask, &oactions, &n_metric_rows,
-                                     &metric, &opos, &ocorrect, &owrong, &oref, &cross_entropy, &osites, &ograds,
-                                     &start_block, &ostart))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiiOOOOiOO|iOO", kwlist, &otok, &omask, &oactions,
+                                     &n_metric_rows, &metric, &opos, &ocorrect, &owrong, &oref, &cross_entropy, &osites,
+                                     &ograds, &start_block, &ostart, &oseeds))
         return NULL;
     if (!(keep = PyList_New(0))) return NULL;
     if (parse_tokens(keep, otok, omask, &plan.n_rows, &plan.n_pos, &plan.tokens, &plan.mask) < 0) goto fail;
@@ -1046,9 +1048,35 @@ static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
     }
     gp.n_metric_rows = n_metric_rows;
     gp.cross_entropy = cross_entropy != 0;
-    if (!cross_entropy &&
+    if (!cross_entropy && metric != MS_METRIC_NONE &&
         parse_metric(keep, metric, opos, ocorrect, owrong, oref, plan.n_rows, self->model.cfg.d_vocab, &gp.metric) < 0)
         goto fail;
+    if (oseeds != Py_None) {
+        PyObject *sseq = PySequence_Fast(oseeds, "seeds: expected a list");
+        if (!sseq) goto fail;
+        if (PyList_Append(keep, sseq) < 0) { Py_DECREF(sseq); goto fail; }
+        Py_DECREF(sseq);
+        Py_ssize_t n_seeds = PySequence_Fast_GET_SIZE(sseq);
+        if (!(gseeds = calloc((size_t)n_seeds + 1, sizeof(ms_grad_seed)))) { PyErr_NoMemory(); goto fail; }
+        for (Py_ssize_t i = 0; i < n_seeds; i++) {
+            int site, layer;
+            PyObject *ovalue;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sseq, i), "iiO", &site, &layer, &ovalue)) goto fail;
+            if (site < 0 || site >= MS_N_SITES || ms_site_is_attention((ms_site)site)) {
+                PyErr_SetString(PyExc_ValueError, "seeds: expected a token site");
+                goto fail;
+            }
+            npy_intp need = (npy_intp)plan.n_rows * plan.n_pos * ms_site_width(&self->model.cfg, (ms_site)site);
+            const float *v = as_array(keep, ovalue, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY, need, "seeds: value", NULL);
+            if (!v) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "seeds: value missing");
+                goto fail;
+            }
+            gseeds[i] = (ms_grad_seed){(ms_site)site, layer, v};
+        }
+        gp.n_seeds = (int)n_seeds;
+        gp.seeds = gseeds;
+    }
     npy_intp B = n_metric_rows;
     PyArrayObject *metric_out = new_output(keep, 1, &B);
     if (!metric_out) goto fail;
@@ -1099,6 +1127,7 @@ static PyObject *Model_grad(ModelObject *self, PyObject *args, PyObject *kwds) {
 fail:
     free(actions);
     free(gsites);
+    free(gseeds);
     free(wg.blocks);
     free(all.data);
     free(all.size);
@@ -1158,7 +1187,7 @@ static PyMethodDef Model_methods[] = {
      "patch, and of the unpatched base run."},
     {"grad", (PyCFunction)(void (*)(void))Model_grad, METH_VARARGS | METH_KEYWORDS,
      "grad(tokens, mask, actions, n_metric_rows, metric, metric_pos, correct, wrong, ref_logprob,\n"
-     "     cross_entropy, sites, weight_grads) -> (value, float32 [n_metric_rows])\n"
+     "     cross_entropy, sites, weight_grads, start_block, start_resid, seeds) -> (value, float32 [n_metric_rows])\n"
      "Forward and backward pass; site gradients and weight gradients (+=) written into the arrays given."},
     {"grad_workspace_bytes", (PyCFunction)Model_grad_workspace_bytes, METH_VARARGS,
      "grad_workspace_bytes(mask) -> bytes of working memory a gradient run needs"},

@@ -119,6 +119,9 @@ def hf_gradients(hf, tokens, mask, scalar_fn, site_names, edits=()):
             h.remove()
     B, T = tokens.shape
     C = hf.config.n_embd
+    for d in deltas.values():  # a site the scalar does not depend on (e.g. after every seed's site)
+        if d.grad is None:
+            d.grad = torch.zeros_like(d)
     out = {}
     for name in site_names:
         if name.endswith(("hook_q", "hook_k", "hook_v")):
@@ -754,3 +757,147 @@ def test_watching_a_site_leaves_the_weight_gradients_alone(gpt2, arch):
     for name in plain.weights:
         np.testing.assert_array_equal(plain.weights[name], seen.weights[name], err_msg=name)
     assert all(np.abs(seen[s]).max() > 0 for s in watched)
+
+
+# ---- seeds: the gradient of a linear read-out of a site --------------------------------------
+
+def _readout(captured, seeds, mask):
+    """sum over real tokens of seed * the captured site values (torch)"""
+    real = torch.tensor(np.ones(next(iter(seeds.values())).shape[:2]) if mask is None else mask, dtype=torch.float64)
+    total = 0.0
+    for name, seed in seeds.items():
+        x = captured[name].double().reshape(seed.shape[0], seed.shape[1], -1)
+        total = total + (x * torch.tensor(seed, dtype=torch.float64).reshape(x.shape) * real[..., None]).sum()
+    return total
+
+
+def _capture(captured, name, then=None):
+    """an edit of hf_gradients that keeps the site's value (after `then`, another edit)"""
+    def edit(value):
+        if then is not None:
+            value = then(value)
+        captured[name] = value
+        return value
+    return edit
+
+
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_seeds_match_autograd(gpt2, with_metric):
+    """seeds= alone (or added to a metric): d (sum of seed . site) / d every earlier site
+    (and every weight, with a metric) by autograd through HF's GPT-2, on a left-padded
+    batch, with an intervention upstream; at a seed's own site the gradient also holds
+    the seed itself"""
+    hf, model = gpt2
+    rng = np.random.default_rng(21)
+    tokens, mask = batch(rng, model.d_vocab, [6, 4, 2], 6, "left")
+    B, T, C, F = 3, 6, model.d_model, model.d_mlp
+    seeds = {"blocks.1.hook_resid_pre": rng.normal(size=(B, T, C)).astype(np.float32),
+             "blocks.0.mlp.hook_post": rng.normal(size=(B, T, F)).astype(np.float32),
+             "blocks.0.hook_attn_out": rng.normal(size=(B, T, C)).astype(np.float32)}
+    sites = ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_q",
+             "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.0.mlp.hook_pre",
+             "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
+    metric = ms.metrics.LogitDiff([3, 7, 9], [1, 1, 2]) if with_metric else None
+    for interventions, edits in (([], []),
+                                 ([ms.Scale("blocks.0.hook_attn_out", 0.5)], [("blocks.0.hook_attn_out",
+                                                                               lambda v: v * 0.5)])):
+        captured = {}
+        edits = dict(edits)
+        for name in seeds:  # the read-out sees the value after the site's edit
+            edits[name] = _capture(captured, name, edits.get(name))
+        edits = list(edits.items())
+
+        def scalar(logits):
+            read = _readout(captured, seeds, mask)
+            return read + torch_metric(metric, mask)(logits).double() if metric is not None else read
+
+        value, ref_sites, ref_params = hf_gradients(hf, tokens, mask, scalar, sites, edits)
+        for name, seed in seeds.items():  # d (seed . x) / d x at the site itself
+            ref_sites[name] = ref_sites[name] + seed * mask[:, :, None]
+        g = model.grad(tokens, metric, seeds=seeds, sites=sites, attention_mask=mask, interventions=interventions,
+                       weights=with_metric)
+        assert abs(g.value - value) < 1e-5 * max(1.0, abs(value))
+        read = float(_readout(captured, seeds, mask))
+        assert abs(g.seeds.sum() - read) < 1e-5 * max(1.0, abs(read))
+        assert (g.metric is None) == (metric is None)
+        check(g, ref_sites, ref_params, mask, weights=with_metric)
+        assert rel(g["blocks.0.hook_resid_pre"], 0 * g["blocks.0.hook_resid_pre"]) > 0  # not all zero
+
+
+def test_seeds_on_a_grouped_query_llama_match_autograd():
+    """a seed at the first block's output alone: the gradients of every site before it and
+    of the first block's and the embedding's weights (the later weights get 0)"""
+    hf = make_arch_hf("llama_gqa3")
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(22)
+    tokens, mask = batch(rng, model.d_vocab, [5, 3], 5, "right")
+    seed = rng.normal(size=(2, 5, model.d_model)).astype(np.float32)
+    captured = {}
+    handle = hf.model.layers[0].register_forward_hook(
+        lambda mod, args, out: captured.update({"blocks.0.hook_resid_post": out[0] if isinstance(out, tuple) else out}))
+    sites = [s for s in ARCH_SITES if s.startswith("blocks.0.") and not s.endswith("hook_resid_post")]
+    sites = ["hook_embed"] + sites + ["blocks.0.mlp.hook_pre_linear"]
+    try:
+        value, ref_sites, ref_params = arch_gradients(
+            hf, "llama", tokens, mask, lambda logits: _readout(captured, {"blocks.0.hook_resid_post": seed}, mask),
+            sites)
+    finally:
+        handle.remove()
+    g = model.grad(tokens, seeds={"blocks.0.hook_resid_post": seed}, sites=sites, attention_mask=mask, weights=True)
+    assert abs(g.value - value) < 1e-5 * max(1.0, abs(value))
+    check(g, ref_sites, {}, mask, weights=False)
+    for name, w in g.weights.items():
+        want = ref_params.get(name)
+        if want is None:  # after the seed: no path to it
+            assert not np.any(w), name
+        else:
+            assert rel(w, want) < RTOL, (name, rel(w, want))
+    assert {"embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight"} <= set(
+        ref_params)
+
+
+def test_a_seed_at_a_norms_scale_by_finite_differences(gpt2):
+    """a seed at ln2.hook_scale (a site the backward visits only when asked): the
+    directional derivative of seed . scale along a random direction at the block's input,
+    against central differences of the runs"""
+    _, model = gpt2
+    rng = np.random.default_rng(23)
+    tokens = rng.integers(0, model.d_vocab, (2, 5))
+    site, at = "blocks.0.ln2.hook_scale", "blocks.0.hook_resid_pre"
+    seed = rng.normal(size=(2, 5, 1)).astype(np.float32)
+    g = model.grad(tokens, seeds={site: seed}, sites=[at])
+    direction = rng.normal(size=(2, 5, model.d_model)).astype(np.float32)
+
+    def read(eps):
+        scale = model.run(tokens, cache=[site], logits=None, interventions=[ms.Add(at, eps * direction)]).cache[site]
+        return float(np.sum(scale.astype(np.float64) * seed))
+
+    eps = 1e-2
+    numeric = (read(eps) - read(-eps)) / (2 * eps)
+    analytic = float(np.sum(g[at].astype(np.float64) * direction))
+    assert abs(g.value - read(0.0)) < 1e-5 * abs(g.value)
+    assert abs(analytic - numeric) < 1e-2 * abs(numeric) and abs(numeric) > 1e-3, (analytic, numeric)
+
+
+def test_seeds_bad_input(gpt2):
+    _, model = gpt2
+    tokens = np.array([[1, 2, 3, 4]])
+    good = np.ones((1, 4, model.d_model), np.float32)
+    with pytest.raises(ValueError, match="metric: give a metric, 'cross_entropy', or seeds="):
+        model.grad(tokens, sites=["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="seeds\\['blocks.1.hook_resid_pre'\\]: expected shape \\[1, 4, 24\\]"):
+        model.grad(tokens, seeds={"blocks.1.hook_resid_pre": good[:, :3]}, sites=["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="contains NaN"):
+        model.grad(tokens, seeds={"blocks.1.hook_resid_pre": good * np.nan}, sites=["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="'blocks.0.attn.hook_pattern' is an attention pattern"):
+        model.grad(tokens, seeds={"blocks.0.attn.hook_pattern": np.ones((1, 3, 4, 4))}, sites=["hook_embed"])
+    with pytest.raises(ValueError, match="sites: 'blocks.1.hook_resid_post' comes after every seed's site"):
+        model.grad(tokens, seeds={"blocks.1.hook_resid_pre": good}, sites=["blocks.1.hook_resid_post"])
+    with pytest.raises(TypeError, match="seeds: expected a dict"):
+        model.grad(tokens, seeds=[good], sites=["hook_embed"])
+    with pytest.raises(ValueError, match="unknown site name"):
+        model.grad(tokens, seeds={"blocks.1.resid": good}, sites=["hook_embed"])
+    # with a metric, a later site is fine (the metric depends on it)
+    g = model.grad(tokens, ms.metrics.LogProb([2]), seeds={"blocks.0.hook_resid_pre": good},
+                   sites=["blocks.1.hook_resid_post"])
+    assert np.any(g["blocks.1.hook_resid_post"])

@@ -20,12 +20,14 @@ from .metrics import Metric, Recovery, last_positions
 class Gradients:
     """What model.grad returns.
 
-    value: the differentiated scalar; metric: each row's value [batch];
+    value: the differentiated scalar; metric: each row's metric [batch] (None without
+    one); seeds: each row's sum of the seeds' read-outs [batch] (None without seeds);
     sites / g[site]: d value / d site, shaped like the site's cache entry;
     activations: the requested sites' forward values (the intervened run's cache);
     weights: HuggingFace parameter name -> d value / d parameter."""
     value: float = 0.0
     metric: np.ndarray = None
+    seeds: np.ndarray = None
     sites: dict = field(default_factory=dict)
     activations: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
@@ -96,7 +98,7 @@ def _reused(out, model, key):
 
 
 def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
-         progress=None, hooks=None, out=None, _start=None):
+         progress=None, hooks=None, out=None, seeds=None, _start=None):
     """The gradient of a scalar of one (optionally intervened) forward pass; see Model.grad.
 
     _start: (block, resid_pre) runs the blocks from `block` on only, with resid_pre
@@ -109,6 +111,9 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
                          "differentiated); express the change as interventions")
     tokens, mask = model._check_tokens(tokens, attention_mask)
     B, T = tokens.shape
+    seeds = _check_seeds(model, seeds, B, T)
+    if metric is None and not seeds:
+        raise ValueError("metric: give a metric, 'cross_entropy', or seeds= (a read-out of a site to differentiate)")
     cross_entropy = isinstance(metric, str) and metric == "cross_entropy"
     if isinstance(metric, str) and not cross_entropy:
         raise ValueError(f"metric: unknown name {metric!r}; the named scalar is 'cross_entropy', or give a "
@@ -116,7 +121,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     if isinstance(metric, Recovery):
         raise TypeError("metric: Recovery is an affine function of its metric's batch mean; differentiate "
                         "the metric itself (its gradient divided by clean - corrupted is Recovery's)")
-    if not cross_entropy and not isinstance(metric, Metric):
+    if metric is not None and not cross_entropy and not isinstance(metric, Metric):
         raise TypeError("metric: expected a mechscope metric (LogitDiff, LogProb, Prob, KL) or "
                         f"'cross_entropy', got {metric!r}")
     names = _sites.resolve(sites, model, "sites")
@@ -131,13 +136,14 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
             raise ValueError("_start: a run that starts at a block cannot read Source rows (compute the "
                              "source values first and write them with Add or Set)")
 
-    if cross_entropy:
+    if metric is None or cross_entropy:
         args = {"metric": 0, "pos": None, "correct": None, "wrong": None, "ref_logprob": None}
+    if cross_entropy:
         real = np.ones((B, T), bool) if mask is None else mask.astype(bool)
         if not (real[:, :-1] & real[:, 1:]).any():
             raise ValueError("metric: 'cross_entropy' needs a row with at least two real tokens (a token "
                              "and the next one it predicts)")
-    else:
+    elif metric is not None:
         args = metric.core_args(model, B, T, mask)
         if R > B:  # the Sources' rows: the metric does not read them, but the core wants a value per row
             args["pos"] = np.concatenate([args["pos"], last_positions(None if full_mask is None else full_mask[B:],
@@ -145,7 +151,10 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
             for key in ("correct", "wrong", "ref_logprob"):
                 if args[key] is not None:
                     args[key] = np.concatenate([args[key], np.repeat(args[key][:1], R - B, axis=0)])
-    _check_reach(model, names, interventions)
+    if seeds:
+        _check_after_seeds(model, names, seeds, metric is None)
+    else:
+        _check_reach(model, names, interventions)
 
     shapes = {n: _sites.shape(_sites.parse(n, model)[2], model._shape_cfg, R, T) for n in names}
     core_names = {}
@@ -179,6 +188,16 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
         result.sites[name] = g[:B]
         actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, act, 0))
         grad_sites.append((code, layer, g))
+    # the seeds' sites, cached too: the scalar adds their read-outs of the values
+    seed_values, seed_args = {}, []
+    for name, value in seeds.items():
+        code, layer, _ = _sites.parse(name, model)
+        act = site_buffers[name][0] if name in site_buffers else np.empty((R,) + value.shape[1:], np.float32)
+        if name not in site_buffers:
+            actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, act, 0))
+        seed_values[name] = act
+        full = value if R == B else np.concatenate([value, np.zeros((R - B,) + value.shape[1:], np.float32)])
+        seed_args.append((code, layer, full))
     core_grads = None
     if wanted and kept:
         core_grads = kept["core"]  # the core zeroes them (with every thread), then adds each contribution
@@ -189,10 +208,17 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     with progress_bar(progress, "grad", "pass", total=1) as bar:
         value, per_row = core.grad(full_tokens, full_mask, actions, B, args["metric"], args["pos"],
                                           args["correct"], args["wrong"], args["ref_logprob"], int(cross_entropy),
-                                          grad_sites, core_grads, start_block, start_resid)
+                                          grad_sites, core_grads, start_block, start_resid, seed_args or None)
         bar.update(1)
     result.value = float(value)
-    result.metric = per_row
+    result.metric = None if metric is None else per_row
+    result.seeds = None
+    if seeds:  # each row's read-outs, at its real tokens
+        real = np.ones((B, T), np.float64) if mask is None else (np.asarray(mask) != 0).astype(np.float64)
+        read = sum(np.einsum("btw,btw,bt->b", seed_values[name][:B].reshape(B, T, -1).astype(np.float64),
+                             seed.reshape(B, T, -1), real) for name, seed in seeds.items())
+        result.seeds = read.astype(np.float32)
+        result.value += float(read.sum())
     if wanted:
         hf = architectures.hf_gradients(model.arch, core_grads)
         for n, k in wanted.items():
@@ -201,6 +227,41 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
             else:
                 result.weights[n] = np.ascontiguousarray(hf[k], np.float32)
     return result
+
+
+def _check_seeds(model, seeds, B, T):
+    """seeds= of grad -> {site: float32 array shaped like the site's cache entry [B, T, ...]}"""
+    if seeds is None:
+        return {}
+    if not isinstance(seeds, dict):
+        raise TypeError(f"seeds: expected a dict {{site: array shaped like the site}}, got {type(seeds).__name__}")
+    checked = {}
+    for name, value in seeds.items():
+        _, _, suffix = _sites.parse(name, model)
+        if suffix in _sites.ATTENTION:
+            raise ValueError(f"seeds: {name!r} is an attention pattern; seeds read per-token sites")
+        shape = _sites.shape(suffix, model._shape_cfg, B, T)
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        if value.shape != tuple(shape):
+            raise ValueError(f"seeds[{name!r}]: expected shape {list(shape)} (the site's values for these tokens), "
+                             f"got {list(value.shape)}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"seeds[{name!r}]: contains NaN or infinity")
+        checked[name] = value
+    return checked
+
+
+def _check_after_seeds(model, names, seeds, seeds_only):
+    """With the seeds as the whole scalar, a site after every seed's site (in the forward
+    order) cannot change it: its gradient would be 0 everywhere"""
+    if not seeds_only:
+        return
+    order = {n: i for i, n in enumerate(_sites.all_site_names(model))}
+    last = max(order[n] for n in seeds)
+    late = [n for n in names if order[n] > last]
+    if late:
+        raise ValueError(f"sites: {late[0]!r} comes after every seed's site, so the seeds cannot depend on it (its "
+                         "gradient would be 0 everywhere); ask for sites before them, or add a metric")
 
 
 _OVERWRITES = ("Set", "Zero", "Patch", "MeanAblate")  # interventions whose written values are constants

@@ -634,14 +634,19 @@ class Model:
                         interventions=interventions, attention_mask=attention_mask, progress=progress,
                         use_cache=use_cache, hooks=hooks)
 
-    def grad(self, tokens, metric, *, sites=(), weights=False, interventions=None, attention_mask=None,
-             progress=None, hooks=None, out=None):
+    def grad(self, tokens, metric=None, *, sites=(), weights=False, interventions=None, attention_mask=None,
+             progress=None, hooks=None, out=None, seeds=None):
         """The gradient of a scalar of one forward pass, computed by the C core's backward pass.
 
         metric: a metric (ms.metrics.LogitDiff, LogProb, Prob, KL): the scalar is the SUM
             over rows of its per-row values, so each row's site gradients are its own; or
             "cross_entropy": the mean next-token cross-entropy over positions whose token
-            and next token are both real (HF's loss with labels -100 there).
+            and next token are both real (HF's loss with labels -100 there); or None with seeds.
+        seeds: {site: array shaped like its cache entry [batch, pos, ...]}: the scalar also
+            adds sum(seed * the site's value) over real tokens (the value after the site's
+            interventions), or is that sum alone without a metric: the gradient of any linear
+            read-out of a site (a probe's logit, an SAE feature's pre-activation, a direction)
+            with respect to every earlier site and the weights. Per-token sites only.
         sites: names or patterns as run's cache=; g[site] is d scalar / d site (the value
             after the site's interventions), shaped like the cache entry, 0 at padding.
         weights: False, True (every parameter) or a list of HuggingFace parameter names.
@@ -657,7 +662,7 @@ class Model:
         activations of the requested sites, weights)."""
         from .gradients import grad  # noqa: PLC0415  (gradients imports this module's helpers)
         return grad(self, tokens, metric, sites=sites, weights=weights, interventions=interventions,
-                    attention_mask=attention_mask, progress=progress, hooks=hooks, out=out)
+                    attention_mask=attention_mask, progress=progress, hooks=hooks, out=out, seeds=seeds)
 
     def _plan(self, tokens, mask, interventions):
         """The rows and actions of one run: (tokens [R, T], mask or None, actions).
