@@ -7,6 +7,7 @@ feature's attribution to a metric from one backward pass.
     model.run(tokens, interventions=[ms.sae.ablate(model, tokens, sae, [12, 40])])
     ms.sae.reconstruction_loss(model, tokens, sae)    # cross-entropy clean / spliced / zero-ablated
     a = ms.sae.attribution(model, tokens, sae, metric)  # [batch, pos, d_sae]
+    e = ms.sae.feature_attribution(model, tokens, sae, later_sae, 12)  # ... to a later SAE's feature 12
     top = ms.sae.top_activations(model, tokens, sae, k=10)  # each feature's most active tokens
     top.examples(model, tokens, feature=7)            # ... as text, the token marked
     ms.sae.logit_effects(model, sae).table(model, 7)  # the tokens feature 7 promotes and suppresses
@@ -53,8 +54,10 @@ from ._progress import progress_bar
 from . import sites as _sites
 from .checkpoint import is_present, read_json_object, read_safetensors
 from .interventions import Add, Set, Zero
+from .metrics import positions
 
 __all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstruction_loss", "attribution",
+           "feature_attribution",
            "top_activations", "TopActivations", "logit_effects", "LogitEffects"]
 
 ARCHITECTURES = ("standard", "jumprelu", "topk", "gated")
@@ -580,6 +583,43 @@ def attribution(model, tokens, sae, metric, *, attention_mask=None, intervention
     f = sae.encode(x)
     scale, _ = sae._output_scale(x, f.shape[:-1])
     return -f * scale * (dy.reshape(B, T, -1) @ sae._W_out.T) * _real(mask, f.shape)
+
+
+def feature_attribution(model, tokens, sae, target, feature, *, pos=None, attention_mask=None, interventions=None):
+    """Each feature of `sae` at each position, attributed to one feature of a later SAE
+    (or transcoder) `target`: the change of target's pre-activation of `feature` at
+    position `pos` of each row (None: its last real token) when feature i of `sae` is
+    removed at position q, estimated to first order as
+    -f[b, q, i] * (W_dec[i] . d pre / d x[b, q]) -> [batch, pos, d_sae] (0 at padding).
+
+    The pre-activation is the linear part of target's encoder, (x - b_dec) @ W_enc[:,
+    feature] + b_enc[feature] (a gated SAE's gate), read at target's site; its gradient
+    at `sae`'s output site comes from one backward pass seeded there (model.grad's
+    seeds). An edge of a feature circuit, with every path between the two sites."""
+    _check(model, sae)
+    _check(model, target)
+    feature = int(_feature_index(feature, target.d_sae)[0]) if np.ndim(feature) == 0 else None
+    if feature is None:
+        raise ValueError("feature: expected one feature index of the target")
+    if target.normalize_activations != "none":
+        raise ValueError(f"target: an SAE that normalizes each token (normalize_activations="
+                         f"{target.normalize_activations!r}) has no linear pre-activation to differentiate")
+    order = {n: i for i, n in enumerate(_sites.all_site_names(model))}
+    if order[sae.site_out] > order[target.site]:
+        raise ValueError(f"target: it reads {target.site!r}, which comes before {sae.site_out!r}, where `sae` "
+                         "writes: its features cannot change the target's")
+    tokens, mask = model._check_tokens(tokens, attention_mask)
+    B, T = tokens.shape
+    at = positions(pos, mask, B, T)
+    seed = np.zeros((B, T, target.d_in), np.float32)
+    seed[np.arange(B), at] = target.W_enc[:, feature]
+    seed = seed.reshape(_sites.shape(_sites.parse(target.site, model)[2], model._shape_cfg, B, T))
+    g = model.grad(tokens, seeds={target.site: seed}, sites=list(dict.fromkeys([sae.site, sae.site_out])),
+                   attention_mask=mask, interventions=interventions, progress=False)
+    x, dy = g.activations[sae.site].reshape(B, T, -1), g[sae.site_out].reshape(B, T, -1)
+    f = sae.encode(x)
+    scale, _ = sae._output_scale(x, f.shape[:-1])
+    return -f * scale * (dy @ sae._W_out.T) * _real(mask, f.shape)
 
 
 class TopActivations:
