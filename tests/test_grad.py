@@ -821,7 +821,7 @@ def test_seeds_match_autograd(gpt2, with_metric):
         assert abs(g.seeds.sum() - read) < 1e-5 * max(1.0, abs(read))
         assert (g.metric is None) == (metric is None)
         check(g, ref_sites, ref_params, mask, weights=with_metric)
-        assert rel(g["blocks.0.hook_resid_pre"], 0 * g["blocks.0.hook_resid_pre"]) > 0  # not all zero
+        assert np.abs(g["blocks.0.hook_resid_pre"]).max() > 1e-3  # not all zero
 
 
 def test_seeds_on_a_grouped_query_llama_match_autograd():

@@ -12,7 +12,7 @@ import numpy as np
 from . import _dtypes, architectures, sites as _sites
 from ._progress import progress_bar
 from ._runtime import _core, format_bytes, get_memory_budget
-from .interventions import _CACHE
+from .interventions import cache_action
 from .metrics import Metric, Recovery, last_positions
 
 
@@ -151,10 +151,10 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
             for key in ("correct", "wrong", "ref_logprob"):
                 if args[key] is not None:
                     args[key] = np.concatenate([args[key], np.repeat(args[key][:1], R - B, axis=0)])
-    if seeds:
-        _check_after_seeds(model, names, seeds, metric is None)
-    else:
+    if not seeds:
         _check_reach(model, names, interventions)
+    elif metric is None:
+        _check_after_seeds(model, names, seeds)
 
     shapes = {n: _sites.shape(_sites.parse(n, model)[2], model._shape_cfg, R, T) for n in names}
     core_names = {}
@@ -186,7 +186,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
         site_buffers[name] = (act, g)
         result.activations[name] = act[:B]
         result.sites[name] = g[:B]
-        actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, act, 0))
+        actions.append(cache_action(code, layer, act))
         grad_sites.append((code, layer, g))
     # the seeds' sites, cached too: the scalar adds their read-outs of the values
     seed_values, seed_args = {}, []
@@ -194,7 +194,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
         code, layer, _ = _sites.parse(name, model)
         act = site_buffers[name][0] if name in site_buffers else np.empty((R,) + value.shape[1:], np.float32)
         if name not in site_buffers:
-            actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, act, 0))
+            actions.append(cache_action(code, layer, act))
         seed_values[name] = act
         full = value if R == B else np.concatenate([value, np.zeros((R - B,) + value.shape[1:], np.float32)])
         seed_args.append((code, layer, full))
@@ -251,11 +251,9 @@ def _check_seeds(model, seeds, B, T):
     return checked
 
 
-def _check_after_seeds(model, names, seeds, seeds_only):
+def _check_after_seeds(model, names, seeds):
     """With the seeds as the whole scalar, a site after every seed's site (in the forward
     order) cannot change it: its gradient would be 0 everywhere"""
-    if not seeds_only:
-        return
     order = {n: i for i, n in enumerate(_sites.all_site_names(model))}
     last = max(order[n] for n in seeds)
     late = [n for n in names if order[n] > last]

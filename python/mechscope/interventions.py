@@ -28,6 +28,11 @@ from . import sites
 _CACHE, _SET, _ADD, _SCALE, _COPY_ROW, _PROJECT, _CALLBACK, _PROJECT_ROW = range(8)
 
 
+def cache_action(code, layer, out):
+    """The core's action that copies a whole site (every row) into out."""
+    return (_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, out, 0)
+
+
 def _as_index(value, limit, argument):
     """None / int / sequence -> int32 array of indices in [0, limit)."""
     if value is None:

@@ -11,7 +11,7 @@ from ._progress import progress_bar
 from ._runtime import _core, format_bytes, get_memory_budget
 from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder, read_json_object
 from .tokens import Tokens
-from .interventions import _CACHE, _CALLBACK, Intervention, Source, place_rows
+from .interventions import _CACHE, _CALLBACK, Intervention, Source, cache_action, place_rows
 
 # activation_function values of GPT2Config -> the core's codes
 _ACTIVATIONS = {
@@ -578,7 +578,7 @@ class Model:
             code, layer, _ = sites.parse(name, self)
             out = np.empty(shapes[name], np.float32)
             result.cache[name] = out[:B]
-            actions.append((_CACHE, code, layer, -1, 0, None, None, None, None, None, 0, out, 0))
+            actions.append(cache_action(code, layer, out))
         actions += hook_actions
         # at one site: interventions first, then hooks, then caches see the final value
         actions.sort(key=lambda a: {_CALLBACK: 1, _CACHE: 2}.get(a[0], 0))

@@ -54,6 +54,7 @@ from ._progress import progress_bar
 from . import sites as _sites
 from .checkpoint import is_present, read_json_object, read_safetensors
 from .interventions import Add, Set, Zero
+from .lens import direction_logits
 from .metrics import positions
 
 __all__ = ["SAE", "train", "features", "ablate", "splice", "edit", "reconstruction_loss", "attribution",
@@ -577,6 +578,13 @@ def attribution(model, tokens, sae, metric, *, attention_mask=None, intervention
     tokens, mask = model._check_tokens(tokens, attention_mask)
     g = model.grad(tokens, metric, sites=list(dict.fromkeys([sae.site, sae.site_out])), attention_mask=mask,
                    interventions=interventions, progress=False)
+    return _removal_estimates(sae, g, mask)
+
+
+def _removal_estimates(sae, g, mask):
+    """-f[b, p, i] * (what feature i adds to the output site . the gradient there), from
+    a gradient run g that holds sae's input site's values and its output site's gradient:
+    [batch, pos, d_sae], 0 at padding"""
     x, dy = g.activations[sae.site], g[sae.site_out]
     B, T = x.shape[:2]
     x = x.reshape(B, T, -1)
@@ -598,9 +606,9 @@ def feature_attribution(model, tokens, sae, target, feature, *, pos=None, attent
     seeds). An edge of a feature circuit, with every path between the two sites."""
     _check(model, sae)
     _check(model, target)
-    feature = int(_feature_index(feature, target.d_sae)[0]) if np.ndim(feature) == 0 else None
-    if feature is None:
+    if np.ndim(feature) != 0:
         raise ValueError("feature: expected one feature index of the target")
+    feature = int(_feature_index(feature, target.d_sae)[0])
     if target.normalize_activations != "none":
         raise ValueError(f"target: an SAE that normalizes each token (normalize_activations="
                          f"{target.normalize_activations!r}) has no linear pre-activation to differentiate")
@@ -616,10 +624,7 @@ def feature_attribution(model, tokens, sae, target, feature, *, pos=None, attent
     seed = seed.reshape(_sites.shape(_sites.parse(target.site, model)[2], model._shape_cfg, B, T))
     g = model.grad(tokens, seeds={target.site: seed}, sites=list(dict.fromkeys([sae.site, sae.site_out])),
                    attention_mask=mask, interventions=interventions, progress=False)
-    x, dy = g.activations[sae.site].reshape(B, T, -1), g[sae.site_out].reshape(B, T, -1)
-    f = sae.encode(x)
-    scale, _ = sae._output_scale(x, f.shape[:-1])
-    return -f * scale * (dy @ sae._W_out.T) * _real(mask, f.shape)
+    return _removal_estimates(sae, g, mask)
 
 
 class TopActivations:
@@ -647,9 +652,7 @@ class TopActivations:
         byte-level BPE a character of 4 bytes can need 3 tokens after the one marked).
         tokens (and attention_mask): those top_activations read; feature: an SAE
         feature index among self.features."""
-        hit = np.flatnonzero(self.features == feature) if isinstance(feature, numbers.Integral) else []
-        if isinstance(feature, bool) or len(hit) == 0:
-            raise ValueError(f"feature: {feature!r} is not among these features")
+        i = _row_of(self.features, feature)
         if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 0:
             raise ValueError(f"window: expected an integer >= 0, got {window!r}")
         ids, mask = model._check_tokens(tokens, attention_mask)
@@ -659,7 +662,7 @@ class TopActivations:
             return decode([int(t) for t in ids[row, positions]])
 
         out = []
-        for value, r, p in zip(self.values[hit[0]], self.rows[hit[0]], self.pos[hit[0]]):
+        for value, r, p in zip(self.values[i], self.rows[i], self.pos[i]):
             if r < 0:
                 break
             if r >= ids.shape[0] or p >= ids.shape[1]:
@@ -748,11 +751,8 @@ class LogitEffects:
 
     def table(self, model, feature):
         """{"promoted": [(token text, value)], "suppressed": [...]} of one feature."""
-        hit = np.flatnonzero(self.features == feature) if isinstance(feature, numbers.Integral) else []
-        if isinstance(feature, bool) or len(hit) == 0:
-            raise ValueError(f"feature: {feature!r} is not among these features")
         decode = model._need_tokenizer().decode
-        i = hit[0]
+        i = _row_of(self.features, feature)
         return {name: [(decode([int(t)]), float(v)) for t, v in zip(ids[i], values[i])]
                 for name, ids, values in (("promoted", self.promoted, self.promoted_values),
                                           ("suppressed", self.suppressed, self.suppressed_values))}
@@ -765,8 +765,6 @@ def logit_effects(model, sae, *, features=None, k=10, batch_size=256):
     ``ms.lens.direction_logits`` (an attn.hook_z SAE's row goes through W_O first).
     features: indices (None: all), computed `batch_size` at a time ([batch_size, vocab]
     logits at once). Returns a LogitEffects."""
-    from .lens import direction_logits  # noqa: PLC0415  (lens is heavier; only this needs it)
-
     _check(model, sae)
     feats = np.arange(sae.d_sae) if features is None else _feature_index(features, sae.d_sae)
     for name, value in (("k", k), ("batch_size", batch_size)):
@@ -787,6 +785,14 @@ def logit_effects(model, sae, *, features=None, k=10, batch_size=256):
             out[key][start:start + len(rows)] = np.take_along_axis(part, order, 1)
             out[key + "_v"][start:start + len(rows)] = np.take_along_axis(vals, order, 1)
     return LogitEffects(feats, out["up"], out["up_v"], out["down"], out["down_v"])
+
+
+def _row_of(features, feature):
+    """the index of `feature` in a result's features (ValueError if it is not there)"""
+    hit = np.flatnonzero(features == feature) if isinstance(feature, numbers.Integral) else []
+    if isinstance(feature, bool) or len(hit) == 0:
+        raise ValueError(f"feature: {feature!r} is not among these features")
+    return int(hit[0])
 
 
 def _merge_top(best_v, best_at, f, at):
