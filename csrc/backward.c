@@ -838,6 +838,25 @@ static int lowest_block(const ms_model *m, const ms_grad_plan *g) {
     return low;
 }
 
+/* the blocks the forward must compute: all of them for a metric or the cross-entropy;
+ * for seeds alone, only up to the last block that holds a seed, a requested site or a
+ * cache action (nothing after those can change the scalar or what is returned) */
+static int taped_blocks(const ms_model *m, const ms_plan *p, const ms_grad_plan *g) {
+    int all = m->cfg.n_layers, n = 0;
+    if (g->metric.kind != MS_METRIC_NONE || g->cross_entropy) return all;
+#define REACH(site, layer) \
+    do { \
+        if (ms_site_per_layer(site)) n = (layer) + 1 > n ? (layer) + 1 : n; \
+        else if ((site) != MS_SITE_EMBED && (site) != MS_SITE_POS_EMBED) return all; \
+    } while (0)
+    for (int i = 0; i < g->n_seeds; i++) REACH(g->seeds[i].site, g->seeds[i].layer);
+    for (int i = 0; i < g->n_sites; i++) REACH(g->sites[i].site, g->sites[i].layer);
+    for (int i = 0; i < p->n_actions; i++)
+        if (p->actions[i].kind == MS_DO_CACHE) REACH(p->actions[i].site, p->actions[i].layer);
+#undef REACH
+    return n;
+}
+
 static void embedding_backward(bwd *b) {
     const ms_plan *p = b->plan;
     const ms_layout *L = b->L;
@@ -867,16 +886,23 @@ static ms_status backward(bwd *b, ms_error *err) {
     ms_tape *t = b->t;
     int C = c->d_model;
     ms_status st;
+    int top = b->L->tape_blocks; /* the forward computed blocks [0, top) */
     if (c->rotary_dim) ms_rope_table(b->rope, m, (int)b->L->max_keys);
-    /* the final states, as the unembedding reads them, in xhat */
-    const float *x = norm_output(b, t->lnf, m->lnf_w, m->lnf_b, b->xhat);
-    if (x != b->xhat) memcpy(b->xhat, x, sizeof(float) * (size_t)b->N * C);
-    if ((st = scalar_backward(b, err))) return st;
     memset(b->dres, 0, sizeof(float) * (size_t)b->N * C);
-    norm_backward(b, MS_SITE_LNF_SCALE, 0, t->resid_final, t->lnf_scale, t->lnf, m->lnf_w, wg ? wg->lnf_w : NULL,
-                  wg ? wg->lnf_b : NULL, b->dln, b->dres);
+    if (top == c->n_layers) {
+        /* the final states, as the unembedding reads them, in xhat */
+        const float *x = norm_output(b, t->lnf, m->lnf_w, m->lnf_b, b->xhat);
+        if (x != b->xhat) memcpy(b->xhat, x, sizeof(float) * (size_t)b->N * C);
+        if ((st = scalar_backward(b, err))) return st;
+        norm_backward(b, MS_SITE_LNF_SCALE, 0, t->resid_final, t->lnf_scale, t->lnf, m->lnf_w,
+                      wg ? wg->lnf_w : NULL, wg ? wg->lnf_b : NULL, b->dln, b->dres);
+    } else {
+        /* seeds alone, all below block top: its output's gradient is 0 */
+        for (int r = 0; r < b->g->n_metric_rows; r++) b->g->metric_out[r] = 0.0f;
+        *b->g->value_out = 0.0;
+    }
     int low = lowest_block(m, b->g);
-    for (int l = c->n_layers - 1; l >= 0 && l >= low; l--) {
+    for (int l = top - 1; l >= 0 && l >= low; l--) {
         block_backward(b, l);
         if (ms_interrupted()) break;
     }
@@ -1038,6 +1064,7 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     b.pairs = (int *)p; /* 2 N ints in the room of 2 N floats */
 #undef CARVE
     L.tape = &t;
+    L.tape_blocks = taped_blocks(m, plan, g);
     if ((st = ms_forward_layout(m, plan, &L, err))) goto done;
     b.m = m, b.plan = plan, b.g = g, b.L = &L, b.t = &t, b.n_threads = L.n_threads, b.N = L.N;
     st = backward(&b, err);

@@ -1060,7 +1060,7 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
             memcpy(b.resid, b.tmp_a, sizeof(float) * (size_t)L->active_N * c->d_model);
         }
     }
-    int n_blocks = tape ? c->n_layers : blocks_needed(m, plan);
+    int n_blocks = tape ? L->tape_blocks : blocks_needed(m, plan);
     for (int l = first_block; l < n_blocks; l++)
         if ((st = block_forward(L, &b, l, err)) || (st = check_stop(err))) goto done;
     if (n_blocks < c->n_layers) goto done; /* nothing after this block is asked for */

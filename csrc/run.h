@@ -17,6 +17,8 @@ typedef struct {
     const ms_model *m;
     const ms_plan *plan;
     struct ms_tape *tape; /* a gradient run's forward keeps its values here (tape.h); else NULL */
+    int tape_blocks;      /* with a tape: the blocks it computes (0 .. tape_blocks - 1); ln_final
+                             and the logits only when that is every block */
     int n_threads;
     int N;            /* packed token rows, all rows */
     int active_rows;  /* rows computed at the current layer (a prefix) */

@@ -856,6 +856,44 @@ def test_seeds_on_a_grouped_query_llama_match_autograd():
         ref_params)
 
 
+def test_seeds_alone_stop_at_their_block():
+    """seeds alone run the blocks up to the last seed's only (nothing after it can change
+    their read-out): on a 4-block model, with interventions after the seeds that must
+    not matter, the gradients of seeds alone equal those of seeds plus a metric minus
+    those of the metric alone (two runs through every block), sites and weights (the
+    weights of later blocks and of the final norm exactly 0), and the seeds' read-outs
+    equal those of a full run's cache"""
+    hf = make_hf_model(dict(CFG, n_layer=4), seed=9)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(24)
+    tokens, mask = batch(rng, model.d_vocab, [6, 3], 6, "left")
+    seeds = {"blocks.1.hook_resid_mid": rng.normal(size=(2, 6, model.d_model)).astype(np.float32),
+             "blocks.0.mlp.hook_post": rng.normal(size=(2, 6, model.d_mlp)).astype(np.float32)}
+    sites = ["hook_embed", "blocks.0.attn.hook_pattern", "blocks.1.hook_resid_pre", "blocks.1.hook_attn_out"]
+    later = [ms.Scale("blocks.2.hook_resid_pre", 3.0), ms.Zero("blocks.3.mlp.hook_post")]
+    metric = ms.metrics.LogitDiff([3, 7], [1, 2])
+    alone = model.grad(tokens, seeds=seeds, sites=sites, attention_mask=mask, interventions=later, weights=True)
+    both = model.grad(tokens, metric, seeds=seeds, sites=sites, attention_mask=mask, interventions=later,
+                      weights=True)
+    only = model.grad(tokens, metric, sites=sites, attention_mask=mask, interventions=later, weights=True)
+    for name in sites:
+        want = both[name] - only[name]
+        assert rel(alone[name], want) < 1e-4, (name, rel(alone[name], want))
+        assert np.array_equal(alone.activations[name], both.activations[name]), name
+    for name, w in alone.weights.items():
+        if name.startswith(("transformer.h.2.", "transformer.h.3.", "transformer.ln_f.")):
+            assert not np.any(w), name
+        else:
+            want = both.weights[name] - only.weights[name]
+            assert np.abs(alone.weights[name] - want).max() <= 1e-4 * max(np.abs(want).max(), 1e-3), name
+    cache = model.run(tokens, cache=list(seeds), attention_mask=mask, logits=None).cache
+    for r in range(2):
+        read = sum(float(np.sum(cache[n][r].astype(np.float64) * seeds[n][r] * mask[r].reshape(-1, 1))) for n in seeds)
+        assert abs(alone.seeds[r] - read) < 1e-5 * max(1.0, abs(read))
+    assert np.all(alone.seeds == both.seeds)
+    assert np.abs(alone["hook_embed"]).max() > 1e-3
+
+
 def test_a_seed_at_a_norms_scale_by_finite_differences(gpt2):
     """a seed at ln2.hook_scale (a site the backward visits only when asked): the
     directional derivative of seed . scale along a random direction at the block's input,

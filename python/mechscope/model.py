@@ -647,6 +647,7 @@ class Model:
             interventions), or is that sum alone without a metric: the gradient of any linear
             read-out of a site (a probe's logit, an SAE feature's pre-activation, a direction)
             with respect to every earlier site and the weights. Per-token sites only.
+            Seeds alone run the blocks up to the last seed's (or site's) only.
         sites: names or patterns as run's cache=; g[site] is d scalar / d site (the value
             after the site's interventions), shaped like the cache entry, 0 at padding.
         weights: False, True (every parameter) or a list of HuggingFace parameter names.
