@@ -584,10 +584,11 @@ def autograd_attribution(tl, lens, tokens, answer, wrong):
     return want
 
 
-def saelens_feature_attribution(tl, up, down, tokens, feature, at):
+def saelens_feature_attribution(tl, up, down, tokens, feature, at, read="hook_sae_acts_pre"):
     """-f * d pre / d f by autograd through SAELens: both spliced in with their error
-    terms, f at up's hook_sae_acts_post, pre = down's hook_sae_acts_pre of `feature` at
-    each row's position `at`, summed over the rows"""
+    terms, f at up's hook_sae_acts_post, pre = down's `read` (hook_sae_acts_pre, or
+    hook_sae_acts_post for its activation) of `feature` at each row's position `at`,
+    summed over the rows"""
     kept = {}
 
     def keep(acts, hook):
@@ -595,7 +596,7 @@ def saelens_feature_attribution(tl, up, down, tokens, feature, at):
         kept["f"] = acts
         return acts
 
-    def read(acts, hook):
+    def keep_read(acts, hook):
         kept["pre"] = acts
         return acts
 
@@ -605,12 +606,14 @@ def saelens_feature_attribution(tl, up, down, tokens, feature, at):
     try:
         with torch.enable_grad():
             tl.run_with_hooks(torch.as_tensor(tokens), fwd_hooks=[(f"{hook_of[id(up)]}.hook_sae_acts_post", keep),
-                                                                  (f"{hook_of[id(down)]}.hook_sae_acts_pre", read)])
+                                                                  (f"{hook_of[id(down)]}.{read}", keep_read)])
             kept["pre"][torch.arange(len(tokens)), torch.as_tensor(at), feature].sum().backward()
     finally:
         tl.reset_saes()
-    want = (-kept["f"] * kept["f"].grad).detach().numpy()
-    assert np.abs(want).max() > 1e-3  # not all zero, so the comparison means something
+    grad = kept["f"].grad
+    want = (-kept["f"] * (grad if grad is not None else 0.0)).detach().numpy()
+    if read == "hook_sae_acts_pre":
+        assert np.abs(want).max() > 1e-3  # not all zero, so the comparison means something
     return want
 
 
@@ -630,15 +633,63 @@ def test_feature_attribution_is_the_gradient_through_both_saes(models, pair):
     mask = np.ones_like(tokens)
     mask[1, :2] = 0
     for pos, at in ((None, [6, 6, 6]), ([3, 5, 6], [3, 5, 6])):
-        for feature in (4, 30):
+        # one target feature, and three in one call (one backward pass, the batch copied)
+        both = ms.sae.feature_attribution(model, tokens, ours(up), ours(down), [4, 30, 4], pos=pos,
+                                          attention_mask=mask)
+        assert both.shape == (3,) + tokens.shape + (up.cfg.d_sae,)
+        for k, feature in enumerate((4, 30)):
             got = ms.sae.feature_attribution(model, tokens, ours(up), ours(down), feature, pos=pos, attention_mask=mask)
-            # SAELens on each row alone (its padded rows would need an attention mask)
-            want = np.zeros_like(got)
-            for r in range(3):
-                real = np.flatnonzero(mask[r])
-                want[r, real] = saelens_feature_attribution(tl, up, down, tokens[r:r + 1, real], feature,
-                                                            [int(np.searchsorted(real, at[r]))])[0]
+            want = _saelens_rows(tl, up, down, tokens, mask, feature, at)
             np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0, err_msg=f"{pair} {feature}")
+            np.testing.assert_allclose(both[k], got, atol=1e-5 * np.abs(want).max(), rtol=0)
+        np.testing.assert_allclose(both[2], both[0], atol=1e-5 * np.abs(both[0]).max(), rtol=0)
+
+
+def _saelens_rows(tl, up, down, tokens, mask, feature, at, read="hook_sae_acts_pre"):
+    """saelens_feature_attribution on each row alone (its padded rows would need an
+    attention mask), at padded positions `at`: [batch, pos, d_sae]"""
+    want = np.zeros(tokens.shape + (up.cfg.d_sae,), np.float32)
+    for r in range(len(tokens)):
+        real = np.flatnonzero(mask[r])
+        want[r, real] = saelens_feature_attribution(tl, up, down, tokens[r:r + 1, real], feature,
+                                                    [int(np.searchsorted(real, at[r]))], read)[0]
+    return want
+
+
+@pytest.mark.parametrize("kind", ["jumprelu", "topk_rescaled", "gated", "standard"])
+def test_feature_attribution_of_the_activation_is_the_gradient_through_both_saes(models, kind):
+    """of="activation": the target feature's activation (SAELens's hook_sae_acts_post)
+    differentiated by SAELens's autograd, both SAEs spliced in, for four target features
+    in one call: one inactive at every row's position, three active at some (0 at the rows
+    where they are not); batch_size 1 and 2 (the features split over passes) and an
+    intervention (one pass per feature) give the same"""
+    _, model, tl = models
+    up = lens_sae("standard", "blocks.0.hook_resid_post", seed=62)
+    cfg = {"jumprelu": ("jumprelu", {}), "topk_rescaled": ("topk", dict(rescale_acts_by_decoder_norm=True)),
+           "gated": ("gated", {}), "standard": ("standard", {})}[kind]
+    down = lens_sae(cfg[0], "blocks.1.hook_resid_post", seed=63, **cfg[1])
+    tokens = _tokens(model, 64, batch=3, pos=7)
+    mask = np.ones_like(tokens)
+    mask[2, :3] = 0
+    at = [6, 4, 6]
+    x = model.run(tokens, cache=[down.cfg.metadata.hook_name], attention_mask=mask, logits=None).cache[
+        down.cfg.metadata.hook_name][np.arange(3), at]
+    active = ours(down).encode(x) > 0  # [row, feature]
+    # a feature active at no row's position, and three active at some of them
+    features = [int(np.flatnonzero(~active.any(0))[0]), *np.flatnonzero(active.any(0))[:3].tolist()]
+    assert len(features) == 4 and not active[:, features].all()
+    got = ms.sae.feature_attribution(model, tokens, ours(up), ours(down), features, pos=at, of="activation",
+                                     attention_mask=mask)
+    for k, feature in enumerate(features):
+        want = _saelens_rows(tl, up, down, tokens, mask, feature, at, read="hook_sae_acts_post")
+        scale = max(np.abs(want).max(), 1e-3)
+        np.testing.assert_allclose(got[k], want, atol=1e-4 * scale, rtol=0, err_msg=f"{kind} {feature}")
+        for r in range(3):
+            assert np.any(got[k, r]) == bool(active[r, feature]), (kind, feature, r)
+    for kwargs in (dict(batch_size=1), dict(batch_size=2), dict(interventions=[ms.Scale(SITES[0], 1.0)])):
+        again = ms.sae.feature_attribution(model, tokens, ours(up), ours(down), features, pos=at, of="activation",
+                                           attention_mask=mask, **kwargs)
+        np.testing.assert_allclose(again, got, atol=1e-5 * np.abs(got).max(), rtol=0, err_msg=str(kwargs))
 
 
 def test_feature_attribution_ranks_the_exact_removals(models):
@@ -672,8 +723,12 @@ def test_feature_attribution_bad_input(models):
         ms.sae.feature_attribution(model, tokens, up, down, 3)
     with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 48\\)"):
         ms.sae.feature_attribution(model, tokens, down, up, 48)
-    with pytest.raises(ValueError, match="feature: expected one feature index"):
-        ms.sae.feature_attribution(model, tokens, down, up, [1, 2])
+    with pytest.raises(ValueError, match="features: expected feature indices in \\[0, 48\\)"):
+        ms.sae.feature_attribution(model, tokens, down, up, [[1, 2]])
+    with pytest.raises(ValueError, match="of: expected 'pre' or 'activation', got 'post'"):
+        ms.sae.feature_attribution(model, tokens, down, up, 1, of="post")
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
+        ms.sae.feature_attribution(model, tokens, down, up, [1, 2], batch_size=0)
     normed = ours(lens_sae("standard", SITES[0], seed=61, normalize_activations="layer_norm"))
     with pytest.raises(ValueError, match="target: an SAE that normalizes each token"):
         ms.sae.feature_attribution(model, tokens, down, normed, 1)

@@ -581,34 +581,49 @@ def attribution(model, tokens, sae, metric, *, attention_mask=None, intervention
     return _removal_estimates(sae, g, mask)
 
 
-def _removal_estimates(sae, g, mask):
+def _removal_estimates(sae, g, mask, copies=1):
     """-f[b, p, i] * (what feature i adds to the output site . the gradient there), from
     a gradient run g that holds sae's input site's values and its output site's gradient:
-    [batch, pos, d_sae], 0 at padding"""
+    [batch, pos, d_sae], 0 at padding. With copies > 1 the run's rows are that many
+    copies of the batch, each with its own gradient: [copies, batch, pos, d_sae]."""
     x, dy = g.activations[sae.site], g[sae.site_out]
-    B, T = x.shape[:2]
-    x = x.reshape(B, T, -1)
+    B, T = x.shape[0] // copies, x.shape[1]
+    x = x[:B].reshape(B, T, -1)
     f = sae.encode(x)
     scale, _ = sae._output_scale(x, f.shape[:-1])
-    return -f * scale * (dy.reshape(B, T, -1) @ sae._W_out.T) * _real(mask, f.shape)
+    f = -f * scale * _real(mask, f.shape)
+    out = [f * (d.reshape(B, T, -1) @ sae._W_out.T) for d in dy.reshape(copies, B, T, -1)]
+    return out[0] if copies == 1 else np.stack(out)
 
 
-def feature_attribution(model, tokens, sae, target, feature, *, pos=None, attention_mask=None, interventions=None):
-    """Each feature of `sae` at each position, attributed to one feature of a later SAE
-    (or transcoder) `target`: the change of target's pre-activation of `feature` at
-    position `pos` of each row (None: its last real token) when feature i of `sae` is
-    removed at position q, estimated to first order as
-    -f[b, q, i] * (W_dec[i] . d pre / d x[b, q]) -> [batch, pos, d_sae] (0 at padding).
+def feature_attribution(model, tokens, sae, target, feature, *, pos=None, of="pre", attention_mask=None,
+                        interventions=None, batch_size=16, progress=None):
+    """Each feature of `sae` at each position, attributed to a feature of a later SAE (or
+    transcoder) `target`: the change of that target feature at position `pos` of each
+    row (None: its last real token) when feature i of `sae` is removed at position q,
+    estimated to first order as -f[b, q, i] * (W_dec[i] . d target / d x[b, q]).
+    feature: one target feature -> [batch, pos, d_sae], or a list of K -> [K, batch,
+    pos, d_sae] (0 at padding).
 
-    The pre-activation is the linear part of target's encoder, (x - b_dec) @ W_enc[:,
-    feature] + b_enc[feature] (a gated SAE's gate), read at target's site; its gradient
-    at `sae`'s output site comes from one backward pass seeded there (model.grad's
-    seeds). An edge of a feature circuit, with every path between the two sites."""
+    of="pre": the target feature's pre-activation, the linear part of its encoder,
+    (x - b_dec) @ W_enc[:, feature] + b_enc[feature] (a gated SAE's gate), read at
+    target's site. of="activation": its activation, whose gradient is the
+    pre-activation's times d activation / d pre-activation at that token: 0 where the
+    feature is inactive there; where it is active 1 (ReLU, JumpReLU, TopK), the decoder
+    row's norm (TopK with rescale_acts_by_decoder_norm) or exp(r_mag) (gated: the
+    magnitude path). The gradient at `sae`'s output site comes from a backward pass
+    seeded at target's site (model.grad's seeds), which runs only the blocks up to it;
+    one pass takes batch_size target features, the batch copied once for each (one per
+    feature with interventions, which may be shaped for the batch). An edge of a
+    feature circuit, with every path between the two sites."""
     _check(model, sae)
     _check(model, target)
-    if np.ndim(feature) != 0:
-        raise ValueError("feature: expected one feature index of the target")
-    feature = int(_feature_index(feature, target.d_sae)[0])
+    if of not in ("pre", "activation"):
+        raise ValueError(f"of: expected 'pre' or 'activation', got {of!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    one = np.ndim(feature) == 0
+    feats = _feature_index(feature, target.d_sae)
     if target.normalize_activations != "none":
         raise ValueError(f"target: an SAE that normalizes each token (normalize_activations="
                          f"{target.normalize_activations!r}) has no linear pre-activation to differentiate")
@@ -619,12 +634,41 @@ def feature_attribution(model, tokens, sae, target, feature, *, pos=None, attent
     tokens, mask = model._check_tokens(tokens, attention_mask)
     B, T = tokens.shape
     at = positions(pos, mask, B, T)
-    seed = np.zeros((B, T, target.d_in), np.float32)
-    seed[np.arange(B), at] = target.W_enc[:, feature]
-    seed = seed.reshape(_sites.shape(_sites.parse(target.site, model)[2], model._shape_cfg, B, T))
-    g = model.grad(tokens, seeds={target.site: seed}, sites=list(dict.fromkeys([sae.site, sae.site_out])),
-                   attention_mask=mask, interventions=interventions, progress=False)
-    return _removal_estimates(sae, g, mask)
+    rows = np.arange(B)
+    shape = _sites.shape(_sites.parse(target.site, model)[2], model._shape_cfg, B, T)[2:]
+    sites = list(dict.fromkeys([sae.site, sae.site_out]))
+    per_pass = 1 if interventions else int(batch_size)
+    out = np.empty((len(feats), B, T, sae.d_sae), np.float32)
+    with progress_bar(progress, "feature attribution", "target feature", total=len(feats)) as bar:
+        for lo in range(0, len(feats), per_pass):
+            chunk = feats[lo:lo + per_pass]
+            K = len(chunk)
+            seed = np.zeros((K, B, T, target.d_in), np.float32)
+            seed[:, rows, at] = target.W_enc[:, chunk].T[:, None, :]
+            g = model.grad(np.tile(tokens, (K, 1)), seeds={target.site: seed.reshape((K * B, T) + shape)},
+                           sites=sites, attention_mask=None if mask is None else np.tile(mask, (K, 1)),
+                           interventions=interventions, progress=False)
+            out[lo:lo + K] = _removal_estimates(sae, g, mask, copies=K).reshape(K, B, T, sae.d_sae)
+            bar.update(K)
+    if of == "activation":
+        out *= _activation_slopes(model, tokens, mask, target, feats, at, interventions).T[:, :, None, None]
+    return out[0] if one else out
+
+
+def _activation_slopes(model, tokens, mask, target, feats, at, interventions):
+    """d activation / d pre-activation of target's features `feats` at each row's
+    position `at` (the run with the interventions): [batch, len(feats)], 0 where inactive"""
+    x = model.run(tokens, cache=[target.site], attention_mask=mask, logits=None,
+                  interventions=interventions).cache[target.site]
+    x = x.reshape(x.shape[0], x.shape[1], -1)[np.arange(len(at)), at]
+    active = target.encode(x)[:, feats] > 0
+    if target.architecture == "gated":
+        slope = np.exp(target.r_mag[feats])
+    elif target.rescale_acts_by_decoder_norm:
+        slope = target._decoder_norms[feats]
+    else:
+        slope = np.ones(len(feats), np.float32)
+    return np.where(active, slope, 0.0).astype(np.float32)
 
 
 class TopActivations:
