@@ -727,7 +727,7 @@ def test_feature_attribution_bad_input(models):
         ms.sae.feature_attribution(model, tokens, down, up, [[1, 2]])
     with pytest.raises(ValueError, match="of: expected 'pre' or 'activation', got 'post'"):
         ms.sae.feature_attribution(model, tokens, down, up, 1, of="post")
-    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1 or None, got 0"):
         ms.sae.feature_attribution(model, tokens, down, up, [1, 2], batch_size=0)
     normed = ours(lens_sae("standard", SITES[0], seed=61, normalize_activations="layer_norm"))
     with pytest.raises(ValueError, match="target: an SAE that normalizes each token"):

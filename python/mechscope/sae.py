@@ -597,7 +597,7 @@ def _removal_estimates(sae, g, mask, copies=1):
 
 
 def feature_attribution(model, tokens, sae, target, feature, *, pos=None, of="pre", attention_mask=None,
-                        interventions=None, batch_size=16, progress=None):
+                        interventions=None, batch_size=None, progress=None):
     """Each feature of `sae` at each position, attributed to a feature of a later SAE (or
     transcoder) `target`: the change of that target feature at position `pos` of each
     row (None: its last real token) when feature i of `sae` is removed at position q,
@@ -613,15 +613,17 @@ def feature_attribution(model, tokens, sae, target, feature, *, pos=None, of="pr
     row's norm (TopK with rescale_acts_by_decoder_norm) or exp(r_mag) (gated: the
     magnitude path). The gradient at `sae`'s output site comes from a backward pass
     seeded at target's site (model.grad's seeds), which runs only the blocks up to it;
-    one pass takes batch_size target features, the batch copied once for each (one per
-    feature with interventions, which may be shaped for the batch). An edge of a
-    feature circuit, with every path between the two sites."""
+    one pass takes batch_size target features, the batch copied once for each (None: as
+    many as keep a pass within about 2048 real tokens; one per feature with
+    interventions, which may be shaped for the batch). An edge of a feature circuit,
+    with every path between the two sites."""
     _check(model, sae)
     _check(model, target)
     if of not in ("pre", "activation"):
         raise ValueError(f"of: expected 'pre' or 'activation', got {of!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size: expected an integer >= 1 or None, got {batch_size!r}")
     one = np.ndim(feature) == 0
     feats = _feature_index(feature, target.d_sae)
     if target.normalize_activations != "none":
@@ -637,7 +639,12 @@ def feature_attribution(model, tokens, sae, target, feature, *, pos=None, of="pr
     rows = np.arange(B)
     shape = _sites.shape(_sites.parse(target.site, model)[2], model._shape_cfg, B, T)[2:]
     sites = list(dict.fromkeys([sae.site, sae.site_out]))
-    per_pass = 1 if interventions else int(batch_size)
+    if interventions:
+        per_pass = 1
+    elif batch_size is None:  # the copies' tokens, about as many as a training step's
+        per_pass = max(1, 2048 // int(B * T if mask is None else mask.sum()))
+    else:
+        per_pass = int(batch_size)
     out = np.empty((len(feats), B, T, sae.d_sae), np.float32)
     with progress_bar(progress, "feature attribution", "target feature", total=len(feats)) as bar:
         for lo in range(0, len(feats), per_pass):

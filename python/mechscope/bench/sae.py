@@ -17,6 +17,13 @@ the same thread count, timed interleaved (each round runs every contender once):
   one backward pass in C; SAELens: the SAE spliced in with use_error_term, backward
   through PyTorch's autograd.
 
+- feature attribution: every feature of a second SAE (at blocks.3.hook_resid_pre, built
+  the same way) at every token, attributed to 4 features of the first (their
+  pre-activations at the last position), both SAEs' error terms kept. mechscope:
+  ms.sae.feature_attribution with the 4 as targets (passes seeded at the later site,
+  through blocks 0-6 only); SAELens: both spliced in with use_error_term, one forward
+  pass and a backward pass per target feature through PyTorch's autograd.
+
 The largest difference between the two sides' results is printed for each task.
 
     python -m mechscope.bench sae [--threads N] [--shape 8x128] [--d-sae 24576]
@@ -32,6 +39,8 @@ from . import common
 from .patch import tl_from_hf
 
 SITE, LAYER = "blocks.6.hook_resid_pre", 6
+UP_SITE = "blocks.3.hook_resid_pre"  # the feature-attribution task's upstream SAE
+N_TARGETS = 4
 
 
 def parse_args(argv):
@@ -69,17 +78,24 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(0, model.d_vocab, (B, T))
     t = torch.as_tensor(tokens)
-    x = model.run(tokens, cache=[SITE], logits=None).cache[SITE].reshape(-1, d)
-    b_dec = x.mean(0)
-    W_enc = (rng.normal(size=(d, args.d_sae)) / np.sqrt(d)).astype(np.float32)
-    # each feature's bias puts its threshold 2.05 standard deviations up: about 2% of
-    # the features are active on these tokens' activations
-    b_enc = (-2.05 * ((x - b_dec) @ W_enc).std(0)).astype(np.float32)
-    W_dec = np.ascontiguousarray(W_enc.T)
-    sae = ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, SITE)
-    lens = StandardSAE(StandardSAEConfig(d_in=d, d_sae=args.d_sae, metadata=SAEMetadata(hook_name=SITE))).eval()
-    for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
-        getattr(lens, name).copy_(torch.from_numpy(value))
+
+    def both_saes(site):
+        """an SAE at `site` in mechscope and in SAELens, with the same random weights"""
+        x = model.run(tokens, cache=[site], logits=None).cache[site].reshape(-1, d)
+        b_dec = x.mean(0)
+        W_enc = (rng.normal(size=(d, args.d_sae)) / np.sqrt(d)).astype(np.float32)
+        # each feature's bias puts its threshold 2.05 standard deviations up: about 2% of
+        # the features are active on these tokens' activations
+        b_enc = (-2.05 * ((x - b_dec) @ W_enc).std(0)).astype(np.float32)
+        W_dec = np.ascontiguousarray(W_enc.T)
+        lens = StandardSAE(StandardSAEConfig(d_in=d, d_sae=args.d_sae, metadata=SAEMetadata(hook_name=site))).eval()
+        for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+            getattr(lens, name).copy_(torch.from_numpy(value))
+        return ms.sae.SAE(W_enc, b_enc, W_dec, b_dec, site), lens
+
+    sae, lens = both_saes(SITE)
+    up, up_lens = both_saes(UP_SITE)
+    targets = rng.choice(args.d_sae, N_TARGETS, replace=False)
 
     answer, wrong = rng.integers(0, model.d_vocab, B), rng.integers(0, model.d_vocab, B)
     metric = ms.metrics.LogitDiff(answer, wrong)
@@ -105,14 +121,19 @@ def main(argv=None):
     def ms_attribution():
         out["ms attribution"] = ms.sae.attribution(model, tokens, sae, metric)
 
+    def keeper(kept, key):
+        """a TransformerLens hook that keeps its activations in kept[key] (and, for the
+        features "f", their gradient)"""
+        def keep(acts, hook):
+            if key == "f":
+                acts.retain_grad()
+            kept[key] = acts
+            return acts
+        return keep
+
     def tl_attribution():
         kept = {}
-
-        def keep(acts, hook):
-            acts.retain_grad()
-            kept["f"] = acts
-            return acts
-
+        keep = keeper(kept, "f")
         tl.add_sae(lens, use_error_term=True)
         try:
             with torch.enable_grad():
@@ -124,11 +145,33 @@ def main(argv=None):
             tl.reset_saes()
         out["tl attribution"] = (-kept["f"] * kept["f"].grad).detach().numpy()
 
+    def ms_edges():
+        out["ms edges"] = ms.sae.feature_attribution(model, tokens, up, sae, targets, progress=False)
+
+    def tl_edges():
+        kept = {}
+        keep, read = keeper(kept, "f"), keeper(kept, "pre")
+        tl.add_sae(up_lens, use_error_term=True)
+        tl.add_sae(lens, use_error_term=True)
+        edges = []
+        try:
+            with torch.enable_grad():
+                tl.run_with_hooks(t, fwd_hooks=[(f"{UP_SITE}.hook_sae_acts_post", keep),
+                                                (f"{SITE}.hook_sae_acts_pre", read)], stop_at_layer=LAYER + 1)
+                for k, feature in enumerate(targets):
+                    kept["f"].grad = None
+                    kept["pre"][:, -1, int(feature)].sum().backward(retain_graph=k + 1 < len(targets))
+                    edges.append((-kept["f"] * kept["f"].grad).detach().numpy())
+        finally:
+            tl.reset_saes()
+        out["tl edges"] = np.stack(edges)
+
     print(f"{'task':22s} {'mechscope s':>12s} {'SAELens s':>10s} {'speedup':>8s}   largest difference")
     for task, fns in (("features", (ms_features, tl_features)), ("reconstruction loss", (ms_loss, tl_loss)),
-                      ("attribution", (ms_attribution, tl_attribution))):
+                      ("attribution", (ms_attribution, tl_attribution)),
+                      (f"feature attribution x{N_TARGETS}", (ms_edges, tl_edges))):
         times, _ = common.time_interleaved({"ms": fns[0], "tl": fns[1]}, budget_s=args.budget)
-        key = task.split()[-1]
+        key = "edges" if task.startswith("feature attribution") else task.split()[-1]
         ours, theirs = out[f"ms {key}"], out[f"tl {key}"]
         if isinstance(ours, dict):
             diff = max(abs(ours[k] - theirs[k]) for k in theirs)
