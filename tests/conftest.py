@@ -97,6 +97,49 @@ def random_tokens(rng, vocab, batch, pos):
     return rng.integers(0, vocab, size=(batch, pos), dtype=np.int64)
 
 
+def _blas_sums_do_not_depend_on_tiles():
+    """Whether the BLAS mechscope links computes each element of a product with the same
+    sums however the product is cut into tiles (mechscope cuts products by thread
+    count, each tile one BLAS call). True of OpenBLAS's AVX-512 kernels; its Haswell
+    (AVX2) kernels sum a tile's edge blocks in another order, so there the values of
+    different thread counts agree to rounding only."""
+    import ctypes
+    import scipy_openblas32
+    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so"))
+    lib.scipy_openblas_set_num_threads(1)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(512, 128)).astype(np.float32)
+    b = rng.normal(size=(128, 384)).astype(np.float32)
+
+    def product(rows, cols, out):  # out[rows, cols] = a[rows] @ b[:, cols], row-major
+        x, w, o = a[rows], b[:, cols], out[rows, cols]
+        lib.scipy_cblas_sgemm(101, 111, 111, x.shape[0], w.shape[1], 128, ctypes.c_float(1.0),
+                              ctypes.c_void_p(x.ctypes.data), 128, ctypes.c_void_p(w.ctypes.data), 384,
+                              ctypes.c_float(0.0), ctypes.c_void_p(o.ctypes.data), 384)
+
+    whole, cut = np.zeros((512, 384), np.float32), np.zeros((512, 384), np.float32)
+    product(slice(None), slice(None), whole)
+    for rows in (slice(0, 256), slice(256, None)):
+        for cols in (slice(0, 192), slice(192, None)):
+            product(rows, cols, cut)
+    return bool(np.array_equal(whole, cut))
+
+
+BLAS_TILES_EXACT = _blas_sums_do_not_depend_on_tiles()
+
+
+def assert_same_at_any_thread_count(actual, expected, err_msg=""):
+    """Values of two thread counts: identical where the BLAS's sums do not depend on
+    how a product is cut (BLAS_TILES_EXACT), else equal to float32 rounding (1e-5 of
+    the largest value)."""
+    if BLAS_TILES_EXACT:
+        np.testing.assert_array_equal(actual, expected, err_msg=err_msg)
+    else:
+        actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+        scale = max(float(np.abs(expected).max()), 1e-30)
+        assert np.abs(actual - expected).max() <= 1e-5 * scale, (err_msg, np.abs(actual - expected).max(), scale)
+
+
 def assert_close(actual, expected, atol=ATOL, what="", rtol=0.0):
     """Shape must match exactly; values within atol + rtol*|expected| (±inf must coincide)."""
     actual = np.asarray(actual)

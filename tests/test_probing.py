@@ -9,6 +9,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import mechscope as ms
+from conftest import BLAS_TILES_EXACT
 
 SITES = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(4)]
 
@@ -33,7 +34,11 @@ def test_scores_equal_scikit_learn_on_model_run_features(task, sweep):
     for i, site in enumerate(SITES):
         X = cache[site][:, -1]
         want = cross_val_score(LogisticRegression(max_iter=1000), X, ioi["io"], cv=StratifiedKFold(4))
-        np.testing.assert_allclose(sweep.scores[i], want, atol=1e-12, err_msg=site)
+        # the sweep's features come from its own runs: identical to these where the BLAS's
+        # sums do not depend on how a product is cut, else equal to rounding, which can
+        # move one prompt of a fold across the decision boundary
+        one_prompt = 0.0 if BLAS_TILES_EXACT else 1.0 / (len(X) // 4)
+        np.testing.assert_allclose(sweep.scores[i], want, atol=one_prompt + 1e-12, err_msg=site)
         # the fitted probe is the estimator fitted on all prompts
         full = LogisticRegression(max_iter=1000).fit(X, ioi["io"])
         np.testing.assert_allclose(sweep.probes[site].coef_, full.coef_, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import assert_close, hf_run, make_hf_model, random_tokens, save_hf
+from conftest import (BLAS_TILES_EXACT, assert_close, assert_same_at_any_thread_count, hf_run, make_hf_model,
+                      random_tokens, save_hf)
 
 # big enough that OpenBLAS really splits its GEMMs over 2 threads (M = 8*64 tokens)
 BIG = dict(n_embd=128, n_head=4, n_layer=2, vocab_size=500, n_positions=64, activation_function="gelu_new")
@@ -152,7 +153,8 @@ def test_blas_single_threaded_and_thread_counts_agree_exactly(ms, big, restore_t
     the BLAS is kept single-threaded and mechscope shares the panels of a product
     among its own threads, which never wait for a thread that has not started (the
     forward benchmark prints the loaded case). Each panel is the same BLAS call
-    whatever the thread count, so 1, 2 and 3 threads give identical values."""
+    whatever the thread count, so 1, 2 and 3 threads give identical values (where the
+    BLAS's sums do not depend on the tile: BLAS_TILES_EXACT; else equal to rounding)."""
     import ctypes
     import scipy_openblas32
     lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "lib" + scipy_openblas32.get_library() + ".so"))
@@ -164,8 +166,9 @@ def test_blas_single_threaded_and_thread_counts_agree_exactly(ms, big, restore_t
         assert lib.scipy_openblas_get_num_threads() == 1
         results.append(model.run(tokens, cache="blocks.1.hook_resid_post"))
     for r in results[1:]:
-        np.testing.assert_array_equal(r.logits, results[0].logits)
-        np.testing.assert_array_equal(r.cache["blocks.1.hook_resid_post"], results[0].cache["blocks.1.hook_resid_post"])
+        assert_same_at_any_thread_count(r.logits, results[0].logits)
+        assert_same_at_any_thread_count(r.cache["blocks.1.hook_resid_post"],
+                                        results[0].cache["blocks.1.hook_resid_post"])
 
 
 def test_gradients_do_not_depend_on_the_thread_count(ms, big, restore_threads, rng):
@@ -173,7 +176,9 @@ def test_gradients_do_not_depend_on_the_thread_count(ms, big, restore_threads, r
     and its sums over rows (norm weights, biases) give each column to one thread,
     which adds the rows in order: 1 to 4 threads give identical gradients (with 2 or
     more a layer's input- and weight-gradient products share the threads, with odd and
-    even counts cut differently), and the gradient norm clipping uses is the same too."""
+    even counts cut differently), and the gradient norm clipping uses is the same too
+    (where the BLAS's sums do not depend on the tile: BLAS_TILES_EXACT; else equal to
+    rounding)."""
     from mechscope._runtime import _core
     _, model = big
     tokens = random_tokens(rng, 500, 8, 64)  # 512 tokens x 128: the passes are split over threads
@@ -185,12 +190,12 @@ def test_gradients_do_not_depend_on_the_thread_count(ms, big, restore_threads, r
         norm = _core.sum_of_squares(list(results[-1].weights.values()))
         if n == 1:
             first_norm = norm
-        assert norm == first_norm
+        assert_same_at_any_thread_count(norm, first_norm)
     for r in results[1:]:
-        assert r.value == results[0].value
-        np.testing.assert_array_equal(r.sites["blocks.0.hook_resid_pre"], results[0].sites["blocks.0.hook_resid_pre"])
+        assert_same_at_any_thread_count(r.value, results[0].value)
+        assert_same_at_any_thread_count(r.sites["blocks.0.hook_resid_pre"], results[0].sites["blocks.0.hook_resid_pre"])
         for name, g in results[0].weights.items():
-            np.testing.assert_array_equal(r.weights[name], g, err_msg=name)
+            assert_same_at_any_thread_count(r.weights[name], g, err_msg=name)
     # the norm is the float64 sum of squares of every element
     want = sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in results[0].weights.values())
     assert abs(first_norm - want) <= 1e-12 * want
@@ -198,7 +203,8 @@ def test_gradients_do_not_depend_on_the_thread_count(ms, big, restore_threads, r
 
 def test_two_threads_pinned_to_one_core(tmp_path):
     """Two threads on one core (what a busy machine amounts to) give the one-thread
-    values; the pinned child also runs concurrent Python threads."""
+    values (to rounding where the BLAS's sums depend on the tile); the pinned child also
+    runs concurrent Python threads."""
     script = ("import os, threading, numpy as np, mechscope as ms\n"
               "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
               "m = ms.Model.from_config(dict(n_layer=2, n_embd=128, n_head=4, vocab_size=300, n_positions=64))\n"
@@ -209,11 +215,12 @@ def test_two_threads_pinned_to_one_core(tmp_path):
               "def job(i): got[i] = [m.run(t).logits for _ in range(5)]\n"
               "ts = [threading.Thread(target=job, args=(i,)) for i in range(3)]\n"
               "[x.start() for x in ts]; [x.join() for x in ts]\n"
-              "print(all(np.array_equal(g, want) for r in got for g in r))\n")
+              "print(max(float(np.abs(g - want).max() / np.abs(want).max()) for r in got for g in r))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True"]
+    worst = float(done.stdout.split()[-1])  # the largest difference, relative to the largest logit
+    assert worst == 0.0 if BLAS_TILES_EXACT else worst <= 1e-5, worst
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt2_wide", "llama"])
@@ -225,8 +232,8 @@ def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path, 
     inputs: a 4-wide tail after 16-wide steps, a block of 20 after one of 32; 151
     logits: not a multiple of 4 columns; 156 and 52 outputs: a last block of 28 or 20
     of 32 columns) at 1 to 40 rows: the same logits as HF and as the BLAS path, and
-    bit-identical at 1 and 2 threads (gpt2_wide: layers wide enough that 2 threads
-    share each product's columns)."""
+    bit-identical at 1 and 2 threads where the BLAS's sums do not depend on the tile
+    (gpt2_wide: layers wide enough that 2 threads share each product's columns)."""
     import torch
     from test_architectures import make_hf
     if family == "gpt2":
@@ -258,7 +265,7 @@ def test_few_rows_products_match_hf_and_the_blas(ms, restore_threads, tmp_path, 
         for n in (1, 2):
             ms.set_num_threads(n)
             runs.append(model.run(tokens).logits)
-        np.testing.assert_array_equal(runs[0], runs[1])
+        assert_same_at_any_thread_count(runs[0], runs[1])
         with torch.no_grad():
             want = hf(input_ids=torch.as_tensor(tokens)).logits.numpy()
         assert_close(runs[0], want, what=f"{shape} vs HF")
