@@ -578,22 +578,20 @@ def attribution(model, tokens, sae, metric, *, attention_mask=None, intervention
     tokens, mask = model._check_tokens(tokens, attention_mask)
     g = model.grad(tokens, metric, sites=list(dict.fromkeys([sae.site, sae.site_out])), attention_mask=mask,
                    interventions=interventions, progress=False)
-    return _removal_estimates(sae, g, mask)
+    return _removal_estimates(sae, g, mask)[0]
 
 
 def _removal_estimates(sae, g, mask, copies=1):
     """-f[b, p, i] * (what feature i adds to the output site . the gradient there), from
-    a gradient run g that holds sae's input site's values and its output site's gradient:
-    [batch, pos, d_sae], 0 at padding. With copies > 1 the run's rows are that many
-    copies of the batch, each with its own gradient: [copies, batch, pos, d_sae]."""
+    a gradient run g that holds sae's input site's values and its output site's gradient,
+    its rows `copies` copies of the batch, each with its own gradient: [copies, batch,
+    pos, d_sae], 0 at padding."""
     x, dy = g.activations[sae.site], g[sae.site_out]
     B, T = x.shape[0] // copies, x.shape[1]
     x = x[:B].reshape(B, T, -1)
     f = sae.encode(x)
     scale, _ = sae._output_scale(x, f.shape[:-1])
-    f = -f * scale * _real(mask, f.shape)
-    out = [f * (d.reshape(B, T, -1) @ sae._W_out.T) for d in dy.reshape(copies, B, T, -1)]
-    return out[0] if copies == 1 else np.stack(out)
+    return -f * scale * _real(mask, f.shape) * (dy.reshape(copies, B, T, -1) @ sae._W_out.T)
 
 
 def feature_attribution(model, tokens, sae, target, feature, *, pos=None, of="pre", attention_mask=None,
@@ -655,7 +653,7 @@ def feature_attribution(model, tokens, sae, target, feature, *, pos=None, of="pr
             g = model.grad(np.tile(tokens, (K, 1)), seeds={target.site: seed.reshape((K * B, T) + shape)},
                            sites=sites, attention_mask=None if mask is None else np.tile(mask, (K, 1)),
                            interventions=interventions, progress=False)
-            out[lo:lo + K] = _removal_estimates(sae, g, mask, copies=K).reshape(K, B, T, sae.d_sae)
+            out[lo:lo + K] = _removal_estimates(sae, g, mask, copies=K)
             bar.update(K)
     if of == "activation":
         out *= _activation_slopes(model, tokens, mask, target, feats, at, interventions).T[:, :, None, None]
