@@ -11,8 +11,8 @@ from conftest import ATOL
 
 torch.set_grad_enabled(False)
 
-# grouped-query attention with 3 and 2 query heads per key/value head, Llama-3 rope
-# scaling, a tied embedding, q/k/v biases (Qwen2), partial rotary and both residual
+# grouped-query attention with 3 and 2 query heads per key/value head, Llama-3 and YaRN
+# rope scaling, a tied embedding, q/k/v biases (Qwen2), partial rotary and both residual
 # kinds (GPT-NeoX)
 CONFIGS = {
     "llama_gqa3": ("llama", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
@@ -30,6 +30,14 @@ CONFIGS = {
     "qwen2_bias": ("qwen2", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
                                  num_hidden_layers=2, intermediate_size=44, vocab_size=83,
                                  max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1e6)),
+    # YaRN: with 16-dim heads, theta 500 and 64 original positions, pair 0 keeps its
+    # angles, pairs 1-2 are on the ramp, pairs 3-7 are divided by 4; cos and sin are
+    # multiplied by 0.1 ln 4 + 1
+    "qwen2_yarn": ("qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 num_hidden_layers=2, intermediate_size=40, vocab_size=71,
+                                 max_position_embeddings=256, rope_theta=500.0,
+                                 rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                   original_max_position_embeddings=64))),
     "qwen3_qk_norm": ("qwen3", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                     num_hidden_layers=2, intermediate_size=44, vocab_size=79,
                                     max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6)),
@@ -211,9 +219,36 @@ def test_absent_sites_are_refused_by_name(pair):
                 model.run([[1, 2]], interventions=[ms.Zero("blocks.0.hook_resid_mid")])
 
 
+@pytest.mark.parametrize("family, scaling", [
+    ("qwen2", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)),
+    ("qwen2", dict(rope_type="yarn", factor=8.0)),  # the original context defaults to max_position_embeddings
+    ("llama", dict(type="yarn", factor=2.5, beta_fast=8.0, beta_slow=0.5, truncate=False)),
+    ("llama", dict(rope_type="yarn", factor=4.0, attention_factor=1.3)),
+    ("llama", dict(rope_type="yarn", factor=40.0, mscale=0.707, mscale_all_dim=1.0,  # DeepSeek's
+                   original_max_position_embeddings=32)),
+    ("gpt_neox", dict(rope_type="yarn", factor=3.0, original_max_position_embeddings=48)),  # partial rotary
+])
+def test_yarn_frequencies_match_transformers(family, scaling):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    kw = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+              rope_theta=500.0, intermediate_size=32,
+              rope_scaling=scaling)
+    if family == "gpt_neox":
+        kw.update(rotary_pct=0.5)
+    conf = getattr(transformers, _CLASSES[family][0])(**kw)
+    inv, attention = ROPE_INIT_FUNCTIONS["yarn"](conf, "cpu")
+    arch = ms.Model.from_config(dict(conf.to_dict(), num_hidden_layers=1, vocab_size=11)).arch
+    np.testing.assert_allclose(arch["rope_inv_freq"], inv.numpy(), rtol=2e-7, atol=0)
+    assert arch["rope_scale"] == pytest.approx(attention, rel=1e-12)
+    assert attention != 1.0
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(model_type="falcon"), "model_type 'falcon'"),
-    (dict(rope_scaling=dict(rope_type="yarn", factor=2.0)), "rope type 'yarn'"),
+    (dict(rope_scaling=dict(rope_type="longrope", factor=2.0)), "rope type 'longrope'"),
+    (dict(rope_scaling=dict(rope_type="yarn")), "yarn needs factor"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor="4")), "factor must be a finite number > 0"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=float("nan"))), "beta_fast"),
     (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope type 'dynamic'"),
     (dict(hidden_act="mish"), "hidden_act 'mish'"),
     (dict(num_key_value_heads=4), "num_key_value_heads"),

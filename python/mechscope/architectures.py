@@ -90,20 +90,21 @@ def model_type(config):
     return mt
 
 
-def rope_inv_freq(theta, dim, scaling, n_ctx):
-    """The angle per position of each rotary pair, [dim / 2] float32, as HuggingFace
-    computes it for rope types default, linear and llama3."""
+def rope_frequencies(theta, dim, scaling, max_positions):
+    """(angle per position of each rotary pair [dim / 2] float32, the factor cos and sin
+    are multiplied by), as HuggingFace computes them for rope types default, linear,
+    llama3 and yarn."""
     inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     inv = inv.astype(np.float32).astype(np.float64)
     if not scaling:
-        return inv.astype(np.float32)
+        return inv.astype(np.float32), 1.0
     if not isinstance(scaling, dict):
         raise ValueError(f"config: rope_scaling must be a dict or None, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return inv.astype(np.float32)
+        return inv.astype(np.float32), 1.0
     if kind == "linear":
-        return (inv / float(scaling["factor"])).astype(np.float32)
+        return (inv / float(scaling["factor"])).astype(np.float32), 1.0
     if kind == "llama3":
         try:
             factor = float(scaling["factor"])
@@ -117,8 +118,57 @@ def rope_inv_freq(theta, dim, scaling, n_ctx):
         smooth = (old / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"config: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        return _yarn(theta, dim, scaling, max_positions)
+    raise ValueError(f"config: rope type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+
+
+def _yarn(theta, dim, scaling, max_positions):
+    """YaRN (Peng et al. 2023): the pairs that turn fewer than beta_slow times over the
+    original context are interpolated (angles / factor), those that turn more than
+    beta_fast times are kept, with a linear ramp between; cos and sin are multiplied by
+    0.1 ln(factor) + 1 (or attention_factor, or DeepSeek's mscale ratio). Computed in
+    float32 like HuggingFace's."""
+    def number(key, default=None, low=None):
+        value = scaling.get(key)
+        if value is None:
+            if default is None:
+                raise ValueError(f"config: rope_scaling of type yarn needs {key}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (low is not None and value <= low):
+            raise ValueError(f"config: rope_scaling {key} must be a finite number"
+                             + (f" > {low}" if low is not None else "") + f", got {value!r}")
+        return float(value)
+    factor = number("factor", low=0)
+    old = number("original_max_position_embeddings", float(max_positions), low=0)
+    fast, slow = number("beta_fast", 32.0), number("beta_slow", 1.0)
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+    def get_mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    if scaling.get("attention_factor") is not None:
+        attention = number("attention_factor", low=0)
+    elif mscale and mscale_all:
+        attention = get_mscale(number("mscale")) / get_mscale(number("mscale_all_dim"))
+    else:
+        attention = get_mscale()
+
+    def turns_dim(turns):  # the pair index that turns this many times over the old context
+        return dim * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = turns_dim(fast), turns_dim(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    f32 = np.float32
+    pos_freqs = (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(f32)
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), f32(0), f32(1))
+    keep = f32(1) - ramp
+    inv = (f32(1) / (f32(factor) * pos_freqs)) * (f32(1) - keep) + (f32(1) / pos_freqs) * keep
+    return inv.astype(np.float32), float(attention)
 
 
 def normalize(config):
@@ -205,7 +255,7 @@ def _llama(config, family):
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"], n_ctx=n_ctx,
                 ln_eps=_number(cfg, "rms_norm_eps"), norm=NORM_RMS,
                 activation=_activation(cfg, "hidden_act"), gated_mlp=1, parallel=0, rotary_dim=d_head,
-                rope_scale=1.0, scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
+                scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
                 tied=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
@@ -231,7 +281,8 @@ def _llama(config, family):
         if arch["experts_per_token"] > arch["n_experts"]:
             raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
                              f"num_experts ({arch['n_experts']})")
-    arch["rope_inv_freq"] = rope_inv_freq(theta, d_head, cfg.get("rope_scaling"), n_ctx)
+    arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(theta, d_head, cfg.get("rope_scaling"),
+                                                                 cfg["max_position_embeddings"])
     return cfg, arch
 
 
@@ -256,12 +307,13 @@ def _neox(config):
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
                 n_ctx=cfg["max_position_embeddings"], ln_eps=_number(cfg, "layer_norm_eps"),
                 norm=NORM_LAYER, activation=_activation(cfg, "hidden_act"), gated_mlp=0,
-                parallel=int(bool(cfg["use_parallel_residual"])), rotary_dim=rot, rope_scale=1.0,
+                parallel=int(bool(cfg["use_parallel_residual"])), rotary_dim=rot,
                 scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
                 tied=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bool(cfg.get("attention_bias", True)), o_bias=bool(cfg.get("attention_bias", True)),
                 mlp_bias=True)
-    arch["rope_inv_freq"] = rope_inv_freq(theta, rot, cfg.get("rope_scaling"), arch["n_ctx"])
+    arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(theta, rot, cfg.get("rope_scaling"),
+                                                                 arch["n_ctx"])
     return cfg, arch
 
 

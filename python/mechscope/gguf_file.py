@@ -223,10 +223,36 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         raise ValueError(f"checkpoint {path}: rope over {rope_dims} of {d_head} head dimensions is not supported")
     scaling = _value(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise ValueError(f"checkpoint {path}: rope scaling type {scaling!r} is not supported (supported: linear)")
-        config["rope_scaling"] = {"rope_type": "linear", "factor": float(_value(reader, f"{arch}.rope.scaling.factor"))}
+        config["rope_scaling"] = _rope_scaling(reader, arch, path, scaling)
     return config, n_heads, n_kv
+
+
+def _rope_scaling(reader, arch, path, kind):
+    """A file's rope scaling keys -> HuggingFace's rope_scaling dict."""
+    key = f"{arch}.rope.scaling."
+    factor = _value(reader, key + "factor")
+    if factor is None:
+        raise ValueError(f"checkpoint {path}: rope scaling {kind!r} without {key}factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind != "yarn":
+        raise ValueError(f"checkpoint {path}: rope scaling type {kind!r} is not supported (supported: linear, yarn)")
+    # llama.cpp's YaRN: cos and sin scaled by attn_factor x (0.1 ln(factor) + 1), as
+    # HuggingFace's default; DeepSeek's log multiplier has no counterpart in the core
+    for extra, neutral in (("attn_factor", 1.0), ("yarn_attn_factor", 1.0), ("yarn_log_multiplier", 0.0),
+                           ("yarn_ext_factor", 1.0)):
+        value = _value(reader, key + extra)
+        if value is not None and float(value) != neutral:
+            raise ValueError(f"checkpoint {path}: yarn rope scaling with {key}{extra} = {value} is not supported")
+    scaling = {"rope_type": "yarn", "factor": float(factor)}
+    original = _value(reader, key + "original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        value = _value(reader, key + gguf_key)
+        if value is not None:
+            scaling[hf_key] = float(value)
+    return scaling
 
 
 def _spm_merges(tokens, scores):
