@@ -407,6 +407,20 @@ def test_other_architectures_match_the_model_they_were_written_from(family_file)
     np.testing.assert_allclose(got[keep], want[keep], atol=1e-4, rtol=0)
 
 
+def _yarn_file(hf, path, **keys):
+    """`hf` as a qwen2 file with llama.cpp's yarn rope scaling keys (`keys`: the
+    writer's add_rope_scaling_<key> values)."""
+    w = gguf_writer(hf, "qwen2", path)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    for key, value in keys.items():
+        getattr(w, "add_rope_scaling_" + key)(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) for i in range(hf.config.vocab_size)])
+    w.add_token_merges([])
+    write_tensors(w, hf, arch="qwen2")
+    return path
+
+
 def test_yarn_rope_scaling_is_read_from_the_file(tmp_path):
     """A qwen2 file with llama.cpp's YaRN keys gives the logits of the HF model with the
     same rope_scaling (of 4 pairs: the first kept, the second halfway, the last two
@@ -414,17 +428,8 @@ def test_yarn_rope_scaling_is_read_from_the_file(tmp_path):
     scaling = dict(rope_type="yarn", factor=6.0, original_max_position_embeddings=48, beta_fast=16.0, beta_slow=0.5)
     hf = make_hf(None, seed=7, spec=("qwen2", dict(_SMALL, rope_theta=300.0, max_position_embeddings=288,
                                                    rope_scaling=scaling)))
-    path = tmp_path / "yarn.gguf"
-    w = gguf_writer(hf, "qwen2", path)
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_rope_scaling_factor(6.0)
-    w.add_rope_scaling_orig_ctx_len(48)
-    w.add_rope_scaling_yarn_beta_fast(16.0)
-    w.add_rope_scaling_yarn_beta_slow(0.5)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(0x100 + i) for i in range(hf.config.vocab_size)])
-    w.add_token_merges([])
-    write_tensors(w, hf, arch="qwen2")
+    path = _yarn_file(hf, tmp_path / "yarn.gguf", factor=6.0, orig_ctx_len=48, yarn_beta_fast=16.0,
+                      yarn_beta_slow=0.5)
     model = ms.Model.from_pretrained(path)
     assert model.config["rope_scaling"] == scaling
     tokens = np.random.default_rng(4).integers(0, 96, (2, 20))
@@ -432,15 +437,7 @@ def test_yarn_rope_scaling_is_read_from_the_file(tmp_path):
         want = hf(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
     # a key with no counterpart in the core is refused by name
-    path = tmp_path / "log_multiplier.gguf"
-    w = gguf_writer(hf, "qwen2", path)
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_rope_scaling_factor(6.0)
-    w.add_rope_scaling_yarn_log_mul(0.1)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(0x100 + i) for i in range(hf.config.vocab_size)])
-    w.add_token_merges([])
-    write_tensors(w, hf, arch="qwen2")
+    path = _yarn_file(hf, tmp_path / "log_multiplier.gguf", factor=6.0, yarn_log_mul=0.1)
     with pytest.raises(ValueError, match="yarn_log_multiplier"):
         ms.Model.from_pretrained(path)
 
