@@ -243,13 +243,29 @@ def test_yarn_frequencies_match_transformers(family, scaling):
     assert attention != 1.0
 
 
+def test_dynamic_rope_scaling_equals_transformers_up_to_the_context_limit(tmp_path):
+    """Dynamic NTK scaling changes HF's angles only past max_position_embeddings, the
+    core's own limit; a run of exactly that length agrees, one longer is refused."""
+    family, kw = CONFIGS["llama_gqa3"]
+    kw = dict(kw, max_position_embeddings=24, rope_scaling=dict(rope_type="dynamic", factor=4.0))
+    hf = make_hf(None, seed=3, spec=(family, kw))
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    tokens = np.random.default_rng(0).integers(0, kw["vocab_size"], (2, 24))
+    with torch.no_grad():
+        want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="24"):
+        model.run(np.zeros((1, 25), np.int64))
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(model_type="falcon"), "model_type 'falcon'"),
     (dict(rope_scaling=dict(rope_type="longrope", factor=2.0)), "rope type 'longrope'"),
     (dict(rope_scaling=dict(rope_type="yarn")), "yarn needs factor"),
     (dict(rope_scaling=dict(rope_type="yarn", factor="4")), "factor must be a finite number > 0"),
     (dict(rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=float("nan"))), "beta_fast"),
-    (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope type 'dynamic'"),
+    (dict(rope_scaling=dict(rope_type="dynamic")), "dynamic needs a factor"),
     (dict(hidden_act="mish"), "hidden_act 'mish'"),
     (dict(num_key_value_heads=4), "num_key_value_heads"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),

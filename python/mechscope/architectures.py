@@ -121,7 +121,16 @@ def rope_frequencies(theta, dim, scaling, max_positions):
         return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
     if kind == "yarn":
         return _yarn(theta, dim, scaling, max_positions)
-    raise ValueError(f"config: rope type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+    if kind == "dynamic":
+        # dynamic NTK scaling raises theta only for sequences longer than
+        # max_position_embeddings, which is also the core's limit: within it, the angles
+        # are the default ones
+        factor = scaling.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+            raise ValueError(f"config: rope_scaling of type dynamic needs a factor >= 1, got {factor!r}")
+        return inv.astype(np.float32), 1.0
+    raise ValueError(f"config: rope type {kind!r} is not supported (supported: default, linear, llama3, yarn, "
+                     "dynamic)")
 
 
 def _yarn(theta, dim, scaling, max_positions):
