@@ -1,5 +1,7 @@
 """mechscope.extract on a dask.distributed cluster of two worker processes: the same
 files as the local path, each worker loading the model once, results as dask arrays."""
+import os
+
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -11,10 +13,19 @@ SITES = ["blocks.0.hook_resid_pre", "blocks.2.hook_resid_post", "blocks.1.attn.h
 
 @pytest.fixture(scope="module")
 def client():
+    # distributed's nanny sets OMP_, MKL_ and OPENBLAS_NUM_THREADS=1 in this process's
+    # environment before it starts the workers, and leaves them there: every later
+    # subprocess of the suite (the notebooks' kernels, the demo command) would run on
+    # one thread
+    environ = dict(os.environ)
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    with Client(cluster) as c:
-        yield c
-    cluster.close()
+    try:
+        with Client(cluster) as c:
+            yield c
+        cluster.close()
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def test_cluster_extraction_equals_local(client, tmp_path):

@@ -10,6 +10,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
+# the thread settings the suite started with, which the subprocesses below inherit
+THREAD_ENVIRON = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+@pytest.fixture(autouse=True)
+def environment_as_at_start():
+    """Earlier tests leave the thread settings as they found them (a dask cluster's
+    nanny once left them at 1, and every notebook ran on one thread)."""
+    assert {k: os.environ.get(k) for k in THREAD_ENVIRON} == THREAD_ENVIRON
 
 
 def test_readme_set_up_is_two_commands_that_ci_runs():
