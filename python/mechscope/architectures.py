@@ -61,9 +61,18 @@ def _positive_int(cfg, key):
 
 def _number(cfg, key, low=0.0):
     v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= low:
-        raise ValueError(f"config: {key} must be a number >= {low}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v >= low:
+        raise ValueError(f"config: {key} must be a finite number >= {low}, got {v!r}")
     return float(v)
+
+
+def _scaling_number(scaling, kind, key, default=None, low=-math.inf):
+    """rope_scaling[key] checked as _number checks it; default when absent (None: required)."""
+    if scaling.get(key) is None:
+        if default is None:
+            raise ValueError(f"config: rope_scaling of type {kind} needs {key}")
+        return default
+    return _number(scaling, key, low)
 
 
 def _activation(cfg, key):
@@ -125,9 +134,7 @@ def rope_frequencies(theta, dim, scaling, max_positions):
         # dynamic NTK scaling raises theta only for sequences longer than
         # max_position_embeddings, which is also the core's limit: within it, the angles
         # are the default ones
-        factor = scaling.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
-            raise ValueError(f"config: rope_scaling of type dynamic needs a factor >= 1, got {factor!r}")
+        _scaling_number(scaling, "dynamic", "factor", low=1.0)
         return inv.astype(np.float32), 1.0
     raise ValueError(f"config: rope type {kind!r} is not supported (supported: default, linear, llama3, yarn, "
                      "dynamic)")
@@ -139,28 +146,19 @@ def _yarn(theta, dim, scaling, max_positions):
     beta_fast times are kept, with a linear ramp between; cos and sin are multiplied by
     0.1 ln(factor) + 1 (or attention_factor, or DeepSeek's mscale ratio). Computed in
     float32 like HuggingFace's."""
-    def number(key, default=None, low=None):
-        value = scaling.get(key)
-        if value is None:
-            if default is None:
-                raise ValueError(f"config: rope_scaling of type yarn needs {key}")
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or (low is not None and value <= low):
-            raise ValueError(f"config: rope_scaling {key} must be a finite number"
-                             + (f" > {low}" if low is not None else "") + f", got {value!r}")
-        return float(value)
-    factor = number("factor", low=0)
-    old = number("original_max_position_embeddings", float(max_positions), low=0)
+    def number(key, default=None, low=-math.inf):
+        return _scaling_number(scaling, "yarn", key, default, low)
+    factor = number("factor", low=1e-9)
+    old = number("original_max_position_embeddings", float(max_positions), low=1e-9)
     fast, slow = number("beta_fast", 32.0), number("beta_slow", 1.0)
-    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    mscale, mscale_all = number("mscale", 0.0), number("mscale_all_dim", 0.0)
 
     def get_mscale(m=1.0):
         return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
     if scaling.get("attention_factor") is not None:
-        attention = number("attention_factor", low=0)
+        attention = number("attention_factor", low=1e-9)
     elif mscale and mscale_all:
-        attention = get_mscale(number("mscale")) / get_mscale(number("mscale_all_dim"))
+        attention = get_mscale(mscale) / get_mscale(mscale_all)
     else:
         attention = get_mscale()
 
@@ -322,7 +320,7 @@ def _neox(config):
                 qkv_bias=bool(cfg.get("attention_bias", True)), o_bias=bool(cfg.get("attention_bias", True)),
                 mlp_bias=True)
     arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(theta, rot, cfg.get("rope_scaling"),
-                                                                 arch["n_ctx"])
+                                                                 cfg["max_position_embeddings"])
     return cfg, arch
 
 
