@@ -874,7 +874,8 @@ static void embedding_backward(bwd *b) {
                                  : (size_t)p->tokens[(size_t)r * p->n_pos + L->pos_of[k]];
                 float *dst = dw + at * C;
                 const float *src = b->dout + (size_t)k * C;
-                for (int i = 0; i < C; i++) dst[i] += src[i];
+                float s = pass ? 1.0f : b->m->embed_scale; /* hook_embed = wte[token] * embed_scale */
+                for (int i = 0; i < C; i++) dst[i] += s * src[i];
             }
     }
 }

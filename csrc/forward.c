@@ -257,8 +257,8 @@ static size_t base_token(const ms_layout *L, int r, int j) {
 
 /* ---- the walk ---------------------------------------------------------------------- */
 
-/* embed[N, C] = wte[token]; pos_embed[N, C] = wpe[index among the row's real tokens],
- * for the rows that start from the embedding */
+/* embed[N, C] = wte[token] * embed_scale; pos_embed[N, C] = wpe[index among the row's
+ * real tokens], for the rows that start from the embedding */
 static void embed_tokens(const ms_layout *L, float *embed, float *pos_embed) {
     const ms_model *m = L->m;
     const ms_plan *p = L->plan;
@@ -269,6 +269,8 @@ static void embed_tokens(const ms_layout *L, float *embed, float *pos_embed) {
             int pos = L->first[r] + (k - L->row_off[r]);
             if (m->wte_dtype != MS_F32) ms_widen(embed + k * C, m->wte16 + (size_t)tok * C, C, m->wte_dtype);
             else memcpy(embed + k * C, m->wte + (size_t)tok * C, sizeof(float) * C);
+            if (m->embed_scale != 1.0f)
+                for (size_t i = 0; i < C; i++) embed[k * C + i] *= m->embed_scale;
             if (m->wpe) memcpy(pos_embed + k * C, m->wpe + (size_t)pos * C, sizeof(float) * C);
         }
     }

@@ -124,6 +124,7 @@ typedef struct {
     const float *wpe;            /* [n_ctx, d_model] position embedding (NULL with rotary) */
     const float *rope_inv_freq;  /* [rotary_dim / 2] angle per position of each pair (rotary) */
     float rope_scale;            /* cos and sin are multiplied by this (1 but for YaRN-like types) */
+    float embed_scale;           /* hook_embed = wte[token] * this (Gemma: sqrt(d_model); else 1) */
     const float *lnf_w, *lnf_b;  /* [d_model]; lnf_b may be NULL */
     const float *unembed;        /* [d_vocab, d_model]: logits = x @ unembed^T (== wte when tied;
                                     NULL if 2-byte: unembed16) */

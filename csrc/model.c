@@ -127,6 +127,8 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
 #define CHECK_LIN(w, n_in, n_out, name, layer) \
     if ((st = check_linear(&(w), n_in, n_out, name, layer, err))) return st
     if ((st = check_matrix(m->wte, m->wte16, m->wte_dtype, V * C, "embed", err))) return st;
+    if (!(isfinite(m->embed_scale) && m->embed_scale > 0.0f))
+        FAIL("config: embed_scale must be a finite number > 0, got %g", (double)m->embed_scale);
     if (c->rotary_dim) {
         CHECK(m->rope_inv_freq, (size_t)c->rotary_dim / 2, "rope_inv_freq", -1);
         if (!isfinite(m->rope_scale)) FAIL("config: rope scale is not finite");

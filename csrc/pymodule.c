@@ -123,7 +123,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     ms_config c = {0};
     PyObject *config = NULL, *weights = NULL;
     int act = 0, norm = 0, trans = 0;
-    float rope_scale = 1.0f;
+    float rope_scale = 1.0f, embed_scale = 1.0f;
     char name[160];
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &config, &PyDict_Type,
                                      &weights))
@@ -141,6 +141,8 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         config_int(config, "linear_trans", &trans))
         return -1;
     if (PyDict_GetItemString(config, "qk_norm") && config_int(config, "qk_norm", &c.qk_norm)) return -1;
+    if (PyDict_GetItemString(config, "embed_scale") && config_float(config, "embed_scale", &embed_scale))
+        return -1;
     c.expert_renormalize = 1;
     if (PyDict_GetItemString(config, "expert_renormalize") &&
         config_int(config, "expert_renormalize", &c.expert_renormalize))
@@ -185,6 +187,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     m->cfg = c;
     m->blocks = self->blocks;
     m->rope_scale = rope_scale;
+    m->embed_scale = embed_scale;
     m->wpe = m->rope_inv_freq = m->lnf_b = NULL;
 #define TAKE(dst, key, n) \
     if (!((dst) = take_weight(self, weights, key, n))) return -1

@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2 and GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -13,7 +13,7 @@ torch.set_grad_enabled(False)
 
 # grouped-query attention with 3 and 2 query heads per key/value head, Llama-3 and YaRN
 # rope scaling, a tied embedding, q/k/v biases (Qwen2), partial rotary and both residual
-# kinds (GPT-NeoX)
+# kinds (GPT-NeoX), Gemma's scaled embedding, 1 + weight norms and GeGLU
 CONFIGS = {
     "llama_gqa3": ("llama", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
                                  num_hidden_layers=3, intermediate_size=50, vocab_size=101,
@@ -41,6 +41,9 @@ CONFIGS = {
     "qwen3_qk_norm": ("qwen3", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                     num_hidden_layers=2, intermediate_size=44, vocab_size=79,
                                     max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6)),
+    "gemma_gqa": ("gemma", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                num_hidden_layers=2, intermediate_size=44, vocab_size=79,
+                                max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-6)),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -53,7 +56,7 @@ CONFIGS = {
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -67,7 +70,8 @@ def make_hf(name, seed=0, spec=None):
     g = torch.Generator().manual_seed(seed + 1)
     for pname, p in model.named_parameters():
         if "norm" in pname and pname.endswith("weight"):
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            # Gemma's norms multiply by 1 + weight
+            p.copy_((0 if family == "gemma" else 1) + 0.3 * torch.randn(p.shape, generator=g))
         elif pname.endswith("bias"):
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
         else:
@@ -129,8 +133,9 @@ def test_length_one(pair):
 
 def tl_from_hf(hf, family):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import (convert_llama_weights, convert_mistral_weights,
-                                                                 convert_neox_weights, convert_qwen2_weights)
+    from transformer_lens.pretrained.weight_conversions import (convert_gemma_weights, convert_llama_weights,
+                                                                 convert_mistral_weights, convert_neox_weights,
+                                                                 convert_qwen2_weights)
     from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
     c = hf.config
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
@@ -152,9 +157,11 @@ def tl_from_hf(hf, family):
                                       original_architecture={"llama": "LlamaForCausalLM",
                                                              "mistral": "MistralForCausalLM",
                                                              "qwen2": "Qwen2ForCausalLM",
-                                                             "qwen3": "Qwen3ForCausalLM"}[family])
+                                                             "qwen3": "Qwen3ForCausalLM",
+                                                             "gemma": "GemmaForCausalLM"}[family])
         convert = {"llama": convert_llama_weights, "mistral": convert_mistral_weights,
-                   "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights}[family]
+                   "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights,
+                   "gemma": convert_gemma_weights}[family]
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,
@@ -287,7 +294,7 @@ PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "a
                    "attn_head_q_all_pos", "attn_head_v_all_pos", "attn_head_pattern_all_pos"]
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "neox_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "neox_parallel"])
 def test_patching_matches_transformer_lens(name, tmp_path):
     from transformer_lens import patching as tl_patching
     hf = make_hf(name, seed=3)
@@ -330,4 +337,24 @@ def test_qwen3_greedy_generation_matches_hf(tmp_path):
     want = hf.generate(torch.as_tensor(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0,
                        attention_mask=torch.ones(1, 5, dtype=torch.long)).numpy()
     got = np.asarray(model.generate(prompt, 8, do_sample=False))
+    np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+
+
+def test_gemma_scales_the_embedding_where_hook_embed_and_the_trace_noise_see_it(tmp_path):
+    """hook_embed holds the embedding rows times sqrt(d_model) (HF's and TransformerLens's
+    Gemma), the unembedding reads the rows unscaled (the logit test covers it), and
+    causal tracing's noise is measured on hook_embed's scale; greedy generation (the
+    key/value cache path) agrees with HF's"""
+    hf = make_hf("gemma_gqa", seed=5)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    tokens = np.array([[5, 17, 33, 2, 61, 7]])
+    embed = model.run(tokens, cache="hook_embed", logits=None).cache["hook_embed"][0]
+    rows = hf.model.embed_tokens.weight.detach().numpy()[tokens[0]]
+    np.testing.assert_array_equal(embed, rows * np.float32(model.d_model ** 0.5))
+    np.testing.assert_allclose(ms.tracing.embedding_std(model, [tokens[0]]), embed.astype(np.float64).std(ddof=1),
+                               rtol=1e-6)
+    want = hf.generate(torch.as_tensor(tokens), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                       attention_mask=torch.ones(tokens.shape, dtype=torch.long)).numpy()
+    got = np.asarray(model.generate(tokens, 6, do_sample=False))
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)

@@ -459,6 +459,10 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     out = {}
     for name in site_names:
         suffix = name.split(".", 2)[-1]
+        if name == "hook_embed" and family == "gemma":
+            # HF multiplies embed_tokens' output by sqrt(d_model); hook_embed is the product
+            out[name] = deltas[name].grad.numpy() / np.float32(C ** 0.5)
+            continue
         if neox and suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
             g = deltas[f"blocks.{name.split('.')[1]}.attn.qkv"].grad.numpy()
             g = g.reshape(g.shape[0], g.shape[1], H, 3, dh)
@@ -471,7 +475,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             # RMSNorm's site is before its weight: d site = d output * w
             norm = base.norm if name.startswith("ln_final") else _module(
                 layers[int(name.split(".")[1])], "input_layernorm" if ".ln1." in name else "post_attention_layernorm")
-            g = g * norm.weight.detach().numpy()
+            g = g * ((family == "gemma") + norm.weight.detach().numpy())  # Gemma's: 1 + w
         out[name] = g
     params = {}
     prefix = "gpt_neox." if neox else "model."

@@ -116,8 +116,7 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
                  what="neurons + the MLP and attention output biases = MLP outputs + attention biases")
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3",
-                                  "qwen2_bias", "neox_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "neox_parallel"])
 def test_other_architectures(name, tmp_path):
     hf = make_hf(name, seed=2)
     hf.save_pretrained(tmp_path)
@@ -167,7 +166,7 @@ def test_direction_logits_match_transformer_lens(gpt2):
                                        rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("name", [GPT2, "llama_gqa3", "neox_parallel"])
+@pytest.mark.parametrize("name", [GPT2, "llama_gqa3", "gemma_gqa", "neox_parallel"])
 def test_direction_logits_add_up_to_the_logits(name, hf_models, ms_models, tmp_path):
     """the final residual stream's direction_logits over its final-norm scale, plus the
     norm's bias through the unembedding, are the model's logits (HuggingFace's); and
@@ -191,7 +190,7 @@ def test_direction_logits_add_up_to_the_logits(name, hf_models, ms_models, tmp_p
         logits.shape) / scale
     norm = hf.get_decoder().norm if hasattr(hf, "get_decoder") and hasattr(hf.get_decoder(), "norm") else None
     bias = {GPT2: lambda: hf.transformer.ln_f.bias, "neox_parallel": lambda: hf.gpt_neox.final_layer_norm.bias,
-            "llama_gqa3": lambda: None}[name]()
+            "llama_gqa3": lambda: None, "gemma_gqa": lambda: None}[name]()
     want = np.zeros(model.d_vocab) if bias is None else \
         bias.detach().numpy() @ hf.get_output_embeddings().weight.detach().numpy().T
     assert norm is None or not hasattr(norm, "bias") or norm.bias is None

@@ -172,6 +172,9 @@ def _hf_logits(path, ids):
     dict(TINY, tie_word_embeddings=False, activation_function="relu", n_inner=40),
     dict(model_type="llama", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2, vocab_size=17, max_position_embeddings=16, tie_word_embeddings=False),
+    # Gemma: norms that start at 0 (they scale by 1 + weight) and a scaled embedding
+    dict(model_type="gemma", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=1, head_dim=8, vocab_size=17, max_position_embeddings=16),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

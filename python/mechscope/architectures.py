@@ -7,8 +7,9 @@ Families: GPT-2 (LayerNorm, learned positions, Conv1D weights), Llama / Mistral 
 SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
 biases), Qwen3 (Llama's block with queries and keys RMS-normalised per head), Mixtral
 (Mistral's block with a mixture of SwiGLU experts in place of the MLP), Qwen3-MoE
-(Qwen3's attention, a mixture of experts) and GPT-NeoX / Pythia (LayerNorm, partial
-rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
+(Qwen3's attention, a mixture of experts), Gemma (Llama's block with GeGLU, norms that
+scale by 1 + weight, and token embeddings multiplied by sqrt(d_model)) and GPT-NeoX /
+Pythia (LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
 does not run is refused by name.
 """
 import math
@@ -25,7 +26,7 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma")
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
 
 _GPT2_DEFAULTS = {
@@ -49,7 +50,7 @@ _NEOX_DEFAULTS = {
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-            "Qwen3MoeForCausalLM": "qwen3_moe", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "GPTNeoXForCausalLM": "gpt_neox"}
 
 
 def _positive_int(cfg, key):
@@ -229,6 +230,10 @@ def _llama(config, family):
         cfg.update(num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5)
     if family in ("qwen3", "qwen3_moe"):
         cfg.update(head_dim=128, use_sliding_window=False, rope_theta=10000.0)
+    if family == "gemma":
+        cfg.update(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                   num_attention_heads=16, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
+                   max_position_embeddings=8192, tie_word_embeddings=True)
     if family == "qwen3_moe":
         cfg.update(num_experts=128, num_experts_per_tok=8, norm_topk_prob=False, moe_intermediate_size=768,
                    decoder_sparse_step=1, mlp_only_layers=[])
@@ -268,6 +273,10 @@ def _llama(config, family):
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
                 qk_norm=int(family in ("qwen3", "qwen3_moe")), expert_renormalize=1)
+    if family == "gemma":
+        # HF multiplies the embeddings by sqrt(hidden_size) rounded to the model's float
+        # type (float32 here) and keeps the unembedding (the tied embedding) as it is
+        arch["embed_scale"] = float(np.float32(C ** 0.5))
     if family == "mixtral":
         # router_jitter_noise and the auxiliary loss act in training only; mechscope runs
         # the model as HuggingFace evaluates it
@@ -341,13 +350,15 @@ STACK = "stack"  # the HF arrays stacked along rows (q|k|v, gate|up): one produc
 HEADS = "heads"  # GPT-NeoX's fused q|k|v, whose rows are [head, q|k|v, d_head] in HF and
 #                  [q|k|v, head, d_head] in the core (so that q, k and v are blocks of rows)
 TIED = "tied"    # the unembedding is the embedding's array: its gradient is added to the embedding's
+OFFSET = "offset"  # a norm's scale 1 + the HF array (Gemma's norms multiply by 1 + weight), made
+#                    in float32 as HF makes it; its gradient is the HF array's
 
 
 class Pair(NamedTuple):
     """One core weight and the HF weights it is made of.
 
     core: the core's name (in a block: the part after "blocks.{layer}.")
-    how: SAME, STACK, HEADS or TIED (above)
+    how: SAME, STACK, HEADS, TIED or OFFSET (above)
     hf: ((HF name, shape), ...) in stacking order; a shape is dimension letters, e.g. "3C C"
         (C d_model, V d_vocab, P n_ctx, F d_mlp, QD/KD the widths of q and of k, v)
     when: the arch flag the weight exists under ("qkv_bias", "o_bias", "mlp_bias"), or
@@ -434,8 +445,19 @@ _QWEN3_MOE_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
     Pair("mlp.w_in", STACK, (("mlp.experts.{e}.gate_proj.weight", "F C"), ("mlp.experts.{e}.up_proj.weight", "F C"))),
     Pair("mlp.w_out", STACK, (("mlp.experts.{e}.down_proj.weight", "C F"),))))
 
+
+def _offset_norms(pairs):
+    """the pairs with every norm's scale read as 1 + the HF weight"""
+    return tuple(p._replace(how=OFFSET) if p.core.endswith(("ln1.w", "ln2.w", "ln_final.w")) else p for p in pairs)
+
+
+# Gemma: Llama's names; every norm scales by 1 + its weight
+_GEMMA_WEIGHTS = _LLAMA_WEIGHTS._replace(top=_offset_norms(_LLAMA_WEIGHTS.top),
+                                         blocks=_offset_norms(_LLAMA_WEIGHTS.blocks))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
-            "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS}
+            "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
+            "gemma": _GEMMA_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -498,7 +520,8 @@ def _in_block(core):
 
 def weight_kinds(arch):
     """{HF name: kind} by what the core makes of the weight: "norm" (a norm's scale,
-    initialised to 1), "bias" (a norm's or a product's bias, initialised to 0),
+    initialised to 1), "offset norm" (a norm's scale less 1, Gemma's: initialised to 0),
+    "bias" (a norm's or a product's bias, initialised to 0),
     "positions" (GPT-2's learned position embedding, kept float32) or "matrix" (the
     embedding, the unembedding and the blocks' matrices: these may stay 2-byte)."""
     kinds = {}
@@ -506,7 +529,9 @@ def weight_kinds(arch):
         if how == TIED:
             continue
         short = _in_block(core)[1]
-        if (short.startswith("ln") or short.endswith("_norm.w")) and short.endswith(".w"):
+        if how == OFFSET:
+            kind = "offset norm"
+        elif (short.startswith("ln") or short.endswith("_norm.w")) and short.endswith(".w"):
             kind = "norm"
         elif short.startswith("ln") or ".b_" in short:
             kind = "bias"
@@ -568,6 +593,8 @@ def core_weights(arch, w):
             out[core] = _stack(w, names)
         elif how == HEADS:
             out[core] = _stored(_regroup_heads(w[names[0]], arch["n_heads"], hf_to_core=True))
+        elif how == OFFSET:
+            out[core] = np.float32(1) + _dtypes.to_float32(w[names[0]])
         else:  # SAME, TIED
             out[core] = w[names[0]]
     if arch["rotary_dim"]:
@@ -592,7 +619,7 @@ def hf_gradients(arch, core):
             out[hf[0][0]] = np.ascontiguousarray(_regroup_heads(g, arch["n_heads"], hf_to_core=False))
         elif how == TIED:
             out[hf[0][0]] = out[hf[0][0]] + g
-        else:
+        else:  # SAME, OFFSET (d/dw of (1 + w) x is d/d(1 + w))
             out[hf[0][0]] = g
     return out
 
@@ -603,7 +630,8 @@ def core_config(arch):
             "scale_attn_by_inverse_layer", "linear_trans")
     out = {k: arch[k] for k in keys}
     out.update(n_experts=arch.get("n_experts", 0), experts_per_token=arch.get("experts_per_token", 0),
-               qk_norm=arch.get("qk_norm", 0), expert_renormalize=arch.get("expert_renormalize", 1))
+               qk_norm=arch.get("qk_norm", 0), expert_renormalize=arch.get("expert_renormalize", 1),
+               embed_scale=arch.get("embed_scale", 1.0))
     return out
 
 

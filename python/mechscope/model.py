@@ -344,7 +344,7 @@ class Model:
             for name, shape in shapes.items():
                 if kinds[name] == "norm":
                     arrays[name] = np.ones(shape, np.float32)
-                elif kinds[name] == "bias":
+                elif kinds[name] in ("bias", "offset norm"):
                     arrays[name] = np.zeros(shape, np.float32)
                 elif dtype == "float32" or kinds[name] != "matrix":
                     arrays[name] = rng.normal(0.0, std, shape).astype(np.float32)

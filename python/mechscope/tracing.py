@@ -66,8 +66,8 @@ class TraceResult:
 
 
 def embedding_std(model, subjects):
-    """The standard deviation of the token embeddings (before position embeddings)
-    over all tokens of the given subjects (strings, or token lists), as ROME computes
+    """The standard deviation of the token embeddings as hook_embed holds them (before
+    position embeddings; Gemma's multiplied by sqrt(d_model)) over all tokens of the given subjects (strings, or token lists), as ROME computes
     the scale of its noise: noise = 3 * embedding_std(model, subjects)."""
     rows = []
     for s in subjects:
@@ -80,7 +80,14 @@ def embedding_std(model, subjects):
     if not rows:
         raise ValueError("subjects: expected at least one non-empty subject")
     wte = model._core_weights["embed"]
-    return float(_dtypes.to_float32(wte[np.concatenate(rows)]).astype(np.float64).std(ddof=1))
+    std = _dtypes.to_float32(wte[np.concatenate(rows)]).astype(np.float64).std(ddof=1)
+    return float(std * _embed_scale(model))
+
+
+def _embed_scale(model):
+    """hook_embed = embedding row * this (Gemma's sqrt(d_model)): the noise is added to
+    hook_embed, so its scale is that of the rows as the model multiplies them."""
+    return model.arch.get("embed_scale", 1.0)
 
 
 def _find_subject(model, tokens, subject):
@@ -135,7 +142,7 @@ def trace(model, prompt, subject, answer=None, *, kind=None, window=10, noise=No
         if not 0 <= b < e <= T:
             raise ValueError(f"subject: range ({b}, {e}) is not inside the prompt's {T} tokens")
     if noise is None:
-        noise = 3.0 * _dtypes.std(model._core_weights["embed"])
+        noise = 3.0 * _dtypes.std(model._core_weights["embed"]) * _embed_scale(model)
     noise = float(noise)
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: expected a finite standard deviation >= 0, got {noise!r}")
