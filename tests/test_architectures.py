@@ -198,9 +198,11 @@ def test_every_site_matches_transformer_lens(name, tmp_path):
 
 # ---- checkpoints: half precision, shards -----------------------------------------------------
 
+@pytest.mark.parametrize("name", ["llama_gqa3", "gemma_gqa"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_sharded_checkpoint(tmp_path, dtype):
-    hf = make_hf("llama_gqa3")
+def test_half_precision_sharded_checkpoint(tmp_path, dtype, name):
+    """(Gemma's norms are 2-byte in the file: 1 + weight is made in float32, as HF makes it)"""
+    hf = make_hf(name)
     hf.to(dtype).save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32,
