@@ -360,3 +360,15 @@ def test_gemma_scales_the_embedding_where_hook_embed_and_the_trace_noise_see_it(
                        attention_mask=torch.ones(tokens.shape, dtype=torch.long)).numpy()
     got = np.asarray(model.generate(tokens, 6, do_sample=False))
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+
+
+def test_gemma_hidden_activation_warns_and_hidden_act_rules():
+    """transformers' Gemma computes its MLP with hidden_act; a different hidden_activation
+    (as in Gemma's own configs) is named in a warning, and the model follows hidden_act"""
+    family, kw = CONFIGS["gemma_gqa"]
+    hf = make_hf(None, spec=(family, dict(kw, hidden_act="gelu", hidden_activation="gelu_pytorch_tanh")))
+    with pytest.warns(UserWarning, match="hidden_activation 'gelu_pytorch_tanh' differs from hidden_act 'gelu'"):
+        model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    tokens = np.random.default_rng(2).integers(0, model.d_vocab, (2, 7))
+    want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)

@@ -13,6 +13,7 @@ Pythia (LayerNorm, partial rotary, parallel attention and MLP). Anything in a co
 does not run is refused by name.
 """
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -274,6 +275,13 @@ def _llama(config, family):
                 mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
                 qk_norm=int(family in ("qwen3", "qwen3_moe")), expert_renormalize=1)
     if family == "gemma":
+        act = cfg.get("hidden_activation")
+        if act is not None and act != cfg["hidden_act"]:
+            # Gemma's own checkpoints say hidden_act "gelu" and hidden_activation
+            # "gelu_pytorch_tanh"; transformers' Gemma reads hidden_act only
+            warnings.warn(f"config: hidden_activation {act!r} differs from hidden_act {cfg['hidden_act']!r}; "
+                          "the MLP uses hidden_act, as transformers' Gemma does (TransformerLens's Gemma "
+                          "uses gelu_pytorch_tanh)", stacklevel=3)
         # HF multiplies the embeddings by sqrt(hidden_size) rounded to the model's float
         # type (float32 here) and keeps the unembedding (the tied embedding) as it is
         arch["embed_scale"] = float(np.float32(C ** 0.5))
