@@ -41,6 +41,7 @@ static int head_chunk(const ms_config *c) {
 typedef struct {
     size_t N, att, max_keys;
     int any_pattern_action;
+    int capped, logit_softcap; /* the model soft-caps its scores, its logits */
 } grad_sizes;
 
 /* per token and layer: the MLP's taped activations (hook_pre and hook_post), or a
@@ -58,15 +59,16 @@ static size_t moe_width(const ms_config *c) {
 static size_t tape_floats(const ms_config *c, grad_sizes s) {
     size_t N = s.N, C = (size_t)c->d_model, Lr = (size_t)c->n_layers;
     size_t qk_pre = c->qk_norm ? q_width(c) + kv_width(c) : 0;
-    size_t per_layer = N * (4 * C + 2 + qkv_width(c) + q_width(c) + mlp_tape_width(c) + qk_pre) +
-                       s.att * (s.any_pattern_action ? 2 : 1);
+    size_t post_norms = c->post_norms ? 4 * C + 2 : 0;
+    size_t per_layer = N * (4 * C + 2 + qkv_width(c) + q_width(c) + mlp_tape_width(c) + qk_pre + post_norms) +
+                       s.att * ((s.any_pattern_action ? 2 : 1) + (s.capped ? 1 : 0));
     return Lr * per_layer + N * (2 * C + 1);
 }
 
 static size_t backward_floats(const ms_config *c, grad_sizes s) {
     size_t N = s.N, C = (size_t)c->d_model, ch = (size_t)head_chunk(c);
     return N * (6 * C + qkv_width(c) + q_width(c) + (size_t)c->d_mlp + mlp_width(c) + 1 + 2 + moe_width(c)) + s.att +
-           s.max_keys * (size_t)c->rotary_dim + ch * (2 * C + (size_t)c->d_vocab) + 64;
+           s.max_keys * (size_t)c->rotary_dim + ch * (2 * C + (size_t)c->d_vocab * (s.logit_softcap ? 2 : 1)) + 64;
 }
 
 static int any_action(const ms_plan *p, ms_site site) {
@@ -85,6 +87,8 @@ static grad_sizes sizes_of(const ms_model *m, const ms_plan *p) {
         if (n > s.max_keys) s.max_keys = n;
     }
     s.any_pattern_action = any_action(p, MS_SITE_PATTERN);
+    s.capped = m->attn_softcap > 0.0f;
+    s.logit_softcap = m->logit_softcap > 0.0f;
     return s;
 }
 
@@ -121,6 +125,7 @@ typedef struct {
     float *datt;   /* [att] one layer's attention gradients */
     float *rope;   /* [max_keys, rotary_dim] */
     float *head_x, *head_y, *head_dx; /* [chunk, C], [chunk, V], [chunk, C] */
+    float *head_t;  /* [chunk, V] soft-capped logits: tanh(logit / cap) (logit_softcap only) */
     int *pairs;    /* [2 N] cross-entropy: packed token, target */
 } bwd;
 
@@ -402,7 +407,16 @@ static void att_item(const att_job *j, int item) {
                 }
             }
             if (j->phase == ATT_SCORES || j->phase == ATT_ALL) {
-                /* S = scale Q K^T: dQ = scale dS K, dK += scale dS^T Q */
+                if (b->t->capped) { /* S = cap tanh(S0 / cap): dS0 = dS (1 - (S / cap)^2) */
+                    const float *S = b->t->capped + off;
+                    float cap = b->m->attn_softcap;
+                    for (int i = i0; i < i1; i++)
+                        for (int k = 0; k <= i; k++) {
+                            float y = S[(size_t)i * n + k] / cap;
+                            dP[(size_t)i * n + k] *= 1.0f - y * y;
+                        }
+                }
+                /* S0 = scale Q K^T: dQ = scale dS0 K, dK += scale dS0^T Q */
                 ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, i1, j->scale, dPi, n, K, QW, 0.0f,
                          dQ + (size_t)i0 * QW, QW);
                 ms_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, i1, d, m, j->scale, dPi, n, Q + (size_t)i0 * QW,
@@ -421,7 +435,8 @@ static void att_items(void *ctx, long long lo, long long hi) {
 static void attention_backward(bwd *b, int layer) {
     const ms_config *c = &b->m->cfg;
     att_job job = {b, layer, 0, b->plan->n_rows * c->n_kv_heads, 1.0f};
-    if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
+    if (b->m->attn_scale > 0.0f) job.scale = b->m->attn_scale;
+    else if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
     if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
     ms_zero(b->dqkv, (size_t)b->N * qkv_width(c), b->n_threads);
     if (!attention_site_touched(b, MS_SITE_PATTERN, layer) && !attention_site_touched(b, MS_SITE_ATTN_SCORES, layer)) {
@@ -468,6 +483,23 @@ static float *output_grad(bwd *b, ms_site site, int l) {
     return b->dout;
 }
 
+/* Gemma 2's norm of a block's output, backward: dy (hook_attn_out's or hook_mlp_out's
+ * gradient) -> the gradient of the norm's input, the output matrix's product, in dln
+ * (free until the block's input matrices write it). The norm's backward changes its
+ * dy, so dy (which may be dres) is copied into dout first. */
+static float *post_norm_backward(bwd *b, int l, int mlp, const float *dy, const ms_block_grad *wg) {
+    const ms_block *w = &b->m->blocks[l];
+    ms_tape *t = b->t;
+    size_t C = (size_t)b->m->cfg.d_model, at = (size_t)l * b->L->N, NC = (size_t)b->N * C;
+    if (dy != b->dout) ms_copy(b->dout, dy, NC, b->n_threads);
+    ms_zero(b->dln, NC, b->n_threads);
+    norm_backward(b, mlp ? MS_SITE_LN2_POST_SCALE : MS_SITE_LN1_POST_SCALE, l, (mlp ? t->mlp_raw : t->attn_raw) + at * C,
+                  (mlp ? t->ln2_post_scale : t->ln1_post_scale) + at, (mlp ? t->ln2_post : t->ln1_post) + at * C,
+                  mlp ? w->ln2_post_w : w->ln1_post_w, wg ? (mlp ? wg->ln2_post_w : wg->ln1_post_w) : NULL, NULL,
+                  b->dout, b->dln);
+    return b->dln;
+}
+
 /* the gradient of hook_attn_out -> dln (of ln1's output) */
 static void attn_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     const ms_config *c = &b->m->cfg;
@@ -477,6 +509,7 @@ static void attn_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     size_t at = (size_t)l * b->L->N;
     float *dy = output_grad(b, MS_SITE_ATTN_OUT, l);
     token_site(b, MS_SITE_ATTN_OUT, l, dy, C);
+    if (c->post_norms) dy = post_norm_backward(b, l, 0, dy, wg);
     ms_linear_backward(b->dz, QD, 0, wg ? wg->o.w : NULL, wg ? wg->o.b : NULL, t->z + at * QD, QD, dy, C,
                        &w->o, N, QD, C, b->n_threads);
     token_site(b, MS_SITE_Z, l, b->dz, QD);
@@ -520,6 +553,7 @@ static void mlp_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     size_t at = (size_t)l * b->L->N;
     float *dy = output_grad(b, MS_SITE_MLP_OUT, l);
     token_site(b, MS_SITE_MLP_OUT, l, dy, C);
+    if (c->post_norms) dy = post_norm_backward(b, l, 1, dy, wg);
     ms_linear_backward(b->dpost, F, 0, wg ? wg->mlp_out.w : NULL, wg ? wg->mlp_out.b : NULL, t->mlp_post + at * F,
                        F, dy, C, &w->mlp_out, N, F, C, b->n_threads);
     token_site(b, MS_SITE_MLP_POST, l, b->dpost, F);
@@ -707,7 +741,22 @@ static double head_row(const head_job *j, int i, float *y) {
 static void head_rows(void *ctx, long long lo, long long hi) {
     const head_job *j = ctx;
     int V = j->b->m->cfg.d_vocab;
-    for (long long i = lo; i < hi; i++) j->values[i] = head_row(j, (int)i, j->b->head_y + i * V);
+    float cap = j->b->m->logit_softcap;
+    for (long long i = lo; i < hi; i++) {
+        float *y = j->b->head_y + i * V;
+        if (cap <= 0.0f) {
+            j->values[i] = head_row(j, (int)i, y);
+            continue;
+        }
+        /* Gemma 2: the value of the capped logits; d logit = d capped (1 - tanh^2) */
+        float *t = j->b->head_t + i * V;
+        for (int v = 0; v < V; v++) {
+            y[v] = ms_softcap(y[v], cap);
+            t[v] = y[v] / cap;
+        }
+        j->values[i] = head_row(j, (int)i, y);
+        for (int v = 0; v < V; v++) y[v] *= 1.0f - t[v] * t[v];
+    }
 }
 
 /* The final states of packed tokens ks[n] (the norm's output x) through the
@@ -789,7 +838,32 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
             ks[r] = L->packed_of[(size_t)r * T + mt->pos[r]];
             rows[r] = r;
         }
-        if (mt->kind == MS_METRIC_LOGIT_DIFF) {
+        if (mt->kind == MS_METRIC_LOGIT_DIFF && b->m->logit_softcap > 0.0f) {
+            /* capped: cap tanh(x.uc / cap) - cap tanh(x.uw / cap), each logit's slope apart */
+            float *du = g->weights ? g->weights->unembed : NULL;
+            float cap = b->m->logit_softcap;
+            for (int r = 0; r < R; r++) {
+                const float *x = b->xhat + (size_t)ks[r] * C;
+                const float *uc = b->m->unembed + (size_t)mt->correct[r] * C;
+                const float *uw = b->m->unembed + (size_t)mt->wrong[r] * C;
+                float *dx = b->dln + (size_t)ks[r] * C;
+                double lc = 0.0, lw = 0.0;
+                for (int k = 0; k < C; k++) {
+                    lc += (double)x[k] * uc[k];
+                    lw += (double)x[k] * uw[k];
+                }
+                float yc = ms_softcap((float)lc, cap), yw = ms_softcap((float)lw, cap);
+                float sc = 1.0f - (yc / cap) * (yc / cap), sw = 1.0f - (yw / cap) * (yw / cap);
+                values[r] = (double)yc - (double)yw;
+                if (mt->correct[r] == mt->wrong[r]) continue; /* 0, whatever x */
+                for (int k = 0; k < C; k++) dx[k] += sc * uc[k] - sw * uw[k];
+                if (du)
+                    for (int k = 0; k < C; k++) {
+                        du[(size_t)mt->correct[r] * C + k] += sc * x[k];
+                        du[(size_t)mt->wrong[r] * C + k] -= sw * x[k];
+                    }
+            }
+        } else if (mt->kind == MS_METRIC_LOGIT_DIFF) {
             /* logit[correct] - logit[wrong]: two rows of the unembedding */
             float *du = g->weights ? g->weights->unembed : NULL;
             for (int r = 0; r < R; r++) {
@@ -1023,7 +1097,16 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     if (c->qk_norm) CARVE(t.qk_pre, Lr * N * (q_width(c) + kv_width(c)));
     CARVE(t.pattern, Lr * s.att);
     if (s.any_pattern_action) CARVE(t.pattern_used, Lr * s.att);
+    if (s.capped) CARVE(t.capped, Lr * s.att);
     CARVE(t.z, Lr * N * q_width(c));
+    if (c->post_norms) {
+        CARVE(t.attn_raw, Lr * N * C);
+        CARVE(t.ln1_post_scale, Lr * N);
+        CARVE(t.ln1_post, Lr * N * C);
+        CARVE(t.mlp_raw, Lr * N * C);
+        CARVE(t.ln2_post_scale, Lr * N);
+        CARVE(t.ln2_post, Lr * N * C);
+    }
     CARVE(t.resid_mid, Lr * N * C);
     CARVE(t.ln2_scale, Lr * N);
     CARVE(t.ln2, Lr * N * C);
@@ -1062,6 +1145,7 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     CARVE(b.head_x, ch * C);
     CARVE(b.head_y, ch * (size_t)c->d_vocab);
     CARVE(b.head_dx, ch * C);
+    if (s.logit_softcap) CARVE(b.head_t, ch * (size_t)c->d_vocab);
     b.pairs = (int *)p; /* 2 N ints in the room of 2 N floats */
 #undef CARVE
     L.tape = &t;

@@ -301,9 +301,9 @@ static void load_start_resid(const ms_layout *L, float *resid) {
 /* LayerNorm with its two sites: the divisor is visited (and may be changed) before
  * it is applied, as in TransformerLens. RMSNorm's hook_normalized is x / scale, its
  * weight applied after the visit (TransformerLens's RMSNorm). */
-static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float *w, const float *bias,
-                                 ms_site scale_site, int layer, float *save_scale, float *save_ln,
-                                 ms_error *err) {
+static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float *in, const float *w,
+                                 const float *bias, ms_site scale_site, int layer, float *save_scale,
+                                 float *save_ln, ms_error *err) {
     const ms_config *c = &L->m->cfg;
     int N = L->active_N, C = c->d_model;
     ms_status st;
@@ -312,11 +312,11 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
      * RMSNorm's weight is applied after it is kept, so that output is copied). */
     int in_tape = save_ln && c->norm != MS_NORM_RMS;
     b->ln = in_tape ? save_ln : b->ln_home;
-    ms_layernorm(b->ln, b->scale, b->resid, w, bias, N, C, c->ln_eps, c->norm, L->n_threads);
+    ms_layernorm(b->ln, b->scale, in, w, bias, N, C, c->ln_eps, c->norm, L->n_threads);
     if (ms_plan_touches(L->plan, scale_site, layer)) {
         if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) return st;
         /* recompute the normalized value from the (possibly changed) divisor */
-        ms_layernorm_apply(b->ln, b->scale, b->resid, w, bias, N, C, c->norm);
+        ms_layernorm_apply(b->ln, b->scale, in, w, bias, N, C, c->norm);
     } else if ((st = ms_visit_tokens(L, scale_site, layer, b->scale, 1, err))) {
         return st;
     }
@@ -417,6 +417,7 @@ typedef struct {
     int layer, phase, n_slots, n_items;
     float scale;
     float *att; /* the scores / pattern of the phases that store them (b->att, or the tape's) */
+    float *capped; /* PHASE_ALL_KEPT with soft-capped scores: the tape's, laid out as att */
 } attention_job;
 
 /* One work item: one head of one row, its queries taken four at a time (so that
@@ -454,9 +455,14 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
                 for (int k = 0; k < n4; k++)
                     ms_query_scores(rows + (size_t)k * nk, qi + (size_t)k * QW, kt, ldkt, seen, d, j->scale);
         }
+        float cap = L->m->attn_softcap;
         for (int k = 0; k < n4; k++) {
             int visible = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
             float *row = rows + (size_t)k * nk;
+            if (cap > 0.0f && (all || j->phase == PHASE_SCORES)) { /* Gemma 2: before the mask */
+                for (int x = 0; x < visible; x++) row[x] = ms_softcap(row[x], cap);
+                if (j->capped) memcpy(j->capped + (row - j->att), row, sizeof(float) * (size_t)visible);
+            }
             if (j->phase == PHASE_SCORES) {
                 for (int x = visible; x < nk; x++) row[x] = -INFINITY;
             } else if (j->phase == PHASE_SOFTMAX || j->phase == PHASE_ALL_KEPT) {
@@ -505,13 +511,16 @@ static void attention_phase(attention_job *job, int phase) {
 /* scores -> visit -> softmax -> visit -> z, for every active row */
 static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, ms_error *err) {
     const ms_config *c = &L->m->cfg;
-    attention_job job = {L, b, layer, 0, 0, 0, 1.0f, b->att};
-    if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
+    attention_job job = {L, b, layer, 0, 0, 0, 1.0f, b->att, NULL};
+    if (L->m->attn_scale > 0.0f) job.scale = L->m->attn_scale;
+    else if (c->scale_attn_weights) job.scale /= sqrtf((float)c->d_head);
     if (c->scale_attn_by_inverse_layer) job.scale /= (float)(layer + 1);
     ms_status st;
     ms_tape *tape = L->tape;
     if (ms_plan_visits(L->plan, MS_SITE_ATTN_SCORES, layer) || ms_plan_visits(L->plan, MS_SITE_PATTERN, layer)) {
         attention_phase(&job, PHASE_SCORES);
+        if (tape && tape->capped) /* the capped scores before the site's actions */
+            ms_copy(tape->capped + (size_t)layer * tape->att, b->att, tape->att, L->n_threads);
         if ((st = ms_visit_attention(L, MS_SITE_ATTN_SCORES, layer, b->att, err))) return st;
         attention_phase(&job, PHASE_SOFTMAX);
         if (tape) ms_copy(tape->pattern + (size_t)layer * tape->att, b->att, tape->att, L->n_threads);
@@ -521,6 +530,7 @@ static ms_status attention_sites(const ms_layout *L, ms_buffers *b, int layer, m
         attention_phase(&job, PHASE_MIX);
     } else if (tape) {
         job.att = tape->pattern + (size_t)layer * tape->att;
+        if (tape->capped) job.capped = tape->capped + (size_t)layer * tape->att;
         attention_phase(&job, PHASE_ALL_KEPT);
         if (tape->pattern_used) ms_copy(tape->pattern_used + (size_t)layer * tape->att, job.att, tape->att, L->n_threads);
     } else {
@@ -609,6 +619,26 @@ static void qkv_forward(const ms_layout *L, ms_buffers *b, const ms_block *w, in
     ms_linear(b->qkv + QD + KD, QW, b->ln, C, &w->v, N, C, KD, L->n_threads);
 }
 
+/* A block's output out[N, C] (the attention's or the MLP's) and its site; with
+ * post_norms (Gemma 2), first its own RMSNorm, in place, with that norm's two sites.
+ * A gradient run keeps the norm's input, divisor and hook_normalized. */
+static ms_status output_sites(const ms_layout *L, ms_buffers *b, float *out, int l, int mlp, ms_error *err) {
+    const ms_config *c = &L->m->cfg;
+    if (c->post_norms) {
+        const ms_block *w = &L->m->blocks[l];
+        ms_tape *t = L->tape;
+        size_t at = (size_t)l * L->N, C = (size_t)c->d_model, NC = (size_t)L->active_N * C;
+        if (t) ms_copy((mlp ? t->mlp_raw : t->attn_raw) + at * C, out, NC, L->n_threads);
+        ms_status st = layernorm_sites(L, b, out, mlp ? w->ln2_post_w : w->ln1_post_w, NULL,
+                                       mlp ? MS_SITE_LN2_POST_SCALE : MS_SITE_LN1_POST_SCALE, l,
+                                       t ? (mlp ? t->ln2_post_scale : t->ln1_post_scale) + at : NULL,
+                                       t ? (mlp ? t->ln2_post : t->ln1_post) + at * C : NULL, err);
+        if (st) return st;
+        ms_copy(out, b->ln, NC, L->n_threads);
+    }
+    return ms_visit_tokens(L, mlp ? MS_SITE_MLP_OUT : MS_SITE_ATTN_OUT, l, out, c->d_model, err);
+}
+
 /* expert e's part of a stacked expert matrix: `offset` numbers further on */
 static ms_linear_weight expert_part(const ms_linear_weight *w, size_t offset) {
     ms_linear_weight x = *w;
@@ -666,7 +696,7 @@ static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
             for (int j = 0; j < C; j++) out[j] += y[j] * wt;
         }
     }
-    return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
+    return output_sites(L, b, b->tmp_b, l, 1, err);
 }
 
 /* the MLP on ln's rows, from hook_pre to hook_mlp_out (in tmp_b) */
@@ -705,7 +735,7 @@ static ms_status mlp_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
     if (L->tape && !in_tape) /* hook_post: the first F columns of rows of MW */
         ms_copy_rows(L->tape->mlp_post + at * F, F, post, ld_post, N, F, L->n_threads);
     ms_linear(b->tmp_b, C, post, ld_post, &w->mlp_out, N, F, C, L->n_threads);
-    return ms_visit_tokens(L, MS_SITE_MLP_OUT, l, b->tmp_b, C, err);
+    return output_sites(L, b, b->tmp_b, l, 1, err);
 }
 
 static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err) {
@@ -747,7 +777,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if (rec && rec->resid)
         record_state(L, b->resid, C, rec->resid + (size_t)l * rec->N * C, (size_t)C);
     if (tape && !in_tape) tape_copy(L, tape->resid_pre, l, b->resid, (size_t)C);
-    if ((st = layernorm_sites(L, b, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, tape ? tape->ln1_scale + at : NULL,
+    if ((st = layernorm_sites(L, b, b->resid, w->ln1_w, w->ln1_b, MS_SITE_LN1_SCALE, l, tape ? tape->ln1_scale + at : NULL,
                               tape ? tape->ln1 + at * C : NULL, err)))
         return st;
     qkv_forward(L, b, w, N);
@@ -776,10 +806,10 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if ((st = attention_sites(L, b, l, err))) return st;
     if (tape && !in_tape) tape_copy(L, tape->z, l, b->z, (size_t)QD);
     ms_linear(b->tmp_a, C, b->z, QD, &w->o, N, QD, C, L->n_threads);
-    if ((st = ms_visit_tokens(L, MS_SITE_ATTN_OUT, l, b->tmp_a, C, err))) return st;
+    if ((st = output_sites(L, b, b->tmp_a, l, 0, err))) return st;
     if (c->parallel) {
         /* attention and MLP both read resid_pre; their outputs are added together */
-        if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l,
+        if ((st = layernorm_sites(L, b, b->resid, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l,
                                   tape ? tape->ln2_scale + at : NULL, tape ? tape->ln2 + at * C : NULL, err)))
             return st;
         if ((st = mlp_sites(L, b, w, l, N, err))) return st;
@@ -792,7 +822,7 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     b->resid = resid_mid;
     if ((st = ms_visit_tokens(L, MS_SITE_RESID_MID, l, b->resid, C, err))) return st;
     if (tape && !in_tape) tape_copy(L, tape->resid_mid, l, b->resid, (size_t)C);
-    if ((st = layernorm_sites(L, b, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, tape ? tape->ln2_scale + at : NULL,
+    if ((st = layernorm_sites(L, b, b->resid, w->ln2_w, w->ln2_b, MS_SITE_LN2_SCALE, l, tape ? tape->ln2_scale + at : NULL,
                               tape ? tape->ln2 + at * C : NULL, err)))
         return st;
     if ((st = mlp_sites(L, b, w, l, N, err))) return st;
@@ -817,6 +847,7 @@ static void unembed(const ms_layout *L, float *out, const float *x, int M) {
     int C = m->cfg.d_model, V = m->cfg.d_vocab;
     ms_linear_weight u = {m->unembed, NULL, C, 1, m->unembed_dtype, m->unembed16};
     ms_linear(out, V, x, C, &u, M, C, V, L->n_threads);
+    if (m->logit_softcap > 0.0f) ms_softcap_all(out, (size_t)M * V, m->logit_softcap, L->n_threads);
 }
 
 /* unembed[row, i] as a float */
@@ -877,10 +908,18 @@ static void compute_metric(const ms_layout *L, ms_buffers *b) {
     for (int r = 0; r < R; r++) take_row(L, b, r, mt->pos[r], x + (size_t)r * C);
     if (mt->kind == MS_METRIC_LOGIT_DIFF) {
         /* two rows of the unembedding are all a logit difference needs */
+        float cap = L->m->logit_softcap;
         for (int r = 0; r < R; r++) {
             const float *xr = x + (size_t)r * C;
             double d = 0.0;
-            if (L->m->unembed_dtype == MS_F32) {
+            if (cap > 0.0f) { /* the two logits capped apart */
+                double lc = 0.0, lw = 0.0;
+                for (int i = 0; i < C; i++) {
+                    lc += (double)xr[i] * unembed_at(L->m, (size_t)mt->correct[r], i);
+                    lw += (double)xr[i] * unembed_at(L->m, (size_t)mt->wrong[r], i);
+                }
+                d = (double)ms_softcap((float)lc, cap) - (double)ms_softcap((float)lw, cap);
+            } else if (L->m->unembed_dtype == MS_F32) {
                 const float *uc = L->m->unembed + (size_t)mt->correct[r] * C;
                 const float *uw = L->m->unembed + (size_t)mt->wrong[r] * C;
                 for (int i = 0; i < C; i++) d += (double)xr[i] * (uc[i] - uw[i]);
@@ -1070,7 +1109,7 @@ ms_status ms_forward_layout(const ms_model *m, const ms_plan *plan, ms_layout *L
     L->active_N = L->N;
     if (tape && b.resid != tape->resid_final) /* the last layer was not computed in the tape */
         memcpy(tape->resid_final, b.resid, sizeof(float) * (size_t)L->N * c->d_model);
-    if ((st = layernorm_sites(L, &b, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, tape ? tape->lnf_scale : NULL,
+    if ((st = layernorm_sites(L, &b, b.resid, m->lnf_w, m->lnf_b, MS_SITE_LNF_SCALE, 0, tape ? tape->lnf_scale : NULL,
                               tape ? tape->lnf : NULL, err)))
         goto done;
     if (plan->n_logit_pos > 0) compute_logits(L, &b);

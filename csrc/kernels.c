@@ -711,6 +711,21 @@ void ms_add(float *out, const float *a, const float *b, size_t n, int n_threads)
     ms_parallel_for((long long)n, MS_MEMORY_MIN_PER_THREAD, n_threads, add_range, &job);
 }
 
+typedef struct {
+    float *x;
+    float cap;
+} softcap_job;
+
+static void softcap_range(void *ctx, long long lo, long long hi) {
+    const softcap_job *j = ctx;
+    for (long long i = lo; i < hi; i++) j->x[i] = ms_softcap(j->x[i], j->cap);
+}
+
+void ms_softcap_all(float *x, size_t n, float cap, int n_threads) {
+    softcap_job job = {x, cap};
+    ms_parallel_for((long long)n, MS_MEMORY_MIN_PER_THREAD, n_threads, softcap_range, &job);
+}
+
 static void copy_rows_range(void *ctx, long long lo, long long hi) {
     const memory_job *j = ctx;
     for (long long i = lo; i < hi; i++)

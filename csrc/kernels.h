@@ -5,6 +5,8 @@
 
 #include "mechscope.h"
 
+#include <math.h>
+
 /* fn(ctx, lo, hi) over [0, n) split among up to n_threads threads, each getting
  * at least min_per_thread items; returns when all are done. */
 typedef void (*ms_range_fn)(void *ctx, long long lo, long long hi);
@@ -63,6 +65,12 @@ void ms_activate(float *out, const float *x, size_t n, ms_activation act, int n_
 
 /* out[n] = a[n] + b[n] */
 void ms_add(float *out, const float *a, const float *b, size_t n, int n_threads);
+
+/* Soft capping (Gemma 2's scores and logits): cap tanh(x / cap), computed as HF does
+ * (divide, tanh, multiply, in float32). Its derivative at the capped value y is
+ * 1 - (y / cap)^2. */
+static inline float ms_softcap(float x, float cap) { return tanhf(x / cap) * cap; }
+void ms_softcap_all(float *x, size_t n, float cap, int n_threads);
 /* dst <- src: n floats; rows [rows, width] with row strides; n zeros. Split over the threads. */
 void ms_copy(float *dst, const float *src, size_t n, int n_threads);
 void ms_copy_rows(float *dst, int ld_dst, const float *src, int ld_src, int rows, int width, int n_threads);

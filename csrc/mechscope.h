@@ -69,6 +69,8 @@ typedef struct {
                                         (Mixtral; Qwen3-MoE's norm_topk_prob); 0: used as they are */
     int qk_norm;                     /* queries and keys RMS-normalised per head (Qwen3's q_norm,
                                         k_norm) after hook_q / hook_k, before the rotation */
+    int post_norms;                  /* the attention's and the MLP's outputs are normed again
+                                        (ln1_post, ln2_post) before they join the stream (Gemma 2) */
 } ms_config;
 
 /* How a weight matrix is stored: float32, or two bytes per number (bfloat16, the top
@@ -95,6 +97,7 @@ typedef struct {
     ms_linear_weight o;          /* n_heads*d_head -> d_model */
     const float *q_norm_w, *k_norm_w; /* [d_head] (qk_norm only) */
     const float *ln2_w, *ln2_b;  /* [d_model] */
+    const float *ln1_post_w, *ln2_post_w; /* [d_model] the outputs' norms (post_norms only; RMSNorm) */
     ms_linear_weight mlp_in;     /* d_model -> d_mlp (the "up" projection when gated) */
     ms_linear_weight mlp_gate;   /* d_model -> d_mlp, gated MLPs only */
     ms_linear_weight mlp_out;    /* d_mlp -> d_model */
@@ -125,6 +128,10 @@ typedef struct {
     const float *rope_inv_freq;  /* [rotary_dim / 2] angle per position of each pair (rotary) */
     float rope_scale;            /* cos and sin are multiplied by this (1 but for YaRN-like types) */
     float embed_scale;           /* hook_embed = wte[token] * this (Gemma: sqrt(d_model); else 1) */
+    float attn_scale;            /* > 0: scores = q.k * this, instead of / sqrt(d_head) (Gemma 2's
+                                    query_pre_attn_scalar^-1/2) */
+    float attn_softcap;          /* > 0: scores <- cap tanh(scores / cap) before the mask (Gemma 2) */
+    float logit_softcap;         /* > 0: logits <- cap tanh(logits / cap) (Gemma 2) */
     const float *lnf_w, *lnf_b;  /* [d_model]; lnf_b may be NULL */
     const float *unembed;        /* [d_vocab, d_model]: logits = x @ unembed^T (== wte when tied;
                                     NULL if 2-byte: unembed16) */
@@ -150,6 +157,8 @@ typedef enum {
     MS_SITE_ATTN_SCORES,    /* attn.hook_attn_scores [b, head, q, k] */
     MS_SITE_PATTERN,        /* attn.hook_pattern     [b, head, q, k] */
     MS_SITE_Z,              /* attn.hook_z         [b, p, head, d_head] */
+    MS_SITE_LN1_POST_SCALE, /* ln1_post.hook_scale [b, p, 1] the attention output's norm (post_norms) */
+    MS_SITE_LN1_POST_NORMALIZED,
     MS_SITE_ATTN_OUT,       /* hook_attn_out */
     MS_SITE_RESID_MID,
     MS_SITE_LN2_SCALE,
@@ -158,6 +167,8 @@ typedef enum {
     MS_SITE_MLP_PRE,        /* mlp.hook_pre        [b, p, d_mlp] (the gate, when gated) */
     MS_SITE_MLP_PRE_LINEAR, /* mlp.hook_pre_linear [b, p, d_mlp] the up projection (gated) */
     MS_SITE_MLP_POST,
+    MS_SITE_LN2_POST_SCALE, /* ln2_post.hook_scale the MLP output's norm (post_norms) */
+    MS_SITE_LN2_POST_NORMALIZED,
     MS_SITE_MLP_OUT,
     MS_SITE_RESID_POST,
     MS_SITE_LNF_SCALE,      /* ln_final.hook_scale */
@@ -385,6 +396,7 @@ typedef struct {
     ms_linear_grad q, k, v, o;
     float *q_norm_w, *k_norm_w;
     float *ln2_w, *ln2_b;
+    float *ln1_post_w, *ln2_post_w;
     ms_linear_grad mlp_in, mlp_gate, mlp_out; /* mixtures of experts: every expert's, as the weights */
     ms_linear_grad router;
 } ms_block_grad;

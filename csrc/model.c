@@ -127,6 +127,11 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
 #define CHECK_LIN(w, n_in, n_out, name, layer) \
     if ((st = check_linear(&(w), n_in, n_out, name, layer, err))) return st
     if ((st = check_matrix(m->wte, m->wte16, m->wte_dtype, V * C, "embed", err))) return st;
+    if (!(isfinite(m->attn_scale) && m->attn_scale >= 0.0f && isfinite(m->attn_softcap) &&
+          m->attn_softcap >= 0.0f && isfinite(m->logit_softcap) && m->logit_softcap >= 0.0f))
+        FAIL("config: attn_scale, attn_softcap and logit_softcap must be finite numbers >= 0 (0: none)");
+    if (c->post_norms && (c->norm != MS_NORM_RMS || c->n_experts))
+        FAIL("config: the outputs' norms (post_norms) are RMSNorms, of blocks without experts");
     if (!(isfinite(m->embed_scale) && m->embed_scale > 0.0f))
         FAIL("config: embed_scale must be a finite number > 0, got %g", (double)m->embed_scale);
     if (c->rotary_dim) {
@@ -154,6 +159,10 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
         }
         CHECK(b->ln2_w, C, "ln2.w", l);
         CHECK_OPT(b->ln2_b, C, "ln2.b", l);
+        if (c->post_norms) {
+            CHECK(b->ln1_post_w, C, "ln1_post.w", l);
+            CHECK(b->ln2_post_w, C, "ln2_post.w", l);
+        }
         if (c->n_experts) {
             if ((st = check_experts(b, c, l, err))) return st;
             continue;

@@ -16,6 +16,8 @@ int ms_site_width(const ms_config *c, ms_site s) {
     switch (s) {
     case MS_SITE_LN1_SCALE:
     case MS_SITE_LN2_SCALE:
+    case MS_SITE_LN1_POST_SCALE:
+    case MS_SITE_LN2_POST_SCALE:
     case MS_SITE_LNF_SCALE:
         return 1;
     case MS_SITE_MLP_PRE:
@@ -56,6 +58,11 @@ int ms_site_exists(const ms_config *c, ms_site s) {
         return c->n_experts > 0;
     case MS_SITE_RESID_MID:
         return !c->parallel;
+    case MS_SITE_LN1_POST_SCALE:
+    case MS_SITE_LN1_POST_NORMALIZED:
+    case MS_SITE_LN2_POST_SCALE:
+    case MS_SITE_LN2_POST_NORMALIZED:
+        return c->post_norms;
     default:
         return (int)s >= 0 && s < MS_N_SITES;
     }

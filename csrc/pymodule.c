@@ -123,7 +123,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     ms_config c = {0};
     PyObject *config = NULL, *weights = NULL;
     int act = 0, norm = 0, trans = 0;
-    float rope_scale = 1.0f, embed_scale = 1.0f;
+    float rope_scale = 1.0f, embed_scale = 1.0f, attn_scale = 0.0f, attn_softcap = 0.0f, logit_softcap = 0.0f;
     char name[160];
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &config, &PyDict_Type,
                                      &weights))
@@ -142,6 +142,11 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         return -1;
     if (PyDict_GetItemString(config, "qk_norm") && config_int(config, "qk_norm", &c.qk_norm)) return -1;
     if (PyDict_GetItemString(config, "embed_scale") && config_float(config, "embed_scale", &embed_scale))
+        return -1;
+    if (PyDict_GetItemString(config, "post_norms") && config_int(config, "post_norms", &c.post_norms)) return -1;
+    if ((PyDict_GetItemString(config, "attn_scale") && config_float(config, "attn_scale", &attn_scale)) ||
+        (PyDict_GetItemString(config, "attn_softcap") && config_float(config, "attn_softcap", &attn_softcap)) ||
+        (PyDict_GetItemString(config, "logit_softcap") && config_float(config, "logit_softcap", &logit_softcap)))
         return -1;
     c.expert_renormalize = 1;
     if (PyDict_GetItemString(config, "expert_renormalize") &&
@@ -188,6 +193,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     m->blocks = self->blocks;
     m->rope_scale = rope_scale;
     m->embed_scale = embed_scale;
+    m->attn_scale = attn_scale, m->attn_softcap = attn_softcap, m->logit_softcap = logit_softcap;
     m->wpe = m->rope_inv_freq = m->lnf_b = NULL;
 #define TAKE(dst, key, n) \
     if (!((dst) = take_weight(self, weights, key, n))) return -1
@@ -224,6 +230,10 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         }
         TAKE(b->ln2_w, NAME("ln2.w"), C);
         TAKE_OPT(b->ln2_b, NAME("ln2.b"), C);
+        if (c.post_norms) {
+            TAKE(b->ln1_post_w, NAME("ln1_post.w"), C);
+            TAKE(b->ln2_post_w, NAME("ln2_post.w"), C);
+        }
         TAKE_MATRIX(win, hin, din, NAME("mlp.w_in"), E * C * FW);
         if (!c.n_experts) TAKE_OPT(bin, NAME("mlp.b_in"), FW);
         TAKE_MATRIX(b->mlp_out.w, b->mlp_out.w16, b->mlp_out.dtype, NAME("mlp.w_out"), E * F * C);
@@ -979,6 +989,10 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         }
         g->ln2_w = grad_array(grads, NAME("ln2.w"), C, &bad);
         if (b->ln2_b) g->ln2_b = grad_array(grads, NAME("ln2.b"), C, &bad);
+        if (c->post_norms) {
+            g->ln1_post_w = grad_array(grads, NAME("ln1_post.w"), C, &bad);
+            g->ln2_post_w = grad_array(grads, NAME("ln2_post.w"), C, &bad);
+        }
         const ms_linear_weight *first = c->gated_mlp ? &b->mlp_gate : &b->mlp_in;
         size_t E = c->n_experts ? (size_t)c->n_experts : 1; /* a mixture's experts are stacked */
         if (c->n_experts) g->router.w = grad_array(grads, NAME("mlp.w_router"), C * E, &bad);
@@ -1351,9 +1365,10 @@ static int module_exec(PyObject *m) {
         "hook_embed", "hook_pos_embed", "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
         "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
         "attn.hook_attn_scores", "attn.hook_pattern",
-        "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized",
-        "mlp.hook_expert_weights", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post", "ln_final.hook_scale",
-        "ln_final.hook_normalized"};
+        "attn.hook_z", "ln1_post.hook_scale", "ln1_post.hook_normalized", "hook_attn_out", "hook_resid_mid",
+        "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_expert_weights", "mlp.hook_pre", "mlp.hook_pre_linear",
+        "mlp.hook_post", "ln2_post.hook_scale", "ln2_post.hook_normalized", "hook_mlp_out", "hook_resid_post",
+        "ln_final.hook_scale", "ln_final.hook_normalized"};
     PyObject *names = PyTuple_New(MS_N_SITES);
     if (!names) return -1;
     for (int i = 0; i < MS_N_SITES; i++) {

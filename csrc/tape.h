@@ -18,12 +18,19 @@ typedef struct ms_tape {
     float *qk_pre;       /* [L][N, QD + KD] q | k before their per-head norm (qk_norm only) */
     float *pattern;      /* [L][att]   softmax of the scores, before the pattern's actions */
     float *pattern_used; /* [L][att]   after them; NULL when no action changes a pattern */
+    float *capped;       /* [L][att]   soft-capped scores before the scores' actions (attn_softcap only) */
     float *z;            /* [L][N, QD] */
+    float *attn_raw;     /* [L][N, C]  post_norms only: the attention's output before its norm, */
+    float *ln1_post_scale; /* [L][N]   that norm's divisor */
+    float *ln1_post;     /* [L][N, C]  and its hook_normalized, after their actions */
     float *resid_mid;    /* [L][N, C]  input of ln2 (sequential blocks) */
     float *ln2_scale;    /* [L][N] */
     float *ln2;          /* [L][N, C] */
     float *mlp_pre;      /* [L][N, MW] hook_pre (gated: gate | up) after their actions */
     float *mlp_post;     /* [L][N, F]  hook_post after its actions (not for mixtures of experts) */
+    float *mlp_raw;      /* [L][N, C]  post_norms only: the MLP's output before its norm, */
+    float *ln2_post_scale; /* [L][N] */
+    float *ln2_post;     /* [L][N, C] */
     float *route_raw;    /* [L][N, E]  mixtures of experts: the router's softmax, before the actions */
     float *route;        /* [L][N, E]  hook_expert_weights after them */
     float *resid_final;  /* [N, C]     input of ln_final */

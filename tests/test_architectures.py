@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2, Qwen3, Gemma and GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -13,7 +13,9 @@ torch.set_grad_enabled(False)
 
 # grouped-query attention with 3 and 2 query heads per key/value head, Llama-3 and YaRN
 # rope scaling, a tied embedding, q/k/v biases (Qwen2), partial rotary and both residual
-# kinds (GPT-NeoX), Gemma's scaled embedding, 1 + weight norms and GeGLU
+# kinds (GPT-NeoX), Gemma's scaled embedding, 1 + weight norms and GeGLU; Gemma 2's
+# normed outputs, query_pre_attn_scalar, and caps small enough to bend the scores and
+# the logits (O(1) weights give scores of a few units and logits of about ten)
 CONFIGS = {
     "llama_gqa3": ("llama", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
                                  num_hidden_layers=3, intermediate_size=50, vocab_size=101,
@@ -44,6 +46,11 @@ CONFIGS = {
     "gemma_gqa": ("gemma", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                 num_hidden_layers=2, intermediate_size=44, vocab_size=79,
                                 max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-6)),
+    "gemma2_softcap": ("gemma2", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                      num_hidden_layers=2, intermediate_size=44, vocab_size=79,
+                                      max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-6,
+                                      query_pre_attn_scalar=20, attn_logit_softcapping=3.0,
+                                      final_logit_softcapping=5.0, sliding_window=32)),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -56,7 +63,8 @@ CONFIGS = {
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM")}
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -71,7 +79,7 @@ def make_hf(name, seed=0, spec=None):
     for pname, p in model.named_parameters():
         if "norm" in pname and pname.endswith("weight"):
             # Gemma's norms multiply by 1 + weight
-            p.copy_((0 if family == "gemma" else 1) + 0.3 * torch.randn(p.shape, generator=g))
+            p.copy_((0 if family.startswith("gemma") else 1) + 0.3 * torch.randn(p.shape, generator=g))
         elif pname.endswith("bias"):
             p.copy_(0.2 * torch.randn(p.shape, generator=g))
         else:
@@ -140,7 +148,7 @@ def tl_from_hf(hf, family):
     c = hf.config
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
                   n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
-                  act_fn=c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+                  act_fn=c.hidden_activation if family == "gemma2" else c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
                   dtype=torch.float32, device="cpu", use_attn_scale=True)
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if family == "gpt_neox":
@@ -158,10 +166,16 @@ def tl_from_hf(hf, family):
                                                              "mistral": "MistralForCausalLM",
                                                              "qwen2": "Qwen2ForCausalLM",
                                                              "qwen3": "Qwen3ForCausalLM",
-                                                             "gemma": "GemmaForCausalLM"}[family])
+                                                             "gemma": "GemmaForCausalLM",
+                                                             "gemma2": "Gemma2ForCausalLM"}[family],
+                                      **(dict(use_normalization_before_and_after=True,
+                                              attn_scale=c.query_pre_attn_scalar ** 0.5,
+                                              attn_scores_soft_cap=c.attn_logit_softcapping,
+                                              output_logits_soft_cap=c.final_logit_softcapping)
+                                         if family == "gemma2" else {}))
         convert = {"llama": convert_llama_weights, "mistral": convert_mistral_weights,
                    "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights,
-                   "gemma": convert_gemma_weights}[family]
+                   "gemma": convert_gemma_weights, "gemma2": convert_gemma_weights}[family]
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,
@@ -198,7 +212,7 @@ def test_every_site_matches_transformer_lens(name, tmp_path):
 
 # ---- checkpoints: half precision, shards -----------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "gemma_gqa"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "gemma_gqa", "gemma2_softcap"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_sharded_checkpoint(tmp_path, dtype, name):
     """(Gemma's norms are 2-byte in the file: 1 + weight is made in float32, as HF makes it)"""
@@ -296,7 +310,7 @@ PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "a
                    "attn_head_q_all_pos", "attn_head_v_all_pos", "attn_head_pattern_all_pos"]
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "neox_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "neox_parallel"])
 def test_patching_matches_transformer_lens(name, tmp_path):
     from transformer_lens import patching as tl_patching
     hf = make_hf(name, seed=3)

@@ -401,6 +401,12 @@ _LLAMA = {"hook_attn_out": ("self_attn", "out"), "attn.hook_z": ("self_attn.o_pr
           "hook_mlp_out": ("mlp", "out"), "ln1.hook_normalized": ("input_layernorm", "out"),
           "ln2.hook_normalized": ("post_attention_layernorm", "out"), "hook_resid_pre": ("", "in"),
           "hook_resid_post": ("", "out")}
+# Gemma 2: the outputs' sites are after their norms; the MLP's input norm has another name
+_GEMMA2 = dict(_LLAMA, hook_attn_out=("post_attention_layernorm", "out"),
+               hook_mlp_out=("post_feedforward_layernorm", "out"),
+               **{"ln2.hook_normalized": ("pre_feedforward_layernorm", "out"),
+                  "ln1_post.hook_normalized": ("post_attention_layernorm", "out"),
+                  "ln2_post.hook_normalized": ("post_feedforward_layernorm", "out")})
 _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense", "in"),
          "attn.qkv": ("attention.query_key_value", "out"), "mlp.hook_pre": ("mlp.dense_h_to_4h", "out"),
          "mlp.hook_post": ("mlp.dense_4h_to_h", "in"), "hook_mlp_out": ("mlp", "out"),
@@ -412,7 +418,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     """As hf_gradients, for the Llama family and GPT-NeoX."""
     neox = family == "gpt_neox"
     base = hf.gpt_neox if neox else hf.model
-    layers, table = base.layers, (_NEOX if neox else _LLAMA)
+    layers, table = base.layers, (_NEOX if neox else _GEMMA2 if family == "gemma2" else _LLAMA)
     deltas, handles = {}, []
 
     def attach(tag, module, where):
@@ -459,7 +465,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     out = {}
     for name in site_names:
         suffix = name.split(".", 2)[-1]
-        if name == "hook_embed" and family == "gemma":
+        if name == "hook_embed" and family.startswith("gemma"):
             # HF multiplies embed_tokens' output by sqrt(d_model); hook_embed is the product
             out[name] = deltas[name].grad.numpy() / np.float32(C ** 0.5)
             continue
@@ -474,8 +480,8 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
         if not neox and name.endswith("hook_normalized"):
             # RMSNorm's site is before its weight: d site = d output * w
             norm = base.norm if name.startswith("ln_final") else _module(
-                layers[int(name.split(".")[1])], "input_layernorm" if ".ln1." in name else "post_attention_layernorm")
-            g = g * ((family == "gemma") + norm.weight.detach().numpy())  # Gemma's: 1 + w
+                layers[int(name.split(".")[1])], table[name.split(".", 2)[-1]][0])
+            g = g * (family.startswith("gemma") + norm.weight.detach().numpy())  # Gemma's: 1 + w
         out[name] = g
     params = {}
     prefix = "gpt_neox." if neox else "model."
@@ -510,6 +516,32 @@ def test_architectures_match_autograd(name):
     value, ref_sites, ref_params = arch_gradients(hf, family, tokens, mask, torch_metric(metric, mask), sites[:3])
     g = model.grad(tokens, metric, sites=sites[:3], weights=True, attention_mask=mask)
     check(g, ref_sites, ref_params, mask)
+
+
+def test_gemma2_output_norms_and_soft_caps_match_autograd():
+    """Gemma 2: the outputs' norms' sites, and a logit difference through the capped
+    logits (each logit has its own slope), against autograd; a run whose forward visits
+    the scores and the pattern (the other attention path, which keeps the capped scores
+    before the scores' actions) gives the same gradients"""
+    hf = make_arch_hf("gemma2_softcap", seed=3)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    tokens, mask = batch(np.random.default_rng(5), model.d_vocab, [7, 4], 7, "right")
+    sites = ["blocks.0.ln1_post.hook_normalized", "blocks.0.hook_attn_out", "blocks.1.ln2_post.hook_normalized",
+             "blocks.1.hook_mlp_out", "blocks.0.hook_resid_pre"]
+    metric = ms.metrics.LogitDiff([1, 2], [4, 2])  # the second row's difference is 0 whatever the input
+    value, ref_sites, ref_params = arch_gradients(hf, "gemma2", tokens, mask, torch_metric(metric, mask), sites)
+    g = model.grad(tokens, metric, sites=sites, weights=True, attention_mask=mask)
+    assert abs(g.value - value) < 1e-5 * max(1, abs(value))
+    check(g, ref_sites, ref_params, mask)
+    logits = model.run(tokens, attention_mask=mask, logits="last").logits
+    assert np.abs(logits).max() > 0.5 * 5.0  # the cap of 5 bends these logits
+    visited = model.grad(tokens, "cross_entropy", sites=sites[-1:] + ["blocks.0.attn.hook_pattern",
+                                                                       "blocks.1.attn.hook_attn_scores"],
+                         weights=True, attention_mask=mask)
+    plain = model.grad(tokens, "cross_entropy", sites=sites[-1:], weights=True, attention_mask=mask)
+    np.testing.assert_allclose(visited[sites[-1]], plain[sites[-1]], rtol=0, atol=1e-6)
+    for name, w in plain.weights.items():
+        np.testing.assert_allclose(visited.weights[name], w, rtol=0, atol=1e-6, err_msg=name)
 
 
 # ---- runs that start at a block (DAS's repeated base runs) ----------------------------------

@@ -116,7 +116,7 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
                  what="neurons + the MLP and attention output biases = MLP outputs + attention biases")
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "neox_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "neox_parallel"])
 def test_other_architectures(name, tmp_path):
     hf = make_hf(name, seed=2)
     hf.save_pretrained(tmp_path)
@@ -125,16 +125,26 @@ def test_other_architectures(name, tmp_path):
     with torch.no_grad():
         out = hf(input_ids=torch.as_tensor(tokens), output_hidden_states=True)
     logits = out.logits[:, -1].numpy()
+    # the logits before Gemma 2's soft cap (the final norm's output is the last hidden state)
+    linear = (out.hidden_states[-1][:, -1] @ hf.get_output_embeddings().weight.T).numpy()
+    if name != "gemma2_softcap":
+        assert_close(linear, logits, what="the logits without a cap")
     lens = ms.lens.logit_lens(model, tokens)
     assert lens.shape == (model.n_layers + 1, 2, model.d_vocab)
     assert_close(lens[-1], logits, what="the lens's last row")
     for by in ("layer", "head", "neuron"):
+        if name == "gemma2_softcap" and by != "layer":  # the outputs' norms: no additive shares
+            with pytest.raises(ValueError, match="norms the attention's and the MLP's outputs"):
+                ms.lens.decompose(model, tokens, by=by)
+            with pytest.raises(ValueError, match="norms the attention's and the MLP's outputs"):
+                ms.lens.direction_logits(model, np.ones(model.d_mlp), "blocks.0.mlp.hook_post")
+            continue
         stack = ms.lens.decompose(model, tokens, by=by)
         final = model.run(tokens, cache=[f"blocks.{model.n_layers - 1}.hook_resid_post"],
                           logits=None).cache[f"blocks.{model.n_layers - 1}.hook_resid_post"][:, -1]
         assert_close(stack.sum(0), final, what=f"{name} decomposition by {by}")
         attrs = ms.lens.logit_attribution(model, tokens, [1, 2], [5, 0], by=by)
-        assert_close(attrs.sum(0), logits[[0, 1], [1, 2]] - logits[[0, 1], [5, 0]], what=f"{name} by {by}")
+        assert_close(attrs.sum(0), linear[[0, 1], [1, 2]] - linear[[0, 1], [5, 0]], what=f"{name} by {by}")
 
 
 def test_direction_logits_match_transformer_lens(gpt2):

@@ -175,6 +175,9 @@ def _hf_logits(path, ids):
     # Gemma: norms that start at 0 (they scale by 1 + weight) and a scaled embedding
     dict(model_type="gemma", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=1, head_dim=8, vocab_size=17, max_position_embeddings=16),
+    dict(model_type="gemma2", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=2, head_dim=8, vocab_size=17, max_position_embeddings=16, query_pre_attn_scalar=10,
+         attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

@@ -8,8 +8,10 @@ SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
 biases), Qwen3 (Llama's block with queries and keys RMS-normalised per head), Mixtral
 (Mistral's block with a mixture of SwiGLU experts in place of the MLP), Qwen3-MoE
 (Qwen3's attention, a mixture of experts), Gemma (Llama's block with GeGLU, norms that
-scale by 1 + weight, and token embeddings multiplied by sqrt(d_model)) and GPT-NeoX /
-Pythia (LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
+scale by 1 + weight, and token embeddings multiplied by sqrt(d_model)), Gemma 2 (Gemma's
+block with the attention's and the MLP's outputs normed again, and soft-capped attention
+scores and logits) and GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention
+and MLP). Anything in a config that would change the computation in a way the core
 does not run is refused by name.
 """
 import math
@@ -27,7 +29,7 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2")
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
 
 _GPT2_DEFAULTS = {
@@ -51,7 +53,8 @@ _NEOX_DEFAULTS = {
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+            "GPTNeoXForCausalLM": "gpt_neox"}
 
 
 def _positive_int(cfg, key):
@@ -235,6 +238,11 @@ def _llama(config, family):
         cfg.update(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
                    num_attention_heads=16, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
                    max_position_embeddings=8192, tie_word_embeddings=True)
+    if family == "gemma2":
+        cfg.update(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                   max_position_embeddings=8192, tie_word_embeddings=True, query_pre_attn_scalar=256,
+                   sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
     if family == "qwen3_moe":
         cfg.update(num_experts=128, num_experts_per_tok=8, norm_topk_prob=False, moe_intermediate_size=768,
                    decoder_sparse_step=1, mlp_only_layers=[])
@@ -256,13 +264,14 @@ def _llama(config, family):
                          f"supported for {family} (only 1.0)")
     if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
         raise ValueError(f"config: use_sliding_window=True is not supported ({family} sliding-window attention)")
-    if any(t != "full_attention" for t in cfg.get("layer_types") or ()):
-        raise ValueError("config: layer_types other than 'full_attention' are not supported (sliding-window "
-                         "attention)")
+    kinds = ("full_attention", "sliding_attention") if family == "gemma2" else ("full_attention",)
+    if any(t not in kinds for t in cfg.get("layer_types") or ()):
+        raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
+                         "(sliding-window attention)")
     n_ctx = cfg["max_position_embeddings"]
-    if family in ("mistral", "mixtral") and cfg.get("sliding_window"):
+    if family in ("mistral", "mixtral", "gemma2") and cfg.get("sliding_window"):
         # within the window, sliding-window attention is ordinary causal attention
-        n_ctx = min(n_ctx, int(cfg["sliding_window"]))
+        n_ctx = min(n_ctx, _positive_int(cfg, "sliding_window"))
     theta = _number(cfg, "rope_theta", 1e-9)
     arch = dict(family=family, n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=KV,
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"], n_ctx=n_ctx,
@@ -274,6 +283,16 @@ def _llama(config, family):
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
                 qk_norm=int(family in ("qwen3", "qwen3_moe")), expert_renormalize=1)
+    if family == "gemma2":
+        # the block: Gemma's, with the attention's and the MLP's outputs normed again
+        # (post_attention_layernorm and post_feedforward_layernorm) before they join the
+        # stream; the scores multiplied by query_pre_attn_scalar^-1/2 and both the scores
+        # (before the mask) and the logits soft-capped, cap tanh(x / cap)
+        arch.update(activation=_activation(cfg, "hidden_activation"), post_norms=1,
+                    attn_scale=float(np.float32(_number(cfg, "query_pre_attn_scalar", 1e-9) ** -0.5)),
+                    embed_scale=float(np.float32(C ** 0.5)))
+        for key, name in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "logit_softcap")):
+            arch[name] = 0.0 if cfg.get(key) is None else _number(cfg, key, 1e-9)
     if family == "gemma":
         act = cfg.get("hidden_activation")
         if act is not None and act != cfg["hidden_act"]:
@@ -463,9 +482,17 @@ def _offset_norms(pairs):
 _GEMMA_WEIGHTS = _LLAMA_WEIGHTS._replace(top=_offset_norms(_LLAMA_WEIGHTS.top),
                                          blocks=_offset_norms(_LLAMA_WEIGHTS.blocks))
 
+# Gemma 2: four norms a block; HF's post_attention_layernorm norms the attention's output
+# (Llama's name for the MLP's input norm, which is pre_feedforward_layernorm here)
+_GEMMA2_WEIGHTS = _GEMMA_WEIGHTS._replace(blocks=tuple(
+    p for p in _GEMMA_WEIGHTS.blocks if p.core not in ("ln1.w", "ln2.w")) + tuple(
+    Pair(core, OFFSET, ((hf, "C"),)) for core, hf in (
+        ("ln1.w", "input_layernorm.weight"), ("ln1_post.w", "post_attention_layernorm.weight"),
+        ("ln2.w", "pre_feedforward_layernorm.weight"), ("ln2_post.w", "post_feedforward_layernorm.weight"))))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
-            "gemma": _GEMMA_WEIGHTS}
+            "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -639,7 +666,9 @@ def core_config(arch):
     out = {k: arch[k] for k in keys}
     out.update(n_experts=arch.get("n_experts", 0), experts_per_token=arch.get("experts_per_token", 0),
                qk_norm=arch.get("qk_norm", 0), expert_renormalize=arch.get("expert_renormalize", 1),
-               embed_scale=arch.get("embed_scale", 1.0))
+               embed_scale=arch.get("embed_scale", 1.0), post_norms=arch.get("post_norms", 0),
+               attn_scale=arch.get("attn_scale", 0.0), attn_softcap=arch.get("attn_softcap", 0.0),
+               logit_softcap=arch.get("logit_softcap", 0.0))
     return out
 
 

@@ -102,14 +102,15 @@ def _box_sums(kind, contribution):
 
 # ---------------------------------------------------------------- AtP*: exact softmax
 
-def _score_scale(model, layer):
-    """The factor the core multiplies q . k by (as csrc/forward.c)."""
-    scale = 1.0
-    if model.arch.get("scale_attn_weights", 1):
+def _scoring(model, layer):
+    """(the factor the core multiplies q . k by, the scores' soft cap or 0), as
+    csrc/forward.c computes a layer's scores"""
+    scale = model.arch.get("attn_scale") or 1.0
+    if not model.arch.get("attn_scale") and model.arch.get("scale_attn_weights", 1):
         scale /= np.sqrt(model.d_head)
     if model.arch.get("scale_attn_by_inverse_layer", 0):
         scale /= layer + 1
-    return scale
+    return scale, model.arch.get("attn_softcap", 0.0)
 
 
 def _allowed(mask, B, T):
@@ -121,10 +122,13 @@ def _allowed(mask, B, T):
     return causal & real[:, None, :] & real[:, :, None]
 
 
-def _scores(q, k, scale, n_rep):
-    """q [B, T, H, dh], k [B, T, KV, dh] -> scale * q . k [B, H, T(query), T(key)] (float64)."""
+def _scores(q, k, scoring, n_rep):
+    """q [B, T, H, dh], k [B, T, KV, dh] -> scale * q . k [B, H, T(query), T(key)] (float64),
+    soft-capped (cap tanh(s / cap)) when scoring = (scale, cap) has a cap."""
+    scale, cap = scoring
     k = np.repeat(k, n_rep, axis=2) if n_rep > 1 else k
-    return scale * np.einsum("bihd,bjhd->bhij", q.astype(np.float64), k.astype(np.float64))
+    s = scale * np.einsum("bihd,bjhd->bhij", q.astype(np.float64), k.astype(np.float64))
+    return cap * np.tanh(s / cap) if cap else s
 
 
 def _softmax(scores, allowed):
@@ -140,31 +144,31 @@ def _softmax(scores, allowed):
     return p, lse
 
 
-def _qk_fix(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, allowed, scale, n_rep):
+def _qk_fix(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, allowed, scoring, n_rep):
     """Per-row change of the metric for query or key patches, the softmax recomputed
     exactly and the rest linearised: sum of (new pattern - pattern) * d metric / d pattern.
     Returns [B, T, heads] ("head_by_pos") or [B, heads] ("head_all_pos"); heads are the
     query heads for q and the key/value heads for k."""
-    S = _scores(q_rot, k_rot, scale, n_rep)
+    S = _scores(q_rot, k_rot, scoring, n_rep)
     P, lse = _softmax(S, allowed)
     G = grad_pattern.astype(np.float64)
     A = (P * G).sum(-1, keepdims=True)                      # [B, H, T, 1]: P . G per row
     B, H, T, _ = S.shape
     if which == "q":
         # a query patch at (i, h) replaces row i of head h: all rows at once
-        P_new, _ = _softmax(_scores(q_clean_rot, k_rot, scale, n_rep), allowed)
+        P_new, _ = _softmax(_scores(q_clean_rot, k_rot, scoring, n_rep), allowed)
         per_row = (P_new * G).sum(-1) - A[..., 0]            # [B, H, T(query)]
         if kind == "head_all_pos":
             return per_row.sum(-1)
         return per_row.transpose(0, 2, 1)
     if kind == "head_all_pos":
         # every key of the head replaced: every row's softmax recomputed
-        P_new, _ = _softmax(_scores(q_rot, k_clean_rot, scale, n_rep), allowed)
+        P_new, _ = _softmax(_scores(q_rot, k_clean_rot, scoring, n_rep), allowed)
         change = ((P_new * G).sum(-1) - A[..., 0]).sum(-1)  # [B, H]
         return change.reshape(B, H // n_rep, n_rep).sum(-1)
     # a key patch at (p, g) changes column p of every later row of the heads of group g;
     # in closed form per (row i, key p): the row's normaliser with entry p replaced
-    S_new = _scores(q_rot, k_clean_rot, scale, n_rep)       # S_new[..., i, p]: query i, clean key p
+    S_new = _scores(q_rot, k_clean_rot, scoring, n_rep)       # S_new[..., i, p]: query i, clean key p
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rest = lse + np.log1p(-np.minimum(P, 1.0))          # log of the row's mass without entry p
         lse_new = np.logaddexp(rest, S_new)
@@ -200,7 +204,7 @@ def _check_qk_memory(model, T):
                          "use shorter prompts, qk_fix=False, or raise it with mechscope.set_memory_budget")
 
 
-def _qk_fix_chunked(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, mask, scale, n_rep):
+def _qk_fix_chunked(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, mask, scoring, n_rep):
     """_qk_fix over blocks of prompts and key/value heads (each block's planes within
     _CHUNK_BYTES and the memory budget); the same result as one call on everything."""
     B, T, KV = k_rot.shape[0], k_rot.shape[1], k_rot.shape[2]
@@ -218,7 +222,7 @@ def _qk_fix_chunked(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pa
             part = _qk_fix(kind, which, q_rot[b, :, h], k_rot[b, :, g],
                            None if q_clean_rot is None else q_clean_rot[b, :, h],
                            None if k_clean_rot is None else k_clean_rot[b, :, g],
-                           grad_pattern[b, h], allowed, scale, n_rep)
+                           grad_pattern[b, h], allowed, scoring, n_rep)
             heads = h if which == "q" else g
             out[(b, heads) if kind == "head_all_pos" else (b, slice(None), heads)] = part
     return out
@@ -295,7 +299,7 @@ def _layer_change(model, kind, suffix, layer, grads, acts, clean, rotated_clean,
         k = acts[f"blocks.{layer}.attn.hook_rot_k" if rotary else f"blocks.{layer}.attn.hook_k"]
         qc, kc = rotated_clean[layer]
         rows = _qk_fix_chunked(kind, "q" if suffix == _HEAD_SITES["q"] else "k", q, k, qc, kc,
-                               grads[f"blocks.{layer}.{_PATTERN}"], mask, _score_scale(model, layer),
+                               grads[f"blocks.{layer}.{_PATTERN}"], mask, _scoring(model, layer),
                                model.n_heads // model.n_kv_heads)
         return (np.abs(rows) if absolute else rows).mean(axis=0)
     name = f"blocks.{layer}.{suffix}"

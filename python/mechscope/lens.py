@@ -40,9 +40,9 @@ def logit_lens(model, tokens, pos=None, *, mid=False, attention_mask=None, inter
     row), the residual stream before each block (``blocks.L.hook_resid_pre``; with
     ``mid=True`` also ``hook_resid_mid`` after each block's attention) and after the last
     one goes through the final norm, its mean and scale recomputed for each, and the
-    unembedding. Returns logits [n, batch, vocab] with labels "0_pre", ("0_mid",) ...,
-    "final_post" (the last row is the model's own logits); ``return_labels=True`` returns
-    (logits, labels).
+    unembedding (and, for a model that soft-caps its logits, Gemma 2, the cap). Returns
+    logits [n, batch, vocab] with labels "0_pre", ("0_mid",) ..., "final_post" (the last
+    row is the model's own logits); ``return_labels=True`` returns (logits, labels).
     """
     L = model.n_layers
     labels, names = [], []
@@ -64,6 +64,9 @@ def logit_lens(model, tokens, pos=None, *, mid=False, attention_mask=None, inter
         normalized = stack / np.sqrt((stack * stack).mean(-1, keepdims=True) + eps)
     normalized = normalized * w + (0.0 if b is None else b)
     logits = normalized @ _unembedding(model).T  # [n, batch, vocab]
+    cap = model.arch.get("logit_softcap", 0.0)
+    if cap:
+        logits = cap * np.tanh(logits / cap)
     return (logits, labels) if return_labels else logits
 
 
@@ -102,7 +105,9 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, by="la
     norm's scale in the run (``ln_final.hook_scale``), multiplied by the norm's weight
     and projected on the answer's unembedding row (minus the incorrect one's). A last
     row "final_norm_bias" holds the final norm's bias term where the norm has a bias.
-    The rows add up to the logit (difference) the model computes.
+    The rows add up to the logit (difference) the model computes; for a model that
+    soft-caps its logits (Gemma 2), to the logit (difference) before the cap, as the cap
+    is not linear.
     Returns [components, batch] (and the labels with ``return_labels=True``).
     """
     stack, labels, (values, B, neurons) = _decompose(model, tokens, pos, by, attention_mask, interventions,
@@ -157,6 +162,7 @@ def direction_logits(model, vectors, site):
         one = vectors.ndim == 1
     widths = {"attn.hook_z": model.n_heads * model.d_head, "mlp.hook_post": model.d_mlp}
     if suffix in widths:
+        _check_linear_outputs(model, f"site {site!r}")
         width = widths[suffix]
     elif suffix in _RESIDUAL:
         width = model.d_model
@@ -179,6 +185,15 @@ def direction_logits(model, vectors, site):
         vectors = vectors - vectors.mean(-1, keepdims=True)
     logits = (vectors * _final_norm(model)[0]) @ _unembedding(model).T
     return logits[0] if one else logits
+
+
+def _check_linear_outputs(model, what):
+    """Heads and neurons write into the stream through their output matrices alone,
+    unless the model norms the block outputs (Gemma 2): then their shares do not add up."""
+    if model.arch.get("post_norms"):
+        raise ValueError(f"{what}: this model norms the attention's and the MLP's outputs (Gemma 2) before "
+                         "they join the residual stream, so heads and neurons have no additive share of it; "
+                         "use the blocks' outputs (by='layer', hook_attn_out, hook_mlp_out)")
 
 
 # the sites whose value is added into the residual stream as it is (or is the residual stream)
@@ -207,6 +222,8 @@ def _decompose(model, tokens, pos, by, attention_mask, interventions, scale, exp
     if by == "neuron" and getattr(model, "n_experts", 0):
         raise ValueError("by='neuron': a mixture of experts has no one MLP whose neurons every token "
                          "writes through (each expert sees its own tokens); use by='layer' or by='head'")
+    if by != "layer":
+        _check_linear_outputs(model, f"by={by!r}")
     L, H = model.n_layers, model.n_heads
     learned_positions = "hook_pos_embed" in model.site_names
     names = ["hook_embed"] + (["hook_pos_embed"] if learned_positions else [])
