@@ -294,6 +294,12 @@ def test_dynamic_rope_scaling_equals_transformers_up_to_the_context_limit(tmp_pa
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(layer_types=["sliding_attention", "full_attention", "full_attention"]), "layer_types"),
     (dict(model_type="qwen3", use_sliding_window=True), "use_sliding_window"),
+    (dict(model_type="gemma2", layer_types=["chunked_attention"] * 3), "layer_types other than 'full_attention' "
+                                                                      "and 'sliding_attention'"),
+    (dict(model_type="gemma2", attn_logit_softcapping=-1.0), "attn_logit_softcapping must be a finite number"),
+    (dict(model_type="gemma2", final_logit_softcapping=float("inf")), "final_logit_softcapping"),
+    (dict(model_type="gemma2", query_pre_attn_scalar=0), "query_pre_attn_scalar"),
+    (dict(model_type="gemma2", sliding_window=0), "sliding_window must be a positive int"),
 ])
 def test_unsupported_config_is_refused_by_name(change, match):
     cfg = dict(model_type="llama", **CONFIGS["llama_gqa3"][1])
@@ -356,12 +362,13 @@ def test_qwen3_greedy_generation_matches_hf(tmp_path):
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
 
 
-def test_gemma_scales_the_embedding_where_hook_embed_and_the_trace_noise_see_it(tmp_path):
+@pytest.mark.parametrize("name", ["gemma_gqa", "gemma2_softcap"])
+def test_gemma_scales_the_embedding_where_hook_embed_and_the_trace_noise_see_it(tmp_path, name):
     """hook_embed holds the embedding rows times sqrt(d_model) (HF's and TransformerLens's
     Gemma), the unembedding reads the rows unscaled (the logit test covers it), and
     causal tracing's noise is measured on hook_embed's scale; greedy generation (the
     key/value cache path) agrees with HF's"""
-    hf = make_hf("gemma_gqa", seed=5)
+    hf = make_hf(name, seed=5)
     hf.save_pretrained(tmp_path)
     model = ms.Model.from_pretrained(tmp_path)
     tokens = np.array([[5, 17, 33, 2, 61, 7]])
@@ -386,3 +393,19 @@ def test_gemma_hidden_activation_warns_and_hidden_act_rules():
     tokens = np.random.default_rng(2).integers(0, model.d_vocab, (2, 7))
     want = hf(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
+
+
+def test_gemma2_sliding_window_is_the_context_limit(tmp_path):
+    """Gemma 2's sliding-window layers see every earlier token of a prompt no longer than
+    the window: a prompt of exactly the window (32 tokens here) gives HF's logits (HF
+    masks its sliding layers), one token more is refused"""
+    hf = make_hf("gemma2_softcap", seed=6)
+    assert "sliding_attention" in hf.config.layer_types
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    assert model.n_ctx == 32
+    tokens = np.random.default_rng(3).integers(0, model.d_vocab, (2, 32))
+    want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="32"):
+        model.run(np.zeros((1, 33), np.int64))

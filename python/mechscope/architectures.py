@@ -269,7 +269,7 @@ def _llama(config, family):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
                          "(sliding-window attention)")
     n_ctx = cfg["max_position_embeddings"]
-    if family in ("mistral", "mixtral", "gemma2") and cfg.get("sliding_window"):
+    if family in ("mistral", "mixtral", "gemma2") and cfg.get("sliding_window") is not None:
         # within the window, sliding-window attention is ordinary causal attention
         n_ctx = min(n_ctx, _positive_int(cfg, "sliding_window"))
     theta = _number(cfg, "rope_theta", 1e-9)
