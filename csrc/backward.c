@@ -68,7 +68,7 @@ static size_t tape_floats(const ms_config *c, grad_sizes s) {
 static size_t backward_floats(const ms_config *c, grad_sizes s) {
     size_t N = s.N, C = (size_t)c->d_model, ch = (size_t)head_chunk(c);
     return N * (6 * C + qkv_width(c) + q_width(c) + (size_t)c->d_mlp + mlp_width(c) + 1 + 2 + moe_width(c)) + s.att +
-           s.max_keys * (size_t)c->rotary_dim + ch * (2 * C + (size_t)c->d_vocab * (s.logit_softcap ? 2 : 1)) + 64;
+           s.max_keys * (size_t)c->rotary_dim * 2 + ch * (2 * C + (size_t)c->d_vocab * (s.logit_softcap ? 2 : 1)) + 64;
 }
 
 static int any_action(const ms_plan *p, ms_site site) {
@@ -454,15 +454,17 @@ static void attention_backward(bwd *b, int layer) {
     ms_parallel_for(job.n_items, 1, b->n_threads, att_items, &job);
 }
 
-/* g [N, heads of d] (row stride ld) rotated back, token k at its position */
-static void unrotate(const bwd *b, float *g, int ld, int heads) {
+/* g [N, heads of d] (row stride ld) rotated back with block `layer`'s angles, token k
+ * at its position */
+static void unrotate(const bwd *b, int layer, float *g, int ld, int heads) {
     const ms_layout *L = b->L;
     const ms_config *c = &b->m->cfg;
+    const float *rope = ms_block_rope(b->rope, b->m, layer, (int)L->max_keys);
     for (int r = 0; r < b->plan->n_rows; r++)
         for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++) {
             int pos = k - L->row_off[r];
             for (int h = 0; h < heads; h++)
-                ms_rotary_backward(g + (size_t)k * ld + (size_t)h * c->d_head, b->rope + (size_t)pos * c->rotary_dim,
+                ms_rotary_backward(g + (size_t)k * ld + (size_t)h * c->d_head, rope + (size_t)pos * c->rotary_dim,
                                    c->rotary_dim);
         }
 }
@@ -517,8 +519,8 @@ static void attn_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     if (c->rotary_dim) {
         token_site(b, MS_SITE_ROT_K, l, b->dqkv + QD, QW);
         token_site(b, MS_SITE_ROT_Q, l, b->dqkv, QW);
-        unrotate(b, b->dqkv, QW, c->n_heads);
-        unrotate(b, b->dqkv + QD, QW, c->n_kv_heads);
+        unrotate(b, l, b->dqkv, QW, c->n_heads);
+        unrotate(b, l, b->dqkv + QD, QW, c->n_kv_heads);
     }
     if (c->qk_norm) {
         const float *pre = t->qk_pre + at * (size_t)(QD + KD);
@@ -1140,7 +1142,7 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
         CARVE(b.moe_dw, N * (size_t)c->n_experts);
     }
     CARVE(b.datt, s.att);
-    CARVE(b.rope, s.max_keys * (size_t)c->rotary_dim);
+    CARVE(b.rope, s.max_keys * (size_t)c->rotary_dim * (m->rope_inv_freq_local ? 2 : 1));
     size_t ch = (size_t)head_chunk(c);
     CARVE(b.head_x, ch * C);
     CARVE(b.head_y, ch * (size_t)c->d_vocab);

@@ -33,7 +33,8 @@ typedef struct {
     float *expert_w;/* [N, E] each token's weight of each expert (0: not chosen) */
     float *gather;  /* [N, C] one expert's tokens, then its output */
     float *gate_w;  /* [N]    their weights */
-    float *rope;    /* [max_keys, rotary_dim] cos | sin of each position, rotary models */
+    float *rope;    /* [max_keys, rotary_dim] cos | sin of each position, rotary models (then the
+                       local angles' table, models that have them: see ms_block_rope) */
     float *out_x;   /* [n_out_rows, C] final-normed rows whose logits are needed */
     float *out_y;   /* [n_out_rows, V] their logits, when a metric needs the whole row */
 } ms_buffers;
@@ -114,7 +115,7 @@ static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p, int taped) {
     }
     size_t padded = (max_keys + 31) / 32 * 32 + 32;
     s.scratch = (size_t)run_threads(p) * ((size_t)m->cfg.d_head + 4) * padded;
-    s.rope = m->cfg.rotary_dim ? max_keys * (size_t)m->cfg.rotary_dim : 0;
+    s.rope = m->cfg.rotary_dim ? max_keys * (size_t)m->cfg.rotary_dim * (m->rope_inv_freq_local ? 2 : 1) : 0;
     s.out_rows = (size_t)p->n_rows * p->n_logit_pos;
     if (p->metric.kind != MS_METRIC_NONE) {
         s.out_rows += (size_t)p->n_rows;
@@ -569,14 +570,25 @@ static void record_keys_transposed(const ms_layout *L, const float *src, int ld,
 
 /* rope[t, :] = cos | sin of the angles of position t (t < n): HF's half-split
  * tables, angle_i = t * inv_freq_i in float as HF computes them */
-static void rope_table(float *rope, const ms_model *m, int n) {
-    int half = m->cfg.rotary_dim / 2;
+static void angle_table(float *rope, const float *inv_freq, float scale, int half, int n) {
     for (int t = 0; t < n; t++)
         for (int i = 0; i < half; i++) {
-            float angle = (float)t * m->rope_inv_freq[i];
-            rope[(size_t)t * 2 * half + i] = (float)cos((double)angle) * m->rope_scale;
-            rope[(size_t)t * 2 * half + half + i] = (float)sin((double)angle) * m->rope_scale;
+            float angle = (float)t * inv_freq[i];
+            rope[(size_t)t * 2 * half + i] = (float)cos((double)angle) * scale;
+            rope[(size_t)t * 2 * half + half + i] = (float)sin((double)angle) * scale;
         }
+}
+
+/* the model's table, then (models with local angles) the local one: [2][n, rotary_dim] */
+static void rope_table(float *rope, const ms_model *m, int n) {
+    int half = m->cfg.rotary_dim / 2;
+    angle_table(rope, m->rope_inv_freq, m->rope_scale, half, n);
+    if (m->rope_inv_freq_local)
+        angle_table(rope + (size_t)n * m->cfg.rotary_dim, m->rope_inv_freq_local, 1.0f, half, n);
+}
+
+const float *ms_block_rope(const float *rope, const ms_model *m, int layer, int n) {
+    return m->blocks[layer].rope_local ? rope + (size_t)n * m->cfg.rotary_dim : rope;
 }
 
 /* x[N, heads of d] (row stride ld) rotated in place, token k at its position
@@ -791,8 +803,9 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
         ms_head_rmsnorm(b->qkv + QD, QW, N, c->n_kv_heads, c->d_head, w->k_norm_w, c->ln_eps, L->n_threads);
     }
     if (c->rotary_dim) {
-        rotate(L, b->rope, b->qkv, QW, c->n_heads);
-        rotate(L, b->rope, b->qkv + QD, QW, c->n_kv_heads);
+        const float *rope = ms_block_rope(b->rope, L->m, l, L->max_keys);
+        rotate(L, rope, b->qkv, QW, c->n_heads);
+        rotate(L, rope, b->qkv + QD, QW, c->n_kv_heads);
         if ((st = ms_visit_tokens(L, MS_SITE_ROT_Q, l, b->qkv, QW, err))) return st;
         if ((st = ms_visit_tokens(L, MS_SITE_ROT_K, l, b->qkv + QD, QW, err))) return st;
     }

@@ -98,6 +98,8 @@ typedef struct {
     const float *q_norm_w, *k_norm_w; /* [d_head] (qk_norm only) */
     const float *ln2_w, *ln2_b;  /* [d_model] */
     const float *ln1_post_w, *ln2_post_w; /* [d_model] the outputs' norms (post_norms only; RMSNorm) */
+    int rope_local;              /* rotary models: 1 when the block rotates with the model's local
+                                    angles (Gemma 3's sliding-window layers) */
     ms_linear_weight mlp_in;     /* d_model -> d_mlp (the "up" projection when gated) */
     ms_linear_weight mlp_gate;   /* d_model -> d_mlp, gated MLPs only */
     ms_linear_weight mlp_out;    /* d_mlp -> d_model */
@@ -127,6 +129,8 @@ typedef struct {
     const float *wpe;            /* [n_ctx, d_model] position embedding (NULL with rotary) */
     const float *rope_inv_freq;  /* [rotary_dim / 2] angle per position of each pair (rotary) */
     float rope_scale;            /* cos and sin are multiplied by this (1 but for YaRN-like types) */
+    const float *rope_inv_freq_local; /* [rotary_dim / 2] or NULL: the angles of the blocks marked
+                                    rope_local (not multiplied by rope_scale) */
     float embed_scale;           /* hook_embed = wte[token] * this (Gemma: sqrt(d_model); else 1) */
     float attn_scale;            /* > 0: scores = q.k * this, instead of / sqrt(d_head) (Gemma 2's
                                     query_pre_attn_scalar^-1/2) */

@@ -136,6 +136,7 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
         FAIL("config: embed_scale must be a finite number > 0, got %g", (double)m->embed_scale);
     if (c->rotary_dim) {
         CHECK(m->rope_inv_freq, (size_t)c->rotary_dim / 2, "rope_inv_freq", -1);
+        CHECK_OPT(m->rope_inv_freq_local, (size_t)c->rotary_dim / 2, "rope_inv_freq_local", -1);
         if (!isfinite(m->rope_scale)) FAIL("config: rope scale is not finite");
     } else {
         CHECK(m->wpe, (size_t)c->n_ctx * C, "pos_embed", -1);
@@ -147,6 +148,8 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
     if (!tied && (st = check_matrix(m->unembed, m->unembed16, m->unembed_dtype, V * C, "unembed", err))) return st;
     for (int l = 0; l < c->n_layers; l++) {
         const ms_block *b = &m->blocks[l];
+        if (b->rope_local && !(c->rotary_dim && m->rope_inv_freq_local))
+            FAIL("config: block %d rotates with local angles, and the model has none (rope_inv_freq_local)", l);
         CHECK(b->ln1_w, C, "ln1.w", l);
         CHECK_OPT(b->ln1_b, C, "ln1.b", l);
         CHECK_LIN(b->q, C, QD, "attn.q", l);

@@ -114,6 +114,32 @@ static int config_float(PyObject *config, const char *key, float *out) {
     return 0;
 }
 
+/* config["rope_local_layers"], when present: one 0 or 1 per layer, into blocks[l].rope_local */
+static int config_local_layers(PyObject *config, ms_block *blocks, int n_layers) {
+    PyObject *v = PyDict_GetItemString(config, "rope_local_layers"); /* borrowed */
+    if (!v) return 0;
+    PyObject *seq = PySequence_Fast(v, "config: rope_local_layers must be a sequence");
+    if (!seq) return -1;
+    int st = 0;
+    if (PySequence_Fast_GET_SIZE(seq) != n_layers) {
+        PyErr_Format(PyExc_ValueError, "config: rope_local_layers must have one entry per layer (%d)", n_layers);
+        st = -1;
+    }
+    for (int l = 0; l < n_layers && !st; l++) {
+        long x = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, l));
+        if (x == -1 && PyErr_Occurred()) {
+            st = -1;
+        } else if (x != 0 && x != 1) {
+            PyErr_SetString(PyExc_ValueError, "config: rope_local_layers holds 0 or 1 per layer");
+            st = -1;
+        } else {
+            blocks[l].rope_local = (int)x;
+        }
+    }
+    Py_DECREF(seq);
+    return st;
+}
+
 /* Model(config, weights): config a dict of the ms_config fields (plus linear_trans:
  * 1 when every linear matrix is [out, in] as nn.Linear, 0 for [in, out] as
  * Conv1D); weights a dict of float32 arrays under the core's names (see model.py:
@@ -176,6 +202,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         PyErr_NoMemory();
         return -1;
     }
+    if (config_local_layers(config, self->blocks, c.n_layers)) return -1;
     size_t C = (size_t)c.d_model, F = (size_t)c.d_mlp, V = (size_t)c.d_vocab;
     size_t QD = (size_t)c.n_heads * c.d_head, KD = (size_t)c.n_kv_heads * c.d_head, QW = QD + 2 * KD;
     size_t FW = F * (c.gated_mlp ? 2 : 1);
@@ -194,7 +221,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     m->rope_scale = rope_scale;
     m->embed_scale = embed_scale;
     m->attn_scale = attn_scale, m->attn_softcap = attn_softcap, m->logit_softcap = logit_softcap;
-    m->wpe = m->rope_inv_freq = m->lnf_b = NULL;
+    m->wpe = m->rope_inv_freq = m->rope_inv_freq_local = m->lnf_b = NULL;
 #define TAKE(dst, key, n) \
     if (!((dst) = take_weight(self, weights, key, n))) return -1
 #define TAKE_OPT(dst, key, n) \
@@ -204,6 +231,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     TAKE_MATRIX(m->wte, m->wte16, m->wte_dtype, "embed", V * C);
     if (c.rotary_dim) {
         TAKE(m->rope_inv_freq, "rope_inv_freq", (size_t)c.rotary_dim / 2);
+        TAKE_OPT(m->rope_inv_freq_local, "rope_inv_freq_local", (size_t)c.rotary_dim / 2);
     } else {
         TAKE(m->wpe, "pos_embed", (size_t)c.n_ctx * C);
     }

@@ -55,6 +55,9 @@ size_t ms_forward_bytes(const ms_model *m, const ms_plan *plan, int taped);
 
 /* rope[t, :] = cos | sin of position t's angles, t < n (rotary models) */
 void ms_rope_table(float *rope, const ms_model *m, int n);
+/* the table block `layer` rotates with, in tables of n positions from ms_rope_table
+ * (which holds the local angles' table after the model's, when the model has them) */
+const float *ms_block_rope(const float *rope, const ms_model *m, int layer, int n);
 
 /* Apply the plan's actions for a token site. value: [N, width] with row stride ld. */
 ms_status ms_visit_tokens(const ms_layout *L, ms_site site, int layer, float *value, int ld,

@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -15,7 +15,9 @@ torch.set_grad_enabled(False)
 # rope scaling, a tied embedding, q/k/v biases (Qwen2), partial rotary and both residual
 # kinds (GPT-NeoX), Gemma's scaled embedding, 1 + weight norms and GeGLU; Gemma 2's
 # normed outputs, query_pre_attn_scalar, and caps small enough to bend the scores and
-# the logits (O(1) weights give scores of a few units and logits of about ten)
+# the logits (O(1) weights give scores of a few units and logits of about ten); Gemma 3's
+# per-head query and key norms and its sliding layers' own angles (theta 50 there, 10^6
+# in its full layer)
 CONFIGS = {
     "llama_gqa3": ("llama", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
                                  num_hidden_layers=3, intermediate_size=50, vocab_size=101,
@@ -51,6 +53,13 @@ CONFIGS = {
                                       max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-6,
                                       query_pre_attn_scalar=20, attn_logit_softcapping=3.0,
                                       final_logit_softcapping=5.0, sliding_window=32)),
+    "gemma3_local_rope": ("gemma3_text", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=12, num_hidden_layers=3, intermediate_size=44,
+                                               vocab_size=79, max_position_embeddings=64, rope_theta=1e6,
+                                               rope_local_base_freq=50.0, rms_norm_eps=1e-6,
+                                               query_pre_attn_scalar=12, sliding_window=32,
+                                               layer_types=["sliding_attention", "full_attention",
+                                                            "sliding_attention"])),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -64,7 +73,8 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
             "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
-            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
+            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -148,7 +158,7 @@ def tl_from_hf(hf, family):
     c = hf.config
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
                   n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
-                  act_fn=c.hidden_activation if family == "gemma2" else c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+                  act_fn=c.hidden_activation if family in ("gemma2", "gemma3_text") else c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
                   dtype=torch.float32, device="cpu", use_attn_scale=True)
     d_head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if family == "gpt_neox":
@@ -161,21 +171,28 @@ def tl_from_hf(hf, family):
         cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.rms_norm_eps, normalization_type="RMS",
                                       final_rms=True, gated_mlp=True, rotary_dim=d_head,
                                       rotary_base=c.rope_theta, n_key_value_heads=c.num_key_value_heads,
-                                      use_qk_norm=family == "qwen3",
+                                      use_qk_norm=family in ("qwen3", "gemma3_text"),
                                       original_architecture={"llama": "LlamaForCausalLM",
                                                              "mistral": "MistralForCausalLM",
                                                              "qwen2": "Qwen2ForCausalLM",
                                                              "qwen3": "Qwen3ForCausalLM",
                                                              "gemma": "GemmaForCausalLM",
-                                                             "gemma2": "Gemma2ForCausalLM"}[family],
+                                                             "gemma2": "Gemma2ForCausalLM",
+                                                             "gemma3_text": "Gemma3ForCausalLM"}[family],
                                       **(dict(use_normalization_before_and_after=True,
                                               attn_scale=c.query_pre_attn_scalar ** 0.5,
-                                              attn_scores_soft_cap=c.attn_logit_softcapping,
-                                              output_logits_soft_cap=c.final_logit_softcapping)
-                                         if family == "gemma2" else {}))
+                                              attn_scores_soft_cap=c.attn_logit_softcapping or -1.0,
+                                              output_logits_soft_cap=c.final_logit_softcapping or -1.0)
+                                         if family in ("gemma2", "gemma3_text") else {}),
+                                      **(dict(use_local_attn=True, window_size=c.sliding_window,
+                                              rotary_base_local=c.rope_local_base_freq,
+                                              attn_types=["local" if t == "sliding_attention" else "global"
+                                                          for t in c.layer_types])
+                                         if family == "gemma3_text" else {}))
         convert = {"llama": convert_llama_weights, "mistral": convert_mistral_weights,
                    "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights,
-                   "gemma": convert_gemma_weights, "gemma2": convert_gemma_weights}[family]
+                   "gemma": convert_gemma_weights, "gemma2": convert_gemma_weights,
+                   "gemma3_text": convert_gemma_weights}[family]
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,
@@ -212,7 +229,7 @@ def test_every_site_matches_transformer_lens(name, tmp_path):
 
 # ---- checkpoints: half precision, shards -----------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "gemma_gqa", "gemma2_softcap"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_sharded_checkpoint(tmp_path, dtype, name):
     """(Gemma's norms are 2-byte in the file: 1 + weight is made in float32, as HF makes it)"""
@@ -300,6 +317,9 @@ def test_dynamic_rope_scaling_equals_transformers_up_to_the_context_limit(tmp_pa
     (dict(model_type="gemma2", final_logit_softcapping=float("inf")), "final_logit_softcapping"),
     (dict(model_type="gemma2", query_pre_attn_scalar=0), "query_pre_attn_scalar"),
     (dict(model_type="gemma2", sliding_window=0), "sliding_window must be a positive int"),
+    (dict(model_type="gemma3_text", use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(model_type="gemma3_text", layer_types=["full_attention"] * 2), "layer_types has 2 entries for 3 layers"),
+    (dict(model_type="gemma3_text", rope_local_base_freq=-1.0), "rope_local_base_freq"),
 ])
 def test_unsupported_config_is_refused_by_name(change, match):
     cfg = dict(model_type="llama", **CONFIGS["llama_gqa3"][1])
@@ -316,7 +336,8 @@ PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "a
                    "attn_head_q_all_pos", "attn_head_v_all_pos", "attn_head_pattern_all_pos"]
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "neox_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
+                                  "neox_parallel"])
 def test_patching_matches_transformer_lens(name, tmp_path):
     from transformer_lens import patching as tl_patching
     hf = make_hf(name, seed=3)
@@ -362,7 +383,7 @@ def test_qwen3_greedy_generation_matches_hf(tmp_path):
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
 
 
-@pytest.mark.parametrize("name", ["gemma_gqa", "gemma2_softcap"])
+@pytest.mark.parametrize("name", ["gemma_gqa", "gemma2_softcap", "gemma3_local_rope"])
 def test_gemma_scales_the_embedding_where_hook_embed_and_the_trace_noise_see_it(tmp_path, name):
     """hook_embed holds the embedding rows times sqrt(d_model) (HF's and TransformerLens's
     Gemma), the unembedding reads the rows unscaled (the logit test covers it), and

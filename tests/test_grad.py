@@ -401,7 +401,7 @@ _LLAMA = {"hook_attn_out": ("self_attn", "out"), "attn.hook_z": ("self_attn.o_pr
           "hook_mlp_out": ("mlp", "out"), "ln1.hook_normalized": ("input_layernorm", "out"),
           "ln2.hook_normalized": ("post_attention_layernorm", "out"), "hook_resid_pre": ("", "in"),
           "hook_resid_post": ("", "out")}
-# Gemma 2: the outputs' sites are after their norms; the MLP's input norm has another name
+# Gemma 2 and 3: the outputs' sites are after their norms; the MLP's input norm has another name
 _GEMMA2 = dict(_LLAMA, hook_attn_out=("post_attention_layernorm", "out"),
                hook_mlp_out=("post_feedforward_layernorm", "out"),
                **{"ln2.hook_normalized": ("pre_feedforward_layernorm", "out"),
@@ -418,7 +418,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     """As hf_gradients, for the Llama family and GPT-NeoX."""
     neox = family == "gpt_neox"
     base = hf.gpt_neox if neox else hf.model
-    layers, table = base.layers, (_NEOX if neox else _GEMMA2 if family == "gemma2" else _LLAMA)
+    layers, table = base.layers, (_NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _LLAMA)
     deltas, handles = {}, []
 
     def attach(tag, module, where):
@@ -465,8 +465,9 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     out = {}
     for name in site_names:
         suffix = name.split(".", 2)[-1]
-        if name == "hook_embed" and family.startswith("gemma"):
+        if name == "hook_embed" and family in ("gemma", "gemma2"):
             # HF multiplies embed_tokens' output by sqrt(d_model); hook_embed is the product
+            # (Gemma 3's embed_tokens multiplies it itself)
             out[name] = deltas[name].grad.numpy() / np.float32(C ** 0.5)
             continue
         if neox and suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):

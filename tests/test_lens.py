@@ -116,7 +116,8 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
                  what="neurons + the MLP and attention output biases = MLP outputs + attention biases")
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "neox_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
+                                  "neox_parallel"])
 def test_other_architectures(name, tmp_path):
     hf = make_hf(name, seed=2)
     hf.save_pretrained(tmp_path)
@@ -133,7 +134,7 @@ def test_other_architectures(name, tmp_path):
     assert lens.shape == (model.n_layers + 1, 2, model.d_vocab)
     assert_close(lens[-1], logits, what="the lens's last row")
     for by in ("layer", "head", "neuron"):
-        if name == "gemma2_softcap" and by != "layer":  # the outputs' norms: no additive shares
+        if model.arch.get("post_norms") and by != "layer":  # the outputs' norms: no additive shares
             with pytest.raises(ValueError, match="norms the attention's and the MLP's outputs"):
                 ms.lens.decompose(model, tokens, by=by)
             with pytest.raises(ValueError, match="norms the attention's and the MLP's outputs"):

@@ -178,6 +178,9 @@ def _hf_logits(path, ids):
     dict(model_type="gemma2", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2, head_dim=8, vocab_size=17, max_position_embeddings=16, query_pre_attn_scalar=10,
          attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    dict(model_type="gemma3_text", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=2, head_dim=8, vocab_size=17, max_position_embeddings=16, query_pre_attn_scalar=8,
+         rope_local_base_freq=100.0, layer_types=["sliding_attention", "full_attention"]),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

@@ -10,8 +10,9 @@ biases), Qwen3 (Llama's block with queries and keys RMS-normalised per head), Mi
 (Qwen3's attention, a mixture of experts), Gemma (Llama's block with GeGLU, norms that
 scale by 1 + weight, and token embeddings multiplied by sqrt(d_model)), Gemma 2 (Gemma's
 block with the attention's and the MLP's outputs normed again, and soft-capped attention
-scores and logits) and GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention
-and MLP). Anything in a config that would change the computation in a way the core
+scores and logits), Gemma 3's text model (Gemma 2's block with Qwen3's per-head query and
+key norms, and its own rotary angles in its sliding-window layers) and GPT-NeoX / Pythia
+(LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
 does not run is refused by name.
 """
 import math
@@ -29,7 +30,8 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text")
+GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
 
 _GPT2_DEFAULTS = {
@@ -53,7 +55,7 @@ _NEOX_DEFAULTS = {
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
             "GPTNeoXForCausalLM": "gpt_neox"}
 
 
@@ -243,6 +245,12 @@ def _llama(config, family):
                    num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
                    max_position_embeddings=8192, tie_word_embeddings=True, query_pre_attn_scalar=256,
                    sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if family == "gemma3_text":
+        cfg.update(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                   max_position_embeddings=131072, tie_word_embeddings=True, rope_theta=1e6,
+                   query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=None,
+                   attn_logit_softcapping=None, rope_local_base_freq=10000.0, use_bidirectional_attention=False)
     if family == "qwen3_moe":
         cfg.update(num_experts=128, num_experts_per_tok=8, norm_topk_prob=False, moe_intermediate_size=768,
                    decoder_sparse_step=1, mlp_only_layers=[])
@@ -264,12 +272,12 @@ def _llama(config, family):
                          f"supported for {family} (only 1.0)")
     if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
         raise ValueError(f"config: use_sliding_window=True is not supported ({family} sliding-window attention)")
-    kinds = ("full_attention", "sliding_attention") if family == "gemma2" else ("full_attention",)
+    kinds = ("full_attention", "sliding_attention") if family in GEMMA2_TYPES else ("full_attention",)
     if any(t not in kinds for t in cfg.get("layer_types") or ()):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
                          "(sliding-window attention)")
     n_ctx = cfg["max_position_embeddings"]
-    if family in ("mistral", "mixtral", "gemma2") and cfg.get("sliding_window") is not None:
+    if family in ("mistral", "mixtral") + GEMMA2_TYPES and cfg.get("sliding_window") is not None:
         # within the window, sliding-window attention is ordinary causal attention
         n_ctx = min(n_ctx, _positive_int(cfg, "sliding_window"))
     theta = _number(cfg, "rope_theta", 1e-9)
@@ -282,8 +290,8 @@ def _llama(config, family):
                 qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
-                qk_norm=int(family in ("qwen3", "qwen3_moe")), expert_renormalize=1)
-    if family == "gemma2":
+                qk_norm=int(family in ("qwen3", "qwen3_moe", "gemma3_text")), expert_renormalize=1)
+    if family in GEMMA2_TYPES:
         # the block: Gemma's, with the attention's and the MLP's outputs normed again
         # (post_attention_layernorm and post_feedforward_layernorm) before they join the
         # stream; the scores multiplied by query_pre_attn_scalar^-1/2 and both the scores
@@ -326,7 +334,25 @@ def _llama(config, family):
                              f"num_experts ({arch['n_experts']})")
     arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(theta, d_head, cfg.get("rope_scaling"),
                                                                  cfg["max_position_embeddings"])
+    if family == "gemma3_text":
+        _gemma3_layers(cfg, arch)
     return cfg, arch
+
+
+def _gemma3_layers(cfg, arch):
+    """Gemma 3's sliding-window layers rotate with angles of their own (theta
+    rope_local_base_freq, no scaling); the others with the model's."""
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("config: use_bidirectional_attention=True is not supported (attention to later tokens)")
+    kinds = cfg.get("layer_types")
+    if kinds is None:  # as transformers fills it in
+        every = cfg.get("sliding_window_pattern", 6)
+        kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(arch["n_layers"])]
+    if len(kinds) != arch["n_layers"]:
+        raise ValueError(f"config: layer_types has {len(kinds)} entries for {arch['n_layers']} layers")
+    local = _number(cfg, "rope_local_base_freq", 1e-9)
+    arch["rope_inv_freq_local"] = rope_frequencies(local, arch["d_head"], None, cfg["max_position_embeddings"])[0]
+    arch["rope_local_layers"] = [int(k == "sliding_attention") for k in kinds]
 
 
 def _neox(config):
@@ -490,9 +516,14 @@ _GEMMA2_WEIGHTS = _GEMMA_WEIGHTS._replace(blocks=tuple(
         ("ln1.w", "input_layernorm.weight"), ("ln1_post.w", "post_attention_layernorm.weight"),
         ("ln2.w", "pre_feedforward_layernorm.weight"), ("ln2_post.w", "post_feedforward_layernorm.weight"))))
 
+# Gemma 3: Gemma 2's, and per-head query and key norms that also scale by 1 + weight
+_GEMMA3_WEIGHTS = _GEMMA2_WEIGHTS._replace(blocks=_GEMMA2_WEIGHTS.blocks + tuple(
+    Pair(core, OFFSET, ((f"self_attn.{core[len('attn.'):-len('.w')]}.weight", "D"),))
+    for core in ("attn.q_norm.w", "attn.k_norm.w")))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
-            "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS}
+            "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -634,6 +665,8 @@ def core_weights(arch, w):
             out[core] = w[names[0]]
     if arch["rotary_dim"]:
         out["rope_inv_freq"] = arch["rope_inv_freq"]
+        if "rope_inv_freq_local" in arch:
+            out["rope_inv_freq_local"] = arch["rope_inv_freq_local"]
     return {k: _stored(v) for k, v in out.items()}
 
 
@@ -669,6 +702,8 @@ def core_config(arch):
                embed_scale=arch.get("embed_scale", 1.0), post_norms=arch.get("post_norms", 0),
                attn_scale=arch.get("attn_scale", 0.0), attn_softcap=arch.get("attn_softcap", 0.0),
                logit_softcap=arch.get("logit_softcap", 0.0))
+    if "rope_local_layers" in arch:
+        out["rope_local_layers"] = arch["rope_local_layers"]
     return out
 
 

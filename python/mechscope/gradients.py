@@ -159,7 +159,7 @@ def grad(model, tokens, metric, *, sites=(), weights=False, interventions=None, 
     shapes = {n: _sites.shape(_sites.parse(n, model)[2], model._shape_cfg, R, T) for n in names}
     core_names = {}
     if wanted:
-        core_names = {k: v.shape for k, v in model._core_weights.items() if k != "rope_inv_freq"}
+        core_names = {k: v.shape for k, v in model._core_weights.items() if not k.startswith("rope_inv_freq")}
     out_bytes = 4 * (2 * sum(int(np.prod(s)) for s in shapes.values()) +
                      sum(int(np.prod(s)) for s in core_names.values()))
     work = model._core.grad_workspace_bytes(full_mask if full_mask is not None else np.ones((R, T), np.int32))
