@@ -19,6 +19,13 @@ d_model 4096, 32/8 heads, d_mlp 14336, vocabulary 128256: 16 GB at 2 bytes per n
 32 GB in float32), built with from_config(dtype="bfloat16") and kept 2-byte; one
 forward pass of a few tokens (default 1x8). Prints the resident memory and the times.
 Needs about 17 GB of free memory.
+
+With --model gemma2-2b-shape: random bfloat16 weights of Gemma-2-2B's shape (26 layers,
+d_model 2304, 8/4 heads of 256, d_mlp 9216, vocabulary 256000, soft-capped scores and
+logits), kept 2-byte by mechscope; against transformers' Gemma2ForCausalLM (eager, fp32)
+holding the same weights, copied in one array at a time. One forward pass per shape
+(default 1x128, all logits), the second of two calls each. Needs about 17 GB of free
+memory.
 """
 import argparse
 import tempfile
@@ -41,15 +48,20 @@ def parse_args(argv):
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"comma-separated BATCHxPOS list (default: {DEFAULT_SHAPES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens")
-    parser.add_argument("--model", choices=["gpt2-small", "smollm2", "llama3-8b-shape"], default="gpt2-small",
+    parser.add_argument("--model", choices=["gpt2-small", "smollm2", "llama3-8b-shape", "gemma2-2b-shape"],
+                        default="gpt2-small",
                         help="gpt2-small: random weights of GPT-2 small's shape (default); smollm2: "
                              "SmolLM2-135M-Instruct (shapes 1x512,8x128 unless given); llama3-8b-shape: "
-                             "random bf16 weights of Llama-3-8B's shape, resident memory (shape 1x8 unless given)")
+                             "random bf16 weights of Llama-3-8B's shape, resident memory (shape 1x8 unless given); "
+                             "gemma2-2b-shape: random bf16 weights of Gemma-2-2B's shape against transformers "
+                             "(shape 1x128 unless given)")
     args = parser.parse_args(argv)
     if args.model == "smollm2" and args.shapes == DEFAULT_SHAPES:
         args.shapes = "1x512,8x128"
     if args.model == "llama3-8b-shape" and args.shapes == DEFAULT_SHAPES:
         args.shapes = "1x8"
+    if args.model == "gemma2-2b-shape" and args.shapes == DEFAULT_SHAPES:
+        args.shapes = "1x128"
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     return args
 
@@ -201,6 +213,55 @@ def main_llama3_shape(args):
     return 0
 
 
+def main_gemma2_shape(args):
+    """Gemma 2's block (output norms, soft caps, a 256,000-token vocabulary) at its
+    2B size: mechscope on 2-byte weights against transformers on their float32 copy."""
+    import torch
+    import transformers
+
+    from .. import _dtypes, architectures
+    ms.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    config = transformers.Gemma2Config(attn_implementation="eager")  # its defaults are gemma-2-2b's sizes
+    _, arch = architectures.normalize(config)
+    n = sum(int(np.prod(s)) for s in architectures.hf_shapes(arch).values())
+    avail = _meminfo_gib("MemAvailable")
+    common.print_header("forward, Gemma-2-2B shape", [
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}",
+        f"model: {n / 1e9:.2f} billion weights, random (seed {args.seed}): bfloat16 in mechscope "
+        f"({2 * n / 2**30:.1f} GiB), float32 in transformers ({4 * n / 2**30:.1f} GiB)",
+    ])
+    if avail < 6 * n / 2**30 + 1.5:
+        print(f"not run: needs about {6 * n / 2**30 + 1.5:.0f} GiB of available memory, {avail:.1f} GiB are")
+        return 2
+    t0 = time.perf_counter()
+    model = ms.Model.from_config(config.to_dict(), dtype="bfloat16", seed=args.seed)
+    print(f"mechscope: from_config(dtype='bfloat16') in {time.perf_counter() - t0:.0f} s")
+    hf = transformers.Gemma2ForCausalLM(config).eval()
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, a in model._weights.items():  # one array at a time: no third copy of the model
+            params["model." + name].copy_(torch.from_numpy(_dtypes.to_float32(a)))
+    print(f"resident memory with both models: {_rss_mib() / 1024:.1f} GiB")
+    rng = np.random.default_rng(args.seed)
+    print()
+    for batch, pos in args.shapes:
+        tokens = rng.integers(0, model.d_vocab, size=(batch, pos), dtype=np.int64)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            ours = model.run(tokens).logits
+            took = time.perf_counter() - t0
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                ref = hf(torch.from_numpy(tokens)).logits.numpy()
+            hf_took = time.perf_counter() - t0
+        print(f"forward {batch} x {pos} tokens (all logits): mechscope {took:.2f} s, transformers {hf_took:.2f} s, "
+              f"{hf_took / took:.2f}x; largest logit difference {np.abs(ours - ref).max():.2e} "
+              f"(largest logit {np.abs(ref).max():.1f})")
+    return 0
+
+
 def main_smollm2(args):
     import os
 
@@ -283,6 +344,8 @@ def main(argv=()):
         return main_smollm2(args)
     if args.model == "llama3-8b-shape":
         return main_llama3_shape(args)
+    if args.model == "gemma2-2b-shape":
+        return main_gemma2_shape(args)
     started = time.perf_counter()
 
     import torch
