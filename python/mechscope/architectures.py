@@ -55,8 +55,8 @@ _NEOX_DEFAULTS = {
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-            "GPTNeoXForCausalLM": "gpt_neox"}
+            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+            "Gemma3ForCausalLM": "gemma3_text", "GPTNeoXForCausalLM": "gpt_neox"}
 
 
 def _positive_int(cfg, key):
@@ -297,8 +297,7 @@ def _llama(config, family):
         # stream; the scores multiplied by query_pre_attn_scalar^-1/2 and both the scores
         # (before the mask) and the logits soft-capped, cap tanh(x / cap)
         arch.update(activation=_activation(cfg, "hidden_activation"), post_norms=1,
-                    attn_scale=float(np.float32(_number(cfg, "query_pre_attn_scalar", 1e-9) ** -0.5)),
-                    embed_scale=float(np.float32(C ** 0.5)))
+                    attn_scale=float(np.float32(_number(cfg, "query_pre_attn_scalar", 1e-9) ** -0.5)))
         for key, name in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "logit_softcap")):
             arch[name] = 0.0 if cfg.get(key) is None else _number(cfg, key, 1e-9)
     if family == "gemma":
@@ -309,6 +308,7 @@ def _llama(config, family):
             warnings.warn(f"config: hidden_activation {act!r} differs from hidden_act {cfg['hidden_act']!r}; "
                           "the MLP uses hidden_act, as transformers' Gemma does (TransformerLens's Gemma "
                           "uses gelu_pytorch_tanh)", stacklevel=3)
+    if family.startswith("gemma"):
         # HF multiplies the embeddings by sqrt(hidden_size) rounded to the model's float
         # type (float32 here) and keeps the unembedding (the tied embedding) as it is
         arch["embed_scale"] = float(np.float32(C ** 0.5))
