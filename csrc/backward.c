@@ -373,9 +373,10 @@ static void att_item(const att_job *j, int item) {
     const float *qkv = b->t->qkv + ((size_t)j->layer * L->N + row0) * QW;
     const float *K = qkv + QD + (size_t)g * d, *V = qkv + QD + KD + (size_t)g * d;
     float *dK = b->dqkv + row0 * QW + QD + (size_t)g * d, *dV = dK + KD;
-    /* causal blocks of queries: queries [i0, i1) see keys [0, i1) only, so the
-     * products skip the keys no query of the block sees (5/8 of the square at 4
-     * blocks), in the same order for any thread count */
+    /* causal blocks of queries: queries [i0, i1) see keys [k0, i1) only (k0: where the
+     * block's first query's sliding window starts, else 0), so the products skip the
+     * keys no query of the block sees (5/8 of the square at 4 blocks), in the same
+     * order for any thread count */
     int block = n > 2 * ATT_QUERY_BLOCK ? ATT_QUERY_BLOCK : n;
     for (int h = g * per; h < (g + 1) * per; h++) {
         size_t off = (size_t)j->layer * b->t->att + L->att_off[r] + (size_t)h * n * n;
@@ -387,23 +388,28 @@ static void att_item(const att_job *j, int item) {
         const float *dZ = b->dz + row0 * QD + (size_t)h * d;
         for (int i0 = 0; i0 < n; i0 += block) {
             int i1 = i0 + block < n ? i0 + block : n, m = i1 - i0;
+            int k0 = ms_first_key(b->m, j->layer, i0), nk = i1 - k0;
             float *dPi = dP + (size_t)i0 * n;
             if (j->phase == ATT_PATTERN || j->phase == ATT_ALL) {
-                /* z = P V: dP = dZ V^T (keys after the query: 0), dV += P^T dZ */
-                ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, i1, d, 1.0f, dZ + (size_t)i0 * QD, QD, V, QW,
-                         0.0f, dPi, n);
-                for (int i = i0; i < i1; i++)
+                /* z = P V: dP = dZ V^T (keys the query does not see: 0), dV += P^T dZ */
+                ms_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, nk, d, 1.0f, dZ + (size_t)i0 * QD, QD,
+                         V + (size_t)k0 * QW, QW, 0.0f, dPi + k0, n);
+                for (int i = i0; i < i1; i++) {
+                    int lo = ms_first_key(b->m, j->layer, i);
+                    for (int k = 0; k < lo; k++) dP[(size_t)i * n + k] = 0.0f;
                     for (int k = i + 1; k < n; k++) dP[(size_t)i * n + k] = 0.0f;
-                ms_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, i1, d, m, 1.0f, Pu + (size_t)i0 * n, n,
-                         dZ + (size_t)i0 * QD, QD, 1.0f, dV, QW);
+                }
+                ms_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, d, m, 1.0f, Pu + (size_t)i0 * n + k0, n,
+                         dZ + (size_t)i0 * QD, QD, 1.0f, dV + (size_t)k0 * QW, QW);
             }
             if (j->phase == ATT_SOFTMAX || j->phase == ATT_ALL) {
                 /* P = softmax(S): dS = P * (dP - sum_k P dP) */
                 for (int i = i0; i < i1; i++) {
+                    int lo = ms_first_key(b->m, j->layer, i);
                     const float *p = P0 + (size_t)i * n;
                     float *gp = dP + (size_t)i * n;
-                    float dot = (float)ms_dot_f64(p, gp, i + 1);
-                    for (int k = 0; k < n; k++) gp[k] = k <= i ? p[k] * (gp[k] - dot) : 0.0f;
+                    float dot = (float)ms_dot_f64(p + lo, gp + lo, i + 1 - lo);
+                    for (int k = 0; k < n; k++) gp[k] = k >= lo && k <= i ? p[k] * (gp[k] - dot) : 0.0f;
                 }
             }
             if (j->phase == ATT_SCORES || j->phase == ATT_ALL) {
@@ -411,16 +417,16 @@ static void att_item(const att_job *j, int item) {
                     const float *S = b->t->capped + off;
                     float cap = b->m->attn_softcap;
                     for (int i = i0; i < i1; i++)
-                        for (int k = 0; k <= i; k++) {
+                        for (int k = ms_first_key(b->m, j->layer, i); k <= i; k++) {
                             float y = S[(size_t)i * n + k] / cap;
                             dP[(size_t)i * n + k] *= 1.0f - y * y;
                         }
                 }
                 /* S0 = scale Q K^T: dQ = scale dS0 K, dK += scale dS0^T Q */
-                ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, i1, j->scale, dPi, n, K, QW, 0.0f,
-                         dQ + (size_t)i0 * QW, QW);
-                ms_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, i1, d, m, j->scale, dPi, n, Q + (size_t)i0 * QW,
-                         QW, 1.0f, dK, QW);
+                ms_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, d, nk, j->scale, dPi + k0, n,
+                         K + (size_t)k0 * QW, QW, 0.0f, dQ + (size_t)i0 * QW, QW);
+                ms_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, d, m, j->scale, dPi + k0, n,
+                         Q + (size_t)i0 * QW, QW, 1.0f, dK + (size_t)k0 * QW, QW);
             }
         }
     }
@@ -948,6 +954,7 @@ static void embedding_backward(bwd *b) {
             for (int k = L->row_off[r]; k < L->row_off[r + 1]; k++) {
                 size_t at = pass ? (size_t)(k - L->row_off[r])
                                  : (size_t)p->tokens[(size_t)r * p->n_pos + L->pos_of[k]];
+                if (!pass && (long long)at == b->m->padding_idx) continue; /* as nn.Embedding(padding_idx) */
                 float *dst = dw + at * C;
                 const float *src = b->dout + (size_t)k * C;
                 float s = pass ? 1.0f : b->m->embed_scale; /* hook_embed = wte[token] * embed_scale */

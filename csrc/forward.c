@@ -373,6 +373,7 @@ static void keys_transposed(float *kt, int ldkt, kv_source k, int n, int d) {
 
 /* z[d] += sum over keys lo <= j < hi of p[j] * value j */
 static void mix_range(float *z, const float *p, kv_source v, int lo, int hi, int d) {
+    if (lo >= hi) return;
     if (lo < v.n_base) {
         int end = hi < v.n_base ? hi : v.n_base;
         ms_mix_values(z, p + lo, v.base + (size_t)lo * v.ld_base, v.ld_base, end - lo, d);
@@ -381,29 +382,40 @@ static void mix_range(float *z, const float *p, kv_source v, int lo, int hi, int
     if (lo < hi) ms_mix_values(z, p + lo, v.own + (size_t)(lo - v.n_base) * v.ld_own, v.ld_own, hi - lo, d);
 }
 
-/* z[d] = sum over keys j < n of p[j] * value j, for four queries at once: rows of z
- * (stride ldz) and of p (stride ldp) */
-static void mix4(float *z, int ldz, const float *p, int ldp, kv_source v, int n, int d) {
+/* z[d] = sum over keys lo <= j < hi of p[j] * value j, for four queries at once: rows
+ * of z (stride ldz) and of p (stride ldp) */
+static void mix4(float *z, int ldz, const float *p, int ldp, kv_source v, int lo, int hi, int d) {
     for (int i = 0; i < 4; i++) memset(z + (size_t)i * ldz, 0, sizeof(float) * (size_t)d);
-    int nb = n < v.n_base ? n : v.n_base;
-    if (nb > 0) ms_mix_values4(z, ldz, p, ldp, v.base, v.ld_base, nb, d);
-    if (n > nb) ms_mix_values4(z, ldz, p + nb, ldp, v.own, v.ld_own, n - nb, d);
+    int nb = hi < v.n_base ? hi : v.n_base;
+    if (lo < nb) ms_mix_values4(z, ldz, p + lo, ldp, v.base + (size_t)lo * v.ld_base, v.ld_base, nb - lo, d);
+    int own = lo > v.n_base ? lo : v.n_base;
+    if (own < hi)
+        ms_mix_values4(z, ldz, p + own, ldp, v.own + (size_t)(own - v.n_base) * v.ld_own, v.ld_own, hi - own, d);
 }
 
-/* z of g <= 4 consecutive queries, query k seeing keys [0, visible[k]): the keys all
- * of them see go through the four-query kernel, the few more each later one sees
+/* z of g <= 4 consecutive queries, query k seeing keys [lo[k], hi[k]) (both ends grow
+ * with k): the keys all of them see go through the four-query kernel, the others
  * one query at a time. A key a query does not see never enters its arithmetic
  * (0 * an inf or NaN value would be NaN). */
-static void mix_group(float *z, int ldz, const float *p, int ldp, kv_source v, const int *visible, int g,
-                      int d) {
-    int common = visible[0];
-    if (g == 4) {
-        mix4(z, ldz, p, ldp, v, common, d);
+static void mix_group(float *z, int ldz, const float *p, int ldp, kv_source v, const int *lo, const int *hi,
+                      int g, int d) {
+    int a = 0, b = 0; /* the keys all four see */
+    if (g == 4 && lo[3] < hi[0]) {
+        a = lo[3], b = hi[0];
+        mix4(z, ldz, p, ldp, v, a, b, d);
     } else {
-        common = 0;
         for (int k = 0; k < g; k++) memset(z + (size_t)k * ldz, 0, sizeof(float) * (size_t)d);
     }
-    for (int k = 0; k < g; k++) mix_range(z + (size_t)k * ldz, p + (size_t)k * ldp, v, common, visible[k], d);
+    for (int k = 0; k < g; k++) {
+        float *zk = z + (size_t)k * ldz;
+        const float *pk = p + (size_t)k * ldp;
+        if (a < b) {
+            mix_range(zk, pk, v, lo[k], a, d);
+            mix_range(zk, pk, v, b, hi[k], d);
+        } else {
+            mix_range(zk, pk, v, lo[k], hi[k], d);
+        }
+    }
 }
 
 /* Phases of the attention of one layer. When no action visits the scores or the
@@ -447,38 +459,44 @@ static void attention_item(const attention_job *j, int item, float *scratch) {
     for (int i = 0; i < nq; i += 4) {
         int n4 = nq - i < 4 ? nq - i : 4;
         int seen = q0 + i + n4 < nk ? q0 + i + n4 : nk; /* keys the group's last query sees */
+        /* keys before the group's first query's window are not scored; from a multiple
+         * of 32, as the four-query kernel reads keys in blocks of 32 */
+        int from = ms_first_key(L->m, j->layer, q0 + i) / 32 * 32;
+        int lo[4] = {0}, hi[4] = {0}; /* the keys query k sees: [lo[k], hi[k]) */
+        for (int k = 0; k < n4; k++) {
+            lo[k] = ms_first_key(L->m, j->layer, q0 + i + k);
+            hi[k] = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
+        }
         const float *qi = q + (size_t)i * QW;
         float *zi = z + (size_t)i * ZW;
         float *rows = j->phase == PHASE_ALL ? s : slab + (size_t)i * nk;
         if (all || j->phase == PHASE_SCORES) {
-            if (n4 == 4) ms_query_scores4(rows, nk, qi, QW, kt, ldkt, seen, d, j->scale);
+            if (n4 == 4) ms_query_scores4(rows + from, nk, qi, QW, kt + from, ldkt, seen - from, d, j->scale);
             else
                 for (int k = 0; k < n4; k++)
-                    ms_query_scores(rows + (size_t)k * nk, qi + (size_t)k * QW, kt, ldkt, seen, d, j->scale);
+                    ms_query_scores(rows + (size_t)k * nk + from, qi + (size_t)k * QW, kt + from, ldkt, seen - from,
+                                    d, j->scale);
         }
         float cap = L->m->attn_softcap;
         for (int k = 0; k < n4; k++) {
-            int visible = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
+            int a = lo[k], b = hi[k];
             float *row = rows + (size_t)k * nk;
             if (cap > 0.0f && (all || j->phase == PHASE_SCORES)) { /* Gemma 2: before the mask */
-                for (int x = 0; x < visible; x++) row[x] = ms_softcap(row[x], cap);
-                if (j->capped) memcpy(j->capped + (row - j->att), row, sizeof(float) * (size_t)visible);
+                for (int x = a; x < b; x++) row[x] = ms_softcap(row[x], cap);
+                if (j->capped) memcpy(j->capped + (row - j->att) + a, row + a, sizeof(float) * (size_t)(b - a));
             }
             if (j->phase == PHASE_SCORES) {
-                for (int x = visible; x < nk; x++) row[x] = -INFINITY;
+                for (int x = 0; x < a; x++) row[x] = -INFINITY;
+                for (int x = b; x < nk; x++) row[x] = -INFINITY;
             } else if (j->phase == PHASE_SOFTMAX || j->phase == PHASE_ALL_KEPT) {
-                ms_softmax(row, visible);
-                for (int x = visible; x < nk; x++) row[x] = 0.0f;
+                ms_softmax(row + a, b - a);
+                for (int x = 0; x < a; x++) row[x] = 0.0f;
+                for (int x = b; x < nk; x++) row[x] = 0.0f;
             } else if (j->phase == PHASE_ALL) {
-                ms_softmax(row, visible);
-                for (int x = visible; x < seen; x++) row[x] = 0.0f; /* the group's common length */
+                ms_softmax(row + a, b - a);
             }
         }
-        if (all || j->phase == PHASE_MIX) {
-            int visible[4] = {0};
-            for (int k = 0; k < n4; k++) visible[k] = q0 + i + k + 1 < nk ? q0 + i + k + 1 : nk;
-            mix_group(zi, ZW, rows, nk, values, visible, n4, d);
-        }
+        if (all || j->phase == PHASE_MIX) mix_group(zi, ZW, rows, nk, values, lo, hi, n4, d);
     }
 }
 

@@ -100,6 +100,8 @@ typedef struct {
     const float *ln1_post_w, *ln2_post_w; /* [d_model] the outputs' norms (post_norms only; RMSNorm) */
     int rope_local;              /* rotary models: 1 when the block rotates with the model's local
                                     angles (Gemma 3's sliding-window layers) */
+    int attn_window;             /* > 0: sliding-window attention, a query sees the last attn_window
+                                    tokens (itself included); 0: every earlier token */
     ms_linear_weight mlp_in;     /* d_model -> d_mlp (the "up" projection when gated) */
     ms_linear_weight mlp_gate;   /* d_model -> d_mlp, gated MLPs only */
     ms_linear_weight mlp_out;    /* d_mlp -> d_model */
@@ -132,6 +134,8 @@ typedef struct {
     const float *rope_inv_freq_local; /* [rotary_dim / 2] or NULL: the angles of the blocks marked
                                     rope_local (not multiplied by rope_scale) */
     float embed_scale;           /* hook_embed = wte[token] * this (Gemma: sqrt(d_model); else 1) */
+    int padding_idx;             /* >= 0: this token's embedding row takes no gradient from the
+                                    lookup (nn.Embedding's padding_idx); -1: none */
     float attn_scale;            /* > 0: scores = q.k * this, instead of / sqrt(d_head) (Gemma 2's
                                     query_pre_attn_scalar^-1/2) */
     float attn_softcap;          /* > 0: scores <- cap tanh(scores / cap) before the mask (Gemma 2) */

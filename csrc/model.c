@@ -134,6 +134,8 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
         FAIL("config: the outputs' norms (post_norms) are RMSNorms, of blocks without experts");
     if (!(isfinite(m->embed_scale) && m->embed_scale > 0.0f))
         FAIL("config: embed_scale must be a finite number > 0, got %g", (double)m->embed_scale);
+    if (m->padding_idx < -1 || m->padding_idx >= c->d_vocab)
+        FAIL("config: padding_idx must be a token (0 to %d) or -1 (none), got %d", c->d_vocab - 1, m->padding_idx);
     if (c->rotary_dim) {
         CHECK(m->rope_inv_freq, (size_t)c->rotary_dim / 2, "rope_inv_freq", -1);
         CHECK_OPT(m->rope_inv_freq_local, (size_t)c->rotary_dim / 2, "rope_inv_freq_local", -1);

@@ -408,7 +408,8 @@ static void gather_attention(const ms_layout *L, const float *att, float *out, f
     }
 }
 
-static void scatter_attention(const ms_layout *L, float *att, const float *out) {
+/* att <- out at the keys each query sees (the others stay masked) */
+static void scatter_attention(const ms_layout *L, int layer, float *att, const float *out) {
     const ms_plan *p = L->plan;
     int H = L->m->cfg.n_heads, T = p->n_pos;
     for (int r = 0; r < L->active_rows; r++) {
@@ -417,17 +418,20 @@ static void scatter_attention(const ms_layout *L, float *att, const float *out) 
         for (int h = 0; h < H; h++) {
             float *dst = att + L->att_off[r] + (size_t)h * nq * nk;
             const float *src = out + ((size_t)r * H + h) * T * T;
-            for (int i = 0; i < nq; i++)
+            for (int i = 0; i < nq; i++) {
+                int lo = ms_first_key(L->m, layer, L->first[r] + i);
                 for (int j = 0, t = 0; t <= qpos[i]; t++) { /* keys after the query stay masked */
                     if (p->mask && !p->mask[(size_t)r * T + t]) continue;
-                    dst[(size_t)i * nk + j++] = src[(size_t)qpos[i] * T + t];
+                    if (j >= lo) dst[(size_t)i * nk + j] = src[(size_t)qpos[i] * T + t];
+                    j++;
                 }
+            }
         }
     }
 }
 
 
-static void apply_attention_action(const ms_layout *L, const ms_action *a, float *att) {
+static void apply_attention_action(const ms_layout *L, int layer, const ms_action *a, float *att) {
     const ms_plan *p = L->plan;
     int first = a->row < 0 ? 0 : a->row, last = a->row < 0 ? L->active_rows : a->row + 1;
     size_t box = (size_t)a->n_a * a->n_b * a->n_c;
@@ -437,7 +441,7 @@ static void apply_attention_action(const ms_layout *L, const ms_action *a, float
         for (int ib = 0; ib < a->n_b; ib++) {
             int qk = L->packed_of[(size_t)r * p->n_pos + a->b[ib]];
             if (qk < 0) continue; /* padding, or not recomputed */
-            int qi = qk - L->row_off[r];
+            int qi = qk - L->row_off[r], lo = ms_first_key(L->m, layer, L->first[r] + qi);
             int s = a->src_row, sq = -1, sq_n = 0, sk_n = 0;
             if (a->kind == MS_DO_COPY_ROW) {
                 int sk = s < L->active_rows ? L->packed_of[(size_t)s * p->n_pos + a->b[ib]] : -1;
@@ -448,6 +452,7 @@ static void apply_attention_action(const ms_layout *L, const ms_action *a, float
                 /* padding, and keys after the query: the causal mask holds */
                 if (!is_real(p, r, a->c[ic]) || a->c[ic] > a->b[ib]) continue;
                 int kj = key_index(p, r, a->c[ic]);
+                if (kj < lo) continue; /* before the query's sliding window: masked too */
                 for (int ia = 0; ia < a->n_a; ia++) {
                     float *x = row_att + ((size_t)a->a[ia] * nq + qi) * nk + kj;
                     size_t vi = (size_t)(r - first) * box + ((size_t)ia * a->n_b + ib) * a->n_c + ic;
@@ -482,9 +487,9 @@ ms_status ms_visit_attention(const ms_layout *L, ms_site site, int layer, float 
                 snprintf(err->message, sizeof err->message, "a hook raised an exception");
                 return MS_ERR_CALLBACK;
             }
-            scatter_attention(L, att, a->out);
+            scatter_attention(L, layer, att, a->out);
         } else {
-            apply_attention_action(L, a, att);
+            apply_attention_action(L, layer, a, att);
         }
     }
     return MS_OK;

@@ -8,6 +8,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -114,30 +115,47 @@ static int config_float(PyObject *config, const char *key, float *out) {
     return 0;
 }
 
-/* config["rope_local_layers"], when present: one 0 or 1 per layer, into blocks[l].rope_local */
-static int config_local_layers(PyObject *config, ms_block *blocks, int n_layers) {
-    PyObject *v = PyDict_GetItemString(config, "rope_local_layers"); /* borrowed */
+/* config[key], when present: one integer in [lo, hi] per layer, into out[n_layers].
+ * 1 when present, 0 when absent, -1 with an exception set. */
+static int config_per_layer(PyObject *config, const char *key, int n_layers, long lo, long hi, int *out) {
+    PyObject *v = PyDict_GetItemString(config, key); /* borrowed */
     if (!v) return 0;
-    PyObject *seq = PySequence_Fast(v, "config: rope_local_layers must be a sequence");
+    PyObject *seq = PySequence_Fast(v, "config: a per-layer entry must be a sequence");
     if (!seq) return -1;
-    int st = 0;
+    int st = 1;
     if (PySequence_Fast_GET_SIZE(seq) != n_layers) {
-        PyErr_Format(PyExc_ValueError, "config: rope_local_layers must have one entry per layer (%d)", n_layers);
+        PyErr_Format(PyExc_ValueError, "config: %s must have one entry per layer (%d)", key, n_layers);
         st = -1;
     }
-    for (int l = 0; l < n_layers && !st; l++) {
+    for (int l = 0; l < n_layers && st == 1; l++) {
         long x = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, l));
         if (x == -1 && PyErr_Occurred()) {
             st = -1;
-        } else if (x != 0 && x != 1) {
-            PyErr_SetString(PyExc_ValueError, "config: rope_local_layers holds 0 or 1 per layer");
+        } else if (x < lo || x > hi) {
+            PyErr_Format(PyExc_ValueError, "config: %s holds integers from %ld to %ld, one per layer", key, lo, hi);
             st = -1;
         } else {
-            blocks[l].rope_local = (int)x;
+            out[l] = (int)x;
         }
     }
     Py_DECREF(seq);
     return st;
+}
+
+/* config["rope_local_layers"] (0 or 1 per layer) into blocks[l].rope_local and
+ * config["attn_windows"] (0, or the sliding window, per layer) into blocks[l].attn_window */
+static int config_layers(PyObject *config, ms_block *blocks, int n_layers) {
+    int *x = malloc(sizeof(int) * (size_t)(n_layers > 0 ? n_layers : 1));
+    if (!x) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int st = config_per_layer(config, "rope_local_layers", n_layers, 0, 1, x);
+    for (int l = 0; st == 1 && l < n_layers; l++) blocks[l].rope_local = x[l];
+    if (st >= 0) st = config_per_layer(config, "attn_windows", n_layers, 0, INT_MAX, x);
+    for (int l = 0; st == 1 && l < n_layers; l++) blocks[l].attn_window = x[l];
+    free(x);
+    return st < 0 ? -1 : 0;
 }
 
 /* Model(config, weights): config a dict of the ms_config fields (plus linear_trans:
@@ -148,7 +166,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"config", "weights", NULL};
     ms_config c = {0};
     PyObject *config = NULL, *weights = NULL;
-    int act = 0, norm = 0, trans = 0;
+    int act = 0, norm = 0, trans = 0, padding_idx = -1;
     float rope_scale = 1.0f, embed_scale = 1.0f, attn_scale = 0.0f, attn_softcap = 0.0f, logit_softcap = 0.0f;
     char name[160];
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &config, &PyDict_Type,
@@ -169,6 +187,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     if (PyDict_GetItemString(config, "qk_norm") && config_int(config, "qk_norm", &c.qk_norm)) return -1;
     if (PyDict_GetItemString(config, "embed_scale") && config_float(config, "embed_scale", &embed_scale))
         return -1;
+    if (PyDict_GetItemString(config, "padding_idx") && config_int(config, "padding_idx", &padding_idx)) return -1;
     if (PyDict_GetItemString(config, "post_norms") && config_int(config, "post_norms", &c.post_norms)) return -1;
     if ((PyDict_GetItemString(config, "attn_scale") && config_float(config, "attn_scale", &attn_scale)) ||
         (PyDict_GetItemString(config, "attn_softcap") && config_float(config, "attn_softcap", &attn_softcap)) ||
@@ -202,7 +221,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         PyErr_NoMemory();
         return -1;
     }
-    if (config_local_layers(config, self->blocks, c.n_layers)) return -1;
+    if (config_layers(config, self->blocks, c.n_layers)) return -1;
     size_t C = (size_t)c.d_model, F = (size_t)c.d_mlp, V = (size_t)c.d_vocab;
     size_t QD = (size_t)c.n_heads * c.d_head, KD = (size_t)c.n_kv_heads * c.d_head, QW = QD + 2 * KD;
     size_t FW = F * (c.gated_mlp ? 2 : 1);
@@ -220,6 +239,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     m->blocks = self->blocks;
     m->rope_scale = rope_scale;
     m->embed_scale = embed_scale;
+    m->padding_idx = padding_idx;
     m->attn_scale = attn_scale, m->attn_softcap = attn_softcap, m->logit_softcap = logit_softcap;
     m->wpe = m->rope_inv_freq = m->rope_inv_freq_local = m->lnf_b = NULL;
 #define TAKE(dst, key, n) \

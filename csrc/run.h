@@ -59,6 +59,14 @@ void ms_rope_table(float *rope, const ms_model *m, int n);
  * (which holds the local angles' table after the model's, when the model has them) */
 const float *ms_block_rope(const float *rope, const ms_model *m, int layer, int n);
 
+/* The first key (index among a row's real tokens) the row's real token `query`
+ * attends to in block `layer`: 0, or where its sliding window starts. Both ends of
+ * a query's keys grow with the query. */
+static inline int ms_first_key(const ms_model *m, int layer, int query) {
+    int w = m->blocks[layer].attn_window;
+    return w > 0 && query >= w ? query - w + 1 : 0;
+}
+
 /* Apply the plan's actions for a token site. value: [N, width] with row stride ld. */
 ms_status ms_visit_tokens(const ms_layout *L, ms_site site, int layer, float *value, int ld,
                           ms_error *err);

@@ -17,7 +17,8 @@ torch.set_grad_enabled(False)
 # normed outputs, query_pre_attn_scalar, and caps small enough to bend the scores and
 # the logits (O(1) weights give scores of a few units and logits of about ten); Gemma 3's
 # per-head query and key norms and its sliding layers' own angles (theta 50 there, 10^6
-# in its full layer)
+# in its full layer); sliding windows shorter than the prompts (5 tokens in every layer
+# of Mistral, 4 in Gemma 2's and 3's sliding layers)
 CONFIGS = {
     "llama_gqa3": ("llama", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
                                  num_hidden_layers=3, intermediate_size=50, vocab_size=101,
@@ -30,7 +31,7 @@ CONFIGS = {
                                                          original_max_position_embeddings=16))),
     "mistral_gqa2": ("mistral", dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
                                      num_hidden_layers=2, intermediate_size=30, vocab_size=77,
-                                     max_position_embeddings=64, rope_theta=10000.0, sliding_window=None)),
+                                     max_position_embeddings=64, rope_theta=10000.0, sliding_window=5)),
     "qwen2_bias": ("qwen2", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2,
                                  num_hidden_layers=2, intermediate_size=44, vocab_size=83,
                                  max_position_embeddings=64, tie_word_embeddings=True, rope_theta=1e6)),
@@ -52,12 +53,12 @@ CONFIGS = {
                                       num_hidden_layers=2, intermediate_size=44, vocab_size=79,
                                       max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-6,
                                       query_pre_attn_scalar=20, attn_logit_softcapping=3.0,
-                                      final_logit_softcapping=5.0, sliding_window=32)),
+                                      final_logit_softcapping=5.0, sliding_window=4)),
     "gemma3_local_rope": ("gemma3_text", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
                                                head_dim=12, num_hidden_layers=3, intermediate_size=44,
                                                vocab_size=79, max_position_embeddings=64, rope_theta=1e6,
                                                rope_local_base_freq=50.0, rms_norm_eps=1e-6,
-                                               query_pre_attn_scalar=12, sliding_window=32,
+                                               query_pre_attn_scalar=12, sliding_window=4,
                                                layer_types=["sliding_attention", "full_attention",
                                                             "sliding_attention"])),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
@@ -149,6 +150,15 @@ def test_length_one(pair):
 
 # ---- TransformerLens ---------------------------------------------------------------------
 
+def tl_windows(c, family):
+    """TransformerLens's local attention for the layers with a sliding window"""
+    if family not in ("mistral", "gemma2", "gemma3_text") or getattr(c, "sliding_window", None) is None:
+        return {}
+    kinds = ["sliding_attention"] * c.num_hidden_layers if family == "mistral" else c.layer_types
+    return dict(use_local_attn=True, window_size=c.sliding_window,
+                attn_types=["local" if t == "sliding_attention" else "global" for t in kinds])
+
+
 def tl_from_hf(hf, family):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import (convert_gemma_weights, convert_llama_weights,
@@ -184,11 +194,9 @@ def tl_from_hf(hf, family):
                                               attn_scores_soft_cap=c.attn_logit_softcapping or -1.0,
                                               output_logits_soft_cap=c.final_logit_softcapping or -1.0)
                                          if family in ("gemma2", "gemma3_text") else {}),
-                                      **(dict(use_local_attn=True, window_size=c.sliding_window,
-                                              rotary_base_local=c.rope_local_base_freq,
-                                              attn_types=["local" if t == "sliding_attention" else "global"
-                                                          for t in c.layer_types])
-                                         if family == "gemma3_text" else {}))
+                                      **(dict(rotary_base_local=c.rope_local_base_freq)
+                                         if family == "gemma3_text" else {}),
+                                      **tl_windows(c, family))
         convert = {"llama": convert_llama_weights, "mistral": convert_mistral_weights,
                    "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights,
                    "gemma": convert_gemma_weights, "gemma2": convert_gemma_weights,
@@ -416,17 +424,58 @@ def test_gemma_hidden_activation_warns_and_hidden_act_rules():
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
 
 
-def test_gemma2_sliding_window_is_the_context_limit(tmp_path):
-    """Gemma 2's sliding-window layers see every earlier token of a prompt no longer than
-    the window: a prompt of exactly the window (32 tokens here) gives HF's logits (HF
-    masks its sliding layers), one token more is refused"""
-    hf = make_hf("gemma2_softcap", seed=6)
-    assert "sliding_attention" in hf.config.layer_types
+def test_attention_interventions_keep_the_sliding_window(tmp_path):
+    """Keys before a query's window stay masked, as later keys do: actions and hooks
+    that write scores or pattern entries there change nothing; inside the window a
+    pattern action gives TransformerLens's hooked logits (its local attention)"""
+    hf = make_hf("mistral_gqa2", seed=7)
     hf.save_pretrained(tmp_path)
     model = ms.Model.from_pretrained(tmp_path)
-    assert model.n_ctx == 32
-    tokens = np.random.default_rng(3).integers(0, model.d_vocab, (2, 32))
-    want = hf(torch.as_tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="32"):
-        model.run(np.zeros((1, 33), np.int64))
+    tl = tl_from_hf(hf, "mistral")
+    tokens = np.random.default_rng(8).integers(0, model.d_vocab, (2, 9))
+    plain = model.run(tokens).logits
+    # query 8 with a window of 5 sees keys 4 .. 8
+    outside = [ms.Set("blocks.1.attn.hook_pattern", 0.25, head=0, pos=8, key_pos=[0, 1, 2, 3]),
+               ms.Set("blocks.0.attn.hook_attn_scores", 0.0, pos=8, key_pos=[0, 3])]
+    np.testing.assert_array_equal(model.run(tokens, interventions=outside).logits, plain)
+    unmask = {"blocks.*.attn.hook_attn_scores": lambda v, hook: np.where(np.isinf(v), 0.0, v)}
+    np.testing.assert_array_equal(model.run(tokens, hooks=unmask).logits, plain)
+    inside = model.run(tokens, interventions=[ms.Set("blocks.1.attn.hook_pattern", 0.25, head=0, pos=8,
+                                                     key_pos=[4, 6])]).logits
+    assert np.abs(inside - plain).max() > 1e-3
+
+    def set_pattern(value, hook):
+        value[:, 0, 8, [4, 6]] = 0.25
+        return value
+    want = tl.run_with_hooks(torch.as_tensor(tokens), fwd_hooks=[("blocks.1.attn.hook_pattern", set_pattern)])
+    np.testing.assert_allclose(inside, want.numpy(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope"])
+def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
+    """Prompts of up to 100 tokens through windows of 37 (every layer for Mistral, the
+    sliding layers for Gemma 2 and 3): windows that start past key 32 (the scores'
+    kernel skips whole blocks of 32 keys), groups of four queries whose windows start
+    at different keys, left and right padding; HF's logits and hidden states, a model
+    whose context is its max_position_embeddings; and greedy generation from a prompt
+    of 30 to 60 tokens, past the window in the cached steps"""
+    family, kw = CONFIGS[name]
+    hf = make_hf(None, seed=6, spec=(family, dict(kw, sliding_window=37, max_position_embeddings=128)))
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    assert model.n_ctx == 128
+    rng = np.random.default_rng(3)
+    for left in (False, True):
+        tokens, mask = batch(model, rng, [100, 70, 33, 99], 100, left)
+        ref_logits, hidden = hf_run(hf, tokens, mask)
+        out = model.run(tokens, attention_mask=mask, cache="blocks.*.hook_resid_pre")
+        real = mask.astype(bool)
+        np.testing.assert_allclose(out.logits[real], ref_logits[real], atol=ATOL, rtol=0)
+        for layer in range(model.n_layers):
+            np.testing.assert_allclose(out.cache[f"blocks.{layer}.hook_resid_pre"][real], hidden[layer][real],
+                                       atol=ATOL, rtol=0, err_msg=f"layer {layer}")
+    prompt = rng.integers(0, model.d_vocab, (1, 30))
+    want = hf.generate(torch.as_tensor(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0,
+                       attention_mask=torch.ones(1, 30, dtype=torch.long)).numpy()
+    got = np.asarray(model.generate(prompt, 30, do_sample=False))
+    np.testing.assert_array_equal(got[:, :want.shape[1]], want)

@@ -545,6 +545,44 @@ def test_gemma2_output_norms_and_soft_caps_match_autograd():
         np.testing.assert_allclose(visited.weights[name], w, rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope"])
+def test_sliding_windows_past_the_window_match_autograd(name):
+    """Windows of 37 keys over prompts of up to 80 (the backward's blocks of 32 queries
+    then skip the keys before the block's first window), left padded: every site and
+    weight against autograd; the path that visits the scores and the pattern gives the
+    same gradients, and the pattern's gradient is 0 before each query's window"""
+    family, kw = ARCH_CONFIGS[name]
+    hf = make_arch_hf(None, seed=2, spec=(family, dict(kw, sliding_window=37, max_position_embeddings=128)))
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    tokens, mask = batch(np.random.default_rng(4), model.d_vocab, [80, 70, 40], 80, "left")
+    sites = ARCH_SITES + ["blocks.0.mlp.hook_pre_linear"]
+    value, ref_sites, ref_params = arch_gradients(hf, family, tokens, mask, torch_cross_entropy(tokens, mask), sites)
+    g = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+    assert abs(g.value - value) < 1e-5 * max(1, abs(value))
+    check(g, ref_sites, ref_params, mask)
+    attention = ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores"]
+    visited = model.grad(tokens, "cross_entropy", sites=sites[:2] + attention, weights=True, attention_mask=mask)
+    for site in sites[:2]:
+        np.testing.assert_allclose(visited[site], g[site], rtol=0, atol=1e-6, err_msg=site)
+    for w, want in g.weights.items():
+        np.testing.assert_allclose(visited.weights[w], want, rtol=0, atol=1e-6, err_msg=w)
+    row = 0  # unpadded: query i sees keys i - 36 .. i
+    gap = np.arange(80)[:, None] - np.arange(80)[None, :]
+    for site in attention:
+        grad = visited[site][row]
+        assert np.all(grad[:, gap >= 37] == 0) and np.abs(grad[:, (gap >= 0) & (gap < 37)]).max() > 0, site
+    # pattern entries set before a query's window stay masked, in the backward too (keys
+    # 29 and 33 are in the products of the block of queries 64-79, before query 70's
+    # window); set in the window, they count
+    def with_set(keys):
+        return model.grad(tokens, "cross_entropy", sites=sites[:2], weights=True, attention_mask=mask,
+                          interventions=[ms.Set("blocks.0.attn.hook_pattern", 0.25, row=0, pos=70, key_pos=keys)])
+    outside, inside = with_set([29, 33]), with_set([34, 60])
+    for w, want in g.weights.items():
+        np.testing.assert_allclose(outside.weights[w], want, rtol=0, atol=1e-6, err_msg=w)
+    assert max(np.abs(inside.weights[w] - want).max() for w, want in g.weights.items()) > 1e-4
+
+
 # ---- runs that start at a block (DAS's repeated base runs) ----------------------------------
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa3", "neox_parallel"])

@@ -277,9 +277,6 @@ def _llama(config, family):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
                          "(sliding-window attention)")
     n_ctx = cfg["max_position_embeddings"]
-    if family in ("mistral", "mixtral") + GEMMA2_TYPES and cfg.get("sliding_window") is not None:
-        # within the window, sliding-window attention is ordinary causal attention
-        n_ctx = min(n_ctx, _positive_int(cfg, "sliding_window"))
     theta = _number(cfg, "rope_theta", 1e-9)
     arch = dict(family=family, n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=KV,
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"], n_ctx=n_ctx,
@@ -308,6 +305,11 @@ def _llama(config, family):
             warnings.warn(f"config: hidden_activation {act!r} differs from hidden_act {cfg['hidden_act']!r}; "
                           "the MLP uses hidden_act, as transformers' Gemma does (TransformerLens's Gemma "
                           "uses gelu_pytorch_tanh)", stacklevel=3)
+    pad = cfg.get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < cfg["vocab_size"]:
+        # transformers' embedding here is nn.Embedding(padding_idx=pad_token_id): the pad
+        # token's row takes no gradient from the lookup (it does as the tied unembedding)
+        arch["padding_idx"] = pad
     if family.startswith("gemma"):
         # HF multiplies the embeddings by sqrt(hidden_size) rounded to the model's float
         # type (float32 here) and keeps the unembedding (the tied embedding) as it is
@@ -336,7 +338,25 @@ def _llama(config, family):
                                                                  cfg["max_position_embeddings"])
     if family == "gemma3_text":
         _gemma3_layers(cfg, arch)
+    windows = _attention_windows(cfg, family, arch["n_layers"])
+    if any(windows):
+        arch["attn_windows"] = windows
     return cfg, arch
+
+
+
+
+def _layer_kinds(cfg, family, n_layers):
+    """Gemma 2's and 3's layer_types (sliding_attention or full_attention per layer),
+    filled in as transformers fills them when the config has none: every other
+    layer sliding from the first (Gemma 2), five of every six (Gemma 3)."""
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        every = 2 if family == "gemma2" else cfg.get("sliding_window_pattern", 6)
+        kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
+    if len(kinds) != n_layers:
+        raise ValueError(f"config: layer_types has {len(kinds)} entries for {n_layers} layers")
+    return kinds
 
 
 def _gemma3_layers(cfg, arch):
@@ -344,15 +364,23 @@ def _gemma3_layers(cfg, arch):
     rope_local_base_freq, no scaling); the others with the model's."""
     if cfg.get("use_bidirectional_attention"):
         raise ValueError("config: use_bidirectional_attention=True is not supported (attention to later tokens)")
-    kinds = cfg.get("layer_types")
-    if kinds is None:  # as transformers fills it in
-        every = cfg.get("sliding_window_pattern", 6)
-        kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(arch["n_layers"])]
-    if len(kinds) != arch["n_layers"]:
-        raise ValueError(f"config: layer_types has {len(kinds)} entries for {arch['n_layers']} layers")
+    kinds = _layer_kinds(cfg, "gemma3_text", arch["n_layers"])
     local = _number(cfg, "rope_local_base_freq", 1e-9)
     arch["rope_inv_freq_local"] = rope_frequencies(local, arch["d_head"], None, cfg["max_position_embeddings"])[0]
     arch["rope_local_layers"] = [int(k == "sliding_attention") for k in kinds]
+
+
+def _attention_windows(cfg, family, n_layers):
+    """Per layer, the sliding window (a query sees the last `sliding_window` tokens,
+    itself included, as transformers masks them) or 0 (every earlier token): every
+    layer of Mistral and Mixtral when they have a window, Gemma 2's and 3's
+    sliding_attention layers."""
+    if family not in ("mistral", "mixtral") + GEMMA2_TYPES or cfg.get("sliding_window") is None:
+        return [0] * n_layers
+    window = _positive_int(cfg, "sliding_window")
+    if family in ("mistral", "mixtral"):
+        return [window] * n_layers
+    return [window if k == "sliding_attention" else 0 for k in _layer_kinds(cfg, family, n_layers)]
 
 
 def _neox(config):
@@ -699,11 +727,12 @@ def core_config(arch):
     out = {k: arch[k] for k in keys}
     out.update(n_experts=arch.get("n_experts", 0), experts_per_token=arch.get("experts_per_token", 0),
                qk_norm=arch.get("qk_norm", 0), expert_renormalize=arch.get("expert_renormalize", 1),
-               embed_scale=arch.get("embed_scale", 1.0), post_norms=arch.get("post_norms", 0),
+               embed_scale=arch.get("embed_scale", 1.0), padding_idx=arch.get("padding_idx", -1), post_norms=arch.get("post_norms", 0),
                attn_scale=arch.get("attn_scale", 0.0), attn_softcap=arch.get("attn_softcap", 0.0),
                logit_softcap=arch.get("logit_softcap", 0.0))
-    if "rope_local_layers" in arch:
-        out["rope_local_layers"] = arch["rope_local_layers"]
+    for key in ("rope_local_layers", "attn_windows"):
+        if key in arch:
+            out[key] = arch[key]
     return out
 
 

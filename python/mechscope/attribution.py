@@ -103,29 +103,31 @@ def _box_sums(kind, contribution):
 # ---------------------------------------------------------------- AtP*: exact softmax
 
 def _scoring(model, layer):
-    """(the factor the core multiplies q . k by, the scores' soft cap or 0), as
-    csrc/forward.c computes a layer's scores"""
+    """(the factor the core multiplies q . k by, the scores' soft cap or 0, the
+    layer's sliding window or 0), as csrc/forward.c computes a layer's scores"""
     scale = model.arch.get("attn_scale") or 1.0
     if not model.arch.get("attn_scale") and model.arch.get("scale_attn_weights", 1):
         scale /= np.sqrt(model.d_head)
     if model.arch.get("scale_attn_by_inverse_layer", 0):
         scale /= layer + 1
-    return scale, model.arch.get("attn_softcap", 0.0)
+    window = (model.arch.get("attn_windows") or [0] * model.n_layers)[layer]
+    return scale, model.arch.get("attn_softcap", 0.0), window
 
 
-def _allowed(mask, B, T):
-    """[B, T(query), T(key)] bool: keys a query attends to (causal, real tokens)."""
-    causal = np.tril(np.ones((T, T), bool))[None]
-    if mask is None:
-        return np.broadcast_to(causal, (B, T, T))
-    real = mask.astype(bool)
-    return causal & real[:, None, :] & real[:, :, None]
+def _allowed(mask, B, T, window=0):
+    """[B, T(query), T(key)] bool: keys a query attends to (causal, real tokens; with a
+    sliding window, the last `window` real tokens up to the query)."""
+    real = np.ones((B, T), bool) if mask is None else mask.astype(bool)
+    index = np.cumsum(real, axis=1, dtype=np.int32)  # a real token's index among its row's real tokens, + 1
+    gap = index[:, :, None] - index[:, None, :]  # [B, query, key]
+    allowed = (gap >= 0) & real[:, None, :] & real[:, :, None] & np.tril(np.ones((T, T), bool))[None]
+    return allowed & (gap < window) if window else allowed
 
 
 def _scores(q, k, scoring, n_rep):
     """q [B, T, H, dh], k [B, T, KV, dh] -> scale * q . k [B, H, T(query), T(key)] (float64),
-    soft-capped (cap tanh(s / cap)) when scoring = (scale, cap) has a cap."""
-    scale, cap = scoring
+    soft-capped (cap tanh(s / cap)) when scoring = (scale, cap, window) has a cap."""
+    scale, cap = scoring[:2]
     k = np.repeat(k, n_rep, axis=2) if n_rep > 1 else k
     s = scale * np.einsum("bihd,bjhd->bhij", q.astype(np.float64), k.astype(np.float64))
     return cap * np.tanh(s / cap) if cap else s
@@ -215,7 +217,7 @@ def _qk_fix_chunked(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pa
     out = np.zeros((B, heads_out) if kind == "head_all_pos" else (B, T, heads_out))
     for b0 in range(0, B, rows):
         b = slice(b0, min(B, b0 + rows))
-        allowed = _allowed(None if mask is None else mask[b], b.stop - b.start, T)
+        allowed = _allowed(None if mask is None else mask[b], b.stop - b.start, T, scoring[2])
         for g0 in range(0, KV, groups):
             g = slice(g0, min(KV, g0 + groups))
             h = slice(g.start * n_rep, g.stop * n_rep)
