@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3 and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -61,6 +61,13 @@ CONFIGS = {
                                                query_pre_attn_scalar=12, sliding_window=4,
                                                layer_types=["sliding_attention", "full_attention",
                                                             "sliding_attention"])),
+    # Phi-3's fused q|k|v and gate|up; Phi-4-mini's partial rotary and tied unembedding;
+    # token 0 its pad (transformers' embedding row without gradient)
+    "phi3_partial_tied": ("phi3", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=2, intermediate_size=40, vocab_size=81,
+                                       max_position_embeddings=64, original_max_position_embeddings=64,
+                                       rope_theta=500.0, partial_rotary_factor=0.5, sliding_window=5,
+                                       tie_word_embeddings=True, pad_token_id=0)),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -75,7 +82,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
             "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -127,11 +134,8 @@ def batch(model, rng, lengths, T, left):
     return tokens, mask
 
 
-@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
-def test_logits_and_hidden_states_match_hf(pair, left):
-    name, hf, model = pair
-    rng = np.random.default_rng(5)
-    tokens, mask = batch(model, rng, [9, 4, 1, 7], 9, left)
+def assert_matches_hf(model, hf, tokens, mask):
+    """the logits and every block's input at the real tokens, within ATOL"""
     ref_logits, hidden = hf_run(hf, tokens, mask)
     out = model.run(tokens, attention_mask=mask, cache="blocks.*.hook_resid_pre")
     real = mask.astype(bool)
@@ -139,6 +143,12 @@ def test_logits_and_hidden_states_match_hf(pair, left):
     for layer in range(model.n_layers):
         got = out.cache[f"blocks.{layer}.hook_resid_pre"]
         np.testing.assert_allclose(got[real], hidden[layer][real], atol=ATOL, rtol=0, err_msg=f"layer {layer}")
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+def test_logits_and_hidden_states_match_hf(pair, left):
+    name, hf, model = pair
+    assert_matches_hf(model, hf, *batch(model, np.random.default_rng(5), [9, 4, 1, 7], 9, left))
 
 
 def test_length_one(pair):
@@ -152,9 +162,9 @@ def test_length_one(pair):
 
 def tl_windows(c, family):
     """TransformerLens's local attention for the layers with a sliding window"""
-    if family not in ("mistral", "gemma2", "gemma3_text") or getattr(c, "sliding_window", None) is None:
+    if family not in ("mistral", "phi3", "gemma2", "gemma3_text") or getattr(c, "sliding_window", None) is None:
         return {}
-    kinds = ["sliding_attention"] * c.num_hidden_layers if family == "mistral" else c.layer_types
+    kinds = ["sliding_attention"] * c.num_hidden_layers if family in ("mistral", "phi3") else c.layer_types
     return dict(use_local_attn=True, window_size=c.sliding_window,
                 attn_types=["local" if t == "sliding_attention" else "global" for t in kinds])
 
@@ -163,7 +173,7 @@ def tl_from_hf(hf, family):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import (convert_gemma_weights, convert_llama_weights,
                                                                  convert_mistral_weights, convert_neox_weights,
-                                                                 convert_qwen2_weights)
+                                                                 convert_phi3_weights, convert_qwen2_weights)
     from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
     c = hf.config
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
@@ -179,7 +189,8 @@ def tl_from_hf(hf, family):
         convert = convert_neox_weights
     else:
         cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.rms_norm_eps, normalization_type="RMS",
-                                      final_rms=True, gated_mlp=True, rotary_dim=d_head,
+                                      final_rms=True, gated_mlp=True,
+                                      rotary_dim=round(d_head * getattr(c, "partial_rotary_factor", 1.0)),
                                       rotary_base=c.rope_theta, n_key_value_heads=c.num_key_value_heads,
                                       use_qk_norm=family in ("qwen3", "gemma3_text"),
                                       original_architecture={"llama": "LlamaForCausalLM",
@@ -188,7 +199,8 @@ def tl_from_hf(hf, family):
                                                              "qwen3": "Qwen3ForCausalLM",
                                                              "gemma": "GemmaForCausalLM",
                                                              "gemma2": "Gemma2ForCausalLM",
-                                                             "gemma3_text": "Gemma3ForCausalLM"}[family],
+                                                             "gemma3_text": "Gemma3ForCausalLM",
+                                                             "phi3": "Phi3ForCausalLM"}[family],
                                       **(dict(use_normalization_before_and_after=True,
                                               attn_scale=c.query_pre_attn_scalar ** 0.5,
                                               attn_scores_soft_cap=c.attn_logit_softcapping or -1.0,
@@ -200,7 +212,7 @@ def tl_from_hf(hf, family):
         convert = {"llama": convert_llama_weights, "mistral": convert_mistral_weights,
                    "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights,
                    "gemma": convert_gemma_weights, "gemma2": convert_gemma_weights,
-                   "gemma3_text": convert_gemma_weights}[family]
+                   "gemma3_text": convert_gemma_weights, "phi3": convert_phi3_weights}[family]
     tl = HookedTransformer(cfg)
     tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,
@@ -237,7 +249,7 @@ def test_every_site_matches_transformer_lens(name, tmp_path):
 
 # ---- checkpoints: half precision, shards -----------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_sharded_checkpoint(tmp_path, dtype, name):
     """(Gemma's norms are 2-byte in the file: 1 + weight is made in float32, as HF makes it)"""
@@ -291,6 +303,32 @@ def test_yarn_frequencies_match_transformers(family, scaling):
     assert attention != 1.0
 
 
+@pytest.mark.parametrize("short, longest, original", [([1.0, 1.5, 2.5], 256, 64), ([0.5, 1.0, 3.0], 512, 32)])
+def test_longrope_equals_transformers_up_to_the_original_context(tmp_path, short, longest, original):
+    """LongRoPE (Phi-3.5, Phi-4-mini; partial rotary here): transformers' angles and
+    attention factor (from max_position_embeddings over the original context) for the
+    short factors, which hold up to original_max_position_embeddings, the core's limit;
+    a prompt of that length gives HF's logits, one token more is refused"""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    family, kw = CONFIGS["phi3_partial_tied"]
+    scaling = dict(type="longrope", short_factor=short, long_factor=[4.0, 5.0, 6.0])
+    hf = make_hf(None, seed=4, spec=(family, dict(kw, max_position_embeddings=longest, rope_scaling=scaling,
+                                                  original_max_position_embeddings=original)))
+    inv, attention = ROPE_INIT_FUNCTIONS["longrope"](hf.config, "cpu")
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    np.testing.assert_allclose(model.arch["rope_inv_freq"], inv.numpy(), rtol=2e-7, atol=0)
+    assert model.arch["rope_scale"] == pytest.approx(attention, rel=1e-12) and attention != 1.0
+    assert model.n_ctx == original
+    tokens, mask = batch(model, np.random.default_rng(2), [original, original - 9], original, left=True)
+    ref_logits, _ = hf_run(hf, tokens, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(model.run(tokens, attention_mask=mask).logits[real], ref_logits[real],
+                               atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=str(original)):
+        model.run(np.zeros((1, original + 1), np.int64))
+
+
 def test_dynamic_rope_scaling_equals_transformers_up_to_the_context_limit(tmp_path):
     """Dynamic NTK scaling changes HF's angles only past max_position_embeddings, the
     core's own limit; a run of exactly that length agrees, one longer is refused."""
@@ -309,7 +347,8 @@ def test_dynamic_rope_scaling_equals_transformers_up_to_the_context_limit(tmp_pa
 
 @pytest.mark.parametrize("change, match", [
     (dict(model_type="falcon"), "model_type 'falcon'"),
-    (dict(rope_scaling=dict(rope_type="longrope", factor=2.0)), "rope type 'longrope'"),
+    (dict(rope_scaling=dict(rope_type="longrope", factor=2.0)), "longrope needs short_factor"),
+    (dict(rope_scaling=dict(rope_type="su", factor=2.0)), "rope type 'su'"),
     (dict(rope_scaling=dict(rope_type="yarn")), "yarn needs factor"),
     (dict(rope_scaling=dict(rope_type="yarn", factor="4")), "factor must be a finite number"),
     (dict(rope_scaling=dict(rope_type="yarn", factor=4.0, beta_fast=float("nan"))), "beta_fast"),
@@ -345,7 +384,7 @@ PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "a
 
 
 @pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
-                                  "neox_parallel"])
+                                  "phi3_partial_tied", "neox_parallel"])
 def test_patching_matches_transformer_lens(name, tmp_path):
     from transformer_lens import patching as tl_patching
     hf = make_hf(name, seed=3)
@@ -451,7 +490,7 @@ def test_attention_interventions_keep_the_sliding_window(tmp_path):
     np.testing.assert_allclose(inside, want.numpy(), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope"])
+@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied"])
 def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
     """Prompts of up to 100 tokens through windows of 37 (every layer for Mistral, the
     sliding layers for Gemma 2 and 3): windows that start past key 32 (the scores'
@@ -460,20 +499,15 @@ def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
     whose context is its max_position_embeddings; and greedy generation from a prompt
     of 30 to 60 tokens, past the window in the cached steps"""
     family, kw = CONFIGS[name]
-    hf = make_hf(None, seed=6, spec=(family, dict(kw, sliding_window=37, max_position_embeddings=128)))
+    hf = make_hf(None, seed=6, spec=(family, dict(kw, sliding_window=37, max_position_embeddings=128,
+                                                  **({"original_max_position_embeddings": 128}
+                                                     if family == "phi3" else {}))))
     hf.save_pretrained(tmp_path)
     model = ms.Model.from_pretrained(tmp_path)
     assert model.n_ctx == 128
     rng = np.random.default_rng(3)
     for left in (False, True):
-        tokens, mask = batch(model, rng, [100, 70, 33, 99], 100, left)
-        ref_logits, hidden = hf_run(hf, tokens, mask)
-        out = model.run(tokens, attention_mask=mask, cache="blocks.*.hook_resid_pre")
-        real = mask.astype(bool)
-        np.testing.assert_allclose(out.logits[real], ref_logits[real], atol=ATOL, rtol=0)
-        for layer in range(model.n_layers):
-            np.testing.assert_allclose(out.cache[f"blocks.{layer}.hook_resid_pre"][real], hidden[layer][real],
-                                       atol=ATOL, rtol=0, err_msg=f"layer {layer}")
+        assert_matches_hf(model, hf, *batch(model, rng, [100, 70, 33, 99], 100, left))
     prompt = rng.integers(0, model.d_vocab, (1, 30))
     want = hf.generate(torch.as_tensor(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0,
                        attention_mask=torch.ones(1, 30, dtype=torch.long)).numpy()

@@ -407,6 +407,8 @@ _GEMMA2 = dict(_LLAMA, hook_attn_out=("post_attention_layernorm", "out"),
                **{"ln2.hook_normalized": ("pre_feedforward_layernorm", "out"),
                   "ln1_post.hook_normalized": ("post_attention_layernorm", "out"),
                   "ln2_post.hook_normalized": ("post_feedforward_layernorm", "out")})
+# Phi-3: q|k|v and gate|up are one product each; the sites are their parts
+_PHI3 = dict(_LLAMA, **{"attn.qkv": ("self_attn.qkv_proj", "out"), "mlp.gate_up": ("mlp.gate_up_proj", "out")})
 _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense", "in"),
          "attn.qkv": ("attention.query_key_value", "out"), "mlp.hook_pre": ("mlp.dense_h_to_4h", "out"),
          "mlp.hook_post": ("mlp.dense_4h_to_h", "in"), "hook_mlp_out": ("mlp", "out"),
@@ -418,7 +420,12 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     """As hf_gradients, for the Llama family and GPT-NeoX."""
     neox = family == "gpt_neox"
     base = hf.gpt_neox if neox else hf.model
-    layers, table = base.layers, (_NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _LLAMA)
+    table = _NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _PHI3 if family == "phi3" else _LLAMA
+    layers, fused = base.layers, {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
+    if family == "phi3":
+        fused.update({"mlp.hook_pre": "mlp.gate_up", "mlp.hook_pre_linear": "mlp.gate_up"})
+    elif not neox:
+        fused = {}
     deltas, handles = {}, []
 
     def attach(tag, module, where):
@@ -444,7 +451,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             attach(name, base.final_layer_norm if neox else base.norm, "out")
         else:
             _, layer, suffix = name.split(".", 2)
-            key = "attn.qkv" if neox and suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v") else suffix
+            key = fused.get(suffix, suffix)
             tag = f"blocks.{layer}.{key}"
             if tag not in deltas:
                 attach(tag, _module(layers[int(layer)], table[key][0]), table[key][1])
@@ -470,10 +477,19 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             # (Gemma 3's embed_tokens multiplies it itself)
             out[name] = deltas[name].grad.numpy() / np.float32(C ** 0.5)
             continue
-        if neox and suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+        if neox and suffix in fused:
             g = deltas[f"blocks.{name.split('.')[1]}.attn.qkv"].grad.numpy()
             g = g.reshape(g.shape[0], g.shape[1], H, 3, dh)
             out[name] = g[:, :, :, "qkv".index(suffix[-1])]
+            continue
+        if suffix in fused:  # Phi-3's: [q | k | v] and [gate | up] along the last axis
+            g = deltas[f"blocks.{name.split('.')[1]}.{fused[suffix]}"].grad.numpy()
+            if fused[suffix] == "attn.qkv":
+                QD, KD = H * dh, cfg.num_key_value_heads * dh
+                g = np.split(g, [QD, QD + KD], axis=-1)["qkv".index(suffix[-1])]
+                out[name] = g.reshape(g.shape[0], g.shape[1], -1, dh)
+            else:
+                out[name] = np.split(g, 2, axis=-1)[suffix == "mlp.hook_pre_linear"]
             continue
         g = deltas[name].grad.numpy()
         if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
@@ -545,14 +561,15 @@ def test_gemma2_output_norms_and_soft_caps_match_autograd():
         np.testing.assert_allclose(visited.weights[name], w, rtol=0, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope"])
+@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied"])
 def test_sliding_windows_past_the_window_match_autograd(name):
     """Windows of 37 keys over prompts of up to 80 (the backward's blocks of 32 queries
     then skip the keys before the block's first window), left padded: every site and
     weight against autograd; the path that visits the scores and the pattern gives the
     same gradients, and the pattern's gradient is 0 before each query's window"""
     family, kw = ARCH_CONFIGS[name]
-    hf = make_arch_hf(None, seed=2, spec=(family, dict(kw, sliding_window=37, max_position_embeddings=128)))
+    hf = make_arch_hf(None, seed=2, spec=(family, dict(kw, sliding_window=37, max_position_embeddings=128,
+                                                       original_max_position_embeddings=128)))
     model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
     tokens, mask = batch(np.random.default_rng(4), model.d_vocab, [80, 70, 40], 80, "left")
     sites = ARCH_SITES + ["blocks.0.mlp.hook_pre_linear"]

@@ -116,7 +116,7 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
                  what="neurons + the MLP and attention output biases = MLP outputs + attention biases")
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied",
                                   "neox_parallel"])
 def test_other_architectures(name, tmp_path):
     hf = make_hf(name, seed=2)

@@ -181,6 +181,10 @@ def _hf_logits(path, ids):
     dict(model_type="gemma3_text", hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2, head_dim=8, vocab_size=17, max_position_embeddings=16, query_pre_attn_scalar=8,
          rope_local_base_freq=100.0, layer_types=["sliding_attention", "full_attention"]),
+    # Phi-3: fused q|k|v and gate|up, written back fused; partial rotary, tied, a window
+    dict(model_type="phi3", hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=2, vocab_size=17, max_position_embeddings=16, original_max_position_embeddings=16,
+         partial_rotary_factor=0.5, tie_word_embeddings=True, sliding_window=4, pad_token_id=0),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

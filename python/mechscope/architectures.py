@@ -11,9 +11,11 @@ biases), Qwen3 (Llama's block with queries and keys RMS-normalised per head), Mi
 scale by 1 + weight, and token embeddings multiplied by sqrt(d_model)), Gemma 2 (Gemma's
 block with the attention's and the MLP's outputs normed again, and soft-capped attention
 scores and logits), Gemma 3's text model (Gemma 2's block with Qwen3's per-head query and
-key norms, and its own rotary angles in its sliding-window layers) and GPT-NeoX / Pythia
-(LayerNorm, partial rotary, parallel attention and MLP). Anything in a config that would change the computation in a way the core
-does not run is refused by name.
+key norms, and its own rotary angles in its sliding-window layers), Phi-3 / Phi-3.5 /
+Phi-4-mini (Llama's block with fused q|k|v and gate|up matrices, partial rotary and
+LongRoPE) and GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and MLP).
+Anything in a config that would change the computation in a way the core does not run
+is refused by name.
 """
 import math
 import warnings
@@ -30,7 +32,8 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+               "phi3")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
 
@@ -56,7 +59,7 @@ _NEOX_DEFAULTS = {
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3_text", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "GPTNeoXForCausalLM": "gpt_neox"}
 
 
 def _positive_int(cfg, key):
@@ -106,17 +109,22 @@ def model_type(config):
     return mt
 
 
-def rope_frequencies(theta, dim, scaling, max_positions):
+def _rope_type(scaling):
+    return scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else None
+
+
+def rope_frequencies(theta, dim, scaling, max_positions, original_max_positions=None):
     """(angle per position of each rotary pair [dim / 2] float32, the factor cos and sin
     are multiplied by), as HuggingFace computes them for rope types default, linear,
-    llama3 and yarn."""
+    llama3, yarn, dynamic (within max_positions) and longrope (within
+    original_max_positions)."""
     inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     inv = inv.astype(np.float32).astype(np.float64)
     if not scaling:
         return inv.astype(np.float32), 1.0
     if not isinstance(scaling, dict):
         raise ValueError(f"config: rope_scaling must be a dict or None, got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = _rope_type(scaling)
     if kind == "default":
         return inv.astype(np.float32), 1.0
     if kind == "linear":
@@ -143,8 +151,34 @@ def rope_frequencies(theta, dim, scaling, max_positions):
         # are the default ones
         _scaling_number(scaling, "dynamic", "factor", low=1.0)
         return inv.astype(np.float32), 1.0
+    if kind == "longrope":
+        return _longrope(theta, dim, scaling, max_positions, original_max_positions)
     raise ValueError(f"config: rope type {kind!r} is not supported (supported: default, linear, llama3, yarn, "
-                     "dynamic)")
+                     "dynamic, longrope)")
+
+
+def _longrope(theta, dim, scaling, max_positions, original_max_positions):
+    """LongRoPE (Phi-3.5, Phi-4-mini) up to the original context: each pair's angle
+    divided by its short_factor, cos and sin multiplied by attention_factor, else by
+    sqrt(1 + ln(s) / ln(original context)) where s is max_positions over the original
+    context (transformers' reading of Phi-3's configs). Float32 like HuggingFace's."""
+    short = scaling.get("short_factor")
+    if not isinstance(short, (list, tuple)) or len(short) != dim // 2:
+        raise ValueError(f"config: rope_scaling of type longrope needs short_factor, {dim // 2} numbers "
+                         "(one per rotary pair)")
+    short = np.array([_number(dict(f=x), "f", 1e-9) for x in short], np.float32)
+    if original_max_positions:
+        old = float(original_max_positions)
+        factor = max_positions / old
+    else:
+        old, factor = float(max_positions), _scaling_number(scaling, "longrope", "factor", 1.0, low=1e-9)
+    if scaling.get("attention_factor") is not None:
+        attention = _scaling_number(scaling, "longrope", "attention_factor", low=1e-9)
+    else:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+    exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv = np.float32(1.0) / (short * np.power(np.float32(theta), exponent, dtype=np.float32))
+    return inv.astype(np.float32), float(attention)
 
 
 def _yarn(theta, dim, scaling, max_positions):
@@ -232,6 +266,11 @@ def _llama(config, family):
     cfg = dict(_LLAMA_DEFAULTS)
     if family == "qwen2":
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
+    if family == "mistral":
+        cfg.update(sliding_window=4096)
+    if family == "phi3":
+        cfg.update(vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
+                   original_max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=32000)
     if family == "mixtral":
         cfg.update(num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5)
     if family in ("qwen3", "qwen3_moe"):
@@ -256,6 +295,8 @@ def _llama(config, family):
                    decoder_sparse_step=1, mlp_only_layers=[])
     cfg.update(config)
     cfg["model_type"] = family
+    if family == "phi3" and cfg.get("head_dim") is None:
+        del cfg["head_dim"]  # transformers' Phi-3 reads a head_dim key even when it is None
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "max_position_embeddings"):
         _positive_int(cfg, key)
@@ -267,7 +308,13 @@ def _llama(config, family):
     d_head = cfg["head_dim"] if cfg.get("head_dim") is not None else C // H
     if cfg.get("head_dim") is None and C % H:
         raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H})")
-    if cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+    rotary_dim = d_head
+    if family == "phi3":  # Phi-4-mini rotates the first 3/4 of each head
+        rotary_dim = int(d_head * _number(cfg, "partial_rotary_factor", 1e-9))
+        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > d_head:
+            raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']} gives {rotary_dim} "
+                             f"rotary dims of {d_head}; mechscope needs an even number from 2 to head_dim")
+    elif cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
     if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
@@ -281,7 +328,7 @@ def _llama(config, family):
     arch = dict(family=family, n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=KV,
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"], n_ctx=n_ctx,
                 ln_eps=_number(cfg, "rms_norm_eps"), norm=NORM_RMS,
-                activation=_activation(cfg, "hidden_act"), gated_mlp=1, parallel=0, rotary_dim=d_head,
+                activation=_activation(cfg, "hidden_act"), gated_mlp=1, parallel=0, rotary_dim=rotary_dim,
                 scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
                 tied=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
@@ -334,8 +381,13 @@ def _llama(config, family):
         if arch["experts_per_token"] > arch["n_experts"]:
             raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
                              f"num_experts ({arch['n_experts']})")
-    arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(theta, d_head, cfg.get("rope_scaling"),
-                                                                 cfg["max_position_embeddings"])
+    arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(theta, rotary_dim, cfg.get("rope_scaling"),
+                                                                 cfg["max_position_embeddings"],
+                                                                 cfg.get("original_max_position_embeddings"))
+    if _rope_type(cfg.get("rope_scaling")) == "longrope":
+        # past original_max_position_embeddings transformers turns every position's angles
+        # to long_factor's: within it, short_factor's hold, so that is the core's limit
+        arch["n_ctx"] = min(arch["n_ctx"], cfg.get("original_max_position_embeddings") or arch["n_ctx"])
     if family == "gemma3_text":
         _gemma3_layers(cfg, arch)
     windows = _attention_windows(cfg, family, arch["n_layers"])
@@ -373,12 +425,12 @@ def _gemma3_layers(cfg, arch):
 def _attention_windows(cfg, family, n_layers):
     """Per layer, the sliding window (a query sees the last `sliding_window` tokens,
     itself included, as transformers masks them) or 0 (every earlier token): every
-    layer of Mistral and Mixtral when they have a window, Gemma 2's and 3's
+    layer of Mistral, Mixtral and Phi-3 when they have a window, Gemma 2's and 3's
     sliding_attention layers."""
-    if family not in ("mistral", "mixtral") + GEMMA2_TYPES or cfg.get("sliding_window") is None:
+    if family not in ("mistral", "mixtral", "phi3") + GEMMA2_TYPES or cfg.get("sliding_window") is None:
         return [0] * n_layers
     window = _positive_int(cfg, "sliding_window")
-    if family in ("mistral", "mixtral"):
+    if family in ("mistral", "mixtral", "phi3"):
         return [window] * n_layers
     return [window if k == "sliding_attention" else 0 for k in _layer_kinds(cfg, family, n_layers)]
 
@@ -549,9 +601,16 @@ _GEMMA3_WEIGHTS = _GEMMA2_WEIGHTS._replace(blocks=_GEMMA2_WEIGHTS.blocks + tuple
     Pair(core, OFFSET, ((f"self_attn.{core[len('attn.'):-len('.w')]}.weight", "D"),))
     for core in ("attn.q_norm.w", "attn.k_norm.w")))
 
+# Phi-3: Llama's block, its q|k|v one matrix (qkv_proj) and its gate|up another
+# (gate_up_proj), in the core's order already
+_PHI3_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=(
+    _same("ln1.w", "input_layernorm.weight", "C"), _same("ln2.w", "post_attention_layernorm.weight", "C"),
+    _same("attn.w_qkv", "self_attn.qkv_proj.weight", "QKV C"), _same("attn.w_o", "self_attn.o_proj.weight", "C QD"),
+    _same("mlp.w_in", "mlp.gate_up_proj.weight", "2F C"), _same("mlp.w_out", "mlp.down_proj.weight", "C F")))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
-            "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS}
+            "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -581,7 +640,8 @@ def _pairs(arch):
     flags = dict(arch, untied=not arch["tied"])
     QD, KD = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"]
     dims = {"C": arch["d_model"], "3C": 3 * arch["d_model"], "V": arch["d_vocab"], "P": arch["n_ctx"],
-            "F": arch["d_mlp"], "QD": QD, "KD": KD, "E": arch.get("n_experts", 0), "D": arch["d_head"]}
+            "F": arch["d_mlp"], "2F": 2 * arch["d_mlp"], "QD": QD, "KD": KD, "QKV": QD + 2 * KD,
+            "E": arch.get("n_experts", 0), "D": arch["d_head"]}
 
     def per_expert(hf):
         if not any("{e}" in n for n, _ in hf):
