@@ -471,7 +471,7 @@ static void unrotate(const bwd *b, int layer, float *g, int ld, int heads) {
             int pos = k - L->row_off[r];
             for (int h = 0; h < heads; h++)
                 ms_rotary_backward(g + (size_t)k * ld + (size_t)h * c->d_head, rope + (size_t)pos * c->rotary_dim,
-                                   c->rotary_dim);
+                                   c->rotary_dim, c->rotary_interleaved);
         }
 }
 
@@ -783,8 +783,16 @@ static void head_backward(bwd *b, const int *ks, const int *rows, const int *tar
         for (int i = 0; i < ch; i++)
             memcpy(b->head_x + (size_t)i * C, b->xhat + (size_t)ks[i0 + i] * C, sizeof(float) * C);
         ms_unembed(b->head_y, b->head_x, b->m->unembed, ch, C, V, b->n_threads);
+        const float *ub = b->m->unembed_b;
+        if (ub)
+            for (int i = 0; i < ch; i++)
+                for (int v = 0; v < V; v++) b->head_y[(size_t)i * V + v] += ub[v];
         head_job job = {b, ch, kind, rows + i0, targets ? targets + i0 : NULL, weight, values + i0};
         ms_parallel_for(ch, 1, b->n_threads, head_rows, &job);
+        float *dub = b->g->weights ? b->g->weights->unembed_b : NULL;
+        if (dub) /* the bias's gradient: each row's d logits */
+            for (int i = 0; i < ch; i++)
+                for (int v = 0; v < V; v++) dub[v] += b->head_y[(size_t)i * V + v];
         /* d head_x = dy U; dU += dy^T head_x */
         ms_product px = {0, 0, ch, C, V, 1.0f, b->head_y, V, b->m->unembed, C, 0.0f, b->head_dx, C};
         ms_product pu = {1, 0, V, C, ch, 1.0f, b->head_y, V, b->head_x, C, 1.0f, du, C};
@@ -849,13 +857,15 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
         if (mt->kind == MS_METRIC_LOGIT_DIFF && b->m->logit_softcap > 0.0f) {
             /* capped: cap tanh(x.uc / cap) - cap tanh(x.uw / cap), each logit's slope apart */
             float *du = g->weights ? g->weights->unembed : NULL;
+            float *dub = g->weights ? g->weights->unembed_b : NULL;
+            const float *ub = b->m->unembed_b;
             float cap = b->m->logit_softcap;
             for (int r = 0; r < R; r++) {
                 const float *x = b->xhat + (size_t)ks[r] * C;
                 const float *uc = b->m->unembed + (size_t)mt->correct[r] * C;
                 const float *uw = b->m->unembed + (size_t)mt->wrong[r] * C;
                 float *dx = b->dln + (size_t)ks[r] * C;
-                double lc = 0.0, lw = 0.0;
+                double lc = ub ? ub[mt->correct[r]] : 0.0, lw = ub ? ub[mt->wrong[r]] : 0.0;
                 for (int k = 0; k < C; k++) {
                     lc += (double)x[k] * uc[k];
                     lw += (double)x[k] * uw[k];
@@ -865,6 +875,7 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
                 values[r] = (double)yc - (double)yw;
                 if (mt->correct[r] == mt->wrong[r]) continue; /* 0, whatever x */
                 for (int k = 0; k < C; k++) dx[k] += sc * uc[k] - sw * uw[k];
+                if (dub) dub[mt->correct[r]] += sc, dub[mt->wrong[r]] -= sw;
                 if (du)
                     for (int k = 0; k < C; k++) {
                         du[(size_t)mt->correct[r] * C + k] += sc * x[k];
@@ -872,14 +883,16 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
                     }
             }
         } else if (mt->kind == MS_METRIC_LOGIT_DIFF) {
-            /* logit[correct] - logit[wrong]: two rows of the unembedding */
+            /* logit[correct] - logit[wrong]: two rows of the unembedding (and of its bias) */
             float *du = g->weights ? g->weights->unembed : NULL;
+            float *dub = g->weights ? g->weights->unembed_b : NULL;
+            const float *ub = b->m->unembed_b;
             for (int r = 0; r < R; r++) {
                 const float *x = b->xhat + (size_t)ks[r] * C;
                 const float *uc = b->m->unembed + (size_t)mt->correct[r] * C;
                 const float *uw = b->m->unembed + (size_t)mt->wrong[r] * C;
                 float *dx = b->dln + (size_t)ks[r] * C;
-                double v = 0.0;
+                double v = ub ? (double)ub[mt->correct[r]] - (double)ub[mt->wrong[r]] : 0.0;
                 for (int k = 0; k < C; k++) {
                     v += (double)x[k] * (uc[k] - uw[k]);
                     dx[k] += uc[k] - uw[k];
@@ -890,6 +903,7 @@ static ms_status scalar_backward(bwd *b, ms_error *err) {
                         du[(size_t)mt->correct[r] * C + k] += x[k];
                         du[(size_t)mt->wrong[r] * C + k] -= x[k];
                     }
+                if (dub && mt->correct[r] != mt->wrong[r]) dub[mt->correct[r]] += 1.0f, dub[mt->wrong[r]] -= 1.0f;
             }
         } else {
             head_backward(b, ks, rows, NULL, R, mt->kind, 1.0f, values);

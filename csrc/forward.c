@@ -618,7 +618,7 @@ static void rotate(const ms_layout *L, const float *rope, float *x, int ld, int 
             int pos = L->first[r] + (k - L->row_off[r]);
             for (int h = 0; h < heads; h++)
                 ms_rotary(x + (size_t)k * ld + (size_t)h * c->d_head, rope + (size_t)pos * c->rotary_dim,
-                          c->rotary_dim);
+                          c->rotary_dim, c->rotary_interleaved);
         }
 }
 
@@ -872,11 +872,11 @@ static void take_row(const ms_layout *L, const ms_buffers *b, int r, int pos, fl
     else memcpy(x, b->ln + (size_t)k * C, sizeof(float) * C);
 }
 
-/* out[M, V] = x[M, C] @ unembed^T, the unembedding float32 or 2-byte */
+/* out[M, V] = x[M, C] @ unembed^T (+ unembed_b), the unembedding float32 or 2-byte */
 static void unembed(const ms_layout *L, float *out, const float *x, int M) {
     const ms_model *m = L->m;
     int C = m->cfg.d_model, V = m->cfg.d_vocab;
-    ms_linear_weight u = {m->unembed, NULL, C, 1, m->unembed_dtype, m->unembed16};
+    ms_linear_weight u = {m->unembed, m->unembed_b, C, 1, m->unembed_dtype, m->unembed16};
     ms_linear(out, V, x, C, &u, M, C, V, L->n_threads);
     if (m->logit_softcap > 0.0f) ms_softcap_all(out, (size_t)M * V, m->logit_softcap, L->n_threads);
 }
@@ -940,11 +940,13 @@ static void compute_metric(const ms_layout *L, ms_buffers *b) {
     if (mt->kind == MS_METRIC_LOGIT_DIFF) {
         /* two rows of the unembedding are all a logit difference needs */
         float cap = L->m->logit_softcap;
+        const float *ub = L->m->unembed_b;
         for (int r = 0; r < R; r++) {
             const float *xr = x + (size_t)r * C;
-            double d = 0.0;
+            /* the biases' difference (0 without them) */
+            double d = ub ? (double)ub[mt->correct[r]] - (double)ub[mt->wrong[r]] : 0.0;
             if (cap > 0.0f) { /* the two logits capped apart */
-                double lc = 0.0, lw = 0.0;
+                double lc = ub ? ub[mt->correct[r]] : 0.0, lw = ub ? ub[mt->wrong[r]] : 0.0;
                 for (int i = 0; i < C; i++) {
                     lc += (double)xr[i] * unembed_at(L->m, (size_t)mt->correct[r], i);
                     lw += (double)xr[i] * unembed_at(L->m, (size_t)mt->wrong[r], i);

@@ -679,9 +679,17 @@ void ms_gated_activation(float *out, int ld_out, const float *x, int ld, int N, 
     ms_parallel_for(N, 65536 / (F + 1) + 1, n_threads, gated_rows, &job);
 }
 
-void ms_rotary(float *x, const float *rope, int rotary_dim) {
+void ms_rotary(float *x, const float *rope, int rotary_dim, int interleaved) {
     int half = rotary_dim / 2;
     const float *cs = rope, *sn = rope + half;
+    if (interleaved) {
+        for (int i = 0; i < half; i++) {
+            float x1 = x[2 * i], x2 = x[2 * i + 1];
+            x[2 * i] = x1 * cs[i] - x2 * sn[i];
+            x[2 * i + 1] = x2 * cs[i] + x1 * sn[i];
+        }
+        return;
+    }
     for (int i = 0; i < half; i++) {
         float x1 = x[i], x2 = x[i + half];
         x[i] = x1 * cs[i] - x2 * sn[i];

@@ -56,9 +56,9 @@ void ms_head_rmsnorm(float *x, int ld, int N, int heads, int d, const float *w, 
 void ms_gated_activation(float *out, int ld_out, const float *x, int ld, int N, int F, ms_activation act,
                          int n_threads);
 
-/* rotary, HF's half-split: pairs (i, i + rotary_dim/2) of x rotated by the angles
- * whose cos | sin are rope[rotary_dim] */
-void ms_rotary(float *x, const float *rope, int rotary_dim);
+/* rotary: pairs (i, i + rotary_dim/2) of x (HF's half-split), or (2i, 2i + 1) when
+ * interleaved (GPT-J), rotated by the angles whose cos | sin are rope[rotary_dim] */
+void ms_rotary(float *x, const float *rope, int rotary_dim, int interleaved);
 
 /* out[n] = act(x[n]); out may be x */
 void ms_activate(float *out, const float *x, size_t n, ms_activation act, int n_threads);

@@ -477,9 +477,17 @@ void ms_gated_backward(float *dpre, int ld, const float *dpost, int ld_dpost, co
 }
 
 
-void ms_rotary_backward(float *g, const float *rope, int rotary_dim) {
+void ms_rotary_backward(float *g, const float *rope, int rotary_dim, int interleaved) {
     int half = rotary_dim / 2;
     const float *cs = rope, *sn = rope + half;
+    if (interleaved) {
+        for (int i = 0; i < half; i++) {
+            float g1 = g[2 * i], g2 = g[2 * i + 1];
+            g[2 * i] = g1 * cs[i] + g2 * sn[i];
+            g[2 * i + 1] = g2 * cs[i] - g1 * sn[i];
+        }
+        return;
+    }
     for (int i = 0; i < half; i++) {
         float g1 = g[i], g2 = g[i + half];
         g[i] = g1 * cs[i] + g2 * sn[i];

@@ -82,6 +82,6 @@ void ms_head_rmsnorm_backward(float *g, int ld, const float *x, int ldx, int N, 
                               float *dw, float eps, int n_threads);
 
 /* the transpose of ms_rotary: the gradient before the rotation from the one after */
-void ms_rotary_backward(float *g, const float *rope, int rotary_dim);
+void ms_rotary_backward(float *g, const float *rope, int rotary_dim, int interleaved);
 
 #endif

@@ -60,6 +60,7 @@ typedef struct {
     int parallel;                    /* resid_post = resid_pre + attn(ln1 x) + mlp(ln2 x) */
     int rotary_dim;                  /* 0: learned positions (wpe); else the first rotary_dim
                                         dims of each q/k head are rotated (half-split, as HF) */
+    int rotary_interleaved;          /* 1: rotated in adjacent pairs (2i, 2i + 1) instead (GPT-J) */
     int scale_attn_weights;          /* divide scores by sqrt(d_head) */
     int scale_attn_by_inverse_layer; /* also divide scores by (layer + 1) */
     int n_experts;                   /* 0: one MLP; else a mixture of experts (Mixtral): a router
@@ -143,6 +144,7 @@ typedef struct {
     const float *lnf_w, *lnf_b;  /* [d_model]; lnf_b may be NULL */
     const float *unembed;        /* [d_vocab, d_model]: logits = x @ unembed^T (== wte when tied;
                                     NULL if 2-byte: unembed16) */
+    const float *unembed_b;      /* [d_vocab] or NULL: added to the logits (Phi, GPT-J) */
     const ms_block *blocks;      /* [n_layers] */
     /* 2-byte embedding / unembedding (dtype MS_BF16 or MS_F16): then wte / unembed
      * are NULL and these hold them (unembed16 == wte16 when tied) */
@@ -410,7 +412,7 @@ typedef struct {
 } ms_block_grad;
 
 typedef struct {
-    float *wte, *wpe, *lnf_w, *lnf_b, *unembed;
+    float *wte, *wpe, *lnf_w, *lnf_b, *unembed, *unembed_b;
     ms_block_grad *blocks; /* [n_layers] */
 } ms_weight_grad;
 

@@ -145,6 +145,7 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
     }
     CHECK(m->lnf_w, C, "ln_final.w", -1);
     CHECK_OPT(m->lnf_b, C, "ln_final.b", -1);
+    CHECK_OPT(m->unembed_b, V, "unembed.b", -1);
     int tied = m->unembed_dtype == m->wte_dtype &&
                (m->wte_dtype == MS_F32 ? m->unembed == m->wte : m->unembed16 == m->wte16);
     if (!tied && (st = check_matrix(m->unembed, m->unembed16, m->unembed_dtype, V * C, "unembed", err))) return st;

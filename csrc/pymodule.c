@@ -185,6 +185,9 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         config_int(config, "linear_trans", &trans))
         return -1;
     if (PyDict_GetItemString(config, "qk_norm") && config_int(config, "qk_norm", &c.qk_norm)) return -1;
+    if (PyDict_GetItemString(config, "rotary_interleaved") &&
+        config_int(config, "rotary_interleaved", &c.rotary_interleaved))
+        return -1;
     if (PyDict_GetItemString(config, "embed_scale") && config_float(config, "embed_scale", &embed_scale))
         return -1;
     if (PyDict_GetItemString(config, "padding_idx") && config_int(config, "padding_idx", &padding_idx)) return -1;
@@ -260,6 +263,8 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     m->unembed = m->wte, m->unembed16 = m->wte16, m->unembed_dtype = m->wte_dtype;
     if (PyDict_GetItemString(weights, "unembed"))
         TAKE_MATRIX(m->unembed, m->unembed16, m->unembed_dtype, "unembed", V * C);
+    m->unembed_b = NULL;
+    TAKE_OPT(m->unembed_b, "unembed.b", V);
     for (int l = 0; l < c.n_layers; l++) {
         ms_block *b = &self->blocks[l];
         const float *wqkv, *bqkv = NULL, *win, *bin = NULL;
@@ -1018,6 +1023,7 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
     wg->lnf_w = grad_array(grads, "ln_final.w", C, &bad);
     if (m->lnf_b) wg->lnf_b = grad_array(grads, "ln_final.b", C, &bad);
     wg->unembed = m->unembed == m->wte ? wg->wte : grad_array(grads, "unembed", V * C, &bad);
+    if (m->unembed_b) wg->unembed_b = grad_array(grads, "unembed.b", V, &bad);
     for (int l = 0; l < c->n_layers && !bad; l++) {
         const ms_block *b = &m->blocks[l];
         ms_block_grad *g = &wg->blocks[l];

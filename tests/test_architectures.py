@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3 and GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -68,6 +68,15 @@ CONFIGS = {
                                        max_position_embeddings=64, original_max_position_embeddings=64,
                                        rope_theta=500.0, partial_rotary_factor=0.5, sliding_window=5,
                                        tie_word_embeddings=True, pad_token_id=0)),
+    # Phi-2's block: one LayerNorm read by the parallel attention and MLP, partial rotary,
+    # biases everywhere, the unembedding's too
+    "phi_parallel": ("phi", dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=52,
+                                 vocab_size=85, max_position_embeddings=64, rope_theta=500.0,
+                                 partial_rotary_factor=0.4, hidden_act="gelu_new", layer_norm_eps=1e-5)),
+    # GPT-J: Phi's block without attention biases, rotating adjacent pairs of the first
+    # rotary_dim dimensions
+    "gptj_adjacent": ("gptj", dict(n_embd=48, n_head=4, n_layer=2, n_inner=44, vocab_size=87, n_positions=64,
+                                   rotary_dim=6, activation_function="gelu_new")),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -82,7 +91,8 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
             "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM"),
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}
+            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+            "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -95,7 +105,7 @@ def make_hf(name, seed=0, spec=None):
     model = model_cls(conf_cls(attn_implementation="eager", **kw)).eval()
     g = torch.Generator().manual_seed(seed + 1)
     for pname, p in model.named_parameters():
-        if "norm" in pname and pname.endswith("weight"):
+        if ("norm" in pname or ".ln_" in pname) and pname.endswith("weight"):
             # Gemma's norms multiply by 1 + weight
             p.copy_((0 if family.startswith("gemma") else 1) + 0.3 * torch.randn(p.shape, generator=g))
         elif pname.endswith("bias"):
@@ -173,9 +183,23 @@ def tl_from_hf(hf, family):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import (convert_gemma_weights, convert_llama_weights,
                                                                  convert_mistral_weights, convert_neox_weights,
-                                                                 convert_phi3_weights, convert_qwen2_weights)
+                                                                 convert_gptj_weights, convert_phi3_weights,
+                                                                 convert_phi_weights,
+                                                                 convert_qwen2_weights)
     from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
     c = hf.config
+    if family == "gptj":
+        cfg = HookedTransformerConfig(d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+                                      d_mlp=c.n_inner or 4 * c.n_embd, n_layers=c.n_layer, n_ctx=c.n_positions,
+                                      d_vocab=c.vocab_size, act_fn=c.activation_function, eps=c.layer_norm_epsilon,
+                                      normalization_type="LN", positional_embedding_type="rotary",
+                                      rotary_dim=c.rotary_dim, rotary_adjacent_pairs=True, parallel_attn_mlp=True,
+                                      original_architecture="GPTJForCausalLM", dtype=torch.float32, device="cpu")
+        tl = HookedTransformer(cfg)
+        tl.load_and_process_state_dict(convert_gptj_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False,
+                                       refactor_factored_attn_matrices=False)
+        return tl.eval()
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
                   n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
                   act_fn=c.hidden_activation if family in ("gemma2", "gemma3_text") else c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
@@ -187,6 +211,11 @@ def tl_from_hf(hf, family):
                                       rotary_dim=round(c.rotary_pct * d_head), rotary_base=c.rope_theta,
                                       original_architecture="GPTNeoXForCausalLM")
         convert = convert_neox_weights
+    elif family == "phi":
+        cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.layer_norm_eps, normalization_type="LN",
+                                      parallel_attn_mlp=True, rotary_dim=int(c.partial_rotary_factor * d_head),
+                                      rotary_base=c.rope_theta, original_architecture="PhiForCausalLM")
+        convert = convert_phi_weights
     else:
         cfg = HookedTransformerConfig(**common, d_head=d_head, eps=c.rms_norm_eps, normalization_type="RMS",
                                       final_rms=True, gated_mlp=True,
@@ -384,7 +413,7 @@ PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "a
 
 
 @pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
-                                  "phi3_partial_tied", "neox_parallel"])
+                                  "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "neox_parallel"])
 def test_patching_matches_transformer_lens(name, tmp_path):
     from transformer_lens import patching as tl_patching
     hf = make_hf(name, seed=3)

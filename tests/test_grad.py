@@ -409,6 +409,19 @@ _GEMMA2 = dict(_LLAMA, hook_attn_out=("post_attention_layernorm", "out"),
                   "ln2_post.hook_normalized": ("post_feedforward_layernorm", "out")})
 # Phi-3: q|k|v and gate|up are one product each; the sites are their parts
 _PHI3 = dict(_LLAMA, **{"attn.qkv": ("self_attn.qkv_proj", "out"), "mlp.gate_up": ("mlp.gate_up_proj", "out")})
+# Phi: one norm, whose output both ln1's and ln2's sites are (their gradients add up to
+# its output's: see test_architectures_match_autograd)
+_PHI = {"hook_attn_out": ("self_attn", "out"), "attn.hook_z": ("self_attn.dense", "in"),
+        "attn.hook_q": ("self_attn.q_proj", "out"), "attn.hook_k": ("self_attn.k_proj", "out"),
+        "attn.hook_v": ("self_attn.v_proj", "out"), "mlp.hook_pre": ("mlp.fc1", "out"),
+        "mlp.hook_post": ("mlp.fc2", "in"), "hook_mlp_out": ("mlp", "out"),
+        "ln1.hook_normalized": ("input_layernorm", "out"), "hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
+_GPTJ = {"hook_attn_out": ("attn", "out"), "attn.hook_z": ("attn.out_proj", "in"),
+         "attn.hook_q": ("attn.q_proj", "out"), "attn.hook_k": ("attn.k_proj", "out"),
+         "attn.hook_v": ("attn.v_proj", "out"), "mlp.hook_pre": ("mlp.fc_in", "out"), "mlp.hook_post": ("mlp.fc_out", "in"),
+         "hook_mlp_out": ("mlp", "out"), "ln1.hook_normalized": ("ln_1", "out"), "hook_resid_pre": ("", "in"),
+         "hook_resid_post": ("", "out")}
+SHARED_NORM = ("phi", "gptj")  # one norm read by the attention and the MLP: ln1's and ln2's sites are its output
 _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense", "in"),
          "attn.qkv": ("attention.query_key_value", "out"), "mlp.hook_pre": ("mlp.dense_h_to_4h", "out"),
          "mlp.hook_post": ("mlp.dense_4h_to_h", "in"), "hook_mlp_out": ("mlp", "out"),
@@ -417,11 +430,13 @@ _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense
 
 
 def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
-    """As hf_gradients, for the Llama family and GPT-NeoX."""
+    """As hf_gradients, for the Llama family, GPT-NeoX, Phi and GPT-J."""
     neox = family == "gpt_neox"
-    base = hf.gpt_neox if neox else hf.model
-    table = _NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _PHI3 if family == "phi3" else _LLAMA
-    layers, fused = base.layers, {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
+    base = hf.gpt_neox if neox else hf.transformer if family == "gptj" else hf.model
+    table = (_NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _PHI3 if family == "phi3"
+             else _PHI if family == "phi" else _GPTJ if family == "gptj" else _LLAMA)
+    layers = base.h if family == "gptj" else base.layers
+    fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
         fused.update({"mlp.hook_pre": "mlp.gate_up", "mlp.hook_pre_linear": "mlp.gate_up"})
     elif not neox:
@@ -446,9 +461,10 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
 
     for name in site_names:
         if name == "hook_embed":
-            attach(name, base.embed_in if neox else base.embed_tokens, "out")
+            attach(name, base.embed_in if neox else base.wte if family == "gptj" else base.embed_tokens, "out")
         elif name == "ln_final.hook_normalized":
-            attach(name, base.final_layer_norm if neox else base.norm, "out")
+            final = {"gpt_neox": "final_layer_norm", "phi": "final_layernorm", "gptj": "ln_f"}.get(family, "norm")
+            attach(name, getattr(base, final), "out")
         else:
             _, layer, suffix = name.split(".", 2)
             key = fused.get(suffix, suffix)
@@ -494,14 +510,14 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
         g = deltas[name].grad.numpy()
         if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
             g = g.reshape(g.shape[0], g.shape[1], -1, dh)
-        if not neox and name.endswith("hook_normalized"):
+        if family not in ("gpt_neox",) + SHARED_NORM and name.endswith("hook_normalized"):
             # RMSNorm's site is before its weight: d site = d output * w
             norm = base.norm if name.startswith("ln_final") else _module(
                 layers[int(name.split(".")[1])], table[name.split(".", 2)[-1]][0])
             g = g * (family.startswith("gemma") + norm.weight.detach().numpy())  # Gemma's: 1 + w
         out[name] = g
     params = {}
-    prefix = "gpt_neox." if neox else "model."
+    prefix = "gpt_neox." if neox else "transformer." if family == "gptj" else "model."
     for n, p in hf.named_parameters():
         if p.grad is not None:
             params[n[len(prefix):] if n.startswith(prefix) else n] = p.grad.numpy().copy()
@@ -523,16 +539,42 @@ def test_architectures_match_autograd(name):
     rng = np.random.default_rng(8)
     left = sorted(ARCH_CONFIGS).index(name) % 2 == 0
     tokens, mask = batch(rng, model.d_vocab, [6, 3, 1], 6, "left" if left else "right")
-    sites = ARCH_SITES + (["blocks.0.mlp.hook_pre_linear"] if family != "gpt_neox" else [])
+    sites = ARCH_SITES + (["blocks.0.mlp.hook_pre_linear"] if model.arch["gated_mlp"] else [])
+    if family in SHARED_NORM:
+        sites.remove("blocks.0.ln2.hook_normalized")
+
+    def grad(scalar, sites):
+        g = model.grad(tokens, scalar, sites=sites + ["blocks.0.ln2.hook_normalized"] * (family in SHARED_NORM),
+                       weights=True, attention_mask=mask)
+        if family in SHARED_NORM:  # one norm: its output's gradient is ln1's site's plus ln2's
+            g.sites["blocks.0.ln1.hook_normalized"] = (g["blocks.0.ln1.hook_normalized"] +
+                                                       g.sites.pop("blocks.0.ln2.hook_normalized"))
+        return g
     value, ref_sites, ref_params = arch_gradients(hf, family, tokens, mask, torch_cross_entropy(tokens, mask), sites)
-    g = model.grad(tokens, "cross_entropy", sites=sites, weights=True, attention_mask=mask)
+    g = grad("cross_entropy", sites)
     assert abs(g.value - value) < 1e-5 * max(1, abs(value))
     check(g, ref_sites, ref_params, mask)
     # a metric too (LogProb at each row's last real token)
     metric = ms.metrics.LogProb([1, 2, 3])
     value, ref_sites, ref_params = arch_gradients(hf, family, tokens, mask, torch_metric(metric, mask), sites[:3])
-    g = model.grad(tokens, metric, sites=sites[:3], weights=True, attention_mask=mask)
+    check(grad(metric, sites[:3]), ref_sites, ref_params, mask)
+
+
+@pytest.mark.parametrize("metric", [ms.metrics.LogitDiff([1, 2, 3], [4, 2, 0]), ms.metrics.Prob([1, 2, 3])],
+                         ids=["logit_diff", "prob"])
+def test_unembedding_bias_in_the_metrics_matches_autograd(metric):
+    """Phi's logits have a bias: the logit difference's two rows (and the row whose
+    difference is 0 whatever the input) and the full rows' metrics, value and every
+    gradient"""
+    hf = make_arch_hf("phi_parallel", seed=5)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    tokens, mask = batch(np.random.default_rng(2), model.d_vocab, [7, 5, 2], 7, "right")
+    sites = ["blocks.1.hook_resid_post", "ln_final.hook_normalized"]
+    value, ref_sites, ref_params = arch_gradients(hf, "phi", tokens, mask, torch_metric(metric, mask), sites)
+    g = model.grad(tokens, metric, sites=sites, weights=True, attention_mask=mask)
+    assert abs(g.value - value) < 1e-5 * max(1, abs(value))
     check(g, ref_sites, ref_params, mask)
+    assert np.abs(g.weights["lm_head.bias"]).max() > 1e-3
 
 
 def test_gemma2_output_norms_and_soft_caps_match_autograd():

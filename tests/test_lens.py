@@ -116,8 +116,8 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
                  what="neurons + the MLP and attention output biases = MLP outputs + attention biases")
 
 
-@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied",
-                                  "neox_parallel"])
+@pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
+                                  "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "neox_parallel"])
 def test_other_architectures(name, tmp_path):
     hf = make_hf(name, seed=2)
     hf.save_pretrained(tmp_path)
@@ -127,7 +127,8 @@ def test_other_architectures(name, tmp_path):
         out = hf(input_ids=torch.as_tensor(tokens), output_hidden_states=True)
     logits = out.logits[:, -1].numpy()
     # the logits before Gemma 2's soft cap (the final norm's output is the last hidden state)
-    linear = (out.hidden_states[-1][:, -1] @ hf.get_output_embeddings().weight.T).numpy()
+    head = hf.get_output_embeddings()
+    linear = (out.hidden_states[-1][:, -1] @ head.weight.T + (0 if head.bias is None else head.bias)).numpy()
     if name != "gemma2_softcap":
         assert_close(linear, logits, what="the logits without a cap")
     lens = ms.lens.logit_lens(model, tokens)

@@ -185,6 +185,12 @@ def _hf_logits(path, ids):
     dict(model_type="phi3", hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2, vocab_size=17, max_position_embeddings=16, original_max_position_embeddings=16,
          partial_rotary_factor=0.5, tie_word_embeddings=True, sliding_window=4, pad_token_id=0),
+    # Phi: one norm read twice, the unembedding's bias
+    dict(model_type="phi", hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+         vocab_size=17, max_position_embeddings=16, partial_rotary_factor=0.5),
+    # GPT-J: adjacent rotary pairs
+    dict(model_type="gptj", n_embd=32, n_inner=40, n_layer=2, n_head=4, vocab_size=17, n_positions=16,
+         rotary_dim=4),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

@@ -13,7 +13,9 @@ block with the attention's and the MLP's outputs normed again, and soft-capped a
 scores and logits), Gemma 3's text model (Gemma 2's block with Qwen3's per-head query and
 key norms, and its own rotary angles in its sliding-window layers), Phi-3 / Phi-3.5 /
 Phi-4-mini (Llama's block with fused q|k|v and gate|up matrices, partial rotary and
-LongRoPE) and GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and MLP).
+LongRoPE), GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and MLP),
+Phi-1 / 1.5 / 2 (GPT-NeoX's parallel block with one norm, and an unembedding bias) and
+GPT-J (Phi's block, rotating adjacent pairs).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -35,7 +37,7 @@ NORM_LAYER, NORM_RMS = 0, 1
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
                "phi3")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
-FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox",)
+FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj")
 
 _GPT2_DEFAULTS = {
     "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -50,6 +52,16 @@ _LLAMA_DEFAULTS = {
     "rope_scaling": None, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
     "partial_rotary_factor": 1.0,
 }
+_PHI_DEFAULTS = {
+    "vocab_size": 51200, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+    "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "gelu_new",
+    "max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0,
+    "rope_scaling": None, "partial_rotary_factor": 0.5, "qk_layernorm": False,
+}
+_GPTJ_DEFAULTS = {
+    "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64,
+    "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
+}
 _NEOX_DEFAULTS = {
     "vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
     "intermediate_size": 24576, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
@@ -59,7 +71,8 @@ _NEOX_DEFAULTS = {
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "GPTNeoXForCausalLM": "gpt_neox",
+            "PhiForCausalLM": "phi", "GPTJForCausalLM": "gptj"}
 
 
 def _positive_int(cfg, key):
@@ -230,6 +243,10 @@ def normalize(config):
         return _gpt2(config)
     if family in LLAMA_TYPES:
         return _llama(config, family)
+    if family == "phi":
+        return _phi(config)
+    if family == "gptj":
+        return _gptj(config)
     return _neox(config)
 
 
@@ -466,6 +483,69 @@ def _neox(config):
     return cfg, arch
 
 
+def _phi(config):
+    """Phi-1, Phi-1.5, Phi-2: one LayerNorm whose output both the attention and the MLP
+    read (the core's parallel block, its second norm the first's weights), partial
+    rotary, biases everywhere, the unembedding's included."""
+    cfg = dict(_PHI_DEFAULTS)
+    cfg.update(config)
+    cfg["model_type"] = "phi"
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings"):
+        _positive_int(cfg, key)
+    if cfg.get("qk_layernorm"):
+        raise ValueError("config: qk_layernorm=True is not supported (LayerNorms of the queries and keys)")
+    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    KV = cfg["num_key_value_heads"] if cfg["num_key_value_heads"] is not None else H
+    if C % H or isinstance(KV, bool) or not isinstance(KV, int) or KV < 1 or H % KV:
+        raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H}), and "
+                         f"num_key_value_heads ({KV!r}) divide it")
+    d_head = C // H
+    rot = int(d_head * _number(cfg, "partial_rotary_factor", 1e-9))
+    if rot < 2 or rot % 2 or rot > d_head:
+        raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']} gives {rot} rotary dims "
+                         f"of {d_head}; mechscope needs an even number from 2 to head_dim")
+    arch = dict(family="phi", n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=KV,
+                d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
+                n_ctx=cfg["max_position_embeddings"], ln_eps=_number(cfg, "layer_norm_eps"),
+                norm=NORM_LAYER, activation=_activation(cfg, "hidden_act"), gated_mlp=0, parallel=1,
+                rotary_dim=rot, scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
+                tied=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=True, o_bias=True, mlp_bias=True)
+    arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(_number(cfg, "rope_theta", 1e-9), rot,
+                                                                 cfg.get("rope_scaling"),
+                                                                 cfg["max_position_embeddings"])
+    return cfg, arch
+
+
+def _gptj(config):
+    """GPT-J: Phi's block (one LayerNorm read by the parallel attention and MLP, an
+    unembedding bias) without attention biases, its rotary over the first rotary_dim
+    dimensions of each head in adjacent pairs (2i, 2i + 1) and theta 10^4."""
+    cfg = dict(_GPTJ_DEFAULTS)
+    cfg.update(config)
+    cfg["model_type"] = "gptj"
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        _positive_int(cfg, key)
+    C, H = cfg["n_embd"], cfg["n_head"]
+    if C % H:
+        raise ValueError(f"config: n_embd ({C}) must be divisible by n_head ({H})")
+    d_head = C // H
+    rot = cfg["rotary_dim"]
+    if isinstance(rot, bool) or not isinstance(rot, int) or rot < 2 or rot % 2 or rot > d_head:
+        raise ValueError(f"config: rotary_dim must be an even number from 2 to the head width ({d_head}), "
+                         f"got {rot!r}")
+    if cfg["n_inner"] is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
+        raise ValueError(f"config: n_inner must be None or a positive int, got {cfg['n_inner']!r}")
+    arch = dict(family="gptj", n_layers=cfg["n_layer"], d_model=C, n_heads=H, n_kv_heads=H, d_head=d_head,
+                d_mlp=cfg["n_inner"] or 4 * C, d_vocab=cfg["vocab_size"], n_ctx=cfg["n_positions"],
+                ln_eps=_number(cfg, "layer_norm_epsilon"), norm=NORM_LAYER,
+                activation=_activation(cfg, "activation_function"), gated_mlp=0, parallel=1, rotary_dim=rot,
+                rotary_interleaved=1, scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
+                tied=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=False, o_bias=False, mlp_bias=True)
+    arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(10000.0, rot, None, cfg["n_positions"])
+    return cfg, arch
+
+
 # ---- weights: one table per family, read in both directions ------------------------------
 #
 # Each family declares once how its HuggingFace weights make up the core's weights. The
@@ -482,7 +562,8 @@ SAME = "same"    # the HF array itself (GPT-2's Conv1D [in, out] matrices too: t
 STACK = "stack"  # the HF arrays stacked along rows (q|k|v, gate|up): one product instead of several
 HEADS = "heads"  # GPT-NeoX's fused q|k|v, whose rows are [head, q|k|v, d_head] in HF and
 #                  [q|k|v, head, d_head] in the core (so that q, k and v are blocks of rows)
-TIED = "tied"    # the unembedding is the embedding's array: its gradient is added to the embedding's
+TIED = "tied"    # another weight's array read again (a tied unembedding, the embedding; Phi's
+#                  second norm, its first): its gradient is added to that weight's
 OFFSET = "offset"  # a norm's scale 1 + the HF array (Gemma's norms multiply by 1 + weight), made
 #                    in float32 as HF makes it; its gradient is the HF array's
 
@@ -601,6 +682,38 @@ _GEMMA3_WEIGHTS = _GEMMA2_WEIGHTS._replace(blocks=_GEMMA2_WEIGHTS.blocks + tuple
     Pair(core, OFFSET, ((f"self_attn.{core[len('attn.'):-len('.w')]}.weight", "D"),))
     for core in ("attn.q_norm.w", "attn.k_norm.w")))
 
+# Phi-1 / 1.5 / 2: one norm read by the attention and the MLP (the core's ln2 is ln1's
+# arrays), biases everywhere, the unembedding's too
+_PHI_WEIGHTS = Family(
+    prefix="model.", block="layers",
+    top=(_same("embed", "embed_tokens.weight", "V C"), _same("ln_final.w", "final_layernorm.weight", "C"),
+         _same("ln_final.b", "final_layernorm.bias", "C")),
+    blocks=(_same("ln1.w", "input_layernorm.weight", "C"), _same("ln1.b", "input_layernorm.bias", "C"),
+            Pair("ln2.w", TIED, (("input_layernorm.weight", "C"),)),
+            Pair("ln2.b", TIED, (("input_layernorm.bias", "C"),)),
+            Pair("attn.w_qkv", STACK, (("self_attn.q_proj.weight", "QD C"), ("self_attn.k_proj.weight", "KD C"),
+                                       ("self_attn.v_proj.weight", "KD C"))),
+            Pair("attn.b_qkv", STACK, (("self_attn.q_proj.bias", "QD"), ("self_attn.k_proj.bias", "KD"),
+                                       ("self_attn.v_proj.bias", "KD"))),
+            _same("attn.w_o", "self_attn.dense.weight", "C QD"), _same("attn.b_o", "self_attn.dense.bias", "C"),
+            _same("mlp.w_in", "mlp.fc1.weight", "F C"), _same("mlp.b_in", "mlp.fc1.bias", "F"),
+            _same("mlp.w_out", "mlp.fc2.weight", "C F"), _same("mlp.b_out", "mlp.fc2.bias", "C")),
+    head=(_same("unembed", "lm_head.weight", "V C", "untied"), _same("unembed.b", "lm_head.bias", "V")))
+
+# GPT-J: Phi's table under GPT-2-like names, without attention biases
+_GPTJ_WEIGHTS = Family(
+    prefix="transformer.", block="h",
+    top=(_same("embed", "wte.weight", "V C"), _same("ln_final.w", "ln_f.weight", "C"),
+         _same("ln_final.b", "ln_f.bias", "C")),
+    blocks=(_same("ln1.w", "ln_1.weight", "C"), _same("ln1.b", "ln_1.bias", "C"),
+            Pair("ln2.w", TIED, (("ln_1.weight", "C"),)), Pair("ln2.b", TIED, (("ln_1.bias", "C"),)),
+            Pair("attn.w_qkv", STACK, (("attn.q_proj.weight", "C C"), ("attn.k_proj.weight", "C C"),
+                                       ("attn.v_proj.weight", "C C"))),
+            _same("attn.w_o", "attn.out_proj.weight", "C C"),
+            _same("mlp.w_in", "mlp.fc_in.weight", "F C"), _same("mlp.b_in", "mlp.fc_in.bias", "F"),
+            _same("mlp.w_out", "mlp.fc_out.weight", "C F"), _same("mlp.b_out", "mlp.fc_out.bias", "C")),
+    head=(_same("unembed", "lm_head.weight", "V C", "untied"), _same("unembed.b", "lm_head.bias", "V")))
+
 # Phi-3: Llama's block, its q|k|v one matrix (qkv_proj) and its gate|up another
 # (gate_up_proj), in the core's order already
 _PHI3_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=(
@@ -610,7 +723,8 @@ _PHI3_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=(
 
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
-            "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS}
+            "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
+            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -789,7 +903,7 @@ def core_config(arch):
                qk_norm=arch.get("qk_norm", 0), expert_renormalize=arch.get("expert_renormalize", 1),
                embed_scale=arch.get("embed_scale", 1.0), padding_idx=arch.get("padding_idx", -1), post_norms=arch.get("post_norms", 0),
                attn_scale=arch.get("attn_scale", 0.0), attn_softcap=arch.get("attn_softcap", 0.0),
-               logit_softcap=arch.get("logit_softcap", 0.0))
+               logit_softcap=arch.get("logit_softcap", 0.0), rotary_interleaved=arch.get("rotary_interleaved", 0))
     for key in ("rope_local_layers", "attn_windows"):
         if key in arch:
             out[key] = arch[key]

@@ -64,6 +64,8 @@ def logit_lens(model, tokens, pos=None, *, mid=False, attention_mask=None, inter
         normalized = stack / np.sqrt((stack * stack).mean(-1, keepdims=True) + eps)
     normalized = normalized * w + (0.0 if b is None else b)
     logits = normalized @ _unembedding(model).T  # [n, batch, vocab]
+    if "unembed.b" in model._core_weights:  # Phi's unembedding has a bias
+        logits = logits + _dtypes.to_float32(model._core_weights["unembed.b"])
     cap = model.arch.get("logit_softcap", 0.0)
     if cap:
         logits = cap * np.tanh(logits / cap)
@@ -104,8 +106,8 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, by="la
     `decompose` (``by`` as there: "layer", "head" or "neuron") is centred (LayerNorm models), divided by the final
     norm's scale in the run (``ln_final.hook_scale``), multiplied by the norm's weight
     and projected on the answer's unembedding row (minus the incorrect one's). A last
-    row "final_norm_bias" holds the final norm's bias term where the norm has a bias.
-    The rows add up to the logit (difference) the model computes; for a model that
+    row "final_norm_bias" holds the final norm's bias term where the norm has a bias,
+    and "unembed_bias" the unembedding's bias where it has one (Phi). The rows add up to the logit (difference) the model computes; for a model that
     soft-caps its logits (Gemma 2), to the logit (difference) before the cap, as the cap
     is not linear.
     Returns [components, batch] (and the labels with ``return_labels=True``).
@@ -133,6 +135,12 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, by="la
     if b is not None:
         attrs = np.concatenate([attrs, (direction @ b)[None]])
         labels = labels + ["final_norm_bias"]
+    if "unembed.b" in model._core_weights:
+        ub = _dtypes.to_float32(model._core_weights["unembed.b"])
+        answer = _per_row(answer, B, model.d_vocab, "answer")
+        share = ub[answer] - (0.0 if incorrect is None else ub[_per_row(incorrect, B, model.d_vocab, "incorrect")])
+        attrs = np.concatenate([attrs, np.asarray(share, attrs.dtype)[None]])
+        labels = labels + ["unembed_bias"]
     return (attrs, labels) if return_labels else attrs
 
 
