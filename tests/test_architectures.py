@@ -386,7 +386,7 @@ def test_dynamic_rope_scaling_equals_transformers_up_to_the_context_limit(tmp_pa
     (dict(num_key_value_heads=4), "num_key_value_heads"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(layer_types=["sliding_attention", "full_attention", "full_attention"]), "layer_types"),
-    (dict(model_type="qwen3", use_sliding_window=True), "use_sliding_window"),
+    (dict(model_type="qwen3", use_sliding_window=True, sliding_window=0), "sliding_window must be a positive int"),
     (dict(model_type="gemma2", layer_types=["chunked_attention"] * 3), "layer_types other than 'full_attention' "
                                                                       "and 'sliding_attention'"),
     (dict(model_type="gemma2", attn_logit_softcapping=-1.0), "attn_logit_softcapping must be a finite number"),
@@ -490,6 +490,19 @@ def test_gemma_hidden_activation_warns_and_hidden_act_rules():
     tokens = np.random.default_rng(2).integers(0, model.d_vocab, (2, 7))
     want = hf(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_qk_norm"])
+def test_qwen_use_sliding_window_matches_hf(tmp_path, name):
+    """Qwen's use_sliding_window: the layers from max_window_layers on slide (a window of
+    5 here, in the second of two layers), as transformers masks them"""
+    family, kw = CONFIGS[name]
+    hf = make_hf(None, seed=9, spec=(family, dict(kw, use_sliding_window=True, sliding_window=5, max_window_layers=1)))
+    assert hf.config.layer_types == ["full_attention", "sliding_attention"]
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    assert model.arch["attn_windows"] == [0, 5]
+    assert_matches_hf(model, hf, *batch(model, np.random.default_rng(4), [12, 7, 1], 12, True))
 
 
 def test_attention_interventions_keep_the_sliding_window(tmp_path):

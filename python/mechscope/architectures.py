@@ -36,7 +36,8 @@ NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
                "phi3")
-GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
+GEMMA2_TYPES = ("gemma2", "gemma3_text")
+QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window  # normed block outputs, query_pre_attn_scalar, soft caps
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj")
 
 _GPT2_DEFAULTS = {
@@ -334,9 +335,8 @@ def _llama(config, family):
     elif cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
-    if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
-        raise ValueError(f"config: use_sliding_window=True is not supported ({family} sliding-window attention)")
-    kinds = ("full_attention", "sliding_attention") if family in GEMMA2_TYPES else ("full_attention",)
+    windowed = family in GEMMA2_TYPES or (family in QWEN_TYPES and cfg.get("use_sliding_window"))
+    kinds = ("full_attention", "sliding_attention") if windowed else ("full_attention",)
     if any(t not in kinds for t in cfg.get("layer_types") or ()):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
                          "(sliding-window attention)")
@@ -443,12 +443,22 @@ def _attention_windows(cfg, family, n_layers):
     """Per layer, the sliding window (a query sees the last `sliding_window` tokens,
     itself included, as transformers masks them) or 0 (every earlier token): every
     layer of Mistral, Mixtral and Phi-3 when they have a window, Gemma 2's and 3's
-    sliding_attention layers."""
-    if family not in ("mistral", "mixtral", "phi3") + GEMMA2_TYPES or cfg.get("sliding_window") is None:
+    sliding_attention layers, and Qwen's with use_sliding_window (layer_types, else
+    the layers from max_window_layers on)."""
+    if family in QWEN_TYPES and not cfg.get("use_sliding_window"):
+        return [0] * n_layers
+    if family not in ("mistral", "mixtral", "phi3") + GEMMA2_TYPES + QWEN_TYPES or cfg.get("sliding_window") is None:
         return [0] * n_layers
     window = _positive_int(cfg, "sliding_window")
     if family in ("mistral", "mixtral", "phi3"):
         return [window] * n_layers
+    if family in QWEN_TYPES:
+        first = cfg.get("max_window_layers", 28)
+        kinds = cfg.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                           for i in range(n_layers)]
+        if len(kinds) != n_layers:
+            raise ValueError(f"config: layer_types has {len(kinds)} entries for {n_layers} layers")
+        return [window if k == "sliding_attention" else 0 for k in kinds]
     return [window if k == "sliding_attention" else 0 for k in _layer_kinds(cfg, family, n_layers)]
 
 
