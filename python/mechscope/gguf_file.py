@@ -1,6 +1,6 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
-`qwen3`, `qwen3moe` or `gpt2` architecture (quantized tensors dequantized to
+`qwen3`, `qwen3moe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to
 float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise), and its
 tokenizer built from the file's metadata with `tokenizers`: byte-level BPE
 (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE with byte fallback
@@ -14,8 +14,14 @@ layouts where llama.cpp's converter changed them:
 - `gpt2` files store the four matrices of a block as [out, in], where GPT-2's
   Conv1D keeps [in, out];
 - the experts of a block are one tensor [experts, out, in] per projection,
-  split here into the HuggingFace model's per-expert matrices.
+  split here into the HuggingFace model's per-expert matrices;
+- Gemma files store every norm's scale as 1 + the HuggingFace weight (the scale
+  itself): 1 is taken off again.
+Hyperparameters llama.cpp does not store but fixes by architecture are filled in as
+llama.cpp fixes them (Gemma's attention scale and GeGLU, Gemma 3's local rotary base
+and its five sliding layers in six).
 """
+import math
 import os
 
 import numpy as np
@@ -24,7 +30,7 @@ from . import _dtypes
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -53,6 +59,16 @@ _GPT2_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
     ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for kind in ("weight", "bias")}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
+# Gemma 2 and 3: the outputs' norms; the MLP's input norm is ffn_norm
+_GEMMA2_BLOCK = {**_BLOCK_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                 "post_attention_norm.weight": "post_attention_layernorm.weight",
+                 "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+# Phi-3: q|k|v one tensor, gate|up another (HF's fused names)
+_PHI3_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+               "attn_qkv.weight": "self_attn.qkv_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+               "ffn_up.weight": "mlp.gate_up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+# LongRoPE's factors, read into the config (not weights)
+_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 _GPT2_GLOBALS = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
                  "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
                  "output.weight": "lm_head.weight"}
@@ -63,8 +79,13 @@ _FAMILIES = {
     "qwen2": ({**_BLOCK_NAMES, **_QKV_BIAS}, "model.layers.{}.", _GLOBAL_NAMES),
     "qwen3": ({**_BLOCK_NAMES, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
     "qwen3_moe": ({**_ATTENTION, **_QK_NORM, **_QWEN3_EXPERTS}, "model.layers.{}.", _GLOBAL_NAMES),
+    "gemma": (_BLOCK_NAMES, "model.layers.{}.", _GLOBAL_NAMES),
+    "gemma2": (_GEMMA2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
+    "gemma3_text": ({**_GEMMA2_BLOCK, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
+    "phi3": (_PHI3_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
 }
+_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 # GPT-2's matrices that llama.cpp stores transposed
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
@@ -105,7 +126,7 @@ def _unpermute(w, n_heads):
 def _family(reader, arch):
     if arch == "llama" and _value(reader, "llama.expert_count"):
         return "mixtral"
-    return {"qwen3moe": "qwen3_moe"}.get(arch, arch)
+    return {"qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch, arch)
 
 
 def read(path, keep_half=False):
@@ -133,7 +154,8 @@ def read(path, keep_half=False):
     if "rope_freqs.weight" in names:
         raise ValueError(f"checkpoint {path}: tensor rope_freqs.weight (per-frequency rope factors, as in "
                          "Llama-3.1 files) is not supported")
-    unknown = sorted(n for n in names if _hf_name(n, family) is None)
+    unknown = sorted(n for n in names if _hf_name(n, family) is None
+                     and not (family == "phi3" and n in _ROPE_FACTORS))
     if unknown:
         what = f"{arch} model with experts" if family == "mixtral" else f"{arch} model"
         raise ValueError(f"checkpoint {path}: tensor {unknown[0]} is not part of a {what} mechscope reads")
@@ -152,12 +174,19 @@ def read(path, keep_half=False):
     else:
         config, n_heads, n_kv = _llama_config(reader, path, arch, family, need, vocab_size,
                                               "output.weight" not in names)
+        if family == "phi3":
+            _phi3_config(reader, path, config, names)
     config["bos_token_id"] = _value(reader, "tokenizer.ggml.bos_token_id")
     config["eos_token_id"] = _value(reader, "tokenizer.ggml.eos_token_id")
+    pad = _value(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        config["pad_token_id"] = int(pad)
     n_experts = config.get("num_local_experts", config.get("num_experts", 0))
 
     weights = {}
     for t in reader.tensors:
+        if t.name in _ROPE_FACTORS:
+            continue
         name = _hf_name(t.name, family)
         kind = t.tensor_type.name
         if keep_half and kind == "F16":
@@ -173,6 +202,8 @@ def read(path, keep_half=False):
             w = _unpermute(w, n_kv)
         elif family == "gpt2" and short in _GPT2_TRANSPOSED:
             w = w.T.copy()
+        elif family in _GEMMA_FAMILIES and t.name.endswith("norm.weight"):
+            w = _dtypes.to_float32(w) - np.float32(1)  # the file's scale is 1 + HF's weight
         if "{e}" in name:
             if w.ndim != 3 or w.shape[0] != n_experts:
                 raise ValueError(f"checkpoint {path}: tensor {t.name} has shape {list(w.shape)}, not "
@@ -213,18 +244,71 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         config.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                       moe_intermediate_size=int(need("expert_feed_forward_length")), norm_topk_prob=True)
     key_length = _value(reader, f"{arch}.attention.key_length")
-    if family in ("qwen3", "qwen3_moe"):
+    if family in ("qwen3", "qwen3_moe") + _GEMMA_FAMILIES:
         config["head_dim"] = int(key_length) if key_length is not None else d_model // n_heads
     elif key_length is not None and int(key_length) != d_model // n_heads:
         config["head_dim"] = int(key_length)
     rope_dims = _value(reader, f"{arch}.rope.dimension_count")
     d_head = config.get("head_dim", d_model // n_heads)
     if rope_dims is not None and int(rope_dims) != d_head:
-        raise ValueError(f"checkpoint {path}: rope over {rope_dims} of {d_head} head dimensions is not supported")
+        if family != "phi3":
+            raise ValueError(f"checkpoint {path}: rope over {rope_dims} of {d_head} head dimensions is not supported")
+        config["partial_rotary_factor"] = int(rope_dims) / d_head  # Phi-4-mini's
+    if family in _GEMMA_FAMILIES:
+        _gemma_config(reader, arch, family, config, d_model, n_heads)
     scaling = _value(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         config["rope_scaling"] = _rope_scaling(reader, arch, path, scaling)
     return config, n_heads, n_kv
+
+
+def _gemma_config(reader, arch, family, config, d_model, n_heads):
+    """What a Gemma file holds beyond a llama file's keys, and what llama.cpp fixes for
+    Gemma instead of reading it: the tanh GELU; scores scaled by head_dim^-1/2, but by
+    (d_model / heads)^-1/2 in the 27B models (46 layers of Gemma 2, 62 of Gemma 3);
+    Gemma 3's sliding layers rotating with theta 10^4, five layers in six."""
+    config.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
+    if family == "gemma":
+        return
+    n_layers = config["num_hidden_layers"]
+    big = n_layers == (46 if family == "gemma2" else 62)
+    config["query_pre_attn_scalar"] = d_model // n_heads if big else config["head_dim"]
+    window = _value(reader, f"{arch}.attention.sliding_window")
+    config["sliding_window"] = int(window) if window else None
+    if family == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = _value(reader, f"{arch}.{key}")
+            config[key] = float(value) if value else None
+    else:
+        if _value(reader, f"{arch}.rope.freq_base") is None:
+            config["rope_theta"] = 1e6
+        config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6)
+
+
+def _phi3_config(reader, path, config, names):
+    """Phi-3's window (0: none, as Phi-4's files say it), original context and, in
+    long-context files, LongRoPE's factors (two tensors)."""
+    window = _value(reader, "phi3.attention.sliding_window")
+    config["sliding_window"] = int(window) if window else None
+    longest = config["max_position_embeddings"]
+    original = int(_value(reader, "phi3.rope.scaling.original_context_length", longest))
+    config["original_max_position_embeddings"] = original
+    have = [n in names for n in _ROPE_FACTORS]
+    if not any(have):
+        return
+    if not all(have):
+        raise ValueError(f"checkpoint {path}: LongRoPE needs both {' and '.join(_ROPE_FACTORS)}")
+    factors = {t.name: [float(x) for x in np.asarray(t.data, np.float32).ravel()]
+               for t in reader.tensors if t.name in _ROPE_FACTORS}
+    config["rope_scaling"] = {"type": "longrope", "long_factor": factors["rope_factors_long.weight"],
+                              "short_factor": factors["rope_factors_short.weight"]}
+    # the attention factor is transformers' (from the two contexts) unless the file says otherwise
+    scale = longest / original
+    want = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    stored = _value(reader, "phi3.rope.scaling.attn_factor")
+    if stored is not None and abs(float(stored) - want) > 1e-6 * want:
+        raise ValueError(f"checkpoint {path}: LongRoPE with phi3.rope.scaling.attn_factor = {stored} is not "
+                         f"supported (only {want:.6g}, from the two context lengths)")
 
 
 def _rope_scaling(reader, arch, path, kind):
