@@ -530,15 +530,18 @@ static void attn_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     }
     if (c->qk_norm) {
         const float *pre = t->qk_pre + at * (size_t)(QD + KD);
-        ms_head_rmsnorm_backward(b->dqkv, QW, pre, QD + KD, N, c->n_heads, c->d_head, w->q_norm_w,
-                                 wg ? wg->q_norm_w : NULL, c->ln_eps, b->n_threads);
-        ms_head_rmsnorm_backward(b->dqkv + QD, QW, pre + QD, QD + KD, N, c->n_kv_heads, c->d_head, w->k_norm_w,
-                                 wg ? wg->k_norm_w : NULL, c->ln_eps, b->n_threads);
+        int whole = c->qk_norm == 2; /* OLMo 2: one norm over all heads */
+        ms_head_rmsnorm_backward(b->dqkv, QW, pre, QD + KD, N, whole ? 1 : c->n_heads, whole ? QD : c->d_head,
+                                 w->q_norm_w, wg ? wg->q_norm_w : NULL, c->ln_eps, b->n_threads);
+        ms_head_rmsnorm_backward(b->dqkv + QD, QW, pre + QD, QD + KD, N, whole ? 1 : c->n_kv_heads,
+                                 whole ? KD : c->d_head, w->k_norm_w, wg ? wg->k_norm_w : NULL, c->ln_eps,
+                                 b->n_threads);
     }
     token_site(b, MS_SITE_V, l, b->dqkv + QD + KD, QW);
     token_site(b, MS_SITE_K, l, b->dqkv + QD, QW);
     token_site(b, MS_SITE_Q, l, b->dqkv, QW);
-    const float *x = norm_output(b, t->ln1 + at * C, w->ln1_w, w->ln1_b, b->tmp);
+    /* the products' input: ln1's output, or the stream itself (no input norm) */
+    const float *x = w->ln1_w ? norm_output(b, t->ln1 + at * C, w->ln1_w, w->ln1_b, b->tmp) : t->resid_pre + at * C;
     if (fused(&w->q, &w->k, (size_t)QD) && fused(&w->k, &w->v, (size_t)KD)) {
         ms_linear_backward(b->dln, C, 0, wg ? wg->q.w : NULL, wg ? wg->q.b : NULL, x, C, b->dqkv, QW, &w->q, N, C,
                            QW, b->n_threads);
@@ -570,7 +573,7 @@ static void mlp_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     else ms_activation_backward(b->dpre, MW, b->dpost, F, pre, MW, N, F, c->activation, b->n_threads);
     if (c->gated_mlp) token_site(b, MS_SITE_MLP_PRE_LINEAR, l, b->dpre + F, MW);
     token_site(b, MS_SITE_MLP_PRE, l, b->dpre, MW);
-    const float *x = norm_output(b, t->ln2 + at * C, w->ln2_w, w->ln2_b, b->tmp);
+    const float *x = w->ln2_w ? norm_output(b, t->ln2 + at * C, w->ln2_w, w->ln2_b, b->tmp) : t->resid_mid + at * C;
     if (!c->gated_mlp) {
         ms_linear_backward(b->dln, C, 0, wg ? wg->mlp_in.w : NULL, wg ? wg->mlp_in.b : NULL, x, C, b->dpre, MW,
                            &w->mlp_in, N, C, F, b->n_threads);
@@ -694,12 +697,18 @@ static void block_backward(bwd *b, int l) {
     if (c->parallel) ms_zero(b->dpar, NC, b->n_threads);
     /* parallel blocks: ln2's input gradient waits in dpar, as resid_post's gradient
      * is also the attention output's */
-    norm_backward(b, MS_SITE_LN2_SCALE, l, x_mlp, t->ln2_scale + at, t->ln2 + at * C, w->ln2_w,
-                  wg ? wg->ln2_w : NULL, wg ? wg->ln2_b : NULL, b->dln, c->parallel ? b->dpar : b->dres);
+    if (w->ln2_w)
+        norm_backward(b, MS_SITE_LN2_SCALE, l, x_mlp, t->ln2_scale + at, t->ln2 + at * C, w->ln2_w,
+                      wg ? wg->ln2_w : NULL, wg ? wg->ln2_b : NULL, b->dln, c->parallel ? b->dpar : b->dres);
+    else /* no input norm: the MLP read the stream */
+        ms_add(b->dres, b->dres, b->dln, NC, b->n_threads);
     if (!c->parallel) token_site(b, MS_SITE_RESID_MID, l, b->dres, C);
     attn_block_backward(b, l, wg);
-    norm_backward(b, MS_SITE_LN1_SCALE, l, x0, t->ln1_scale + at, t->ln1 + at * C, w->ln1_w,
-                  wg ? wg->ln1_w : NULL, wg ? wg->ln1_b : NULL, b->dln, b->dres);
+    if (w->ln1_w)
+        norm_backward(b, MS_SITE_LN1_SCALE, l, x0, t->ln1_scale + at, t->ln1 + at * C, w->ln1_w,
+                      wg ? wg->ln1_w : NULL, wg ? wg->ln1_b : NULL, b->dln, b->dres);
+    else
+        ms_add(b->dres, b->dres, b->dln, NC, b->n_threads);
     if (c->parallel) ms_add(b->dres, b->dres, b->dpar, NC, b->n_threads);
     token_site(b, MS_SITE_RESID_PRE, l, b->dres, C);
 }

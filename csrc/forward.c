@@ -308,6 +308,10 @@ static ms_status layernorm_sites(const ms_layout *L, ms_buffers *b, const float 
     const ms_config *c = &L->m->cfg;
     int N = L->active_N, C = c->d_model;
     ms_status st;
+    if (!w) { /* no norm (OLMo 2's inputs): the products read the stream itself, no sites */
+        b->ln = (float *)in;
+        return MS_OK;
+    }
     /* A gradient run keeps the divisor and hook_normalized as they were used: a
      * LayerNorm's output is computed in the tape's slab, which then needs no copy (an
      * RMSNorm's weight is applied after it is kept, so that output is copied). */
@@ -817,8 +821,11 @@ static ms_status block_forward(ms_layout *L, ms_buffers *b, int l, ms_error *err
     if (c->qk_norm) { /* the tape keeps q | k before it for the backward pass */
         if (tape)
             ms_copy_rows(tape->qk_pre + at * (size_t)(QD + KD), QD + KD, b->qkv, QW, N, QD + KD, L->n_threads);
-        ms_head_rmsnorm(b->qkv, QW, N, c->n_heads, c->d_head, w->q_norm_w, c->ln_eps, L->n_threads);
-        ms_head_rmsnorm(b->qkv + QD, QW, N, c->n_kv_heads, c->d_head, w->k_norm_w, c->ln_eps, L->n_threads);
+        int whole = c->qk_norm == 2; /* OLMo 2: one norm over all heads */
+        ms_head_rmsnorm(b->qkv, QW, N, whole ? 1 : c->n_heads, whole ? QD : c->d_head, w->q_norm_w, c->ln_eps,
+                        L->n_threads);
+        ms_head_rmsnorm(b->qkv + QD, QW, N, whole ? 1 : c->n_kv_heads, whole ? KD : c->d_head, w->k_norm_w,
+                        c->ln_eps, L->n_threads);
     }
     if (c->rotary_dim) {
         const float *rope = ms_block_rope(b->rope, L->m, l, L->max_keys);

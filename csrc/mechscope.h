@@ -68,10 +68,13 @@ typedef struct {
     int experts_per_token;
     int expert_renormalize;          /* 1: the chosen experts' probabilities are renormalised to sum 1
                                         (Mixtral; Qwen3-MoE's norm_topk_prob); 0: used as they are */
-    int qk_norm;                     /* queries and keys RMS-normalised per head (Qwen3's q_norm,
-                                        k_norm) after hook_q / hook_k, before the rotation */
+    int qk_norm;                     /* queries and keys RMS-normalised after hook_q / hook_k, before
+                                        the rotation: 1 per head (Qwen3's q_norm, k_norm, [d_head]
+                                        weights), 2 over all heads at once (OLMo 2's, [width]) */
     int post_norms;                  /* the attention's and the MLP's outputs are normed again
                                         (ln1_post, ln2_post) before they join the stream (Gemma 2) */
+    int input_norms;                 /* 1: ln1 and ln2 norm the attention's and the MLP's inputs; 0:
+                                        they read the stream as it is (OLMo 2, with post_norms) */
 } ms_config;
 
 /* How a weight matrix is stored: float32, or two bytes per number (bfloat16, the top

@@ -132,6 +132,10 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
         FAIL("config: attn_scale, attn_softcap and logit_softcap must be finite numbers >= 0 (0: none)");
     if (c->post_norms && (c->norm != MS_NORM_RMS || c->n_experts))
         FAIL("config: the outputs' norms (post_norms) are RMSNorms, of blocks without experts");
+    if (c->qk_norm < 0 || c->qk_norm > 2) FAIL("config: qk_norm must be 0, 1 (per head) or 2 (all heads)");
+    if (c->input_norms != 0 && c->input_norms != 1) FAIL("config: input_norms must be 0 or 1");
+    if (!c->input_norms && (!c->post_norms || c->parallel))
+        FAIL("config: blocks without input norms (input_norms 0) need the outputs' norms (post_norms), in sequence");
     if (!(isfinite(m->embed_scale) && m->embed_scale > 0.0f))
         FAIL("config: embed_scale must be a finite number > 0, got %g", (double)m->embed_scale);
     if (m->padding_idx < -1 || m->padding_idx >= c->d_vocab)
@@ -153,17 +157,21 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
         const ms_block *b = &m->blocks[l];
         if (b->rope_local && !(c->rotary_dim && m->rope_inv_freq_local))
             FAIL("config: block %d rotates with local angles, and the model has none (rope_inv_freq_local)", l);
-        CHECK(b->ln1_w, C, "ln1.w", l);
+        if (c->input_norms) {
+            CHECK(b->ln1_w, C, "ln1.w", l);
+            CHECK(b->ln2_w, C, "ln2.w", l);
+        } else if (b->ln1_w || b->ln1_b || b->ln2_w || b->ln2_b) {
+            FAIL("config: block %d has input norms, and input_norms is 0", l);
+        }
         CHECK_OPT(b->ln1_b, C, "ln1.b", l);
         CHECK_LIN(b->q, C, QD, "attn.q", l);
         CHECK_LIN(b->k, C, KD, "attn.k", l);
         CHECK_LIN(b->v, C, KD, "attn.v", l);
         CHECK_LIN(b->o, QD, C, "attn.o", l);
         if (c->qk_norm) {
-            CHECK(b->q_norm_w, (size_t)c->d_head, "attn.q_norm.w", l);
-            CHECK(b->k_norm_w, (size_t)c->d_head, "attn.k_norm.w", l);
+            CHECK(b->q_norm_w, c->qk_norm == 2 ? QD : (size_t)c->d_head, "attn.q_norm.w", l);
+            CHECK(b->k_norm_w, c->qk_norm == 2 ? KD : (size_t)c->d_head, "attn.k_norm.w", l);
         }
-        CHECK(b->ln2_w, C, "ln2.w", l);
         CHECK_OPT(b->ln2_b, C, "ln2.b", l);
         if (c->post_norms) {
             CHECK(b->ln1_post_w, C, "ln1_post.w", l);

@@ -192,6 +192,8 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         return -1;
     if (PyDict_GetItemString(config, "padding_idx") && config_int(config, "padding_idx", &padding_idx)) return -1;
     if (PyDict_GetItemString(config, "post_norms") && config_int(config, "post_norms", &c.post_norms)) return -1;
+    c.input_norms = 1;
+    if (PyDict_GetItemString(config, "input_norms") && config_int(config, "input_norms", &c.input_norms)) return -1;
     if ((PyDict_GetItemString(config, "attn_scale") && config_float(config, "attn_scale", &attn_scale)) ||
         (PyDict_GetItemString(config, "attn_softcap") && config_float(config, "attn_softcap", &attn_softcap)) ||
         (PyDict_GetItemString(config, "logit_softcap") && config_float(config, "logit_softcap", &logit_softcap)))
@@ -271,18 +273,21 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         const uint16_t *hqkv, *hin;
         ms_dtype dqkv, din;
 #define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
-        TAKE(b->ln1_w, NAME("ln1.w"), C);
-        TAKE_OPT(b->ln1_b, NAME("ln1.b"), C);
+        b->ln1_w = b->ln2_w = NULL;
+        if (c.input_norms) {
+            TAKE(b->ln1_w, NAME("ln1.w"), C);
+            TAKE_OPT(b->ln1_b, NAME("ln1.b"), C);
+            TAKE(b->ln2_w, NAME("ln2.w"), C);
+            TAKE_OPT(b->ln2_b, NAME("ln2.b"), C);
+        }
         TAKE_MATRIX(wqkv, hqkv, dqkv, NAME("attn.w_qkv"), C * QW);
         TAKE_OPT(bqkv, NAME("attn.b_qkv"), QW);
         TAKE_MATRIX(b->o.w, b->o.w16, b->o.dtype, NAME("attn.w_o"), QD * C);
         TAKE_OPT(b->o.b, NAME("attn.b_o"), C);
         if (c.qk_norm) {
-            TAKE(b->q_norm_w, NAME("attn.q_norm.w"), (size_t)c.d_head);
-            TAKE(b->k_norm_w, NAME("attn.k_norm.w"), (size_t)c.d_head);
+            TAKE(b->q_norm_w, NAME("attn.q_norm.w"), c.qk_norm == 2 ? QD : (size_t)c.d_head);
+            TAKE(b->k_norm_w, NAME("attn.k_norm.w"), c.qk_norm == 2 ? KD : (size_t)c.d_head);
         }
-        TAKE(b->ln2_w, NAME("ln2.w"), C);
-        TAKE_OPT(b->ln2_b, NAME("ln2.b"), C);
         if (c.post_norms) {
             TAKE(b->ln1_post_w, NAME("ln1_post.w"), C);
             TAKE(b->ln2_post_w, NAME("ln2_post.w"), C);
@@ -1028,7 +1033,7 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         const ms_block *b = &m->blocks[l];
         ms_block_grad *g = &wg->blocks[l];
 #define NAME(suffix) (snprintf(name, sizeof name, "blocks.%d.%s", l, suffix), name)
-        g->ln1_w = grad_array(grads, NAME("ln1.w"), C, &bad);
+        if (b->ln1_w) g->ln1_w = grad_array(grads, NAME("ln1.w"), C, &bad);
         if (b->ln1_b) g->ln1_b = grad_array(grads, NAME("ln1.b"), C, &bad);
         float *wqkv = grad_array(grads, NAME("attn.w_qkv"), C * QW, &bad);
         float *bqkv = b->q.b ? grad_array(grads, NAME("attn.b_qkv"), QW, &bad) : NULL;
@@ -1038,10 +1043,10 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
         g->o.w = grad_array(grads, NAME("attn.w_o"), QD * C, &bad);
         if (b->o.b) g->o.b = grad_array(grads, NAME("attn.b_o"), C, &bad);
         if (c->qk_norm) {
-            g->q_norm_w = grad_array(grads, NAME("attn.q_norm.w"), (size_t)c->d_head, &bad);
-            g->k_norm_w = grad_array(grads, NAME("attn.k_norm.w"), (size_t)c->d_head, &bad);
+            g->q_norm_w = grad_array(grads, NAME("attn.q_norm.w"), c->qk_norm == 2 ? QD : (size_t)c->d_head, &bad);
+            g->k_norm_w = grad_array(grads, NAME("attn.k_norm.w"), c->qk_norm == 2 ? KD : (size_t)c->d_head, &bad);
         }
-        g->ln2_w = grad_array(grads, NAME("ln2.w"), C, &bad);
+        if (b->ln2_w) g->ln2_w = grad_array(grads, NAME("ln2.w"), C, &bad);
         if (b->ln2_b) g->ln2_b = grad_array(grads, NAME("ln2.b"), C, &bad);
         if (c->post_norms) {
             g->ln1_post_w = grad_array(grads, NAME("ln1_post.w"), C, &bad);

@@ -416,6 +416,8 @@ _PHI = {"hook_attn_out": ("self_attn", "out"), "attn.hook_z": ("self_attn.dense"
         "attn.hook_v": ("self_attn.v_proj", "out"), "mlp.hook_pre": ("mlp.fc1", "out"),
         "mlp.hook_post": ("mlp.fc2", "in"), "hook_mlp_out": ("mlp", "out"),
         "ln1.hook_normalized": ("input_layernorm", "out"), "hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
+# OLMo 2: Gemma 2's output sites, no input norms
+_OLMO2 = {k: v for k, v in _GEMMA2.items() if k not in ("ln1.hook_normalized", "ln2.hook_normalized")}
 _GPTJ = {"hook_attn_out": ("attn", "out"), "attn.hook_z": ("attn.out_proj", "in"),
          "attn.hook_q": ("attn.q_proj", "out"), "attn.hook_k": ("attn.k_proj", "out"),
          "attn.hook_v": ("attn.v_proj", "out"), "mlp.hook_pre": ("mlp.fc_in", "out"), "mlp.hook_post": ("mlp.fc_out", "in"),
@@ -434,7 +436,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     neox = family == "gpt_neox"
     base = hf.gpt_neox if neox else hf.transformer if family == "gptj" else hf.model
     table = (_NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _PHI3 if family == "phi3"
-             else _PHI if family == "phi" else _GPTJ if family == "gptj" else _LLAMA)
+             else _PHI if family == "phi" else _GPTJ if family == "gptj" else _OLMO2 if family == "olmo2" else _LLAMA)
     layers = base.h if family == "gptj" else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
@@ -542,6 +544,9 @@ def test_architectures_match_autograd(name):
     sites = ARCH_SITES + (["blocks.0.mlp.hook_pre_linear"] if model.arch["gated_mlp"] else [])
     if family in SHARED_NORM:
         sites.remove("blocks.0.ln2.hook_normalized")
+    if family == "olmo2":  # its norms: after the attention and the MLP
+        sites = [s for s in sites if ".ln1." not in s and ".ln2." not in s] + [
+            "blocks.0.ln1_post.hook_normalized", "blocks.0.ln2_post.hook_normalized"]
 
     def grad(scalar, sites):
         g = model.grad(tokens, scalar, sites=sites + ["blocks.0.ln2.hook_normalized"] * (family in SHARED_NORM),

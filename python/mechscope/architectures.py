@@ -14,8 +14,10 @@ scores and logits), Gemma 3's text model (Gemma 2's block with Qwen3's per-head 
 key norms, and its own rotary angles in its sliding-window layers), Phi-3 / Phi-3.5 /
 Phi-4-mini (Llama's block with fused q|k|v and gate|up matrices, partial rotary and
 LongRoPE), GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and MLP),
-Phi-1 / 1.5 / 2 (GPT-NeoX's parallel block with one norm, and an unembedding bias) and
-GPT-J (Phi's block, rotating adjacent pairs).
+Phi-1 / 1.5 / 2 (GPT-NeoX's parallel block with one norm, and an unembedding bias),
+GPT-J (Phi's block, rotating adjacent pairs) and OLMo 2 (Llama's block with its norms
+after the attention and the MLP instead of before, and query and key norms over all
+heads).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -35,7 +37,7 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-               "phi3")
+               "phi3", "olmo2")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window  # normed block outputs, query_pre_attn_scalar, soft caps
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj")
@@ -72,7 +74,8 @@ _NEOX_DEFAULTS = {
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "GPTNeoXForCausalLM": "gpt_neox",
+            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
+            "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi", "GPTJForCausalLM": "gptj"}
 
 
@@ -286,6 +289,8 @@ def _llama(config, family):
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
     if family == "mistral":
         cfg.update(sliding_window=4096)
+    if family == "olmo2":
+        cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
     if family == "phi3":
         cfg.update(vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                    original_max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=32000)
@@ -313,8 +318,8 @@ def _llama(config, family):
                    decoder_sparse_step=1, mlp_only_layers=[])
     cfg.update(config)
     cfg["model_type"] = family
-    if family == "phi3" and cfg.get("head_dim") is None:
-        del cfg["head_dim"]  # transformers' Phi-3 reads a head_dim key even when it is None
+    if cfg.get("head_dim") is None:
+        cfg.pop("head_dim", None)  # transformers' Phi-3 and OLMo 2 read a head_dim key even when it is None
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "max_position_embeddings"):
         _positive_int(cfg, key)
@@ -374,6 +379,10 @@ def _llama(config, family):
         # transformers' embedding here is nn.Embedding(padding_idx=pad_token_id): the pad
         # token's row takes no gradient from the lookup (it does as the tied unembedding)
         arch["padding_idx"] = pad
+    if family == "olmo2":
+        # no norm before the attention and the MLP; their outputs normed (as Gemma 2's),
+        # and the queries and keys each normed over all heads at once
+        arch.update(input_norms=0, post_norms=1, qk_norm=2)
     if family.startswith("gemma"):
         # HF multiplies the embeddings by sqrt(hidden_size) rounded to the model's float
         # type (float32 here) and keeps the unembedding (the tied embedding) as it is
@@ -731,10 +740,17 @@ _PHI3_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=(
     _same("attn.w_qkv", "self_attn.qkv_proj.weight", "QKV C"), _same("attn.w_o", "self_attn.o_proj.weight", "C QD"),
     _same("mlp.w_in", "mlp.gate_up_proj.weight", "2F C"), _same("mlp.w_out", "mlp.down_proj.weight", "C F")))
 
+# OLMo 2: Llama's matrices; the outputs' norms, and query and key norms as wide as q and k
+_OLMO2_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
+    p for p in _LLAMA_WEIGHTS.blocks if p.core not in ("ln1.w", "ln2.w")) + (
+    _same("ln1_post.w", "post_attention_layernorm.weight", "C"),
+    _same("ln2_post.w", "post_feedforward_layernorm.weight", "C"),
+    _same("attn.q_norm.w", "self_attn.q_norm.weight", "QD"), _same("attn.k_norm.w", "self_attn.k_norm.weight", "KD")))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
-            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS}
+            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -913,7 +929,8 @@ def core_config(arch):
                qk_norm=arch.get("qk_norm", 0), expert_renormalize=arch.get("expert_renormalize", 1),
                embed_scale=arch.get("embed_scale", 1.0), padding_idx=arch.get("padding_idx", -1), post_norms=arch.get("post_norms", 0),
                attn_scale=arch.get("attn_scale", 0.0), attn_softcap=arch.get("attn_softcap", 0.0),
-               logit_softcap=arch.get("logit_softcap", 0.0), rotary_interleaved=arch.get("rotary_interleaved", 0))
+               logit_softcap=arch.get("logit_softcap", 0.0), rotary_interleaved=arch.get("rotary_interleaved", 0),
+               input_norms=arch.get("input_norms", 1))
     for key in ("rope_local_layers", "attn_windows"):
         if key in arch:
             out[key] = arch[key]

@@ -184,6 +184,73 @@ def _qk_fix(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, grad_pattern, a
     return change.transpose(0, 2, 1)                         # [B, T, KV]
 
 
+def _whole_norm_ratios(pre, pre_clean, eps):
+    """OLMo 2 norms each token's queries (keys) over all heads at once, so patching one
+    head's pre-norm values rescales every head's normed ones. For a patch of head h at
+    a token: (the factor on the other heads' normed values, the factor on head h's clean
+    normed values from the clean run), each [B, T, heads]: the old and the clean run's
+    root mean squares over the new one's."""
+    pre, pre_clean = pre.astype(np.float64), pre_clean.astype(np.float64)
+    width = pre.shape[2] * pre.shape[3]
+    head, head_clean = (pre * pre).sum(-1), (pre_clean * pre_clean).sum(-1)   # [B, T, heads]
+    total, total_clean = head.sum(-1, keepdims=True), head_clean.sum(-1, keepdims=True)
+    rms_new = np.sqrt((total - head + head_clean) / width + eps)
+    return np.sqrt(total / width + eps) / rms_new, np.sqrt(total_clean / width + eps) / rms_new
+
+
+def _capped(s, cap):
+    return cap * np.tanh(s / cap) if cap else s
+
+
+def _qk_fix_whole(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, pre, pre_clean, grad_pattern, allowed,
+                  scoring, n_rep, eps):
+    """_qk_fix for query and key norms over all heads (OLMo 2): a patch of one head
+    at a token also rescales the other heads' queries (keys) there, so every head's
+    pattern is recomputed: rows (query patches) or columns (key patches) of the other
+    heads' scores scaled by one factor, the patched head's from its clean values by
+    another (_whole_norm_ratios). Returns what _qk_fix returns."""
+    scale, cap = scoring[:2]
+    S0 = _scores(q_rot, k_rot, (scale, 0.0), n_rep)           # [B, H, T, T] before any cap
+    P, _ = _softmax(_capped(S0, cap), allowed)
+    G = grad_pattern.astype(np.float64)
+    A = (P * G).sum(-1)                                       # [B, H, T]
+    other, mine = _whole_norm_ratios(pre, pre_clean, eps)     # [B, T, heads patched]
+    B, H, T, _ = S0.shape
+    if which == "q":
+        S_clean = _scores(q_clean_rot, k_rot, (scale, 0.0), n_rep)
+        change = np.zeros((B, T, H))
+        for h in range(H):
+            # the other heads' rows i scaled by other[:, i, h]; head h's row from its clean query
+            P_o, _ = _softmax(_capped(S0 * other[:, None, :, h, None], cap), allowed)
+            rows = (P_o * G).sum(-1) - A                      # [B, H, T]
+            rows[:, h] = 0.0
+            P_h, _ = _softmax(_capped(S_clean[:, h] * mine[:, :, h, None], cap)[:, None], allowed)
+            change[:, :, h] = rows.sum(1) + (P_h[:, 0] * G[:, h]).sum(-1) - A[:, h]
+        return change.sum(1) if kind == "head_all_pos" else change
+    S_clean = _scores(q_rot, k_clean_rot, (scale, 0.0), n_rep)   # query i, clean key p
+    KV = H // n_rep
+    group = np.arange(H) // n_rep
+    out = np.zeros((B, KV) if kind == "head_all_pos" else (B, T, KV))
+    for g in range(KV):
+        # column p of every head: group g's from its clean key, the others' scaled
+        S_new = np.where((group == g)[None, :, None, None], S_clean * mine[:, None, None, :, g],
+                         S0 * other[:, None, None, :, g])
+        if kind == "head_all_pos":
+            P_new, _ = _softmax(_capped(S_new, cap), allowed)
+            out[:, g] = ((P_new * G).sum(-1) - A).sum((1, 2))
+            continue
+        # one column p replaced in each row (closed form per (row, key), as in _qk_fix)
+        S, S_p = _capped(S0, cap), _capped(S_new, cap)
+        _, lse = _softmax(S, allowed)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            rest = lse + np.log1p(-np.minimum(P, 1.0))
+            lse_new = np.logaddexp(rest, S_p)
+            entry = (A[..., None] - P * G) * np.exp(lse - lse_new) + np.exp(S_p - lse_new) * G - A[..., None]
+            entry = np.where(allowed[:, None] & (S_p != S), entry, 0.0)
+        out[:, :, g] = entry.sum((1, 2))                      # over heads and query rows -> [B, T(key)]
+    return out
+
+
 # The exact softmax works on [query, key] planes of float64, about this many at once.
 _QK_PLANES = 12
 # Planes are processed (prompt, key/value head) at a time, up to this many bytes of them
@@ -300,9 +367,17 @@ def _layer_change(model, kind, suffix, layer, grads, acts, clean, rotated_clean,
         q = acts[f"blocks.{layer}.attn.hook_rot_q" if rotary else f"blocks.{layer}.attn.hook_q"]
         k = acts[f"blocks.{layer}.attn.hook_rot_k" if rotary else f"blocks.{layer}.attn.hook_k"]
         qc, kc = rotated_clean[layer]
-        rows = _qk_fix_chunked(kind, "q" if suffix == _HEAD_SITES["q"] else "k", q, k, qc, kc,
-                               grads[f"blocks.{layer}.{_PATTERN}"], mask, _scoring(model, layer),
-                               model.n_heads // model.n_kv_heads)
+        which = "q" if suffix == _HEAD_SITES["q"] else "k"
+        if model.arch.get("qk_norm") == 2:  # OLMo 2: a head's patch rescales the other heads too
+            name = f"blocks.{layer}.{suffix}"
+            T = q.shape[1]
+            rows = _qk_fix_whole(kind, which, q, k, qc, kc, acts[name], clean[name],
+                                 grads[f"blocks.{layer}.{_PATTERN}"], _allowed(mask, q.shape[0], T, _scoring(
+                                     model, layer)[2]), _scoring(model, layer), model.n_heads // model.n_kv_heads,
+                                 float(model.arch["ln_eps"]))
+        else:
+            rows = _qk_fix_chunked(kind, which, q, k, qc, kc, grads[f"blocks.{layer}.{_PATTERN}"], mask,
+                                   _scoring(model, layer), model.n_heads // model.n_kv_heads)
         return (np.abs(rows) if absolute else rows).mean(axis=0)
     name = f"blocks.{layer}.{suffix}"
     c, a, g = clean[name], acts[name], grads[name]
@@ -360,6 +435,8 @@ def _attribute(model, corrupted_tokens, clean_cache, metric, grids, attention_ma
     act_suffixes = [s for s in value_suffixes if s not in qk]
     if qk:
         act_suffixes += ["attn.hook_rot_q", "attn.hook_rot_k"] if rotary else ["attn.hook_q", "attn.hook_k"]
+        if model.arch.get("qk_norm") == 2:  # the pre-norm values too (_whole_norm_ratios)
+            act_suffixes += qk
     rotated_clean = _rotated_clean(model, tokens, mask, clean, qk, base) if qk else None
 
     def backward(extra=(), drop=None):

@@ -197,10 +197,11 @@ def direction_logits(model, vectors, site):
 
 def _check_linear_outputs(model, what):
     """Heads and neurons write into the stream through their output matrices alone,
-    unless the model norms the block outputs (Gemma 2): then their shares do not add up."""
+    unless the model norms the block outputs (Gemma 2 and 3, OLMo 2): then their shares do not add up."""
     if model.arch.get("post_norms"):
-        raise ValueError(f"{what}: this model norms the attention's and the MLP's outputs (Gemma 2) before "
-                         "they join the residual stream, so heads and neurons have no additive share of it; "
+        raise ValueError(f"{what}: this model norms the attention's and the MLP's outputs (Gemma 2 and 3, "
+                         "OLMo 2) before they join the residual stream, so heads and neurons have no additive "
+                         "share of it; "
                          "use the blocks' outputs (by='layer', hook_attn_out, hook_mlp_out)")
 
 

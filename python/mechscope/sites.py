@@ -22,7 +22,9 @@ _WHY_ABSENT = {
     "mlp.hook_expert_weights": "only a mixture of experts routes tokens",
     "mlp.hook_pre": "a mixture of experts runs each expert on its own tokens; its sites are "
                     "mlp.hook_expert_weights and hook_mlp_out",
-    **{f"{ln}_post.{hook}": "only Gemma 2 norms the attention's and the MLP's outputs"
+    **{f"{ln}_post.{hook}": "only Gemma 2 and 3 and OLMo 2 norm the attention's and the MLP's outputs"
+       for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized")},
+    **{f"{ln}.{hook}": "OLMo 2 norms the attention's and the MLP's outputs, not their inputs"
        for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized")},
 }
 
@@ -44,6 +46,8 @@ def absent_sites(arch):
         absent.add("hook_resid_mid")
     if not arch.get("post_norms"):
         absent.update(f"{ln}_post.{hook}" for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized"))
+    if not arch.get("input_norms", 1):
+        absent.update(f"{ln}.{hook}" for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized"))
     why = dict(_WHY_ABSENT)
     if arch.get("n_experts"):  # one reason for the three MLP sites a mixture lacks
         why["mlp.hook_pre_linear"] = why["mlp.hook_post"] = why["mlp.hook_pre"]
