@@ -1,4 +1,4 @@
-"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J, OLMo 2 and GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J, OLMo 2 and 3 and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -82,6 +82,13 @@ CONFIGS = {
     "olmo2_post_norms": ("olmo2", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                                        num_hidden_layers=2, intermediate_size=40, vocab_size=83,
                                        max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6)),
+    # OLMo 3: OLMo 2's block, three sliding layers in four (a window of 5), YaRN in the full
+    # layer only
+    "olmo3_windows_yarn": ("olmo3", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=4, intermediate_size=40, vocab_size=83,
+                                         max_position_embeddings=128, rope_theta=500.0, rms_norm_eps=1e-6,
+                                         sliding_window=5, rope_scaling=dict(rope_type="yarn", factor=2.0,
+                                                                             original_max_position_embeddings=64))),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -98,7 +105,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
-            "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
+            "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -257,7 +264,7 @@ def tl_from_hf(hf, family):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo 2
-TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling") and fam != "olmo2")
+TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling") and not fam.startswith("olmo"))
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)
@@ -306,10 +313,10 @@ def test_absent_sites_are_refused_by_name(pair):
     family = CONFIGS[name][0]
     with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
         model.run([[1, 2]], cache="hook_pos_embed")
-    if family == "olmo2":
-        with pytest.raises(ValueError, match="ln1.hook_normalized.*OLMo 2 norms"):
+    if family.startswith("olmo"):
+        with pytest.raises(ValueError, match="ln1.hook_normalized.*OLMo 2 and 3 norm"):
             model.run([[1, 2]], cache="blocks.0.ln1.hook_normalized")
-        with pytest.raises(ValueError, match="ln2.hook_scale.*OLMo 2 norms"):
+        with pytest.raises(ValueError, match="ln2.hook_scale.*OLMo 2 and 3 norm"):
             model.run([[1, 2]], interventions=[ms.Zero("blocks.1.ln2.hook_scale")])
     if family == "gpt_neox":
         with pytest.raises(ValueError, match="hook_pre_linear.*gated"):

@@ -436,7 +436,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     neox = family == "gpt_neox"
     base = hf.gpt_neox if neox else hf.transformer if family == "gptj" else hf.model
     table = (_NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _PHI3 if family == "phi3"
-             else _PHI if family == "phi" else _GPTJ if family == "gptj" else _OLMO2 if family == "olmo2" else _LLAMA)
+             else _PHI if family == "phi" else _GPTJ if family == "gptj" else _OLMO2 if family.startswith("olmo") else _LLAMA)
     layers = base.h if family == "gptj" else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
@@ -544,7 +544,7 @@ def test_architectures_match_autograd(name):
     sites = ARCH_SITES + (["blocks.0.mlp.hook_pre_linear"] if model.arch["gated_mlp"] else [])
     if family in SHARED_NORM:
         sites.remove("blocks.0.ln2.hook_normalized")
-    if family == "olmo2":  # its norms: after the attention and the MLP
+    if family.startswith("olmo"):  # its norms: after the attention and the MLP
         sites = [s for s in sites if ".ln1." not in s and ".ln2." not in s] + [
             "blocks.0.ln1_post.hook_normalized", "blocks.0.ln2_post.hook_normalized"]
 

@@ -191,6 +191,8 @@ def _hf_logits(path, ids):
     # OLMo 2: the outputs' norms and the whole-width query and key norms, no input norms
     dict(model_type="olmo2", hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2, vocab_size=17, max_position_embeddings=16),
+    dict(model_type="olmo3", hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+         num_key_value_heads=2, vocab_size=17, max_position_embeddings=16, sliding_window=3),
     # GPT-J: adjacent rotary pairs
     dict(model_type="gptj", n_embd=32, n_inner=40, n_layer=2, n_head=4, vocab_size=17, n_positions=16,
          rotary_dim=4),

@@ -15,9 +15,10 @@ key norms, and its own rotary angles in its sliding-window layers), Phi-3 / Phi-
 Phi-4-mini (Llama's block with fused q|k|v and gate|up matrices, partial rotary and
 LongRoPE), GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and MLP),
 Phi-1 / 1.5 / 2 (GPT-NeoX's parallel block with one norm, and an unembedding bias),
-GPT-J (Phi's block, rotating adjacent pairs) and OLMo 2 (Llama's block with its norms
+GPT-J (Phi's block, rotating adjacent pairs), OLMo 2 (Llama's block with its norms
 after the attention and the MLP instead of before, and query and key norms over all
-heads).
+heads) and OLMo 3 (OLMo 2's block, three sliding-window layers in four, rotating with
+unscaled angles).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -37,7 +38,7 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-               "phi3", "olmo2")
+               "phi3", "olmo2", "olmo3")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window  # normed block outputs, query_pre_attn_scalar, soft caps
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj")
@@ -74,7 +75,7 @@ _NEOX_DEFAULTS = {
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
+            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
             "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi", "GPTJForCausalLM": "gptj"}
 
@@ -289,8 +290,10 @@ def _llama(config, family):
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
     if family == "mistral":
         cfg.update(sliding_window=4096)
-    if family == "olmo2":
+    if family in ("olmo2", "olmo3"):
         cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
+    if family == "olmo3":
+        cfg.update(sliding_window=4096)
     if family == "phi3":
         cfg.update(vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                    original_max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=32000)
@@ -341,6 +344,7 @@ def _llama(config, family):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
     windowed = family in GEMMA2_TYPES or (family in QWEN_TYPES and cfg.get("use_sliding_window"))
+    windowed = windowed or family == "olmo3"
     kinds = ("full_attention", "sliding_attention") if windowed else ("full_attention",)
     if any(t not in kinds for t in cfg.get("layer_types") or ()):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
@@ -379,7 +383,7 @@ def _llama(config, family):
         # transformers' embedding here is nn.Embedding(padding_idx=pad_token_id): the pad
         # token's row takes no gradient from the lookup (it does as the tied unembedding)
         arch["padding_idx"] = pad
-    if family == "olmo2":
+    if family in ("olmo2", "olmo3"):
         # no norm before the attention and the MLP; their outputs normed (as Gemma 2's),
         # and the queries and keys each normed over all heads at once
         arch.update(input_norms=0, post_norms=1, qk_norm=2)
@@ -416,6 +420,11 @@ def _llama(config, family):
         arch["n_ctx"] = min(arch["n_ctx"], cfg.get("original_max_position_embeddings") or arch["n_ctx"])
     if family == "gemma3_text":
         _gemma3_layers(cfg, arch)
+    if family == "olmo3" and cfg.get("rope_scaling"):
+        # OLMo 3's sliding layers rotate with the default angles, its full layers scaled
+        arch["rope_inv_freq_local"] = rope_frequencies(theta, rotary_dim, None, cfg["max_position_embeddings"])[0]
+        arch["rope_local_layers"] = [int(k == "sliding_attention")
+                                     for k in _layer_kinds(cfg, family, arch["n_layers"])]
     windows = _attention_windows(cfg, family, arch["n_layers"])
     if any(windows):
         arch["attn_windows"] = windows
@@ -425,12 +434,13 @@ def _llama(config, family):
 
 
 def _layer_kinds(cfg, family, n_layers):
-    """Gemma 2's and 3's layer_types (sliding_attention or full_attention per layer),
-    filled in as transformers fills them when the config has none: every other
-    layer sliding from the first (Gemma 2), five of every six (Gemma 3)."""
+    """Gemma 2's and 3's and OLMo 3's layer_types (sliding_attention or full_attention
+    per layer), filled in as transformers fills them when the config has none: every
+    other layer sliding from the first (Gemma 2), five of every six (Gemma 3), three of
+    every four (OLMo 3)."""
     kinds = cfg.get("layer_types")
     if kinds is None:
-        every = 2 if family == "gemma2" else cfg.get("sliding_window_pattern", 6)
+        every = {"gemma2": 2, "olmo3": 4}.get(family) or cfg.get("sliding_window_pattern", 6)
         kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
     if len(kinds) != n_layers:
         raise ValueError(f"config: layer_types has {len(kinds)} entries for {n_layers} layers")
@@ -451,12 +461,13 @@ def _gemma3_layers(cfg, arch):
 def _attention_windows(cfg, family, n_layers):
     """Per layer, the sliding window (a query sees the last `sliding_window` tokens,
     itself included, as transformers masks them) or 0 (every earlier token): every
-    layer of Mistral, Mixtral and Phi-3 when they have a window, Gemma 2's and 3's
-    sliding_attention layers, and Qwen's with use_sliding_window (layer_types, else
+    layer of Mistral, Mixtral and Phi-3 when they have a window, Gemma 2's and 3's and
+    OLMo 3's sliding_attention layers, and Qwen's with use_sliding_window (layer_types, else
     the layers from max_window_layers on)."""
     if family in QWEN_TYPES and not cfg.get("use_sliding_window"):
         return [0] * n_layers
-    if family not in ("mistral", "mixtral", "phi3") + GEMMA2_TYPES + QWEN_TYPES or cfg.get("sliding_window") is None:
+    if (family not in ("mistral", "mixtral", "phi3", "olmo3") + GEMMA2_TYPES + QWEN_TYPES
+            or cfg.get("sliding_window") is None):
         return [0] * n_layers
     window = _positive_int(cfg, "sliding_window")
     if family in ("mistral", "mixtral", "phi3"):
@@ -750,7 +761,7 @@ _OLMO2_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
-            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS}
+            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))

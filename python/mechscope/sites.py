@@ -24,7 +24,7 @@ _WHY_ABSENT = {
                     "mlp.hook_expert_weights and hook_mlp_out",
     **{f"{ln}_post.{hook}": "only Gemma 2 and 3 and OLMo 2 norm the attention's and the MLP's outputs"
        for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized")},
-    **{f"{ln}.{hook}": "OLMo 2 norms the attention's and the MLP's outputs, not their inputs"
+    **{f"{ln}.{hook}": "OLMo 2 and 3 norm the attention's and the MLP's outputs, not their inputs"
        for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized")},
 }
 
