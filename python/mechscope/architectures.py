@@ -39,8 +39,8 @@ NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
                "phi3", "olmo2", "olmo3")
-GEMMA2_TYPES = ("gemma2", "gemma3_text")
-QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window  # normed block outputs, query_pre_attn_scalar, soft caps
+GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
+QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj")
 
 _GPT2_DEFAULTS = {
@@ -75,9 +75,9 @@ _NEOX_DEFAULTS = {
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2", "Olmo3ForCausalLM": "olmo3",
-            "GPTNeoXForCausalLM": "gpt_neox",
-            "PhiForCausalLM": "phi", "GPTJForCausalLM": "gptj"}
+            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
+            "Olmo3ForCausalLM": "olmo3", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
+            "GPTJForCausalLM": "gptj"}
 
 
 def _positive_int(cfg, key):
@@ -343,8 +343,7 @@ def _llama(config, family):
     elif cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
-    windowed = family in GEMMA2_TYPES or (family in QWEN_TYPES and cfg.get("use_sliding_window"))
-    windowed = windowed or family == "olmo3"
+    windowed = family in GEMMA2_TYPES + ("olmo3",) or (family in QWEN_TYPES and cfg.get("use_sliding_window"))
     kinds = ("full_attention", "sliding_attention") if windowed else ("full_attention",)
     if any(t not in kinds for t in cfg.get("layer_types") or ()):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "

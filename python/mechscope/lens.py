@@ -107,9 +107,10 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, by="la
     norm's scale in the run (``ln_final.hook_scale``), multiplied by the norm's weight
     and projected on the answer's unembedding row (minus the incorrect one's). A last
     row "final_norm_bias" holds the final norm's bias term where the norm has a bias,
-    and "unembed_bias" the unembedding's bias where it has one (Phi). The rows add up to the logit (difference) the model computes; for a model that
-    soft-caps its logits (Gemma 2), to the logit (difference) before the cap, as the cap
-    is not linear.
+    and "unembed_bias" the unembedding's bias where it has one (Phi, GPT-J). The rows
+    add up to the logit (difference) the model computes; for a model that soft-caps its
+    logits (Gemma 2), to the logit (difference) before the cap, as the cap is not
+    linear.
     Returns [components, batch] (and the labels with ``return_labels=True``).
     """
     stack, labels, (values, B, neurons) = _decompose(model, tokens, pos, by, attention_mask, interventions,
