@@ -235,6 +235,27 @@ def test_exact_softmax_in_chunks_equals_all_at_once(ms, name, setup, monkeypatch
     np.testing.assert_allclose(getattr(ms.attribution, name)(model, corrupted, cache, metric), whole, atol=1e-6, rtol=1e-6)
 
 
+def test_whole_width_norms_in_blocks_of_prompts_equal_all_at_once(ms, tmp_path, monkeypatch):
+    """OLMo 2's exact softmax needs every head of a prompt at once: it runs in blocks of
+    prompts, one prompt per step at the smallest, with the result of everything at once"""
+    from test_architectures import make_hf
+    model = ms.Model.from_pretrained(save_hf(make_hf("olmo2_post_norms"), tmp_path / "olmo2"))
+    rng = np.random.default_rng(6)
+    clean = rng.integers(0, model.d_vocab, (3, 6))
+    corrupted = (clean + 7) % model.d_vocab
+    cache = model.run(clean, cache=model.site_names).cache
+    metric = ms.metrics.LogitDiff(np.array([1, 2, 5]), np.array([3, 4, 0]))
+    whole = {n: getattr(ms.attribution, n)(model, corrupted, cache, metric) for n in QK}
+    calls = []
+    real = ms.attribution._qk_fix_whole
+    monkeypatch.setattr(ms.attribution, "_qk_fix_whole", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    monkeypatch.setattr(ms.attribution, "_CHUNK_BYTES", 1)
+    for n in QK:
+        np.testing.assert_allclose(getattr(ms.attribution, n)(model, corrupted, cache, metric), whole[n],
+                                   atol=1e-6, rtol=1e-6, err_msg=n)
+    assert calls == [1] * (3 * model.n_layers * len(QK))
+
+
 def test_exact_softmax_over_the_memory_budget_is_refused_before_work(ms, setup):
     model, _, _, corrupted, cache = setup
     metric = ms.metrics.LogitDiff(CORRECT, WRONG)

@@ -175,6 +175,12 @@ def rope_frequencies(theta, dim, scaling, max_positions, original_max_positions=
                      "dynamic, longrope)")
 
 
+def longrope_attention(factor, original_max_positions):
+    """LongRoPE's default factor on cos and sin for a context `factor` times the
+    original one: sqrt(1 + ln(factor) / ln(original context)), 1 when not longer."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max_positions))
+
+
 def _longrope(theta, dim, scaling, max_positions, original_max_positions):
     """LongRoPE (Phi-3.5, Phi-4-mini) up to the original context: each pair's angle
     divided by its short_factor, cos and sin multiplied by attention_factor, else by
@@ -193,7 +199,7 @@ def _longrope(theta, dim, scaling, max_positions, original_max_positions):
     if scaling.get("attention_factor") is not None:
         attention = _scaling_number(scaling, "longrope", "attention_factor", low=1e-9)
     else:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+        attention = longrope_attention(factor, old)
     exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
     inv = np.float32(1.0) / (short * np.power(np.float32(theta), exponent, dtype=np.float32))
     return inv.astype(np.float32), float(attention)

@@ -211,7 +211,8 @@ def _qk_fix_whole(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, pre, pre_
     another (_whole_norm_ratios). Returns what _qk_fix returns."""
     scale, cap = scoring[:2]
     S0 = _scores(q_rot, k_rot, (scale, 0.0), n_rep)           # [B, H, T, T] before any cap
-    P, _ = _softmax(_capped(S0, cap), allowed)
+    S = _capped(S0, cap)
+    P, lse = _softmax(S, allowed)
     G = grad_pattern.astype(np.float64)
     A = (P * G).sum(-1)                                       # [B, H, T]
     other, mine = _whole_norm_ratios(pre, pre_clean, eps)     # [B, T, heads patched]
@@ -240,8 +241,7 @@ def _qk_fix_whole(kind, which, q_rot, k_rot, q_clean_rot, k_clean_rot, pre, pre_
             out[:, g] = ((P_new * G).sum(-1) - A).sum((1, 2))
             continue
         # one column p replaced in each row (closed form per (row, key), as in _qk_fix)
-        S, S_p = _capped(S0, cap), _capped(S_new, cap)
-        _, lse = _softmax(S, allowed)
+        S_p = _capped(S_new, cap)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             rest = lse + np.log1p(-np.minimum(P, 1.0))
             lse_new = np.logaddexp(rest, S_p)
@@ -368,16 +368,22 @@ def _layer_change(model, kind, suffix, layer, grads, acts, clean, rotated_clean,
         k = acts[f"blocks.{layer}.attn.hook_rot_k" if rotary else f"blocks.{layer}.attn.hook_k"]
         qc, kc = rotated_clean[layer]
         which = "q" if suffix == _HEAD_SITES["q"] else "k"
+        scoring, n_rep = _scoring(model, layer), model.n_heads // model.n_kv_heads
+        grad = grads[f"blocks.{layer}.{_PATTERN}"]
         if model.arch.get("qk_norm") == 2:  # OLMo 2: a head's patch rescales the other heads too
             name = f"blocks.{layer}.{suffix}"
-            T = q.shape[1]
-            rows = _qk_fix_whole(kind, which, q, k, qc, kc, acts[name], clean[name],
-                                 grads[f"blocks.{layer}.{_PATTERN}"], _allowed(mask, q.shape[0], T, _scoring(
-                                     model, layer)[2]), _scoring(model, layer), model.n_heads // model.n_kv_heads,
-                                 float(model.arch["ln_eps"]))
+            B, T = q.shape[:2]
+            # every head at once, so blocks of whole prompts within the budget
+            per = max(1, min(_CHUNK_BYTES, get_memory_budget()) // (_qk_unit_bytes(n_rep, T) * model.n_kv_heads))
+            rows = np.concatenate([
+                _qk_fix_whole(kind, which, q[b:b + per], k[b:b + per], qc[b:b + per] if qc is not None else None,
+                              kc[b:b + per] if kc is not None else None, acts[name][b:b + per],
+                              clean[name][b:b + per], grad[b:b + per],
+                              _allowed(None if mask is None else mask[b:b + per], min(per, B - b), T, scoring[2]),
+                              scoring, n_rep, float(model.arch["ln_eps"]))
+                for b in range(0, B, per)])
         else:
-            rows = _qk_fix_chunked(kind, which, q, k, qc, kc, grads[f"blocks.{layer}.{_PATTERN}"], mask,
-                                   _scoring(model, layer), model.n_heads // model.n_kv_heads)
+            rows = _qk_fix_chunked(kind, which, q, k, qc, kc, grad, mask, scoring, n_rep)
         return (np.abs(rows) if absolute else rows).mean(axis=0)
     name = f"blocks.{layer}.{suffix}"
     c, a, g = clean[name], acts[name], grads[name]

@@ -21,12 +21,12 @@ Hyperparameters llama.cpp does not store but fixes by architecture are filled in
 llama.cpp fixes them (Gemma's attention scale and GeGLU, Gemma 3's local rotary base
 and its five sliding layers in six).
 """
-import math
 import os
 
 import numpy as np
 
 from . import _dtypes
+from .architectures import longrope_attention
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
@@ -303,8 +303,7 @@ def _phi3_config(reader, path, config, names):
     config["rope_scaling"] = {"type": "longrope", "long_factor": factors["rope_factors_long.weight"],
                               "short_factor": factors["rope_factors_short.weight"]}
     # the attention factor is transformers' (from the two contexts) unless the file says otherwise
-    scale = longest / original
-    want = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+    want = longrope_attention(longest / original, original)
     stored = _value(reader, "phi3.rope.scaling.attn_factor")
     if stored is not None and abs(float(stored) - want) > 1e-6 * want:
         raise ValueError(f"checkpoint {path}: LongRoPE with phi3.rope.scaling.attn_factor = {stored} is not "
