@@ -13,8 +13,12 @@ from setuptools import Extension, setup
 sanitize = os.environ.get("MECHSCOPE_SANITIZE") == "1"
 
 # -fno-math-errno: the core never reads errno after a math function, and without it
-# a call like sqrtf cannot be vectorized (it might have to set errno)
-compile_args = ["-std=c11", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-pthread", "-Wall", "-Wextra", "-Werror",
+# a call like sqrtf cannot be vectorized (it might have to set errno).
+# -fno-trapping-math: the core never reads the floating-point exception flags, and
+# without it a loop with a choice between two values (exp_approx's range check, a
+# max) is not vectorized for AVX2, which has no masked operations to keep a discarded
+# operand from raising a flag (the GELU, softmax and cross-entropy loops ran scalar)
+compile_args = ["-std=c11", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-pthread", "-Wall", "-Wextra", "-Werror",
                 "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 link_args = ["-pthread",
              # find the OpenBLAS of the installed scipy-openblas32 wheel, which sits
