@@ -449,13 +449,16 @@ def engine_slow(ms, model, tokens, cache, metric, name):
 
 
 @pytest.mark.parametrize("config", ["llama_gqa3", "llama3_rope_tied", "gemma_gqa", "gemma2_softcap",
-                                    "gemma3_local_rope", "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "olmo2_post_norms", "olmo3_windows_yarn", "neox_parallel"])
+                                    "gemma3_local_rope", "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "olmo2_post_norms", "olmo3_windows_yarn", "neox_parallel", "olmoe"])
 def test_rotary_grouped_and_parallel_models(ms, config, tmp_path):
+    """and OLMoE: a mixture of experts, its query and key norms over all heads"""
     from test_architectures import CONFIGS as ARCHS
     from test_architectures import make_hf
-    hf = make_hf(config)
+    from test_experts import OLMOE
+    spec = OLMOE if config == "olmoe" else ARCHS[config]
+    hf = make_hf(None, spec=spec)
     model = ms.Model.from_pretrained(save_hf(hf, tmp_path / config))
-    vocab = ARCHS[config][1]["vocab_size"]
+    vocab = spec[1]["vocab_size"]
     rng = np.random.default_rng(4)
     clean = rng.integers(0, vocab, (2, 6))
     corrupted = clean.copy()

@@ -1,5 +1,6 @@
-"""Mixtures of experts (Mixtral, and Qwen3-MoE: per-head query and key norms, the chosen
-experts' probabilities used without renormalising): the forward pass and its sites
+"""Mixtures of experts (Mixtral; Qwen3-MoE: per-head query and key norms, the chosen
+experts' probabilities used without renormalising; OLMoE: query and key norms over all
+heads, q/k/v/o biases, the router's softmax over every expert): the forward pass and its sites
 against transformers (fp32, eager) and TransformerLens, interventions on the routing
 against HuggingFace with a hook on its router, gradients against autograd, and
 ms.experts against its definitions computed one run at a time."""
@@ -23,9 +24,15 @@ QWEN3_MOE = ("qwen3_moe", dict(hidden_size=36, num_attention_heads=6, num_key_va
                                num_hidden_layers=3, intermediate_size=50, moe_intermediate_size=28, vocab_size=89,
                                max_position_embeddings=64, num_experts=5, num_experts_per_tok=2,
                                norm_topk_prob=False, rope_theta=1e4))
+# OLMoE: the same sizes again (head width 36 / 6), its experts intermediate_size wide,
+# renormalised, with attention biases under the norms
+OLMOE = ("olmoe", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=3,
+                       intermediate_size=28, vocab_size=89, max_position_embeddings=64, num_experts=5,
+                       num_experts_per_tok=2, norm_topk_prob=True, attention_bias=True, rope_theta=1e4))
+SPECS = [MIXTRAL, QWEN3_MOE, OLMOE]
 
 
-@pytest.fixture(scope="module", params=[MIXTRAL, QWEN3_MOE], ids=lambda spec: spec[0])
+@pytest.fixture(scope="module", params=SPECS, ids=lambda spec: spec[0])
 def pair(request, tmp_path_factory):
     hf = make_hf(None, seed=2, spec=request.param)
     folder = tmp_path_factory.mktemp(request.param[0])
@@ -201,13 +208,14 @@ def test_greedy_generation_matches_hf(pair):
     np.testing.assert_array_equal(np.asarray(got)[:, :want.shape[1]], want)
 
 
-@pytest.mark.parametrize("spec", [MIXTRAL, QWEN3_MOE], ids=lambda spec: spec[0])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec[0])
 def test_random_model_saves_as_a_checkpoint_transformers_loads(tmp_path, spec):
     config = dict(model_type=spec[0], **spec[1])
     model = ms.Model.from_config(config, seed=4)
     ms.train.save_pretrained(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert type(hf).__name__ == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[spec[0]]
+    assert type(hf).__name__ == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                                 "olmoe": "OlmoeForCausalLM"}[spec[0]]
     tokens = np.random.default_rng(1).integers(0, model.d_vocab, (2, 7))
     want = hf(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
@@ -513,18 +521,21 @@ def test_bad_input(pair, tmp_path):
         ms.experts.routing(dense, [[1, 2]])
     with pytest.raises(ValueError, match="hook_expert_weights.*routes"):
         dense.run([[1, 2]], cache="blocks.0.mlp.hook_expert_weights")
-    for spec in (MIXTRAL, QWEN3_MOE):
+    for spec in SPECS:
         bad = dict(model_type=spec[0], **spec[1])
         bad["num_experts_per_tok"] = 6
         with pytest.raises(ValueError, match="num_experts_per_tok"):
             ms.Model.from_config(bad)
     with pytest.raises(ValueError, match="mlp_only_layers"):
         ms.Model.from_config(dict(model_type="qwen3_moe", **QWEN3_MOE[1], mlp_only_layers=[1]))
+    with pytest.raises(ValueError, match="clip_qkv"):
+        ms.Model.from_config(dict(model_type="olmoe", **OLMOE[1], clip_qkv=8.0))
 
 
 @pytest.mark.parametrize("spec, part, name", [
     (MIXTRAL, "w3", r"layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight"),
-    (QWEN3_MOE, "up_proj", r"layers\.1\.mlp\.experts\.3\.up_proj\.weight")], ids=["mixtral", "qwen3_moe"])
+    (QWEN3_MOE, "up_proj", r"layers\.1\.mlp\.experts\.3\.up_proj\.weight"),
+    (OLMOE, "down_proj", r"layers\.1\.mlp\.experts\.3\.down_proj\.weight")], ids=["mixtral", "qwen3_moe", "olmoe"])
 def test_a_non_finite_expert_weight_is_named(tmp_path, spec, part, name):
     """named as HuggingFace names it"""
     hf = make_hf(None, seed=2, spec=spec)

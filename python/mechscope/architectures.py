@@ -17,8 +17,9 @@ LongRoPE), GPT-NeoX / Pythia (LayerNorm, partial rotary, parallel attention and 
 Phi-1 / 1.5 / 2 (GPT-NeoX's parallel block with one norm, and an unembedding bias),
 GPT-J (Phi's block, rotating adjacent pairs), OLMo 2 (Llama's block with its norms
 after the attention and the MLP instead of before, and query and key norms over all
-heads) and OLMo 3 (OLMo 2's block, three sliding-window layers in four, rotating with
-unscaled angles).
+heads), OLMo 3 (OLMo 2's block, three sliding-window layers in four, rotating with
+unscaled angles) and OLMoE (Llama's block with OLMo 2's query and key norms and a mixture
+of experts routed as Qwen3-MoE's).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -38,7 +39,7 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-               "phi3", "olmo2", "olmo3")
+               "phi3", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj")
@@ -76,7 +77,7 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
-            "Olmo3ForCausalLM": "olmo3", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
+            "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
             "GPTJForCausalLM": "gptj"}
 
 
@@ -300,6 +301,10 @@ def _llama(config, family):
         cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
     if family == "olmo3":
         cfg.update(sliding_window=4096)
+    if family == "olmoe":
+        cfg.update(vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16,
+                   num_attention_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=1,
+                   num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, clip_qkv=None)
     if family == "phi3":
         cfg.update(vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                    original_max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=32000)
@@ -327,8 +332,10 @@ def _llama(config, family):
                    decoder_sparse_step=1, mlp_only_layers=[])
     cfg.update(config)
     cfg["model_type"] = family
-    if cfg.get("head_dim") is None:
-        cfg.pop("head_dim", None)  # transformers' Phi-3 and OLMo 2 read a head_dim key even when it is None
+    if cfg.get("head_dim") is None or family == "olmoe":
+        # transformers' Phi-3 and OLMo 2 read a head_dim key even when it is None;
+        # its OLMoE ignores the key (hidden_size / num_attention_heads)
+        cfg.pop("head_dim", None)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "max_position_embeddings"):
         _positive_int(cfg, key)
@@ -392,6 +399,12 @@ def _llama(config, family):
         # no norm before the attention and the MLP; their outputs normed (as Gemma 2's),
         # and the queries and keys each normed over all heads at once
         arch.update(input_norms=0, post_norms=1, qk_norm=2)
+    if family == "olmoe":
+        # Llama's norms, OLMo 2's query and key norms over all heads
+        if cfg.get("clip_qkv") is not None:
+            raise ValueError(f"config: clip_qkv {cfg['clip_qkv']!r} is not supported (clamped queries, keys "
+                             "and values); only None")
+        arch["qk_norm"] = 2
     if family.startswith("gemma"):
         # HF multiplies the embeddings by sqrt(hidden_size) rounded to the model's float
         # type (float32 here) and keeps the unembedding (the tied embedding) as it is
@@ -404,14 +417,17 @@ def _llama(config, family):
         if arch["experts_per_token"] > arch["n_experts"]:
             raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
                              f"num_local_experts ({arch['n_experts']})")
-    if family == "qwen3_moe":
-        # every block a mixture (its config can also make some blocks plain MLPs)
-        if cfg["decoder_sparse_step"] != 1 or cfg["mlp_only_layers"]:
+    if family in ("qwen3_moe", "olmoe"):
+        # every block a mixture (Qwen3-MoE's config can also make some blocks plain MLPs);
+        # the router's softmax over every expert, the chosen experts' probabilities
+        # renormalised only with norm_topk_prob
+        if family == "qwen3_moe" and (cfg["decoder_sparse_step"] != 1 or cfg["mlp_only_layers"]):
             raise ValueError("config: decoder_sparse_step other than 1 and mlp_only_layers are not supported "
                              "(blocks of two kinds in one model)")
         arch["n_experts"] = _positive_int(cfg, "num_experts")
         arch["experts_per_token"] = _positive_int(cfg, "num_experts_per_tok")
-        arch["d_mlp"] = _positive_int(cfg, "moe_intermediate_size")
+        if family == "qwen3_moe":  # OLMoE's experts are intermediate_size wide
+            arch["d_mlp"] = _positive_int(cfg, "moe_intermediate_size")
         arch["expert_renormalize"] = int(bool(cfg["norm_topk_prob"]))
         if arch["experts_per_token"] > arch["n_experts"]:
             raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
@@ -694,6 +710,11 @@ _QWEN3_MOE_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
     Pair("mlp.w_in", STACK, (("mlp.experts.{e}.gate_proj.weight", "F C"), ("mlp.experts.{e}.up_proj.weight", "F C"))),
     Pair("mlp.w_out", STACK, (("mlp.experts.{e}.down_proj.weight", "C F"),))))
 
+# OLMoE: Qwen3-MoE's names, its query and key norms as wide as q and k (OLMo 2's)
+_OLMOE_WEIGHTS = _QWEN3_MOE_WEIGHTS._replace(blocks=tuple(
+    p for p in _QWEN3_MOE_WEIGHTS.blocks if p.core not in ("attn.q_norm.w", "attn.k_norm.w")) + (
+    _same("attn.q_norm.w", "self_attn.q_norm.weight", "QD"), _same("attn.k_norm.w", "self_attn.k_norm.weight", "KD")))
+
 
 def _offset_norms(pairs):
     """the pairs with every norm's scale read as 1 + the HF weight"""
@@ -766,7 +787,8 @@ _OLMO2_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
-            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS}
+            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
+            "olmoe": _OLMOE_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
