@@ -367,6 +367,9 @@ FAMILIES = {
     "qwen3_moe": ("qwen3moe", ("qwen3_moe", dict(_SMALL, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                                  moe_intermediate_size=32, norm_topk_prob=True, rope_theta=1e4))),
     "mixtral": ("llama", ("mixtral", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4))),
+    # OLMoE: query and key norms over all heads, experts intermediate_size wide, never renormalised
+    "olmoe": ("olmoe", ("olmoe", dict(_SMALL, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                     rope_theta=1e4))),
     "gpt2": ("gpt2", None),
     # Gemma's: norms stored as 1 + weight, GeGLU, no output.weight (tied); Gemma 2's caps
     # and window; Gemma 3's query and key norms, five sliding layers in six; Phi-3's fused

@@ -1,6 +1,6 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
-`qwen3`, `qwen3moe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to
+`qwen3`, `qwen3moe`, `olmoe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to
 float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise), and its
 tokenizer built from the file's metadata with `tokenizers`: byte-level BPE
 (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE with byte fallback
@@ -10,7 +10,7 @@ The tensors are renamed to the HuggingFace model's names, and put back into its
 layouts where llama.cpp's converter changed them:
 - `llama` files store the rows of attn_q and attn_k permuted for llama.cpp's
   interleaved rotary layout; they are put back into HuggingFace's half-split
-  layout (Qwen files use the half-split layout already);
+  layout (Qwen and OLMoE files use the half-split layout already);
 - `gpt2` files store the four matrices of a block as [out, in], where GPT-2's
   Conv1D keeps [in, out];
 - the experts of a block are one tensor [experts, out, in] per projection,
@@ -19,7 +19,8 @@ layouts where llama.cpp's converter changed them:
   itself): 1 is taken off again.
 Hyperparameters llama.cpp does not store but fixes by architecture are filled in as
 llama.cpp fixes them (Gemma's attention scale and GeGLU, Gemma 3's local rotary base
-and its five sliding layers in six).
+and its five sliding layers in six; OLMoE's experts used as the router weighs them,
+without renormalising).
 """
 import os
 
@@ -30,7 +31,7 @@ from .architectures import longrope_attention
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -79,6 +80,7 @@ _FAMILIES = {
     "qwen2": ({**_BLOCK_NAMES, **_QKV_BIAS}, "model.layers.{}.", _GLOBAL_NAMES),
     "qwen3": ({**_BLOCK_NAMES, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
     "qwen3_moe": ({**_ATTENTION, **_QK_NORM, **_QWEN3_EXPERTS}, "model.layers.{}.", _GLOBAL_NAMES),
+    "olmoe": ({**_ATTENTION, **_QK_NORM, **_QWEN3_EXPERTS}, "model.layers.{}.", _GLOBAL_NAMES),
     "gemma": (_BLOCK_NAMES, "model.layers.{}.", _GLOBAL_NAMES),
     "gemma2": (_GEMMA2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "gemma3_text": ({**_GEMMA2_BLOCK, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
@@ -243,6 +245,10 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         # llama.cpp renormalises the chosen experts' probabilities of every qwen3moe file
         config.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                       moe_intermediate_size=int(need("expert_feed_forward_length")), norm_topk_prob=True)
+    if family == "olmoe":
+        # experts feed_forward_length wide; llama.cpp never renormalises an olmoe file's
+        config.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                      norm_topk_prob=False)
     key_length = _value(reader, f"{arch}.attention.key_length")
     if family in ("qwen3", "qwen3_moe") + _GEMMA_FAMILIES:
         config["head_dim"] = int(key_length) if key_length is not None else d_model // n_heads
