@@ -89,6 +89,10 @@ CONFIGS = {
                                          max_position_embeddings=128, rope_theta=500.0, rms_norm_eps=1e-6,
                                          sliding_window=5, rope_scaling=dict(rope_type="yarn", factor=2.0,
                                                                              original_max_position_embeddings=64))),
+    # OPT: learned positions two rows into their table, q, k, v separate with biases, ReLU;
+    # the pad token (1) one the prompts use
+    "opt_relu": ("opt", dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, ffn_dim=40,
+                             vocab_size=91, max_position_embeddings=64, pad_token_id=1)),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -106,7 +110,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
             "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
-            "olmoe": ("OlmoeConfig", "OlmoeForCausalLM")}
+            "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -198,7 +202,7 @@ def tl_from_hf(hf, family):
     from transformer_lens.pretrained.weight_conversions import (convert_gemma_weights, convert_llama_weights,
                                                                  convert_mistral_weights, convert_neox_weights,
                                                                  convert_gptj_weights, convert_phi3_weights,
-                                                                 convert_phi_weights,
+                                                                 convert_opt_weights, convert_phi_weights,
                                                                  convert_qwen2_weights)
     from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
     c = hf.config
@@ -211,6 +215,18 @@ def tl_from_hf(hf, family):
                                       original_architecture="GPTJForCausalLM", dtype=torch.float32, device="cpu")
         tl = HookedTransformer(cfg)
         tl.load_and_process_state_dict(convert_gptj_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False,
+                                       refactor_factored_attn_matrices=False)
+        return tl.eval()
+    if family == "opt":
+        cfg = HookedTransformerConfig(d_model=c.hidden_size, n_heads=c.num_attention_heads,
+                                      d_head=c.hidden_size // c.num_attention_heads, d_mlp=c.ffn_dim,
+                                      n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings,
+                                      d_vocab=c.vocab_size, act_fn=c.activation_function, eps=1e-5,
+                                      normalization_type="LN", positional_embedding_type="standard",
+                                      original_architecture="OPTForCausalLM", dtype=torch.float32, device="cpu")
+        tl = HookedTransformer(cfg)
+        tl.load_and_process_state_dict(convert_opt_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
                                        center_unembed=False, fold_value_biases=False,
                                        refactor_factored_attn_matrices=False)
         return tl.eval()
@@ -312,8 +328,9 @@ def test_half_precision_sharded_checkpoint(tmp_path, dtype, name):
 def test_absent_sites_are_refused_by_name(pair):
     name, hf, model = pair
     family = CONFIGS[name][0]
-    with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
-        model.run([[1, 2]], cache="hook_pos_embed")
+    if family != "opt":  # (OPT's positions are learned)
+        with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
+            model.run([[1, 2]], cache="hook_pos_embed")
     if family.startswith("olmo"):
         with pytest.raises(ValueError, match="ln1.hook_normalized.*OLMo 2 and 3 norm"):
             model.run([[1, 2]], cache="blocks.0.ln1.hook_normalized")
@@ -423,6 +440,31 @@ def test_unsupported_config_is_refused_by_name(change, match):
         ms.Model.from_config(cfg)
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(do_layer_norm_before=False), "do_layer_norm_before"),
+    (dict(word_embed_proj_dim=16), "word_embed_proj_dim 16"),
+    (dict(_remove_final_layer_norm=True), "_remove_final_layer_norm"),
+    (dict(layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine"),
+    (dict(num_attention_heads=5), "divisible by num_attention_heads"),
+    (dict(activation_function="mish"), "activation_function 'mish'"),
+])
+def test_unsupported_opt_config_is_refused_by_name(change, match):
+    """OPT-350m's post-norm block and embedding projections, among others"""
+    cfg = dict(model_type="opt", **CONFIGS["opt_relu"][1])
+    cfg.update(change)
+    with pytest.raises(ValueError, match=match):
+        ms.Model.from_config(cfg)
+
+
+def test_opt_without_biases_matches_hf(tmp_path):
+    """enable_bias=False: OPT's products without biases (its norms keep theirs)"""
+    hf = make_hf(None, seed=4, spec=("opt", dict(CONFIGS["opt_relu"][1], enable_bias=False)))
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    assert [k for k in model._weights if k.endswith(".bias") and "layer_norm" not in k] == []
+    assert_matches_hf(model, hf, *batch(model, np.random.default_rng(2), [6, 3], 6, True))
+
+
 # ---- patching, one model per family, against TransformerLens's patching functions ------------
 
 # TransformerLens runs one forward per patch: the per-head grids by position are
@@ -432,7 +474,7 @@ PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "a
 
 
 @pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
-                                  "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "neox_parallel"])
+                                  "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "neox_parallel", "opt_relu"])
 def test_patching_matches_transformer_lens(name, tmp_path):
     from transformer_lens import patching as tl_patching
     hf = make_hf(name, seed=3)
@@ -496,6 +538,28 @@ def test_gemma_scales_the_embedding_where_hook_embed_and_the_trace_noise_see_it(
     want = hf.generate(torch.as_tensor(tokens), max_new_tokens=6, do_sample=False, pad_token_id=0,
                        attention_mask=torch.ones(tokens.shape, dtype=torch.long)).numpy()
     got = np.asarray(model.generate(tokens, 6, do_sample=False))
+    np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+
+
+def test_opt_positions_and_greedy_generation_match_hf(tmp_path):
+    """OPT looks position p up at row p + 2 of its table: hook_pos_embed holds those rows
+    (counted over each row's real tokens, as OPT counts them from the attention mask);
+    greedy generation (the key/value cache path) agrees with HF's"""
+    hf = make_hf("opt_relu", seed=6)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    table = hf.model.decoder.embed_positions.weight.detach().numpy()
+    tokens, mask = np.array([[5, 17, 33, 2, 61, 7], [0, 0, 4, 9, 12, 3]]), np.array([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    pos = model.run(tokens, attention_mask=mask, cache="hook_pos_embed", logits=None).cache["hook_pos_embed"]
+    np.testing.assert_array_equal(pos[0], table[2:8])
+    np.testing.assert_array_equal(pos[1, 2:], table[2:6])
+    with torch.no_grad():  # HF's own positions from the mask: no position_ids given
+        want = hf(torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens, attention_mask=mask).logits[mask == 1], want[mask == 1],
+                               atol=ATOL, rtol=0)
+    want = hf.generate(torch.as_tensor(tokens[:1]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                       attention_mask=torch.ones((1, 6), dtype=torch.long)).numpy()
+    got = np.asarray(model.generate(tokens[:1], 6, do_sample=False))
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
 
 

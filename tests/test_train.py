@@ -196,6 +196,9 @@ def _hf_logits(path, ids):
     # GPT-J: adjacent rotary pairs
     dict(model_type="gptj", n_embd=32, n_inner=40, n_layer=2, n_head=4, vocab_size=17, n_positions=16,
          rotary_dim=4),
+    # OPT: the positions' table two rows longer than the core's, q, k and v separate
+    dict(model_type="opt", hidden_size=32, ffn_dim=40, num_hidden_layers=2, num_attention_heads=4, vocab_size=17,
+         max_position_embeddings=16),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

@@ -18,8 +18,9 @@ Phi-1 / 1.5 / 2 (GPT-NeoX's parallel block with one norm, and an unembedding bia
 GPT-J (Phi's block, rotating adjacent pairs), OLMo 2 (Llama's block with its norms
 after the attention and the MLP instead of before, and query and key norms over all
 heads), OLMo 3 (OLMo 2's block, three sliding-window layers in four, rotating with
-unscaled angles) and OLMoE (Llama's block with OLMo 2's query and key norms and a mixture
-of experts routed as Qwen3-MoE's).
+unscaled angles), OLMoE (Llama's block with OLMo 2's query and key norms and a mixture
+of experts routed as Qwen3-MoE's) and OPT (GPT-2's block with a ReLU MLP, separate q, k
+and v, and learned positions whose table starts two rows later).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -42,7 +43,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "ge
                "phi3", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
-FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj")
+FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt")
 
 _GPT2_DEFAULTS = {
     "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -67,6 +68,12 @@ _GPTJ_DEFAULTS = {
     "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64,
     "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
 }
+_OPT_DEFAULTS = {
+    "vocab_size": 50272, "hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072,
+    "max_position_embeddings": 2048, "do_layer_norm_before": True, "_remove_final_layer_norm": False,
+    "word_embed_proj_dim": None, "num_attention_heads": 12, "activation_function": "relu", "pad_token_id": 1,
+    "enable_bias": True, "layer_norm_elementwise_affine": True, "tie_word_embeddings": True,
+}
 _NEOX_DEFAULTS = {
     "vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
     "intermediate_size": 24576, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
@@ -78,7 +85,7 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
-            "GPTJForCausalLM": "gptj"}
+            "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt"}
 
 
 def _positive_int(cfg, key):
@@ -259,6 +266,8 @@ def normalize(config):
         return _phi(config)
     if family == "gptj":
         return _gptj(config)
+    if family == "opt":
+        return _opt(config)
     return _neox(config)
 
 
@@ -503,6 +512,42 @@ def _attention_windows(cfg, family, n_layers):
     return [window if k == "sliding_attention" else 0 for k in _layer_kinds(cfg, family, n_layers)]
 
 
+def _opt(config):
+    """OPT: GPT-2's pre-norm block (LayerNorms with biases, a non-gated MLP, ReLU by
+    default) with nn.Linear matrices, q, k and v separate, and learned positions whose
+    table has two rows before position 0 (HF's offset of 2, kept out of the core)."""
+    cfg = dict(_OPT_DEFAULTS)
+    cfg.update(config)
+    cfg["model_type"] = "opt"
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
+                "num_attention_heads"):
+        _positive_int(cfg, key)
+    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    if C % H:
+        raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H})")
+    if not cfg["do_layer_norm_before"]:
+        raise ValueError("config: do_layer_norm_before=False is not supported (OPT-350m's norms after the "
+                         "attention and the MLP)")
+    if cfg["_remove_final_layer_norm"]:
+        raise ValueError("config: _remove_final_layer_norm=True is not supported (no final LayerNorm)")
+    if cfg["word_embed_proj_dim"] not in (None, C):
+        raise ValueError(f"config: word_embed_proj_dim {cfg['word_embed_proj_dim']!r} other than hidden_size "
+                         f"({C}) is not supported (projections in and out of the embedding)")
+    if not cfg["layer_norm_elementwise_affine"]:
+        raise ValueError("config: layer_norm_elementwise_affine=False is not supported")
+    bias = bool(cfg["enable_bias"])
+    arch = dict(family="opt", n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=H, d_head=C // H,
+                d_mlp=cfg["ffn_dim"], d_vocab=cfg["vocab_size"], n_ctx=cfg["max_position_embeddings"],
+                ln_eps=1e-5,  # nn.LayerNorm's default: OPT's config has no epsilon
+                norm=NORM_LAYER, activation=_activation(cfg, "activation_function"), gated_mlp=0, parallel=0,
+                rotary_dim=0, rope_scale=1.0, scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
+                tied=bool(cfg.get("tie_word_embeddings", True)), qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    pad = cfg.get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < cfg["vocab_size"]:
+        arch["padding_idx"] = pad  # nn.Embedding(padding_idx=pad_token_id), as Llama's
+    return cfg, arch
+
+
 def _neox(config):
     cfg = dict(_NEOX_DEFAULTS)
     cfg.update(config)
@@ -617,15 +662,19 @@ TIED = "tied"    # another weight's array read again (a tied unembedding, the em
 #                  second norm, its first): its gradient is added to that weight's
 OFFSET = "offset"  # a norm's scale 1 + the HF array (Gemma's norms multiply by 1 + weight), made
 #                    in float32 as HF makes it; its gradient is the HF array's
+POSITIONS = "positions"  # OPT's learned positions: the HF table's rows from 2 on (HF looks up
+#                          position p at row p + 2; rows 0 and 1 serve no real token), whose
+#                          first two rows get no gradient
+_POSITION_OFFSET = 2
 
 
 class Pair(NamedTuple):
     """One core weight and the HF weights it is made of.
 
     core: the core's name (in a block: the part after "blocks.{layer}.")
-    how: SAME, STACK, HEADS, TIED or OFFSET (above)
+    how: SAME, STACK, HEADS, TIED, OFFSET or POSITIONS (above)
     hf: ((HF name, shape), ...) in stacking order; a shape is dimension letters, e.g. "3C C"
-        (C d_model, V d_vocab, P n_ctx, F d_mlp, QD/KD the widths of q and of k, v)
+        (C d_model, V d_vocab, P n_ctx, P2 n_ctx + 2, F d_mlp, QD/KD the widths of q and of k, v)
     when: the arch flag the weight exists under ("qkv_bias", "o_bias", "mlp_bias"), or
         "tied"/"untied" for the unembedding; None: always"""
     core: str
@@ -784,11 +833,28 @@ _OLMO2_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
     _same("ln2_post.w", "post_feedforward_layernorm.weight", "C"),
     _same("attn.q_norm.w", "self_attn.q_norm.weight", "QD"), _same("attn.k_norm.w", "self_attn.k_norm.weight", "KD")))
 
+# OPT: GPT-2's table under its own names, q, k and v separate (and nn.Linear's [out, in]),
+# the positions' table two rows longer
+_OPT_WEIGHTS = Family(
+    prefix="model.decoder.", block="layers",
+    top=(_same("embed", "embed_tokens.weight", "V C"), Pair("pos_embed", POSITIONS, (("embed_positions.weight", "P2 C"),)),
+         _same("ln_final.w", "final_layer_norm.weight", "C"), _same("ln_final.b", "final_layer_norm.bias", "C")),
+    blocks=(_same("ln1.w", "self_attn_layer_norm.weight", "C"), _same("ln1.b", "self_attn_layer_norm.bias", "C"),
+            Pair("attn.w_qkv", STACK, (("self_attn.q_proj.weight", "C C"), ("self_attn.k_proj.weight", "C C"),
+                                       ("self_attn.v_proj.weight", "C C"))),
+            Pair("attn.b_qkv", STACK, (("self_attn.q_proj.bias", "C"), ("self_attn.k_proj.bias", "C"),
+                                       ("self_attn.v_proj.bias", "C")), "qkv_bias"),
+            _same("attn.w_o", "self_attn.out_proj.weight", "C C"), _same("attn.b_o", "self_attn.out_proj.bias", "C", "o_bias"),
+            _same("ln2.w", "final_layer_norm.weight", "C"), _same("ln2.b", "final_layer_norm.bias", "C"),
+            _same("mlp.w_in", "fc1.weight", "F C"), _same("mlp.b_in", "fc1.bias", "F", "mlp_bias"),
+            _same("mlp.w_out", "fc2.weight", "C F"), _same("mlp.b_out", "fc2.bias", "C", "mlp_bias")),
+    head=(_same("unembed", "lm_head.weight", "V C", "untied"),))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
             "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
-            "olmoe": _OLMOE_WEIGHTS}
+            "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
@@ -818,6 +884,7 @@ def _pairs(arch):
     flags = dict(arch, untied=not arch["tied"])
     QD, KD = arch["n_heads"] * arch["d_head"], arch["n_kv_heads"] * arch["d_head"]
     dims = {"C": arch["d_model"], "3C": 3 * arch["d_model"], "V": arch["d_vocab"], "P": arch["n_ctx"],
+            "P2": arch["n_ctx"] + _POSITION_OFFSET,
             "F": arch["d_mlp"], "2F": 2 * arch["d_mlp"], "QD": QD, "KD": KD, "QKV": QD + 2 * KD,
             "E": arch.get("n_experts", 0), "D": arch["d_head"]}
 
@@ -867,7 +934,7 @@ def weight_kinds(arch):
             kind = "norm"
         elif short.startswith("ln") or ".b_" in short:
             kind = "bias"
-        elif short == "pos_embed":
+        elif short == "pos_embed":  # (POSITIONS too)
             kind = "positions"
         else:
             kind = "matrix"
@@ -927,6 +994,8 @@ def core_weights(arch, w):
             out[core] = _stored(_regroup_heads(w[names[0]], arch["n_heads"], hf_to_core=True))
         elif how == OFFSET:
             out[core] = np.float32(1) + _dtypes.to_float32(w[names[0]])
+        elif how == POSITIONS:  # a view of the rows from 2 on (contiguous: rows of a C-ordered table)
+            out[core] = np.asarray(w[names[0]])[_POSITION_OFFSET:]
         else:  # SAME, TIED
             out[core] = w[names[0]]
     if arch["rotary_dim"]:
@@ -953,6 +1022,8 @@ def hf_gradients(arch, core):
             out[hf[0][0]] = np.ascontiguousarray(_regroup_heads(g, arch["n_heads"], hf_to_core=False))
         elif how == TIED:
             out[hf[0][0]] = out[hf[0][0]] + g
+        elif how == POSITIONS:
+            out[hf[0][0]] = np.concatenate([np.zeros((_POSITION_OFFSET,) + g.shape[1:], g.dtype), g])
         else:  # SAME, OFFSET (d/dw of (1 + w) x is d/d(1 + w))
             out[hf[0][0]] = g
     return out
