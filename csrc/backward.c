@@ -29,6 +29,15 @@ static size_t q_width(const ms_config *c) { return (size_t)c->n_heads * c->d_hea
 static size_t kv_width(const ms_config *c) { return (size_t)c->n_kv_heads * c->d_head; }
 static size_t qkv_width(const ms_config *c) { return q_width(c) + 2 * kv_width(c); }
 static size_t mlp_width(const ms_config *c) { return (size_t)c->d_mlp * (c->gated_mlp ? 2 : 1); }
+/* the MLP's buffers per token: hidden activations (dpost, moe_dh) and gate | up (dpre),
+ * of the MLP, an expert, or a shared expert (the widest) */
+static size_t hidden_width(const ms_config *c) {
+    return c->d_shared > c->d_mlp ? (size_t)c->d_shared : (size_t)c->d_mlp;
+}
+static size_t pre_width(const ms_config *c) {
+    size_t shared = 2 * (size_t)c->d_shared;
+    return shared > mlp_width(c) ? shared : mlp_width(c);
+}
 
 /* rows of logits the metric's head computes at once: its buffer is at most 256 MB,
  * enough rows for the unembedding's gradient (a product over them) to run near full
@@ -53,7 +62,7 @@ static size_t mlp_tape_width(const ms_config *c) {
 
 /* per token: a mixture of experts' buffers in the backward pass (see moe_block_backward) */
 static size_t moe_width(const ms_config *c) {
-    return c->n_experts ? 3 * (size_t)c->d_model + (size_t)c->d_mlp + 2 * (size_t)c->n_experts : 0;
+    return c->n_experts ? 3 * (size_t)c->d_model + hidden_width(c) + 2 * (size_t)c->n_experts : 0;
 }
 
 static size_t tape_floats(const ms_config *c, grad_sizes s) {
@@ -67,7 +76,7 @@ static size_t tape_floats(const ms_config *c, grad_sizes s) {
 
 static size_t backward_floats(const ms_config *c, grad_sizes s) {
     size_t N = s.N, C = (size_t)c->d_model, ch = (size_t)head_chunk(c);
-    return N * (6 * C + qkv_width(c) + q_width(c) + (size_t)c->d_mlp + mlp_width(c) + 1 + 2 + moe_width(c)) + s.att +
+    return N * (6 * C + qkv_width(c) + q_width(c) + hidden_width(c) + pre_width(c) + 1 + 2 + moe_width(c)) + s.att +
            s.max_keys * (size_t)c->rotary_dim * 2 + ch * (2 * C + (size_t)c->d_vocab * (s.logit_softcap ? 2 : 1)) + 64;
 }
 
@@ -115,8 +124,8 @@ typedef struct {
     float *dpar;   /* [N, C] parallel blocks: the gradient from ln2 waiting for ln1's */
     float *dqkv;   /* [N, QW] */
     float *dz;     /* [N, QD] */
-    float *dpost;  /* [N, F] */
-    float *dpre;   /* [N, MW] */
+    float *dpost;  /* [N, F] (or a shared expert's [N, d_shared]) */
+    float *dpre;   /* [N, MW] (or a shared expert's [N, 2 d_shared]) */
     float *dscale; /* [N] */
     /* mixtures of experts: one expert's tokens' inputs, their weighted output gradients,
      * their outputs (then input gradients), the gradient of the hidden activations;
@@ -606,6 +615,36 @@ static float *grad_part(float *g, size_t offset) { return g ? g + offset : NULL;
  *   renormalisation, dq_e = dw_e), else 0
  *   (which experts are chosen does not change under a small change of q);
  *   dp = the actions taken back; d(x Wr) = p * (dp - p . dp). */
+/* The shared expert's backward (Qwen2-MoE), from dy (hook_mlp_out's gradient), added to
+ * dln; its forward recomputed from x: h = gate | up, a = act(gate) * up, o = a Wd,
+ * s = sigmoid(z), z = x . wr, y += s o. So d o = s dy, dz = (dy . o) s (1 - s); the
+ * gate's logits and their gradients in dscale (free until the norm's backward). */
+static void shared_expert_backward(bwd *b, const ms_block *w, const ms_block_grad *wg, const float *x,
+                                   const float *dy) {
+    const ms_config *c = &b->m->cfg;
+    int N = b->N, C = c->d_model, S = c->d_shared;
+    ms_linear(b->dpre, 2 * S, x, C, &w->shared_gate, N, C, S, b->n_threads);
+    ms_linear(b->dpre + S, 2 * S, x, C, &w->shared_in, N, C, S, b->n_threads);
+    ms_gated_activation(b->dpost, S, b->dpre, 2 * S, N, S, c->activation, b->n_threads);
+    ms_linear(b->moe_o, C, b->dpost, S, &w->shared_out, N, S, C, b->n_threads);
+    ms_linear(b->dscale, 1, x, C, &w->shared_router, N, C, 1, b->n_threads);
+    for (int i = 0; i < N; i++) {
+        const float *g = dy + (size_t)i * C;
+        float s = 1.0f / (1.0f + expf(-b->dscale[i]));
+        b->dscale[i] = (float)ms_dot_f64(g, b->moe_o + (size_t)i * C, C) * s * (1.0f - s);
+        for (int j = 0; j < C; j++) b->moe_dy[(size_t)i * C + j] = s * g[j];
+    }
+    ms_linear_backward(b->dln, C, 1, wg ? wg->shared_router.w : NULL, NULL, x, C, b->dscale, 1, &w->shared_router,
+                       N, C, 1, b->n_threads);
+    ms_linear_backward(b->moe_dh, S, 0, wg ? wg->shared_out.w : NULL, NULL, b->dpost, S, b->moe_dy, C,
+                       &w->shared_out, N, S, C, b->n_threads);
+    ms_gated_backward(b->dpre, 2 * S, b->moe_dh, S, b->dpre, N, S, c->activation, b->n_threads);
+    ms_linear_backward(b->dln, C, 1, wg ? wg->shared_gate.w : NULL, NULL, x, C, b->dpre, 2 * S, &w->shared_gate,
+                       N, C, S, b->n_threads);
+    ms_linear_backward(b->dln, C, 1, wg ? wg->shared_in.w : NULL, NULL, x, C, b->dpre + S, 2 * S, &w->shared_in,
+                       N, C, S, b->n_threads);
+}
+
 static void moe_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     const ms_config *c = &b->m->cfg;
     const ms_block *w = &b->m->blocks[l];
@@ -620,6 +659,7 @@ static void moe_block_backward(bwd *b, int l, const ms_block_grad *wg) {
         ms_expert_weights(b->moe_w + (size_t)i * E, q + (size_t)i * E, E, K, c->expert_renormalize);
     ms_zero(b->moe_dw, (size_t)N * E, b->n_threads);
     ms_zero(b->dln, (size_t)N * C, b->n_threads);
+    if (c->d_shared) shared_expert_backward(b, w, wg, x, dy);
     for (int e = 0; e < E; e++) {
         int n = 0;
         for (int i = 0; i < N; i++) {
@@ -1160,14 +1200,14 @@ ms_status ms_grad(const ms_model *m, const ms_plan *plan, const ms_grad_plan *g,
     CARVE(b.dpar, N * C);
     CARVE(b.dqkv, N * qkv_width(c));
     CARVE(b.dz, N * q_width(c));
-    CARVE(b.dpost, N * F);
-    CARVE(b.dpre, N * mlp_width(c));
+    CARVE(b.dpost, N * hidden_width(c));
+    CARVE(b.dpre, N * pre_width(c));
     CARVE(b.dscale, N);
     if (c->n_experts) {
         CARVE(b.moe_x, N * C);
         CARVE(b.moe_dy, N * C);
         CARVE(b.moe_o, N * C);
-        CARVE(b.moe_dh, N * F);
+        CARVE(b.moe_dh, N * hidden_width(c));
         CARVE(b.moe_w, N * (size_t)c->n_experts);
         CARVE(b.moe_dw, N * (size_t)c->n_experts);
     }

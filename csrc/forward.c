@@ -70,6 +70,11 @@ static size_t q_width(const ms_config *c) { return (size_t)c->n_heads * c->d_hea
 static size_t kv_width(const ms_config *c) { return (size_t)c->n_kv_heads * c->d_head; }
 static size_t qkv_width(const ms_config *c) { return q_width(c) + 2 * kv_width(c); }
 static size_t mlp_width(const ms_config *c) { return (size_t)c->d_mlp * (c->gated_mlp ? 2 : 1); }
+/* the MLP's buffer, per token: a shared expert's gate | up may be the widest */
+static size_t mlp_buffer_width(const ms_config *c) {
+    size_t shared = 2 * (size_t)c->d_shared;
+    return shared > mlp_width(c) ? shared : mlp_width(c);
+}
 /* per token: route, expert_w, gather and gate_w */
 static size_t expert_width(const ms_config *c) {
     return c->n_experts ? 2 * (size_t)c->n_experts + (size_t)c->d_model + 1 : 0;
@@ -126,7 +131,7 @@ static ms_sizes plan_sizes(const ms_model *m, const ms_plan *p, int taped) {
 
 static size_t buffer_floats(const ms_config *c, ms_sizes s) {
     size_t C = (size_t)c->d_model;
-    return s.N * (C * 4 + 1 + qkv_width(c) + q_width(c) + mlp_width(c) + expert_width(c)) + s.att + s.scratch + s.rope +
+    return s.N * (C * 4 + 1 + qkv_width(c) + q_width(c) + mlp_buffer_width(c) + expert_width(c)) + s.att + s.scratch + s.rope +
            s.out_rows * C + s.out_full;
 }
 
@@ -242,7 +247,7 @@ static void carve_buffers(ms_buffers *b, float *base, const ms_config *c, ms_siz
     b->tmp_a = b->z + n * q_width(c);
     b->tmp_b = b->tmp_a + n * C;
     b->mlp = b->tmp_b + n * C;
-    b->route = b->mlp + n * mlp_width(c);
+    b->route = b->mlp + n * mlp_buffer_width(c);
     b->expert_w = b->route + (c->n_experts ? n * c->n_experts : 0);
     b->gather = b->expert_w + (c->n_experts ? n * c->n_experts : 0);
     b->gate_w = b->gather + (c->n_experts ? n * C : 0);
@@ -681,13 +686,33 @@ static ms_linear_weight expert_part(const ms_linear_weight *w, size_t offset) {
     return x;
 }
 
+/* A shared expert on every row of ln, added to tmp_b (Qwen2-MoE):
+ *   tmp_b[t] += sigmoid(ln[t] . shared_router) * down(act(ln[t] gate) * (ln[t] up))
+ * gate | up in b->mlp, the output in b->gather, the gate's logits in b->gate_w (the
+ * experts' loop is done with them). */
+static void shared_expert(const ms_layout *L, ms_buffers *b, const ms_block *w, int N) {
+    const ms_config *c = &L->m->cfg;
+    int C = c->d_model, S = c->d_shared;
+    ms_linear(b->mlp, 2 * S, b->ln, C, &w->shared_gate, N, C, S, L->n_threads);
+    ms_linear(b->mlp + S, 2 * S, b->ln, C, &w->shared_in, N, C, S, L->n_threads);
+    ms_gated_activation(b->mlp, 2 * S, b->mlp, 2 * S, N, S, c->activation, L->n_threads);
+    ms_linear(b->gather, C, b->mlp, 2 * S, &w->shared_out, N, S, C, L->n_threads);
+    ms_linear(b->gate_w, 1, b->ln, C, &w->shared_router, N, C, 1, L->n_threads);
+    for (int t = 0; t < N; t++) {
+        float s = 1.0f / (1.0f + expf(-b->gate_w[t]));
+        float *out = b->tmp_b + (size_t)t * C;
+        const float *y = b->gather + (size_t)t * C;
+        for (int j = 0; j < C; j++) out[j] += s * y[j];
+    }
+}
+
 /* A mixture of experts on ln's rows (Mixtral's sparse MLP), into tmp_b:
  *   route[N, E] = softmax(ln @ router)                        (hook_expert_weights)
  *   expert_w[t] = route[t] at the token's k most probable experts (renormalised over
  *                 them if expert_renormalize), 0 elsewhere
  *   tmp_b[t] = sum over those experts e of expert_w[t, e] * expert_e(ln[t])
  * each expert a gated MLP run on its own tokens only, the experts in order (as
- * HuggingFace adds them up). */
+ * HuggingFace adds them up); then the shared expert's part, if any (shared_expert). */
 static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w, int l, int N,
                            ms_error *err) {
     const ms_config *c = &L->m->cfg;
@@ -730,6 +755,7 @@ static ms_status moe_sites(const ms_layout *L, ms_buffers *b, const ms_block *w,
             for (int j = 0; j < C; j++) out[j] += y[j] * wt;
         }
     }
+    if (c->d_shared) shared_expert(L, b, w, N);
     return output_sites(L, b, b->tmp_b, l, 1, err);
 }
 

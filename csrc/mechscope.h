@@ -68,6 +68,9 @@ typedef struct {
     int experts_per_token;
     int expert_renormalize;          /* 1: the chosen experts' probabilities are renormalised to sum 1
                                         (Mixtral; Qwen3-MoE's norm_topk_prob); 0: used as they are */
+    int d_shared;                    /* mixtures of experts: 0, or the width of a shared expert every
+                                        token runs (Qwen2-MoE), a gated MLP whose output is scaled by
+                                        sigmoid(x . shared_router) and added to the chosen experts' */
     int qk_norm;                     /* queries and keys RMS-normalised after hook_q / hook_k, before
                                         the rotation: 1 per head (Qwen3's q_norm, k_norm, [d_head]
                                         weights), 2 over all heads at once (OLMo 2's, [width]) */
@@ -114,6 +117,9 @@ typedef struct {
      * further into the same arrays */
     ms_linear_weight router;     /* d_model -> n_experts */
     size_t expert_in_stride, expert_out_stride;
+    /* the shared expert (cfg.d_shared > 0): gate, up d_model -> d_shared, out d_shared ->
+     * d_model, and its gate's weights d_model -> 1 */
+    ms_linear_weight shared_gate, shared_in, shared_out, shared_router;
 } ms_block;
 
 /* A run's working memory kept for the next run of the same model: large runs
@@ -412,6 +418,7 @@ typedef struct {
     float *ln1_post_w, *ln2_post_w;
     ms_linear_grad mlp_in, mlp_gate, mlp_out; /* mixtures of experts: every expert's, as the weights */
     ms_linear_grad router;
+    ms_linear_grad shared_gate, shared_in, shared_out, shared_router;
 } ms_block_grad;
 
 typedef struct {

@@ -93,6 +93,13 @@ static ms_status check_experts(const ms_block *b, const ms_config *c, int layer,
             if ((st = check_linear(&w, i < 2 ? C : F, i < 2 ? F : C, name, layer, err))) return st;
         }
     }
+    if (c->d_shared) {
+        size_t S = (size_t)c->d_shared;
+        if ((st = check_linear(&b->shared_gate, C, S, "mlp.shared.gate", layer, err))) return st;
+        if ((st = check_linear(&b->shared_in, C, S, "mlp.shared.in", layer, err))) return st;
+        if ((st = check_linear(&b->shared_out, S, C, "mlp.shared.out", layer, err))) return st;
+        if ((st = check_linear(&b->shared_router, C, 1, "mlp.shared.router", layer, err))) return st;
+    }
     return MS_OK;
 }
 
@@ -114,6 +121,8 @@ ms_status ms_model_check(const ms_model *m, ms_error *err) {
     if (c->n_experts < 0 || (c->n_experts && (c->experts_per_token < 1 || c->experts_per_token > c->n_experts)))
         FAIL("config: experts_per_token (%d) must be within [1, n_experts=%d]", c->experts_per_token, c->n_experts);
     if (c->n_experts && !c->gated_mlp) FAIL("config: a mixture of experts needs gated MLPs");
+    if (c->d_shared < 0 || (c->d_shared && !c->n_experts))
+        FAIL("config: d_shared (%d) must be 0, or > 0 in a mixture of experts", c->d_shared);
     if (c->qk_norm && !c->rotary_dim) FAIL("config: per-head query and key norms need rotary positions");
     if (!m->blocks) FAIL("weights: no blocks");
 

@@ -209,6 +209,11 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "config: n_experts must be within [0, 100000], and experts gated MLPs");
         return -1;
     }
+    if (PyDict_GetItemString(config, "d_shared") && config_int(config, "d_shared", &c.d_shared)) return -1;
+    if (c.d_shared < 0 || c.d_shared > (1 << 24) || (c.d_shared && !c.n_experts)) {
+        PyErr_SetString(PyExc_ValueError, "config: d_shared must be within [0, 2^24], and > 0 only with experts");
+        return -1;
+    }
     if (c.n_layers < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.d_model < 1 || c.d_head < 1 ||
         c.d_mlp < 1 || c.d_vocab < 1 || c.n_ctx < 1 || c.n_layers > 100000 || c.rotary_dim < 0 ||
         c.n_heads % c.n_kv_heads) {
@@ -301,6 +306,25 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
             b->router.trans = trans;
             b->expert_in_stride = C * FW;
             b->expert_out_stride = F * C;
+        }
+        if (c.d_shared) { /* gate | up stacked (as a gated MLP's), out, the gate's weights */
+            size_t S = (size_t)c.d_shared;
+            const float *sw;
+            const uint16_t *sh;
+            ms_dtype sd;
+            TAKE_MATRIX(sw, sh, sd, NAME("mlp.shared.w_in"), C * 2 * S);
+            size_t up = trans ? S * C : S;
+            int ld = trans ? (int)C : (int)(2 * S);
+            b->shared_gate = (ms_linear_weight){.w = sw, .ld = ld, .trans = trans, .dtype = sd, .w16 = sh};
+            b->shared_in = (ms_linear_weight){.w = sw ? sw + up : NULL, .ld = ld, .trans = trans, .dtype = sd,
+                                              .w16 = sh ? sh + up : NULL};
+            TAKE_MATRIX(b->shared_out.w, b->shared_out.w16, b->shared_out.dtype, NAME("mlp.shared.w_out"), S * C);
+            b->shared_out.ld = trans ? (int)S : (int)C;
+            b->shared_out.trans = trans;
+            TAKE_MATRIX(b->shared_router.w, b->shared_router.w16, b->shared_router.dtype, NAME("mlp.shared.w_router"),
+                        C);
+            b->shared_router.ld = trans ? (int)C : 1;
+            b->shared_router.trans = trans;
         }
         if (!c.n_experts) TAKE_OPT(b->mlp_out.b, NAME("mlp.b_out"), C);
 #undef NAME
@@ -1063,6 +1087,14 @@ static int parse_weight_grads(PyObject *keep, PyObject *grads, const ms_model *m
                                            same_offset(bin, b->mlp_gate.b, first->b)};
         g->mlp_out.w = grad_array(grads, NAME("mlp.w_out"), E * F * C, &bad);
         if (b->mlp_out.b) g->mlp_out.b = grad_array(grads, NAME("mlp.b_out"), C, &bad);
+        if (c->d_shared) {
+            size_t S = (size_t)c->d_shared;
+            float *sw = grad_array(grads, NAME("mlp.shared.w_in"), C * 2 * S, &bad);
+            g->shared_gate.w = sw;
+            g->shared_in.w = same_offset(sw, b->shared_in.w, b->shared_gate.w);
+            g->shared_out.w = grad_array(grads, NAME("mlp.shared.w_out"), S * C, &bad);
+            g->shared_router.w = grad_array(grads, NAME("mlp.shared.w_router"), C, &bad);
+        }
 #undef NAME
     }
     return bad ? -1 : 0;

@@ -1,6 +1,7 @@
 """Mixtures of experts (Mixtral; Qwen3-MoE: per-head query and key norms, the chosen
 experts' probabilities used without renormalising; OLMoE: query and key norms over all
-heads, q/k/v/o biases, the router's softmax over every expert): the forward pass and its sites
+heads, q/k/v/o biases, the router's softmax over every expert; Qwen2-MoE: q/k/v biases
+and a shared expert behind a sigmoid gate): the forward pass and its sites
 against transformers (fp32, eager) and TransformerLens, interventions on the routing
 against HuggingFace with a hook on its router, gradients against autograd, and
 ms.experts against its definitions computed one run at a time."""
@@ -29,7 +30,12 @@ QWEN3_MOE = ("qwen3_moe", dict(hidden_size=36, num_attention_heads=6, num_key_va
 OLMOE = ("olmoe", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=3,
                        intermediate_size=28, vocab_size=89, max_position_embeddings=64, num_experts=5,
                        num_experts_per_tok=2, norm_topk_prob=True, attention_bias=True, rope_theta=1e4))
-SPECS = [MIXTRAL, QWEN3_MOE, OLMOE]
+# Qwen2-MoE: the same sizes, q/k/v biases, a shared expert wider than the routed ones
+QWEN2_MOE = ("qwen2_moe", dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=3,
+                               intermediate_size=50, moe_intermediate_size=28, shared_expert_intermediate_size=44,
+                               vocab_size=89, max_position_embeddings=64, num_experts=5, num_experts_per_tok=2,
+                               norm_topk_prob=False, rope_theta=1e4))
+SPECS = [MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE]
 
 
 @pytest.fixture(scope="module", params=SPECS, ids=lambda spec: spec[0])
@@ -215,7 +221,7 @@ def test_random_model_saves_as_a_checkpoint_transformers_loads(tmp_path, spec):
     ms.train.save_pretrained(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(hf).__name__ == {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                                 "olmoe": "OlmoeForCausalLM"}[spec[0]]
+                                 "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[spec[0]]
     tokens = np.random.default_rng(1).integers(0, model.d_vocab, (2, 7))
     want = hf(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
@@ -224,7 +230,8 @@ def test_random_model_saves_as_a_checkpoint_transformers_loads(tmp_path, spec):
 # ---- gradients against autograd ------------------------------------------------------------
 
 def moe_forward(moe, deltas, layer, zero=None, drop=None):
-    """HuggingFace's MixtralSparseMoeBlock.forward, step for step, with a leaf added to
+    """HuggingFace's MixtralSparseMoeBlock.forward (Qwen2-MoE's: and its shared expert),
+    step for step, with a leaf added to
     the router's probabilities (the site hook_expert_weights) so that autograd gives
     its gradient; zero: experts whose probability is set to 0 before it (ms.Zero);
     drop: an expert whose output is left out (the others' weights as they are)."""
@@ -248,6 +255,8 @@ def moe_forward(moe, deltas, layer, zero=None, drop=None):
                 continue
             top, idx = torch.where(selected == e)  # token, slot
             out = out.index_add(0, top, expert(x[top]) * weights[top, idx, None])
+        if hasattr(moe, "shared_expert"):  # Qwen2-MoE's, on every token
+            out = out + torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)
         return out.view(B, T, C), router_logits
     return forward
 
@@ -334,10 +343,12 @@ def test_training_a_mixture_lowers_its_loss():
     assert model.grad(np.array(data[:8]), "cross_entropy").value < 0.5
 
 
-def test_two_byte_experts_equal_their_float32_widening(tmp_path):
-    """bf16 expert matrices stay 2-byte (widened panel by panel in the products): the
-    same logits, removals and gradients as the checkpoint widened at load"""
-    make_hf(None, seed=2, spec=MIXTRAL).to(torch.bfloat16).save_pretrained(tmp_path)
+@pytest.mark.parametrize("spec", [MIXTRAL, QWEN2_MOE], ids=lambda spec: spec[0])
+def test_two_byte_experts_equal_their_float32_widening(tmp_path, spec):
+    """bf16 expert matrices (and Qwen2-MoE's shared expert) stay 2-byte (widened panel by
+    panel in the products): the same logits, removals and gradients as the checkpoint
+    widened at load"""
+    make_hf(None, seed=2, spec=spec).to(torch.bfloat16).save_pretrained(tmp_path)
     half, wide = ms.Model.from_pretrained(tmp_path), ms.Model.from_pretrained(tmp_path, dtype="float32")
     assert (half.dtype, wide.dtype) == ("bfloat16", "float32")
     tokens = np.random.default_rng(6).integers(0, half.d_vocab, (2, 7))
@@ -426,7 +437,8 @@ def test_contributions_and_logit_attribution(pair):
     tokens, mask = padded(model, 31, [8, 5, 6], 8, left=True)
     pos = np.array([7, 5, 4])  # the last real token, the last, a middle one
     parts = ms.experts.contributions(model, tokens, 1, pos, attention_mask=mask)
-    assert parts.shape == (3, 5, model.d_model)
+    shared = hasattr(moe_of(hf, 1), "shared_expert")
+    assert parts.shape == (3, 5 + shared, model.d_model)
     # HuggingFace's experts on HuggingFace's ln2 output, weighted by its router
     seen = {}
     handle = hf.model.layers[1].post_attention_layernorm.register_forward_hook(
@@ -447,6 +459,11 @@ def test_contributions_and_logit_attribution(pair):
                 np.testing.assert_allclose(parts[r, e], want, atol=ATOL, rtol=0)
             else:
                 assert not parts[r, e].any()
+    if shared:  # the shared expert's part, last
+        moe = moe_of(hf, 1)
+        want = (torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)).numpy()
+        np.testing.assert_allclose(parts[:, 5], want, atol=ATOL, rtol=0)
+        assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(parts.sum(1), block_out[1][rows, pos], atol=ATOL, rtol=0)
     # onto the logits: a layer's experts add up to its MLP row of ms.lens.logit_attribution
     answer, incorrect = np.array([3, 8, 20]), np.array([11, 1, 5])
@@ -461,6 +478,7 @@ def test_contributions_and_logit_attribution(pair):
     attrs = ms.experts.logit_attribution(model, tokens, answer, incorrect, pos, attention_mask=mask,
                                          interventions=zero)
     assert not attrs[2, 4].any()
+    assert attrs.shape == (3, 5 + shared, 3)
 
 
 def test_dropping_an_expert_matches_hf(pair):
@@ -530,16 +548,26 @@ def test_bad_input(pair, tmp_path):
         ms.Model.from_config(dict(model_type="qwen3_moe", **QWEN3_MOE[1], mlp_only_layers=[1]))
     with pytest.raises(ValueError, match="clip_qkv"):
         ms.Model.from_config(dict(model_type="olmoe", **OLMOE[1], clip_qkv=8.0))
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        ms.Model.from_config(dict(model_type="qwen2_moe", **QWEN2_MOE[1], use_sliding_window=True))
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        ms.Model.from_config(dict(model_type="qwen2_moe", **QWEN2_MOE[1], mlp_only_layers=[0]))
 
 
 @pytest.mark.parametrize("spec, part, name", [
     (MIXTRAL, "w3", r"layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight"),
     (QWEN3_MOE, "up_proj", r"layers\.1\.mlp\.experts\.3\.up_proj\.weight"),
-    (OLMOE, "down_proj", r"layers\.1\.mlp\.experts\.3\.down_proj\.weight")], ids=["mixtral", "qwen3_moe", "olmoe"])
+    (OLMOE, "down_proj", r"layers\.1\.mlp\.experts\.3\.down_proj\.weight"),
+    (QWEN2_MOE, "shared_expert.up_proj", r"layers\.1\.mlp\.shared_expert\.up_proj\.weight"),
+    (QWEN2_MOE, "shared_expert_gate", r"layers\.1\.mlp\.shared_expert_gate\.weight")],
+    ids=["mixtral", "qwen3_moe", "olmoe", "qwen2_moe_shared", "qwen2_moe_shared_gate"])
 def test_a_non_finite_expert_weight_is_named(tmp_path, spec, part, name):
     """named as HuggingFace names it"""
     hf = make_hf(None, seed=2, spec=spec)
-    getattr(moe_of(hf, 1).experts[3], part).weight[0, 0] = float("nan")
+    module = moe_of(hf, 1) if part.startswith("shared") else moe_of(hf, 1).experts[3]
+    for attr in part.split("."):
+        module = getattr(module, attr)
+    module.weight[0, 0] = float("nan")
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=name + ".*non-finite"):
         ms.Model.from_pretrained(tmp_path)

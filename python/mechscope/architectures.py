@@ -6,7 +6,8 @@ read both ways).
 Families: GPT-2 (LayerNorm, learned positions, Conv1D weights), Llama / Mistral /
 SmolLM and Qwen2 (RMSNorm, rotary, grouped keys/values, SwiGLU; Qwen2 with q/k/v
 biases), Qwen3 (Llama's block with queries and keys RMS-normalised per head), Mixtral
-(Mistral's block with a mixture of SwiGLU experts in place of the MLP), Qwen3-MoE
+(Mistral's block with a mixture of SwiGLU experts in place of the MLP), Qwen2-MoE
+(Qwen2's attention, a mixture of experts and a shared expert behind a sigmoid gate), Qwen3-MoE
 (Qwen3's attention, a mixture of experts), Gemma (Llama's block with GeGLU, norms that
 scale by 1 + weight, and token embeddings multiplied by sqrt(d_model)), Gemma 2 (Gemma's
 block with the attention's and the MLP's outputs normed again, and soft-capped attention
@@ -39,7 +40,7 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
                "phi3", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
@@ -82,7 +83,7 @@ _NEOX_DEFAULTS = {
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-            "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+            "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
             "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt"}
@@ -339,6 +340,12 @@ def _llama(config, family):
     if family == "qwen3_moe":
         cfg.update(num_experts=128, num_experts_per_tok=8, norm_topk_prob=False, moe_intermediate_size=768,
                    decoder_sparse_step=1, mlp_only_layers=[])
+    if family == "qwen2_moe":
+        cfg.update(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
+                   num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, moe_intermediate_size=1408,
+                   shared_expert_intermediate_size=5632, decoder_sparse_step=1, mlp_only_layers=[],
+                   qkv_bias=True, use_sliding_window=False)
     cfg.update(config)
     cfg["model_type"] = family
     if cfg.get("head_dim") is None or family == "olmoe":
@@ -378,7 +385,7 @@ def _llama(config, family):
                 activation=_activation(cfg, "hidden_act"), gated_mlp=1, parallel=0, rotary_dim=rotary_dim,
                 scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
                 tied=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
+                qkv_bias=family == "qwen2" or bool(cfg.get("qkv_bias" if family == "qwen2_moe" else "attention_bias")),
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
                 qk_norm=int(family in ("qwen3", "qwen3_moe", "gemma3_text")), expert_renormalize=1)
@@ -426,17 +433,23 @@ def _llama(config, family):
         if arch["experts_per_token"] > arch["n_experts"]:
             raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
                              f"num_local_experts ({arch['n_experts']})")
-    if family in ("qwen3_moe", "olmoe"):
-        # every block a mixture (Qwen3-MoE's config can also make some blocks plain MLPs);
+    if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        # every block a mixture (Qwen's configs can also make some blocks plain MLPs);
         # the router's softmax over every expert, the chosen experts' probabilities
         # renormalised only with norm_topk_prob
-        if family == "qwen3_moe" and (cfg["decoder_sparse_step"] != 1 or cfg["mlp_only_layers"]):
+        if family != "olmoe" and (cfg["decoder_sparse_step"] != 1 or cfg["mlp_only_layers"]):
             raise ValueError("config: decoder_sparse_step other than 1 and mlp_only_layers are not supported "
                              "(blocks of two kinds in one model)")
         arch["n_experts"] = _positive_int(cfg, "num_experts")
         arch["experts_per_token"] = _positive_int(cfg, "num_experts_per_tok")
-        if family == "qwen3_moe":  # OLMoE's experts are intermediate_size wide
+        if family != "olmoe":  # OLMoE's experts are intermediate_size wide
             arch["d_mlp"] = _positive_int(cfg, "moe_intermediate_size")
+        if family == "qwen2_moe":
+            # and a shared expert every token runs, scaled by sigmoid(x . shared_expert_gate)
+            arch["d_shared"] = _positive_int(cfg, "shared_expert_intermediate_size")
+            if cfg.get("use_sliding_window"):
+                raise ValueError("config: use_sliding_window=True is not supported for qwen2_moe (transformers "
+                                 "applies its window in flash attention only)")
         arch["expert_renormalize"] = int(bool(cfg["norm_topk_prob"]))
         if arch["experts_per_token"] > arch["n_experts"]:
             raise ValueError(f"config: num_experts_per_tok ({arch['experts_per_token']}) must be at most "
@@ -674,7 +687,8 @@ class Pair(NamedTuple):
     core: the core's name (in a block: the part after "blocks.{layer}.")
     how: SAME, STACK, HEADS, TIED, OFFSET or POSITIONS (above)
     hf: ((HF name, shape), ...) in stacking order; a shape is dimension letters, e.g. "3C C"
-        (C d_model, V d_vocab, P n_ctx, P2 n_ctx + 2, F d_mlp, QD/KD the widths of q and of k, v)
+        (C d_model, V d_vocab, P n_ctx, P2 n_ctx + 2, F d_mlp, FS a shared expert's width,
+        QD/KD the widths of q and of k, v)
     when: the arch flag the weight exists under ("qkv_bias", "o_bias", "mlp_bias"), or
         "tied"/"untied" for the unembedding; None: always"""
     core: str
@@ -758,6 +772,16 @@ _QWEN3_MOE_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
     _same("mlp.w_router", "mlp.gate.weight", "E C"),
     Pair("mlp.w_in", STACK, (("mlp.experts.{e}.gate_proj.weight", "F C"), ("mlp.experts.{e}.up_proj.weight", "F C"))),
     Pair("mlp.w_out", STACK, (("mlp.experts.{e}.down_proj.weight", "C F"),))))
+
+# Qwen2-MoE: Qwen2's attention (q/k/v biases by qkv_bias), Qwen3-MoE's router and experts,
+# and the shared expert: gate | up stacked as a gated MLP's, out, and its gate's [1, C] weights
+_QWEN2_MOE_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
+    p for p in _LLAMA_WEIGHTS.blocks if not p.core.startswith("mlp.")) + tuple(
+    p for p in _QWEN3_MOE_WEIGHTS.blocks if p.core.startswith("mlp.")) + (
+    Pair("mlp.shared.w_in", STACK, (("mlp.shared_expert.gate_proj.weight", "FS C"),
+                                    ("mlp.shared_expert.up_proj.weight", "FS C"))),
+    _same("mlp.shared.w_out", "mlp.shared_expert.down_proj.weight", "C FS"),
+    _same("mlp.shared.w_router", "mlp.shared_expert_gate.weight", "1 C")))
 
 # OLMoE: Qwen3-MoE's names, its query and key norms as wide as q and k (OLMo 2's)
 _OLMOE_WEIGHTS = _QWEN3_MOE_WEIGHTS._replace(blocks=tuple(
@@ -851,7 +875,8 @@ _OPT_WEIGHTS = Family(
     head=(_same("unembed", "lm_head.weight", "V C", "untied"),))
 
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
-            "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen3_moe": _QWEN3_MOE_WEIGHTS,
+            "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen2_moe": _QWEN2_MOE_WEIGHTS,
+            "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
             "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
             "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS}
@@ -886,7 +911,7 @@ def _pairs(arch):
     dims = {"C": arch["d_model"], "3C": 3 * arch["d_model"], "V": arch["d_vocab"], "P": arch["n_ctx"],
             "P2": arch["n_ctx"] + _POSITION_OFFSET,
             "F": arch["d_mlp"], "2F": 2 * arch["d_mlp"], "QD": QD, "KD": KD, "QKV": QD + 2 * KD,
-            "E": arch.get("n_experts", 0), "D": arch["d_head"]}
+            "E": arch.get("n_experts", 0), "D": arch["d_head"], "FS": arch.get("d_shared", 0), "1": 1}
 
     def per_expert(hf):
         if not any("{e}" in n for n, _ in hf):
@@ -1039,7 +1064,7 @@ def core_config(arch):
                embed_scale=arch.get("embed_scale", 1.0), padding_idx=arch.get("padding_idx", -1), post_norms=arch.get("post_norms", 0),
                attn_scale=arch.get("attn_scale", 0.0), attn_softcap=arch.get("attn_softcap", 0.0),
                logit_softcap=arch.get("logit_softcap", 0.0), rotary_interleaved=arch.get("rotary_interleaved", 0),
-               input_norms=arch.get("input_norms", 1))
+               input_norms=arch.get("input_norms", 1), d_shared=arch.get("d_shared", 0))
     for key in ("rope_local_layers", "attn_windows"):
         if key in arch:
             out[key] = arch[key]
@@ -1052,7 +1077,9 @@ _CORE_PARTS = {"attn.w_qkv": ("attn.q", "attn.k", "attn.v"),
                "attn.b_qkv": ("attn.q.bias", "attn.k.bias", "attn.v.bias"),
                "attn.w_o": ("attn.o",), "attn.b_o": ("attn.o.bias",),
                "mlp.w_in": ("mlp.gate", "mlp.in"), "mlp.b_in": ("mlp.gate.bias", "mlp.in.bias"),
-               "mlp.w_out": ("mlp.out",), "mlp.b_out": ("mlp.out.bias",), "mlp.w_router": ("mlp.router",)}
+               "mlp.w_out": ("mlp.out",), "mlp.b_out": ("mlp.out.bias",), "mlp.w_router": ("mlp.router",),
+               "mlp.shared.w_in": ("mlp.shared.gate", "mlp.shared.in"), "mlp.shared.w_out": ("mlp.shared.out",),
+               "mlp.shared.w_router": ("mlp.shared.router",)}
 
 
 def _message_names(arch):

@@ -24,7 +24,9 @@ token as the clean run did, ``ms.Set`` routes by hand.
 
 Removing an expert is what ``ablate`` and ``interaction`` do, all removals in one
 patching sweep. ``contributions`` and ``logit_attribution`` split a block's output into
-what each expert wrote (its routing weight times its output), directly onto the logits. The interaction of two experts i and j is
+what each expert wrote (its routing weight times its output), directly onto the logits;
+a shared expert (Qwen2-MoE's, which every token runs, scaled by a sigmoid gate of its
+own) is one more part after the routed experts there, and is not removed by ``ablate``. The interaction of two experts i and j is
 m(without i and j) - m(without i) - m(without j) + m(all): zero when their effects on
 the metric add up, as they would if the experts worked independently.
 """
@@ -290,10 +292,16 @@ def _expert_weights(model, probabilities):
     return np.divide(kept, total, out=np.zeros_like(kept), where=total != 0)
 
 
+def _n_parts(model):
+    """the routed experts, and the shared expert after them if the model has one"""
+    return model.n_experts + bool(model.arch.get("d_shared"))
+
+
 def _block_contributions(model, layer, normalized, probabilities):
-    """What each expert of ``layer`` writes for each token: [tokens, experts, d_model],
-    from ln2's hook_normalized [tokens, d_model] and the router's probabilities
-    [tokens, experts]; summed over the experts, the block's hook_mlp_out."""
+    """What each expert of ``layer`` writes for each token: [tokens, parts, d_model]
+    (the experts, then a shared expert's sigmoid(x . gate) * its output), from ln2's
+    hook_normalized [tokens, d_model] and the router's probabilities [tokens, experts];
+    summed over the parts, the block's hook_mlp_out."""
     w = model._core_weights
     x = normalized * _dtypes.to_float32(w[f"blocks.{layer}.ln2.w"])  # RMSNorm: the weight comes after the site
     if f"blocks.{layer}.ln2.b" in w:
@@ -302,20 +310,26 @@ def _block_contributions(model, layer, normalized, probabilities):
     gate_up = _dtypes.to_float32(w[f"blocks.{layer}.mlp.w_in"]).reshape(E, 2 * F, C)
     down = _dtypes.to_float32(w[f"blocks.{layer}.mlp.w_out"]).reshape(E, C, F)
     weights = _expert_weights(model, probabilities)
-    out = np.zeros((len(x), E, C), np.float32)
+    out = np.zeros((len(x), _n_parts(model), C), np.float32)
     for e in range(E):
         rows = np.flatnonzero(weights[:, e])
         if rows.size:
             hidden = _core.gated_post(np.ascontiguousarray(x[rows] @ gate_up[e].T), model.arch["activation"])
             out[rows, e] = weights[rows, e, None] * (hidden @ down[e].T)
+    if model.arch.get("d_shared"):
+        shared = f"blocks.{layer}.mlp.shared."
+        hidden = _core.gated_post(np.ascontiguousarray(x @ _dtypes.to_float32(w[shared + "w_in"]).T),
+                                  model.arch["activation"])
+        gate = 1.0 / (1.0 + np.exp(-(x @ _dtypes.to_float32(w[shared + "w_router"]).T)))  # [tokens, 1]
+        out[:, E] = gate * (hidden @ _dtypes.to_float32(w[shared + "w_out"]).T)
     return out
 
 
 def contributions(model, tokens, layer, pos=None, *, attention_mask=None, interventions=None):
     """What each expert of a layer wrote at each row's position ``pos`` (default: its
     last real token): its routing weight times its output, [batch, experts, d_model]
-    (0 for experts the token did not choose). The sum over the experts is the block's
-    ``hook_mlp_out`` there. From one run (under ``interventions``); the chosen experts'
+    (0 for experts the token did not choose; with a shared expert, [batch, experts + 1,
+    d_model], its part last). The sum over the experts is the block's ``hook_mlp_out`` there. From one run (under ``interventions``); the chosen experts'
     outputs are recomputed from ln2's output with the model's weights."""
     from . import lens
 
@@ -331,7 +345,8 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, attent
     """Each expert's direct effect on the logit of ``answer`` (minus that of
     ``incorrect``) at each row's position: what it wrote, through the final norm with
     its scale held at its value in the run and the unembedding, as ``ms.lens.logit_attribution``
-    does for layers and heads. [layers, experts, batch]; summed over a layer's experts,
+    does for layers and heads. [layers, experts, batch] ([layers, experts + 1, batch] with a
+    shared expert, its row last); summed over a layer's experts,
     the layer's MLP row of ``ms.lens.logit_attribution``. One run."""
     from . import lens
 
@@ -343,7 +358,7 @@ def logit_attribution(model, tokens, answer, incorrect=None, pos=None, *, attent
     direction = lens._directions(model, answer, incorrect, batch)  # [batch, d_model]
     w, _, _ = lens._final_norm(model)
     read = direction * w / values["ln_final.hook_scale"]  # [batch, d_model]
-    out = np.zeros((model.n_layers, model.n_experts, batch), np.float32)
+    out = np.zeros((model.n_layers, _n_parts(model), batch), np.float32)
     for layer in range(model.n_layers):
         parts = _block_contributions(model, layer, values[names[layer]], values[_SITE.format(layer)])
         out[layer] = np.einsum("bec,bc->eb", parts, read)
