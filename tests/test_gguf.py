@@ -177,8 +177,10 @@ def gguf_writer(hf, arch, path):
         if experts:
             w.add_expert_count(experts)
             w.add_expert_used_count(c.num_experts_per_tok)
-        if arch == "qwen3moe":
+        if arch in ("qwen2moe", "qwen3moe"):
             w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     w.add_vocab_size(c.vocab_size)
     return w
 
@@ -210,6 +212,8 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
             stacks.setdefault(".".join(parts[:at + 1] + parts[at + 2:]) + "." + suffix, []).append(a)
             continue
         gg = names.get_name(stem) + "." + suffix
+        if gg.endswith("ffn_gate_inp_shexp.weight"):  # llama.cpp's: a vector [d_model]
+            a = a.reshape(-1)
         if arch == "gpt2" and a.ndim == 2 and gg.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
             a = a.T.copy()
         if arch == "llama" and gg.endswith("attn_q.weight"):
@@ -367,6 +371,10 @@ FAMILIES = {
     "qwen3_moe": ("qwen3moe", ("qwen3_moe", dict(_SMALL, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                                  moe_intermediate_size=32, norm_topk_prob=True, rope_theta=1e4))),
     "mixtral": ("llama", ("mixtral", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4))),
+    # Qwen2-MoE: q/k/v biases, a shared expert wider than the routed ones behind its sigmoid gate
+    "qwen2_moe": ("qwen2moe", ("qwen2_moe", dict(_SMALL, num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=32, shared_expert_intermediate_size=96,
+                                                 norm_topk_prob=False, rope_theta=1e4))),
     # OLMoE: query and key norms over all heads, experts intermediate_size wide, never renormalised
     "olmoe": ("olmoe", ("olmoe", dict(_SMALL, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                                      rope_theta=1e4))),
@@ -510,7 +518,9 @@ def test_yarn_rope_scaling_is_read_from_the_file(tmp_path):
 
 # transformers' GGUF loader reads no head width for qwen3 (it keeps Qwen3's 128), no
 # expert width for qwen3moe (it keeps 768) and no renormalisation flag (it keeps
-# none, where llama.cpp renormalises; with every expert chosen the two agree)
+# none, where llama.cpp renormalises; with every expert chosen the two agree); its
+# qwen2moe reader splits 60 experts whatever the file holds, so qwen2moe files are
+# compared with the model they were written from only
 # For Gemma 2 and 3 it keeps Gemma's query_pre_attn_scalar of 256 (which llama.cpp
 # reads as head_dim, 256 in Gemma's models), and Gemma 2's caps of 50 and 30; for Phi-3
 # no partial rotary and no window

@@ -1,6 +1,6 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
-`qwen3`, `qwen3moe`, `olmoe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to
+`qwen3`, `qwen2moe`, `qwen3moe`, `olmoe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to
 float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise), and its
 tokenizer built from the file's metadata with `tokenizers`: byte-level BPE
 (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE with byte fallback
@@ -31,7 +31,7 @@ from .architectures import longrope_attention
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -55,6 +55,12 @@ _QWEN3_EXPERTS = {"ffn_gate_inp.weight": "mlp.gate.weight",
                   "ffn_gate_exps.weight": "mlp.experts.{e}.gate_proj.weight",
                   "ffn_up_exps.weight": "mlp.experts.{e}.up_proj.weight",
                   "ffn_down_exps.weight": "mlp.experts.{e}.down_proj.weight"}
+# Qwen2-MoE's shared expert: its gate's weights (one row, which llama.cpp stores as a
+# vector), and its gate | up | down
+_QWEN2_SHARED = {"ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+                 "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+                 "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+                 "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"}
 _GPT2_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
     ("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"), ("ffn_norm", "ln_2"),
     ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for kind in ("weight", "bias")}
@@ -80,6 +86,7 @@ _FAMILIES = {
     "qwen2": ({**_BLOCK_NAMES, **_QKV_BIAS}, "model.layers.{}.", _GLOBAL_NAMES),
     "qwen3": ({**_BLOCK_NAMES, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
     "qwen3_moe": ({**_ATTENTION, **_QK_NORM, **_QWEN3_EXPERTS}, "model.layers.{}.", _GLOBAL_NAMES),
+    "qwen2_moe": ({**_ATTENTION, **_QKV_BIAS, **_QWEN3_EXPERTS, **_QWEN2_SHARED}, "model.layers.{}.", _GLOBAL_NAMES),
     "olmoe": ({**_ATTENTION, **_QK_NORM, **_QWEN3_EXPERTS}, "model.layers.{}.", _GLOBAL_NAMES),
     "gemma": (_BLOCK_NAMES, "model.layers.{}.", _GLOBAL_NAMES),
     "gemma2": (_GEMMA2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
@@ -128,7 +135,7 @@ def _unpermute(w, n_heads):
 def _family(reader, arch):
     if arch == "llama" and _value(reader, "llama.expert_count"):
         return "mixtral"
-    return {"qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch, arch)
+    return {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch, arch)
 
 
 def read(path, keep_half=False):
@@ -178,6 +185,8 @@ def read(path, keep_half=False):
                                               "output.weight" not in names)
         if family == "phi3":
             _phi3_config(reader, path, config, names)
+        if family == "qwen2_moe":  # q, k and v biases where the file has them
+            config["qkv_bias"] = "blk.0.attn_q.bias" in names
     config["bos_token_id"] = _value(reader, "tokenizer.ggml.bos_token_id")
     config["eos_token_id"] = _value(reader, "tokenizer.ggml.eos_token_id")
     pad = _value(reader, "tokenizer.ggml.padding_token_id")
@@ -206,6 +215,8 @@ def read(path, keep_half=False):
             w = w.T.copy()
         elif family in _GEMMA_FAMILIES and t.name.endswith("norm.weight"):
             w = _dtypes.to_float32(w) - np.float32(1)  # the file's scale is 1 + HF's weight
+        elif short == "ffn_gate_inp_shexp.weight":
+            w = w.reshape(1, -1)  # HF's [1, d_model]
         if "{e}" in name:
             if w.ndim != 3 or w.shape[0] != n_experts:
                 raise ValueError(f"checkpoint {path}: tensor {t.name} has shape {list(w.shape)}, not "
@@ -245,6 +256,15 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         # llama.cpp renormalises the chosen experts' probabilities of every qwen3moe file
         config.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                       moe_intermediate_size=int(need("expert_feed_forward_length")), norm_topk_prob=True)
+    if family == "qwen2_moe":
+        # llama.cpp never renormalises a qwen2moe file's experts; without the two widths
+        # it takes feed_forward_length / experts used and feed_forward_length
+        n_ff, used = config["intermediate_size"], int(need("expert_used_count"))
+        config.update(num_experts=int(need("expert_count")), num_experts_per_tok=used, norm_topk_prob=False,
+                      moe_intermediate_size=int(_value(reader, f"{arch}.expert_feed_forward_length", 0)
+                                                or n_ff // used),
+                      shared_expert_intermediate_size=int(
+                          _value(reader, f"{arch}.expert_shared_feed_forward_length", 0) or n_ff))
     if family == "olmoe":
         # experts feed_forward_length wide; llama.cpp never renormalises an olmoe file's
         config.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
