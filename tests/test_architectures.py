@@ -214,11 +214,7 @@ def tl_from_hf(hf, family):
                                       normalization_type="LN", positional_embedding_type="rotary",
                                       rotary_dim=c.rotary_dim, rotary_adjacent_pairs=True, parallel_attn_mlp=True,
                                       original_architecture="GPTJForCausalLM", dtype=torch.float32, device="cpu")
-        tl = HookedTransformer(cfg)
-        tl.load_and_process_state_dict(convert_gptj_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-                                       center_unembed=False, fold_value_biases=False,
-                                       refactor_factored_attn_matrices=False)
-        return tl.eval()
+        return _tl_loaded(HookedTransformer(cfg), convert_gptj_weights(hf, cfg))
     if family == "opt":
         cfg = HookedTransformerConfig(d_model=c.hidden_size, n_heads=c.num_attention_heads,
                                       d_head=c.hidden_size // c.num_attention_heads, d_mlp=c.ffn_dim,
@@ -226,11 +222,7 @@ def tl_from_hf(hf, family):
                                       d_vocab=c.vocab_size, act_fn=c.activation_function, eps=1e-5,
                                       normalization_type="LN", positional_embedding_type="standard",
                                       original_architecture="OPTForCausalLM", dtype=torch.float32, device="cpu")
-        tl = HookedTransformer(cfg)
-        tl.load_and_process_state_dict(convert_opt_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
-                                       center_unembed=False, fold_value_biases=False,
-                                       refactor_factored_attn_matrices=False)
-        return tl.eval()
+        return _tl_loaded(HookedTransformer(cfg), convert_opt_weights(hf, cfg))
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
                   n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
                   act_fn=c.hidden_activation if family in ("gemma2", "gemma3_text") else c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
@@ -273,10 +265,14 @@ def tl_from_hf(hf, family):
                    "qwen2": convert_qwen2_weights, "qwen3": convert_qwen3_weights,
                    "gemma": convert_gemma_weights, "gemma2": convert_gemma_weights,
                    "gemma3_text": convert_gemma_weights, "phi3": convert_phi3_weights}[family]
-    tl = HookedTransformer(cfg)
-    tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
-                                   center_unembed=False, fold_value_biases=False,
-                                   refactor_factored_attn_matrices=False)
+    return _tl_loaded(HookedTransformer(cfg), convert(hf, cfg))
+
+
+def _tl_loaded(tl, state_dict):
+    """TransformerLens's model with the converted weights as they are (no folding or
+    centring), in eval mode"""
+    tl.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                   fold_value_biases=False, refactor_factored_attn_matrices=False)
     return tl.eval()
 
 

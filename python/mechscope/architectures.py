@@ -525,16 +525,23 @@ def _attention_windows(cfg, family, n_layers):
     return [window if k == "sliding_attention" else 0 for k in _layer_kinds(cfg, family, n_layers)]
 
 
+def _filled(defaults, config, family, sizes):
+    """The family's defaults updated by config, its model_type set, the sizes checked
+    to be positive ints."""
+    cfg = dict(defaults)
+    cfg.update(config)
+    cfg["model_type"] = family
+    for key in sizes:
+        _positive_int(cfg, key)
+    return cfg
+
+
 def _opt(config):
     """OPT: GPT-2's pre-norm block (LayerNorms with biases, a non-gated MLP, ReLU by
     default) with nn.Linear matrices, q, k and v separate, and learned positions whose
     table has two rows before position 0 (HF's offset of 2, kept out of the core)."""
-    cfg = dict(_OPT_DEFAULTS)
-    cfg.update(config)
-    cfg["model_type"] = "opt"
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
-                "num_attention_heads"):
-        _positive_int(cfg, key)
+    cfg = _filled(_OPT_DEFAULTS, config, "opt", ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
+                                                 "max_position_embeddings", "num_attention_heads"))
     C, H = cfg["hidden_size"], cfg["num_attention_heads"]
     if C % H:
         raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H})")
@@ -562,12 +569,9 @@ def _opt(config):
 
 
 def _neox(config):
-    cfg = dict(_NEOX_DEFAULTS)
-    cfg.update(config)
-    cfg["model_type"] = "gpt_neox"
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size", "max_position_embeddings"):
-        _positive_int(cfg, key)
+    cfg = _filled(_NEOX_DEFAULTS, config, "gpt_neox", ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                       "num_attention_heads", "intermediate_size",
+                                                       "max_position_embeddings"))
     C, H = cfg["hidden_size"], cfg["num_attention_heads"]
     if C % H:
         raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H})")
@@ -596,12 +600,8 @@ def _phi(config):
     """Phi-1, Phi-1.5, Phi-2: one LayerNorm whose output both the attention and the MLP
     read (the core's parallel block, its second norm the first's weights), partial
     rotary, biases everywhere, the unembedding's included."""
-    cfg = dict(_PHI_DEFAULTS)
-    cfg.update(config)
-    cfg["model_type"] = "phi"
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings"):
-        _positive_int(cfg, key)
+    cfg = _filled(_PHI_DEFAULTS, config, "phi", ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                 "num_attention_heads", "intermediate_size", "max_position_embeddings"))
     if cfg.get("qk_layernorm"):
         raise ValueError("config: qk_layernorm=True is not supported (LayerNorms of the queries and keys)")
     C, H = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -630,11 +630,7 @@ def _gptj(config):
     """GPT-J: Phi's block (one LayerNorm read by the parallel attention and MLP, an
     unembedding bias) without attention biases, its rotary over the first rotary_dim
     dimensions of each head in adjacent pairs (2i, 2i + 1) and theta 10^4."""
-    cfg = dict(_GPTJ_DEFAULTS)
-    cfg.update(config)
-    cfg["model_type"] = "gptj"
-    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        _positive_int(cfg, key)
+    cfg = _filled(_GPTJ_DEFAULTS, config, "gptj", ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))
     C, H = cfg["n_embd"], cfg["n_head"]
     if C % H:
         raise ValueError(f"config: n_embd ({C}) must be divisible by n_head ({H})")
