@@ -18,8 +18,8 @@ sanitize = os.environ.get("MECHSCOPE_SANITIZE") == "1"
 # without it a loop with a choice between two values (exp_approx's range check, a
 # max) is not vectorized for AVX2, which has no masked operations to keep a discarded
 # operand from raising a flag (the GELU, softmax and cross-entropy loops ran scalar)
-compile_args = ["-std=c11", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-pthread", "-Wall", "-Wextra", "-Werror",
-                "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+compile_args = ["-std=c11", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-pthread",
+                "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 link_args = ["-pthread",
              # find the OpenBLAS of the installed scipy-openblas32 wheel, which sits
              # next to the mechscope package in site-packages

@@ -606,15 +606,6 @@ static ms_linear_weight expert_part(const ms_linear_weight *w, size_t offset) {
 
 static float *grad_part(float *g, size_t offset) { return g ? g + offset : NULL; }
 
-/* A mixture of experts' backward, the gradient of hook_mlp_out -> dln (of ln2's
- * output). Forward: p = softmax(x Wr) (hook_expert_weights, then its actions: q),
- * w = q renormalised over each token's chosen experts, y = sum over them of
- * w_e f_e(x), f_e a gated MLP. Each expert's activations are recomputed here from x:
- *   dw_e = dy . f_e(x);  f_e's backward from w_e dy (its weights' gradients, dx);
- *   dq_e = (dw_e - sum_j dw_j w_j) / S for the chosen e (S their q's sum; without the
- *   renormalisation, dq_e = dw_e), else 0
- *   (which experts are chosen does not change under a small change of q);
- *   dp = the actions taken back; d(x Wr) = p * (dp - p . dp). */
 /* The shared expert's backward (Qwen2-MoE), from dy (hook_mlp_out's gradient), added to
  * dln; its forward recomputed from x: h = gate | up, a = act(gate) * up, o = a Wd,
  * s = sigmoid(z), z = x . wr, y += s o. So d o = s dy, dz = (dy . o) s (1 - s); the
@@ -645,6 +636,15 @@ static void shared_expert_backward(bwd *b, const ms_block *w, const ms_block_gra
                        N, C, S, b->n_threads);
 }
 
+/* A mixture of experts' backward, the gradient of hook_mlp_out -> dln (of ln2's
+ * output). Forward: p = softmax(x Wr) (hook_expert_weights, then its actions: q),
+ * w = q renormalised over each token's chosen experts, y = sum over them of
+ * w_e f_e(x), f_e a gated MLP. Each expert's activations are recomputed here from x:
+ *   dw_e = dy . f_e(x);  f_e's backward from w_e dy (its weights' gradients, dx);
+ *   dq_e = (dw_e - sum_j dw_j w_j) / S for the chosen e (S their q's sum; without the
+ *   renormalisation, dq_e = dw_e), else 0
+ *   (which experts are chosen does not change under a small change of q);
+ *   dp = the actions taken back; d(x Wr) = p * (dp - p . dp). */
 static void moe_block_backward(bwd *b, int l, const ms_block_grad *wg) {
     const ms_config *c = &b->m->cfg;
     const ms_block *w = &b->m->blocks[l];
