@@ -432,7 +432,8 @@ _OPT = {"hook_attn_out": ("self_attn", "out"), "attn.hook_z": ("self_attn.out_pr
         "attn.hook_q": ("self_attn.q_proj", "out"), "attn.hook_k": ("self_attn.k_proj", "out"),
         "attn.hook_v": ("self_attn.v_proj", "out"), "mlp.hook_pre": ("fc1", "out"), "mlp.hook_post": ("fc2", "in"),
         "hook_mlp_out": ("fc2", "out"), "ln1.hook_normalized": ("self_attn_layer_norm", "out"),
-        "ln2.hook_normalized": ("final_layer_norm", "out"), "hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
+        "ln2.hook_normalized": ("final_layer_norm", "out"), "hook_resid_pre": ("", "in"),
+        "hook_resid_post": ("", "out")}
 SHARED_NORM = ("phi", "gptj")  # one norm read by the attention and the MLP: ln1's and ln2's sites are its output
 _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense", "in"),
          "attn.qkv": ("attention.query_key_value", "out"), "mlp.hook_pre": ("mlp.dense_h_to_4h", "out"),
@@ -446,8 +447,9 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     neox = family == "gpt_neox"
     base = (hf.gpt_neox if neox else hf.transformer if family == "gptj" else hf.model.decoder if family == "opt"
             else hf.model)
-    table = (_OPT if family == "opt" else _NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text") else _PHI3 if family == "phi3"
-             else _PHI if family == "phi" else _GPTJ if family == "gptj" else _OLMO2 if family.startswith("olmo") else _LLAMA)
+    table = (_OPT if family == "opt" else _NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text")
+             else _PHI3 if family == "phi3" else _PHI if family == "phi" else _GPTJ if family == "gptj"
+             else _OLMO2 if family.startswith("olmo") else _LLAMA)
     layers = base.h if family == "gptj" else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
@@ -534,7 +536,8 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             g = g * (family.startswith("gemma") + norm.weight.detach().numpy())  # Gemma's: 1 + w
         out[name] = g
     params = {}
-    prefix = "gpt_neox." if neox else "transformer." if family == "gptj" else "model.decoder." if family == "opt" else "model."
+    prefix = ("gpt_neox." if neox else "transformer." if family == "gptj" else "model.decoder." if family == "opt"
+              else "model.")
     for n, p in hf.named_parameters():
         if p.grad is not None:
             params[n[len(prefix):] if n.startswith(prefix) else n] = p.grad.numpy().copy()

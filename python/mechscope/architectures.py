@@ -40,8 +40,8 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-               "phi3", "olmo2", "olmo3", "olmoe")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
+               "gemma3_text", "phi3", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt")
@@ -83,9 +83,11 @@ _NEOX_DEFAULTS = {
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
-            "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+            "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
+            "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
-            "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
+            "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox",
+            "PhiForCausalLM": "phi",
             "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt"}
 
 
@@ -385,7 +387,8 @@ def _llama(config, family):
                 activation=_activation(cfg, "hidden_act"), gated_mlp=1, parallel=0, rotary_dim=rotary_dim,
                 scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
                 tied=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2" or bool(cfg.get("qkv_bias" if family == "qwen2_moe" else "attention_bias")),
+                qkv_bias=family == "qwen2" or bool(cfg.get("qkv_bias" if family == "qwen2_moe"
+                                                           else "attention_bias")),
                 o_bias=family != "qwen2" and bool(cfg.get("attention_bias")),
                 mlp_bias=bool(cfg.get("mlp_bias", False)), n_experts=0, experts_per_token=0,
                 qk_norm=int(family in ("qwen3", "qwen3_moe", "gemma3_text")), expert_renormalize=1)
@@ -857,14 +860,16 @@ _OLMO2_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
 # the positions' table two rows longer
 _OPT_WEIGHTS = Family(
     prefix="model.decoder.", block="layers",
-    top=(_same("embed", "embed_tokens.weight", "V C"), Pair("pos_embed", POSITIONS, (("embed_positions.weight", "P2 C"),)),
+    top=(_same("embed", "embed_tokens.weight", "V C"),
+         Pair("pos_embed", POSITIONS, (("embed_positions.weight", "P2 C"),)),
          _same("ln_final.w", "final_layer_norm.weight", "C"), _same("ln_final.b", "final_layer_norm.bias", "C")),
     blocks=(_same("ln1.w", "self_attn_layer_norm.weight", "C"), _same("ln1.b", "self_attn_layer_norm.bias", "C"),
             Pair("attn.w_qkv", STACK, (("self_attn.q_proj.weight", "C C"), ("self_attn.k_proj.weight", "C C"),
                                        ("self_attn.v_proj.weight", "C C"))),
             Pair("attn.b_qkv", STACK, (("self_attn.q_proj.bias", "C"), ("self_attn.k_proj.bias", "C"),
                                        ("self_attn.v_proj.bias", "C")), "qkv_bias"),
-            _same("attn.w_o", "self_attn.out_proj.weight", "C C"), _same("attn.b_o", "self_attn.out_proj.bias", "C", "o_bias"),
+            _same("attn.w_o", "self_attn.out_proj.weight", "C C"),
+            _same("attn.b_o", "self_attn.out_proj.bias", "C", "o_bias"),
             _same("ln2.w", "final_layer_norm.weight", "C"), _same("ln2.b", "final_layer_norm.bias", "C"),
             _same("mlp.w_in", "fc1.weight", "F C"), _same("mlp.b_in", "fc1.bias", "F", "mlp_bias"),
             _same("mlp.w_out", "fc2.weight", "C F"), _same("mlp.b_out", "fc2.bias", "C", "mlp_bias")),

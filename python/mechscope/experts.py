@@ -26,7 +26,8 @@ Removing an expert is what ``ablate`` and ``interaction`` do, all removals in on
 patching sweep. ``contributions`` and ``logit_attribution`` split a block's output into
 what each expert wrote (its routing weight times its output), directly onto the logits;
 a shared expert (Qwen2-MoE's, which every token runs, scaled by a sigmoid gate of its
-own) is one more part after the routed experts there, and is not removed by ``ablate``. The interaction of two experts i and j is
+own) is one more part after the routed experts there, and is not removed by ``ablate``.
+The interaction of two experts i and j is
 m(without i and j) - m(without i) - m(without j) + m(all): zero when their effects on
 the metric add up, as they would if the experts worked independently.
 """
@@ -329,8 +330,9 @@ def contributions(model, tokens, layer, pos=None, *, attention_mask=None, interv
     """What each expert of a layer wrote at each row's position ``pos`` (default: its
     last real token): its routing weight times its output, [batch, experts, d_model]
     (0 for experts the token did not choose; with a shared expert, [batch, experts + 1,
-    d_model], its part last). The sum over the experts is the block's ``hook_mlp_out`` there. From one run (under ``interventions``); the chosen experts'
-    outputs are recomputed from ln2's output with the model's weights."""
+    d_model], its part last). The sum over the experts is the block's ``hook_mlp_out``
+    there. From one run (under ``interventions``); the chosen experts' outputs are
+    recomputed from ln2's output with the model's weights."""
     from . import lens
 
     _check_moe(model)

@@ -1,10 +1,10 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
-`qwen3`, `qwen2moe`, `qwen3moe`, `olmoe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to
-float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise), and its
-tokenizer built from the file's metadata with `tokenizers`: byte-level BPE
-(`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE with byte fallback
-("llama"), each as transformers' GGUF loader builds it.
+`qwen3`, `qwen2moe`, `qwen3moe`, `olmoe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2`
+architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
+2-byte unless asked otherwise), and its tokenizer built from the file's metadata with
+`tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
+with byte fallback ("llama"), each as transformers' GGUF loader builds it.
 
 The tensors are renamed to the HuggingFace model's names, and put back into its
 layouts where llama.cpp's converter changed them:
@@ -31,7 +31,8 @@ from .architectures import longrope_attention
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2", "gemma3",
+                           "phi3", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
