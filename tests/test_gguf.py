@@ -162,6 +162,9 @@ def gguf_writer(hf, arch, path):
             w.add_final_logit_softcapping(c.final_logit_softcapping)
         if arch in ("gemma2", "gemma3", "phi3"):
             w.add_sliding_window(c.sliding_window or 0)
+        if arch == "olmo2" and getattr(c, "sliding_window", None):  # OLMo 3: its window, a flag per layer
+            w.add_sliding_window(c.sliding_window)
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
         if arch == "phi3":
             w.add_pad_token_id(c.pad_token_id)  # (Phi-3's default, 32000, is outside a small vocabulary)
             w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
@@ -375,6 +378,10 @@ FAMILIES = {
     "qwen2_moe": ("qwen2moe", ("qwen2_moe", dict(_SMALL, num_experts=4, num_experts_per_tok=2,
                                                  moe_intermediate_size=32, shared_expert_intermediate_size=96,
                                                  norm_topk_prob=False, rope_theta=1e4))),
+    # OLMo 2: no input norms, the outputs' norms, query and key norms over all heads; OLMo 3:
+    # three sliding layers in four (a window of 4)
+    "olmo2": ("olmo2", ("olmo2", dict(_SMALL, rope_theta=500.0))),
+    "olmo3": ("olmo2", ("olmo3", dict(_SMALL, num_hidden_layers=4, sliding_window=4, rope_theta=500.0))),
     # OLMoE: query and key norms over all heads, experts intermediate_size wide, never renormalised
     "olmoe": ("olmoe", ("olmoe", dict(_SMALL, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                                      rope_theta=1e4))),
@@ -565,6 +572,25 @@ def test_two_byte_experts_and_transposed_matrices_stay_two_byte(family, tmp_path
         assert a.dtype.itemsize == (2 if key in ("embed", "unembed") or ".w_" in key else 4), key
     tokens = np.random.default_rng(2).integers(0, 96, (2, 8))
     np.testing.assert_allclose(half.run(tokens).logits, full.run(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_olmo3_files_other_than_olmo3_are_refused_by_name(tmp_path):
+    """a pattern with an entry per layer, and one theta for both kinds of layers (as
+    OLMo 3's sliding layers rotate with the full layers' theta)"""
+    arch, spec = FAMILIES["olmo3"]
+    hf = make_hf(None, seed=3, spec=spec)
+    for name, change, match in (("pattern", lambda w: w.add_sliding_window_pattern([True, False]),
+                                 "sliding_window_pattern has 2 entries for 4 layers"),
+                                ("theta", lambda w: w.add_rope_freq_base_swa(10000.0), "freq_base_swa")):
+        path = tmp_path / f"{name}.gguf"
+        w = gguf_writer(hf, arch, path)
+        change(w)  # (the pattern replaces the writer's)
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([chr(0x100 + i) for i in range(hf.config.vocab_size)])
+        w.add_token_merges([])
+        write_tensors(w, hf, arch=arch)
+        with pytest.raises(ValueError, match=match):
+            ms.Model.from_pretrained(path)
 
 
 def test_bad_expert_files_are_refused_by_name(tmp_path):

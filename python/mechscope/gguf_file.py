@@ -1,7 +1,7 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
-`qwen3`, `qwen2moe`, `qwen3moe`, `olmoe`, `gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2`
-architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
+`qwen3`, `qwen2moe`, `qwen3moe`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
+`gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
 2-byte unless asked otherwise), and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
 with byte fallback ("llama"), each as transformers' GGUF loader builds it.
@@ -10,7 +10,7 @@ The tensors are renamed to the HuggingFace model's names, and put back into its
 layouts where llama.cpp's converter changed them:
 - `llama` files store the rows of attn_q and attn_k permuted for llama.cpp's
   interleaved rotary layout; they are put back into HuggingFace's half-split
-  layout (Qwen and OLMoE files use the half-split layout already);
+  layout (Qwen and OLMo files use the half-split layout already);
 - `gpt2` files store the four matrices of a block as [out, in], where GPT-2's
   Conv1D keeps [in, out];
 - the experts of a block are one tensor [experts, out, in] per projection,
@@ -31,8 +31,8 @@ from .architectures import longrope_attention
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2", "gemma3",
-                           "phi3", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma", "gemma2",
+                           "gemma3", "phi3", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -71,6 +71,9 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
 _GEMMA2_BLOCK = {**_BLOCK_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
                  "post_attention_norm.weight": "post_attention_layernorm.weight",
                  "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+# OLMo 2 and 3: no input norms; the outputs' norms, and query and key norms over all heads
+_OLMO2_BLOCK = {**_ATTENTION, **_QK_NORM, **_MLP, "post_attention_norm.weight": "post_attention_layernorm.weight",
+                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
 # Phi-3: q|k|v one tensor, gate|up another (HF's fused names)
 _PHI3_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
                "attn_qkv.weight": "self_attn.qkv_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
@@ -93,6 +96,8 @@ _FAMILIES = {
     "gemma2": (_GEMMA2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "gemma3_text": ({**_GEMMA2_BLOCK, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
     "phi3": (_PHI3_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
+    "olmo2": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
+    "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
 }
 _GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
@@ -136,6 +141,8 @@ def _unpermute(w, n_heads):
 def _family(reader, arch):
     if arch == "llama" and _value(reader, "llama.expert_count"):
         return "mixtral"
+    if arch == "olmo2" and (_value(reader, "olmo2.attention.sliding_window") or 0) > 0:
+        return "olmo3"  # llama.cpp's olmo2 architecture holds OLMo 3 too: its windows
     return {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch, arch)
 
 
@@ -283,6 +290,8 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         config["partial_rotary_factor"] = int(rope_dims) / d_head  # Phi-4-mini's
     if family in _GEMMA_FAMILIES:
         _gemma_config(reader, arch, family, config, d_model, n_heads)
+    if family == "olmo3":
+        _olmo3_config(reader, path, arch, config)
     scaling = _value(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         config["rope_scaling"] = _rope_scaling(reader, arch, path, scaling)
@@ -310,6 +319,29 @@ def _gemma_config(reader, arch, family, config, d_model, n_heads):
         if _value(reader, f"{arch}.rope.freq_base") is None:
             config["rope_theta"] = 1e6
         config.update(rope_local_base_freq=10000.0, sliding_window_pattern=6)
+
+
+def _olmo3_config(reader, path, arch, config):
+    """OLMo 3's window and its layers: llama.cpp's pattern is one flag per layer (True:
+    sliding), or a period p whose last layer of every p is full (4 when absent)."""
+    config["sliding_window"] = int(_value(reader, f"{arch}.attention.sliding_window"))
+    n_layers = config["num_hidden_layers"]
+    pattern = _value(reader, f"{arch}.attention.sliding_window_pattern", 4)
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != n_layers:
+            raise ValueError(f"checkpoint {path}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                             f"entries for {n_layers} layers")
+        sliding = [bool(v) for v in pattern]
+    else:
+        period = int(pattern)
+        if period < 1:
+            raise ValueError(f"checkpoint {path}: {arch}.attention.sliding_window_pattern {period} must be >= 1")
+        sliding = [i % period < period - 1 for i in range(n_layers)]
+    config["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    local = _value(reader, f"{arch}.rope.freq_base_swa")
+    if local is not None and float(local) != config["rope_theta"]:
+        raise ValueError(f"checkpoint {path}: {arch}.rope.freq_base_swa {local} other than rope.freq_base is not "
+                         "supported (OLMo 3's sliding layers rotate with the full layers' theta)")
 
 
 def _phi3_config(reader, path, config, names):
