@@ -1,4 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J, OLMo 2 and 3 and GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J, OLMo 2 and 3, OPT, GPT-Neo and
+GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -93,6 +94,11 @@ CONFIGS = {
     # the pad token (1) one the prompts use
     "opt_relu": ("opt", dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, ffn_dim=40,
                              vocab_size=91, max_position_embeddings=64, pad_token_id=1)),
+    # GPT-Neo: separate q, k, v without biases, unscaled scores, "local" layers with a
+    # window of 4 (the second and third) between "global" ones
+    "neo_local": ("gpt_neo", dict(hidden_size=48, num_heads=4, num_layers=4, vocab_size=89,
+                                  max_position_embeddings=64, window_size=4,
+                                  attention_types=[[["global", "local"], 1], [["local", "global"], 1]])),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -111,7 +117,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
             "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
-            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
+            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -204,6 +210,7 @@ def tl_from_hf(hf, family):
                                                                  convert_mistral_weights, convert_neox_weights,
                                                                  convert_gptj_weights, convert_phi3_weights,
                                                                  convert_opt_weights, convert_phi_weights,
+                                                                 convert_neo_weights,
                                                                  convert_qwen2_weights)
     from transformer_lens.pretrained.weight_conversions.qwen3 import convert_qwen3_weights
     c = hf.config
@@ -223,6 +230,15 @@ def tl_from_hf(hf, family):
                                       normalization_type="LN", positional_embedding_type="standard",
                                       original_architecture="OPTForCausalLM", dtype=torch.float32, device="cpu")
         return _tl_loaded(HookedTransformer(cfg), convert_opt_weights(hf, cfg))
+    if family == "gpt_neo":
+        cfg = HookedTransformerConfig(d_model=c.hidden_size, n_heads=c.num_heads, d_head=c.hidden_size // c.num_heads,
+                                      d_mlp=c.intermediate_size or 4 * c.hidden_size, n_layers=c.num_layers,
+                                      n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
+                                      act_fn=c.activation_function, eps=c.layer_norm_epsilon, normalization_type="LN",
+                                      positional_embedding_type="standard", use_attn_scale=False,
+                                      use_local_attn=True, window_size=c.window_size, attn_types=c.attention_layers,
+                                      original_architecture="GPTNeoForCausalLM", dtype=torch.float32, device="cpu")
+        return _tl_loaded(HookedTransformer(cfg), convert_neo_weights(hf, cfg))
     common = dict(d_model=c.hidden_size, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
                   n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, d_vocab=c.vocab_size,
                   act_fn=c.hidden_activation if family in ("gemma2", "gemma3_text") else c.hidden_act, positional_embedding_type="rotary", rotary_adjacent_pairs=False,
@@ -325,7 +341,7 @@ def test_half_precision_sharded_checkpoint(tmp_path, dtype, name):
 def test_absent_sites_are_refused_by_name(pair):
     name, hf, model = pair
     family = CONFIGS[name][0]
-    if family != "opt":  # (OPT's positions are learned)
+    if family not in ("opt", "gpt_neo"):  # (their positions are learned)
         with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
             model.run([[1, 2]], cache="hook_pos_embed")
     if family.startswith("olmo"):
@@ -453,6 +469,24 @@ def test_unsupported_opt_config_is_refused_by_name(change, match):
         ms.Model.from_config(cfg)
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(attention_types=[[["global", "sparse"], 2]]), "kinds other than 'global' and 'local'.*'sparse'"),
+    (dict(attention_types=[[["global", "local"], 1]]), "attention_types gives 2 layers for num_layers=4"),
+    (dict(attention_types=[["global", 4]]), "attention_types must be a list of \\[kinds, repeats\\] pairs"),
+    (dict(attention_types=[[["global"], "4"]]), "attention_types must be a list of \\[kinds, repeats\\] pairs"),
+    (dict(attention_types=None), "attention_types must be a list"),
+    (dict(num_heads=5), "divisible by num_heads"),
+    (dict(intermediate_size=0), "intermediate_size must be None or a positive int"),
+    (dict(window_size=0), "window_size must be a positive int"),
+    (dict(activation_function="mish"), "activation_function 'mish'"),
+])
+def test_unsupported_gpt_neo_config_is_refused_by_name(change, match):
+    cfg = dict(model_type="gpt_neo", **CONFIGS["neo_local"][1])
+    cfg.update(change)
+    with pytest.raises(ValueError, match=match):
+        ms.Model.from_config(cfg)
+
+
 def test_opt_without_biases_matches_hf(tmp_path):
     """enable_bias=False: OPT's products without biases (its norms keep theirs)"""
     hf = make_hf(None, seed=4, spec=("opt", dict(CONFIGS["opt_relu"][1], enable_bias=False)))
@@ -471,7 +505,8 @@ PATCH_FUNCTIONS = ["resid_pre", "resid_mid", "mlp_out", "attn_head_k_by_pos", "a
 
 
 @pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
-                                  "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "neox_parallel", "opt_relu"])
+                                  "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "neox_parallel", "opt_relu",
+                                  "neo_local"])
 def test_patching_matches_transformer_lens(name, tmp_path):
     from transformer_lens import patching as tl_patching
     hf = make_hf(name, seed=3)
@@ -612,16 +647,19 @@ def test_attention_interventions_keep_the_sliding_window(tmp_path):
     np.testing.assert_allclose(inside, want.numpy(), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied"])
+@pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied",
+                                  "neo_local"])
 def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
     """Prompts of up to 100 tokens through windows of 37 (every layer for Mistral, the
     sliding layers for Gemma 2 and 3): windows that start past key 32 (the scores'
     kernel skips whole blocks of 32 keys), groups of four queries whose windows start
     at different keys, left and right padding; HF's logits and hidden states, a model
     whose context is its max_position_embeddings; and greedy generation from a prompt
-    of 30 to 60 tokens, past the window in the cached steps"""
+    of 30 to 60 tokens, past the window in the cached steps (GPT-Neo: its local layers,
+    window_size)"""
     family, kw = CONFIGS[name]
-    hf = make_hf(None, seed=6, spec=(family, dict(kw, sliding_window=37, max_position_embeddings=128,
+    window = {"window_size" if family == "gpt_neo" else "sliding_window": 37}
+    hf = make_hf(None, seed=6, spec=(family, dict(kw, **window, max_position_embeddings=128,
                                                   **({"original_max_position_embeddings": 128}
                                                      if family == "phi3" else {}))))
     hf.save_pretrained(tmp_path)

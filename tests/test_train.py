@@ -199,6 +199,9 @@ def _hf_logits(path, ids):
     # OPT: the positions' table two rows longer than the core's, q, k and v separate
     dict(model_type="opt", hidden_size=32, ffn_dim=40, num_hidden_layers=2, num_attention_heads=4, vocab_size=17,
          max_position_embeddings=16),
+    # GPT-Neo: q, k and v separate without biases, its layer kinds and window in the config
+    dict(model_type="gpt_neo", hidden_size=32, num_layers=2, num_heads=4, vocab_size=17, max_position_embeddings=16,
+         window_size=3, attention_types=[[["global", "local"], 1]]),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

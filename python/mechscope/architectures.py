@@ -20,8 +20,10 @@ GPT-J (Phi's block, rotating adjacent pairs), OLMo 2 (Llama's block with its nor
 after the attention and the MLP instead of before, and query and key norms over all
 heads), OLMo 3 (OLMo 2's block, three sliding-window layers in four, rotating with
 unscaled angles), OLMoE (Llama's block with OLMo 2's query and key norms and a mixture
-of experts routed as Qwen3-MoE's) and OPT (GPT-2's block with a ReLU MLP, separate q, k
-and v, and learned positions whose table starts two rows later).
+of experts routed as Qwen3-MoE's), OPT (GPT-2's block with a ReLU MLP, separate q, k
+and v, and learned positions whose table starts two rows later) and GPT-Neo / TinyStories
+(GPT-2's block with separate q, k and v without biases, unscaled attention scores, and
+sliding-window attention in its "local" layers).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -44,7 +46,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qw
                "gemma3_text", "phi3", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
-FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt")
+FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo")
 
 _GPT2_DEFAULTS = {
     "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -75,6 +77,11 @@ _OPT_DEFAULTS = {
     "word_embed_proj_dim": None, "num_attention_heads": 12, "activation_function": "relu", "pad_token_id": 1,
     "enable_bias": True, "layer_norm_elementwise_affine": True, "tie_word_embeddings": True,
 }
+_NEO_DEFAULTS = {
+    "vocab_size": 50257, "max_position_embeddings": 2048, "hidden_size": 2048, "num_layers": 24,
+    "attention_types": [[["global", "local"], 12]], "num_heads": 16, "intermediate_size": None, "window_size": 256,
+    "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
+}
 _NEOX_DEFAULTS = {
     "vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
     "intermediate_size": 24576, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
@@ -88,7 +95,7 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi",
-            "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt"}
+            "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "GPTNeoForCausalLM": "gpt_neo"}
 
 
 def _positive_int(cfg, key):
@@ -271,6 +278,8 @@ def normalize(config):
         return _gptj(config)
     if family == "opt":
         return _opt(config)
+    if family == "gpt_neo":
+        return _gpt_neo(config)
     return _neox(config)
 
 
@@ -569,6 +578,53 @@ def _opt(config):
     if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < cfg["vocab_size"]:
         arch["padding_idx"] = pad  # nn.Embedding(padding_idx=pad_token_id), as Llama's
     return cfg, arch
+
+
+def _gpt_neo(config):
+    """GPT-Neo (and the TinyStories models): GPT-2's pre-norm block with nn.Linear
+    matrices, q, k and v separate and without biases, attention scores that are not
+    divided by sqrt(d_head), and layers of two kinds from attention_types: "global"
+    (every earlier token) and "local" (the last window_size tokens, itself included)."""
+    cfg = _filled(_NEO_DEFAULTS, config, "gpt_neo", ("vocab_size", "max_position_embeddings", "hidden_size",
+                                                     "num_layers", "num_heads", "window_size"))
+    C, H, L = cfg["hidden_size"], cfg["num_heads"], cfg["num_layers"]
+    if C % H:
+        raise ValueError(f"config: hidden_size ({C}) must be divisible by num_heads ({H})")
+    inner = cfg["intermediate_size"]
+    if inner is not None and (not isinstance(inner, int) or isinstance(inner, bool) or inner < 1):
+        raise ValueError(f"config: intermediate_size must be None or a positive int, got {inner!r}")
+    kinds = _neo_layer_kinds(cfg["attention_types"])
+    if len(kinds) != L:
+        raise ValueError(f"config: attention_types gives {len(kinds)} layers for num_layers={L}")
+    arch = dict(family="gpt_neo", n_layers=L, d_model=C, n_heads=H, n_kv_heads=H, d_head=C // H,
+                d_mlp=inner or 4 * C, d_vocab=cfg["vocab_size"], n_ctx=cfg["max_position_embeddings"],
+                ln_eps=_number(cfg, "layer_norm_epsilon"), norm=NORM_LAYER,
+                activation=_activation(cfg, "activation_function"), gated_mlp=0, parallel=0, rotary_dim=0,
+                rope_scale=1.0, scale_attn_weights=0, scale_attn_by_inverse_layer=0, linear_trans=1,
+                tied=bool(cfg.get("tie_word_embeddings", True)), qkv_bias=False, o_bias=True, mlp_bias=True)
+    if "local" in kinds:
+        arch["attn_windows"] = [cfg["window_size"] if k == "local" else 0 for k in kinds]
+    return cfg, arch
+
+
+def _neo_layer_kinds(attention_types):
+    """GPT-Neo's attention_types, [[kinds, repeats], ...] (e.g. [[["global", "local"], 12]]),
+    -> one kind per layer, as transformers expands it"""
+    kinds = []
+    try:
+        for group, repeats in attention_types:
+            if (not isinstance(group, (list, tuple)) or not isinstance(repeats, int) or isinstance(repeats, bool)
+                    or repeats < 0):
+                raise ValueError
+            kinds.extend(list(group) * repeats)
+    except (TypeError, ValueError):
+        raise ValueError(f"config: attention_types must be a list of [kinds, repeats] pairs, "
+                         f"got {attention_types!r}") from None
+    other = sorted({repr(k) for k in kinds} - {"'global'", "'local'"})
+    if other:
+        raise ValueError(f"config: attention_types: kinds other than 'global' and 'local' are not supported "
+                         f"({', '.join(other)})")
+    return kinds
 
 
 def _neox(config):
@@ -875,12 +931,22 @@ _OPT_WEIGHTS = Family(
             _same("mlp.w_out", "fc2.weight", "C F"), _same("mlp.b_out", "fc2.bias", "C", "mlp_bias")),
     head=(_same("unembed", "lm_head.weight", "V C", "untied"),))
 
+# GPT-Neo: GPT-2's table with nn.Linear matrices, q, k and v separate and without biases
+_NEO_WEIGHTS = _GPT2_WEIGHTS._replace(blocks=(
+    _same("ln1.w", "ln_1.weight", "C"), _same("ln1.b", "ln_1.bias", "C"),
+    Pair("attn.w_qkv", STACK, (("attn.attention.q_proj.weight", "C C"), ("attn.attention.k_proj.weight", "C C"),
+                               ("attn.attention.v_proj.weight", "C C"))),
+    _same("attn.w_o", "attn.attention.out_proj.weight", "C C"), _same("attn.b_o", "attn.attention.out_proj.bias", "C"),
+    _same("ln2.w", "ln_2.weight", "C"), _same("ln2.b", "ln_2.bias", "C"),
+    _same("mlp.w_in", "mlp.c_fc.weight", "F C"), _same("mlp.b_in", "mlp.c_fc.bias", "F"),
+    _same("mlp.w_out", "mlp.c_proj.weight", "C F"), _same("mlp.b_out", "mlp.c_proj.bias", "C")))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen2_moe": _QWEN2_MOE_WEIGHTS,
             "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
             "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
-            "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS}
+            "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS, "gpt_neo": _NEO_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))

