@@ -1,4 +1,5 @@
-"""Reading HuggingFace checkpoints: safetensors files, read into memory.
+"""Reading HuggingFace checkpoints: safetensors files, read into memory (PyTorch's
+pytorch_model.bin: torch_file.py).
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 ({name: {dtype, shape, data_offsets [begin, end)}} plus an optional
@@ -165,39 +166,45 @@ def read_safetensors(path, wanted=None, keep_half=False):
 
 
 def read_folder(folder, wanted=None, keep_half=False):
-    """All tensors of a checkpoint folder: model.safetensors, or shards listed in
-    model.safetensors.index.json."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    single = os.path.join(folder, "model.safetensors")
-    if is_present(index):
-        with open_regular(index) as f:
-            try:
-                weight_map = json.loads(f.read())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
-                raise ValueError(f"checkpoint {index}: not a valid index (no weight_map)") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in weight_map.items()):
-            raise ValueError(f"checkpoint {index}: weight_map must map tensor names to shard file names")
-        for shard in set(weight_map.values()):
-            parts = shard.replace("\\", "/").split("/")
-            if not shard or os.path.isabs(shard) or ".." in parts or "\0" in shard:
-                raise ValueError(f"checkpoint {index}: shard {shard!r} is not a file name inside the folder")
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            path = os.path.join(folder, shard)
-            if not is_present(path):
-                raise ValueError(f"checkpoint {folder}: shard {shard} listed in the index is missing")
-            tensors.update(read_safetensors(path, wanted, keep_half))
-        missing = [k for k in weight_map if k not in tensors and (wanted is None or wanted(k))]
-        if missing:
-            raise ValueError(f"checkpoint {folder}: tensors listed in the index are missing from their shards: {missing[:5]}")
-        return tensors
-    if is_present(single):
-        return read_safetensors(single, wanted, keep_half)
-    if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-        raise ValueError(f"checkpoint {folder}: only pytorch_model.bin found; mechscope reads safetensors "
-                         "(convert with transformers: model.save_pretrained(folder, safe_serialization=True))")
-    raise ValueError(f"checkpoint {folder}: no model.safetensors or model.safetensors.index.json")
+    """All tensors of a checkpoint folder: model.safetensors, shards listed in
+    model.safetensors.index.json, or, when the folder has no safetensors, PyTorch's
+    pytorch_model.bin or its shards (pytorch_model.bin.index.json), read without PyTorch."""
+    from .torch_file import read_pytorch_bin  # noqa: PLC0415  (it imports this module)
+    for index, single, read in (("model.safetensors.index.json", "model.safetensors", read_safetensors),
+                                ("pytorch_model.bin.index.json", "pytorch_model.bin", read_pytorch_bin)):
+        index, single = os.path.join(folder, index), os.path.join(folder, single)
+        if is_present(index):
+            return _read_shards(folder, index, read, wanted, keep_half)
+        if is_present(single):
+            return read(single, wanted, keep_half)
+    raise ValueError(f"checkpoint {folder}: no model.safetensors, pytorch_model.bin or their shards' index")
+
+
+def _read_shards(folder, index, read, wanted, keep_half):
+    """The tensors of the shards an index file lists, each read by read(path, wanted, keep_half)."""
+    with open_regular(index) as f:
+        try:
+            weight_map = json.loads(f.read())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
+            raise ValueError(f"checkpoint {index}: not a valid index (no weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"checkpoint {index}: weight_map must map tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        parts = shard.replace("\\", "/").split("/")
+        if not shard or os.path.isabs(shard) or ".." in parts or "\0" in shard:
+            raise ValueError(f"checkpoint {index}: shard {shard!r} is not a file name inside the folder")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(folder, shard)
+        if not is_present(path):
+            raise ValueError(f"checkpoint {folder}: shard {shard} listed in the index is missing")
+        tensors.update(read(path, wanted, keep_half))
+    missing = [k for k in weight_map if k not in tensors and (wanted is None or wanted(k))]
+    if missing:
+        raise ValueError(f"checkpoint {folder}: tensors listed in the index are missing from their shards: "
+                         f"{missing[:5]}")
+    return tensors
 
 
 def hub_cache_dirs():

@@ -847,16 +847,20 @@ class _TokenizersAdapter:
             if isinstance(value, str):
                 setattr(self, attr, tok.token_to_id(value))
 
+    prefix = ""  # put before every text (GPT-2's add_prefix_space: a space, as GPT2Tokenizer adds it)
+
     def encode(self, text):
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(self.prefix + text, add_special_tokens=False).ids
 
     def decode(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
 def _load_tokenizer(folder):
-    """The folder's tokenizer.json through the optional `tokenizers` package, a
-    word-level vocabulary (vocab.json holding a list of words, as the demo model's), or None."""
+    """The folder's tokenizer.json through the optional `tokenizers` package; else
+    GPT-2's byte-level BPE from vocab.json and merges.txt (as GPT-2, GPT-Neo, OPT and
+    TinyStories folders hold it), through `tokenizers` too; else a word-level vocabulary
+    (vocab.json holding a list of words, as the demo model's); else None."""
     path = os.path.join(folder, "tokenizer.json")
     if not is_present(path, "tokenizer"):
         words = os.path.join(folder, "vocab.json")
@@ -864,14 +868,56 @@ def _load_tokenizer(folder):
             with open_regular(words, "tokenizer") as f:
                 try:
                     vocab = json.load(f)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     return None
             if isinstance(vocab, list) and all(isinstance(w, str) for w in vocab):
                 from .demo import WordTokenizer  # noqa: PLC0415  (demo imports this module)
                 return WordTokenizer(vocab)
+            if isinstance(vocab, dict) and is_present(os.path.join(folder, "merges.txt"), "tokenizer"):
+                return _byte_level_bpe(folder, vocab)
         return None
     try:
         from tokenizers import Tokenizer
     except ImportError:
         return None
     return _TokenizersAdapter(Tokenizer.from_file(path), folder)
+
+
+def _tokenizer_settings(folder):
+    """tokenizer_config.json's settings updated by special_tokens_map.json's (either may be absent)"""
+    settings = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(folder, name)
+        if is_present(path, "tokenizer"):
+            settings.update(read_json_object(path, "tokenizer"))
+    return settings
+
+
+def _byte_level_bpe(folder, vocab):
+    """GPT-2's tokenizer from its two files: byte-level BPE over GPT-2's pre-tokenizing
+    pattern, as transformers' GPT2Tokenizer reads them; the special tokens the
+    tokenizer's config names (end of text, ...) kept whole where the text holds them.
+    None without the optional `tokenizers` package."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        return None
+    settings = _tokenizer_settings(folder)
+    try:
+        bpe = models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    except Exception as e:  # the library's own error for a malformed file
+        raise ValueError(f"tokenizer {folder}: vocab.json and merges.txt cannot be read as byte-level BPE "
+                         f"({e})") from None
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = [v.get("content") for v in (settings.get("added_tokens_decoder") or {}).values() if isinstance(v, dict)]
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = settings.get(key)
+        special.append(value.get("content") if isinstance(value, dict) else value)
+    special = [t for t in dict.fromkeys(special) if isinstance(t, str) and t in vocab]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    adapter = _TokenizersAdapter(tok, folder)
+    if settings.get("add_prefix_space"):  # before the whole text, whatever it starts with
+        adapter.prefix = " "
+    return adapter
