@@ -130,6 +130,30 @@ def test_name_found_via_hf_hub_cache_and_refs_main(ms, hf_models, hf_dirs, hub_e
     assert_close(model.run(tokens).logits, hf_run(hf_models["deep4_eps"], tokens)["logits"])
 
 
+def test_revision_picks_a_branch_or_commit(ms, hf_models, hf_dirs, hub_env, rng):
+    """revision=: a branch the cache has a ref for (as Pythia's training checkpoints,
+    'step1000'), or a commit hash; one it does not hold is refused with the refs it has,
+    never replaced by another snapshot"""
+    hub = hub_env / "home" / "hub"
+    fake_hub_cache(hub, "toyorg/pythia", hf_dirs["odd30_gelu_new"], revision="a" * 40)
+    repo = fake_hub_cache(hub, "toyorg/pythia", hf_dirs["deep4_eps"], revision="b" * 40)
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "step1000").write_text("b" * 40)
+    assert ms.Model.from_pretrained("toyorg/pythia").n_layers == hf_models["odd30_gelu_new"].config.n_layer
+    model = ms.Model.from_pretrained("toyorg/pythia", revision="step1000")
+    assert model.n_layers == 4
+    tokens = random_tokens(rng, 300, 1, 9)
+    assert_close(model.run(tokens).logits, hf_run(hf_models["deep4_eps"], tokens)["logits"])
+    assert ms.Model.from_pretrained("toyorg/pythia", revision="b" * 40).n_layers == 4
+    with pytest.raises(ValueError, match="'step2000' of toyorg/pythia is not in the local HuggingFace cache.*"
+                                         "its refs: main, step1000"):
+        ms.Model.from_pretrained("toyorg/pythia", revision="step2000")
+    with pytest.raises(ValueError, match="revision: expected a branch"):
+        ms.Model.from_pretrained("toyorg/pythia", revision="../../etc")
+    with pytest.raises(ValueError, match="which is not a model name"):
+        ms.Model.from_pretrained(hf_dirs["deep4_eps"], revision="main")
+
+
 def test_path_wins_over_name(ms, hf_dirs, hub_env, monkeypatch):
     """An existing folder is loaded as a folder even if it could be a repo id."""
     monkeypatch.chdir(hub_env)

@@ -221,21 +221,34 @@ def hub_cache_dirs():
     return dirs
 
 
-def find_in_hub_cache(name, revision="main"):
-    """The snapshot folder of model `name` ('gpt2', 'org/model') in a local hub cache, or None."""
+def find_in_hub_cache(name, revision=None):
+    """The snapshot folder of model `name` ('gpt2', 'org/model') in a local hub cache, or None.
+
+    revision: None for the main branch (refs/main; without it, the newest snapshot), or
+    a branch or tag the cache has a ref for (Pythia's training checkpoints are branches,
+    'step1000') or a full commit hash; a revision the cache does not hold is a
+    ValueError naming the ones it does, never another snapshot."""
+    if revision is not None and (not isinstance(revision, str) or not revision or os.path.isabs(revision)
+                                 or ".." in revision.split("/") or "\0" in revision):
+        raise ValueError(f"revision: expected a branch, tag or commit hash, got {revision!r}")
     for cache in hub_cache_dirs():
         repo = os.path.join(cache, "models--" + name.replace("/", "--"))
         snapshots = os.path.join(repo, "snapshots")
         if not os.path.isdir(snapshots):
             continue
-        ref = os.path.join(repo, "refs", revision)
-        if os.path.exists(ref):
+        ref = os.path.join(repo, "refs", revision or "main")
+        if os.path.isfile(ref):
             with open(ref) as f:
                 candidate = os.path.join(snapshots, f.read().strip())
             if os.path.isdir(candidate):
                 return candidate
-        if os.path.isdir(os.path.join(snapshots, revision)):
-            return os.path.join(snapshots, revision)
+        if revision is not None:
+            if os.path.isdir(os.path.join(snapshots, revision)) and os.path.basename(revision) == revision:
+                return os.path.join(snapshots, revision)
+            refs = os.path.join(repo, "refs")
+            held = sorted(os.listdir(refs)) if os.path.isdir(refs) else []
+            raise ValueError(f"revision: {revision!r} of {name} is not in the local HuggingFace cache ({repo}; "
+                             f"its refs: {', '.join(held) or 'none'}; mechscope never downloads)")
         found = sorted((os.path.getmtime(os.path.join(snapshots, d)), d) for d in os.listdir(snapshots))
         if found:
             return os.path.join(snapshots, found[-1][1])

@@ -272,7 +272,7 @@ class Model:
     # ---- construction --------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto"):
+    def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto", revision=None):
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
         model.safetensors.index.json, or pytorch_model.bin and its shards, read without
         PyTorch; GPT-2, Llama / Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE,
@@ -291,11 +291,19 @@ class Model:
         float32 inside each matrix product, one panel at a time; results equal those
         of the float32 model to rounding. "float32" widens everything at load (twice
         the memory; the products skip the widening). Norms and biases are float32
-        always; everything is computed in float32."""
+        always; everything is computed in float32.
+
+        revision: for a model name, which snapshot of the local HuggingFace cache: a
+        branch or tag (Pythia's training checkpoints, "step1000") or a commit hash; None
+        for the main branch. One the cache does not hold is refused, never replaced."""
         dtype = _check_load_dtype(dtype)
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path: expected a path or a model name, got {type(name_or_path).__name__}")
         folder = os.fspath(name_or_path)
+        if revision is not None and (os.path.isdir(folder) or folder.endswith(".gguf")
+                                     or folder.lower() in ("smollm2", "smollm2-135m-instruct")):
+            raise ValueError(f"revision: {revision!r} given for {folder}, which is not a model name "
+                             "(a revision picks a snapshot of a model in the local HuggingFace cache)")
         if folder.lower() in ("smollm2", "smollm2-135m-instruct"):
             path = gguf_file.smollm2_path()
             if path is None:
@@ -309,7 +317,7 @@ class Model:
             return cls(config, arrays, tokenizer=tokenizer if tokenizer is not None else file_tokenizer,
                        dtype=dtype, _consume=True)
         if not os.path.isdir(folder):
-            found = find_in_hub_cache(folder) if not os.path.isabs(folder) else None
+            found = find_in_hub_cache(folder, revision) if not os.path.isabs(folder) else None
             if found is None:
                 raise ValueError(f"name_or_path: {folder!r} is neither a folder nor a model in the "
                                  "local HuggingFace cache (mechscope never downloads)")
