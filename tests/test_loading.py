@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import transformers
 
-from conftest import CONFIGS, assert_close, hf_run, make_hf_model, random_tokens, save_hf
+from conftest import CONFIGS, assert_close, hf_run, random_tokens
 
 CFG = CONFIGS["odd30_gelu_new"]  # vocab 97, n_ctx 40, bos/eos = 96
 
