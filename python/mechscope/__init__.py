@@ -41,6 +41,7 @@ from . import steering  # noqa: E402  (ms.steering.vector, ms.steering.sweep)
 from . import correctness  # noqa: E402  (ms.correctness.counterfactual_simulation, ...)
 from . import experts  # noqa: E402  (ms.experts.routing, ms.experts.ablate, ms.experts.interaction)
 from . import sae  # noqa: E402  (ms.sae.SAE, ms.sae.features, ms.sae.attribution, ...)
+from . import weights  # noqa: E402  (ms.weights.get, ms.weights.composition_scores)
 
 __version__ = "0.1.0"
 

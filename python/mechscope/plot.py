@@ -12,10 +12,12 @@
 
     run = model.run(tokens, cache="blocks.1.attn.hook_pattern")
     fig = ms.plot.attention(run.cache["blocks.1.attn.hook_pattern"][0], tokens=model.to_str_tokens(tokens[0]))
+
+    fig = ms.plot.composition(ms.weights.composition_scores(model, "K"))
 """
 import numpy as np
 
-__all__ = ["attention", "components", "heatmap", "trace"]
+__all__ = ["attention", "components", "composition", "heatmap", "trace"]
 
 # the axes of each sweep's result, in TransformerLens's order
 LAYOUTS = {
@@ -159,6 +161,26 @@ def attention(pattern, tokens=None, heads=None, title=None, cmap="Blues", ncols=
     ticks = [f"{t}|{i}" for i, t in enumerate(tokens)] if tokens is not None else None
     panels = [(f"head {h}", values[h], "destination", "source", ticks) for h in heads]
     return _figure(panels, 0.0, 1.0, cmap, ncols, "attention", title, ax, "plot of these heads")
+
+
+def composition(scores, title=None, cmap="Blues", ax=None):
+    """Composition scores between heads (mechscope.weights.composition_scores,
+    [layer, head, layer, head]) as one map: the writing head L{l}H{h} down, the
+    reading head across, both in layer order. Returns the matplotlib Figure."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 4 or scores.shape[:2] != scores.shape[2:]:
+        raise ValueError(f"scores: expected [layer, head, layer, head], got shape {list(scores.shape)}")
+    L, H = scores.shape[:2]
+    labels = [f"L{layer}H{head}" for layer in range(L) for head in range(H)]
+    flat = scores.reshape(L * H, L * H)
+    finite = flat[np.isfinite(flat)]
+    vmax = max(float(finite.max()), 1e-12) if finite.size else 1.0
+    panel = ("", flat, "writing head", "reading head", labels)
+    fig = _figure([panel], 0.0, vmax, cmap, 1, "composition score", title, ax, "composition map")
+    target = ax if ax is not None else fig.axes[0]
+    target.set_yticks(range(L * H))
+    target.set_yticklabels(labels, fontsize=7)
+    return fig
 
 
 def _figure(panels, vmin, vmax, cmap, ncols, colorbar_label, title, ax, what):

@@ -1,0 +1,99 @@
+"""ms.weights: TransformerLens's weight names and shapes, and composition scores, against
+TransformerLens (no weight processing) for every block kind, and the definition computed
+the slow way."""
+import numpy as np
+import pytest
+import torch
+
+import mechscope as ms
+from conftest import tl_model_from_hf
+from test_architectures import CONFIGS, make_hf, tl_from_hf
+
+torch.set_grad_enabled(False)
+
+FAMILIES = ["llama_gqa3", "gemma_gqa", "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "neox_parallel",
+            "opt_relu", "neo_local"]
+
+
+def _models(name, hf_models):
+    """(mechscope model, TransformerLens model) with the same weights"""
+    if name == "gpt2":
+        hf = hf_models["odd30_gelu_new"]
+        return ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()}), tl_model_from_hf(hf)
+    hf = make_hf(name)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    return model, tl_from_hf(hf, CONFIGS[name][0])
+
+
+@pytest.mark.parametrize("name", ["gpt2"] + FAMILIES)
+def test_weights_and_composition_scores_match_transformer_lens(name, hf_models):
+    """every name TransformerLens has, its shape and values (grouped keys and values
+    repeated per query head, Gemma's embedding scaled, zeros for absent biases), and
+    the Q-, K- and V-composition scores of every pair of heads"""
+    model, tl = _models(name, hf_models)
+    for key in ms.weights.NAMES:
+        if key == "W_pos" and model.arch["rotary_dim"] or key == "W_gate" and not model.arch["gated_mlp"]:
+            with pytest.raises(ValueError, match=key):
+                ms.weights.get(model, key)
+            continue
+        want = getattr(tl, key)
+        got = ms.weights.get(model, key)
+        assert got.shape == tuple(want.shape), key
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=key)
+    for kind in "QKV":
+        got = ms.weights.composition_scores(model, kind)
+        want = tl.all_composition_scores(kind).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0, err_msg=kind)
+        assert got[0, :, 1:].min() > 0.01  # (O(1) random weights compose a little everywhere)
+
+
+def test_composition_scores_equal_the_definition():
+    """||OV_1 M_2||_F / (||OV_1||_F ||M_2||_F) with the full d_model x d_model matrices,
+    in float64, for every pair of heads (grouped keys and values: each query head's
+    own key/value head)"""
+    hf = make_hf("llama_gqa3", seed=3)
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    W = {k: ms.weights.get(model, k).astype(np.float64) for k in ("W_Q", "W_K", "W_V", "W_O")}
+    L, H = model.n_layers, model.n_heads
+    right = {"Q": lambda l, h: W["W_Q"][l, h] @ W["W_K"][l, h].T, "K": lambda l, h: W["W_K"][l, h] @ W["W_Q"][l, h].T,
+             "V": lambda l, h: W["W_V"][l, h] @ W["W_O"][l, h]}
+    fro = np.linalg.norm
+    for kind, m in right.items():
+        got = ms.weights.composition_scores(model, kind.lower())
+        want = np.zeros((L, H, L, H))
+        for l1 in range(L):
+            for h1 in range(H):
+                ov = W["W_V"][l1, h1] @ W["W_O"][l1, h1]
+                for l2 in range(l1 + 1, L):
+                    for h2 in range(H):
+                        want[l1, h1, l2, h2] = fro(ov @ m(l2, h2)) / (fro(ov) * fro(m(l2, h2)))
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg=kind)
+
+
+def test_bad_requests_are_refused_by_name():
+    hf = make_hf("llama_gqa3")
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    with pytest.raises(ValueError, match="name: expected one of W_E.*got 'W_QK'"):
+        ms.weights.get(model, "W_QK")
+    with pytest.raises(ValueError, match="W_pos exists only in models with learned positions"):
+        ms.weights.get(model, "W_pos")
+    with pytest.raises(ValueError, match="kind: expected 'Q', 'K' or 'V', got 'O'"):
+        ms.weights.composition_scores(model, "O")
+    moe = ms.Model.from_config(dict(model_type="mixtral", hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, vocab_size=11,
+                                    num_local_experts=3, num_experts_per_tok=2, max_position_embeddings=8))
+    with pytest.raises(ValueError, match="W_in of a mixture of experts"):
+        ms.weights.get(moe, "W_in")
+    assert ms.weights.get(moe, "W_Q").shape == (1, 2, 16, 8)
+
+
+def test_composition_plot(tmp_path):
+    hf = make_hf("neox_parallel")
+    model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    fig = ms.plot.composition(ms.weights.composition_scores(model, "K"), title="K-composition")
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[:4] == ["L0H0", "L0H1", "L0H2", "L1H0"] and len(labels) == model.n_layers * model.n_heads
+    fig.savefig(tmp_path / "k.png")
+    with pytest.raises(ValueError, match=r"scores: expected \[layer, head, layer, head\]"):
+        ms.plot.composition(np.zeros((2, 3, 3, 2)))
