@@ -154,6 +154,29 @@ def test_revision_picks_a_branch_or_commit(ms, hf_models, hf_dirs, hub_env, rng)
         ms.Model.from_pretrained(hf_dirs["deep4_eps"], revision="main")
 
 
+@pytest.mark.parametrize("asked, cached", [
+    ("gpt2-small", "openai-community/gpt2"), ("gpt2-xl", "openai-community/gpt2-xl"),
+    ("pythia-70m-deduped", "EleutherAI/pythia-70m-deduped"), ("tiny-stories-33M", "roneneldan/TinyStories-33M"),
+    ("tiny-stories-2L-33M", "roneneldan/TinyStories-2Layers-33M"),
+    ("tiny-stories-instruct-1L-21M", "roneneldan/TinyStories-Instruct-1Layer-21M"),
+    ("opt-125m", "facebook/opt-125m"), ("gpt-neo-125M", "EleutherAI/gpt-neo-125m"),  # cached in lower case
+    ("distilgpt2", "distilbert/distilgpt2"),
+])
+def test_short_and_legacy_names_find_the_cached_repository(ms, hf_dirs, hub_env, asked, cached):
+    """TransformerLens's short names and the classic names HuggingFace now keeps under
+    organisations find the repository in the cache, whatever case the cache spells it in"""
+    fake_hub_cache(hub_env / "home" / "hub", cached, hf_dirs["deep4_eps"])
+    assert ms.Model.from_pretrained(asked).n_layers == 4
+
+
+def test_a_name_not_in_the_cache_names_where_it_looked(ms, hub_env):
+    with pytest.raises(ValueError, match="looked for pythia-160m, EleutherAI/pythia-160m"):
+        ms.Model.from_pretrained("pythia-160m")
+    with pytest.raises(ValueError, match="'nobody/nothing' is neither a folder nor a model in the local "
+                                         "HuggingFace cache \\(mechscope never downloads"):
+        ms.Model.from_pretrained("nobody/nothing")
+
+
 def test_path_wins_over_name(ms, hf_dirs, hub_env, monkeypatch):
     """An existing folder is loaded as a folder even if it could be a repo id."""
     monkeypatch.chdir(hub_env)

@@ -14,6 +14,7 @@ processes that load the same file.
 import json
 import math
 import os
+import re
 import stat
 
 import numpy as np
@@ -221,8 +222,49 @@ def hub_cache_dirs():
     return dirs
 
 
+def hub_names(name):
+    """The repository names a model may be cached under, `name` first: the names
+    HuggingFace gives the classic GPT-2 models under their organisations (gpt2 ->
+    openai-community/gpt2), and TransformerLens's short names of the models mechscope
+    runs (gpt2-small, pythia-70m, tiny-stories-33M, tiny-stories-2L-33M, opt-125m,
+    gpt-neo-125M, gpt-j-6B)."""
+    names = [name]
+    base = {"gpt2-small": "gpt2"}.get(name, name)
+    if base in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        names += [base, "openai-community/" + base]
+    elif base == "distilgpt2":
+        names.append("distilbert/distilgpt2")
+    elif re.fullmatch(r"pythia-[0-9.]+[mb](-deduped)?(-v0)?", base):
+        names.append("EleutherAI/" + base)
+    elif re.fullmatch(r"opt-[0-9.]+[mb]", base):
+        names.append("facebook/" + base)
+    elif re.fullmatch(r"gpt-neo-[0-9.]+[MB]|gpt-j-6B", base):
+        names.append("EleutherAI/" + base)
+    else:
+        m = re.fullmatch(r"tiny-stories-(instruct-)?(?:([12])L-)?([0-9]+M)", base)
+        if m:
+            layers = {"1": "1Layer-", "2": "2Layers-"}.get(m.group(2), "")
+            names.append(f"roneneldan/TinyStories-{'Instruct-' if m.group(1) else ''}{layers}{m.group(3)}")
+    return list(dict.fromkeys(names))
+
+
+def _repo_folder(cache, name):
+    """The cache's folder of repository `name`, its case as the cache spells it (a
+    repository downloaded as EleutherAI/gpt-neo-125m is found as gpt-neo-125M too)."""
+    folder = "models--" + name.replace("/", "--")
+    if os.path.isdir(os.path.join(cache, folder)):
+        return os.path.join(cache, folder)
+    try:
+        entries = os.listdir(cache)
+    except OSError:
+        return None
+    same = [e for e in entries if e.lower() == folder.lower()]
+    return os.path.join(cache, same[0]) if len(same) == 1 else None
+
+
 def find_in_hub_cache(name, revision=None):
-    """The snapshot folder of model `name` ('gpt2', 'org/model') in a local hub cache, or None.
+    """The snapshot folder of model `name` ('gpt2', 'org/model', or a name of hub_names)
+    in a local hub cache, or None.
 
     revision: None for the main branch (refs/main; without it, the newest snapshot), or
     a branch or tag the cache has a ref for (Pythia's training checkpoints are branches,
@@ -231,10 +273,10 @@ def find_in_hub_cache(name, revision=None):
     if revision is not None and (not isinstance(revision, str) or not revision or os.path.isabs(revision)
                                  or ".." in revision.split("/") or "\0" in revision):
         raise ValueError(f"revision: expected a branch, tag or commit hash, got {revision!r}")
-    for cache in hub_cache_dirs():
-        repo = os.path.join(cache, "models--" + name.replace("/", "--"))
-        snapshots = os.path.join(repo, "snapshots")
-        if not os.path.isdir(snapshots):
+    for cache, repo_name in ((c, n) for n in hub_names(name) for c in hub_cache_dirs()):
+        repo = _repo_folder(cache, repo_name)
+        snapshots = os.path.join(repo or "", "snapshots")
+        if repo is None or not os.path.isdir(snapshots):
             continue
         ref = os.path.join(repo, "refs", revision or "main")
         if os.path.isfile(ref):
@@ -247,7 +289,7 @@ def find_in_hub_cache(name, revision=None):
                 return os.path.join(snapshots, revision)
             refs = os.path.join(repo, "refs")
             held = sorted(os.listdir(refs)) if os.path.isdir(refs) else []
-            raise ValueError(f"revision: {revision!r} of {name} is not in the local HuggingFace cache ({repo}; "
+            raise ValueError(f"revision: {revision!r} of {repo_name} is not in the local HuggingFace cache ({repo}; "
                              f"its refs: {', '.join(held) or 'none'}; mechscope never downloads)")
         found = sorted((os.path.getmtime(os.path.join(snapshots, d)), d) for d in os.listdir(snapshots))
         if found:

@@ -9,7 +9,7 @@ import numpy as np
 from . import _dtypes, architectures, gguf_file, sites
 from ._progress import progress_bar
 from ._runtime import _core, format_bytes, get_memory_budget
-from .checkpoint import find_in_hub_cache, is_present, open_regular, read_folder, read_json_object
+from .checkpoint import find_in_hub_cache, hub_names, is_present, open_regular, read_folder, read_json_object
 from .tokens import Tokens
 from .interventions import _CACHE, _CALLBACK, Intervention, Source, cache_action, place_rows
 
@@ -319,8 +319,10 @@ class Model:
         if not os.path.isdir(folder):
             found = find_in_hub_cache(folder, revision) if not os.path.isabs(folder) else None
             if found is None:
+                tried = hub_names(folder)
+                also = f" (looked for {', '.join(tried)})" if len(tried) > 1 else ""
                 raise ValueError(f"name_or_path: {folder!r} is neither a folder nor a model in the "
-                                 "local HuggingFace cache (mechscope never downloads)")
+                                 f"local HuggingFace cache{also} (mechscope never downloads)")
             folder = found
         config_path = os.path.join(folder, "config.json")
         if not is_present(config_path):
