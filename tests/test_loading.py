@@ -158,7 +158,8 @@ def test_revision_picks_a_branch_or_commit(ms, hf_models, hf_dirs, hub_env, rng)
     ("gpt2-small", "openai-community/gpt2"), ("gpt2-xl", "openai-community/gpt2-xl"),
     ("pythia-70m-deduped", "EleutherAI/pythia-70m-deduped"), ("tiny-stories-33M", "roneneldan/TinyStories-33M"),
     ("tiny-stories-2L-33M", "roneneldan/TinyStories-2Layers-33M"),
-    ("tiny-stories-instruct-1L-21M", "roneneldan/TinyStories-Instruct-1Layer-21M"),
+    ("tiny-stories-instruct-1L-21M", "roneneldan/TinyStories-Instuct-1Layer-21M"),  # (its spelling)
+    ("tiny-stories-instruct-2L-33M", "roneneldan/TinyStories-Instruct-2Layers-33M"),
     ("opt-125m", "facebook/opt-125m"), ("gpt-neo-125M", "EleutherAI/gpt-neo-125m"),  # cached in lower case
     ("distilgpt2", "distilbert/distilgpt2"),
 ])

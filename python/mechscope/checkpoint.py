@@ -244,7 +244,10 @@ def hub_names(name):
         m = re.fullmatch(r"tiny-stories-(instruct-)?(?:([12])L-)?([0-9]+M)", base)
         if m:
             layers = {"1": "1Layer-", "2": "2Layers-"}.get(m.group(2), "")
-            names.append(f"roneneldan/TinyStories-{'Instruct-' if m.group(1) else ''}{layers}{m.group(3)}")
+            instruct = "Instruct-" if m.group(1) else ""
+            if instruct and m.group(2) == "1":
+                instruct = "Instuct-"  # (the repository's own spelling)
+            names.append(f"roneneldan/TinyStories-{instruct}{layers}{m.group(3)}")
     return list(dict.fromkeys(names))
 
 
