@@ -1,5 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J, OLMo 2 and 3, OPT, GPT-Neo and
-GPT-NeoX: the forward pass and every site against
+"""Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J, OLMo 2 and 3, OPT, GPT-Neo,
+GPT-BigCode and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -99,6 +99,8 @@ CONFIGS = {
     "neo_local": ("gpt_neo", dict(hidden_size=48, num_heads=4, num_layers=4, vocab_size=89,
                                   max_position_embeddings=64, window_size=4,
                                   attention_types=[[["global", "local"], 1], [["local", "global"], 1]])),
+    # GPT-BigCode: GPT-2's block with nn.Linear matrices and one key/value head (multi-query)
+    "bigcode_mq": ("gpt_bigcode", dict(n_embd=48, n_head=4, n_layer=2, n_inner=40, vocab_size=93, n_positions=64)),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -117,7 +119,8 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
             "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
-            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM")}
+            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
+            "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -294,7 +297,9 @@ def _tl_loaded(tl, state_dict):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo 2
-TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling") and not fam.startswith("olmo"))
+# TransformerLens has no GPT-BigCode either
+TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items()
+                    if not kw.get("rope_scaling") and not fam.startswith("olmo") and fam != "gpt_bigcode")
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)
@@ -341,7 +346,7 @@ def test_half_precision_sharded_checkpoint(tmp_path, dtype, name):
 def test_absent_sites_are_refused_by_name(pair):
     name, hf, model = pair
     family = CONFIGS[name][0]
-    if family not in ("opt", "gpt_neo"):  # (their positions are learned)
+    if family not in ("opt", "gpt_neo", "gpt_bigcode"):  # (their positions are learned)
         with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
             model.run([[1, 2]], cache="hook_pos_embed")
     if family.startswith("olmo"):
@@ -482,6 +487,19 @@ def test_unsupported_opt_config_is_refused_by_name(change, match):
 ])
 def test_unsupported_gpt_neo_config_is_refused_by_name(change, match):
     cfg = dict(model_type="gpt_neo", **CONFIGS["neo_local"][1])
+    cfg.update(change)
+    with pytest.raises(ValueError, match=match):
+        ms.Model.from_config(cfg)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(multi_query=False), "multi_query=False is not supported"),
+    (dict(add_cross_attention=True), "cross-attention"),
+    (dict(n_head=5), "divisible by n_head"),
+    (dict(n_inner=-1), "n_inner must be None or a positive int"),
+])
+def test_unsupported_gpt_bigcode_config_is_refused_by_name(change, match):
+    cfg = dict(model_type="gpt_bigcode", **CONFIGS["bigcode_mq"][1])
     cfg.update(change)
     with pytest.raises(ValueError, match=match):
         ms.Model.from_config(cfg)

@@ -440,6 +440,8 @@ _NEO = {"hook_attn_out": ("attn", "out"), "attn.hook_z": ("attn.attention.out_pr
         "attn.hook_v": ("attn.attention.v_proj", "out"), "mlp.hook_pre": ("mlp.c_fc", "out"),
         "mlp.hook_post": ("mlp.c_proj", "in"), "hook_mlp_out": ("mlp", "out"), "ln1.hook_normalized": ("ln_1", "out"),
         "ln2.hook_normalized": ("ln_2", "out"), "hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
+# GPT-BigCode: GPT-2's names, q|k|v one product (c_attn) whose k and v are one head each
+_BIGCODE = dict(_NEO, **{"attn.qkv": ("attn.c_attn", "out"), "attn.hook_z": ("attn.c_proj", "in")})
 SHARED_NORM = ("phi", "gptj")  # one norm read by the attention and the MLP: ln1's and ln2's sites are its output
 _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense", "in"),
          "attn.qkv": ("attention.query_key_value", "out"), "mlp.hook_pre": ("mlp.dense_h_to_4h", "out"),
@@ -451,16 +453,17 @@ _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense
 def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     """As hf_gradients, for the Llama family, GPT-NeoX, Phi, GPT-J, OPT and GPT-Neo."""
     neox = family == "gpt_neox"
-    base = (hf.gpt_neox if neox else hf.transformer if family in ("gptj", "gpt_neo") else hf.model.decoder
+    gpt2_like = ("gptj", "gpt_neo", "gpt_bigcode")
+    base = (hf.gpt_neox if neox else hf.transformer if family in gpt2_like else hf.model.decoder
             if family == "opt" else hf.model)
-    table = (_OPT if family == "opt" else _NEO if family == "gpt_neo" else _NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text")
+    table = (_OPT if family == "opt" else _NEO if family == "gpt_neo" else _BIGCODE if family == "gpt_bigcode" else _NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text")
              else _PHI3 if family == "phi3" else _PHI if family == "phi" else _GPTJ if family == "gptj"
              else _OLMO2 if family.startswith("olmo") else _LLAMA)
-    layers = base.h if family in ("gptj", "gpt_neo") else base.layers
+    layers = base.h if family in gpt2_like else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
         fused.update({"mlp.hook_pre": "mlp.gate_up", "mlp.hook_pre_linear": "mlp.gate_up"})
-    elif not neox:
+    elif not neox and family != "gpt_bigcode":
         fused = {}
     deltas, handles = {}, []
 
@@ -482,11 +485,10 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
 
     for name in site_names:
         if name == "hook_embed":
-            attach(name, base.embed_in if neox else base.wte if family in ("gptj", "gpt_neo") else base.embed_tokens,
-                   "out")
+            attach(name, base.embed_in if neox else base.wte if family in gpt2_like else base.embed_tokens, "out")
         elif name == "ln_final.hook_normalized":
             final = {"gpt_neox": "final_layer_norm", "phi": "final_layernorm", "gptj": "ln_f",
-                     "opt": "final_layer_norm", "gpt_neo": "ln_f"}.get(family, "norm")
+                     "opt": "final_layer_norm", "gpt_neo": "ln_f", "gpt_bigcode": "ln_f"}.get(family, "norm")
             attach(name, getattr(base, final), "out")
         else:
             _, layer, suffix = name.split(".", 2)
@@ -524,7 +526,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
         if suffix in fused:  # Phi-3's: [q | k | v] and [gate | up] along the last axis
             g = deltas[f"blocks.{name.split('.')[1]}.{fused[suffix]}"].grad.numpy()
             if fused[suffix] == "attn.qkv":
-                QD, KD = H * dh, cfg.num_key_value_heads * dh
+                QD, KD = H * dh, (1 if family == "gpt_bigcode" else cfg.num_key_value_heads) * dh
                 g = np.split(g, [QD, QD + KD], axis=-1)["qkv".index(suffix[-1])]
                 out[name] = g.reshape(g.shape[0], g.shape[1], -1, dh)
             else:
@@ -535,7 +537,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             g = g.reshape(np.shape(tokens) + (-1,))
         if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
             g = g.reshape(g.shape[0], g.shape[1], -1, dh)
-        if family not in ("gpt_neox", "opt", "gpt_neo") + SHARED_NORM and name.endswith("hook_normalized"):
+        if family not in ("gpt_neox", "opt", "gpt_neo", "gpt_bigcode") + SHARED_NORM and name.endswith("hook_normalized"):
             # (a LayerNorm's site is after its weight and bias, as TransformerLens's)
             # RMSNorm's site is before its weight: d site = d output * w
             norm = base.norm if name.startswith("ln_final") else _module(
@@ -543,7 +545,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             g = g * (family.startswith("gemma") + norm.weight.detach().numpy())  # Gemma's: 1 + w
         out[name] = g
     params = {}
-    prefix = ("gpt_neox." if neox else "transformer." if family in ("gptj", "gpt_neo")
+    prefix = ("gpt_neox." if neox else "transformer." if family in gpt2_like
               else "model.decoder." if family == "opt" else "model.")
     for n, p in hf.named_parameters():
         if p.grad is not None:

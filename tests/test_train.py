@@ -202,6 +202,8 @@ def _hf_logits(path, ids):
     # GPT-Neo: q, k and v separate without biases, its layer kinds and window in the config
     dict(model_type="gpt_neo", hidden_size=32, num_layers=2, num_heads=4, vocab_size=17, max_position_embeddings=16,
          window_size=3, attention_types=[[["global", "local"], 1]]),
+    # GPT-BigCode: one key/value head, c_attn's rows q | k | v
+    dict(model_type="gpt_bigcode", n_embd=32, n_inner=40, n_layer=2, n_head=4, vocab_size=17, n_positions=16),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

