@@ -621,6 +621,34 @@ class Model:
             result.logits = logits_out[:B].reshape(logit_shape)
         return result
 
+    def loss(self, tokens, attention_mask=None, interventions=None, hooks=None, per_token=False):
+        """The next-token cross-entropy of one forward pass (TransformerLens's
+        return_type="loss"; HuggingFace's loss with labels = tokens and -100 at padding):
+        the mean, over the positions whose token and next token are both real, of
+        -log p(next token). per_token=True: [batch, pos - 1] instead, position t's loss
+        for token t + 1, NaN where either is padding. interventions, hooks: as run
+        (the loss of the intervened run). Computed in float64 from run's logits."""
+        tokens, mask = self._check_tokens(tokens, attention_mask)
+        B, T = tokens.shape
+        if T < 2:
+            raise ValueError(f"tokens: the loss needs rows of at least 2 positions, got {T}")
+        logits = self.run(tokens, attention_mask=mask, interventions=interventions, hooks=hooks).logits
+        losses = np.empty((B, T - 1))
+        for b in range(B):  # a row at a time: float64 logits of one row only
+            x = logits[b, :-1].astype(np.float64)
+            top = x.max(-1)
+            log_sum = top + np.log(np.exp(x - top[:, None]).sum(-1))
+            losses[b] = log_sum - x[np.arange(T - 1), tokens[b, 1:]]
+        if mask is not None:
+            real = mask.astype(bool)
+            losses[~(real[:, :-1] & real[:, 1:])] = np.nan
+        if per_token:
+            return losses
+        counted = ~np.isnan(losses)
+        if not counted.any():
+            raise ValueError("attention_mask: no row has two real tokens in a row; the loss is undefined")
+        return float(losses[counted].mean())
+
     def generate(self, tokens, max_new_tokens=20, *, do_sample=True, temperature=1.0, top_k=None, top_p=None,
                  seed=None, stop_at_eos=True, eos_token_id=None, interventions=None, attention_mask=None,
                  progress=None, use_cache=True, hooks=None):
