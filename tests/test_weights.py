@@ -25,23 +25,34 @@ def _models(name, hf_models):
     return model, tl_from_hf(hf, CONFIGS[name][0])
 
 
-@pytest.mark.parametrize("name", ["gpt2"] + FAMILIES)
-def test_weights_and_composition_scores_match_transformer_lens(name, hf_models):
+@pytest.mark.parametrize("processed", [False, True], ids=["as_loaded", "processed"])
+@pytest.mark.parametrize("name", ["gpt2"] + FAMILIES + ["gemma2_softcap", "neox_sequential"])
+def test_weights_and_composition_scores_match_transformer_lens(name, processed, hf_models):
     """every name TransformerLens has, its shape and values (grouped keys and values
     repeated per query head, Gemma's embedding scaled, zeros for absent biases), and
-    the Q-, K- and V-composition scores of every pair of heads"""
+    the Q-, K- and V-composition scores of every pair of heads; processed: against
+    TransformerLens's default processing (norms folded, writing weights and the
+    unembedding centred, value biases folded)"""
     model, tl = _models(name, hf_models)
+    if processed:
+        tl.process_weights_()
     for key in ms.weights.NAMES:
         if key == "W_pos" and model.arch["rotary_dim"] or key == "W_gate" and not model.arch["gated_mlp"]:
             with pytest.raises(ValueError, match=key):
-                ms.weights.get(model, key)
+                ms.weights.get(model, key, processed=processed)
             continue
         want = getattr(tl, key)
-        got = ms.weights.get(model, key)
+        got = ms.weights.get(model, key, processed=processed)
         assert got.shape == tuple(want.shape), key
-        np.testing.assert_array_equal(got, want.numpy(), err_msg=key)
+        if processed:  # (float64 inside, float32 in TransformerLens)
+            np.testing.assert_allclose(got, want.numpy(), atol=2e-6, rtol=1e-5, err_msg=key)
+        else:
+            np.testing.assert_array_equal(got, want.numpy(), err_msg=key)
+    if processed:
+        raw = ms.weights.get(model, "W_Q")
+        assert np.abs(ms.weights.get(model, "W_Q", processed=True) - raw).max() > 1e-2  # the norm folded in
     for kind in "QKV":
-        got = ms.weights.composition_scores(model, kind)
+        got = ms.weights.composition_scores(model, kind, processed=processed)
         want = tl.all_composition_scores(kind).numpy()
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=0, err_msg=kind)
@@ -71,6 +82,40 @@ def test_composition_scores_equal_the_definition():
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg=kind)
 
 
+def test_processed_weights_keep_the_model_s_function(small, rng):
+    """a GPT-2 run from the processed weights (LayerNorm without scale and bias, as
+    TransformerLens's LNPre) gives the same log-probabilities as the model's own run"""
+    _, _, model = small
+    W = {k: ms.weights.get(model, k, processed=True).astype(np.float64) for k in ms.weights.NAMES if k != "W_gate"}
+    tokens = rng.integers(0, model.d_vocab, (2, 7))
+    eps = model.arch["ln_eps"]
+
+    def norm(x):
+        x = x - x.mean(-1, keepdims=True)
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    x = W["W_E"][tokens] + W["W_pos"][:7]
+    T = 7
+    causal = np.tril(np.ones((T, T), bool))
+    for layer in range(model.n_layers):
+        h = norm(x)
+        q = np.einsum("btc,hcd->bhtd", h, W["W_Q"][layer]) + W["b_Q"][layer][None, :, None]
+        k = np.einsum("btc,hcd->bhtd", h, W["W_K"][layer]) + W["b_K"][layer][None, :, None]
+        v = np.einsum("btc,hcd->bhtd", h, W["W_V"][layer]) + W["b_V"][layer][None, :, None]
+        scores = np.where(causal, q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]), -np.inf)
+        pattern = np.exp(scores - scores.max(-1, keepdims=True))
+        pattern /= pattern.sum(-1, keepdims=True)
+        x = x + np.einsum("bhtd,hdc->btc", pattern @ v, W["W_O"][layer]) + W["b_O"][layer]
+        pre = norm(x) @ W["W_in"][layer] + W["b_in"][layer]
+        post = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre ** 3)))  # gelu_new
+        x = x + post @ W["W_out"][layer] + W["b_out"][layer]
+    logits = norm(x) @ W["W_U"] + W["b_U"]
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = model.run(tokens).logits.astype(np.float64)
+    want = want - np.log(np.exp(want - want.max(-1, keepdims=True)).sum(-1, keepdims=True)) - want.max(-1, keepdims=True)
+    np.testing.assert_allclose(log_probs, want, atol=2e-4, rtol=0)
+
+
 def test_bad_requests_are_refused_by_name():
     hf = make_hf("llama_gqa3")
     model = ms.Model.from_arrays(hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
@@ -86,6 +131,10 @@ def test_bad_requests_are_refused_by_name():
     with pytest.raises(ValueError, match="W_in of a mixture of experts"):
         ms.weights.get(moe, "W_in")
     assert ms.weights.get(moe, "W_Q").shape == (1, 2, 16, 8)
+    olmo = make_hf("olmo2_post_norms")
+    olmo = ms.Model.from_arrays(olmo.config, {k: v.numpy() for k, v in olmo.state_dict().items()})
+    with pytest.raises(ValueError, match="no norms before its attention"):
+        ms.weights.get(olmo, "W_Q", processed=True)
 
 
 def test_composition_plot(tmp_path):

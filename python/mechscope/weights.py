@@ -7,13 +7,14 @@ Circuits") computed from them.
     fig = ms.plot.composition(k_comp)
 
 The weights are the model's as loaded (TransformerLens with fold_ln=False,
-center_writing_weights=False, center_unembed=False): norms are not folded into the
-matrices. Every family the core runs has the same names; a model of grouped keys and
-values gives W_K and W_V per query head, as TransformerLens's W_K and W_V do.
+center_writing_weights=False, center_unembed=False), or with processed=True as
+TransformerLens's from_pretrained processes them by default. Every family the core
+runs has the same names; a model of grouped keys and values gives W_K and W_V per query
+head, as TransformerLens's W_K and W_V do.
 """
 import numpy as np
 
-from . import _dtypes
+from . import _dtypes, architectures
 
 __all__ = ["NAMES", "get", "composition_scores"]
 
@@ -99,12 +100,25 @@ def _layer_weight(model, name, layer):
     return np.zeros(a["d_model"], np.float32) if b is None else _float(b)
 
 
-def get(model, name):
+def get(model, name, processed=False):
     """One weight of every layer (or the model's one embedding, positions or
     unembedding) as a float32 array named and shaped as TransformerLens's: see NAMES.
-    A bias the model does not have is zeros, as in TransformerLens."""
+    A bias the model does not have is zeros, as in TransformerLens.
+
+    processed=True: as TransformerLens's from_pretrained gives it by default (fold_ln,
+    center_writing_weights, center_unembed, fold_value_biases): the norms' scales (and
+    LayerNorm's biases) folded into the matrices that read their output and those
+    matrices centred over d_model; with LayerNorm, the weights that write to the stream
+    centred over d_model; the unembedding centred over the vocabulary; the value biases
+    folded into b_O."""
     if name not in NAMES:
         raise ValueError(f"name: expected one of {', '.join(NAMES)}, got {name!r}")
+    if processed:
+        return _processed(model, name)
+    return _raw(model, name)
+
+
+def _raw(model, name):
     w = model._core_weights
     if name == "W_E":  # as the stream receives it: Gemma's rows times sqrt(d_model), as TransformerLens's
         scale = model.arch.get("embed_scale", 1.0)
@@ -119,6 +133,83 @@ def get(model, name):
         b = w.get("unembed.b")
         return np.zeros(model.d_vocab, np.float32) if b is None else _float(b)
     return np.stack([_layer_weight(model, name, layer) for layer in range(model.n_layers)])
+
+
+def _norm(model, which, part):
+    """A norm's scale or bias [layer, d_model] (or [d_model] for ln_final), float32; None
+    for a bias an RMSNorm does not have"""
+    w = model._core_weights
+    if which == "ln_final":
+        a = w.get(f"ln_final.{part}")
+        return None if a is None else _float(a)
+    arrays = [w.get(f"blocks.{layer}.{which}.{part}") for layer in range(model.n_layers)]
+    return None if arrays[0] is None else np.stack([_float(a) for a in arrays])
+
+
+def _processed(model, name):
+    """TransformerLens's load_and_process_state_dict with its defaults, one weight at a
+    time, from the weights as loaded (float64 inside)"""
+    a = model.arch
+    if "blocks.0.ln1.w" not in model._core_weights:
+        raise ValueError("processed: this model has no norms before its attention (OLMo 2's norms come after "
+                         "it), which TransformerLens's processing folds; use processed=False")
+    layer_norm = a["norm"] == architectures.NORM_LAYER
+    fold = not a.get("n_experts")  # TransformerLens leaves a mixture's norms unfolded
+    raw = lambda key: _raw(model, key).astype(np.float64)  # noqa: E731
+
+    def centred(x, axis):
+        return x - x.mean(axis=axis, keepdims=True)
+
+    def read_through(key, norm):  # a matrix reading the norm's output, its rows d_model
+        x = raw(key)
+        if not fold:
+            return x
+        scale = _norm(model, norm, "w")
+        x = x * (scale[:, None, :, None] if x.ndim == 4 else scale[:, :, None])
+        return centred(x, -2) if layer_norm else x
+
+    def bias_through(key, matrix, norm):  # its bias, with the norm's bias carried through
+        b = raw(key)
+        shift = _norm(model, norm, "b") if fold and layer_norm else None
+        if shift is None:
+            return b
+        m = raw(matrix)
+        return b + (np.einsum("lc,lhcd->lhd", shift, m) if m.ndim == 4 else np.einsum("lc,lcf->lf", shift, m))
+
+    writing = layer_norm  # TransformerLens centres what writes to the stream with LayerNorm only
+    if name in ("W_Q", "W_K", "W_V"):
+        out = read_through(name, "ln1")
+    elif name in ("b_Q", "b_K"):
+        out = bias_through(name, "W_" + name[-1], "ln1")
+    elif name == "b_V":  # folded into b_O
+        out = np.zeros((model.n_layers, a["n_heads"], a["d_head"]))
+    elif name == "W_O":
+        out = centred(raw("W_O"), -1) if writing else raw("W_O")
+    elif name == "b_O":
+        b = centred(raw("b_O"), -1) if writing else raw("b_O")
+        w_o = centred(raw("W_O"), -1) if writing else raw("W_O")
+        out = b + np.einsum("lhd,lhdc->lc", bias_through("b_V", "W_V", "ln1"), w_o)
+    elif name == "W_in":
+        out = read_through("W_in", "ln2")
+    elif name == "W_gate":
+        out = raw("W_gate") * _norm(model, "ln2", "w")[:, :, None] if fold else raw("W_gate")
+    elif name == "b_in":
+        out = bias_through("b_in", "W_in", "ln2")
+    elif name in ("W_out", "b_out", "W_E", "W_pos"):
+        out = centred(raw(name), -1) if writing else raw(name)
+    elif name == "W_U":
+        out = raw("W_U")
+        if fold:
+            out = out * _norm(model, "ln_final", "w")[:, None]
+            out = centred(out, 0) if layer_norm else out
+        out = centred(out, -1)
+    else:  # b_U
+        out = raw("b_U")
+        shift = _norm(model, "ln_final", "b") if fold and layer_norm else None
+        if shift is not None:
+            out = out + shift @ raw("W_U")
+        out = centred(out, -1)
+    return out.astype(np.float32)
 
 
 _RIGHT = {"Q": ("W_Q", "W_K"), "K": ("W_K", "W_Q"), "V": ("W_V", "W_O")}
@@ -136,22 +227,25 @@ def _reduced(a, b, side):
     return (a.astype(np.float64) @ np.swapaxes(r, -1, -2)).astype(np.float32)
 
 
-def composition_scores(model, kind):
+def composition_scores(model, kind, processed=False):
     """How much each head's output is read by each later head, by weights alone:
     ||OV_1 M_2||_F / (||OV_1||_F ||M_2||_F) for head 1's OV circuit (W_V W_O) and head
     2's M = W_Q W_K^T (kind "Q": head 1 writes what head 2's queries read), W_K W_Q^T
     ("K": its keys) or W_V W_O ("V": its values). Returns [layer, head, layer, head]
     float32, 0 where the second head is not in a later layer, as TransformerLens's
-    all_composition_scores(kind); rotary angles and query/key norms are not part of M."""
+    all_composition_scores(kind); rotary angles and query/key norms are not part of M.
+    processed: from the weights as get(processed=True) gives them (TransformerLens's
+    defaults: the norms folded in, the writing weights centred)."""
     kind = kind.upper() if isinstance(kind, str) else kind
     if kind not in _RIGHT:
         raise ValueError(f"kind: expected 'Q', 'K' or 'V', got {kind!r}")
     L, H, D = model.n_layers, model.n_heads, model.arch["d_head"]
     flat = lambda x: x.reshape((L * H,) + x.shape[2:])  # noqa: E731
-    left = _reduced(flat(get(model, "W_V")), flat(get(model, "W_O")), "left")      # [LH, D, C]
+    weight = lambda key: flat(get(model, key, processed))  # noqa: E731
+    left = _reduced(weight("W_V"), weight("W_O"), "left")                              # [LH, D, C]
     first, second = _RIGHT[kind]
-    b = flat(get(model, second))
-    right = _reduced(flat(get(model, first)), b if kind == "V" else np.swapaxes(b, -1, -2), "right")  # [LH, C, D]
+    b = weight(second)
+    right = _reduced(weight(first), b if kind == "V" else np.swapaxes(b, -1, -2), "right")  # [LH, C, D]
     left_norms = np.sqrt((left.astype(np.float64) ** 2).sum(axis=(1, 2)))
     right_norms = np.sqrt((right.astype(np.float64) ** 2).sum(axis=(1, 2)))
     scores = np.zeros((L, H, L, H), np.float32)
