@@ -1,5 +1,5 @@
 """Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, Phi, GPT-J, OLMo 2 and 3, OPT, GPT-Neo,
-GPT-BigCode and GPT-NeoX: the forward pass and every site against
+GPT-BigCode, StableLM and GPT-NeoX: the forward pass and every site against
 transformers (fp32, eager) and TransformerLens (no weight processing), on random
 models with odd sizes saved with save_pretrained and loaded from the folder."""
 import numpy as np
@@ -101,6 +101,11 @@ CONFIGS = {
                                   attention_types=[[["global", "local"], 1], [["local", "global"], 1]])),
     # GPT-BigCode: GPT-2's block with nn.Linear matrices and one key/value head (multi-query)
     "bigcode_mq": ("gpt_bigcode", dict(n_embd=48, n_head=4, n_layer=2, n_inner=40, vocab_size=93, n_positions=64)),
+    # StableLM: Llama's block with LayerNorms, partial rotary, q/k/v biases, grouped keys and values
+    "stablelm_partial": ("stablelm", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                          num_hidden_layers=2, intermediate_size=40, vocab_size=91,
+                                          max_position_embeddings=64, use_qkv_bias=True,
+                                          partial_rotary_factor=0.5, rope_theta=500.0)),
     "neox_parallel": ("gpt_neox", dict(hidden_size=36, num_attention_heads=3, num_hidden_layers=3,
                                        intermediate_size=52, vocab_size=95, max_position_embeddings=64,
                                        rotary_pct=0.5, hidden_act="gelu")),
@@ -120,7 +125,8 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
-            "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM")}
+            "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM"),
+            "stablelm": ("StableLmConfig", "StableLmForCausalLM")}
 
 
 def make_hf(name, seed=0, spec=None):
@@ -297,9 +303,9 @@ def _tl_loaded(tl, state_dict):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo 2
-# TransformerLens has no GPT-BigCode either
-TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items()
-                    if not kw.get("rope_scaling") and not fam.startswith("olmo") and fam != "gpt_bigcode")
+# TransformerLens has no GPT-BigCode or StableLM either
+TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling")
+                    and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm"))
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)
@@ -500,6 +506,19 @@ def test_unsupported_gpt_neo_config_is_refused_by_name(change, match):
 ])
 def test_unsupported_gpt_bigcode_config_is_refused_by_name(change, match):
     cfg = dict(model_type="gpt_bigcode", **CONFIGS["bigcode_mq"][1])
+    cfg.update(change)
+    with pytest.raises(ValueError, match=match):
+        ms.Model.from_config(cfg)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(qk_layernorm=True), "qk_layernorm=True is not supported"),
+    (dict(use_parallel_residual=True), "use_parallel_residual=True is not supported"),
+    (dict(partial_rotary_factor=0.05), "gives 0 rotary dims"),
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+])
+def test_unsupported_stablelm_config_is_refused_by_name(change, match):
+    cfg = dict(model_type="stablelm", **CONFIGS["stablelm_partial"][1])
     cfg.update(change)
     with pytest.raises(ValueError, match=match):
         ms.Model.from_config(cfg)

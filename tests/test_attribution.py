@@ -451,7 +451,7 @@ def engine_slow(ms, model, tokens, cache, metric, name):
 @pytest.mark.parametrize("config", ["llama_gqa3", "llama3_rope_tied", "gemma_gqa", "gemma2_softcap",
                                     "gemma3_local_rope", "phi3_partial_tied", "phi_parallel", "gptj_adjacent",
                                     "olmo2_post_norms", "olmo3_windows_yarn", "neox_parallel", "olmoe", "opt_relu",
-                                    "qwen2_moe", "neo_local", "bigcode_mq"])
+                                    "qwen2_moe", "neo_local", "bigcode_mq", "stablelm_partial"])
 def test_rotary_grouped_and_parallel_models(ms, config, tmp_path):
     """and OLMoE (a mixture of experts, its query and key norms over all heads) and
     Qwen2-MoE (a shared expert beside the routed ones)"""

@@ -456,9 +456,9 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     gpt2_like = ("gptj", "gpt_neo", "gpt_bigcode")
     base = (hf.gpt_neox if neox else hf.transformer if family in gpt2_like else hf.model.decoder
             if family == "opt" else hf.model)
-    table = (_OPT if family == "opt" else _NEO if family == "gpt_neo" else _BIGCODE if family == "gpt_bigcode" else _NEOX if neox else _GEMMA2 if family in ("gemma2", "gemma3_text")
-             else _PHI3 if family == "phi3" else _PHI if family == "phi" else _GPTJ if family == "gptj"
-             else _OLMO2 if family.startswith("olmo") else _LLAMA)
+    table = {"opt": _OPT, "gpt_neo": _NEO, "gpt_bigcode": _BIGCODE, "gpt_neox": _NEOX, "gemma2": _GEMMA2,
+             "gemma3_text": _GEMMA2, "phi3": _PHI3, "phi": _PHI, "gptj": _GPTJ}.get(family)
+    table = table or (_OLMO2 if family.startswith("olmo") else _LLAMA)
     layers = base.h if family in gpt2_like else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
@@ -537,7 +537,8 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             g = g.reshape(np.shape(tokens) + (-1,))
         if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
             g = g.reshape(g.shape[0], g.shape[1], -1, dh)
-        if family not in ("gpt_neox", "opt", "gpt_neo", "gpt_bigcode") + SHARED_NORM and name.endswith("hook_normalized"):
+        layer_norm = ("gpt_neox", "opt", "gpt_neo", "gpt_bigcode", "stablelm") + SHARED_NORM
+        if family not in layer_norm and name.endswith("hook_normalized"):
             # (a LayerNorm's site is after its weight and bias, as TransformerLens's)
             # RMSNorm's site is before its weight: d site = d output * w
             norm = base.norm if name.startswith("ln_final") else _module(

@@ -119,7 +119,7 @@ def test_logit_attribution_adds_up_to_the_logits(gpt2, tokens):
 @pytest.mark.parametrize("name", ["llama_gqa3", "qwen2_bias", "gemma_gqa", "gemma2_softcap", "gemma3_local_rope",
                                   "phi3_partial_tied", "phi_parallel", "gptj_adjacent", "olmo2_post_norms",
                                   "olmo3_windows_yarn", "neox_parallel", "opt_relu", "neo_local",
-                                  "bigcode_mq"])
+                                  "bigcode_mq", "stablelm_partial"])
 def test_other_architectures(name, tmp_path):
     hf = make_hf(name, seed=2)
     hf.save_pretrained(tmp_path)

@@ -204,6 +204,9 @@ def _hf_logits(path, ids):
          window_size=3, attention_types=[[["global", "local"], 1]]),
     # GPT-BigCode: one key/value head, c_attn's rows q | k | v
     dict(model_type="gpt_bigcode", n_embd=32, n_inner=40, n_layer=2, n_head=4, vocab_size=17, n_positions=16),
+    # StableLM: LayerNorms with biases around a SwiGLU block, partial rotary
+    dict(model_type="stablelm", hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=2, vocab_size=17, max_position_embeddings=16, use_qkv_bias=True),
 ])
 def test_checkpoint_loads_in_transformers_and_mechscope(tmp_path, config):
     model = ms.Model.from_config(config, seed=3)

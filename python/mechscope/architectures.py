@@ -23,8 +23,8 @@ unscaled angles), OLMoE (Llama's block with OLMo 2's query and key norms and a m
 of experts routed as Qwen3-MoE's), OPT (GPT-2's block with a ReLU MLP, separate q, k
 and v, and learned positions whose table starts two rows later) and GPT-Neo / TinyStories
 (GPT-2's block with separate q, k and v without biases, unscaled attention scores, and
-sliding-window attention in its "local" layers) and GPT-BigCode (GPT-2's block with
-multi-query attention).
+sliding-window attention in its "local" layers), GPT-BigCode (GPT-2's block with
+multi-query attention) and StableLM (Llama's block with LayerNorms and partial rotary).
 Anything in a config that would change the computation in a way the core does not run
 is refused by name.
 """
@@ -47,7 +47,7 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qw
                "gemma3_text", "phi3", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
-FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode")
+FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")
 
 _GPT2_DEFAULTS = {
     "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
@@ -88,6 +88,12 @@ _BIGCODE_DEFAULTS = {
     "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
     "multi_query": True, "add_cross_attention": False, "tie_word_embeddings": True,
 }
+_STABLELM_DEFAULTS = {
+    "vocab_size": 50304, "intermediate_size": 6912, "hidden_size": 2560, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 4096,
+    "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None,
+    "use_qkv_bias": False, "qk_layernorm": False, "use_parallel_residual": False, "partial_rotary_factor": 0.25,
+}
 _NEOX_DEFAULTS = {
     "vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
     "intermediate_size": 24576, "hidden_act": "gelu", "rotary_pct": 0.25, "rotary_emb_base": 10000,
@@ -102,7 +108,7 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi",
             "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "GPTNeoForCausalLM": "gpt_neo",
-            "GPTBigCodeForCausalLM": "gpt_bigcode"}
+            "GPTBigCodeForCausalLM": "gpt_bigcode", "StableLmForCausalLM": "stablelm"}
 
 
 def _positive_int(cfg, key):
@@ -331,6 +337,8 @@ def normalize(config):
         return _gpt_neo(config)
     if family == "gpt_bigcode":
         return _bigcode(config)
+    if family == "stablelm":
+        return _stablelm(config)
     return _neox(config)
 
 
@@ -685,6 +693,41 @@ def _bigcode(config):
     return cfg, arch
 
 
+def _stablelm(config):
+    """StableLM (StableLM-2, StableLM-3B-4E1T, Zephyr): Llama's block (SwiGLU, grouped
+    keys and values) with LayerNorms (weight and bias), partial rotary over the first
+    partial_rotary_factor of each head, q/k/v biases by use_qkv_bias."""
+    cfg = _filled(_STABLELM_DEFAULTS, config, "stablelm", ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                          "num_attention_heads", "intermediate_size",
+                                                          "max_position_embeddings"))
+    if cfg["qk_layernorm"]:
+        raise ValueError("config: qk_layernorm=True is not supported (LayerNorms of each head's queries and keys)")
+    if cfg["use_parallel_residual"]:
+        raise ValueError("config: use_parallel_residual=True is not supported for stablelm")
+    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    KV = cfg["num_key_value_heads"] if cfg["num_key_value_heads"] is not None else H
+    if C % H or isinstance(KV, bool) or not isinstance(KV, int) or KV < 1 or H % KV:
+        raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H}), and "
+                         f"num_key_value_heads ({KV!r}) divide it")
+    d_head = C // H
+    factor = _number(cfg, "partial_rotary_factor")
+    rot = int(d_head * factor)
+    if rot < 2 or rot % 2:
+        raise ValueError(f"config: partial_rotary_factor {factor} gives {rot} rotary dims of {d_head}; mechscope "
+                         "needs an even number >= 2")
+    arch = dict(family="stablelm", n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=KV,
+                d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
+                n_ctx=cfg["max_position_embeddings"], ln_eps=_number(cfg, "layer_norm_eps"), norm=NORM_LAYER,
+                activation=_activation(cfg, "hidden_act"), gated_mlp=1, parallel=0, rotary_dim=rot,
+                scale_attn_weights=1, scale_attn_by_inverse_layer=0, linear_trans=1,
+                tied=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=bool(cfg["use_qkv_bias"]), o_bias=False,
+                mlp_bias=False)
+    arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(_number(cfg, "rope_theta"), rot,
+                                                                 cfg.get("rope_scaling"),
+                                                                 cfg["max_position_embeddings"])
+    return cfg, arch
+
+
 def _neo_layer_kinds(attention_types):
     """GPT-Neo's attention_types, [[kinds, repeats], ...] (e.g. [[["global", "local"], 12]]),
     -> one kind per layer, as transformers expands it"""
@@ -1025,13 +1068,19 @@ _BIGCODE_WEIGHTS = _GPT2_WEIGHTS._replace(blocks=tuple(
                                  "mlp.w_in": "F C", "mlp.w_out": "C F"}.get(p.core, p.hf[0][1])),))
     for p in _GPT2_WEIGHTS.blocks))
 
+# StableLM: Llama's table with the norms' biases
+_STABLELM_WEIGHTS = _LLAMA_WEIGHTS._replace(
+    top=_LLAMA_WEIGHTS.top + (_same("ln_final.b", "norm.bias", "C"),),
+    blocks=_LLAMA_WEIGHTS.blocks + (_same("ln1.b", "input_layernorm.bias", "C"),
+                                    _same("ln2.b", "post_attention_layernorm.bias", "C")))
+
 _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGHTS for t in LLAMA_TYPES},
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen2_moe": _QWEN2_MOE_WEIGHTS,
             "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
             "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
             "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS, "gpt_neo": _NEO_WEIGHTS,
-            "gpt_bigcode": _BIGCODE_WEIGHTS}
+            "gpt_bigcode": _BIGCODE_WEIGHTS, "stablelm": _STABLELM_WEIGHTS}
 
 # the unembeddings' HF names: kept at the top level of a state dict, outside the prefix
 HEAD_NAMES = tuple(dict.fromkeys(p.hf[0][0] for f in _WEIGHTS.values() for p in f.head if p.how != TIED))
