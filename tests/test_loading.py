@@ -249,6 +249,28 @@ def test_to_str_tokens(tok_model):
     assert tok_model.to_str_tokens("ok") == ["<bos>", "o", "k"]  # like TL: bos prepended
 
 
+def test_token_helpers_as_transformer_lens(tok_model):
+    """to_string, to_single_token and get_token_position, as TransformerLens's"""
+    assert tok_model.to_string(ids("Hi!")) == "Hi!"
+    assert tok_model.to_string(np.array([ids("ab"), ids("cd")])) == ["ab", "cd"]
+    assert tok_model.to_single_token("x") == ids("x")[0]
+    with pytest.raises(ValueError, match="'xy' is 2 tokens \\(\\['x', 'y'\\]\\), not one"):
+        tok_model.to_single_token("xy")
+    # "abcab": with the bos first, "b" at 2 and 5
+    assert tok_model.get_token_position("b", "abcab") == 2
+    assert tok_model.get_token_position("b", "abcab", mode="last") == 5
+    assert tok_model.get_token_position("b", "abcab", prepend_bos=False) == 1
+    assert tok_model.get_token_position(ids("c")[0], np.array([ids("abcab")])) == 2
+    with pytest.raises(ValueError, match="is not in the input"):
+        tok_model.get_token_position("z", "abc")
+    with pytest.raises(ValueError, match="mode: expected 'first' or 'last'"):
+        tok_model.get_token_position("a", "abc", mode="middle")
+    with pytest.raises(ValueError, match="expected one sequence"):
+        tok_model.get_token_position("a", np.zeros((2, 3), int))
+    with pytest.raises(ValueError, match="expected integer ids"):
+        tok_model.to_string(np.zeros((2, 2, 2), int))
+
+
 def test_run_text(tok_model, hf_models):
     assert tok_model.tokenizer is not None
     want = tok_model.run(tok_model.to_tokens("Hello")).logits

@@ -479,6 +479,48 @@ class Model:
             raise ValueError(f"tokens: expected one sequence, got shape {list(tokens.shape)}")
         return [tok.decode([int(t)]) for t in tokens]
 
+    def to_string(self, tokens):
+        """Tokens -> text: one string for a sequence [pos], a list for a batch [batch, pos]."""
+        tok = self._need_tokenizer()
+        tokens = np.asarray(tokens)
+        if tokens.dtype == bool or not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim not in (1, 2):
+            raise ValueError(f"tokens: expected integer ids [pos] or [batch, pos], got {tokens.dtype} "
+                             f"of shape {list(tokens.shape)}")
+        if tokens.ndim == 2:
+            return [tok.decode([int(t) for t in row]) for row in tokens]
+        return tok.decode([int(t) for t in tokens])
+
+    def to_single_token(self, string):
+        """The id of a string that is one token (" Mary"); a ValueError naming its
+        tokens if it is several."""
+        if not isinstance(string, str):
+            raise TypeError(f"string: expected a str, got {type(string).__name__}")
+        ids = self._encode(string)
+        if len(ids) != 1:
+            pieces = [self._need_tokenizer().decode([i]) for i in ids]
+            raise ValueError(f"string: {string!r} is {len(ids)} tokens ({pieces!r}), not one")
+        return ids[0]
+
+    def get_token_position(self, single_token, input, mode="first", prepend_bos=None):
+        """Where a token is in a sequence: the position of its first (mode="first") or
+        last ("last") occurrence. single_token: an id or a string that is one token;
+        input: a text (tokenized as to_tokens does, prepend_bos likewise) or tokens
+        [pos] (or [1, pos])."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode: expected 'first' or 'last', got {mode!r}")
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else single_token
+        if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+            raise TypeError(f"single_token: expected a token id or a string, got {type(single_token).__name__}")
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos)[0] if isinstance(input, str) else np.asarray(input)
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise ValueError(f"input: expected one sequence, got shape {list(tokens.shape)}")
+        where = np.flatnonzero(tokens == int(token))
+        if where.size == 0:
+            raise ValueError(f"single_token: {int(token)} ({single_token!r}) is not in the input")
+        return int(where[0] if mode == "first" else where[-1])
+
     # ---- running -----------------------------------------------------------------
 
     def _check_tokens(self, tokens, attention_mask):
