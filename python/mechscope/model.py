@@ -168,7 +168,9 @@ def _check_load_dtype(dtype):
 
 @dataclass
 class RunResult:
-    """What a run returns: logits (if asked for) and the cached sites."""
+    """What a run returns: logits (if asked for) and the cached sites (a dict by full
+    name, also read by TransformerLens's shorthand: cache["resid_pre", 3]; see
+    mechscope.sites.Cache)."""
     logits: np.ndarray = None
     cache: dict = field(default_factory=dict)
 
@@ -643,7 +645,7 @@ class Model:
             out_bytes += 4 * R * int(np.prod(logit_shape[1:]))
         self._check_budget(out_bytes, full_mask, R, T, 0 if logit_pos is None else logit_pos.shape[1])
 
-        result = RunResult()
+        result = RunResult(cache=sites.Cache(n_layers=self.n_layers))
         for name in names:
             code, layer, _ = sites.parse(name, self)
             out = np.empty(shapes[name], np.float32)

@@ -1,5 +1,6 @@
 """Site names (TransformerLens's hook names) and their shapes."""
 import fnmatch
+import re
 
 from ._runtime import _core
 
@@ -136,3 +137,68 @@ def shape(suffix, cfg, batch, pos):
     if suffix.startswith("mlp.") and suffix != "hook_mlp_out":
         return (batch, pos, cfg["d_mlp"])
     return (batch, pos, cfg["d_model"])
+
+
+# TransformerLens's shorthands (its utils.get_act_name): other words for a site, and
+# the part of the block a site is in
+_SHORT_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+                  "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
+_PART_ALIASES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+_IN_ATTENTION = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
+_IN_MLP = ("pre", "post", "mid", "pre_linear")
+
+
+def act_name(name, layer=None, part=None):
+    """A site's full name from TransformerLens's shorthand, as its utils.get_act_name
+    reads it: act_name("resid_pre", 3) == "blocks.3.hook_resid_pre", act_name("pattern", 0)
+    == "blocks.0.attn.hook_pattern", act_name("normalized", 2, "ln1") ==
+    "blocks.2.ln1.hook_normalized", act_name("embed") == "hook_embed",
+    act_name("scale") == "ln_final.hook_scale", act_name("k6") == "blocks.6.attn.hook_k".
+    A full name is returned as it is."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    if ("." in name or name.startswith("hook_")) and layer is None and part is None:
+        return name
+    packed = re.fullmatch(r"([a-z_]+?)(\d+)([a-z_]*\d*)", name)
+    if packed is not None and layer is None:  # "k6", "scale4ln1"
+        name, layer, part = packed.group(1), int(packed.group(2)), packed.group(3) or None
+    name = _SHORT_ALIASES.get(name, name)
+    if name in _IN_ATTENTION:
+        part = "attn"
+    elif name in _IN_MLP:
+        part = "mlp"
+    elif part in _PART_ALIASES:
+        part = _PART_ALIASES[part]
+    full = (f"blocks.{layer}." if layer is not None else "") + (f"{part}." if part else "") + f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = "ln_final." + full
+    return full
+
+
+class Cache(dict):
+    """A run's cached sites, {full name: array}, also read by TransformerLens's
+    shorthand: cache["resid_pre", 3], cache["pattern", -1], cache["z", 5, "attn"],
+    cache["embed"] (see act_name)."""
+
+    def __init__(self, *args, n_layers=None, **kw):
+        super().__init__(*args, **kw)
+        self.n_layers = n_layers
+
+    def __getitem__(self, key):
+        if isinstance(key, str) and dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        if isinstance(key, tuple):
+            if not key or len(key) > 3:
+                raise KeyError(key)
+            name, layer, part = (tuple(key) + (None, None))[:3]
+            if isinstance(layer, int) and layer < 0 and self.n_layers is not None:
+                layer += self.n_layers  # cache["resid_post", -1]: the last block's
+            full = act_name(name, layer, part)
+        elif isinstance(key, str):
+            full = act_name(key)
+        else:
+            raise KeyError(key)
+        if not dict.__contains__(self, full):
+            raise KeyError(f"{key!r} is {full!r}, which this cache does not hold (it holds "
+                           f"{len(self)} sites; ask run for it with cache=)")
+        return dict.__getitem__(self, full)
