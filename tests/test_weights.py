@@ -146,3 +146,23 @@ def test_composition_plot(tmp_path):
     fig.savefig(tmp_path / "k.png")
     with pytest.raises(ValueError, match=r"scores: expected \[layer, head, layer, head\]"):
         ms.plot.composition(np.zeros((2, 3, 3, 2)))
+
+
+def test_smollm2_previous_token_head_writes_what_its_induction_heads_keys_read():
+    """On the real model, weights alone find the induction circuit: for each of
+    SmolLM2's three strongest induction heads (by their patterns on repeated random
+    tokens), the earlier head whose output its keys read most (K-composition, of the
+    135-162 heads before it) is the model's strongest previous-token head"""
+    model = ms.Model.from_pretrained("smollm2")
+    tokens = ms.heads.repeated_tokens(model, 50, batch=4, seed=0)
+    induction = ms.heads.detect(model, tokens, "induction_head")
+    previous = ms.heads.detect(model, tokens, "previous_token_head")
+    k_comp = ms.weights.composition_scores(model, "K")
+    strongest_previous = np.unravel_index(previous.argmax(), previous.shape)
+    assert previous[strongest_previous] > 0.8
+    for flat in np.argsort(-induction.ravel())[:3]:
+        layer, head = np.unravel_index(flat, induction.shape)
+        assert induction[layer, head] > 0.3
+        earlier = k_comp[:layer, :, layer, head]
+        assert np.unravel_index(earlier.argmax(), earlier.shape) == strongest_previous
+        assert earlier.max() > 3 * np.median(earlier)
