@@ -166,3 +166,37 @@ def test_smollm2_previous_token_head_writes_what_its_induction_heads_keys_read()
         earlier = k_comp[:layer, :, layer, head]
         assert np.unravel_index(earlier.argmax(), earlier.shape) == strongest_previous
         assert earlier.max() > 3 * np.median(earlier)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa3", "neox_parallel"])
+def test_copying_scores_equal_transformer_lens_eigenvalues(name, hf_models):
+    """sum / sum of moduli of the eigenvalues of W_E W_V W_O W_U, against
+    TransformerLens's FactoredMatrix eigenvalues of the same product"""
+    model, tl = _models(name, hf_models)
+    got = ms.weights.copying_scores(model)
+    full = tl.W_E @ tl.OV @ tl.W_U
+    eig = full.eigenvalues.numpy().astype(np.complex128)  # [layer, head, d_head]
+    want = eig.sum(-1).real / np.abs(eig).sum(-1)
+    assert got.shape == (model.n_layers, model.n_heads)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_copying_scores_equal_the_definition():
+    """the full [vocab, vocab] circuit's eigenvalues, in float64, on a model of 40
+    tokens; a head made to copy (W_O = pinv of W_E W_V, W_U = W_E^T) scores 1"""
+    model = ms.Model.from_config(dict(model_type="gpt2", n_layer=2, n_embd=16, n_head=2, vocab_size=40,
+                                      n_positions=8, tie_word_embeddings=False), seed=3)
+    W = {k: ms.weights.get(model, k).astype(np.float64) for k in ("W_E", "W_V", "W_O", "W_U")}
+    want = np.zeros((2, 2))
+    for layer in range(2):
+        for head in range(2):
+            eig = np.linalg.eigvals(W["W_E"] @ W["W_V"][layer, head] @ W["W_O"][layer, head] @ W["W_U"])
+            want[layer, head] = eig.sum().real / np.abs(eig).sum()
+    np.testing.assert_allclose(ms.weights.copying_scores(model), want, atol=1e-8, rtol=0)
+    # a head made to copy: with W_O = (W_E W_V)^+ W_E and W_U = W_E^T its circuit is
+    # W_E W_V (W_E W_V)^+ W_E W_E^T, a projection times a positive semidefinite matrix
+    w = model._core_weights
+    ev = W["W_E"] @ W["W_V"][0, 0]                                                 # [vocab, d_head]
+    w["blocks.0.attn.w_o"][:8] = (np.linalg.pinv(ev) @ W["W_E"]).astype(np.float32)  # head 0's rows ([in, out])
+    w["unembed"][:] = W["W_E"].astype(np.float32)                                  # stored [vocab, d_model]
+    assert ms.weights.copying_scores(model)[0, 0] == pytest.approx(1.0, abs=1e-5)

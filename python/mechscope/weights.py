@@ -4,6 +4,7 @@ Circuits") computed from them.
 
     W_Q = ms.weights.get(model, "W_Q")                  # [n_layers, n_heads, d_model, d_head]
     k_comp = ms.weights.composition_scores(model, "K")  # [layer, head, layer, head]
+    copying = ms.weights.copying_scores(model)          # [layer, head]
     fig = ms.plot.composition(k_comp)
 
 The weights are the model's as loaded (TransformerLens with fold_ln=False,
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import _dtypes, architectures
 
-__all__ = ["NAMES", "get", "composition_scores"]
+__all__ = ["NAMES", "get", "composition_scores", "copying_scores"]
 
 # name -> its axes, as TransformerLens shapes it
 NAMES = {
@@ -259,3 +260,22 @@ def composition_scores(model, kind, processed=False):
         norms /= left_norms[layer * H:(layer + 1) * H, None] * right_norms[None, L * H - n_after:]
         scores[layer, :, layer + 1:, :] = norms.reshape(H, L - layer - 1, H)
     return scores
+
+
+def copying_scores(model, processed=False):
+    """How much each head copies the token it attends to into the prediction, by
+    weights alone (Elhage et al. 2021): the eigenvalues of its full OV circuit
+    W_E W_V W_O W_U [d_vocab, d_vocab], as sum(eigenvalues) / sum(|eigenvalues|) —
+    1 for a head whose circuit only raises the logit of the token it reads, -1 for one
+    that only lowers it. Returns [layer, head] float64. The nonzero eigenvalues of that
+    product are those of W_O W_U W_E W_V [d_head, d_head], which is what is computed
+    (W_U W_E once, d_model x d_model). processed: as composition_scores."""
+    W_E = get(model, "W_E", processed).astype(np.float64)
+    W_U = get(model, "W_U", processed).astype(np.float64)
+    unembed_embed = W_U @ W_E                                                  # [C, C]
+    W_V = get(model, "W_V", processed).astype(np.float64)                      # [L, H, C, D]
+    W_O = get(model, "W_O", processed).astype(np.float64)                      # [L, H, D, C]
+    small = W_O @ unembed_embed @ W_V                                          # [L, H, D, D]
+    eig = np.linalg.eigvals(small)
+    total = np.abs(eig).sum(-1)
+    return np.divide(eig.sum(-1).real, total, out=np.zeros(total.shape), where=total > 0)
