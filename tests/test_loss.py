@@ -1,25 +1,22 @@
 """model.loss: the next-token cross-entropy against HuggingFace's loss and
 TransformerLens's return_type="loss", per token against torch, with padding and
 interventions."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import positions_from_mask, random_tokens, tl_model_from_hf
-from test_architectures import make_hf
+from test_architectures import batch, make_hf
 
 torch.set_grad_enabled(False)
 
 
 def _padded(rng, vocab, lengths, T, left):
-    tokens = rng.integers(0, vocab, (len(lengths), T))
-    mask = np.zeros(tokens.shape, np.int64)
-    for i, n in enumerate(lengths):
-        if left:
-            mask[i, T - n:] = 1
-        else:
-            mask[i, :n] = 1
-    return tokens, mask
+    """(tokens, mask) of rows with these real lengths, padded on the left or the right"""
+    tokens, mask = batch(SimpleNamespace(d_vocab=vocab), rng, lengths, T, left)
+    return tokens, mask.astype(np.int64)
 
 
 def test_loss_equals_hf_and_transformer_lens(small, rng):

@@ -693,6 +693,17 @@ def _bigcode(config):
     return cfg, arch
 
 
+def _head_counts(cfg):
+    """(hidden_size, num_attention_heads, num_key_value_heads) of a config, the last
+    None for one per head; the heads must divide the width and the key/value heads the heads"""
+    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    KV = cfg["num_key_value_heads"] if cfg["num_key_value_heads"] is not None else H
+    if C % H or isinstance(KV, bool) or not isinstance(KV, int) or KV < 1 or H % KV:
+        raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H}), and "
+                         f"num_key_value_heads ({KV!r}) divide it")
+    return C, H, KV
+
+
 def _stablelm(config):
     """StableLM (StableLM-2, StableLM-3B-4E1T, Zephyr): Llama's block (SwiGLU, grouped
     keys and values) with LayerNorms (weight and bias), partial rotary over the first
@@ -704,11 +715,7 @@ def _stablelm(config):
         raise ValueError("config: qk_layernorm=True is not supported (LayerNorms of each head's queries and keys)")
     if cfg["use_parallel_residual"]:
         raise ValueError("config: use_parallel_residual=True is not supported for stablelm")
-    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
-    KV = cfg["num_key_value_heads"] if cfg["num_key_value_heads"] is not None else H
-    if C % H or isinstance(KV, bool) or not isinstance(KV, int) or KV < 1 or H % KV:
-        raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H}), and "
-                         f"num_key_value_heads ({KV!r}) divide it")
+    C, H, KV = _head_counts(cfg)
     d_head = C // H
     factor = _number(cfg, "partial_rotary_factor")
     rot = int(d_head * factor)
@@ -784,11 +791,7 @@ def _phi(config):
                                                  "num_attention_heads", "intermediate_size", "max_position_embeddings"))
     if cfg.get("qk_layernorm"):
         raise ValueError("config: qk_layernorm=True is not supported (LayerNorms of the queries and keys)")
-    C, H = cfg["hidden_size"], cfg["num_attention_heads"]
-    KV = cfg["num_key_value_heads"] if cfg["num_key_value_heads"] is not None else H
-    if C % H or isinstance(KV, bool) or not isinstance(KV, int) or KV < 1 or H % KV:
-        raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H}), and "
-                         f"num_key_value_heads ({KV!r}) divide it")
+    C, H, KV = _head_counts(cfg)
     d_head = C // H
     rot = int(d_head * _number(cfg, "partial_rotary_factor", 1e-9))
     if rot < 2 or rot % 2 or rot > d_head:
