@@ -74,6 +74,12 @@ def test_views_offsets_and_dtypes_equal_torch_load(tmp_path):
     kept = read_pytorch_bin(str(path), keep_half=True)
     assert kept["half"].dtype == np.float16 and kept["bf16"].dtype.names == ("bfloat16",)
     assert set(read_pytorch_bin(str(path), wanted=lambda n: n.startswith("t"))) == {"transposed"}
+    # a module's own state_dict (an OrderedDict carrying _metadata), as torch.save writes it
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    torch.save(module.state_dict(), tmp_path / "module.bin")
+    got = read_pytorch_bin(str(tmp_path / "module.bin"))
+    assert set(got) == set(module.state_dict())
+    np.testing.assert_array_equal(got["0.weight"], module[0].weight.detach().numpy())
 
 
 class _Evil:
