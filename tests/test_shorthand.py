@@ -46,3 +46,13 @@ def test_cache_reads_shorthand_as_activation_cache(ms, small, rng):
         partial.cache["resid_pre", 1]
     with pytest.raises(KeyError):
         partial.cache[3.5]
+
+
+def test_cache_takes_a_names_filter(small, rng):
+    """cache= a function of the name, as TransformerLens's names_filter"""
+    _, _, model = small
+    tokens = random_tokens(rng, model.d_vocab, 1, 5)
+    out = model.run(tokens, cache=lambda name: name.endswith("hook_z"))
+    assert list(out.cache) == [f"blocks.{layer}.attn.hook_z" for layer in range(model.n_layers)]
+    with pytest.raises(ValueError, match="the function picks no site"):
+        model.run(tokens, cache=lambda name: False)

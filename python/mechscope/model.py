@@ -612,7 +612,8 @@ class Model:
         attention_mask: [batch, pos], 1 for real tokens and 0 for padding (left or
             right); each row's real tokens give what they give run alone. None: the
             mask tokens from to_tokens carry (tokens.attention_mask), if any.
-        cache: site names or glob patterns ("blocks.*.hook_resid_post").
+        cache: site names or glob patterns ("blocks.*.hook_resid_post"), or a function
+            name -> bool (TransformerLens's names_filter).
         logits: "all" [batch, pos, vocab], "last" [batch, vocab] (each row's last
             real token), a list of positions [batch, n, vocab], or None.
         interventions: a list of mechscope.Patch, Set, Add, Zero, Scale, MeanAblate,

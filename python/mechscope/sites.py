@@ -96,9 +96,15 @@ def parse(name, model):
 
 
 def resolve(patterns, model, argument="cache"):
-    """Names or glob patterns -> the matching site names, in forward order, no repeats."""
+    """Names or glob patterns, or a function name -> bool (TransformerLens's
+    names_filter) -> the matching site names, in forward order, no repeats."""
     if patterns is None:
         return []
+    if callable(patterns):
+        chosen = [n for n in all_site_names(model) if patterns(n)]
+        if not chosen:
+            raise ValueError(f"{argument}: the function picks no site of this model")
+        return chosen
     if isinstance(patterns, str):
         patterns = [patterns]
     try:
