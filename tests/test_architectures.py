@@ -464,62 +464,41 @@ def test_unsupported_config_is_refused_by_name(change, match):
         ms.Model.from_config(cfg)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(do_layer_norm_before=False), "do_layer_norm_before"),
-    (dict(word_embed_proj_dim=16), "word_embed_proj_dim 16"),
-    (dict(_remove_final_layer_norm=True), "_remove_final_layer_norm"),
-    (dict(layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine"),
-    (dict(num_attention_heads=5), "divisible by num_attention_heads"),
-    (dict(activation_function="mish"), "activation_function 'mish'"),
-])
-def test_unsupported_opt_config_is_refused_by_name(change, match):
-    """OPT-350m's post-norm block and embedding projections, among others"""
-    cfg = dict(model_type="opt", **CONFIGS["opt_relu"][1])
-    cfg.update(change)
-    with pytest.raises(ValueError, match=match):
-        ms.Model.from_config(cfg)
+# the families beyond Llama's: (a config of CONFIGS, its change, the message)
+FAMILY_REFUSALS = [
+    # OPT-350m's post-norm block and embedding projections, among others
+    ("opt_relu", dict(do_layer_norm_before=False), "do_layer_norm_before"),
+    ("opt_relu", dict(word_embed_proj_dim=16), "word_embed_proj_dim 16"),
+    ("opt_relu", dict(_remove_final_layer_norm=True), "_remove_final_layer_norm"),
+    ("opt_relu", dict(layer_norm_elementwise_affine=False), "layer_norm_elementwise_affine"),
+    ("opt_relu", dict(num_attention_heads=5), "divisible by num_attention_heads"),
+    ("opt_relu", dict(activation_function="mish"), "activation_function 'mish'"),
+    ("neo_local", dict(attention_types=[[["global", "sparse"], 2]]), "kinds other than 'global' and 'local'.*'sparse'"),
+    ("neo_local", dict(attention_types=[[["global", "local"], 1]]), "attention_types gives 2 layers for num_layers=4"),
+    ("neo_local", dict(attention_types=[["global", 4]]), "attention_types must be a list of .kinds, repeats. pairs"),
+    ("neo_local", dict(attention_types=[[["global"], "4"]]),
+     "attention_types must be a list of .kinds, repeats. pairs"),
+    ("neo_local", dict(attention_types=None), "attention_types must be a list"),
+    ("neo_local", dict(num_heads=5), "divisible by num_heads"),
+    ("neo_local", dict(intermediate_size=0), "intermediate_size must be None or a positive int"),
+    ("neo_local", dict(window_size=0), "window_size must be a positive int"),
+    ("neo_local", dict(activation_function="mish"), "activation_function 'mish'"),
+    ("bigcode_mq", dict(multi_query=False), "multi_query=False is not supported"),
+    ("bigcode_mq", dict(add_cross_attention=True), "cross-attention"),
+    ("bigcode_mq", dict(n_head=5), "divisible by n_head"),
+    ("bigcode_mq", dict(n_inner=-1), "n_inner must be None or a positive int"),
+    ("stablelm_partial", dict(qk_layernorm=True), "qk_layernorm=True is not supported"),
+    ("stablelm_partial", dict(use_parallel_residual=True), "use_parallel_residual=True is not supported"),
+    ("stablelm_partial", dict(partial_rotary_factor=0.05), "gives 0 rotary dims"),
+    ("stablelm_partial", dict(num_key_value_heads=3), "num_key_value_heads"),
+    ("neox_parallel", dict(rotary_pct=1.2), "rotary_pct 1.2 gives 14 rotary dims of 12"),
+]
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(attention_types=[[["global", "sparse"], 2]]), "kinds other than 'global' and 'local'.*'sparse'"),
-    (dict(attention_types=[[["global", "local"], 1]]), "attention_types gives 2 layers for num_layers=4"),
-    (dict(attention_types=[["global", 4]]), "attention_types must be a list of \\[kinds, repeats\\] pairs"),
-    (dict(attention_types=[[["global"], "4"]]), "attention_types must be a list of \\[kinds, repeats\\] pairs"),
-    (dict(attention_types=None), "attention_types must be a list"),
-    (dict(num_heads=5), "divisible by num_heads"),
-    (dict(intermediate_size=0), "intermediate_size must be None or a positive int"),
-    (dict(window_size=0), "window_size must be a positive int"),
-    (dict(activation_function="mish"), "activation_function 'mish'"),
-])
-def test_unsupported_gpt_neo_config_is_refused_by_name(change, match):
-    cfg = dict(model_type="gpt_neo", **CONFIGS["neo_local"][1])
-    cfg.update(change)
-    with pytest.raises(ValueError, match=match):
-        ms.Model.from_config(cfg)
-
-
-@pytest.mark.parametrize("change, match", [
-    (dict(multi_query=False), "multi_query=False is not supported"),
-    (dict(add_cross_attention=True), "cross-attention"),
-    (dict(n_head=5), "divisible by n_head"),
-    (dict(n_inner=-1), "n_inner must be None or a positive int"),
-])
-def test_unsupported_gpt_bigcode_config_is_refused_by_name(change, match):
-    cfg = dict(model_type="gpt_bigcode", **CONFIGS["bigcode_mq"][1])
-    cfg.update(change)
-    with pytest.raises(ValueError, match=match):
-        ms.Model.from_config(cfg)
-
-
-@pytest.mark.parametrize("change, match", [
-    (dict(qk_layernorm=True), "qk_layernorm=True is not supported"),
-    (dict(use_parallel_residual=True), "use_parallel_residual=True is not supported"),
-    (dict(partial_rotary_factor=0.05), "gives 0 rotary dims"),
-    (dict(num_key_value_heads=3), "num_key_value_heads"),
-])
-def test_unsupported_stablelm_config_is_refused_by_name(change, match):
-    cfg = dict(model_type="stablelm", **CONFIGS["stablelm_partial"][1])
-    cfg.update(change)
+@pytest.mark.parametrize("name, change, match", FAMILY_REFUSALS)
+def test_unsupported_family_config_is_refused_by_name(name, change, match):
+    family, kw = CONFIGS[name]
+    cfg = dict(kw, model_type=family, **change)
     with pytest.raises(ValueError, match=match):
         ms.Model.from_config(cfg)
 

@@ -44,6 +44,8 @@ def test_cache_reads_shorthand_as_activation_cache(ms, small, rng):
     partial = model.run(tokens, cache="blocks.0.*")
     with pytest.raises(KeyError, match="'blocks.1.hook_resid_pre', which this cache does not hold"):
         partial.cache["resid_pre", 1]
+    with pytest.raises(KeyError, match="'blocks.1.hook_mlp_out': this cache does not hold"):
+        partial.cache["blocks.1.hook_mlp_out"]
     with pytest.raises(KeyError):
         partial.cache[3.5]
 

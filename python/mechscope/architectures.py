@@ -182,6 +182,15 @@ def text_weight_name(name, config):
     return name[len(head_prefix):] if name.startswith(head_prefix + "lm_head.") else name
 
 
+def text_weights(arrays, config):
+    """An image-text checkpoint's arrays -> its language model's, under that model's own
+    names (the vision parts left out); any other model's dict as it is."""
+    if not isinstance(config, dict) or config.get("model_type") not in MULTIMODAL:
+        return arrays
+    renamed = ((text_weight_name(k, config), v) for k, v in arrays.items())
+    return {name: v for name, v in renamed if name is not None}
+
+
 def model_type(config):
     """The family of a config dict: model_type, else the architectures list, else gpt2."""
     mt = config.get("model_type")
@@ -323,23 +332,9 @@ def normalize(config):
         raise TypeError(f"config: expected a dict or a HuggingFace config, got {type(config).__name__}")
     config = text_config(config)  # an image-text checkpoint: its language model
     family = model_type(config)
-    if family == "gpt2":
-        return _gpt2(config)
     if family in LLAMA_TYPES:
         return _llama(config, family)
-    if family == "phi":
-        return _phi(config)
-    if family == "gptj":
-        return _gptj(config)
-    if family == "opt":
-        return _opt(config)
-    if family == "gpt_neo":
-        return _gpt_neo(config)
-    if family == "gpt_bigcode":
-        return _bigcode(config)
-    if family == "stablelm":
-        return _stablelm(config)
-    return _neox(config)
+    return _BUILDERS[family](config)
 
 
 def _gpt2(config):
@@ -355,8 +350,7 @@ def _gpt2(config):
         _positive_int(cfg, key)
     if cfg["n_embd"] % cfg["n_head"]:
         raise ValueError(f"config: n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
-    if cfg["n_inner"] is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
-        raise ValueError(f"config: n_inner must be None or a positive int, got {cfg['n_inner']!r}")
+    _optional_width(cfg, "n_inner")
     eps = _number(cfg, "layer_norm_epsilon")
     # reorder_and_upcast_attn only changes how half-precision models compute the
     # scores; mechscope computes everything in float32, where it changes nothing.
@@ -435,10 +429,7 @@ def _llama(config, family):
         raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H})")
     rotary_dim = d_head
     if family == "phi3":  # Phi-4-mini rotates the first 3/4 of each head
-        rotary_dim = int(d_head * _number(cfg, "partial_rotary_factor", 1e-9))
-        if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > d_head:
-            raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']} gives {rotary_dim} "
-                             f"rotary dims of {d_head}; mechscope needs an even number from 2 to head_dim")
+        rotary_dim = _partial_rotary(cfg, "partial_rotary_factor", d_head)
     elif cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
@@ -596,6 +587,24 @@ def _attention_windows(cfg, family, n_layers):
     return [window if k == "sliding_attention" else 0 for k in _layer_kinds(cfg, family, n_layers)]
 
 
+def _optional_width(cfg, key):
+    """An MLP width that may be None (4 * d_model then): None or a positive int."""
+    width = cfg[key]
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+        raise ValueError(f"config: {key} must be None or a positive int, got {width!r}")
+    return width
+
+
+def _partial_rotary(cfg, key, d_head):
+    """The rotary dims of a head that rotates the first cfg[key] of its dims: an even
+    number from 2 to d_head."""
+    rot = int(d_head * _number(cfg, key))
+    if rot < 2 or rot % 2 or rot > d_head:
+        raise ValueError(f"config: {key} {cfg[key]} gives {rot} rotary dims of {d_head}; mechscope needs an even "
+                         "number from 2 to head_dim")
+    return rot
+
+
 def _filled(defaults, config, family, sizes):
     """The family's defaults updated by config, its model_type set, the sizes checked
     to be positive ints."""
@@ -649,9 +658,7 @@ def _gpt_neo(config):
     C, H, L = cfg["hidden_size"], cfg["num_heads"], cfg["num_layers"]
     if C % H:
         raise ValueError(f"config: hidden_size ({C}) must be divisible by num_heads ({H})")
-    inner = cfg["intermediate_size"]
-    if inner is not None and (not isinstance(inner, int) or isinstance(inner, bool) or inner < 1):
-        raise ValueError(f"config: intermediate_size must be None or a positive int, got {inner!r}")
+    inner = _optional_width(cfg, "intermediate_size")
     kinds = _neo_layer_kinds(cfg["attention_types"])
     if len(kinds) != L:
         raise ValueError(f"config: attention_types gives {len(kinds)} layers for num_layers={L}")
@@ -679,9 +686,7 @@ def _bigcode(config):
         raise ValueError("config: multi_query=False is not supported (GPT-BigCode's q, k and v interleaved by head)")
     if cfg["add_cross_attention"]:
         raise ValueError("config: add_cross_attention=True: cross-attention layers are not supported")
-    inner = cfg["n_inner"]
-    if inner is not None and (not isinstance(inner, int) or isinstance(inner, bool) or inner < 1):
-        raise ValueError(f"config: n_inner must be None or a positive int, got {inner!r}")
+    inner = _optional_width(cfg, "n_inner")
     # attention_softmax_in_fp32 and scale_attention_softmax_in_fp32 change only half-precision runs
     arch = dict(family="gpt_bigcode", n_layers=cfg["n_layer"], d_model=C, n_heads=H, n_kv_heads=1, d_head=C // H,
                 d_mlp=inner or 4 * C, d_vocab=cfg["vocab_size"], n_ctx=cfg["n_positions"],
@@ -717,11 +722,7 @@ def _stablelm(config):
         raise ValueError("config: use_parallel_residual=True is not supported for stablelm")
     C, H, KV = _head_counts(cfg)
     d_head = C // H
-    factor = _number(cfg, "partial_rotary_factor")
-    rot = int(d_head * factor)
-    if rot < 2 or rot % 2:
-        raise ValueError(f"config: partial_rotary_factor {factor} gives {rot} rotary dims of {d_head}; mechscope "
-                         "needs an even number >= 2")
+    rot = _partial_rotary(cfg, "partial_rotary_factor", d_head)
     arch = dict(family="stablelm", n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=KV,
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
                 n_ctx=cfg["max_position_embeddings"], ln_eps=_number(cfg, "layer_norm_eps"), norm=NORM_LAYER,
@@ -763,11 +764,7 @@ def _neox(config):
     if C % H:
         raise ValueError(f"config: hidden_size ({C}) must be divisible by num_attention_heads ({H})")
     d_head = C // H
-    pct = _number(cfg, "rotary_pct")
-    rot = int(d_head * pct)
-    if rot < 2 or rot % 2:
-        raise ValueError(f"config: rotary_pct {pct} gives {rot} rotary dims of {d_head}; mechscope needs "
-                         "an even number >= 2")
+    rot = _partial_rotary(cfg, "rotary_pct", d_head)
     theta = float(cfg.get("rope_theta", cfg["rotary_emb_base"]))
     arch = dict(family="gpt_neox", n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=H,
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
@@ -793,10 +790,7 @@ def _phi(config):
         raise ValueError("config: qk_layernorm=True is not supported (LayerNorms of the queries and keys)")
     C, H, KV = _head_counts(cfg)
     d_head = C // H
-    rot = int(d_head * _number(cfg, "partial_rotary_factor", 1e-9))
-    if rot < 2 or rot % 2 or rot > d_head:
-        raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']} gives {rot} rotary dims "
-                         f"of {d_head}; mechscope needs an even number from 2 to head_dim")
+    rot = _partial_rotary(cfg, "partial_rotary_factor", d_head)
     arch = dict(family="phi", n_layers=cfg["num_hidden_layers"], d_model=C, n_heads=H, n_kv_heads=KV,
                 d_head=d_head, d_mlp=cfg["intermediate_size"], d_vocab=cfg["vocab_size"],
                 n_ctx=cfg["max_position_embeddings"], ln_eps=_number(cfg, "layer_norm_eps"),
@@ -822,8 +816,7 @@ def _gptj(config):
     if isinstance(rot, bool) or not isinstance(rot, int) or rot < 2 or rot % 2 or rot > d_head:
         raise ValueError(f"config: rotary_dim must be an even number from 2 to the head width ({d_head}), "
                          f"got {rot!r}")
-    if cfg["n_inner"] is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
-        raise ValueError(f"config: n_inner must be None or a positive int, got {cfg['n_inner']!r}")
+    _optional_width(cfg, "n_inner")
     arch = dict(family="gptj", n_layers=cfg["n_layer"], d_model=C, n_heads=H, n_kv_heads=H, d_head=d_head,
                 d_mlp=cfg["n_inner"] or 4 * C, d_vocab=cfg["vocab_size"], n_ctx=cfg["n_positions"],
                 ln_eps=_number(cfg, "layer_norm_epsilon"), norm=NORM_LAYER,
@@ -832,6 +825,11 @@ def _gptj(config):
                 tied=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=False, o_bias=False, mlp_bias=True)
     arch["rope_inv_freq"], arch["rope_scale"] = rope_frequencies(10000.0, rot, None, cfg["n_positions"])
     return cfg, arch
+
+
+# the families' config readers (the Llama family's take its model_type too)
+_BUILDERS = {"gpt2": _gpt2, "phi": _phi, "gptj": _gptj, "opt": _opt, "gpt_neo": _gpt_neo, "gpt_bigcode": _bigcode,
+             "stablelm": _stablelm, "gpt_neox": _neox}
 
 
 # ---- weights: one table per family, read in both directions ------------------------------

@@ -190,11 +190,7 @@ class Model:
             config = config.to_dict()
         if isinstance(config, dict) and config.get("model_type") in architectures.MULTIMODAL:
             # an image-text checkpoint: its language model, under that model's own names
-            text = {}
-            for k, v in arrays.items():
-                name = architectures.text_weight_name(k, config)
-                if name is not None:
-                    text[name] = v
+            text = architectures.text_weights(arrays, config)
             if _consume:
                 arrays.clear()
             arrays, config = text, architectures.text_config(config)
@@ -339,8 +335,7 @@ class Model:
             cfg = architectures.normalize(config)[0]
         arrays = read_folder(folder, lambda k: _wanted(k) and architectures.text_weight_name(k, file_config)
                              is not None, keep_half=dtype == "auto")
-        if file_config is not config:
-            arrays = {architectures.text_weight_name(k, file_config): v for k, v in arrays.items()}
+        arrays = architectures.text_weights(arrays, file_config)
         given = tokenizer
         if tokenizer is None:
             tokenizer = _load_tokenizer(folder)

@@ -205,6 +205,7 @@ class Cache(dict):
         else:
             raise KeyError(key)
         if not dict.__contains__(self, full):
-            raise KeyError(f"{key!r} is {full!r}, which this cache does not hold (it holds "
-                           f"{len(self)} sites; ask run for it with cache=)")
+            named = f"{key!r} is {full!r}, which" if full != key else f"{key!r}:"
+            raise KeyError(f"{named} this cache does not hold (it holds {len(self)} sites; ask run for it "
+                           "with cache=)")
         return dict.__getitem__(self, full)
