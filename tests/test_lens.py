@@ -2,6 +2,8 @@
 attribution, against TransformerLens's ActivationCache on the same weights (the
 unprocessed model, and for attributions the model with TransformerLens's weight
 processing) and against HuggingFace's logits for every architecture."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -302,3 +304,85 @@ def test_two_byte_weights():
     assert_close(ms.lens.logit_lens(model, tokens)[-1], logits, what="the lens's last row")
     attrs = ms.lens.logit_attribution(model, tokens, 4, 7, by="head")
     assert_close(attrs.sum(0), logits[:, 4] - logits[:, 7], what="attributions")
+
+
+# ---- test_prompt: TransformerLens's report, and the definitions ------------------------------
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory):
+    """a byte-level BPE of 300 tokens (the GPT-2 model's vocabulary) learned from short
+    English sentences, as transformers' GPT2TokenizerFast"""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+    folder = tmp_path_factory.mktemp("bpe300")
+    text = ["When John and Mary went to the store, John gave a drink to Mary.",
+            "The Eiffel Tower is in the city of Paris.", "Why did the elephant cross the road?"] * 50
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(folder))
+    GPT2TokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+                      bos_token="<|endoftext|>", eos_token="<|endoftext|>").save_pretrained(folder)
+    tok = GPT2TokenizerFast.from_pretrained(folder)  # TransformerLens reloads it by its folder
+    assert len(tok) <= 300
+    return tok
+
+
+def _same_report(ours, theirs):
+    """the two reports agree: the same words, token strings and ranks; logits and
+    percentages as printed, within one unit of the last digit (rounding)"""
+    number = r"(-?\d+\.\d\d)"
+    ours, theirs = " ".join(ours.split()), " ".join(theirs.split())  # rich may wrap long lines
+    a, b = re.split(number, ours), re.split(number, theirs)
+    assert len(a) == len(b), (ours, theirs)
+    assert a[0::2] == b[0::2], (ours, theirs)
+    assert_close(np.array(a[1::2], float), np.array(b[1::2], float), atol=0.0101, what="printed numbers")
+
+
+@pytest.mark.parametrize("answer", ["the road to Paris", ["Mary", " John", "store"]],
+                         ids=["multi-token answer", "several answers"])
+def test_test_prompt_prints_as_transformer_lens(gpt2, bpe_tokenizer, hf_dirs, answer, capsys):
+    from transformer_lens import utils
+    hf = gpt2[0]
+    tl = tl_model_from_hf(hf)
+    tl.set_tokenizer(bpe_tokenizer)
+    model = ms.Model.from_pretrained(hf_dirs[GPT2], tokenizer=bpe_tokenizer)
+    prompt = "When John and Mary went to the store, John gave a drink to"
+    utils.test_prompt(prompt, answer, tl, top_k=7)
+    theirs = capsys.readouterr().out
+    check = ms.lens.test_prompt(model, prompt, answer, top_k=7)
+    ours = capsys.readouterr().out
+    assert ours.strip() == str(check)
+    _same_report(ours, theirs)
+    # the arrays, from the definitions on HuggingFace's logits
+    z = hf_run(hf, check.tokens)["logits"].astype(np.float64)
+    P = len(check.prompt_tokens)
+    n_pos = check.ranks.shape[0]
+    assert check.tokens.shape == (len(check.answer_tokens), P + n_pos)
+    for p in range(n_pos):
+        at = z[:, P - 1 + p]  # [answers, vocab]
+        target = check.tokens[:, P + p]
+        probs = np.exp(at - at.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        assert_close(check.logits[p], at[np.arange(len(target)), target], what="logits")
+        assert_close(check.probs[p], probs[np.arange(len(target)), target], atol=1e-5, what="probs")
+        np.testing.assert_array_equal(check.ranks[p], [(row > row[t]).sum() for row, t in zip(at, target)])
+        np.testing.assert_array_equal(check.top_ids[p], np.argsort(-at[0])[:7])
+        assert_close(check.top_probs[p], np.sort(probs[0])[::-1][:7], atol=1e-5, what="top probs")
+    assert check.top_strings[0] == [bpe_tokenizer.decode([int(i)]) for i in check.top_ids[0]]
+    quiet = ms.lens.test_prompt(model, prompt, answer, top_k=7, print_details=False)
+    assert capsys.readouterr().out == ""
+    np.testing.assert_array_equal(quiet.ranks, check.ranks)
+
+
+def test_test_prompt_bad_input(gpt2, bpe_tokenizer, hf_dirs):
+    model = ms.Model.from_pretrained(hf_dirs[GPT2], tokenizer=bpe_tokenizer)
+    with pytest.raises(TypeError, match="prompt: expected a string"):
+        ms.lens.test_prompt(model, [1, 2], "a")
+    for answer in ([], "", ["a", 3], None):
+        with pytest.raises(TypeError, match="answer: expected a non-empty string"):
+            ms.lens.test_prompt(model, "the", answer)
+    for top_k in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k: expected an integer >= 0"):
+            ms.lens.test_prompt(model, "the", "road", top_k=top_k)
+    with pytest.raises(ValueError, match="this model has none"):
+        ms.lens.test_prompt(gpt2[1], "the", "road")

@@ -271,6 +271,24 @@ def test_token_helpers_as_transformer_lens(tok_model):
         tok_model.to_string(np.zeros((2, 2, 2), int))
 
 
+def test_a_transformers_tokenizer_gets_one_bos(ms, hf_dirs):
+    """a transformers tokenizer given as tokenizer=: one BOS first, as TransformerLens
+    puts it, whether the tokenizer adds one itself (Llama's) or not (GPT-2's)"""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, **{ch: i + 1 for i, ch in enumerate("abc ")}}
+    adds_bos = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    adds_bos.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    for backend, own_bos in ((adds_bos, [0]), (Tokenizer(models.BPE(vocab=vocab, merges=[])), [])):
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+        assert tok.encode("ab c") == own_bos + [1, 2, 4, 3]
+        model = ms.Model.from_pretrained(hf_dirs["odd30_gelu_new"], tokenizer=tok)
+        assert model.to_tokens("ab c").tolist() == [[0, 1, 2, 4, 3]]
+        assert model.to_tokens("ab c", prepend_bos=False).tolist() == [[1, 2, 4, 3]]
+        assert model.to_single_token("b") == 2
+        assert model.to_str_tokens("ab") == ["<s>", "a", "b"]
+
+
 def test_run_text(tok_model, hf_models):
     assert tok_model.tokenizer is not None
     want = tok_model.run(tok_model.to_tokens("Hello")).logits

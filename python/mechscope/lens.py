@@ -6,6 +6,8 @@ attribution.
     attrs, labels = ms.lens.logit_attribution(model, tokens, mary, john, by="head",
                                               return_labels=True)   # [components, batch]
     effects = ms.lens.direction_logits(model, vectors, "blocks.3.hook_mlp_out")  # [n, vocab]
+    check = ms.lens.test_prompt(model, "After John and Mary went to the store, Mary gave it to",
+                                "John")                             # prints ranks and the top 10
 
 The final residual stream is a sum: the embeddings, each attention layer's output
 (each head's, plus the output bias) and each MLP's output. The final norm divides it by
@@ -20,6 +22,8 @@ with `apply_ln=True`, `decompose_resid`, `get_full_resid_decomposition`, `logit_
 on the unprocessed model; attributions equal TransformerLens's on a model loaded with
 `fold_ln` (which leaves the final norm's bias out: here it is one more row).
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import _dtypes
@@ -27,7 +31,7 @@ from . import sites as _sites
 from .architectures import NORM_LAYER
 from .metrics import _per_row, positions
 
-__all__ = ["logit_lens", "decompose", "logit_attribution", "direction_logits"]
+__all__ = ["logit_lens", "decompose", "logit_attribution", "direction_logits", "test_prompt", "PromptTest"]
 
 _BY = ("layer", "head", "neuron")
 
@@ -194,6 +198,108 @@ def direction_logits(model, vectors, site):
         vectors = vectors - vectors.mean(-1, keepdims=True)
     logits = (vectors * _final_norm(model)[0]) @ _unembedding(model).T
     return logits[0] if one else logits
+
+
+@dataclass(repr=False)
+class PromptTest:
+    """What `test_prompt` found. Answer positions are the positions of the answer's
+    tokens after the prompt (one when several answers are compared, each by its first
+    token); ranks count the tokens whose logit is larger (0: the model's top choice).
+
+    prompt_tokens: the prompt's token strings; answer_tokens: each answer's token strings;
+    tokens [answers, prompt + answer positions]: what the model read;
+    ranks, logits, probs [answer positions, answers]: each answer token's rank, logit and
+    probability at the position before it;
+    top_ids, top_logits, top_probs [answer positions, top_k]: the most likely tokens
+    there (the same for every answer: the answers differ only after it).
+    ``str()`` (and ``print``) gives the report as TransformerLens's ``test_prompt`` prints it."""
+    prompt_tokens: list
+    answer_tokens: list
+    tokens: np.ndarray
+    ranks: np.ndarray
+    logits: np.ndarray
+    probs: np.ndarray
+    top_ids: np.ndarray
+    top_logits: np.ndarray
+    top_probs: np.ndarray
+    top_strings: list
+
+    def __repr__(self):
+        return (f"PromptTest(ranks={self.ranks.tolist()}, answers={self.answer_tokens!r}, "
+                f"top_k={self.top_ids.shape[1]})")
+
+    def __str__(self):
+        several = len(self.answer_tokens) > 1
+        lines = [f"Tokenized prompt: {self.prompt_tokens!r}",
+                 f"Tokenized answer{'s' if several else ''}: "
+                 f"{self.answer_tokens if several else self.answer_tokens[0]!r}"]
+        for p in range(self.ranks.shape[0]):
+            lines.append(f"Performance on answer token{'s' if several else ''}:")
+            for a, pieces in enumerate(self.answer_tokens):
+                lines.append(f"Rank: {int(self.ranks[p, a]): <8} Logit: {self.logits[p, a]:5.2f} "
+                             f"Prob: {self.probs[p, a]:6.2%} Token: |{pieces[p]}|")
+            for i in range(self.top_ids.shape[1]):
+                lines.append(f"Top {i}th token. Logit: {self.top_logits[p, i]:5.2f} "
+                             f"Prob: {self.top_probs[p, i]:6.2%} Token: |{self.top_strings[p][i]}|")
+        ranks = [[(pieces[p], int(self.ranks[p, a])) for a, pieces in enumerate(self.answer_tokens)]
+                 for p in range(self.ranks.shape[0])]
+        lines.append(f"Ranks of the answer tokens: {ranks if several else [r[0] for r in ranks]}")
+        return "\n".join(lines)
+
+
+def test_prompt(model, prompt, answer, *, prepend_space_to_answer=True, prepend_bos=None, top_k=10,
+                print_details=True):
+    """Does the model give the answer? For exploring a prompt before a sweep.
+
+    The prompt is tokenized (``prepend_bos`` as `Model.to_tokens`), the answer on its
+    own (a space put in front unless it starts with one, when
+    ``prepend_space_to_answer``) and appended; one run scores each answer token at the
+    position before it: its rank, logit and probability, and the ``top_k`` most likely
+    tokens there. ``answer``: a string (all its tokens are scored), or a list of strings
+    compared at the first answer position (each by its first token). Prints the report
+    as TransformerLens's ``utils.test_prompt`` does (``print_details=False``: nothing)
+    and returns it as a `PromptTest` of NumPy arrays."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
+    answers = [answer] if isinstance(answer, str) else answer
+    if (not isinstance(answers, (list, tuple)) or not answers
+            or not all(isinstance(a, str) and a for a in answers)):
+        raise TypeError("answer: expected a non-empty string or a non-empty list of them")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k: expected an integer >= 0, got {top_k!r}")
+    top_k = min(int(top_k), model.d_vocab)
+    if prepend_space_to_answer:
+        answers = [a if a.startswith(" ") else " " + a for a in answers]
+    prompt_ids = [int(t) for t in model.to_tokens(prompt, prepend_bos=prepend_bos)[0]]
+    answer_ids = [model._encode(a) for a in answers]
+    empty = [a for a, ids in zip(answers, answer_ids) if not ids]
+    if empty:
+        raise ValueError(f"answer: {empty[0]!r} gives no tokens")
+    n_pos = 1 if len(answers) > 1 else len(answer_ids[0])  # several answers: their first tokens
+    tokens = np.array([prompt_ids + ids[:n_pos] for ids in answer_ids], dtype=np.int64)
+    P = len(prompt_ids)
+    logits = model.run(tokens, logits="all").logits[:, P - 1:P - 1 + n_pos]  # [answers, n_pos, vocab]
+    logits = np.asarray(logits, dtype=np.float32)
+    z = logits.astype(np.float64)
+    logprobs = z - z.max(-1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+    targets = tokens[:, P:P + n_pos]  # [answers, n_pos]
+    chosen = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    ranks = (logits > chosen[..., None]).sum(-1)
+    probs = np.exp(np.take_along_axis(logprobs, targets[..., None], -1)[..., 0])
+    # the most likely tokens: the first row's (the rows agree up to each position scored)
+    order = np.argsort(-logits[0], axis=-1, kind="stable")[:, :top_k]  # [n_pos, top_k]
+    tokenizer_strings = model.to_str_tokens
+    result = PromptTest(
+        prompt_tokens=tokenizer_strings(np.array(prompt_ids)),
+        answer_tokens=[tokenizer_strings(np.array(ids)) for ids in answer_ids],
+        tokens=tokens, ranks=ranks.T, logits=chosen.T, probs=probs.T.astype(np.float32),
+        top_ids=order, top_logits=np.take_along_axis(logits[0], order, -1),
+        top_probs=np.exp(np.take_along_axis(logprobs[0], order, -1)).astype(np.float32),
+        top_strings=[[model.to_string([int(i)]) for i in row] for row in order])
+    if print_details:
+        print(result)
+    return result
 
 
 def _check_linear_outputs(model, what):

@@ -425,7 +425,13 @@ class Model:
         return bos if bos is not None else 0
 
     def _encode(self, text):
-        ids = self._need_tokenizer().encode(text)
+        tok = self._need_tokenizer()
+        if _is_transformers_tokenizer(tok):
+            # its own special tokens (a Llama tokenizer's BOS) are left out here: the
+            # BOS is prepend_bos's to add
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(text)
         if hasattr(ids, "ids"):  # a `tokenizers` Encoding
             ids = ids.ids
         return [int(i) for i in ids]
@@ -433,13 +439,16 @@ class Model:
     def _prepend_bos(self, prepend_bos):
         if prepend_bos is not None:
             return bool(prepend_bos)
-        # the tokenizer's own habit when it says (GGUF files do), else as TransformerLens
-        return bool(getattr(self.tokenizer, "add_bos_token", True))
+        # a GGUF file's habit (its add_bos_token), else as TransformerLens: a BOS first,
+        # whatever a transformers tokenizer would add itself (GPT-2's adds none)
+        if isinstance(self.tokenizer, gguf_file.GGUFTokenizer):
+            return bool(self.tokenizer.add_bos_token)
+        return True
 
     def to_tokens(self, text, prepend_bos=None):
         """Text (or a list of texts) -> int64 tokens [batch, pos], right-padded with
-        the padding token when texts differ in length. prepend_bos: None follows the
-        tokenizer (a GGUF file's add_bos_token), else True as TransformerLens.
+        the padding token when texts differ in length. prepend_bos: None is True, as
+        TransformerLens, except for a GGUF file's tokenizer, which says (add_bos_token).
 
         The result is a mechscope.Tokens array whose ``attention_mask`` marks the
         padding (None when there is none); run, metrics, sweeps and patching use it
@@ -920,6 +929,12 @@ def _load_shared(path, tokenizer=None, dtype="auto"):
         _SHARED[key] = model
         _SHARED_LOADS[0] += 1
     return model
+
+
+def _is_transformers_tokenizer(tok):
+    """A transformers tokenizer object (given as tokenizer=), by its class's lineage,
+    so that transformers need not be imported"""
+    return any(c.__name__ == "PreTrainedTokenizerBase" for c in type(tok).__mro__)
 
 
 class _TokenizersAdapter:
