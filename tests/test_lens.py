@@ -386,3 +386,24 @@ def test_test_prompt_bad_input(gpt2, bpe_tokenizer, hf_dirs):
             ms.lens.test_prompt(model, "the", "road", top_k=top_k)
     with pytest.raises(ValueError, match="this model has none"):
         ms.lens.test_prompt(gpt2[1], "the", "road")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_to_tokens_pads_either_side_as_transformer_lens(gpt2, bpe_tokenizer, hf_dirs, side):
+    """to_tokens(padding_side=) gives TransformerLens's tokens and padding; each row's
+    last real token then reads as the text alone"""
+    tl = tl_model_from_hf(gpt2[0])
+    tl.set_tokenizer(bpe_tokenizer)
+    model = ms.Model.from_pretrained(hf_dirs[GPT2], tokenizer=bpe_tokenizer)
+    texts = ["The Eiffel Tower is in", "Why did the elephant cross the road to Paris", "John"]
+    tokens = model.to_tokens(texts, padding_side=side)
+    np.testing.assert_array_equal(tokens, tl.to_tokens(texts, padding_side=side).numpy())
+    lengths = [len(model.to_tokens(t)[0]) for t in texts]
+    assert tokens.attention_mask.sum(1).tolist() == lengths
+    real = tokens.attention_mask[:, ::-1] if side == "left" else tokens.attention_mask
+    assert all(row[:n].all() and not row[n:].any() for row, n in zip(real, lengths))
+    last = model.run(tokens, logits="last").logits
+    for i, text in enumerate(texts):
+        assert_close(last[i], model.run(model.to_tokens(text), logits="last").logits[0], what=text)
+    with pytest.raises(ValueError, match="padding_side: expected 'right' or 'left'"):
+        model.to_tokens(texts, padding_side="middle")

@@ -445,32 +445,36 @@ class Model:
             return bool(self.tokenizer.add_bos_token)
         return True
 
-    def to_tokens(self, text, prepend_bos=None):
-        """Text (or a list of texts) -> int64 tokens [batch, pos], right-padded with
-        the padding token when texts differ in length. prepend_bos: None is True, as
+    def to_tokens(self, text, prepend_bos=None, padding_side="right"):
+        """Text (or a list of texts) -> int64 tokens [batch, pos], padded with the
+        padding token on ``padding_side`` ("right" or "left", as TransformerLens's
+        padding_side) when texts differ in length. prepend_bos: None is True, as
         TransformerLens, except for a GGUF file's tokenizer, which says (add_bos_token).
 
         The result is a mechscope.Tokens array whose ``attention_mask`` marks the
         padding (None when there is none); run, metrics, sweeps and patching use it
         when they are not given an attention_mask, so ``run(tokens, logits="last")``
         reads each row's own last token."""
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side: expected 'right' or 'left', got {padding_side!r}")
         prepend_bos = self._prepend_bos(prepend_bos)
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text: expected a string or a non-empty list of strings")
         rows = [([self._bos()] if prepend_bos else []) + self._encode(t) for t in texts]
-        tokens, mask = self._pad(rows)
+        tokens, mask = self._pad(rows, left=padding_side == "left")
         return Tokens(tokens, None if mask.all() else mask)
 
-    def _pad(self, rows):
+    def _pad(self, rows, left=False):
         pad = getattr(self.tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else self._bos()
         width = max(len(r) for r in rows)
         tokens = np.full((len(rows), width), pad, np.int64)
         mask = np.zeros((len(rows), width), np.int32)
         for i, r in enumerate(rows):
-            tokens[i, :len(r)] = r
-            mask[i, :len(r)] = 1
+            at = slice(width - len(r), width) if left else slice(0, len(r))
+            tokens[i, at] = r
+            mask[i, at] = 1
         return tokens, mask
 
     def to_str_tokens(self, tokens, prepend_bos=None):
