@@ -185,3 +185,44 @@ def test_malformed_merges_are_refused(tmp_path, bpe_files):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")  # "ab" is not in the vocabulary
     with pytest.raises(ValueError, match="vocab.json and merges.txt cannot be read as byte-level BPE"):
         ms.Model.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["added_tokens_decoder", "added_tokens.json"])
+def test_added_tokens_tokenize_as_gpt2_tokenizer(tmp_path, bpe_files, layout):
+    """tokens a GPT-2 tokenizer folder adds beyond vocab.json (special and not) are kept
+    whole with the folder's ids, as transformers' GPT2Tokenizer keeps them; from the
+    config's added_tokens_decoder or from the older added_tokens.json"""
+    ref = transformers.GPT2Tokenizer(str(bpe_files / "vocab.json"), str(bpe_files / "merges.txt"))
+    ref.add_tokens(["<pad>", "[SEP]"], special_tokens=True)
+    ref.add_tokens(["dogs", " wug"])
+    ref.pad_token = "<pad>"
+    hf = make_hf(None, spec=("gpt_neo", dict(hidden_size=32, num_heads=4, num_layers=2, vocab_size=len(ref),
+                                             max_position_embeddings=32, attention_types=[[["global"], 2]])))
+    hf.save_pretrained(tmp_path)
+    ref.save_pretrained(tmp_path)
+    if layout == "added_tokens.json":
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        del config["added_tokens_decoder"]
+        config["additional_special_tokens"] = ["[SEP]"]
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        ref = transformers.GPT2Tokenizer.from_pretrained(tmp_path)
+    model = ms.Model.from_pretrained(tmp_path)
+    rng = np.random.default_rng(3)
+    pieces = ["<pad>", "[SEP]", "dogs", " wug", "wug", "hot dogs!", " <pad> ", "<|endoftext|>"]
+    strings = ["".join(rng.choice(pieces, 3)) + s + rng.choice(pieces) for s in varied_strings(500)]
+    want = [ref.encode(s, add_special_tokens=False) for s in strings]
+    got = [model.tokenizer.encode(s) for s in strings]
+    bad = [s for s, a, b in zip(strings, got, want) if a != b]
+    assert not bad, f"{len(bad)} strings differ, e.g. {bad[:3]!r}"
+    new_ids = {ref.convert_tokens_to_ids(t) for t in ("<pad>", "[SEP]", "dogs", " wug")}
+    assert new_ids == set(range(700, 704))
+    assert sum(i in new_ids for row in got for i in row) > 500
+    assert model.tokenizer.pad_token_id == ref.pad_token_id
+    assert model.to_string(model.to_tokens("a[SEP] wug", prepend_bos=False)[0]) == "a[SEP] wug"
+    # ids with a gap after the vocabulary cannot be given: refused by name
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<pad>": 700, "[SEP]": 702}))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="added token '\\[SEP\\]' has id 702 in the folder but would get 701"):
+        ms.Model.from_pretrained(tmp_path)

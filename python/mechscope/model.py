@@ -1006,10 +1006,30 @@ def _tokenizer_settings(folder):
     return settings
 
 
+def _added_tokens(folder, settings, named, AddedToken):
+    """The tokens a GPT-2 tokenizer folder adds to vocab.json: id -> AddedToken, from
+    tokenizer_config.json's added_tokens_decoder (each with its settings), else from the
+    older added_tokens.json (text -> id; special when the config names them)."""
+    added = {}
+    for key, entry in (settings.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str) and str(key).isdigit():
+            flags = {f: bool(entry.get(f, False)) for f in ("lstrip", "rstrip", "single_word")}
+            added[int(key)] = AddedToken(entry["content"], special=bool(entry.get("special", False)),
+                                         normalized=bool(entry.get("normalized", not entry.get("special"))),
+                                         **flags)
+    path = os.path.join(folder, "added_tokens.json")
+    if not added and is_present(path, "tokenizer"):
+        for text, i in read_json_object(path, "tokenizer").items():
+            if isinstance(i, int) and not isinstance(i, bool) and i >= 0:
+                added[i] = AddedToken(text, special=text in named, normalized=text not in named)
+    return added
+
+
 def _byte_level_bpe(folder, vocab):
     """GPT-2's tokenizer from its two files: byte-level BPE over GPT-2's pre-tokenizing
     pattern, as transformers' GPT2Tokenizer reads them; the special tokens the
-    tokenizer's config names (end of text, ...) kept whole where the text holds them.
+    tokenizer's config names (end of text, ...) and the tokens the folder adds to the
+    vocabulary kept whole where the text holds them.
     None without the optional `tokenizers` package."""
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -1024,12 +1044,27 @@ def _byte_level_bpe(folder, vocab):
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = [v.get("content") for v in (settings.get("added_tokens_decoder") or {}).values() if isinstance(v, dict)]
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = settings.get(key)
-        special.append(value.get("content") if isinstance(value, dict) else value)
-    special = [t for t in dict.fromkeys(special) if isinstance(t, str) and t in vocab]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    # the special tokens the config names, and the tokens the folder adds, with their ids
+    named = []
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens"):
+        for value in settings.get(key) if isinstance(settings.get(key), list) else [settings.get(key)]:
+            named.append(value.get("content") if isinstance(value, dict) else value)
+    named = [t for t in dict.fromkeys(named) if isinstance(t, str)]
+    added = _added_tokens(folder, settings, named, AddedToken)  # id -> AddedToken
+    for t in named:
+        if t in vocab and vocab[t] not in added:
+            added[vocab[t]] = AddedToken(t, special=True, normalized=False)
+    # tokens of the vocabulary first (they keep their ids), then the new ones in the order
+    # of their ids, which the library gives them counting on from the vocabulary's size
+    for i in sorted(added, key=lambda i: (added[i].content not in vocab, i)):
+        if added[i].special:
+            tok.add_special_tokens([added[i]])
+        else:
+            tok.add_tokens([added[i]])
+        if tok.token_to_id(added[i].content) != i:
+            raise ValueError(f"tokenizer {folder}: the added token {added[i].content!r} has id {i} in the "
+                             f"folder but would get {tok.token_to_id(added[i].content)} (added tokens must "
+                             f"follow the vocabulary's {len(vocab)} ids without a gap)")
     adapter = _TokenizersAdapter(tok, folder)
     if settings.get("add_prefix_space"):  # before the whole text, whatever it starts with
         adapter.prefix = " "
