@@ -200,3 +200,18 @@ def test_copying_scores_equal_the_definition():
     w["blocks.0.attn.w_o"][:8] = (np.linalg.pinv(ev) @ W["W_E"]).astype(np.float32)  # head 0's rows ([in, out])
     w["unembed"][:] = W["W_E"].astype(np.float32)                                  # stored [vocab, d_model]
     assert ms.weights.copying_scores(model)[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa3"])
+def test_each_head_s_output_is_transformer_lens_hook_result(name, hf_models):
+    """TransformerLens's hook_result (use_attn_result=True) is z times W_O per head:
+    the README's recipe from the cached attn.hook_z and ms.weights.get(model, "W_O")"""
+    model, tl = _models(name, hf_models)
+    tl.cfg.use_attn_result = True
+    tokens = np.random.default_rng(2).integers(0, model.d_vocab, size=(2, 9))
+    cache = tl.run_with_cache(torch.as_tensor(tokens))[1]
+    out = model.run(tokens, cache="blocks.*.attn.hook_z", logits=None)
+    W_O = ms.weights.get(model, "W_O")  # [layer, head, d_head, d_model]
+    for layer in range(model.n_layers):
+        result = np.einsum("bphd,hdm->bphm", out.cache["z", layer], W_O[layer])
+        np.testing.assert_allclose(result, cache["result", layer].numpy(), atol=1e-4, rtol=0)
