@@ -398,6 +398,7 @@ def test_to_tokens_pads_either_side_as_transformer_lens(gpt2, bpe_tokenizer, hf_
     texts = ["The Eiffel Tower is in", "Why did the elephant cross the road to Paris", "John"]
     tokens = model.to_tokens(texts, padding_side=side)
     np.testing.assert_array_equal(tokens, tl.to_tokens(texts, padding_side=side).numpy())
+    assert model.to_str_tokens(texts) == tl.to_str_tokens(texts)
     lengths = [len(model.to_tokens(t)[0]) for t in texts]
     assert tokens.attention_mask.sum(1).tolist() == lengths
     real = tokens.attention_mask[:, ::-1] if side == "left" else tokens.attention_mask

@@ -247,6 +247,11 @@ def test_to_str_tokens(tok_model):
     assert tok_model.to_str_tokens(np.array([95] + ids("ok"))) == ["<bos>", "o", "k"]
     assert tok_model.to_str_tokens(ids("a b")) == ["a", " ", "b"]
     assert tok_model.to_str_tokens("ok") == ["<bos>", "o", "k"]  # like TL: bos prepended
+    # like TL: a list of texts gives a list each, one token a list of one
+    assert tok_model.to_str_tokens(["ok", "abc"], prepend_bos=False) == [["o", "k"], ["a", "b", "c"]]
+    assert tok_model.to_str_tokens(np.int64(ids("z")[0])) == ["z"]
+    with pytest.raises(ValueError, match="expected one sequence"):
+        tok_model.to_str_tokens(np.zeros((2, 3), int))
 
 
 def test_token_helpers_as_transformer_lens(tok_model):

@@ -478,11 +478,16 @@ class Model:
         return tokens, mask
 
     def to_str_tokens(self, tokens, prepend_bos=None):
-        """Tokens (1-D) or a text -> the list of token strings."""
+        """Tokens (1-D, or one token) or a text -> the list of token strings; a list of
+        texts -> one such list each, as TransformerLens's."""
         tok = self._need_tokenizer()
+        if isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens):
+            return [self.to_str_tokens(t, prepend_bos=prepend_bos) for t in tokens]
         if isinstance(tokens, str):
             tokens = self.to_tokens(tokens, prepend_bos=prepend_bos)[0]
         tokens = np.asarray(tokens)
+        if tokens.ndim == 0:
+            tokens = tokens[None]
         if tokens.ndim == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
         if tokens.ndim != 1:
