@@ -142,6 +142,16 @@ def gguf_writer(hf, arch, path):
         w.add_feed_forward_length(c.n_inner)
         w.add_head_count(c.n_head)
         w.add_layer_norm_eps(c.layer_norm_epsilon)
+    elif arch == "stablelm":  # no rope base (llama.cpp takes 10^4); a LayerNorm epsilon
+        w.add_block_count(c.num_hidden_layers)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_rope_dimension_count(int(c.partial_rotary_factor * (c.hidden_size // c.num_attention_heads)))
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_parallel_residual(c.use_parallel_residual)
+        w.add_layer_norm_eps(c.layer_norm_eps)
     else:
         w.add_block_count(c.num_hidden_layers)
         w.add_context_length(c.max_position_embeddings)
@@ -396,6 +406,10 @@ FAMILIES = {
                                                    sliding_window=4, rope_theta=1e6))),
     "phi3": ("phi3", ("phi3", dict(_SMALL, partial_rotary_factor=0.5, sliding_window=5, rope_theta=1e4,
                                    original_max_position_embeddings=64, pad_token_id=0))),
+    # StableLM: LayerNorms with biases, q/k/v biases, rotary over 6 of 16 head dims
+    "stablelm": ("stablelm", ("stablelm", dict(_SMALL, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                               partial_rotary_factor=0.375, use_qkv_bias=True, layer_norm_eps=1e-4,
+                                               rope_theta=1e4))),
 }
 
 
@@ -530,16 +544,18 @@ def test_yarn_rope_scaling_is_read_from_the_file(tmp_path):
 # compared with the model they were written from only
 # For Gemma 2 and 3 it keeps Gemma's query_pre_attn_scalar of 256 (which llama.cpp
 # reads as head_dim, 256 in Gemma's models), and Gemma 2's caps of 50 and 30; for Phi-3
-# no partial rotary and no window
+# no partial rotary and no window; for StableLM no partial rotary either (it keeps 0.25)
 _FOR_TRANSFORMERS = {"qwen3": dict(head_dim=128),
                      "qwen3_moe": dict(head_dim=128, moe_intermediate_size=768, num_experts_per_tok=4),
                      "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
                                     final_logit_softcapping=30.0),
                      "gemma3_text": dict(head_dim=256, query_pre_attn_scalar=256),
-                     "phi3": dict(partial_rotary_factor=1.0, sliding_window=None)}
+                     "phi3": dict(partial_rotary_factor=1.0, sliding_window=None),
+                     "stablelm": dict(partial_rotary_factor=0.25)}
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "gpt2"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "stablelm",
+                                    "gpt2"])
 def test_other_architectures_match_transformers_gguf_loading(family, tmp_path):
     """transformers' own GGUF loader, which knows llama.cpp's layouts independently,
     reads the same file to the same logits (a quantized file: Q8_0)"""
@@ -591,6 +607,17 @@ def test_olmo3_files_other_than_olmo3_are_refused_by_name(tmp_path):
         write_tensors(w, hf, arch=arch)
         with pytest.raises(ValueError, match=match):
             ms.Model.from_pretrained(path)
+
+
+def test_parallel_stablelm_files_are_refused_by_name(tmp_path):
+    """a stablelm file without MLP norms holds parallel blocks (StableLM 2 12B's), which
+    mechscope does not run for StableLM: refused, not read as sequential blocks"""
+    arch, (fam, kw) = FAMILIES["stablelm"]
+    hf = make_hf(None, seed=4, spec=(fam, dict(kw, use_parallel_residual=True)))
+    path = tmp_path / "parallel.gguf"
+    write_family(hf, arch, path)
+    with pytest.raises(ValueError, match="without ffn_norm tensors holds parallel attention and MLP blocks"):
+        ms.Model.from_pretrained(path)
 
 
 def test_bad_expert_files_are_refused_by_name(tmp_path):

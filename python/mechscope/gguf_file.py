@@ -1,7 +1,7 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
 `qwen3`, `qwen2moe`, `qwen3moe`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
-`gemma`, `gemma2`, `gemma3`, `phi3` or `gpt2` architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
+`gemma`, `gemma2`, `gemma3`, `phi3`, `stablelm` or `gpt2` architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
 2-byte unless asked otherwise), and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
 with byte fallback ("llama"), each as transformers' GGUF loader builds it.
@@ -32,7 +32,7 @@ from .architectures import longrope_attention
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma", "gemma2",
-                           "gemma3", "phi3", "gpt2")
+                           "gemma3", "phi3", "stablelm", "gpt2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -78,6 +78,9 @@ _OLMO2_BLOCK = {**_ATTENTION, **_QK_NORM, **_MLP, "post_attention_norm.weight": 
 _PHI3_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
                "attn_qkv.weight": "self_attn.qkv_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
                "ffn_up.weight": "mlp.gate_up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+# StableLM: LayerNorms (weight and bias) around Llama's block, q/k/v biases where the model has them
+_STABLELM_BLOCK = {**_BLOCK_NAMES, **_QKV_BIAS, "attn_norm.bias": "input_layernorm.bias",
+                   "ffn_norm.bias": "post_attention_layernorm.bias"}
 # LongRoPE's factors, read into the config (not weights)
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 _GPT2_GLOBALS = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
@@ -98,6 +101,7 @@ _FAMILIES = {
     "phi3": (_PHI3_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo2": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
+    "stablelm": (_STABLELM_BLOCK, "model.layers.{}.", {**_GLOBAL_NAMES, "output_norm.bias": "model.norm.bias"}),
     "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
 }
 _GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
@@ -188,6 +192,9 @@ def read(path, keep_half=False):
     if family == "gpt2":
         config = _gpt2_config(need, vocab_size, "output.weight" not in names)
         n_heads = n_kv = config["n_head"]
+    elif family == "stablelm":
+        config = _stablelm_config(reader, path, need, vocab_size, names)
+        n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     else:
         config, n_heads, n_kv = _llama_config(reader, path, arch, family, need, vocab_size,
                                               "output.weight" not in names)
@@ -242,6 +249,31 @@ def _gpt2_config(need, vocab_size, tied):
             "n_positions": int(need("context_length")), "n_inner": int(need("feed_forward_length")),
             "layer_norm_epsilon": float(need("attention.layer_norm_epsilon")), "vocab_size": vocab_size,
             "tie_word_embeddings": tied}
+
+
+def _stablelm_config(reader, path, need, vocab_size, names):
+    """StableLM's config from a stablelm file. llama.cpp writes no rope base for it (it
+    takes 10^4, as StableLM's models have it), and tells the q/k/v biases and a parallel
+    block (no MLP norm: StableLM 2 12B's, which mechscope does not run) by the tensors
+    present."""
+    if "blk.0.ffn_norm.weight" not in names:
+        raise ValueError(f"checkpoint {path}: a stablelm file without ffn_norm tensors holds parallel attention "
+                         "and MLP blocks, which mechscope does not run for stablelm")
+    n_heads = int(need("attention.head_count"))
+    d_model = int(need("embedding_length"))
+    d_head = d_model // n_heads
+    rope_dims = int(need("rope.dimension_count"))
+    factor = rope_dims / d_head
+    if int(d_head * factor) != rope_dims:  # the config's int(head_dim * factor) gives rope_dims back
+        factor = float(np.nextafter(factor, 1.0))
+    return {"model_type": "stablelm", "hidden_size": d_model, "intermediate_size": int(need("feed_forward_length")),
+            "num_hidden_layers": int(need("block_count")), "num_attention_heads": n_heads,
+            "num_key_value_heads": int(_value(reader, "stablelm.attention.head_count_kv", 0) or n_heads),
+            "max_position_embeddings": int(need("context_length")),
+            "layer_norm_eps": float(need("attention.layer_norm_epsilon")),
+            "rope_theta": float(_value(reader, "stablelm.rope.freq_base", 10000.0)),
+            "partial_rotary_factor": factor, "use_qkv_bias": "blk.0.attn_q.bias" in names,
+            "vocab_size": vocab_size, "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu"}
 
 
 def _llama_config(reader, path, arch, family, need, vocab_size, tied):
