@@ -142,6 +142,14 @@ def gguf_writer(hf, arch, path):
         w.add_feed_forward_length(c.n_inner)
         w.add_head_count(c.n_head)
         w.add_layer_norm_eps(c.layer_norm_epsilon)
+    elif arch == "starcoder":  # one key/value head; the MLP's width as 4 x n_embd, as llama.cpp writes them
+        w.add_context_length(c.n_positions)
+        w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(4 * c.n_embd)
+        w.add_block_count(c.n_layer)
+        w.add_head_count(c.n_head)
+        w.add_head_count_kv(1)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
     elif arch == "stablelm":  # no rope base (llama.cpp takes 10^4); a LayerNorm epsilon
         w.add_block_count(c.num_hidden_layers)
         w.add_context_length(c.max_position_embeddings)
@@ -406,6 +414,9 @@ FAMILIES = {
                                                    sliding_window=4, rope_theta=1e6))),
     "phi3": ("phi3", ("phi3", dict(_SMALL, partial_rotary_factor=0.5, sliding_window=5, rope_theta=1e4,
                                    original_max_position_embeddings=64, pad_token_id=0))),
+    # GPT-BigCode: GPT-2's names with nn.Linear matrices, one key/value head
+    "gpt_bigcode": ("starcoder", ("gpt_bigcode", dict(n_embd=48, n_head=4, n_layer=2, vocab_size=96, n_positions=64,
+                                                      layer_norm_epsilon=1e-4))),
     # StableLM: LayerNorms with biases, q/k/v biases, rotary over 6 of 16 head dims
     "stablelm": ("stablelm", ("stablelm", dict(_SMALL, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                                                partial_rotary_factor=0.375, use_qkv_bias=True, layer_norm_eps=1e-4,
@@ -617,6 +628,25 @@ def test_parallel_stablelm_files_are_refused_by_name(tmp_path):
     path = tmp_path / "parallel.gguf"
     write_family(hf, arch, path)
     with pytest.raises(ValueError, match="without ffn_norm tensors holds parallel attention and MLP blocks"):
+        ms.Model.from_pretrained(path)
+
+
+def test_starcoder_files_with_several_key_value_heads_are_refused_by_name(tmp_path):
+    """mechscope runs GPT-BigCode's multi-query attention only (one key/value head)"""
+    arch, (fam, kw) = FAMILIES["gpt_bigcode"]
+    c = make_hf(None, seed=4, spec=(fam, kw)).config
+    path = tmp_path / "two_kv_heads.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (("context_length", c.n_positions), ("embedding_length", c.n_embd),
+                       ("feed_forward_length", 4 * c.n_embd), ("block_count", c.n_layer), ("head_count", c.n_head),
+                       ("head_count_kv", 2), ("layer_norm_eps", c.layer_norm_epsilon)):
+        getattr(w, "add_" + key)(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) for i in range(c.vocab_size)])
+    w.add_token_merges([])
+    w.add_tensor("token_embd.weight", np.zeros((c.vocab_size, c.n_embd), np.float32))
+    _finish(w)
+    with pytest.raises(ValueError, match="starcoder file with 2 key/value heads is not supported"):
         ms.Model.from_pretrained(path)
 
 

@@ -1,7 +1,7 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
 `qwen3`, `qwen2moe`, `qwen3moe`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
-`gemma`, `gemma2`, `gemma3`, `phi3`, `stablelm` or `gpt2` architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
+`gemma`, `gemma2`, `gemma3`, `phi3`, `stablelm`, `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
 2-byte unless asked otherwise), and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
 with byte fallback ("llama"), each as transformers' GGUF loader builds it.
@@ -32,7 +32,7 @@ from .architectures import longrope_attention
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma", "gemma2",
-                           "gemma3", "phi3", "stablelm", "gpt2")
+                           "gemma3", "phi3", "stablelm", "gpt2", "starcoder")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -103,6 +103,8 @@ _FAMILIES = {
     "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "stablelm": (_STABLELM_BLOCK, "model.layers.{}.", {**_GLOBAL_NAMES, "output_norm.bias": "model.norm.bias"}),
     "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
+    # GPT-BigCode: GPT-2's names; its nn.Linear matrices are stored as they are
+    "gpt_bigcode": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
 }
 _GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 # GPT-2's matrices that llama.cpp stores transposed
@@ -147,7 +149,8 @@ def _family(reader, arch):
         return "mixtral"
     if arch == "olmo2" and (_value(reader, "olmo2.attention.sliding_window") or 0) > 0:
         return "olmo3"  # llama.cpp's olmo2 architecture holds OLMo 3 too: its windows
-    return {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}.get(arch, arch)
+    return {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
+            "starcoder": "gpt_bigcode"}.get(arch, arch)
 
 
 def read(path, keep_half=False):
@@ -189,9 +192,15 @@ def read(path, keep_half=False):
 
     tokens = _value(reader, "tokenizer.ggml.tokens")
     vocab_size = int(_value(reader, f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0))
-    if family == "gpt2":
+    if family in ("gpt2", "gpt_bigcode"):
         config = _gpt2_config(need, vocab_size, "output.weight" not in names)
         n_heads = n_kv = config["n_head"]
+        if family == "gpt_bigcode":  # one key/value head (as llama.cpp writes every starcoder file)
+            n_kv = int(_value(reader, "starcoder.attention.head_count_kv", 1))
+            if n_kv != 1:
+                raise ValueError(f"checkpoint {path}: a starcoder file with {n_kv} key/value heads is not "
+                                 "supported (only GPT-BigCode's multi-query attention: 1)")
+            config.update(model_type="gpt_bigcode", multi_query=True, activation_function="gelu_pytorch_tanh")
     elif family == "stablelm":
         config = _stablelm_config(reader, path, need, vocab_size, names)
         n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
