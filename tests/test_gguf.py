@@ -150,6 +150,16 @@ def gguf_writer(hf, arch, path):
         w.add_head_count(c.n_head)
         w.add_head_count_kv(1)
         w.add_layer_norm_eps(c.layer_norm_epsilon)
+    elif arch == "phi2":  # no rope base; rotary dims as int(factor * d_model) // heads; the MLP's width 4 x d_model
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(4 * c.hidden_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_attention_heads)
+        w.add_layer_norm_eps(c.layer_norm_eps)
+        w.add_rope_dimension_count(int(c.partial_rotary_factor * c.hidden_size) // c.num_attention_heads)
+        w.add_add_bos_token(False)
     elif arch == "stablelm":  # no rope base (llama.cpp takes 10^4); a LayerNorm epsilon
         w.add_block_count(c.num_hidden_layers)
         w.add_context_length(c.max_position_embeddings)
@@ -417,6 +427,10 @@ FAMILIES = {
     # GPT-BigCode: GPT-2's names with nn.Linear matrices, one key/value head
     "gpt_bigcode": ("starcoder", ("gpt_bigcode", dict(n_embd=48, n_head=4, n_layer=2, vocab_size=96, n_positions=64,
                                                       layer_norm_epsilon=1e-4))),
+    # Phi-2: one LayerNorm for the parallel attention and MLP, biases everywhere, rotary over 6 of 16 head dims
+    "phi": ("phi2", ("phi", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=256,
+                                 vocab_size=96, max_position_embeddings=64, partial_rotary_factor=0.375,
+                                 layer_norm_eps=1e-4, tie_word_embeddings=False))),
     # StableLM: LayerNorms with biases, q/k/v biases, rotary over 6 of 16 head dims
     "stablelm": ("stablelm", ("stablelm", dict(_SMALL, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                                                partial_rotary_factor=0.375, use_qkv_bias=True, layer_norm_eps=1e-4,
@@ -618,6 +632,35 @@ def test_olmo3_files_other_than_olmo3_are_refused_by_name(tmp_path):
         write_tensors(w, hf, arch=arch)
         with pytest.raises(ValueError, match=match):
             ms.Model.from_pretrained(path)
+
+
+def test_phi2_file_with_one_qkv_tensor_matches_its_model(tmp_path):
+    """older phi2 files hold q, k and v as one attn_qkv tensor (and bias): split into
+    its three parts, the same logits as the model it was written from"""
+    arch, spec = FAMILIES["phi"]
+    hf = make_hf(None, seed=6, spec=spec)
+    path = tmp_path / "fused.gguf"
+    w = gguf_writer(hf, arch, path)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x100 + i) for i in range(hf.config.vocab_size)])
+    w.add_token_merges([])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PHI2, hf.config.num_hidden_layers)
+    state = {k: v.numpy().astype(np.float32) for k, v in hf.state_dict().items()}
+    for name, a in state.items():
+        stem, suffix = name.rsplit(".", 1)
+        if stem.endswith(("k_proj", "v_proj")):
+            continue
+        if stem.endswith("q_proj"):
+            parts = [state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            w.add_tensor(f"blk.{stem.split('.')[2]}.attn_qkv.{suffix}", np.concatenate(parts))
+        else:
+            w.add_tensor(names.get_name(stem) + "." + suffix, a)
+    _finish(w)
+    model = ms.Model.from_pretrained(path)
+    tokens = np.random.default_rng(2).integers(0, 96, (2, 11))
+    with torch.no_grad():
+        want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
 
 
 def test_parallel_stablelm_files_are_refused_by_name(tmp_path):

@@ -1,7 +1,7 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
 `qwen3`, `qwen2moe`, `qwen3moe`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
-`gemma`, `gemma2`, `gemma3`, `phi3`, `stablelm`, `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
+`gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
 2-byte unless asked otherwise), and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
 with byte fallback ("llama"), each as transformers' GGUF loader builds it.
@@ -32,7 +32,7 @@ from .architectures import longrope_attention
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma", "gemma2",
-                           "gemma3", "phi3", "stablelm", "gpt2", "starcoder")
+                           "gemma3", "phi3", "phi2", "stablelm", "gpt2", "starcoder")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -81,6 +81,15 @@ _PHI3_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": 
 # StableLM: LayerNorms (weight and bias) around Llama's block, q/k/v biases where the model has them
 _STABLELM_BLOCK = {**_BLOCK_NAMES, **_QKV_BIAS, "attn_norm.bias": "input_layernorm.bias",
                    "ffn_norm.bias": "post_attention_layernorm.bias"}
+# Phi-1, 1.5 and 2: one LayerNorm, biases everywhere (the unembedding's too); q, k and v
+# apart, or one attn_qkv tensor as older converters wrote it (split here into three)
+_PHI2_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
+    ("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"), ("attn_qkv", "self_attn.qkv_proj"), ("attn_output", "self_attn.dense"),
+    ("ffn_up", "mlp.fc1"), ("ffn_down", "mlp.fc2")) for kind in ("weight", "bias")}
+_PHI2_GLOBALS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.final_layernorm.weight",
+                 "output_norm.bias": "model.final_layernorm.bias", "output.weight": "lm_head.weight",
+                 "output.bias": "lm_head.bias"}
 # LongRoPE's factors, read into the config (not weights)
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 _GPT2_GLOBALS = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
@@ -101,6 +110,7 @@ _FAMILIES = {
     "phi3": (_PHI3_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo2": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
+    "phi": (_PHI2_BLOCK, "model.layers.{}.", _PHI2_GLOBALS),
     "stablelm": (_STABLELM_BLOCK, "model.layers.{}.", {**_GLOBAL_NAMES, "output_norm.bias": "model.norm.bias"}),
     "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
     # GPT-BigCode: GPT-2's names; its nn.Linear matrices are stored as they are
@@ -150,7 +160,7 @@ def _family(reader, arch):
     if arch == "olmo2" and (_value(reader, "olmo2.attention.sliding_window") or 0) > 0:
         return "olmo3"  # llama.cpp's olmo2 architecture holds OLMo 3 too: its windows
     return {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
-            "starcoder": "gpt_bigcode"}.get(arch, arch)
+            "starcoder": "gpt_bigcode", "phi2": "phi"}.get(arch, arch)
 
 
 def read(path, keep_half=False):
@@ -201,8 +211,8 @@ def read(path, keep_half=False):
                 raise ValueError(f"checkpoint {path}: a starcoder file with {n_kv} key/value heads is not "
                                  "supported (only GPT-BigCode's multi-query attention: 1)")
             config.update(model_type="gpt_bigcode", multi_query=True, activation_function="gelu_pytorch_tanh")
-    elif family == "stablelm":
-        config = _stablelm_config(reader, path, need, vocab_size, names)
+    elif family in ("stablelm", "phi"):
+        config = _layernorm_rotary_config(reader, path, arch, need, vocab_size, names)
         n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     else:
         config, n_heads, n_kv = _llama_config(reader, path, arch, family, need, vocab_size,
@@ -247,6 +257,9 @@ def read(path, keep_half=False):
                                  f"[{n_experts} experts, rows, columns]")
             for e in range(n_experts):
                 weights[name.format(e=e)] = w[e]
+        elif ".qkv_proj." in name and family == "phi":  # one q|k|v tensor: its three equal parts
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), np.split(w, 3, axis=0)):
+                weights[name.replace("qkv_proj", part)] = np.ascontiguousarray(piece)
         else:
             weights[name] = w
     return config, weights, tokenizer_from_reader(reader, path, arch)
@@ -260,12 +273,13 @@ def _gpt2_config(need, vocab_size, tied):
             "tie_word_embeddings": tied}
 
 
-def _stablelm_config(reader, path, need, vocab_size, names):
-    """StableLM's config from a stablelm file. llama.cpp writes no rope base for it (it
-    takes 10^4, as StableLM's models have it), and tells the q/k/v biases and a parallel
-    block (no MLP norm: StableLM 2 12B's, which mechscope does not run) by the tensors
-    present."""
-    if "blk.0.ffn_norm.weight" not in names:
+def _layernorm_rotary_config(reader, path, arch, need, vocab_size, names):
+    """The config of a stablelm or phi2 file: LayerNorms, partial rotary (the share of
+    each head rope.dimension_count says), no rope base written (llama.cpp takes 10^4,
+    as these models have it). StableLM: q/k/v biases where the tensors are; without MLP
+    norms the blocks are parallel (StableLM 2 12B's), which mechscope does not run for
+    StableLM. Phi: one norm for the parallel attention and MLP, biases everywhere."""
+    if arch == "stablelm" and "blk.0.ffn_norm.weight" not in names:
         raise ValueError(f"checkpoint {path}: a stablelm file without ffn_norm tensors holds parallel attention "
                          "and MLP blocks, which mechscope does not run for stablelm")
     n_heads = int(need("attention.head_count"))
@@ -275,14 +289,20 @@ def _stablelm_config(reader, path, need, vocab_size, names):
     factor = rope_dims / d_head
     if int(d_head * factor) != rope_dims:  # the config's int(head_dim * factor) gives rope_dims back
         factor = float(np.nextafter(factor, 1.0))
-    return {"model_type": "stablelm", "hidden_size": d_model, "intermediate_size": int(need("feed_forward_length")),
-            "num_hidden_layers": int(need("block_count")), "num_attention_heads": n_heads,
-            "num_key_value_heads": int(_value(reader, "stablelm.attention.head_count_kv", 0) or n_heads),
-            "max_position_embeddings": int(need("context_length")),
-            "layer_norm_eps": float(need("attention.layer_norm_epsilon")),
-            "rope_theta": float(_value(reader, "stablelm.rope.freq_base", 10000.0)),
-            "partial_rotary_factor": factor, "use_qkv_bias": "blk.0.attn_q.bias" in names,
-            "vocab_size": vocab_size, "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu"}
+    config = {"model_type": "stablelm" if arch == "stablelm" else "phi", "hidden_size": d_model,
+              "intermediate_size": int(need("feed_forward_length")), "num_hidden_layers": int(need("block_count")),
+              "num_attention_heads": n_heads,
+              "num_key_value_heads": int(_value(reader, f"{arch}.attention.head_count_kv", 0) or n_heads),
+              "max_position_embeddings": int(need("context_length")),
+              "layer_norm_eps": float(need("attention.layer_norm_epsilon")),
+              "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+              "partial_rotary_factor": factor, "vocab_size": vocab_size,
+              "tie_word_embeddings": "output.weight" not in names}
+    if arch == "stablelm":
+        config.update(use_qkv_bias="blk.0.attn_q.bias" in names, hidden_act="silu")
+    else:
+        config["hidden_act"] = "gelu_new"
+    return config
 
 
 def _llama_config(reader, path, arch, family, need, vocab_size, tied):
