@@ -277,8 +277,9 @@ def test_token_helpers_as_transformer_lens(tok_model):
 
 
 def test_a_transformers_tokenizer_gets_one_bos(ms, hf_dirs):
-    """a transformers tokenizer given as tokenizer=: one BOS first, as TransformerLens
-    puts it, whether the tokenizer adds one itself (Llama's) or not (GPT-2's)"""
+    """a transformers tokenizer (or a `tokenizers` one) given as tokenizer=: one BOS
+    first, as TransformerLens puts it, whether the tokenizer adds one itself (Llama's)
+    or not (GPT-2's)"""
     from tokenizers import Tokenizer, models, processors
     from transformers import PreTrainedTokenizerFast
     vocab = {"<s>": 0, **{ch: i + 1 for i, ch in enumerate("abc ")}}
@@ -292,6 +293,10 @@ def test_a_transformers_tokenizer_gets_one_bos(ms, hf_dirs):
         assert model.to_tokens("ab c", prepend_bos=False).tolist() == [[1, 2, 4, 3]]
         assert model.to_single_token("b") == 2
         assert model.to_str_tokens("ab") == ["<s>", "a", "b"]
+        # the library's own Tokenizer object too (it names no BOS: the config's, 96)
+        raw = ms.Model.from_pretrained(hf_dirs["odd30_gelu_new"], tokenizer=backend)
+        assert backend.encode("ab c").ids == own_bos + [1, 2, 4, 3]
+        assert raw.to_tokens("ab c").tolist() == [[96, 1, 2, 4, 3]]
 
 
 def test_run_text(tok_model, hf_models):

@@ -941,9 +941,12 @@ def _load_shared(path, tokenizer=None, dtype="auto"):
 
 
 def _is_transformers_tokenizer(tok):
-    """A transformers tokenizer object (given as tokenizer=), by its class's lineage,
-    so that transformers need not be imported"""
-    return any(c.__name__ == "PreTrainedTokenizerBase" for c in type(tok).__mro__)
+    """A transformers tokenizer object or a `tokenizers.Tokenizer` (given as tokenizer=),
+    whose encode adds the special tokens of its template unless told not to; told by
+    the class, so that neither package need be imported"""
+    kinds = [(c.__module__, c.__name__) for c in type(tok).__mro__]
+    return any(name == "PreTrainedTokenizerBase" for _, name in kinds) or \
+        any(module.startswith("tokenizers") and name == "Tokenizer" for module, name in kinds)
 
 
 class _TokenizersAdapter:
