@@ -150,6 +150,15 @@ def gguf_writer(hf, arch, path):
         w.add_head_count(c.n_head)
         w.add_head_count_kv(1)
         w.add_layer_norm_eps(c.layer_norm_epsilon)
+    elif arch == "gptneox":  # no rope base; the residual kind
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_rope_dimension_count(int(c.rotary_pct * (c.hidden_size // c.num_attention_heads)))
+        w.add_head_count(c.num_attention_heads)
+        w.add_parallel_residual(c.use_parallel_residual)
+        w.add_layer_norm_eps(c.layer_norm_eps)
     elif arch == "phi2":  # no rope base; rotary dims as int(factor * d_model) // heads; the MLP's width 4 x d_model
         w.add_context_length(c.max_position_embeddings)
         w.add_embedding_length(c.hidden_size)
@@ -253,6 +262,9 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
             a = _permute(a, c.num_key_value_heads)
         elif arch.startswith("gemma") and gg.endswith("norm.weight"):
             a = a + 1
+        elif arch == "gptneox" and ".attn_qkv." in gg:  # GPT-NeoX's q|k|v by head -> q, then k, then v
+            n = c.num_attention_heads
+            a = np.ascontiguousarray(a.reshape((n, 3, -1) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape))
         _add(w, gg, a, kind, rng)
     for name, arrays in stacks.items():
         stem, suffix = name.rsplit(".", 1)
@@ -431,6 +443,10 @@ FAMILIES = {
     "phi": ("phi2", ("phi", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=256,
                                  vocab_size=96, max_position_embeddings=64, partial_rotary_factor=0.375,
                                  layer_norm_eps=1e-4, tie_word_embeddings=False))),
+    # GPT-NeoX (Pythia): q|k|v interleaved by head, stored one after another; parallel blocks, exact GELU
+    "gpt_neox": ("gptneox", ("gpt_neox", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                              intermediate_size=96, vocab_size=96, max_position_embeddings=64,
+                                              rotary_pct=0.25, hidden_act="gelu", layer_norm_eps=1e-4))),
     # StableLM: LayerNorms with biases, q/k/v biases, rotary over 6 of 16 head dims
     "stablelm": ("stablelm", ("stablelm", dict(_SMALL, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                                                partial_rotary_factor=0.375, use_qkv_bias=True, layer_norm_eps=1e-4,
@@ -658,6 +674,20 @@ def test_phi2_file_with_one_qkv_tensor_matches_its_model(tmp_path):
     _finish(w)
     model = ms.Model.from_pretrained(path)
     tokens = np.random.default_rng(2).integers(0, 96, (2, 11))
+    with torch.no_grad():
+        want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
+
+
+def test_sequential_gptneox_file_matches_its_model(tmp_path):
+    """a gptneox file whose use_parallel_residual is false (sequential blocks)"""
+    arch, (fam, kw) = FAMILIES["gpt_neox"]
+    hf = make_hf(None, seed=7, spec=(fam, dict(kw, use_parallel_residual=False)))
+    path = tmp_path / "sequential.gguf"
+    write_family(hf, arch, path)
+    model = ms.Model.from_pretrained(path)
+    assert not model.arch["parallel"]
+    tokens = np.random.default_rng(8).integers(0, 96, (2, 10))
     with torch.no_grad():
         want = hf(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)

@@ -1,7 +1,7 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
 `qwen3`, `qwen2moe`, `qwen3moe`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
-`gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
+`gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gptneox` (Pythia), `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
 2-byte unless asked otherwise), and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
 with byte fallback ("llama"), each as transformers' GGUF loader builds it.
@@ -16,7 +16,9 @@ layouts where llama.cpp's converter changed them:
 - the experts of a block are one tensor [experts, out, in] per projection,
   split here into the HuggingFace model's per-expert matrices;
 - Gemma files store every norm's scale as 1 + the HuggingFace weight (the scale
-  itself): 1 is taken off again.
+  itself): 1 is taken off again;
+- `gptneox` files store a block's q, k and v rows one after another, where GPT-NeoX
+  interleaves them by head: they are interleaved again.
 Hyperparameters llama.cpp does not store but fixes by architecture are filled in as
 llama.cpp fixes them (Gemma's attention scale and GeGLU, Gemma 3's local rotary base
 and its five sliding layers in six; OLMoE's experts used as the router weighs them,
@@ -32,7 +34,7 @@ from .architectures import longrope_attention
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma", "gemma2",
-                           "gemma3", "phi3", "phi2", "stablelm", "gpt2", "starcoder")
+                           "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -90,6 +92,13 @@ _PHI2_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
 _PHI2_GLOBALS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.final_layernorm.weight",
                  "output_norm.bias": "model.final_layernorm.bias", "output.weight": "lm_head.weight",
                  "output.bias": "lm_head.bias"}
+# GPT-NeoX (Pythia): its q|k|v tensor, LayerNorms with biases, an untied unembedding
+_NEOX_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
+    ("attn_norm", "input_layernorm"), ("attn_qkv", "attention.query_key_value"), ("attn_output", "attention.dense"),
+    ("ffn_norm", "post_attention_layernorm"), ("ffn_up", "mlp.dense_h_to_4h"), ("ffn_down", "mlp.dense_4h_to_h"))
+    for kind in ("weight", "bias")}
+_NEOX_GLOBALS = {"token_embd.weight": "gpt_neox.embed_in.weight", "output_norm.weight": "gpt_neox.final_layer_norm.weight",
+                 "output_norm.bias": "gpt_neox.final_layer_norm.bias", "output.weight": "embed_out.weight"}
 # LongRoPE's factors, read into the config (not weights)
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 _GPT2_GLOBALS = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
@@ -111,6 +120,7 @@ _FAMILIES = {
     "olmo2": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "phi": (_PHI2_BLOCK, "model.layers.{}.", _PHI2_GLOBALS),
+    "gpt_neox": (_NEOX_BLOCK, "gpt_neox.layers.{}.", _NEOX_GLOBALS),
     "stablelm": (_STABLELM_BLOCK, "model.layers.{}.", {**_GLOBAL_NAMES, "output_norm.bias": "model.norm.bias"}),
     "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
     # GPT-BigCode: GPT-2's names; its nn.Linear matrices are stored as they are
@@ -148,6 +158,13 @@ def _hf_name(name, family="llama"):
     return None
 
 
+def _interleave_qkv(w, n_heads):
+    """llama.cpp's q, k, v rows one after another -> GPT-NeoX's, by head: [3, n, d, ...] -> [n, 3, d, ...]"""
+    rows = w.shape[0]
+    return np.ascontiguousarray(w.reshape((3, n_heads, rows // 3 // n_heads) + w.shape[1:]).swapaxes(0, 1)
+                                .reshape(w.shape))
+
+
 def _unpermute(w, n_heads):
     """llama.cpp's rotary row order -> HuggingFace's: rows [n, d/2, 2] -> [n, 2, d/2]"""
     rows, cols = w.shape
@@ -160,7 +177,7 @@ def _family(reader, arch):
     if arch == "olmo2" and (_value(reader, "olmo2.attention.sliding_window") or 0) > 0:
         return "olmo3"  # llama.cpp's olmo2 architecture holds OLMo 3 too: its windows
     return {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text",
-            "starcoder": "gpt_bigcode", "phi2": "phi"}.get(arch, arch)
+            "starcoder": "gpt_bigcode", "phi2": "phi", "gptneox": "gpt_neox"}.get(arch, arch)
 
 
 def read(path, keep_half=False):
@@ -211,7 +228,7 @@ def read(path, keep_half=False):
                 raise ValueError(f"checkpoint {path}: a starcoder file with {n_kv} key/value heads is not "
                                  "supported (only GPT-BigCode's multi-query attention: 1)")
             config.update(model_type="gpt_bigcode", multi_query=True, activation_function="gelu_pytorch_tanh")
-    elif family in ("stablelm", "phi"):
+    elif family in ("stablelm", "phi", "gpt_neox"):
         config = _layernorm_rotary_config(reader, path, arch, need, vocab_size, names)
         n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     else:
@@ -247,6 +264,8 @@ def read(path, keep_half=False):
             w = _unpermute(w, n_kv)
         elif family == "gpt2" and short in _GPT2_TRANSPOSED:
             w = w.T.copy()
+        elif family == "gpt_neox" and short.startswith("attn_qkv."):
+            w = _interleave_qkv(w, n_heads)
         elif family in _GEMMA_FAMILIES and t.name.endswith("norm.weight"):
             w = _dtypes.to_float32(w) - np.float32(1)  # the file's scale is 1 + HF's weight
         elif short == "ffn_gate_inp_shexp.weight":
@@ -274,11 +293,13 @@ def _gpt2_config(need, vocab_size, tied):
 
 
 def _layernorm_rotary_config(reader, path, arch, need, vocab_size, names):
-    """The config of a stablelm or phi2 file: LayerNorms, partial rotary (the share of
-    each head rope.dimension_count says), no rope base written (llama.cpp takes 10^4,
-    as these models have it). StableLM: q/k/v biases where the tensors are; without MLP
-    norms the blocks are parallel (StableLM 2 12B's), which mechscope does not run for
-    StableLM. Phi: one norm for the parallel attention and MLP, biases everywhere."""
+    """The config of a stablelm, phi2 or gptneox file: LayerNorms, partial rotary (the
+    share of each head rope.dimension_count says), no rope base written (llama.cpp takes
+    10^4, as these models have it). StableLM: q/k/v biases where the tensors are; without
+    MLP norms the blocks are parallel (StableLM 2 12B's), which mechscope does not run
+    for StableLM. Phi: one norm for the parallel attention and MLP, biases everywhere.
+    GPT-NeoX: parallel or sequential blocks as use_parallel_residual says, and exact GELU
+    (Pythia's; a file does not name its activation)."""
     if arch == "stablelm" and "blk.0.ffn_norm.weight" not in names:
         raise ValueError(f"checkpoint {path}: a stablelm file without ffn_norm tensors holds parallel attention "
                          "and MLP blocks, which mechscope does not run for stablelm")
@@ -289,7 +310,7 @@ def _layernorm_rotary_config(reader, path, arch, need, vocab_size, names):
     factor = rope_dims / d_head
     if int(d_head * factor) != rope_dims:  # the config's int(head_dim * factor) gives rope_dims back
         factor = float(np.nextafter(factor, 1.0))
-    config = {"model_type": "stablelm" if arch == "stablelm" else "phi", "hidden_size": d_model,
+    config = {"model_type": {"stablelm": "stablelm", "phi2": "phi", "gptneox": "gpt_neox"}[arch], "hidden_size": d_model,
               "intermediate_size": int(need("feed_forward_length")), "num_hidden_layers": int(need("block_count")),
               "num_attention_heads": n_heads,
               "num_key_value_heads": int(_value(reader, f"{arch}.attention.head_count_kv", 0) or n_heads),
@@ -300,8 +321,12 @@ def _layernorm_rotary_config(reader, path, arch, need, vocab_size, names):
               "tie_word_embeddings": "output.weight" not in names}
     if arch == "stablelm":
         config.update(use_qkv_bias="blk.0.attn_q.bias" in names, hidden_act="silu")
-    else:
+    elif arch == "phi2":
         config["hidden_act"] = "gelu_new"
+    else:  # GPT-NeoX: its rotary share and base under their names; the residual kind the file says
+        config.update(rotary_pct=config.pop("partial_rotary_factor"), rotary_emb_base=config.pop("rope_theta"),
+                      use_parallel_residual=bool(_value(reader, "gptneox.use_parallel_residual", True)),
+                      attention_bias="blk.0.attn_qkv.bias" in names, hidden_act="gelu")
     return config
 
 
