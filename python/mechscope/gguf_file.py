@@ -1,8 +1,10 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
 `qwen3`, `qwen2moe`, `qwen3moe`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
-`gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gptneox` (Pythia), `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors dequantized to float32 at load, F16 / BF16 ones kept
-2-byte unless asked otherwise), and its tokenizer built from the file's metadata with
+`gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gptneox`
+(Pythia), `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors
+dequantized to float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise),
+and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
 with byte fallback ("llama"), each as transformers' GGUF loader builds it.
 
@@ -97,7 +99,8 @@ _NEOX_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
     ("attn_norm", "input_layernorm"), ("attn_qkv", "attention.query_key_value"), ("attn_output", "attention.dense"),
     ("ffn_norm", "post_attention_layernorm"), ("ffn_up", "mlp.dense_h_to_4h"), ("ffn_down", "mlp.dense_4h_to_h"))
     for kind in ("weight", "bias")}
-_NEOX_GLOBALS = {"token_embd.weight": "gpt_neox.embed_in.weight", "output_norm.weight": "gpt_neox.final_layer_norm.weight",
+_NEOX_GLOBALS = {"token_embd.weight": "gpt_neox.embed_in.weight",
+                 "output_norm.weight": "gpt_neox.final_layer_norm.weight",
                  "output_norm.bias": "gpt_neox.final_layer_norm.bias", "output.weight": "embed_out.weight"}
 # LongRoPE's factors, read into the config (not weights)
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
@@ -310,7 +313,7 @@ def _layernorm_rotary_config(reader, path, arch, need, vocab_size, names):
     factor = rope_dims / d_head
     if int(d_head * factor) != rope_dims:  # the config's int(head_dim * factor) gives rope_dims back
         factor = float(np.nextafter(factor, 1.0))
-    config = {"model_type": {"stablelm": "stablelm", "phi2": "phi", "gptneox": "gpt_neox"}[arch], "hidden_size": d_model,
+    config = {"model_type": _family(reader, arch), "hidden_size": d_model,
               "intermediate_size": int(need("feed_forward_length")), "num_hidden_layers": int(need("block_count")),
               "num_attention_heads": n_heads,
               "num_key_value_heads": int(_value(reader, f"{arch}.attention.head_count_kv", 0) or n_heads),
