@@ -150,15 +150,6 @@ def gguf_writer(hf, arch, path):
         w.add_head_count(c.n_head)
         w.add_head_count_kv(1)
         w.add_layer_norm_eps(c.layer_norm_epsilon)
-    elif arch == "gptneox":  # no rope base; the residual kind
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_block_count(c.num_hidden_layers)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_rope_dimension_count(int(c.rotary_pct * (c.hidden_size // c.num_attention_heads)))
-        w.add_head_count(c.num_attention_heads)
-        w.add_parallel_residual(c.use_parallel_residual)
-        w.add_layer_norm_eps(c.layer_norm_eps)
     elif arch == "phi2":  # no rope base; rotary dims as int(factor * d_model) // heads; the MLP's width 4 x d_model
         w.add_context_length(c.max_position_embeddings)
         w.add_embedding_length(c.hidden_size)
@@ -169,14 +160,16 @@ def gguf_writer(hf, arch, path):
         w.add_layer_norm_eps(c.layer_norm_eps)
         w.add_rope_dimension_count(int(c.partial_rotary_factor * c.hidden_size) // c.num_attention_heads)
         w.add_add_bos_token(False)
-    elif arch == "stablelm":  # no rope base (llama.cpp takes 10^4); a LayerNorm epsilon
+    elif arch in ("gptneox", "stablelm"):  # no rope base (llama.cpp takes 10^4); a LayerNorm epsilon
+        share = c.rotary_pct if arch == "gptneox" else c.partial_rotary_factor
         w.add_block_count(c.num_hidden_layers)
         w.add_context_length(c.max_position_embeddings)
         w.add_embedding_length(c.hidden_size)
         w.add_feed_forward_length(c.intermediate_size)
-        w.add_rope_dimension_count(int(c.partial_rotary_factor * (c.hidden_size // c.num_attention_heads)))
+        w.add_rope_dimension_count(int(share * (c.hidden_size // c.num_attention_heads)))
         w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
+        if arch == "stablelm":
+            w.add_head_count_kv(c.num_key_value_heads)
         w.add_parallel_residual(c.use_parallel_residual)
         w.add_layer_norm_eps(c.layer_norm_eps)
     else:
