@@ -278,8 +278,8 @@ def test_prompt(model, prompt, answer, *, prepend_space_to_answer=True, prepend_
     n_pos = 1 if len(answers) > 1 else len(answer_ids[0])  # several answers: their first tokens
     tokens = np.array([prompt_ids + ids[:n_pos] for ids in answer_ids], dtype=np.int64)
     P = len(prompt_ids)
-    logits = model.run(tokens, logits="all").logits[:, P - 1:P - 1 + n_pos]  # [answers, n_pos, vocab]
-    logits = np.asarray(logits, dtype=np.float32)
+    # the logits at the positions before each answer token only [answers, n_pos, vocab]
+    logits = np.asarray(model.run(tokens, logits=list(range(P - 1, P - 1 + n_pos))).logits, dtype=np.float32)
     z = logits.astype(np.float64)
     logprobs = z - z.max(-1, keepdims=True)
     logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
@@ -289,10 +289,9 @@ def test_prompt(model, prompt, answer, *, prepend_space_to_answer=True, prepend_
     probs = np.exp(np.take_along_axis(logprobs, targets[..., None], -1)[..., 0])
     # the most likely tokens: the first row's (the rows agree up to each position scored)
     order = np.argsort(-logits[0], axis=-1, kind="stable")[:, :top_k]  # [n_pos, top_k]
-    tokenizer_strings = model.to_str_tokens
     result = PromptTest(
-        prompt_tokens=tokenizer_strings(np.array(prompt_ids)),
-        answer_tokens=[tokenizer_strings(np.array(ids)) for ids in answer_ids],
+        prompt_tokens=model.to_str_tokens(prompt_ids),
+        answer_tokens=[model.to_str_tokens(ids) for ids in answer_ids],
         tokens=tokens, ranks=ranks.T, logits=chosen.T, probs=probs.T.astype(np.float32),
         top_ids=order, top_logits=np.take_along_axis(logits[0], order, -1),
         top_probs=np.exp(np.take_along_axis(logprobs[0], order, -1)).astype(np.float32),

@@ -1014,10 +1014,11 @@ def _tokenizer_settings(folder):
     return settings
 
 
-def _added_tokens(folder, settings, named, AddedToken):
+def _added_tokens(folder, settings, named):
     """The tokens a GPT-2 tokenizer folder adds to vocab.json: id -> AddedToken, from
     tokenizer_config.json's added_tokens_decoder (each with its settings), else from the
     older added_tokens.json (text -> id; special when the config names them)."""
+    from tokenizers import AddedToken
     added = {}
     for key, entry in (settings.get("added_tokens_decoder") or {}).items():
         if isinstance(entry, dict) and isinstance(entry.get("content"), str) and str(key).isdigit():
@@ -1058,7 +1059,7 @@ def _byte_level_bpe(folder, vocab):
         for value in settings.get(key) if isinstance(settings.get(key), list) else [settings.get(key)]:
             named.append(value.get("content") if isinstance(value, dict) else value)
     named = [t for t in dict.fromkeys(named) if isinstance(t, str)]
-    added = _added_tokens(folder, settings, named, AddedToken)  # id -> AddedToken
+    added = _added_tokens(folder, settings, named)  # id -> AddedToken
     for t in named:
         if t in vocab and vocab[t] not in added:
             added[vocab[t]] = AddedToken(t, special=True, normalized=False)
