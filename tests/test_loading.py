@@ -2,6 +2,8 @@
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -201,6 +203,29 @@ def test_show_config(ms, capsys):
             assert counts and int(counts[0]) == n, text
     finally:
         ms.set_num_threads(saved)
+
+
+def _kernels_line(coretype):
+    """show_config's BLAS-kernels line in a fresh interpreter (OpenBLAS reads
+    OPENBLAS_CORETYPE once, when it loads), with the variable set or not."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
+    done = subprocess.run([sys.executable, "-c", "import mechscope as ms; ms.show_config()"], env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    return next(line for line in done.stdout.splitlines() if line.startswith("BLAS kernels:"))
+
+
+def test_show_config_names_kernels_set_by_the_environment():
+    """OPENBLAS_CORETYPE replaces OpenBLAS's choice of kernels for the CPU: show_config
+    says so, and names the choice OpenBLAS makes without it (which the benchmarks'
+    sgemm and FMA peaks otherwise leave unexplained)."""
+    own = _kernels_line(None)
+    assert own.endswith("(chosen at run time for this CPU)"), own
+    own_name = own.split(":", 1)[1].split("(")[0].strip()
+    forced = _kernels_line("Sandybridge")
+    assert forced == (f"BLAS kernels: Sandybridge (set by OPENBLAS_CORETYPE=Sandybridge in the environment; "
+                      f"OpenBLAS's own choice for this CPU: {own_name})"), forced
 
 
 # --------------------------------------------------------------- tokenizer

@@ -32,6 +32,9 @@ def _load_blas():
     return path
 
 
+# a kernel set named in the environment when the library loaded replaces OpenBLAS's
+# own choice for this CPU (show_config says so)
+_blas_coretype_env = os.environ.get("OPENBLAS_CORETYPE")
 _blas_path = _load_blas()
 
 from . import _core  # noqa: E402
@@ -118,6 +121,23 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
+def _blas_own_corename():
+    """The kernel set OpenBLAS picks for this CPU when the environment names none: asked
+    of a fresh interpreter, since the library reads OPENBLAS_CORETYPE once, at load."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); "
+            "f = lib.scipy_openblas_get_corename; f.restype = ctypes.c_char_p; print(f().decode())")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, _blas_path], env=env, capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
 def show_config():
     """Print the BLAS mechscope uses, the kernels it picked for this CPU, and the threads."""
     config, corename, kernels = _core.blas_info()
@@ -125,7 +145,11 @@ def show_config():
     print(f"mechscope {__import__('mechscope').__version__}")
     print(f"BLAS:         {config}")
     print(f"BLAS library: {_blas_path}")
-    print(f"BLAS kernels: {corename} (chosen at run time for this CPU)")
+    if _blas_coretype_env:
+        print(f"BLAS kernels: {corename} (set by OPENBLAS_CORETYPE={_blas_coretype_env} in the environment; "
+              f"OpenBLAS's own choice for this CPU: {_blas_own_corename()})")
+    else:
+        print(f"BLAS kernels: {corename} (chosen at run time for this CPU)")
     print(f"mechscope:    {kernels}; element-wise loops chosen at load for this CPU")
     print(f"threads:      {get_num_threads()} (os.cpu_count() = {os.cpu_count()})")
     print(f"CPU:          {_cpu_name()}")
