@@ -13,7 +13,7 @@ import numpy as np
 import scipy_openblas32
 
 import mechscope as ms
-from mechscope import _core
+from mechscope import _core, _runtime
 
 
 def default_threads():
@@ -175,6 +175,9 @@ def measure_fma_peak(sgemm_peak):
     print(f"FMA peak ({instructions}, {ms.get_num_threads()} threads, registers only, best of 5): "
           f"{gflops:.1f} GFLOP/s")
     print(f"  the sgemm peak is {100 * sgemm_peak / gflops:.0f}% of it")
+    if _runtime._blas_coretype_env:
+        print(f"  (OpenBLAS runs the kernels OPENBLAS_CORETYPE={_runtime._blas_coretype_env} names, not its own "
+              f"choice for this CPU, {_runtime._blas_own_corename()}: see the header)")
     print()
     return gflops
 
