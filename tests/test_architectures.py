@@ -78,6 +78,11 @@ CONFIGS = {
     # rotary_dim dimensions
     "gptj_adjacent": ("gptj", dict(n_embd=48, n_head=4, n_layer=2, n_inner=44, vocab_size=87, n_positions=64,
                                    rotary_dim=6, activation_function="gelu_new")),
+    # OLMo: Llama's block with LayerNorms that have no weights; grouped keys and values,
+    # the unembedding tied
+    "olmo_plain_norms": ("olmo", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=2, intermediate_size=40, vocab_size=83,
+                                      max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=True)),
     # OLMo 2: no norms before the attention and the MLP, their outputs normed, queries and
     # keys normed over all heads at once
     "olmo2_post_norms": ("olmo2", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -122,7 +127,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
-            "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
+            "olmo": ("OlmoConfig", "OlmoForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
             "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM"),
@@ -302,7 +307,7 @@ def _tl_loaded(tl, state_dict):
 
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
-# configuration is compared with transformers only; TransformerLens has no OLMo 2
+# configuration is compared with transformers only; TransformerLens has no OLMo (1, 2 or 3)
 # TransformerLens has no GPT-BigCode or StableLM either
 TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling")
                     and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm"))
@@ -355,7 +360,7 @@ def test_absent_sites_are_refused_by_name(pair):
     if family not in ("opt", "gpt_neo", "gpt_bigcode"):  # (their positions are learned)
         with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
             model.run([[1, 2]], cache="hook_pos_embed")
-    if family.startswith("olmo"):
+    if family in ("olmo2", "olmo3"):
         with pytest.raises(ValueError, match="ln1.hook_normalized.*OLMo 2 and 3 norm"):
             model.run([[1, 2]], cache="blocks.0.ln1.hook_normalized")
         with pytest.raises(ValueError, match="ln2.hook_scale.*OLMo 2 and 3 norm"):
@@ -492,6 +497,7 @@ FAMILY_REFUSALS = [
     ("stablelm_partial", dict(partial_rotary_factor=0.05), "gives 0 rotary dims"),
     ("stablelm_partial", dict(num_key_value_heads=3), "num_key_value_heads"),
     ("neox_parallel", dict(rotary_pct=1.2), "rotary_pct 1.2 gives 14 rotary dims of 12"),
+    ("olmo_plain_norms", dict(clip_qkv=8.0), "clip_qkv 8.0 is not supported"),
 ]
 
 
@@ -743,3 +749,23 @@ def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
                        attention_mask=torch.ones(1, 30, dtype=torch.long)).numpy()
     got = np.asarray(model.generate(prompt, 30, do_sample=False))
     np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+
+
+def test_olmo_norms_hold_no_weights_and_train_as_transformers_loads(tmp_path):
+    """OLMo's LayerNorms have no weights: no gradient is returned for them, a trained
+    checkpoint holds none, and transformers loads it with the trained logits."""
+    hf = make_hf("olmo_plain_norms", seed=2)
+    hf.save_pretrained(tmp_path / "start")
+    model = ms.Model.from_pretrained(tmp_path / "start")
+    assert model.arch["norm"] == 0 and model.arch["ln_eps"] == 1e-5  # LayerNorm, transformers' fixed eps
+    tokens = np.random.default_rng(3).integers(0, model.d_vocab, (4, 9))
+    g = model.grad(tokens, "cross_entropy", weights=True)
+    assert set(g.weights) == {n.removeprefix("model.") for n, _ in hf.named_parameters()}
+    assert not any("norm" in n for n in g.weights)
+    ms.train.fit(model, tokens, steps=2, batch_size=2, lr=1e-2, progress=False)
+    ms.train.save_pretrained(model, tmp_path / "trained")
+    back = transformers.OlmoForCausalLM.from_pretrained(tmp_path / "trained", attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = back(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
+    assert np.abs(want - hf(torch.as_tensor(tokens)).logits.detach().numpy()).max() > 1e-3  # training moved it

@@ -458,7 +458,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             if family == "opt" else hf.model)
     table = {"opt": _OPT, "gpt_neo": _NEO, "gpt_bigcode": _BIGCODE, "gpt_neox": _NEOX, "gemma2": _GEMMA2,
              "gemma3_text": _GEMMA2, "phi3": _PHI3, "phi": _PHI, "gptj": _GPTJ}.get(family)
-    table = table or (_OLMO2 if family.startswith("olmo") else _LLAMA)
+    table = table or (_OLMO2 if family in ("olmo2", "olmo3") else _LLAMA)
     layers = base.h if family in gpt2_like else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
@@ -537,7 +537,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             g = g.reshape(np.shape(tokens) + (-1,))
         if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
             g = g.reshape(g.shape[0], g.shape[1], -1, dh)
-        layer_norm = ("gpt_neox", "opt", "gpt_neo", "gpt_bigcode", "stablelm") + SHARED_NORM
+        layer_norm = ("gpt_neox", "opt", "gpt_neo", "gpt_bigcode", "stablelm", "olmo") + SHARED_NORM
         if family not in layer_norm and name.endswith("hook_normalized"):
             # (a LayerNorm's site is after its weight and bias, as TransformerLens's)
             # RMSNorm's site is before its weight: d site = d output * w
@@ -572,7 +572,7 @@ def test_architectures_match_autograd(name):
     sites = ARCH_SITES + (["blocks.0.mlp.hook_pre_linear"] if model.arch["gated_mlp"] else [])
     if family in SHARED_NORM:
         sites.remove("blocks.0.ln2.hook_normalized")
-    if family.startswith("olmo"):  # its norms: after the attention and the MLP
+    if family in ("olmo2", "olmo3"):  # its norms: after the attention and the MLP
         sites = [s for s in sites if ".ln1." not in s and ".ln2." not in s] + [
             "blocks.0.ln1_post.hook_normalized", "blocks.0.ln2_post.hook_normalized"]
 

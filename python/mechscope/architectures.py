@@ -44,7 +44,7 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
-               "gemma3_text", "phi3", "olmo2", "olmo3", "olmoe")
+               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")
@@ -104,7 +104,8 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
             "Gemma2ForCausalLM": "gemma2",
-            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
+            "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "OlmoForCausalLM": "olmo",
+            "Olmo2ForCausalLM": "olmo2",
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi",
             "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "GPTNeoForCausalLM": "gpt_neo",
@@ -373,6 +374,8 @@ def _llama(config, family):
         cfg.update(sliding_window=4096)
     if family in ("olmo2", "olmo3"):
         cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
+    if family == "olmo":
+        cfg.update(vocab_size=50304, pad_token_id=1, clip_qkv=None)
     if family == "olmo3":
         cfg.update(sliding_window=4096)
     if family == "olmoe":
@@ -473,6 +476,13 @@ def _llama(config, family):
         # transformers' embedding here is nn.Embedding(padding_idx=pad_token_id): the pad
         # token's row takes no gradient from the lookup (it does as the tied unembedding)
         arch["padding_idx"] = pad
+    if family == "olmo":
+        # Llama's block with LayerNorms that have no scale or bias (transformers' fixed
+        # eps 1e-5): the core's scales are ones (see ONES), and there are no biases
+        if cfg.get("clip_qkv") is not None:
+            raise ValueError(f"config: clip_qkv {cfg['clip_qkv']!r} is not supported (clamped queries, keys "
+                             "and values); only None")
+        arch.update(norm=NORM_LAYER, ln_eps=1e-5)
     if family in ("olmo2", "olmo3"):
         # no norm before the attention and the MLP; their outputs normed (as Gemma 2's),
         # and the queries and keys each normed over all heads at once
@@ -852,6 +862,8 @@ TIED = "tied"    # another weight's array read again (a tied unembedding, the em
 #                  second norm, its first): its gradient is added to that weight's
 OFFSET = "offset"  # a norm's scale 1 + the HF array (Gemma's norms multiply by 1 + weight), made
 #                    in float32 as HF makes it; its gradient is the HF array's
+ONES = "ones"    # a scale the checkpoint does not hold (OLMo's norms have none): ones, made here,
+#                  as wide as the model; no HF weight, so no gradient is returned for it
 POSITIONS = "positions"  # OPT's learned positions: the HF table's rows from 2 on (HF looks up
 #                          position p at row p + 2; rows 0 and 1 serve no real token), whose
 #                          first two rows get no gradient
@@ -862,8 +874,8 @@ class Pair(NamedTuple):
     """One core weight and the HF weights it is made of.
 
     core: the core's name (in a block: the part after "blocks.{layer}.")
-    how: SAME, STACK, HEADS, TIED, OFFSET or POSITIONS (above)
-    hf: ((HF name, shape), ...) in stacking order; a shape is dimension letters, e.g. "3C C"
+    how: SAME, STACK, HEADS, TIED, OFFSET, ONES or POSITIONS (above)
+    hf: ((HF name, shape), ...) in stacking order (none for ONES); a shape is dimension letters, e.g. "3C C"
         (C d_model, V d_vocab, P n_ctx, P2 n_ctx + 2, F d_mlp, FS a shared expert's width,
         QD/KD the widths of q and of k, v)
     when: the arch flag the weight exists under ("qkv_bias", "o_bias", "mlp_bias"), or
@@ -1034,6 +1046,12 @@ _OLMO2_WEIGHTS = _LLAMA_WEIGHTS._replace(blocks=tuple(
     _same("ln2_post.w", "post_feedforward_layernorm.weight", "C"),
     _same("attn.q_norm.w", "self_attn.q_norm.weight", "QD"), _same("attn.k_norm.w", "self_attn.k_norm.weight", "KD")))
 
+# OLMo: Llama's matrices; its LayerNorms hold no weights
+_OLMO_WEIGHTS = _LLAMA_WEIGHTS._replace(
+    top=(_same("embed", "embed_tokens.weight", "V C"), Pair("ln_final.w", ONES, ())),
+    blocks=(Pair("ln1.w", ONES, ()), Pair("ln2.w", ONES, ())) + tuple(
+        p for p in _LLAMA_WEIGHTS.blocks if p.core not in ("ln1.w", "ln2.w")))
+
 # OPT: GPT-2's table under its own names, q, k and v separate (and nn.Linear's [out, in]),
 # the positions' table two rows longer
 _OPT_WEIGHTS = Family(
@@ -1079,7 +1097,7 @@ _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGH
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen2_moe": _QWEN2_MOE_WEIGHTS,
             "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
-            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
+            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo": _OLMO_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
             "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS, "gpt_neo": _NEO_WEIGHTS,
             "gpt_bigcode": _BIGCODE_WEIGHTS, "stablelm": _STABLELM_WEIGHTS}
 
@@ -1223,6 +1241,8 @@ def core_weights(arch, w):
             out[core] = np.float32(1) + _dtypes.to_float32(w[names[0]])
         elif how == POSITIONS:  # a view of the rows from 2 on (contiguous: rows of a C-ordered table)
             out[core] = np.asarray(w[names[0]])[_POSITION_OFFSET:]
+        elif how == ONES:
+            out[core] = np.ones(arch["d_model"], np.float32)
         else:  # SAME, TIED
             out[core] = w[names[0]]
     if arch["rotary_dim"]:
@@ -1239,6 +1259,8 @@ def hf_gradients(arch, core):
     embedding's (a new array)."""
     out = {}
     for name, how, hf in _pairs(arch):
+        if how == ONES:
+            continue
         g = core[name]
         if how == STACK:
             row = 0
@@ -1288,6 +1310,8 @@ def _message_names(arch):
     """{name in the core's messages ("blocks.0.attn.q", "embed"): HF name}"""
     names = {}
     for core, how, hf in _pairs(arch):
+        if how == ONES:
+            continue
         block, short = _in_block(core)
         parts = _CORE_PARTS.get(short, (short,))
         if short in ("mlp.w_in", "mlp.b_in") and not arch["gated_mlp"]:
