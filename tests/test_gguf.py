@@ -181,7 +181,12 @@ def gguf_writer(hf, arch, path):
         w.add_head_count_kv(c.num_key_value_heads)
         if arch != "gemma2":  # llama.cpp's Gemma 2 files keep theta 10^4 unwritten
             w.add_rope_freq_base(c.rope_theta)
-        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        if arch == "olmo":  # LayerNorms at transformers' fixed 1e-5; clip_qkv as clamp_kqv
+            w.add_layer_norm_eps(1e-5)
+            if c.clip_qkv is not None:
+                w.add_clamp_kqv(c.clip_qkv)
+        else:
+            w.add_layer_norm_rms_eps(c.rms_norm_eps)
         if arch == "llama":
             w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
         if arch.startswith(("qwen3", "gemma")):
@@ -227,7 +232,7 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
     model of GGUF architecture `arch`, and writes the file: HuggingFace names mapped by
     the gguf package's own name table, every expert of a projection stacked into one
     [experts, out, in] tensor, GPT-2's Conv1D matrices stored [out, in], the rows of q
-    and k permuted for llama files only, Gemma's norms stored as 1 + weight; a tied
+    and k permuted for llama and olmo files only, Gemma's norms stored as 1 + weight; a tied
     model's file has no output.weight."""
     c = hf.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
@@ -249,9 +254,9 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
             a = a.reshape(-1)
         if arch == "gpt2" and a.ndim == 2 and gg.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
             a = a.T.copy()
-        if arch == "llama" and gg.endswith("attn_q.weight"):
+        if arch in ("llama", "olmo") and gg.endswith("attn_q.weight"):
             a = _permute(a, c.num_attention_heads)
-        elif arch == "llama" and gg.endswith("attn_k.weight"):
+        elif arch in ("llama", "olmo") and gg.endswith("attn_k.weight"):
             a = _permute(a, c.num_key_value_heads)
         elif arch.startswith("gemma") and gg.endswith("norm.weight"):
             a = a + 1
@@ -415,6 +420,8 @@ FAMILIES = {
     # three sliding layers in four (a window of 4)
     "olmo2": ("olmo2", ("olmo2", dict(_SMALL, rope_theta=500.0))),
     "olmo3": ("olmo2", ("olmo3", dict(_SMALL, num_hidden_layers=4, sliding_window=4, rope_theta=500.0))),
+    # OLMo: no norm tensors (LayerNorms without weights), q and k rows permuted as Llama's
+    "olmo": ("olmo", ("olmo", dict(_SMALL, rope_theta=1e4))),
     # OLMoE: query and key norms over all heads, experts intermediate_size wide, never renormalised
     "olmoe": ("olmoe", ("olmoe", dict(_SMALL, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                                      rope_theta=1e4))),
@@ -694,6 +701,16 @@ def test_parallel_stablelm_files_are_refused_by_name(tmp_path):
     path = tmp_path / "parallel.gguf"
     write_family(hf, arch, path)
     with pytest.raises(ValueError, match="without ffn_norm tensors holds parallel attention and MLP blocks"):
+        ms.Model.from_pretrained(path)
+
+
+def test_olmo_files_with_clamped_queries_keys_and_values_are_refused_by_name(tmp_path):
+    """an olmo file's clamp_kqv is OLMo's clip_qkv, which mechscope does not run"""
+    arch, (fam, kw) = FAMILIES["olmo"]
+    hf = make_hf(None, seed=4, spec=(fam, dict(kw, clip_qkv=8.0)))
+    path = tmp_path / "clamped.gguf"
+    write_family(hf, arch, path)
+    with pytest.raises(ValueError, match="clip_qkv 8.0 is not supported"):
         ms.Model.from_pretrained(path)
 
 

@@ -1,6 +1,6 @@
 """Reading GGUF files (llama.cpp's format) with the `gguf` package: the config and
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
-`qwen3`, `qwen2moe`, `qwen3moe`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
+`qwen3`, `qwen2moe`, `qwen3moe`, `olmo`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
 `gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gptneox`
 (Pythia), `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors
 dequantized to float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise),
@@ -10,9 +10,9 @@ with byte fallback ("llama"), each as transformers' GGUF loader builds it.
 
 The tensors are renamed to the HuggingFace model's names, and put back into its
 layouts where llama.cpp's converter changed them:
-- `llama` files store the rows of attn_q and attn_k permuted for llama.cpp's
-  interleaved rotary layout; they are put back into HuggingFace's half-split
-  layout (Qwen and OLMo files use the half-split layout already);
+- `llama` and `olmo` files store the rows of attn_q and attn_k permuted for
+  llama.cpp's interleaved rotary layout; they are put back into HuggingFace's
+  half-split layout (Qwen, OLMo 2 and OLMoE files use the half-split layout already);
 - `gpt2` files store the four matrices of a block as [out, in], where GPT-2's
   Conv1D keeps [in, out];
 - the experts of a block are one tensor [experts, out, in] per projection,
@@ -35,7 +35,7 @@ from .architectures import longrope_attention
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma", "gemma2",
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo", "olmo2", "olmoe", "gemma", "gemma2",
                            "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
@@ -120,6 +120,8 @@ _FAMILIES = {
     "gemma2": (_GEMMA2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "gemma3_text": ({**_GEMMA2_BLOCK, **_QK_NORM}, "model.layers.{}.", _GLOBAL_NAMES),
     "phi3": (_PHI3_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
+    # OLMo: Llama's block without norm tensors (its LayerNorms hold no weights)
+    "olmo": ({k: v for k, v in _BLOCK_NAMES.items() if "norm" not in k}, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo2": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "phi": (_PHI2_BLOCK, "model.layers.{}.", _PHI2_GLOBALS),
@@ -130,6 +132,8 @@ _FAMILIES = {
     "gpt_bigcode": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
 }
 _GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+# families whose files hold q's and k's rows in llama.cpp's rotary order (see _unpermute)
+_PERMUTED = ("llama", "mixtral", "olmo")
 # GPT-2's matrices that llama.cpp stores transposed
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
@@ -261,9 +265,9 @@ def read(path, keep_half=False):
         else:
             w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         short = t.name.split(".", 2)[-1]
-        if family in ("llama", "mixtral") and short == "attn_q.weight":
+        if family in _PERMUTED and short == "attn_q.weight":
             w = _unpermute(w, n_heads)
-        elif family in ("llama", "mixtral") and short == "attn_k.weight":
+        elif family in _PERMUTED and short == "attn_k.weight":
             w = _unpermute(w, n_kv)
         elif family == "gpt2" and short in _GPT2_TRANSPOSED:
             w = w.T.copy()
@@ -342,10 +346,17 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         "model_type": family, "hidden_size": d_model, "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")), "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv, "max_position_embeddings": int(need("context_length")),
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
         "vocab_size": vocab_size, "tie_word_embeddings": tied, "hidden_act": "silu",
     }
+    if family == "olmo":
+        # LayerNorms whose epsilon transformers fixes at 1e-5 (as llama.cpp's converter
+        # writes it); queries, keys and values clamped when the file says so
+        clamp = _value(reader, f"{arch}.attention.clamp_kqv")
+        if clamp is not None:
+            config["clip_qkv"] = float(clamp)
+    else:
+        config["rms_norm_eps"] = float(need("attention.layer_norm_rms_epsilon"))
     if family == "mixtral":
         config.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                       sliding_window=None)
