@@ -83,6 +83,16 @@ CONFIGS = {
     "olmo_plain_norms": ("olmo", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                                       num_hidden_layers=2, intermediate_size=40, vocab_size=83,
                                       max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=True)),
+    # SmolLM3: Llama's block, every second layer here without rotary ("NoPE"); biases in
+    # the attention; with windows of 3 in the NoPE layers (as transformers places them)
+    "smollm3_nope": ("smollm3", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                     num_hidden_layers=4, intermediate_size=40, vocab_size=97,
+                                     max_position_embeddings=64, rope_theta=500.0, no_rope_layer_interval=2,
+                                     tie_word_embeddings=True, attention_bias=True, pad_token_id=None)),
+    "smollm3_windows": ("smollm3", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=1,
+                                        num_hidden_layers=3, intermediate_size=44, vocab_size=79,
+                                        max_position_embeddings=64, rope_theta=1e4, no_rope_layers=[1, 0, 0],
+                                        use_sliding_window=True, sliding_window=3, pad_token_id=None)),
     # OLMo 2: no norms before the attention and the MLP, their outputs normed, queries and
     # keys normed over all heads at once
     "olmo2_post_norms": ("olmo2", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -127,7 +137,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
-            "olmo": ("OlmoConfig", "OlmoForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
+            "olmo": ("OlmoConfig", "OlmoForCausalLM"), "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
             "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM"),
@@ -308,9 +318,9 @@ def _tl_loaded(tl, state_dict):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo (1, 2 or 3)
-# TransformerLens has no GPT-BigCode or StableLM either
+# TransformerLens has no GPT-BigCode, StableLM or SmolLM3 either
 TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling")
-                    and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm"))
+                    and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm", "smollm3"))
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)
@@ -769,3 +779,29 @@ def test_olmo_norms_hold_no_weights_and_train_as_transformers_loads(tmp_path):
         want = back(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=ATOL, rtol=0)
     assert np.abs(want - hf(torch.as_tensor(tokens)).logits.detach().numpy()).max() > 1e-3  # training moved it
+
+
+@pytest.mark.parametrize("change, rope_local, windows", [
+    (dict(), [0, 1, 1], [0, 3, 3]),
+    (dict(no_rope_layers=None, no_rope_layer_interval=3), [0, 0, 1], [0, 0, 3]),
+    (dict(use_sliding_window=False), [0, 1, 1], None),
+])
+def test_smollm3_layers_without_rotation_and_their_windows_as_transformers_fills_them(change, rope_local, windows):
+    """A config without layer_types (or without no_rope_layers): the layers without
+    rotation, and the windows in them, where transformers' SmolLM3Config puts them"""
+    family, kw = CONFIGS["smollm3_windows"]
+    cfg = dict(kw, model_type=family, **change)
+    hf_cfg = transformers.SmolLM3Config(**cfg)
+    assert [1 - f for f in hf_cfg.no_rope_layers] == rope_local
+    assert hf_cfg.layer_types == ["sliding_attention" if w else "full_attention" for w in (windows or [0] * 3)]
+    model = ms.Model.from_config(cfg)
+    assert model.arch["rope_local_layers"] == rope_local
+    assert model.arch.get("attn_windows") == windows
+    assert not model.arch["rope_inv_freq_local"].any()
+
+
+def test_smollm3_bad_no_rope_layers_are_refused_by_name():
+    family, kw = CONFIGS["smollm3_nope"]
+    for bad in ([1, 0], [1, 0, 2, 1], "1010"):
+        with pytest.raises(ValueError, match="no_rope_layers must be a list of 4 flags 0 or 1"):
+            ms.Model.from_config(dict(kw, model_type=family, no_rope_layers=bad))

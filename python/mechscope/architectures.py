@@ -44,7 +44,7 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
-               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe")
+               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")
@@ -105,7 +105,7 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
             "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "OlmoForCausalLM": "olmo",
-            "Olmo2ForCausalLM": "olmo2",
+            "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3",
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi",
             "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "GPTNeoForCausalLM": "gpt_neo",
@@ -376,6 +376,11 @@ def _llama(config, family):
         cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
     if family == "olmo":
         cfg.update(vocab_size=50304, pad_token_id=1, clip_qkv=None)
+    if family == "smollm3":
+        cfg.update(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                   num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=2e6,
+                   pad_token_id=128004, use_sliding_window=False, sliding_window=None, no_rope_layers=None,
+                   no_rope_layer_interval=4, tie_word_embeddings=True)
     if family == "olmo3":
         cfg.update(sliding_window=4096)
     if family == "olmoe":
@@ -436,7 +441,8 @@ def _llama(config, family):
     elif cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
-    windowed = family in GEMMA2_TYPES + ("olmo3",) or (family in QWEN_TYPES and cfg.get("use_sliding_window"))
+    windowed = family in GEMMA2_TYPES + ("olmo3",) or (family in QWEN_TYPES + ("smollm3",)
+                                                       and cfg.get("use_sliding_window"))
     kinds = ("full_attention", "sliding_attention") if windowed else ("full_attention",)
     if any(t not in kinds for t in cfg.get("layer_types") or ()):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
@@ -540,6 +546,8 @@ def _llama(config, family):
         arch["rope_inv_freq_local"] = rope_frequencies(theta, rotary_dim, None, cfg["max_position_embeddings"])[0]
         arch["rope_local_layers"] = [int(k == "sliding_attention")
                                      for k in _layer_kinds(cfg, family, arch["n_layers"])]
+    if family == "smollm3":
+        _smollm3_layers(cfg, arch)
     windows = _attention_windows(cfg, family, arch["n_layers"])
     if any(windows):
         arch["attn_windows"] = windows
@@ -562,6 +570,35 @@ def _layer_kinds(cfg, family, n_layers):
     return kinds
 
 
+def _smollm3_rope_layers(cfg, n_layers):
+    """SmolLM3's no_rope_layers (1: the layer rotates q and k, 0: it does not, "NoPE"),
+    filled in as transformers fills them when the config has none: every
+    no_rope_layer_interval-th layer without rotation."""
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        every = _positive_int(cfg, "no_rope_layer_interval")
+        flags = [int((i + 1) % every != 0) for i in range(n_layers)]
+    if (not isinstance(flags, (list, tuple)) or len(flags) != n_layers
+            or any(f not in (0, 1) or isinstance(f, float) for f in flags)):
+        raise ValueError(f"config: no_rope_layers must be a list of {n_layers} flags 0 or 1 (one per layer), "
+                         f"got {flags!r}")
+    return [int(f) for f in flags]
+
+
+def _smollm3_layers(cfg, arch):
+    """SmolLM3's layers without rotation rotate by angle 0 (the core's local angles, all
+    zero, leave q and k as they are, unscaled); the others with the model's angles;
+    and its sliding windows, when use_sliding_window, are in layer_types, which
+    transformers fills in as the layers without rotation."""
+    flags = _smollm3_rope_layers(cfg, arch["n_layers"])
+    if cfg.get("layer_types") is None:
+        windowed = cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None
+        cfg["layer_types"] = ["sliding_attention" if windowed and not f else "full_attention" for f in flags]
+    if not all(flags):
+        arch["rope_inv_freq_local"] = np.zeros(arch["rotary_dim"] // 2, np.float32)
+        arch["rope_local_layers"] = [1 - f for f in flags]
+
+
 def _gemma3_layers(cfg, arch):
     """Gemma 3's sliding-window layers rotate with angles of their own (theta
     rope_local_base_freq, no scaling); the others with the model's."""
@@ -579,9 +616,9 @@ def _attention_windows(cfg, family, n_layers):
     layer of Mistral, Mixtral and Phi-3 when they have a window, Gemma 2's and 3's and
     OLMo 3's sliding_attention layers, and Qwen's with use_sliding_window (layer_types, else
     the layers from max_window_layers on)."""
-    if family in QWEN_TYPES and not cfg.get("use_sliding_window"):
+    if family in QWEN_TYPES + ("smollm3",) and not cfg.get("use_sliding_window"):
         return [0] * n_layers
-    if (family not in ("mistral", "mixtral", "phi3", "olmo3") + GEMMA2_TYPES + QWEN_TYPES
+    if (family not in ("mistral", "mixtral", "phi3", "olmo3", "smollm3") + GEMMA2_TYPES + QWEN_TYPES
             or cfg.get("sliding_window") is None):
         return [0] * n_layers
     window = _positive_int(cfg, "sliding_window")
