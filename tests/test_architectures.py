@@ -93,6 +93,16 @@ CONFIGS = {
                                         num_hidden_layers=3, intermediate_size=44, vocab_size=79,
                                         max_position_embeddings=64, rope_theta=1e4, no_rope_layers=[1, 0, 0],
                                         use_sliding_window=True, sliding_window=3, pad_token_id=None)),
+    # StarCoder 2: LayerNorms with biases, biases on every product, GPT-2's MLP (no gate)
+    # with tanh GELU, grouped keys and values, a window of 4 in every layer; and without biases
+    "starcoder2_window": ("starcoder2", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                             num_hidden_layers=2, intermediate_size=52, vocab_size=89,
+                                             max_position_embeddings=64, rope_theta=500.0, sliding_window=4,
+                                             norm_epsilon=1e-4)),
+    "starcoder2_nobias": ("starcoder2", dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=1,
+                                             num_hidden_layers=2, intermediate_size=36, vocab_size=73,
+                                             max_position_embeddings=64, use_bias=False, tie_word_embeddings=False,
+                                             hidden_act="gelu")),
     # OLMo 2: no norms before the attention and the MLP, their outputs normed, queries and
     # keys normed over all heads at once
     "olmo2_post_norms": ("olmo2", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -137,7 +147,8 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
-            "olmo": ("OlmoConfig", "OlmoForCausalLM"), "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
+            "olmo": ("OlmoConfig", "OlmoForCausalLM"), "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+            "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
             "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM"),
@@ -318,9 +329,10 @@ def _tl_loaded(tl, state_dict):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo (1, 2 or 3)
-# TransformerLens has no GPT-BigCode, StableLM or SmolLM3 either
+# TransformerLens has no GPT-BigCode, StableLM, SmolLM3 or StarCoder 2 either
 TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling")
-                    and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm", "smollm3"))
+                    and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm", "smollm3",
+                                                                               "starcoder2"))
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)
@@ -734,7 +746,7 @@ def test_attention_interventions_keep_the_sliding_window(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied",
-                                  "neo_local"])
+                                  "neo_local", "starcoder2_window"])
 def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
     """Prompts of up to 100 tokens through windows of 37 (every layer for Mistral, the
     sliding layers for Gemma 2 and 3): windows that start past key 32 (the scores'

@@ -442,6 +442,9 @@ _NEO = {"hook_attn_out": ("attn", "out"), "attn.hook_z": ("attn.attention.out_pr
         "ln2.hook_normalized": ("ln_2", "out"), "hook_resid_pre": ("", "in"), "hook_resid_post": ("", "out")}
 # GPT-BigCode: GPT-2's names, q|k|v one product (c_attn) whose k and v are one head each
 _BIGCODE = dict(_NEO, **{"attn.qkv": ("attn.c_attn", "out"), "attn.hook_z": ("attn.c_proj", "in")})
+# StarCoder 2: Llama's attention, GPT-2's MLP under nn.Linear names
+_STARCODER2 = dict({k: v for k, v in _LLAMA.items() if k != "mlp.hook_pre_linear"},
+                   **{"mlp.hook_pre": ("mlp.c_fc", "out"), "mlp.hook_post": ("mlp.c_proj", "in")})
 SHARED_NORM = ("phi", "gptj")  # one norm read by the attention and the MLP: ln1's and ln2's sites are its output
 _NEOX = {"hook_attn_out": ("attention", "out"), "attn.hook_z": ("attention.dense", "in"),
          "attn.qkv": ("attention.query_key_value", "out"), "mlp.hook_pre": ("mlp.dense_h_to_4h", "out"),
@@ -457,7 +460,8 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     base = (hf.gpt_neox if neox else hf.transformer if family in gpt2_like else hf.model.decoder
             if family == "opt" else hf.model)
     table = {"opt": _OPT, "gpt_neo": _NEO, "gpt_bigcode": _BIGCODE, "gpt_neox": _NEOX, "gemma2": _GEMMA2,
-             "gemma3_text": _GEMMA2, "phi3": _PHI3, "phi": _PHI, "gptj": _GPTJ}.get(family)
+             "gemma3_text": _GEMMA2, "phi3": _PHI3, "phi": _PHI, "gptj": _GPTJ,
+             "starcoder2": _STARCODER2}.get(family)
     table = table or (_OLMO2 if family in ("olmo2", "olmo3") else _LLAMA)
     layers = base.h if family in gpt2_like else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
@@ -537,7 +541,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
             g = g.reshape(np.shape(tokens) + (-1,))
         if suffix in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
             g = g.reshape(g.shape[0], g.shape[1], -1, dh)
-        layer_norm = ("gpt_neox", "opt", "gpt_neo", "gpt_bigcode", "stablelm", "olmo") + SHARED_NORM
+        layer_norm = ("gpt_neox", "opt", "gpt_neo", "gpt_bigcode", "stablelm", "olmo", "starcoder2") + SHARED_NORM
         if family not in layer_norm and name.endswith("hook_normalized"):
             # (a LayerNorm's site is after its weight and bias, as TransformerLens's)
             # RMSNorm's site is before its weight: d site = d output * w

@@ -44,7 +44,7 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
-               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3")
+               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")
@@ -105,7 +105,7 @@ _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForC
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
             "Gemma2ForCausalLM": "gemma2",
             "Gemma3ForCausalLM": "gemma3_text", "Phi3ForCausalLM": "phi3", "OlmoForCausalLM": "olmo",
-            "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3",
+            "Olmo2ForCausalLM": "olmo2", "SmolLM3ForCausalLM": "smollm3", "Starcoder2ForCausalLM": "starcoder2",
             "Olmo3ForCausalLM": "olmo3", "OlmoeForCausalLM": "olmoe", "GPTNeoXForCausalLM": "gpt_neox",
             "PhiForCausalLM": "phi",
             "GPTJForCausalLM": "gptj", "OPTForCausalLM": "opt", "GPTNeoForCausalLM": "gpt_neo",
@@ -376,6 +376,11 @@ def _llama(config, family):
         cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
     if family == "olmo":
         cfg.update(vocab_size=50304, pad_token_id=1, clip_qkv=None)
+    if family == "starcoder2":
+        cfg.update(vocab_size=49152, hidden_size=3072, intermediate_size=12288, num_hidden_layers=30,
+                   num_attention_heads=24, num_key_value_heads=2, hidden_act="gelu_pytorch_tanh",
+                   max_position_embeddings=4096, norm_epsilon=1e-5, sliding_window=None, use_bias=True,
+                   tie_word_embeddings=True)
     if family == "smollm3":
         cfg.update(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768, rope_theta=2e6,
@@ -489,6 +494,12 @@ def _llama(config, family):
             raise ValueError(f"config: clip_qkv {cfg['clip_qkv']!r} is not supported (clamped queries, keys "
                              "and values); only None")
         arch.update(norm=NORM_LAYER, ln_eps=1e-5)
+    if family == "starcoder2":
+        # Mistral's attention around LayerNorms with biases, and GPT-2's MLP (no gate);
+        # use_bias gives every product its bias
+        bias = bool(cfg["use_bias"])
+        arch.update(norm=NORM_LAYER, ln_eps=_number(cfg, "norm_epsilon"), gated_mlp=0, qkv_bias=bias, o_bias=bias,
+                    mlp_bias=bias)
     if family in ("olmo2", "olmo3"):
         # no norm before the attention and the MLP; their outputs normed (as Gemma 2's),
         # and the queries and keys each normed over all heads at once
@@ -613,16 +624,16 @@ def _gemma3_layers(cfg, arch):
 def _attention_windows(cfg, family, n_layers):
     """Per layer, the sliding window (a query sees the last `sliding_window` tokens,
     itself included, as transformers masks them) or 0 (every earlier token): every
-    layer of Mistral, Mixtral and Phi-3 when they have a window, Gemma 2's and 3's and
-    OLMo 3's sliding_attention layers, and Qwen's with use_sliding_window (layer_types, else
-    the layers from max_window_layers on)."""
+    layer of Mistral, Mixtral, Phi-3 and StarCoder 2 when they have a window, Gemma 2's
+    and 3's and OLMo 3's sliding_attention layers, and Qwen's and SmolLM3's with
+    use_sliding_window (layer_types, else for Qwen the layers from max_window_layers on)."""
     if family in QWEN_TYPES + ("smollm3",) and not cfg.get("use_sliding_window"):
         return [0] * n_layers
-    if (family not in ("mistral", "mixtral", "phi3", "olmo3", "smollm3") + GEMMA2_TYPES + QWEN_TYPES
+    if (family not in ("mistral", "mixtral", "phi3", "starcoder2", "olmo3", "smollm3") + GEMMA2_TYPES + QWEN_TYPES
             or cfg.get("sliding_window") is None):
         return [0] * n_layers
     window = _positive_int(cfg, "sliding_window")
-    if family in ("mistral", "mixtral", "phi3"):
+    if family in ("mistral", "mixtral", "phi3", "starcoder2"):
         return [window] * n_layers
     if family in QWEN_TYPES:
         first = cfg.get("max_window_layers", 28)
@@ -1089,6 +1100,14 @@ _OLMO_WEIGHTS = _LLAMA_WEIGHTS._replace(
     blocks=(Pair("ln1.w", ONES, ()), Pair("ln2.w", ONES, ())) + tuple(
         p for p in _LLAMA_WEIGHTS.blocks if p.core not in ("ln1.w", "ln2.w")))
 
+# StarCoder 2: Llama's attention, LayerNorms with biases, GPT-2's MLP under nn.Linear names
+_STARCODER2_WEIGHTS = _LLAMA_WEIGHTS._replace(
+    top=_LLAMA_WEIGHTS.top + (_same("ln_final.b", "norm.bias", "C"),),
+    blocks=tuple(p for p in _LLAMA_WEIGHTS.blocks if not p.core.startswith("mlp.")) + (
+        _same("ln1.b", "input_layernorm.bias", "C"), _same("ln2.b", "post_attention_layernorm.bias", "C"),
+        _same("mlp.w_in", "mlp.c_fc.weight", "F C"), _same("mlp.b_in", "mlp.c_fc.bias", "F", "mlp_bias"),
+        _same("mlp.w_out", "mlp.c_proj.weight", "C F"), _same("mlp.b_out", "mlp.c_proj.bias", "C", "mlp_bias")))
+
 # OPT: GPT-2's table under its own names, q, k and v separate (and nn.Linear's [out, in]),
 # the positions' table two rows longer
 _OPT_WEIGHTS = Family(
@@ -1134,7 +1153,8 @@ _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGH
             "mixtral": _MIXTRAL_WEIGHTS, "qwen3": _QWEN3_WEIGHTS, "qwen2_moe": _QWEN2_MOE_WEIGHTS,
             "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
-            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo": _OLMO_WEIGHTS, "olmo2": _OLMO2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
+            "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo": _OLMO_WEIGHTS, "olmo2": _OLMO2_WEIGHTS,
+            "starcoder2": _STARCODER2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
             "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS, "gpt_neo": _NEO_WEIGHTS,
             "gpt_bigcode": _BIGCODE_WEIGHTS, "stablelm": _STABLELM_WEIGHTS}
 
