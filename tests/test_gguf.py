@@ -160,6 +160,15 @@ def gguf_writer(hf, arch, path):
         w.add_layer_norm_eps(c.layer_norm_eps)
         w.add_rope_dimension_count(int(c.partial_rotary_factor * c.hidden_size) // c.num_attention_heads)
         w.add_add_bos_token(False)
+    elif arch == "starcoder2":  # the base converter's keys: a rope base, a LayerNorm epsilon
+        w.add_block_count(c.num_hidden_layers)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_eps(c.norm_epsilon)
     elif arch in ("gptneox", "stablelm"):  # no rope base (llama.cpp takes 10^4); a LayerNorm epsilon
         share = c.rotary_pct if arch == "gptneox" else c.partial_rotary_factor
         w.add_block_count(c.num_hidden_layers)
@@ -447,6 +456,11 @@ FAMILIES = {
     "gpt_neox": ("gptneox", ("gpt_neox", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                               intermediate_size=96, vocab_size=96, max_position_embeddings=64,
                                               rotary_pct=0.25, hidden_act="gelu", layer_norm_eps=1e-4))),
+    # StarCoder 2: LayerNorms and every product with biases, GPT-2's MLP, grouped keys and values
+    "starcoder2": ("starcoder2", ("starcoder2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                     num_hidden_layers=2, intermediate_size=96, vocab_size=96,
+                                                     max_position_embeddings=64, rope_theta=1e4,
+                                                     norm_epsilon=1e-4))),
     # StableLM: LayerNorms with biases, q/k/v biases, rotary over 6 of 16 head dims
     "stablelm": ("stablelm", ("stablelm", dict(_SMALL, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                                                partial_rotary_factor=0.375, use_qkv_bias=True, layer_norm_eps=1e-4,
@@ -596,7 +610,7 @@ _FOR_TRANSFORMERS = {"qwen3": dict(head_dim=128),
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "stablelm",
-                                    "gpt2"])
+                                    "gpt2", "starcoder2"])
 def test_other_architectures_match_transformers_gguf_loading(family, tmp_path):
     """transformers' own GGUF loader, which knows llama.cpp's layouts independently,
     reads the same file to the same logits (a quantized file: Q8_0)"""
@@ -702,6 +716,20 @@ def test_parallel_stablelm_files_are_refused_by_name(tmp_path):
     write_family(hf, arch, path)
     with pytest.raises(ValueError, match="without ffn_norm tensors holds parallel attention and MLP blocks"):
         ms.Model.from_pretrained(path)
+
+
+def test_starcoder2_files_without_biases_match_the_model_they_were_written_from(tmp_path):
+    """use_bias=False: no bias tensors in the file, none in the model"""
+    arch, (fam, kw) = FAMILIES["starcoder2"]
+    hf = make_hf(None, seed=4, spec=(fam, dict(kw, use_bias=False, tie_word_embeddings=False)))
+    path = tmp_path / "nobias.gguf"
+    write_family(hf, arch, path)
+    model = ms.Model.from_pretrained(path)
+    assert not (model.arch["qkv_bias"] or model.arch["o_bias"] or model.arch["mlp_bias"])
+    tokens = np.random.default_rng(8).integers(0, 96, (2, 10))
+    with torch.no_grad():
+        want = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
 
 
 def test_olmo_files_with_clamped_queries_keys_and_values_are_refused_by_name(tmp_path):

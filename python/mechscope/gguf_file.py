@@ -2,7 +2,7 @@
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
 `qwen3`, `qwen2moe`, `qwen3moe`, `olmo`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
 `gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gptneox`
-(Pythia), `gpt2` or `starcoder` (GPT-BigCode) architecture (quantized tensors
+(Pythia), `gpt2`, `starcoder` (GPT-BigCode) or `starcoder2` architecture (quantized tensors
 dequantized to float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise),
 and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
@@ -36,7 +36,7 @@ from .architectures import longrope_attention
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo", "olmo2", "olmoe", "gemma", "gemma2",
-                           "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder")
+                           "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder", "starcoder2")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -102,6 +102,11 @@ _NEOX_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
 _NEOX_GLOBALS = {"token_embd.weight": "gpt_neox.embed_in.weight",
                  "output_norm.weight": "gpt_neox.final_layer_norm.weight",
                  "output_norm.bias": "gpt_neox.final_layer_norm.bias", "output.weight": "embed_out.weight"}
+# StarCoder 2: LayerNorms and products with biases (where the model has them), GPT-2's MLP
+_STARCODER2_BLOCK = {f"{gg}.{kind}": f"{hf}.{kind}" for gg, hf in (
+    ("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj")) for kind in ("weight", "bias")}
 # LongRoPE's factors, read into the config (not weights)
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 _GPT2_GLOBALS = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
@@ -126,6 +131,7 @@ _FAMILIES = {
     "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "phi": (_PHI2_BLOCK, "model.layers.{}.", _PHI2_GLOBALS),
     "gpt_neox": (_NEOX_BLOCK, "gpt_neox.layers.{}.", _NEOX_GLOBALS),
+    "starcoder2": (_STARCODER2_BLOCK, "model.layers.{}.", {**_GLOBAL_NAMES, "output_norm.bias": "model.norm.bias"}),
     "stablelm": (_STABLELM_BLOCK, "model.layers.{}.", {**_GLOBAL_NAMES, "output_norm.bias": "model.norm.bias"}),
     "gpt2": (_GPT2_BLOCK, "transformer.h.{}.", _GPT2_GLOBALS),
     # GPT-BigCode: GPT-2's names; its nn.Linear matrices are stored as they are
@@ -349,7 +355,13 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
         "vocab_size": vocab_size, "tie_word_embeddings": tied, "hidden_act": "silu",
     }
-    if family == "olmo":
+    if family == "starcoder2":
+        # LayerNorms; every product's bias or none (the file's tensors say which); tanh
+        # GELU, llama.cpp's for starcoder2 files; no window (llama.cpp's converter writes
+        # none for StarCoder 2, and runs its files without one)
+        config.update(norm_epsilon=float(need("attention.layer_norm_epsilon")), hidden_act="gelu_pytorch_tanh",
+                      use_bias=any(t.name == "blk.0.attn_q.bias" for t in reader.tensors), sliding_window=None)
+    elif family == "olmo":
         # LayerNorms whose epsilon transformers fixes at 1e-5 (as llama.cpp's converter
         # writes it); queries, keys and values clamped when the file says so
         clamp = _value(reader, f"{arch}.attention.clamp_kqv")
