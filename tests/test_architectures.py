@@ -83,6 +83,12 @@ CONFIGS = {
     "olmo_plain_norms": ("olmo", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                                       num_hidden_layers=2, intermediate_size=40, vocab_size=83,
                                       max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=True)),
+    # Ministral: Mistral's block, a window of 3 in the layers layer_types marks
+    "ministral_layers": ("ministral", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                           num_hidden_layers=3, intermediate_size=40, vocab_size=83,
+                                           max_position_embeddings=64, rope_theta=500.0, sliding_window=3,
+                                           layer_types=["sliding_attention", "full_attention",
+                                                        "sliding_attention"])),
     # SmolLM3: Llama's block, every second layer here without rotary ("NoPE"); biases in
     # the attention; with windows of 3 in the NoPE layers (as transformers places them)
     "smollm3_nope": ("smollm3", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -148,6 +154,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
             "olmo": ("OlmoConfig", "OlmoForCausalLM"), "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+            "ministral": ("MinistralConfig", "MinistralForCausalLM"),
             "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
@@ -329,10 +336,10 @@ def _tl_loaded(tl, state_dict):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo (1, 2 or 3)
-# TransformerLens has no GPT-BigCode, StableLM, SmolLM3 or StarCoder 2 either
+# TransformerLens has no GPT-BigCode, StableLM, SmolLM3, StarCoder 2 or Ministral either
 TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling")
                     and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm", "smollm3",
-                                                                               "starcoder2"))
+                                                                               "starcoder2", "ministral"))
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)
@@ -746,7 +753,7 @@ def test_attention_interventions_keep_the_sliding_window(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied",
-                                  "neo_local", "starcoder2_window"])
+                                  "neo_local", "starcoder2_window", "ministral_layers"])
 def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
     """Prompts of up to 100 tokens through windows of 37 (every layer for Mistral, the
     sliding layers for Gemma 2 and 3): windows that start past key 32 (the scores'
@@ -817,3 +824,13 @@ def test_smollm3_bad_no_rope_layers_are_refused_by_name():
     for bad in ([1, 0], [1, 0, 2, 1], "1010"):
         with pytest.raises(ValueError, match="no_rope_layers must be a list of 4 flags 0 or 1"):
             ms.Model.from_config(dict(kw, model_type=family, no_rope_layers=bad))
+
+
+def test_ministral_without_layer_types_slides_in_every_layer():
+    """transformers' MinistralConfig without layer_types: every layer sliding when the
+    model has a window, none without one"""
+    family, kw = CONFIGS["ministral_layers"]
+    cfg = {k: v for k, v in kw.items() if k != "layer_types"}
+    assert transformers.MinistralConfig(**cfg).layer_types == ["sliding_attention"] * 3
+    assert ms.Model.from_config(dict(cfg, model_type=family)).arch["attn_windows"] == [3, 3, 3]
+    assert "attn_windows" not in ms.Model.from_config(dict(cfg, model_type=family, sliding_window=None)).arch

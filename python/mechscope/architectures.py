@@ -43,7 +43,7 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
+LLAMA_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
                "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
@@ -101,6 +101,7 @@ _NEOX_DEFAULTS = {
     "rope_scaling": None, "attention_bias": True, "tie_word_embeddings": False,
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+            "MinistralForCausalLM": "ministral",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
             "Gemma2ForCausalLM": "gemma2",
@@ -372,6 +373,9 @@ def _llama(config, family):
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
     if family == "mistral":
         cfg.update(sliding_window=4096)
+    if family == "ministral":
+        cfg.update(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
+                   sliding_window=4096)
     if family in ("olmo2", "olmo3"):
         cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
     if family == "olmo":
@@ -446,7 +450,7 @@ def _llama(config, family):
     elif cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
-    windowed = family in GEMMA2_TYPES + ("olmo3",) or (family in QWEN_TYPES + ("smollm3",)
+    windowed = family in GEMMA2_TYPES + ("olmo3", "ministral") or (family in QWEN_TYPES + ("smollm3",)
                                                        and cfg.get("use_sliding_window"))
     kinds = ("full_attention", "sliding_attention") if windowed else ("full_attention",)
     if any(t not in kinds for t in cfg.get("layer_types") or ()):
@@ -568,11 +572,13 @@ def _llama(config, family):
 
 
 def _layer_kinds(cfg, family, n_layers):
-    """Gemma 2's and 3's and OLMo 3's layer_types (sliding_attention or full_attention
-    per layer), filled in as transformers fills them when the config has none: every
-    other layer sliding from the first (Gemma 2), five of every six (Gemma 3), three of
-    every four (OLMo 3)."""
+    """Gemma 2's and 3's, OLMo 3's and Ministral's layer_types (sliding_attention or
+    full_attention per layer), filled in as transformers fills them when the config has
+    none: every other layer sliding from the first (Gemma 2), five of every six (Gemma
+    3), three of every four (OLMo 3), every layer (Ministral, with a window)."""
     kinds = cfg.get("layer_types")
+    if kinds is None and family == "ministral":
+        kinds = ["sliding_attention"] * n_layers
     if kinds is None:
         every = {"gemma2": 2, "olmo3": 4}.get(family) or cfg.get("sliding_window_pattern", 6)
         kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
@@ -625,11 +631,12 @@ def _attention_windows(cfg, family, n_layers):
     """Per layer, the sliding window (a query sees the last `sliding_window` tokens,
     itself included, as transformers masks them) or 0 (every earlier token): every
     layer of Mistral, Mixtral, Phi-3 and StarCoder 2 when they have a window, Gemma 2's
-    and 3's and OLMo 3's sliding_attention layers, and Qwen's and SmolLM3's with
+    and 3's, OLMo 3's and Ministral's sliding_attention layers, and Qwen's and SmolLM3's with
     use_sliding_window (layer_types, else for Qwen the layers from max_window_layers on)."""
     if family in QWEN_TYPES + ("smollm3",) and not cfg.get("use_sliding_window"):
         return [0] * n_layers
-    if (family not in ("mistral", "mixtral", "phi3", "starcoder2", "olmo3", "smollm3") + GEMMA2_TYPES + QWEN_TYPES
+    if (family not in ("mistral", "mixtral", "phi3", "starcoder2", "ministral", "olmo3", "smollm3") + GEMMA2_TYPES
+            + QWEN_TYPES
             or cfg.get("sliding_window") is None):
         return [0] * n_layers
     window = _positive_int(cfg, "sliding_window")

