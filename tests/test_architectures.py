@@ -83,6 +83,11 @@ CONFIGS = {
     "olmo_plain_norms": ("olmo", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
                                       num_hidden_layers=2, intermediate_size=40, vocab_size=83,
                                       max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=True)),
+    # Helium: Llama's block rotating adjacent pairs, q, k and v biases (the output has none)
+    "helium_adjacent": ("helium", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                       num_hidden_layers=2, intermediate_size=40, vocab_size=81,
+                                       max_position_embeddings=64, rope_theta=500.0, attention_bias=True,
+                                       rms_norm_eps=1e-6)),
     # Ministral: Mistral's block, a window of 3 in the layers layer_types marks
     "ministral_layers": ("ministral", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                                            num_hidden_layers=3, intermediate_size=40, vocab_size=83,
@@ -155,6 +160,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
             "olmo": ("OlmoConfig", "OlmoForCausalLM"), "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
             "ministral": ("MinistralConfig", "MinistralForCausalLM"),
+            "helium": ("HeliumConfig", "HeliumForCausalLM"),
             "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
@@ -336,10 +342,11 @@ def _tl_loaded(tl, state_dict):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo (1, 2 or 3)
-# TransformerLens has no GPT-BigCode, StableLM, SmolLM3, StarCoder 2 or Ministral either
+# TransformerLens has no GPT-BigCode, StableLM, SmolLM3, StarCoder 2, Ministral or Helium either
 TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling")
                     and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm", "smollm3",
-                                                                               "starcoder2", "ministral"))
+                                                                               "starcoder2", "ministral",
+                                                                               "helium"))
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)

@@ -44,7 +44,7 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
-               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2")
+               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2", "helium")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")
@@ -101,7 +101,7 @@ _NEOX_DEFAULTS = {
     "rope_scaling": None, "attention_bias": True, "tie_word_embeddings": False,
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-            "MinistralForCausalLM": "ministral",
+            "MinistralForCausalLM": "ministral", "HeliumForCausalLM": "helium",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
             "Gemma2ForCausalLM": "gemma2",
@@ -373,6 +373,10 @@ def _llama(config, family):
         cfg.update(use_sliding_window=False, rope_theta=10000.0)
     if family == "mistral":
         cfg.update(sliding_window=4096)
+    if family == "helium":
+        cfg.update(vocab_size=48000, hidden_size=2560, intermediate_size=7040, num_hidden_layers=24,
+                   num_attention_heads=20, num_key_value_heads=20, head_dim=128, max_position_embeddings=4096,
+                   rms_norm_eps=1e-8, rope_theta=100000.0, pad_token_id=3)
     if family == "ministral":
         cfg.update(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
                    sliding_window=4096)
@@ -498,6 +502,10 @@ def _llama(config, family):
             raise ValueError(f"config: clip_qkv {cfg['clip_qkv']!r} is not supported (clamped queries, keys "
                              "and values); only None")
         arch.update(norm=NORM_LAYER, ln_eps=1e-5)
+    if family == "helium":
+        # Llama's block rotating adjacent pairs (as GPT-J's); attention_bias gives q, k
+        # and v biases, never the output's
+        arch.update(rotary_interleaved=1, o_bias=False)
     if family == "starcoder2":
         # Mistral's attention around LayerNorms with biases, and GPT-2's MLP (no gate);
         # use_bias gives every product its bias
