@@ -160,15 +160,6 @@ def gguf_writer(hf, arch, path):
         w.add_layer_norm_eps(c.layer_norm_eps)
         w.add_rope_dimension_count(int(c.partial_rotary_factor * c.hidden_size) // c.num_attention_heads)
         w.add_add_bos_token(False)
-    elif arch == "starcoder2":  # the base converter's keys: a rope base, a LayerNorm epsilon
-        w.add_block_count(c.num_hidden_layers)
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
-        w.add_rope_freq_base(c.rope_theta)
-        w.add_layer_norm_eps(c.norm_epsilon)
     elif arch in ("gptneox", "stablelm"):  # no rope base (llama.cpp takes 10^4); a LayerNorm epsilon
         share = c.rotary_pct if arch == "gptneox" else c.partial_rotary_factor
         w.add_block_count(c.num_hidden_layers)
@@ -194,6 +185,8 @@ def gguf_writer(hf, arch, path):
             w.add_layer_norm_eps(1e-5)
             if c.clip_qkv is not None:
                 w.add_clamp_kqv(c.clip_qkv)
+        elif arch == "starcoder2":  # LayerNorms (the base converter's keys otherwise)
+            w.add_layer_norm_eps(c.norm_epsilon)
         else:
             w.add_layer_norm_rms_eps(c.rms_norm_eps)
         if arch == "llama":
@@ -693,14 +686,19 @@ def test_phi2_file_with_one_qkv_tensor_matches_its_model(tmp_path):
     np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
 
 
-def test_sequential_gptneox_file_matches_its_model(tmp_path):
-    """a gptneox file whose use_parallel_residual is false (sequential blocks)"""
-    arch, (fam, kw) = FAMILIES["gpt_neox"]
-    hf = make_hf(None, seed=7, spec=(fam, dict(kw, use_parallel_residual=False)))
-    path = tmp_path / "sequential.gguf"
+@pytest.mark.parametrize("family, change, off", [
+    # a gptneox file whose use_parallel_residual is false (sequential blocks)
+    ("gpt_neox", dict(use_parallel_residual=False), ("parallel",)),
+    # a starcoder2 file of a model with use_bias=False: no bias tensors, none in the model
+    ("starcoder2", dict(use_bias=False, tie_word_embeddings=False), ("qkv_bias", "o_bias", "mlp_bias")),
+], ids=["sequential_gptneox", "starcoder2_without_biases"])
+def test_file_variants_match_the_model_they_were_written_from(family, change, off, tmp_path):
+    arch, (fam, kw) = FAMILIES[family]
+    hf = make_hf(None, seed=7, spec=(fam, dict(kw, **change)))
+    path = tmp_path / "variant.gguf"
     write_family(hf, arch, path)
     model = ms.Model.from_pretrained(path)
-    assert not model.arch["parallel"]
+    assert not any(model.arch[key] for key in off)
     tokens = np.random.default_rng(8).integers(0, 96, (2, 10))
     with torch.no_grad():
         want = hf(torch.as_tensor(tokens)).logits.numpy()
@@ -716,20 +714,6 @@ def test_parallel_stablelm_files_are_refused_by_name(tmp_path):
     write_family(hf, arch, path)
     with pytest.raises(ValueError, match="without ffn_norm tensors holds parallel attention and MLP blocks"):
         ms.Model.from_pretrained(path)
-
-
-def test_starcoder2_files_without_biases_match_the_model_they_were_written_from(tmp_path):
-    """use_bias=False: no bias tensors in the file, none in the model"""
-    arch, (fam, kw) = FAMILIES["starcoder2"]
-    hf = make_hf(None, seed=4, spec=(fam, dict(kw, use_bias=False, tie_word_embeddings=False)))
-    path = tmp_path / "nobias.gguf"
-    write_family(hf, arch, path)
-    model = ms.Model.from_pretrained(path)
-    assert not (model.arch["qkv_bias"] or model.arch["o_bias"] or model.arch["mlp_bias"])
-    tokens = np.random.default_rng(8).integers(0, 96, (2, 10))
-    with torch.no_grad():
-        want = hf(torch.as_tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(model.run(tokens).logits, want, atol=1e-4, rtol=0)
 
 
 def test_olmo_files_with_clamped_queries_keys_and_values_are_refused_by_name(tmp_path):
