@@ -234,7 +234,7 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
     model of GGUF architecture `arch`, and writes the file: HuggingFace names mapped by
     the gguf package's own name table, every expert of a projection stacked into one
     [experts, out, in] tensor, GPT-2's Conv1D matrices stored [out, in], the rows of q
-    and k permuted for llama and olmo files only, Gemma's norms stored as 1 + weight; a tied
+    and k permuted for llama, olmo and smollm3 files only, Gemma's norms stored as 1 + weight; a tied
     model's file has no output.weight."""
     c = hf.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
@@ -256,9 +256,9 @@ def write_tensors(w, hf, kind="F32", rng=None, arch="llama"):
             a = a.reshape(-1)
         if arch == "gpt2" and a.ndim == 2 and gg.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
             a = a.T.copy()
-        if arch in ("llama", "olmo") and gg.endswith("attn_q.weight"):
+        if arch in ("llama", "olmo", "smollm3") and gg.endswith("attn_q.weight"):
             a = _permute(a, c.num_attention_heads)
-        elif arch in ("llama", "olmo") and gg.endswith("attn_k.weight"):
+        elif arch in ("llama", "olmo", "smollm3") and gg.endswith("attn_k.weight"):
             a = _permute(a, c.num_key_value_heads)
         elif arch.startswith("gemma") and gg.endswith("norm.weight"):
             a = a + 1
@@ -422,6 +422,8 @@ FAMILIES = {
     # three sliding layers in four (a window of 4)
     "olmo2": ("olmo2", ("olmo2", dict(_SMALL, rope_theta=500.0))),
     "olmo3": ("olmo2", ("olmo3", dict(_SMALL, num_hidden_layers=4, sliding_window=4, rope_theta=500.0))),
+    # SmolLM3: Llama's tensors; every fourth layer without rotary (llama.cpp's fixed step)
+    "smollm3": ("smollm3", ("smollm3", dict(_SMALL, num_hidden_layers=4, rope_theta=1e4, pad_token_id=None))),
     # OLMo: no norm tensors (LayerNorms without weights), q and k rows permuted as Llama's
     "olmo": ("olmo", ("olmo", dict(_SMALL, rope_theta=1e4))),
     # OLMoE: query and key norms over all heads, experts intermediate_size wide, never renormalised

@@ -2,7 +2,7 @@
 weights of a model of the `llama` (dense, or with experts as Mixtral), `qwen2`,
 `qwen3`, `qwen2moe`, `qwen3moe`, `olmo`, `olmo2` (OLMo 2, or OLMo 3 with its windows), `olmoe`,
 `gemma`, `gemma2`, `gemma3`, `phi3`, `phi2` (Phi-1, 1.5 and 2), `stablelm`, `gptneox`
-(Pythia), `gpt2`, `starcoder` (GPT-BigCode) or `starcoder2` architecture (quantized tensors
+(Pythia), `gpt2`, `starcoder` (GPT-BigCode), `starcoder2` or `smollm3` architecture (quantized tensors
 dequantized to float32 at load, F16 / BF16 ones kept 2-byte unless asked otherwise),
 and its tokenizer built from the file's metadata with
 `tokenizers`: byte-level BPE (`tokenizer.ggml.model` "gpt2") or SentencePiece-style BPE
@@ -10,7 +10,7 @@ with byte fallback ("llama"), each as transformers' GGUF loader builds it.
 
 The tensors are renamed to the HuggingFace model's names, and put back into its
 layouts where llama.cpp's converter changed them:
-- `llama` and `olmo` files store the rows of attn_q and attn_k permuted for
+- `llama`, `olmo` and `smollm3` files store the rows of attn_q and attn_k permuted for
   llama.cpp's interleaved rotary layout; they are put back into HuggingFace's
   half-split layout (Qwen, OLMo 2 and OLMoE files use the half-split layout already);
 - `gpt2` files store the four matrices of a block as [out, in], where GPT-2's
@@ -36,7 +36,8 @@ from .architectures import longrope_attention
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo", "olmo2", "olmoe", "gemma", "gemma2",
-                           "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder", "starcoder2")
+                           "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder", "starcoder2",
+                           "smollm3")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
@@ -127,6 +128,7 @@ _FAMILIES = {
     "phi3": (_PHI3_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     # OLMo: Llama's block without norm tensors (its LayerNorms hold no weights)
     "olmo": ({k: v for k, v in _BLOCK_NAMES.items() if "norm" not in k}, "model.layers.{}.", _GLOBAL_NAMES),
+    "smollm3": (_BLOCK_NAMES, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo2": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "olmo3": (_OLMO2_BLOCK, "model.layers.{}.", _GLOBAL_NAMES),
     "phi": (_PHI2_BLOCK, "model.layers.{}.", _PHI2_GLOBALS),
@@ -139,7 +141,7 @@ _FAMILIES = {
 }
 _GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 # families whose files hold q's and k's rows in llama.cpp's rotary order (see _unpermute)
-_PERMUTED = ("llama", "mixtral", "olmo")
+_PERMUTED = ("llama", "mixtral", "olmo", "smollm3")
 # GPT-2's matrices that llama.cpp stores transposed
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
@@ -369,6 +371,10 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
             config["clip_qkv"] = float(clamp)
     else:
         config["rms_norm_eps"] = float(need("attention.layer_norm_rms_epsilon"))
+    if family == "smollm3":
+        # llama.cpp fixes SmolLM3's layers without rotary at every fourth, and runs it
+        # without windows; neither is written in the file
+        config.update(no_rope_layer_interval=4, use_sliding_window=False)
     if family == "mixtral":
         config.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                       sliding_window=None)
