@@ -43,8 +43,8 @@ ACTIVATIONS = {
 }
 NORM_LAYER, NORM_RMS = 0, 1
 
-LLAMA_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
-               "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2", "helium")
+LLAMA_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
+               "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2", "helium")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")

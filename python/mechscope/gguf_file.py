@@ -35,9 +35,9 @@ from .architectures import longrope_attention
 
 # tensor types dequantized at load (by gguf.quants.dequantize)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo", "olmo2", "olmoe", "gemma", "gemma2",
-                           "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder", "starcoder2",
-                           "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo", "olmo2", "olmoe", "gemma",
+                           "gemma2", "gemma3", "phi3", "phi2", "stablelm", "gptneox", "gpt2", "starcoder",
+                           "starcoder2", "smollm3")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
 # a block's tensors: GGUF name (after "blk.N.") -> HuggingFace name (after the block's prefix);
