@@ -46,7 +46,12 @@ NORM_LAYER, NORM_RMS = 0, 1
 LLAMA_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
                "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2", "helium")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
-QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")  # sliding windows only with use_sliding_window
+QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+# families with sliding windows: in every layer (when the config has a window); in the
+# layers layer_types marks; in those layers only with use_sliding_window
+WINDOW_EVERY_LAYER = ("mistral", "mixtral", "phi3", "starcoder2")
+WINDOW_BY_LAYER_TYPES = GEMMA2_TYPES + ("olmo3", "ministral")
+WINDOW_IF_USED = QWEN_TYPES + ("smollm3",)
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")
 
 _GPT2_DEFAULTS = {
@@ -454,8 +459,7 @@ def _llama(config, family):
     elif cfg.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
         raise ValueError(f"config: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not "
                          f"supported for {family} (only 1.0)")
-    windowed = family in GEMMA2_TYPES + ("olmo3", "ministral") or (family in QWEN_TYPES + ("smollm3",)
-                                                       and cfg.get("use_sliding_window"))
+    windowed = family in WINDOW_BY_LAYER_TYPES or (family in WINDOW_IF_USED and cfg.get("use_sliding_window"))
     kinds = ("full_attention", "sliding_attention") if windowed else ("full_attention",)
     if any(t not in kinds for t in cfg.get("layer_types") or ()):
         raise ValueError(f"config: layer_types other than {' and '.join(map(repr, kinds))} are not supported "
@@ -641,14 +645,13 @@ def _attention_windows(cfg, family, n_layers):
     layer of Mistral, Mixtral, Phi-3 and StarCoder 2 when they have a window, Gemma 2's
     and 3's, OLMo 3's and Ministral's sliding_attention layers, and Qwen's and SmolLM3's with
     use_sliding_window (layer_types, else for Qwen the layers from max_window_layers on)."""
-    if family in QWEN_TYPES + ("smollm3",) and not cfg.get("use_sliding_window"):
+    if family in WINDOW_IF_USED and not cfg.get("use_sliding_window"):
         return [0] * n_layers
-    if (family not in ("mistral", "mixtral", "phi3", "starcoder2", "ministral", "olmo3", "smollm3") + GEMMA2_TYPES
-            + QWEN_TYPES
+    if (family not in WINDOW_EVERY_LAYER + WINDOW_BY_LAYER_TYPES + WINDOW_IF_USED
             or cfg.get("sliding_window") is None):
         return [0] * n_layers
     window = _positive_int(cfg, "sliding_window")
-    if family in ("mistral", "mixtral", "phi3", "starcoder2"):
+    if family in WINDOW_EVERY_LAYER:
         return [window] * n_layers
     if family in QWEN_TYPES:
         first = cfg.get("max_window_layers", 28)
