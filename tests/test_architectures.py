@@ -94,6 +94,12 @@ CONFIGS = {
                                            max_position_embeddings=64, rope_theta=500.0, sliding_window=3,
                                            layer_types=["sliding_attention", "full_attention",
                                                         "sliding_attention"])),
+    # EXAONE 4: OLMo 2's output norms, per-head query and key norms; with a window (3 here),
+    # three sliding layers in four that rotate, the fourth with full attention and no rotary
+    "exaone4_hybrid": ("exaone4", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=4, intermediate_size=40, vocab_size=83,
+                                       max_position_embeddings=64, rope_theta=500.0, sliding_window=3,
+                                       sliding_window_pattern=4, rms_norm_eps=1e-6)),
     # SmolLM3: Llama's block, every second layer here without rotary ("NoPE"); biases in
     # the attention; with windows of 3 in the NoPE layers (as transformers places them)
     "smollm3_nope": ("smollm3", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -160,7 +166,7 @@ _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralCo
             "phi": ("PhiConfig", "PhiForCausalLM"), "gptj": ("GPTJConfig", "GPTJForCausalLM"),
             "olmo": ("OlmoConfig", "OlmoForCausalLM"), "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
             "ministral": ("MinistralConfig", "MinistralForCausalLM"),
-            "helium": ("HeliumConfig", "HeliumForCausalLM"),
+            "helium": ("HeliumConfig", "HeliumForCausalLM"), "exaone4": ("Exaone4Config", "Exaone4ForCausalLM"),
             "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
             "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"), "opt": ("OPTConfig", "OPTForCausalLM"),
             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM"),
@@ -342,11 +348,11 @@ def _tl_loaded(tl, state_dict):
 
 # TransformerLens 2.18 computes Llama-3 rope scaling differently (its PR #910): that
 # configuration is compared with transformers only; TransformerLens has no OLMo (1, 2 or 3)
-# TransformerLens has no GPT-BigCode, StableLM, SmolLM3, StarCoder 2, Ministral or Helium either
+# TransformerLens has no GPT-BigCode, StableLM, SmolLM3, StarCoder 2, Ministral, Helium or EXAONE 4 either
 TL_CONFIGS = sorted(n for n, (fam, kw) in CONFIGS.items() if not kw.get("rope_scaling")
                     and not fam.startswith("olmo") and fam not in ("gpt_bigcode", "stablelm", "smollm3",
                                                                                "starcoder2", "ministral",
-                                                                               "helium"))
+                                                                               "helium", "exaone4"))
 
 
 @pytest.mark.parametrize("name", TL_CONFIGS)
@@ -396,10 +402,10 @@ def test_absent_sites_are_refused_by_name(pair):
     if family not in ("opt", "gpt_neo", "gpt_bigcode"):  # (their positions are learned)
         with pytest.raises(ValueError, match="hook_pos_embed.*rotary"):
             model.run([[1, 2]], cache="hook_pos_embed")
-    if family in ("olmo2", "olmo3"):
-        with pytest.raises(ValueError, match="ln1.hook_normalized.*OLMo 2 and 3 norm"):
+    if family in ("olmo2", "olmo3", "exaone4"):
+        with pytest.raises(ValueError, match="ln1.hook_normalized.*OLMo 2 and 3, EXAONE 4. norms the"):
             model.run([[1, 2]], cache="blocks.0.ln1.hook_normalized")
-        with pytest.raises(ValueError, match="ln2.hook_scale.*OLMo 2 and 3 norm"):
+        with pytest.raises(ValueError, match="ln2.hook_scale.*OLMo 2 and 3, EXAONE 4. norms the"):
             model.run([[1, 2]], interventions=[ms.Zero("blocks.1.ln2.hook_scale")])
     if family == "gpt_neox":
         with pytest.raises(ValueError, match="hook_pre_linear.*gated"):
@@ -760,7 +766,7 @@ def test_attention_interventions_keep_the_sliding_window(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mistral_gqa2", "gemma2_softcap", "gemma3_local_rope", "phi3_partial_tied",
-                                  "neo_local", "starcoder2_window", "ministral_layers"])
+                                  "neo_local", "starcoder2_window", "ministral_layers", "exaone4_hybrid"])
 def test_sliding_windows_past_the_window_match_hf(tmp_path, name):
     """Prompts of up to 100 tokens through windows of 37 (every layer for Mistral, the
     sliding layers for Gemma 2 and 3): windows that start past key 32 (the scores'
@@ -841,3 +847,29 @@ def test_ministral_without_layer_types_slides_in_every_layer():
     assert transformers.MinistralConfig(**cfg).layer_types == ["sliding_attention"] * 3
     assert ms.Model.from_config(dict(cfg, model_type=family)).arch["attn_windows"] == [3, 3, 3]
     assert "attn_windows" not in ms.Model.from_config(dict(cfg, model_type=family, sliding_window=None)).arch
+
+
+@pytest.mark.parametrize("change, rope_local, windows", [
+    (dict(), [0, 0, 0, 1], [3, 3, 3, 0]),
+    (dict(sliding_window_pattern=2), [0, 1, 0, 1], [3, 0, 3, 0]),
+    (dict(sliding_window=None), None, None),
+])
+def test_exaone4_layers_as_transformers_fills_them(change, rope_local, windows):
+    """A config without layer_types: the sliding layers, and (with a window) the full
+    layers without rotary, where transformers' Exaone4Config puts them (without a window
+    its fill-in divides by zero: every layer full attention, rotating, as its model runs
+    a config that lists them)"""
+    family, kw = CONFIGS["exaone4_hybrid"]
+    cfg = dict(kw, model_type=family, **change)
+    if windows:
+        kinds = transformers.Exaone4Config(**cfg).layer_types
+        assert kinds == ["sliding_attention" if w else "full_attention" for w in windows]
+    model = ms.Model.from_config(cfg)
+    assert model.arch.get("rope_local_layers") == rope_local
+    assert model.arch.get("attn_windows") == windows
+
+
+def test_exaone4_pattern_strings_are_refused_by_name():
+    family, kw = CONFIGS["exaone4_hybrid"]
+    with pytest.raises(ValueError, match="sliding_window_pattern 'LLLG' without layer_types is not supported"):
+        ms.Model.from_config(dict(kw, model_type=family, sliding_window_pattern="LLLG"))

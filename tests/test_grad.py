@@ -462,7 +462,7 @@ def arch_gradients(hf, family, tokens, mask, scalar_fn, site_names):
     table = {"opt": _OPT, "gpt_neo": _NEO, "gpt_bigcode": _BIGCODE, "gpt_neox": _NEOX, "gemma2": _GEMMA2,
              "gemma3_text": _GEMMA2, "phi3": _PHI3, "phi": _PHI, "gptj": _GPTJ,
              "starcoder2": _STARCODER2}.get(family)
-    table = table or (_OLMO2 if family in ("olmo2", "olmo3") else _LLAMA)
+    table = table or (_OLMO2 if family in ("olmo2", "olmo3", "exaone4") else _LLAMA)
     layers = base.h if family in gpt2_like else base.layers
     fused = {"attn.hook_q": "attn.qkv", "attn.hook_k": "attn.qkv", "attn.hook_v": "attn.qkv"}
     if family == "phi3":
@@ -576,7 +576,7 @@ def test_architectures_match_autograd(name):
     sites = ARCH_SITES + (["blocks.0.mlp.hook_pre_linear"] if model.arch["gated_mlp"] else [])
     if family in SHARED_NORM:
         sites.remove("blocks.0.ln2.hook_normalized")
-    if family in ("olmo2", "olmo3"):  # its norms: after the attention and the MLP
+    if family in ("olmo2", "olmo3", "exaone4"):  # its norms: after the attention and the MLP
         sites = [s for s in sites if ".ln1." not in s and ".ln2." not in s] + [
             "blocks.0.ln1_post.hook_normalized", "blocks.0.ln2_post.hook_normalized"]
 

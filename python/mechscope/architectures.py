@@ -44,13 +44,14 @@ ACTIVATIONS = {
 NORM_LAYER, NORM_RMS = 0, 1
 
 LLAMA_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma",
-               "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2", "helium")
+               "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "olmoe", "smollm3", "starcoder2", "helium",
+               "exaone4")
 GEMMA2_TYPES = ("gemma2", "gemma3_text")  # normed block outputs, query_pre_attn_scalar, soft caps
 QWEN_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 # families with sliding windows: in every layer (when the config has a window); in the
 # layers layer_types marks; in those layers only with use_sliding_window
 WINDOW_EVERY_LAYER = ("mistral", "mixtral", "phi3", "starcoder2")
-WINDOW_BY_LAYER_TYPES = GEMMA2_TYPES + ("olmo3", "ministral")
+WINDOW_BY_LAYER_TYPES = GEMMA2_TYPES + ("olmo3", "ministral", "exaone4")
 WINDOW_IF_USED = QWEN_TYPES + ("smollm3",)
 FAMILIES = ("gpt2",) + LLAMA_TYPES + ("gpt_neox", "phi", "gptj", "opt", "gpt_neo", "gpt_bigcode", "stablelm")
 
@@ -106,7 +107,7 @@ _NEOX_DEFAULTS = {
     "rope_scaling": None, "attention_bias": True, "tie_word_embeddings": False,
 }
 _ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-            "MinistralForCausalLM": "ministral", "HeliumForCausalLM": "helium",
+            "MinistralForCausalLM": "ministral", "HeliumForCausalLM": "helium", "Exaone4ForCausalLM": "exaone4",
             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral",
             "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
             "Gemma2ForCausalLM": "gemma2",
@@ -387,6 +388,9 @@ def _llama(config, family):
                    sliding_window=4096)
     if family in ("olmo2", "olmo3"):
         cfg.update(vocab_size=50304, rms_norm_eps=1e-5, pad_token_id=1)
+    if family == "exaone4":
+        cfg.update(vocab_size=102400, intermediate_size=16384, num_key_value_heads=32, rms_norm_eps=1e-5,
+                   sliding_window=4096, sliding_window_pattern=4)
     if family == "olmo":
         cfg.update(vocab_size=50304, pad_token_id=1, clip_qkv=None)
     if family == "starcoder2":
@@ -520,6 +524,9 @@ def _llama(config, family):
         # no norm before the attention and the MLP; their outputs normed (as Gemma 2's),
         # and the queries and keys each normed over all heads at once
         arch.update(input_norms=0, post_norms=1, qk_norm=2)
+    if family == "exaone4":
+        # OLMo 2's norms after the attention and the MLP, Qwen3's per-head query and key norms
+        arch.update(input_norms=0, post_norms=1, qk_norm=1)
     if family == "olmoe":
         # Llama's norms, OLMo 2's query and key norms over all heads
         if cfg.get("clip_qkv") is not None:
@@ -575,6 +582,11 @@ def _llama(config, family):
                                      for k in _layer_kinds(cfg, family, arch["n_layers"])]
     if family == "smollm3":
         _smollm3_layers(cfg, arch)
+    if family == "exaone4" and cfg.get("sliding_window") is not None:
+        # with a window, the full-attention layers do not rotate ("global NoPE"): the
+        # core's local angles, all zero, leave their queries and keys as they are
+        arch["rope_inv_freq_local"] = np.zeros(rotary_dim // 2, np.float32)
+        arch["rope_local_layers"] = [int(k == "full_attention") for k in _layer_kinds(cfg, family, arch["n_layers"])]
     windows = _attention_windows(cfg, family, arch["n_layers"])
     if any(windows):
         arch["attn_windows"] = windows
@@ -584,13 +596,19 @@ def _llama(config, family):
 
 
 def _layer_kinds(cfg, family, n_layers):
-    """Gemma 2's and 3's, OLMo 3's and Ministral's layer_types (sliding_attention or
-    full_attention per layer), filled in as transformers fills them when the config has
-    none: every other layer sliding from the first (Gemma 2), five of every six (Gemma
-    3), three of every four (OLMo 3), every layer (Ministral, with a window)."""
+    """Gemma 2's and 3's, OLMo 3's, Ministral's and EXAONE 4's layer_types
+    (sliding_attention or full_attention per layer), filled in as transformers fills
+    them when the config has none: every other layer sliding from the first (Gemma 2),
+    five of every six (Gemma 3), three of every four (OLMo 3), every layer (Ministral,
+    with a window), all but every sliding_window_pattern-th (EXAONE 4)."""
     kinds = cfg.get("layer_types")
     if kinds is None and family == "ministral":
         kinds = ["sliding_attention"] * n_layers
+    if kinds is None and family == "exaone4":
+        every = cfg.get("sliding_window_pattern")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"config: sliding_window_pattern {every!r} without layer_types is not supported "
+                             "(only a positive int: every n-th layer full attention)")
     if kinds is None:
         every = {"gemma2": 2, "olmo3": 4}.get(family) or cfg.get("sliding_window_pattern", 6)
         kinds = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
@@ -1118,6 +1136,11 @@ _OLMO_WEIGHTS = _LLAMA_WEIGHTS._replace(
     blocks=(Pair("ln1.w", ONES, ()), Pair("ln2.w", ONES, ())) + tuple(
         p for p in _LLAMA_WEIGHTS.blocks if p.core not in ("ln1.w", "ln2.w")))
 
+# EXAONE 4: OLMo 2's output norms, Qwen3's per-head query and key norms
+_EXAONE4_WEIGHTS = _OLMO2_WEIGHTS._replace(blocks=tuple(
+    p for p in _OLMO2_WEIGHTS.blocks if p.core not in ("attn.q_norm.w", "attn.k_norm.w")) + (
+    _same("attn.q_norm.w", "self_attn.q_norm.weight", "D"), _same("attn.k_norm.w", "self_attn.k_norm.weight", "D")))
+
 # StarCoder 2: Llama's attention, LayerNorms with biases, GPT-2's MLP under nn.Linear names
 _STARCODER2_WEIGHTS = _LLAMA_WEIGHTS._replace(
     top=_LLAMA_WEIGHTS.top + (_same("ln_final.b", "norm.bias", "C"),),
@@ -1172,7 +1195,7 @@ _WEIGHTS = {"gpt2": _GPT2_WEIGHTS, "gpt_neox": _NEOX_WEIGHTS, **{t: _LLAMA_WEIGH
             "qwen3_moe": _QWEN3_MOE_WEIGHTS,
             "gemma": _GEMMA_WEIGHTS, "gemma2": _GEMMA2_WEIGHTS, "gemma3_text": _GEMMA3_WEIGHTS, "phi3": _PHI3_WEIGHTS,
             "phi": _PHI_WEIGHTS, "gptj": _GPTJ_WEIGHTS, "olmo": _OLMO_WEIGHTS, "olmo2": _OLMO2_WEIGHTS,
-            "starcoder2": _STARCODER2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS,
+            "starcoder2": _STARCODER2_WEIGHTS, "olmo3": _OLMO2_WEIGHTS, "exaone4": _EXAONE4_WEIGHTS,
             "olmoe": _OLMOE_WEIGHTS, "opt": _OPT_WEIGHTS, "gpt_neo": _NEO_WEIGHTS,
             "gpt_bigcode": _BIGCODE_WEIGHTS, "stablelm": _STABLELM_WEIGHTS}
 

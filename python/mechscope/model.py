@@ -275,8 +275,8 @@ class Model:
         model.safetensors.index.json, or pytorch_model.bin and its shards, read without
         PyTorch; GPT-2, Llama / Mistral / Ministral, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
         Qwen3-MoE, Gemma 1-3 (Gemma 3's image-text checkpoints: their language model),
-        Phi-1/2/3, GPT-J, OLMo 1/2/3, OLMoE, SmolLM3, Helium, OPT, GPT-Neo / TinyStories,
-        GPT-BigCode, StarCoder 2, StableLM or GPT-NeoX), a model name found in the local
+        Phi-1/2/3, GPT-J, OLMo 1/2/3, OLMoE, SmolLM3, Helium, EXAONE 4, OPT, GPT-Neo /
+        TinyStories, GPT-BigCode, StarCoder 2, StableLM or GPT-NeoX), a model name found in the local
         HuggingFace cache, a .gguf file (llama.cpp's llama, qwen2, qwen3, qwen2moe,
         qwen3moe, olmo, olmo2, olmoe, gemma, gemma2, gemma3, phi3, phi2, stablelm, gptneox,
         gpt2, starcoder, starcoder2 or smollm3 architecture, quantized tensors dequantized

@@ -23,9 +23,11 @@ _WHY_ABSENT = {
     "mlp.hook_expert_weights": "only a mixture of experts routes tokens",
     "mlp.hook_pre": "a mixture of experts runs each expert on its own tokens; its sites are "
                     "mlp.hook_expert_weights and hook_mlp_out",
-    **{f"{ln}_post.{hook}": "only Gemma 2 and 3 and OLMo 2 norm the attention's and the MLP's outputs"
+    **{f"{ln}_post.{hook}": "only Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4 norm the attention's and the MLP's "
+                            "outputs"
        for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized")},
-    **{f"{ln}.{hook}": "OLMo 2 and 3 norm the attention's and the MLP's outputs, not their inputs"
+    **{f"{ln}.{hook}": "this model (OLMo 2 and 3, EXAONE 4) norms the attention's and the MLP's outputs, "
+                       "not their inputs"
        for ln in ("ln1", "ln2") for hook in ("hook_scale", "hook_normalized")},
 }
 

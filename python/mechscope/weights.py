@@ -152,8 +152,8 @@ def _processed(model, name):
     time, from the weights as loaded (float64 inside)"""
     a = model.arch
     if "blocks.0.ln1.w" not in model._core_weights:
-        raise ValueError("processed: this model has no norms before its attention (OLMo 2's norms come after "
-                         "it), which TransformerLens's processing folds; use processed=False")
+        raise ValueError("processed: this model has no norms before its attention (OLMo 2's and EXAONE 4's "
+                         "norms come after it), which TransformerLens's processing folds; use processed=False")
     layer_norm = a["norm"] == architectures.NORM_LAYER
     fold = not a.get("n_experts")  # TransformerLens leaves a mixture's norms unfolded
     raw = lambda key: _raw(model, key).astype(np.float64)  # noqa: E731
