@@ -583,10 +583,8 @@ def _llama(config, family):
     if family == "smollm3":
         _smollm3_layers(cfg, arch)
     if family == "exaone4" and cfg.get("sliding_window") is not None:
-        # with a window, the full-attention layers do not rotate ("global NoPE"): the
-        # core's local angles, all zero, leave their queries and keys as they are
-        arch["rope_inv_freq_local"] = np.zeros(rotary_dim // 2, np.float32)
-        arch["rope_local_layers"] = [int(k == "full_attention") for k in _layer_kinds(cfg, family, arch["n_layers"])]
+        # with a window, the full-attention layers do not rotate ("global NoPE")
+        _without_rotary(arch, [k == "full_attention" for k in _layer_kinds(cfg, family, arch["n_layers"])])
     windows = _attention_windows(cfg, family, arch["n_layers"])
     if any(windows):
         arch["attn_windows"] = windows
@@ -633,17 +631,22 @@ def _smollm3_rope_layers(cfg, n_layers):
 
 
 def _smollm3_layers(cfg, arch):
-    """SmolLM3's layers without rotation rotate by angle 0 (the core's local angles, all
-    zero, leave q and k as they are, unscaled); the others with the model's angles;
-    and its sliding windows, when use_sliding_window, are in layer_types, which
-    transformers fills in as the layers without rotation."""
+    """SmolLM3's layers without rotation (see _without_rotary), the others rotating with
+    the model's angles; and its sliding windows, when use_sliding_window, in
+    layer_types, which transformers fills in as the layers without rotation."""
     flags = _smollm3_rope_layers(cfg, arch["n_layers"])
     if cfg.get("layer_types") is None:
         windowed = cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None
         cfg["layer_types"] = ["sliding_attention" if windowed and not f else "full_attention" for f in flags]
     if not all(flags):
-        arch["rope_inv_freq_local"] = np.zeros(arch["rotary_dim"] // 2, np.float32)
-        arch["rope_local_layers"] = [1 - f for f in flags]
+        _without_rotary(arch, [not f for f in flags])
+
+
+def _without_rotary(arch, unrotated):
+    """Layers that do not rotate q and k (unrotated[layer] true; "NoPE") rotate by the
+    core's local angles, all zero here: cos 1 and sin 0 leave q and k as they are."""
+    arch["rope_inv_freq_local"] = np.zeros(arch["rotary_dim"] // 2, np.float32)
+    arch["rope_local_layers"] = [int(u) for u in unrotated]
 
 
 def _gemma3_layers(cfg, arch):

